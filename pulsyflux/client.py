@@ -1,0 +1,442 @@
+"""Consumers (callers) and Providers (callees) over one server connection each.
+
+Both return Deferreds, so they work with callbacks, ``inlineCallbacks`` and
+``await`` (inside ``Deferred.fromCoroutine`` or pytest-twisted):
+
+    consumer = await Consumer.connect("127.0.0.1:9090", channel)
+    reply = await consumer.send(b"hello", timeout=2.0)
+
+    provider = await Provider.connect("127.0.0.1:9090", channel, handler=lambda data: data.upper())
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any, Awaitable, Callable, Optional, Union
+
+from twisted.internet.defer import Deferred, DeferredQueue, maybeDeferred, succeed
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import codec
+from .codec import (
+    CHUNK,
+    DEFAULT_TIMEOUT_MS,
+    END,
+    ERROR,
+    FLAG_REGISTRATION,
+    RESPONSE,
+    RESPONSE_CHUNK,
+    RESPONSE_END,
+    RESPONSE_START,
+    ROLE_CONSUMER,
+    ROLE_PROVIDER,
+    ROUTING_SIZE,
+    START,
+    FrameDecoder,
+)
+from .endpoints import Address, client_endpoint
+from .errors import ConnectionLostError, ProtocolError, RequestTimeout, error_from_message
+
+__all__ = ["Consumer", "Provider", "Request", "ChannelId"]
+
+ChannelId = Union[uuid.UUID, str, bytes]
+Handler = Callable[[bytes], Union[bytes, "Deferred[bytes]", Awaitable[bytes]]]
+
+_pack_header = codec.HEADER.pack
+_VERSION = codec.VERSION
+_START_HEADER_LEN = codec.METADATA_SIZE
+
+
+def channel_bytes(channel: ChannelId) -> bytes:
+    """The 16 raw bytes of a channel id given as UUID, string or bytes."""
+    if isinstance(channel, uuid.UUID):
+        return channel.bytes
+    if isinstance(channel, bytes) and len(channel) == 16:
+        return channel
+    if isinstance(channel, str):
+        return uuid.UUID(channel).bytes
+    raise TypeError(f"channel id must be a UUID, a UUID string or 16 bytes, not {channel!r}")
+
+
+def _new_id() -> bytes:
+    """A random (version 4) UUID as 16 bytes, without building a UUID object."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return bytes(raw)
+
+
+class _ClientProtocol(Protocol):
+    """Frames in, frames out; the owning client decides what they mean."""
+
+    def __init__(self, owner: "_Client") -> None:
+        self.owner = owner
+        self.decoder = FrameDecoder()
+
+    def connectionMade(self) -> None:
+        for option in ("setTcpNoDelay", "setTcpKeepAlive"):
+            setter = getattr(self.transport, option, None)
+            if setter is not None:
+                setter(True)
+
+    def dataReceived(self, data: bytes) -> None:
+        frame_received = self.owner._frame_received
+        try:
+            for ftype, flags, request_id, payload in self.decoder.feed(data):
+                frame_received(ftype, flags, request_id, payload)
+        except ProtocolError as error:
+            self.owner._protocol_error(error)
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.owner._connection_lost(reason)
+
+
+class _Client:
+    """What Consumer and Provider share: connect, register, close."""
+
+    role: int
+    log = Logger()
+
+    def __init__(self, channel_id: ChannelId, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.channel_id = uuid.UUID(bytes=channel_bytes(channel_id))
+        self._channel = self.channel_id.bytes
+        self.client_id = uuid.UUID(bytes=_new_id())
+        self._client = self.client_id.bytes
+        self._protocol: Optional[_ClientProtocol] = None
+        self._write: Callable[[bytes], None] = self._write_closed
+        self._closed: Optional[Exception] = None
+        self._lost = False
+        self._lost_waiters: list[Deferred[None]] = []
+
+    @classmethod
+    def _connect(cls, address: Address, client: "_Client") -> "Deferred[Any]":
+        endpoint = client_endpoint(client.reactor, address)
+        d = connectProtocol(endpoint, _ClientProtocol(client))
+
+        def connected(proto: _ClientProtocol) -> Any:
+            client._attach(proto)
+            return client
+
+        return d.addCallback(connected)
+
+    def _attach(self, proto: _ClientProtocol) -> None:
+        self._protocol = proto
+        self._write = proto.transport.write
+        meta = codec.pack_metadata(self.role, DEFAULT_TIMEOUT_MS, self._client, self._channel)
+        request_id = _new_id()
+        self._write(
+            codec.encode_frame(START, request_id, meta, FLAG_REGISTRATION) + codec.encode_frame(END, request_id)
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._protocol is not None and self._closed is None
+
+    def _write_closed(self, data: bytes) -> None:
+        raise self._closed or ConnectionLostError("not connected")
+
+    def close(self) -> "Deferred[None]":
+        """Close the connection; fires once it is gone. Pending calls fail."""
+        if self._protocol is None or self._lost:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._lost_waiters.append(d)
+        if self._closed is None:
+            self._closed = ConnectionLostError("connection closed by the client")
+            self._fail_pending(self._closed)
+            self._protocol.transport.loseConnection()
+        return d
+
+    def _protocol_error(self, error: ProtocolError) -> None:
+        self.log.error("protocol error from server: {error}", error=error)
+        if self._closed is None:
+            self._closed = ConnectionLostError(f"protocol error from the server: {error}")
+            self._fail_pending(self._closed)
+
+    def _connection_lost(self, reason: Failure) -> None:
+        self._lost = True
+        if self._closed is None:
+            self._closed = ConnectionLostError(f"connection to the server lost: {reason.getErrorMessage()}")
+        self._write = self._write_closed
+        self._fail_pending(self._closed)
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _fail_pending(self, error: Exception) -> None:
+        raise NotImplementedError
+
+    def _frame_received(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
+        raise NotImplementedError
+
+
+class _Pending:
+    __slots__ = ("deferred", "chunks", "timer")
+
+    def __init__(self, deferred: "Deferred[bytes]") -> None:
+        self.deferred = deferred
+        self.chunks: list[bytes] = []
+        self.timer: Any = None
+
+
+class Consumer(_Client):
+    """Sends requests on one channel; any number may be in flight.
+
+        consumer = await Consumer.connect("127.0.0.1:9090", channel)
+        reply = await consumer.send(b"ping")
+    """
+
+    role = ROLE_CONSUMER
+
+    def __init__(self, channel_id: ChannelId, reactor: Any = None) -> None:
+        super().__init__(channel_id, reactor)
+        self._pending: dict[bytes, _Pending] = {}
+
+    @classmethod
+    def connect(cls, address: Address, channel_id: ChannelId, reactor: Any = None) -> "Deferred[Consumer]":
+        """Connect to the server at ``address`` and register on ``channel_id``."""
+        return cls._connect(address, cls(channel_id, reactor))
+
+    @property
+    def pending(self) -> int:
+        """Requests sent whose response has not arrived."""
+        return len(self._pending)
+
+    def send(self, payload: bytes = b"", timeout: float = 5.0) -> "Deferred[bytes]":
+        """Send one request; fires with the response body.
+
+        Fails with :class:`~pulsyflux.errors.NoProviderError`,
+        :class:`~pulsyflux.errors.RemoteError`,
+        :class:`~pulsyflux.errors.RequestTimeout` (nothing complete within
+        ``timeout`` seconds) or :class:`~pulsyflux.errors.ConnectionLostError`.
+        """
+        d: Deferred[bytes] = Deferred(self._cancel)
+        if self._closed is not None or self._protocol is None:
+            d.errback(self._closed or ConnectionLostError("not connected"))
+            return d
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        request_id = _new_id()
+        pending = _Pending(d)
+        self._pending[request_id] = pending
+        timeout_ms = max(int(timeout * 1000), 1) if timeout else 0
+        head = _pack_header(_VERSION, START, 0, request_id, _START_HEADER_LEN) + codec.METADATA.pack(
+            ROLE_CONSUMER, timeout_ms, self._client, self._channel
+        )
+        tail = _pack_header(_VERSION, END, 0, request_id, 0)
+        size = len(payload)
+        if size <= 65536:
+            if size:
+                head += _pack_header(_VERSION, CHUNK, 0, request_id, size) + payload
+            self._write(head + tail)
+        else:
+            transport = self._protocol.transport
+            transport.write(head)
+            transport.writeSequence(codec.chunk_frames(CHUNK, request_id, bytes(payload)))
+            transport.write(tail)
+        if timeout:
+            pending.timer = self.reactor.callLater(timeout, self._expire, request_id)
+        return d
+
+    def _cancel(self, d: "Deferred[bytes]") -> None:
+        for request_id, pending in list(self._pending.items()):
+            if pending.deferred is d:
+                self._drop(request_id)
+
+    def _drop(self, request_id: bytes) -> Optional[_Pending]:
+        pending = self._pending.pop(request_id, None)
+        if pending is not None and pending.timer is not None:
+            if pending.timer.active():
+                pending.timer.cancel()
+            pending.timer = None
+        return pending
+
+    def _expire(self, request_id: bytes) -> None:
+        pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            pending.timer = None
+            pending.deferred.errback(RequestTimeout("request timed out"))
+
+    def _frame_received(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
+        if ftype == RESPONSE_CHUNK:
+            pending = self._pending.get(request_id)
+            if pending is not None:
+                pending.chunks.append(payload)
+        elif ftype == RESPONSE_END:
+            pending = self._drop(request_id)
+            if pending is not None:
+                chunks = pending.chunks
+                pending.deferred.callback(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        elif ftype == RESPONSE_START:
+            pass  # routing only; the body follows
+        elif ftype == ERROR:
+            pending = self._drop(request_id)
+            if pending is not None:
+                pending.deferred.errback(error_from_message(codec.error_message(payload)))
+            else:
+                self.log.debug("ERROR for unknown request: {m}", m=codec.error_message(payload))
+        elif ftype == RESPONSE:
+            pending = self._drop(request_id)
+            if pending is not None:
+                pending.deferred.callback(payload[ROUTING_SIZE:])
+        # Anything else is not for a consumer: ignore it, as Go clients do.
+
+    def _fail_pending(self, error: Exception) -> None:
+        for request_id in list(self._pending):
+            pending = self._drop(request_id)
+            if pending is not None:
+                pending.deferred.errback(error)
+
+
+class Request:
+    """A complete request as a provider sees it.
+
+    ``id`` is the request's UUID; ``payload`` its whole body.
+    """
+
+    __slots__ = ("id", "payload", "_raw_id")
+
+    def __init__(self, raw_id: bytes, payload: bytes) -> None:
+        self._raw_id = raw_id
+        self.id = uuid.UUID(bytes=raw_id)
+        self.payload = payload
+
+    def __repr__(self) -> str:
+        return f"Request(id={self.id}, payload={self.payload[:32]!r}{'...' if len(self.payload) > 32 else ''})"
+
+
+class Provider(_Client):
+    """Answers requests sent on one channel.
+
+    Either pull them: ``req = await provider.receive()`` then
+    ``provider.respond(req.id, b"answer")``; or give a ``handler`` that maps
+    the payload to the response (bytes, a Deferred or a coroutine). A handler
+    that raises answers with an ERROR carrying the exception's text.
+    """
+
+    role = ROLE_PROVIDER
+
+    def __init__(self, channel_id: ChannelId, reactor: Any = None, handler: Optional[Handler] = None) -> None:
+        super().__init__(channel_id, reactor)
+        self.handler = handler
+        self._incoming: dict[bytes, list[bytes]] = {}  # request id -> [routing, chunk, ...]
+        self._routing: dict[bytes, bytes] = {}  # request id -> routing, until answered
+        self._queue: DeferredQueue[Request] = DeferredQueue()
+
+    @classmethod
+    def connect(
+        cls, address: Address, channel_id: ChannelId, handler: Optional[Handler] = None, reactor: Any = None
+    ) -> "Deferred[Provider]":
+        """Connect to the server at ``address`` and register on ``channel_id``."""
+        return cls._connect(address, cls(channel_id, reactor, handler))
+
+    def receive(self) -> "Deferred[Request]":
+        """The next complete request (fails with ConnectionLostError once closed)."""
+        if self._closed is not None and not self._queue.pending:
+            from twisted.internet.defer import fail
+
+            return fail(self._closed)
+        return self._queue.get()
+
+    @property
+    def unanswered(self) -> int:
+        """Requests received (or arriving) that have not been responded to."""
+        return len(self._routing)
+
+    def respond(self, request_id: Union[uuid.UUID, bytes, Request], payload: bytes = b"", error: Union[str, BaseException, None] = None) -> None:
+        """Answer a request with ``payload``, or with ``error`` (an ERROR frame)."""
+        if isinstance(request_id, Request):
+            raw = request_id._raw_id
+        elif isinstance(request_id, uuid.UUID):
+            raw = request_id.bytes
+        else:
+            raw = request_id
+        routing = self._routing.pop(raw, None)
+        if routing is None:
+            raise KeyError(f"no unanswered request {uuid.UUID(bytes=raw)}")
+        if self._closed is not None:
+            return  # the consumer learns from the server; nothing to send on a dead line
+        if error is not None:
+            message = error if isinstance(error, str) else (str(error) or type(error).__name__)
+            self._write(codec.encode_frame(ERROR, raw, codec.error_payload(message, routing)))
+            return
+        head = _pack_header(_VERSION, RESPONSE_START, 0, raw, ROUTING_SIZE) + routing
+        tail = _pack_header(_VERSION, RESPONSE_END, 0, raw, 0)
+        size = len(payload)
+        if size <= 65536:
+            if size:
+                head += _pack_header(_VERSION, RESPONSE_CHUNK, 0, raw, size) + payload
+            self._write(head + tail)
+        else:
+            transport = self._protocol.transport
+            transport.write(head)
+            transport.writeSequence(codec.chunk_frames(RESPONSE_CHUNK, raw, bytes(payload)))
+            transport.write(tail)
+
+    def _frame_received(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
+        if ftype == CHUNK:
+            parts = self._incoming.get(request_id)
+            if parts is not None:
+                parts.append(payload)
+        elif ftype == END:
+            parts = self._incoming.pop(request_id, None)
+            if parts is None:
+                return
+            routing = parts[0]
+            body = parts[1] if len(parts) == 2 else b"".join(parts[1:])
+            self._routing[request_id] = routing
+            self._dispatch(request_id, body)
+        elif ftype == START:
+            if len(payload) != ROUTING_SIZE:
+                self.log.warn("START with a {n}-byte routing ignored", n=len(payload))
+                return
+            self._incoming[request_id] = [payload]
+        elif ftype == ERROR:
+            self.log.warn("server error: {m}", m=codec.error_message(payload))
+
+    def _dispatch(self, request_id: bytes, body: bytes) -> None:
+        handler = self.handler
+        if handler is None:
+            self._queue.put(Request(request_id, body))
+            return
+        d = maybeDeferred(handler, body)
+        if d.called and not isinstance(d.result, (Failure, Deferred)) and not hasattr(d.result, "__await__"):
+            self._answer(d.result, request_id)  # synchronous handler: no callback chain
+            return
+        d.addCallback(self._answer, request_id)
+        d.addErrback(self._answer_error, request_id)
+
+    def _answer(self, result: Any, request_id: bytes) -> None:
+        if hasattr(result, "__await__"):
+            d = Deferred.fromCoroutine(result) if hasattr(result, "send") else Deferred.fromFuture(result)
+            d.addCallback(self._answer, request_id)
+            d.addErrback(self._answer_error, request_id)
+            return
+        if request_id not in self._routing:
+            return
+        if result is None:
+            result = b""
+        if not isinstance(result, (bytes, bytearray, memoryview)):
+            self._answer_error(Failure(TypeError(f"handler returned {type(result).__name__}, not bytes")), request_id)
+            return
+        self.respond(request_id, bytes(result))
+
+    def _answer_error(self, failure: Failure, request_id: bytes) -> None:
+        if request_id in self._routing:
+            self.respond(request_id, error=failure.value)
+
+    def _fail_pending(self, error: Exception) -> None:
+        self._incoming.clear()
+        self._routing.clear()
+        while self._queue.waiting:
+            self._queue.waiting.pop(0).errback(error)

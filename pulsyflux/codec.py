@@ -1,0 +1,221 @@
+"""Bytes <-> frames for pulsyflux wire protocol version 1 (PROTOCOL.md 1-5).
+
+Sans-I/O: nothing here touches a socket or imports Twisted, so the server,
+the clients, the fuzzers and the benchmarks all share one codec.
+
+    >>> decoder = FrameDecoder()
+    >>> [f.type for f in decoder.feed(encode_frame(END, b"\\0" * 16))]
+    [6]
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Iterator, NamedTuple
+
+from .errors import ProtocolError
+
+VERSION = 1
+HEADER = struct.Struct(">BBH16sI")
+HEADER_SIZE = HEADER.size  # 24
+MAX_PAYLOAD = 1 << 20  # 1 MiB: the largest payload one frame may carry
+
+# Frame types.
+RESPONSE = 0x02
+ERROR = 0x03
+START = 0x04
+CHUNK = 0x05
+END = 0x06
+RESPONSE_START = 0x07
+RESPONSE_CHUNK = 0x08
+RESPONSE_END = 0x09
+FRAME_TYPES = frozenset(range(RESPONSE, RESPONSE_END + 1))
+TYPE_NAMES = {
+    RESPONSE: "RESPONSE",
+    ERROR: "ERROR",
+    START: "START",
+    CHUNK: "CHUNK",
+    END: "END",
+    RESPONSE_START: "RESPONSE_START",
+    RESPONSE_CHUNK: "RESPONSE_CHUNK",
+    RESPONSE_END: "RESPONSE_END",
+}
+
+FLAG_REGISTRATION = 0x0001
+
+ROLE_CONSUMER = 0x01
+ROLE_PROVIDER = 0x02
+
+METADATA = struct.Struct(">BQ16s16s")
+METADATA_SIZE = METADATA.size  # 41
+ROUTING_SIZE = 32
+ZERO_ROUTING = bytes(ROUTING_SIZE)
+DEFAULT_TIMEOUT_MS = 5000
+
+# Messages a server originates (PROTOCOL.md section 5), exactly.
+MSG_PEER_DISAPPEARED = "peer disappeared"
+MSG_BAD_START_LENGTH = "invalid start frame payload length"
+MSG_BAD_ROLE = "invalid client role"
+MSG_BAD_TYPE = "invalid message type"
+MSG_OVERLOADED = "server overloaded"
+MSG_TIMED_OUT = "request timed out"
+
+_pack_header = HEADER.pack
+_unpack_header_from = HEADER.unpack_from
+
+
+class Frame(NamedTuple):
+    """One decoded frame; ``request_id`` is 16 raw bytes."""
+
+    type: int
+    flags: int
+    request_id: bytes
+    payload: bytes
+
+    def encode(self) -> bytes:
+        return _pack_header(VERSION, self.type, self.flags, self.request_id, len(self.payload)) + self.payload
+
+
+class Metadata(NamedTuple):
+    """The 41-byte START payload a client sends to the server."""
+
+    role: int
+    timeout_ms: int
+    client_id: bytes
+    channel_id: bytes
+
+
+def encode_frame(ftype: int, request_id: bytes, payload: bytes = b"", flags: int = 0) -> bytes:
+    """Header + payload as one bytes object; the payload must be <= 1 MiB."""
+    return _pack_header(VERSION, ftype, flags, request_id, len(payload)) + payload
+
+
+def encode_header(ftype: int, request_id: bytes, length: int, flags: int = 0) -> bytes:
+    """Only the 24-byte header, for writers that send the payload separately."""
+    return _pack_header(VERSION, ftype, flags, request_id, length)
+
+
+def pack_metadata(role: int, timeout_ms: int, client_id: bytes, channel_id: bytes) -> bytes:
+    return METADATA.pack(role, timeout_ms, client_id, channel_id)
+
+
+class MetadataError(ProtocolError):
+    """A START payload the server must answer with an ERROR (section 5)."""
+
+    def __init__(self, wire_message: str) -> None:
+        super().__init__(wire_message)
+        self.wire_message = wire_message
+
+
+def unpack_metadata(payload: bytes) -> Metadata:
+    """Parse and check a START payload; raises :class:`MetadataError`."""
+    if len(payload) != METADATA_SIZE:
+        raise MetadataError(MSG_BAD_START_LENGTH)
+    meta = Metadata._make(METADATA.unpack(payload))
+    if meta.role != ROLE_CONSUMER and meta.role != ROLE_PROVIDER:
+        raise MetadataError(MSG_BAD_ROLE)
+    return meta
+
+
+def pack_routing(client_id: bytes, channel_id: bytes) -> bytes:
+    return client_id + channel_id
+
+
+def unpack_routing(payload: bytes) -> tuple[bytes, bytes]:
+    """(consumer client id, channel id) from the first 32 bytes of a payload."""
+    if len(payload) < ROUTING_SIZE:
+        raise ProtocolError(f"routing needs {ROUTING_SIZE} bytes, got {len(payload)}")
+    return payload[:16], payload[16:32]
+
+
+def error_payload(message: str, routing: bytes = ZERO_ROUTING) -> bytes:
+    """An ERROR payload that every client reads correctly: always 32 bytes first."""
+    return routing + message.encode("utf-8")
+
+
+def error_message(payload: bytes) -> str:
+    """Read an ERROR payload the way Go clients do: skip 32 bytes when there are."""
+    text = payload[ROUTING_SIZE:] if len(payload) >= ROUTING_SIZE else payload
+    return text.decode("utf-8", "replace")
+
+
+def chunk_frames(ftype: int, request_id: bytes, data: bytes, max_chunk: int = MAX_PAYLOAD) -> list[bytes]:
+    """Split ``data`` into frames of at most ``max_chunk`` payload bytes.
+
+    Returns header and payload pieces alternately, ready for
+    ``transport.writeSequence`` without copying large payloads. Empty data
+    gives no frame at all, as the Go clients do.
+    """
+    pieces: list[bytes] = []
+    if len(data) <= max_chunk:
+        if data:
+            pieces.append(_pack_header(VERSION, ftype, 0, request_id, len(data)))
+            pieces.append(data)
+        return pieces
+    for offset in range(0, len(data), max_chunk):
+        part = data[offset : offset + max_chunk]
+        pieces.append(_pack_header(VERSION, ftype, 0, request_id, len(part)))
+        pieces.append(part)
+    return pieces
+
+
+class FrameDecoder:
+    """Incremental decoder: feed it any slices of the stream, get whole frames.
+
+    A bad version or a length over the limit cannot be resynchronised, so the
+    decoder raises :class:`ProtocolError` and stays broken: the caller drops
+    the connection. Frames completed before the bad header are still yielded.
+    """
+
+    __slots__ = ("_buffer", "_need", "max_payload", "broken")
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buffer = bytearray()
+        self._need = HEADER_SIZE  # bytes required before the next parse attempt
+        self.max_payload = max_payload
+        self.broken: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> Iterator[Frame]:
+        """Yield every frame completed by ``data``."""
+        if self.broken is not None:
+            raise self.broken
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            if len(buffer) < self._need:
+                return
+            data = bytes(buffer)
+            buffer.clear()
+        end = len(data)
+        if end < self._need:
+            buffer += data
+            return
+        offset = 0
+        max_payload = self.max_payload
+        unpack = _unpack_header_from
+        while end - offset >= HEADER_SIZE:
+            version, ftype, flags, request_id, length = unpack(data, offset)
+            if version != VERSION:
+                self._break(f"unsupported protocol version {version}")
+            if length > max_payload:
+                self._break(f"frame payload of {length} bytes exceeds the {max_payload}-byte limit")
+            stop = offset + HEADER_SIZE + length
+            if stop > end:
+                self._need = stop - offset
+                break
+            yield Frame(ftype, flags, request_id, data[offset + HEADER_SIZE : stop])
+            offset = stop
+        else:
+            self._need = HEADER_SIZE
+        if offset < end:
+            buffer += data[offset:] if offset else data
+
+    def _break(self, reason: str) -> None:
+        self.broken = ProtocolError(reason)
+        self._buffer.clear()
+        raise self.broken

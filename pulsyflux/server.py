@@ -1,0 +1,347 @@
+"""The pulsyflux router: a Twisted server that routes requests to providers.
+
+Three pieces, each with one job (compare Twisted's AMP):
+
+* the codec (:mod:`pulsyflux.codec`) turns bytes into frames;
+* :class:`Router` holds the registry and the requests in flight and decides
+  where every frame goes (PROTOCOL.md sections 3, 4 and 7);
+* :class:`ServerProtocol` is the thin adapter between a TCP connection and
+  the router.
+
+    factory = ServerFactory()
+    port = reactor.listenTCP(9090, factory, interface="127.0.0.1")
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import codec
+from .codec import (
+    CHUNK,
+    END,
+    ERROR,
+    FLAG_REGISTRATION,
+    RESPONSE,
+    RESPONSE_CHUNK,
+    RESPONSE_END,
+    RESPONSE_START,
+    ROLE_CONSUMER,
+    ROLE_PROVIDER,
+    ROUTING_SIZE,
+    START,
+    ZERO_ROUTING,
+    FrameDecoder,
+    MetadataError,
+)
+from .errors import ProtocolError
+
+__all__ = ["Router", "ServerProtocol", "ServerFactory", "ServerStats"]
+
+_encode_header = codec.HEADER.pack
+_VERSION = codec.VERSION
+
+RegistryKey = tuple[int, bytes, bytes]  # (role, channel id, client id)
+
+
+class ServerStats:
+    """Counters an operator reads (``/stats``, ``/metrics``)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.connections_total = 0
+        self.requests_routed = 0
+        self.responses_routed = 0
+        self.frames_dropped = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.protocol_errors = 0
+        self.errors: Counter[str] = Counter()
+
+
+class _InFlight:
+    """One request between its START and the end of its response."""
+
+    __slots__ = ("request_id", "consumer", "provider", "routing", "timer")
+
+    def __init__(self, request_id: bytes, consumer: "ServerProtocol", provider: "ServerProtocol", routing: bytes) -> None:
+        self.request_id = request_id
+        self.consumer = consumer
+        self.provider = provider
+        self.routing = routing
+        self.timer: Optional[IDelayedCall] = None
+
+
+class Router:
+    """Registry of connections and the routing policy.
+
+    Responses are routed by the request id the server remembers, never by
+    trusting the routing bytes a provider sends: a response reaches only the
+    connection that sent the request, and only from the provider that
+    request was given to.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.registry: dict[RegistryKey, ServerProtocol] = {}
+        self.providers: dict[bytes, list[ServerProtocol]] = {}
+        self._next_provider: dict[bytes, int] = {}
+        self.requests: dict[bytes, _InFlight] = {}
+        self.connections: set[ServerProtocol] = set()
+        self.stats = ServerStats()
+
+    # -- registry -----------------------------------------------------------
+
+    def register(self, conn: "ServerProtocol", role: int, channel: bytes, client_id: bytes) -> None:
+        if conn.key is not None:
+            return  # a connection keeps the one role and channel it first named
+        key = (role, channel, client_id)
+        conn.key = key
+        self.registry[key] = conn
+        if role == ROLE_PROVIDER:
+            self.providers.setdefault(channel, []).append(conn)
+
+    def unregister(self, conn: "ServerProtocol") -> None:
+        key = conn.key
+        if key is None:
+            return
+        conn.key = None
+        if self.registry.get(key) is conn:
+            del self.registry[key]
+        role, channel, _ = key
+        if role == ROLE_PROVIDER:
+            providers = self.providers.get(channel)
+            if providers is not None and conn in providers:
+                providers.remove(conn)
+                if not providers:
+                    del self.providers[channel]
+                    self._next_provider.pop(channel, None)
+
+    def pick_provider(self, channel: bytes) -> Optional["ServerProtocol"]:
+        providers = self.providers.get(channel)
+        if not providers:
+            return None
+        index = self._next_provider.get(channel, 0)
+        if index >= len(providers):
+            index = 0
+        self._next_provider[channel] = index + 1
+        return providers[index]
+
+    # -- connections ----------------------------------------------------------
+
+    def connected(self, conn: "ServerProtocol") -> None:
+        self.connections.add(conn)
+        self.stats.connections_total += 1
+
+    def disconnected(self, conn: "ServerProtocol") -> None:
+        self.connections.discard(conn)
+        self.unregister(conn)
+        for request_id in list(conn.started):
+            entry = self.requests.get(request_id)
+            if entry is not None and entry.consumer is conn:
+                self._finish(entry)
+        for request_id in list(conn.assigned):
+            entry = self.requests.get(request_id)
+            if entry is not None and entry.provider is conn:
+                self._finish(entry)
+                self._server_error(entry.consumer, request_id, codec.MSG_PEER_DISAPPEARED, entry.routing)
+
+    # -- frames ---------------------------------------------------------------
+
+    def frame_received(self, conn: "ServerProtocol", ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
+        if ftype == CHUNK or ftype == END:
+            self._request_frame(conn, ftype, flags, request_id, payload)
+        elif ftype == RESPONSE_CHUNK or ftype == RESPONSE_END or ftype == RESPONSE_START:
+            self._response_frame(conn, ftype, flags, request_id, payload)
+        elif ftype == START:
+            self._start(conn, flags, request_id, payload)
+        elif ftype == ERROR or ftype == RESPONSE:
+            self._response_frame(conn, ftype, flags, request_id, payload)
+        else:
+            self._server_error(conn, request_id, codec.MSG_BAD_TYPE)
+
+    def _start(self, conn: "ServerProtocol", flags: int, request_id: bytes, payload: bytes) -> None:
+        try:
+            meta = codec.unpack_metadata(payload)
+        except MetadataError as error:
+            self._server_error(conn, request_id, error.wire_message)
+            return
+        self.register(conn, meta.role, meta.channel_id, meta.client_id)
+        if flags & FLAG_REGISTRATION or meta.role != ROLE_CONSUMER:
+            return  # registration only: the server answers nothing
+        routing = meta.client_id + meta.channel_id
+        if request_id in self.requests:
+            self._server_error(conn, request_id, "duplicate request id", routing)
+            return
+        provider = self.pick_provider(meta.channel_id)
+        if provider is None:
+            self._server_error(conn, request_id, codec.MSG_PEER_DISAPPEARED, routing)
+            return
+        entry = _InFlight(request_id, conn, provider, routing)
+        self.requests[request_id] = entry
+        conn.started.add(request_id)
+        provider.assigned.add(request_id)
+        if meta.timeout_ms:
+            entry.timer = self.clock.callLater(meta.timeout_ms / 1000.0, self._expire, entry)
+        self.stats.requests_routed += 1
+        provider.write(_encode_header(_VERSION, START, flags, request_id, ROUTING_SIZE) + routing)
+
+    def _request_frame(self, conn: "ServerProtocol", ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
+        entry = self.requests.get(request_id)
+        if entry is None or entry.consumer is not conn:
+            # The registration END, or the tail of a request that already
+            # failed (no provider, timed out): its one ERROR was sent.
+            return
+        entry.provider.write(_encode_header(_VERSION, ftype, flags, request_id, len(payload)) + payload)
+
+    def _response_frame(self, conn: "ServerProtocol", ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
+        entry = self.requests.get(request_id)
+        if entry is None or entry.provider is not conn:
+            if ftype == ERROR:
+                # No request of this provider's: an error with nowhere to go
+                # goes back to its sender (PROTOCOL.md section 5).
+                self.stats.frames_dropped += 1
+                self.log.debug("returning unroutable ERROR to its sender")
+                conn.write(_encode_header(_VERSION, ftype, flags, request_id, len(payload)) + payload)
+            else:
+                self.stats.frames_dropped += 1
+            return
+        if ftype != RESPONSE_CHUNK and ftype != RESPONSE_END:
+            # Frames that carry routing must name the consumer that asked.
+            if payload[:ROUTING_SIZE] != entry.routing:
+                self.stats.frames_dropped += 1
+                self._server_error(conn, request_id, "response routing does not match the request")
+                return
+            if entry.timer is not None:
+                entry.timer.cancel()
+                entry.timer = None
+            if ftype == ERROR:
+                self.stats.errors[codec.error_message(payload)] += 1
+        if ftype != RESPONSE_START and ftype != RESPONSE_CHUNK:
+            self._finish(entry)
+            self.stats.responses_routed += 1
+        entry.consumer.write(_encode_header(_VERSION, ftype, flags, request_id, len(payload)) + payload)
+
+    def _finish(self, entry: _InFlight) -> None:
+        request_id = entry.request_id
+        del self.requests[request_id]
+        entry.consumer.started.discard(request_id)
+        entry.provider.assigned.discard(request_id)
+        if entry.timer is not None:
+            if entry.timer.active():
+                entry.timer.cancel()
+            entry.timer = None
+
+    def _expire(self, entry: _InFlight) -> None:
+        entry.timer = None
+        if self.requests.get(entry.request_id) is entry:
+            self._finish(entry)
+            self._server_error(entry.consumer, entry.request_id, codec.MSG_TIMED_OUT, entry.routing)
+
+    def _server_error(self, conn: "ServerProtocol", request_id: bytes, message: str, routing: bytes = ZERO_ROUTING) -> None:
+        self.stats.errors[message] += 1
+        conn.write(codec.encode_frame(ERROR, request_id, codec.error_payload(message, routing)))
+
+
+class ServerProtocol(Protocol):
+    """One client connection: bytes in, frames to the router, bytes out."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.decoder = FrameDecoder()
+        self.key: Optional[RegistryKey] = None
+        self.started: set[bytes] = set()  # requests this connection sent as a consumer
+        self.assigned: set[bytes] = set()  # requests routed to this connection as a provider
+        self.write: Callable[[bytes], None] = self._write_before_connect
+        self._lost = False
+        self._lost_waiters: list[Deferred[None]] = []
+
+    def closed(self) -> "Deferred[None]":
+        """Fires once this connection is gone."""
+        if self._lost:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._lost_waiters.append(d)
+        return d
+
+    def _write_before_connect(self, data: bytes) -> None:
+        raise RuntimeError("not connected")
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        for option in ("setTcpNoDelay", "setTcpKeepAlive"):
+            setter = getattr(transport, option, None)
+            if setter is not None:
+                setter(True)  # low latency; idle connections live (PROTOCOL.md 7)
+        stats = self.router.stats
+        raw_write = transport.write
+
+        def write(data: bytes) -> None:
+            stats.bytes_out += len(data)
+            raw_write(data)
+
+        self.write = write
+        self.router.connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        router = self.router
+        router.stats.bytes_in += len(data)
+        frame_received = router.frame_received
+        try:
+            for ftype, flags, request_id, payload in self.decoder.feed(data):
+                frame_received(self, ftype, flags, request_id, payload)
+        except ProtocolError as error:
+            # Bad version or oversized length: this stream cannot be resynced.
+            router.stats.protocol_errors += 1
+            router.log.info("closing {peer}: {error}", peer=self.transport.getPeer(), error=error)
+            self.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(str(error))))
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._lost = True
+        self.router.disconnected(self)
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+class ServerFactory(Factory):
+    """Builds :class:`ServerProtocol` connections sharing one :class:`Router`.
+
+    ``reactor`` is also the clock for request deadlines, so tests can pass a
+    ``task.Clock``-driven reactor.
+    """
+
+    protocol = ServerProtocol
+
+    def __init__(self, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.router = Router(reactor)
+
+    @property
+    def registry(self) -> dict[RegistryKey, ServerProtocol]:
+        """(role, channel id, client id) -> connection, for every registered client."""
+        return self.router.registry
+
+    @property
+    def stats(self) -> ServerStats:
+        return self.router.stats
+
+    def buildProtocol(self, addr: Any) -> ServerProtocol:
+        proto = ServerProtocol(self.router)
+        proto.factory = self
+        return proto
