@@ -1,6 +1,6 @@
 """pulsyflux: a request/response router and pub/sub broker for Twisted.
 
-    from pulsyflux import Consumer, Provider, ServerFactory
+from pulsyflux import Consumer, Provider, ServerFactory
 """
 
 from .client import Consumer, Provider, Request

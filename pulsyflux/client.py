@@ -192,8 +192,8 @@ class _Pending:
 class Consumer(_Client):
     """Sends requests on one channel; any number may be in flight.
 
-        consumer = await Consumer.connect("127.0.0.1:9090", channel)
-        reply = await consumer.send(b"ping")
+    consumer = await Consumer.connect("127.0.0.1:9090", channel)
+    reply = await consumer.send(b"ping")
     """
 
     role = ROLE_CONSUMER
@@ -353,7 +353,12 @@ class Provider(_Client):
         """Requests received (or arriving) that have not been responded to."""
         return len(self._routing)
 
-    def respond(self, request_id: Union[uuid.UUID, bytes, Request], payload: bytes = b"", error: Union[str, BaseException, None] = None) -> None:
+    def respond(
+        self,
+        request_id: Union[uuid.UUID, bytes, Request],
+        payload: bytes = b"",
+        error: Union[str, BaseException, None] = None,
+    ) -> None:
         """Answer a request with ``payload``, or with ``error`` (an ERROR frame)."""
         if isinstance(request_id, Request):
             raw = request_id._raw_id

@@ -72,7 +72,9 @@ class _InFlight:
 
     __slots__ = ("request_id", "consumer", "provider", "routing", "timer")
 
-    def __init__(self, request_id: bytes, consumer: "ServerProtocol", provider: "ServerProtocol", routing: bytes) -> None:
+    def __init__(
+        self, request_id: bytes, consumer: "ServerProtocol", provider: "ServerProtocol", routing: bytes
+    ) -> None:
         self.request_id = request_id
         self.consumer = consumer
         self.provider = provider
@@ -204,7 +206,9 @@ class Router:
             return
         entry.provider.write(_encode_header(_VERSION, ftype, flags, request_id, len(payload)) + payload)
 
-    def _response_frame(self, conn: "ServerProtocol", ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
+    def _response_frame(
+        self, conn: "ServerProtocol", ftype: int, flags: int, request_id: bytes, payload: bytes
+    ) -> None:
         entry = self.requests.get(request_id)
         if entry is None or entry.provider is not conn:
             if ftype == ERROR:
@@ -248,7 +252,9 @@ class Router:
             self._finish(entry)
             self._server_error(entry.consumer, entry.request_id, codec.MSG_TIMED_OUT, entry.routing)
 
-    def _server_error(self, conn: "ServerProtocol", request_id: bytes, message: str, routing: bytes = ZERO_ROUTING) -> None:
+    def _server_error(
+        self, conn: "ServerProtocol", request_id: bytes, message: str, routing: bytes = ZERO_ROUTING
+    ) -> None:
         self.stats.errors[message] += 1
         conn.write(codec.encode_frame(ERROR, request_id, codec.error_payload(message, routing)))
 

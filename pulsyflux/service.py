@@ -1,7 +1,7 @@
 """Twisted services: the server on an endpoint, and the ``twistd`` options.
 
-    service = ServerService("tcp:9090:interface=127.0.0.1")
-    service.setServiceParent(application)
+service = ServerService("tcp:9090:interface=127.0.0.1")
+service.setServiceParent(application)
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ class ServerService(service.Service):
 
     log = Logger()
 
-    def __init__(self, listen: str | int = DEFAULT_PORT, reactor: Any = None, factory: ServerFactory | None = None) -> None:
+    def __init__(
+        self, listen: str | int = DEFAULT_PORT, reactor: Any = None, factory: ServerFactory | None = None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 

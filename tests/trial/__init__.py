@@ -1,0 +1,1 @@
+"""Tests run by ``trial`` (trial-style TestCases cannot run under pytest-twisted)."""
