@@ -1,0 +1,1 @@
+"""Benchmarks users can run (``pulsyflux bench``); never part of the test suite."""
