@@ -20,6 +20,17 @@ __all__ = ["ServerService", "Options", "makeService"]
 DEFAULT_PORT = "9090"
 
 
+def describe_address(address: Any) -> str:
+    """``127.0.0.1:9090`` or ``unix:/path`` rather than a repr of an address object."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if name is not None:
+        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    return str(address)
+
+
 class ServerService(service.Service):
     """Listens on an endpoint with a :class:`ServerFactory`; closes every
     client connection on stop so ``stopService`` means "all gone"."""
@@ -45,7 +56,7 @@ class ServerService(service.Service):
 
         def listening(port: Any) -> Any:
             self.port = port
-            self.log.info("pulsyflux server listening on {address}", address=port.getHost())
+            self.log.info("pulsyflux server listening on {address}", address=describe_address(port.getHost()))
             return port
 
         def failed(failure: Any) -> Any:
