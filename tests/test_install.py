@@ -1,0 +1,80 @@
+"""What a user gets from ``pip install`` of the wheel: ``twistd pulsyflux`` works.
+
+The wheel is installed into an empty virtualenv (not the source tree), and
+twistd runs as a separate process, as it would on a server.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from pulsyflux import Consumer, Provider
+
+from .twistd_process import build_wheel_venv, spawn_twistd
+
+
+@pytest.fixture(scope="session")
+def wheel_bin(tmp_path_factory):
+    return build_wheel_venv(tmp_path_factory.mktemp("wheel"))
+
+
+def test_plugin_is_listed_after_install(wheel_bin, tmp_path):
+    result = subprocess.run(
+        [str(wheel_bin / "twistd"), "--help"], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert "pulsyflux" in result.stdout
+    result = subprocess.run(
+        [str(wheel_bin / "twistd"), "pulsyflux", "--help"], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert "--port" in result.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_serves_requests_and_stops_on_sigterm(wheel_bin, tmp_path):
+    proc = spawn_twistd(wheel_bin, tmp_path, "--port", "tcp:0:interface=127.0.0.1")
+    try:
+        address = await proc.listening
+        assert address.startswith("127.0.0.1:")
+        channel = uuid.uuid4()
+        provider = await Provider.connect(address, channel, handler=lambda data: b"from twistd: " + data)
+        consumer = await Consumer.connect(address, channel)
+        assert await consumer.send(b"hi") == b"from twistd: hi"
+        await consumer.close()
+        await provider.close()
+    finally:
+        clean = await proc.terminate()
+    assert clean, proc.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_bare_port_listens_on_loopback(wheel_bin, tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # find a free port, then hand it to twistd
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = spawn_twistd(wheel_bin, tmp_path, "--port", str(port))
+    try:
+        assert await proc.listening == f"127.0.0.1:{port}"
+    finally:
+        assert await proc.terminate(), proc.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_socket_endpoint(wheel_bin, tmp_path):
+    path = tmp_path / "pf.sock"
+    proc = spawn_twistd(wheel_bin, tmp_path, "--port", f"unix:{path}")
+    try:
+        assert await proc.listening == f"unix:{path}"
+        channel = uuid.uuid4()
+        provider = await Provider.connect(f"unix:path={path}", channel, handler=lambda data: data * 2)
+        consumer = await Consumer.connect(f"unix:path={path}", channel)
+        assert await consumer.send(b"ab") == b"abab"
+        await defer.gatherResults([consumer.close(), provider.close()])
+    finally:
+        assert await proc.terminate(), proc.output
