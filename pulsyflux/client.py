@@ -117,6 +117,7 @@ class _Client:
         self._closed: Optional[Exception] = None
         self._lost = False
         self._lost_waiters: list[Deferred[None]] = []
+        self._registration: Optional[tuple[bytes, Deferred[None], Any]] = None
 
     @classmethod
     def _connect(cls, address: Address, client: "_Client") -> "Deferred[Any]":
@@ -124,19 +125,54 @@ class _Client:
         d = connectProtocol(endpoint, _ClientProtocol(client))
 
         def connected(proto: _ClientProtocol) -> Any:
-            client._attach(proto)
-            return client
+            registered = client._attach(proto)
+            if registered is None:
+                return client
+            return registered.addCallback(lambda _: client)
 
         return d.addCallback(connected)
 
-    def _attach(self, proto: _ClientProtocol) -> None:
+    # Providers wait until the server has processed their registration, so a
+    # request sent right after connect() fires finds them. Consumers need not:
+    # their first request registers them anyway.
+    confirm_registration = False
+    registration_wait = 2.0  # seconds to wait for a server that never answers the probe
+
+    def _attach(self, proto: _ClientProtocol) -> Optional["Deferred[None]"]:
         self._protocol = proto
         self._write = proto.transport.write
         meta = codec.pack_metadata(self.role, DEFAULT_TIMEOUT_MS, self._client, self._channel)
         request_id = _new_id()
-        self._write(
-            codec.encode_frame(START, request_id, meta, FLAG_REGISTRATION) + codec.encode_frame(END, request_id)
-        )
+        frames = codec.encode_frame(START, request_id, meta, FLAG_REGISTRATION) + codec.encode_frame(END, request_id)
+        if not self.confirm_registration:
+            self._write(frames)
+            return None
+        registered: Deferred[None] = Deferred()
+        timer = self.reactor.callLater(self.registration_wait, self._registered, None)
+        self._registration = (request_id, registered, timer)
+        self._frame_received = self._await_registration  # type: ignore[method-assign]
+        self._write(frames + codec.encode_frame(codec.PROBE, request_id))
+        return registered
+
+    def _await_registration(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
+        if ftype == ERROR and request_id == self._registration[0]:
+            self._registered(None)
+        else:
+            type(self)._frame_received(self, ftype, flags, request_id, payload)
+
+    def _registered(self, error: Optional[Exception]) -> None:
+        """End the wait for the probe's answer: with ``error`` if the line died."""
+        registration, self._registration = self._registration, None
+        if registration is None:
+            return
+        self.__dict__.pop("_frame_received", None)
+        _, registered, timer = registration
+        if timer.active():
+            timer.cancel()
+        if error is None:
+            registered.callback(None)
+        else:
+            registered.errback(error)
 
     @property
     def connected(self) -> bool:
@@ -168,6 +204,7 @@ class _Client:
         if self._closed is None:
             self._closed = ConnectionLostError(f"connection to the server lost: {reason.getErrorMessage()}")
         self._write = self._write_closed
+        self._registered(self._closed)
         self._fail_pending(self._closed)
         waiters, self._lost_waiters = self._lost_waiters, []
         for d in waiters:
@@ -325,6 +362,7 @@ class Provider(_Client):
     """
 
     role = ROLE_PROVIDER
+    confirm_registration = True
 
     def __init__(self, channel_id: ChannelId, reactor: Any = None, handler: Optional[Handler] = None) -> None:
         super().__init__(channel_id, reactor)

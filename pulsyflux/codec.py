@@ -30,6 +30,10 @@ RESPONSE_START = 0x07
 RESPONSE_CHUNK = 0x08
 RESPONSE_END = 0x09
 FRAME_TYPES = frozenset(range(RESPONSE, RESPONSE_END + 1))
+# Not a protocol type: every server (Go's and ours) answers an unknown type
+# with an ERROR on the same request id, in order. A client sends PROBE right
+# after registering to learn that the server has processed its registration.
+PROBE = 0x00
 TYPE_NAMES = {
     RESPONSE: "RESPONSE",
     ERROR: "ERROR",

@@ -169,6 +169,9 @@ class Router:
             self._start(conn, flags, request_id, payload)
         elif ftype == ERROR or ftype == RESPONSE:
             self._response_frame(conn, ftype, flags, request_id, payload)
+        elif ftype == codec.PROBE and not payload:
+            # A client's registration probe: the usual answer, not counted as an error.
+            conn.write(codec.encode_frame(ERROR, request_id, codec.error_payload(codec.MSG_BAD_TYPE)))
         else:
             self._server_error(conn, request_id, codec.MSG_BAD_TYPE)
 

@@ -432,3 +432,18 @@ async def test_connect_to_nothing_fails_cleanly(channel):
 
     with pytest.raises(ConnectionRefusedError):
         await Consumer.connect("127.0.0.1:1", channel)
+
+
+@ensure
+async def test_server_sets_keepalive_and_nodelay_so_idle_connections_live(server, channel):
+    import socket
+
+    consumer = await Consumer.connect(server.address, channel)
+    provider = await Provider.connect(server.address, channel, handler=lambda data: data)
+    assert await consumer.send(b"x") == b"x"
+    for conn in server.factory.router.connections:
+        sock = conn.transport.getHandle()
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    await consumer.close()
+    await provider.close()
