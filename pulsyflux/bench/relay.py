@@ -1,0 +1,168 @@
+"""A bare Twisted byte relay: the baseline the router is measured against.
+
+No framing, no routing table, no request ids: a relay process copies bytes
+from each client to its own upstream connection to an echo process and back.
+The topology is the router's (client -> relay -> echo -> relay -> client), so
+the relay's round trips per second are what the same hops cost in Twisted
+before pulsyflux adds anything.
+
+The benchmark starts the two processes itself::
+
+    python -m pulsyflux.bench.relay echo               # prints its port
+    python -m pulsyflux.bench.relay relay ECHO_PORT    # prints its port
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+
+__all__ = ["EchoProtocol", "RelayProtocol", "RelayFactory", "RoundTripClient", "serve"]
+
+
+def _low_latency(transport: Any) -> None:
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        setter(True)  # the router sets TCP_NODELAY too: same rules for both
+
+
+class EchoProtocol(Protocol):
+    """Sends back every byte it receives."""
+
+    def connectionMade(self) -> None:
+        _low_latency(self.transport)
+        self.dataReceived = self.transport.write  # type: ignore[method-assign]
+
+
+class _Upstream(Protocol):
+    """The relay's connection to the echo process, paired with one client."""
+
+    def __init__(self, downstream: "RelayProtocol") -> None:
+        self.downstream = downstream
+
+    def connectionMade(self) -> None:
+        _low_latency(self.transport)
+        self.downstream.upstream_ready(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.downstream.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.downstream.transport.loseConnection()
+
+
+class RelayProtocol(Protocol):
+    """One client connection; its bytes go to a dedicated upstream and back."""
+
+    def __init__(self, reactor: Any, upstream_port: int) -> None:
+        self.reactor = reactor
+        self.upstream_port = upstream_port
+        self.upstream: Any = None
+        self.waiting: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        _low_latency(self.transport)
+        factory = ClientFactory.forProtocol(lambda: _Upstream(self))
+        self.reactor.connectTCP("127.0.0.1", self.upstream_port, factory)
+
+    def upstream_ready(self, transport: Any) -> None:
+        self.upstream = transport
+        if self.waiting:
+            transport.writeSequence(self.waiting)
+            self.waiting = []
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.upstream is None:
+            self.waiting.append(data)
+        else:
+            self.upstream.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.upstream is not None:
+            self.upstream.loseConnection()
+
+
+class RelayFactory(Factory):
+    def __init__(self, reactor: Any, upstream_port: int) -> None:
+        self.reactor = reactor
+        self.upstream_port = upstream_port
+
+    def buildProtocol(self, addr: Any) -> RelayProtocol:
+        return RelayProtocol(self.reactor, self.upstream_port)
+
+
+class RoundTripClient(Protocol):
+    """Sends ``size`` bytes, waits for all of them back, repeats until a deadline.
+
+    ``run`` fires with the round-trip times in seconds. This is the relay's
+    counterpart of a Consumer awaiting one ``send`` after another.
+    """
+
+    def __init__(self) -> None:
+        self.connected_d: Deferred[RoundTripClient] = Deferred()
+        self._done: Optional[Deferred[list[float]]] = None
+        self._message = b""
+        self._missing = 0
+        self._started = 0.0
+        self._deadline = 0.0
+        self._limit = 0
+        self.samples: list[float] = []
+
+    def connectionMade(self) -> None:
+        _low_latency(self.transport)
+        self.connected_d.callback(self)
+
+    def run(self, size: int, duration: float, limit: int = 10_000_000) -> "Deferred[list[float]]":
+        self._done = Deferred()
+        self._message = b"x" * size
+        self.samples = []
+        self._limit = limit
+        self._deadline = time.perf_counter() + duration
+        self._send()
+        return self._done
+
+    def _send(self) -> None:
+        self._missing = len(self._message)
+        self._started = time.perf_counter()
+        self.transport.write(self._message)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._missing -= len(data)
+        if self._missing > 0:
+            return
+        now = time.perf_counter()
+        self.samples.append(now - self._started)
+        if now < self._deadline and len(self.samples) < self._limit:
+            self._send()
+        else:
+            done, self._done = self._done, None
+            if done is not None:
+                done.callback(self.samples)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done.errback(reason)
+
+
+def serve(argv: list[str]) -> None:
+    """Child-process entry: ``echo`` or ``relay ECHO_PORT``; prints the port, runs."""
+    from twisted.internet import reactor
+
+    if argv[:1] == ["echo"]:
+        factory: Factory = Factory.forProtocol(EchoProtocol)
+    elif len(argv) == 2 and argv[0] == "relay":
+        factory = RelayFactory(reactor, int(argv[1]))
+    else:
+        sys.exit("usage: python -m pulsyflux.bench.relay echo | relay ECHO_PORT")
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    print(port.getHost().port, flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1:])

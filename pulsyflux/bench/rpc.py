@@ -1,0 +1,493 @@
+"""``pulsyflux bench rpc``: request/response speed through a router in its own process.
+
+Three processes, the same for pulsyflux and for the baseline:
+
+* the benchmark (this process): the consumers, or the relay's clients;
+* the router (``python -m pulsyflux.bench.rpc server``), or a bare byte relay;
+* an echo provider (``python -m pulsyflux.bench.rpc provider PORT CHANNEL``),
+  or a bare echo server (:mod:`pulsyflux.bench.relay`).
+
+Each run measures, in this order: the relay's sequential round trips, then
+sequential 16-byte requests (req/s, p50, p99), requests with many in flight
+(consumers x in flight), and 1 MiB echoes (MB/s, 10**6 bytes, one way). The
+result holds every run and the medians; the sequential ratio to the relay is
+taken within each run so that machine noise hits both sides alike.
+
+    results = run(Options(runs=5), progress=print)
+    print(format_report(results))
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import ProcessProtocol
+
+from pulsyflux.client import Consumer, Provider
+
+from .relay import RoundTripClient
+
+__all__ = ["Options", "add_arguments", "options_from_args", "measure", "run", "format_report", "GO_REFERENCE"]
+
+Progress = Callable[[str], None]
+
+# The Go original on the same 2-core machine (issue 2); its consumers broke
+# under 10 concurrent consumers, so it has no in-flight figure.
+GO_REFERENCE = {"sequential_req_per_s": 4334, "sequential_p50_us": 206, "echo_1mib_mb_per_s": 46}
+SLICES = 4  # sequential relay/router alternations per run
+TARGETS = {"sequential_vs_relay": 0.85, "inflight_req_per_s": 25_000, "echo_1mib_mb_per_s": 200}
+
+
+@dataclass
+class Options:
+    """What to measure; the defaults are the issue's figures."""
+
+    runs: int = 5  # repetitions; medians are reported
+    duration: float = 2.0  # seconds per measurement
+    warmup: float = 0.5  # seconds of load before anything is counted
+    payload: int = 16  # bytes per request, sequential and in flight
+    consumers: int = 10
+    inflight: int = 16  # requests in flight per consumer
+    large: int = 1 << 20  # bytes per request of the echo measurement
+    baseline: bool = True  # also measure the bare relay
+    python: str = sys.executable  # the interpreter for the child processes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of :class:`Options` as command-line flags (shared by every front end)."""
+    d = Options()
+    parser.add_argument("--runs", type=int, default=d.runs, help=f"repetitions, medians reported (default {d.runs})")
+    parser.add_argument(
+        "--duration", type=float, default=d.duration, help=f"seconds per measurement (default {d.duration})"
+    )
+    parser.add_argument("--warmup", type=float, default=d.warmup, help=f"seconds before counting (default {d.warmup})")
+    parser.add_argument("--payload", type=int, default=d.payload, help=f"request size in bytes (default {d.payload})")
+    parser.add_argument("--consumers", type=int, default=d.consumers, help=f"consumers (default {d.consumers})")
+    parser.add_argument(
+        "--inflight", type=int, default=d.inflight, help=f"requests in flight per consumer (default {d.inflight})"
+    )
+    parser.add_argument(
+        "--large", type=int, default=d.large, help=f"bytes per echo request, 0 to skip (default {d.large})"
+    )
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the bare relay baseline")
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    return Options(
+        runs=max(1, args.runs),
+        duration=args.duration,
+        warmup=args.warmup,
+        payload=args.payload,
+        consumers=max(1, args.consumers),
+        inflight=max(1, args.inflight),
+        large=args.large,
+        baseline=args.baseline,
+    )
+
+
+# -- child processes -------------------------------------------------------------
+
+
+class _Child(ProcessProtocol):
+    """A child process whose first line of output says it is ready."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ready: Deferred[str] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+        self._out = b""
+        self._err = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self._out += data
+        if self.ready is not None and b"\n" in self._out:
+            line, _, self._out = self._out.partition(b"\n")
+            ready, self.ready = self.ready, None
+            ready.callback(line.decode().strip())
+
+    def errReceived(self, data: bytes) -> None:
+        self._err = (self._err + data)[-4000:]
+
+    def processEnded(self, reason: Any) -> None:
+        if self.ready is not None:
+            ready, self.ready = self.ready, None
+            ready.errback(
+                RuntimeError(f"{self.name} exited before it was ready:\n{self._err.decode(errors='replace')}")
+            )
+        self.ended.callback(None)
+
+    def stop(self) -> "Deferred[None]":
+        try:
+            self.transport.signalProcess("TERM")
+        except Exception:
+            pass  # already gone
+        return self.ended
+
+
+def _spawn(reactor: Any, options: Options, name: str, module: str, *args: str) -> _Child:
+    child = _Child(name)
+    argv = [options.python, "-m", module, *args]
+    reactor.spawnProcess(child, options.python, argv, env=dict(os.environ))
+    return child
+
+
+# -- measurements ----------------------------------------------------------------
+
+
+def _percentile(sorted_samples: list[float], fraction: float) -> float:
+    index = min(len(sorted_samples) - 1, int(fraction * len(sorted_samples)))
+    return sorted_samples[index]
+
+
+def _sequential(consumer: Consumer, payload: bytes, duration: float) -> "Deferred[list[float]]":
+    """One request at a time; fires with every round-trip time in seconds."""
+    done: Deferred[list[float]] = Deferred()
+    samples: list[float] = []
+    perf_counter = time.perf_counter
+    deadline = perf_counter() + duration
+
+    def fire() -> None:
+        consumer.send(payload, 30.0).addCallbacks(answered, done.errback, (perf_counter(),))
+
+    def answered(reply: bytes, started: float) -> None:
+        now = perf_counter()
+        samples.append(now - started)
+        if len(reply) != len(payload):
+            done.errback(RuntimeError(f"echo returned {len(reply)} bytes for {len(payload)}"))
+        elif now < deadline:
+            fire()
+        else:
+            done.callback(samples)
+
+    fire()
+    return done
+
+
+class _Flood:
+    """Keeps ``inflight`` requests outstanding on every consumer; counts answers."""
+
+    def __init__(self, consumers: list[Consumer], payload: bytes, inflight: int) -> None:
+        self.consumers = consumers
+        self.payload = payload
+        self.inflight = inflight
+        self.answered = 0
+        self.failed = 0
+        self.first_error: Optional[str] = None
+        self.outstanding = 0
+        self.stopping = False
+        self.drained: Deferred[None] = Deferred()
+
+    def start(self) -> None:
+        for consumer in self.consumers:
+            for _ in range(self.inflight):
+                self._fire(consumer)
+
+    def stop(self) -> "Deferred[None]":
+        self.stopping = True
+        if self.outstanding == 0 and not self.drained.called:
+            self.drained.callback(None)
+        return self.drained
+
+    def _fire(self, consumer: Consumer) -> None:
+        self.outstanding += 1
+        consumer.send(self.payload, 30.0).addCallbacks(self._answered, self._failed, (consumer,), None, (consumer,))
+
+    def _answered(self, reply: bytes, consumer: Consumer) -> None:
+        self.outstanding -= 1
+        self.answered += 1
+        self._next(consumer)
+
+    def _failed(self, failure: Any, consumer: Consumer) -> None:
+        self.outstanding -= 1
+        self.failed += 1
+        if self.first_error is None:
+            self.first_error = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        self._next(consumer)
+
+    def _next(self, consumer: Consumer) -> None:
+        if not self.stopping:
+            self._fire(consumer)
+        elif self.outstanding == 0 and not self.drained.called:
+            self.drained.callback(None)
+
+
+def _sleep(reactor: Any, seconds: float) -> "Deferred[None]":
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+async def _flood(reactor: Any, consumers: list[Consumer], options: Options) -> dict:
+    flood = _Flood(consumers, b"x" * options.payload, options.inflight)
+    flood.start()
+    await _sleep(reactor, options.warmup)
+    count0, t0 = flood.answered, time.perf_counter()
+    await _sleep(reactor, options.duration)
+    count1, t1 = flood.answered, time.perf_counter()
+    await flood.stop()
+    return {
+        "req_per_s": (count1 - count0) / (t1 - t0),
+        "failed": flood.failed,
+        "first_error": flood.first_error,
+    }
+
+
+def _latency_summary(samples: list[float], elapsed: float) -> dict:
+    ordered = sorted(samples)
+    return {
+        "req_per_s": len(samples) / elapsed,
+        "p50_us": _percentile(ordered, 0.50) * 1e6,
+        "p99_us": _percentile(ordered, 0.99) * 1e6,
+        "count": len(samples),
+    }
+
+
+async def _sequential_pair(options: Options, clients: dict) -> dict:
+    """Relay and router sequential round trips, interleaved in short slices.
+
+    The machine's speed drifts from second to second; alternating the two
+    every ``duration / SLICES`` seconds makes their ratio fair.
+    """
+    consumer = clients["consumers"][0]
+    payload = b"x" * options.payload
+    slice_time = options.duration / SLICES
+    relay_samples: list[float] = []
+    samples: list[float] = []
+    relay_elapsed = elapsed = 0.0
+    for _ in range(SLICES):
+        if options.baseline:
+            started = time.perf_counter()
+            relay_samples += await clients["relay"].run(options.payload, slice_time)
+            relay_elapsed += time.perf_counter() - started
+        started = time.perf_counter()
+        samples += await _sequential(consumer, payload, slice_time)
+        elapsed += time.perf_counter() - started
+    result = {"sequential": _latency_summary(samples, elapsed)}
+    if options.baseline:
+        result["relay"] = _latency_summary(relay_samples, relay_elapsed)
+        result["sequential_vs_relay"] = result["sequential"]["req_per_s"] / result["relay"]["req_per_s"]
+    return result
+
+
+async def _run_once(reactor: Any, options: Options, clients: dict) -> dict:
+    result = await _sequential_pair(options, clients)
+    result["inflight"] = await _flood(reactor, clients["consumers"], options)
+    if options.large:
+        started = time.perf_counter()
+        samples = await _sequential(clients["consumers"][0], b"x" * options.large, options.duration)
+        summary = _latency_summary(samples, time.perf_counter() - started)
+        summary["mb_per_s"] = summary["req_per_s"] * options.large / 1e6
+        result["echo"] = summary
+    return result
+
+
+def _median(runs: list[dict], *path: str) -> Optional[float]:
+    values = []
+    for run_result in runs:
+        value: Any = run_result
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)):
+            values.append(value)
+    return statistics.median(values) if values else None
+
+
+def _summarise(options: Options, runs: list[dict]) -> dict:
+    medians = {
+        "sequential_req_per_s": _median(runs, "sequential", "req_per_s"),
+        "sequential_p50_us": _median(runs, "sequential", "p50_us"),
+        "sequential_p99_us": _median(runs, "sequential", "p99_us"),
+        "relay_rt_per_s": _median(runs, "relay", "req_per_s"),
+        "relay_p50_us": _median(runs, "relay", "p50_us"),
+        "sequential_vs_relay": _median(runs, "sequential_vs_relay"),
+        "inflight_req_per_s": _median(runs, "inflight", "req_per_s"),
+        "echo_1mib_mb_per_s": _median(runs, "echo", "mb_per_s"),
+        "echo_p50_ms": (lambda v: v / 1000 if v is not None else None)(_median(runs, "echo", "p50_us")),
+    }
+    return {
+        "options": {k: v for k, v in asdict(options).items() if k != "python"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "medians": medians,
+        "runs": runs,
+        "go": dict(GO_REFERENCE),
+        "targets": dict(TARGETS),
+        "failed_requests": sum(r.get("inflight", {}).get("failed", 0) for r in runs),
+    }
+
+
+async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
+    children: list[_Child] = []
+    clients: dict = {"consumers": []}
+    try:
+        progress("starting the router and an echo provider")
+        server = _spawn(reactor, options, "router", "pulsyflux.bench.rpc", "server")
+        children.append(server)
+        port = int(await server.ready)
+        address = f"127.0.0.1:{port}"
+        channel = str(uuid.uuid4())
+        provider = _spawn(reactor, options, "provider", "pulsyflux.bench.rpc", "provider", str(port), channel)
+        children.append(provider)
+        await provider.ready
+        for _ in range(options.consumers):
+            clients["consumers"].append(await Consumer.connect(address, channel, reactor=reactor))
+        if options.baseline:
+            progress("starting the bare relay and echo server")
+            echo = _spawn(reactor, options, "echo", "pulsyflux.bench.relay", "echo")
+            children.append(echo)
+            echo_port = int(await echo.ready)
+            relay = _spawn(reactor, options, "relay", "pulsyflux.bench.relay", "relay", str(echo_port))
+            children.append(relay)
+            relay_port = int(await relay.ready)
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", relay_port)
+            relay_client = await connectProtocol(endpoint, RoundTripClient())
+            await relay_client.connected_d
+            clients["relay"] = relay_client
+
+        progress("warming up")
+        warm = Options(**{**asdict(options), "duration": options.warmup, "runs": 1})
+        await _run_once(reactor, warm, clients)
+
+        runs = []
+        for number in range(1, options.runs + 1):
+            progress(f"run {number}/{options.runs}")
+            result = await _run_once(reactor, options, clients)
+            runs.append(result)
+            progress(_one_line(result))
+        return _summarise(options, runs)
+    finally:
+        for consumer in clients["consumers"]:
+            await consumer.close()
+        if "relay" in clients:
+            clients["relay"].transport.loseConnection()
+        await DeferredList([child.stop() for child in reversed(children)])
+
+
+def measure(reactor: Any, options: Options, progress: Optional[Progress] = None) -> "Deferred[dict]":
+    """Run the benchmark on a running reactor; fires with the results dict."""
+    return Deferred.fromCoroutine(_measure(reactor, options, progress or (lambda message: None)))
+
+
+def run(options: Optional[Options] = None, progress: Optional[Progress] = None) -> dict:
+    """Run the benchmark to completion on the global reactor (once per process)."""
+    from twisted.internet import reactor
+
+    outcome: dict = {}
+
+    def finish(result: Any) -> None:
+        outcome["result"] = result
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: measure(reactor, options or Options(), progress).addBoth(finish))
+    reactor.run()
+    result = outcome.get("result")
+    if result is None:
+        raise RuntimeError("the benchmark did not finish")
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result
+
+
+# -- reporting -------------------------------------------------------------------
+
+
+def _fmt(value: Optional[float], spec: str = ",.0f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _one_line(result: dict) -> str:
+    parts = []
+    if "relay" in result:
+        parts.append(f"relay {result['relay']['req_per_s']:,.0f} rt/s")
+    seq = result["sequential"]
+    parts.append(f"sequential {seq['req_per_s']:,.0f} req/s (p50 {seq['p50_us']:.0f} us, p99 {seq['p99_us']:.0f} us)")
+    if "sequential_vs_relay" in result:
+        parts.append(f"ratio {result['sequential_vs_relay']:.2f}")
+    parts.append(f"in flight {result['inflight']['req_per_s']:,.0f} req/s")
+    if result["inflight"]["failed"]:
+        parts.append(f"{result['inflight']['failed']} FAILED ({result['inflight']['first_error']})")
+    if "echo" in result:
+        parts.append(f"echo {result['echo']['mb_per_s']:,.0f} MB/s")
+    return "; ".join(parts)
+
+
+def format_report(results: dict) -> str:
+    """The results as a short table a person reads."""
+    m = results["medians"]
+    o = results["options"]
+    go = results["go"]
+    t = results["targets"]
+    lines = [
+        f"pulsyflux bench rpc: medians of {len(results['runs'])} runs of {o['duration']} s "
+        f"({results['machine']['cpus']} CPUs, Python {results['machine']['python']})",
+        f"  sequential {o['payload']} B      {_fmt(m['sequential_req_per_s'])} req/s  "
+        f"p50 {_fmt(m['sequential_p50_us'])} us  p99 {_fmt(m['sequential_p99_us'])} us   "
+        f"(Go {go['sequential_req_per_s']:,} req/s, p50 {go['sequential_p50_us']} us)",
+    ]
+    if m["relay_rt_per_s"] is not None:
+        lines.append(
+            f"  bare relay           {_fmt(m['relay_rt_per_s'])} rt/s   p50 {_fmt(m['relay_p50_us'])} us   "
+            f"sequential/relay {_fmt(m['sequential_vs_relay'], '.2f')} (target >= {t['sequential_vs_relay']})"
+        )
+    lines.append(
+        f"  in flight {o['consumers']}x{o['inflight']}     {_fmt(m['inflight_req_per_s'])} req/s  "
+        f"(target >= {t['inflight_req_per_s']:,}; Go broke)"
+    )
+    if m["echo_1mib_mb_per_s"] is not None:
+        lines.append(
+            f"  echo {o['large']:,} B  {_fmt(m['echo_1mib_mb_per_s'])} MB/s  p50 {_fmt(m['echo_p50_ms'], '.1f')} ms  "
+            f"(target >= {t['echo_1mib_mb_per_s']}; Go {go['echo_1mib_mb_per_s']})"
+        )
+    if results["failed_requests"]:
+        lines.append(f"  {results['failed_requests']} requests FAILED")
+    return "\n".join(lines)
+
+
+# -- child entry points ----------------------------------------------------------
+
+
+def _serve(argv: list[str]) -> None:
+    from twisted.internet import reactor
+
+    if argv[:1] == ["server"]:
+        from pulsyflux.server import ServerFactory
+
+        port = reactor.listenTCP(0, ServerFactory(reactor), interface="127.0.0.1")
+        reactor.callWhenRunning(lambda: print(port.getHost().port, flush=True))
+    elif len(argv) == 3 and argv[0] == "provider":
+        address, channel = f"127.0.0.1:{argv[1]}", argv[2]
+
+        def connected(provider: Provider) -> None:
+            print("ready", flush=True)
+
+        def failed(failure: Any) -> None:
+            print(failure.getErrorMessage(), file=sys.stderr, flush=True)
+            reactor.stop()
+
+        reactor.callWhenRunning(
+            lambda: Provider.connect(address, channel, handler=_echo, reactor=reactor).addCallbacks(connected, failed)
+        )
+    else:
+        sys.exit("usage: python -m pulsyflux.bench.rpc server | provider PORT CHANNEL")
+    reactor.run()
+
+
+def _echo(payload: bytes) -> bytes:
+    return payload
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1:])
