@@ -181,6 +181,14 @@ class _Client:
     def _write_closed(self, data: bytes) -> None:
         raise self._closed or ConnectionLostError("not connected")
 
+    def when_lost(self) -> "Deferred[None]":
+        """Fires once the connection is gone, whoever closed it (used by the broker)."""
+        if self._lost:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._lost_waiters.append(d)
+        return d
+
     def close(self) -> "Deferred[None]":
         """Close the connection; fires once it is gone. Pending calls fail."""
         if self._protocol is None or self._lost:
