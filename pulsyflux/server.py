@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import codec
+from .backpressure import Backpressure
 from .codec import (
     CHUNK,
     END,
@@ -101,6 +102,7 @@ class Router:
         self.requests: dict[bytes, _InFlight] = {}
         self.connections: set[ServerProtocol] = set()
         self.stats = ServerStats()
+        self.reading: Optional[ServerProtocol] = None  # whose frames are being routed now (backpressure)
 
     # -- registry -----------------------------------------------------------
 
@@ -272,6 +274,7 @@ class ServerProtocol(Protocol):
         self.started: set[bytes] = set()  # requests this connection sent as a consumer
         self.assigned: set[bytes] = set()  # requests routed to this connection as a provider
         self.write: Callable[[bytes], None] = self._write_before_connect
+        self.flow: Optional[Backpressure] = None
         self._lost = False
         self._lost_waiters: list[Deferred[None]] = []
 
@@ -300,12 +303,15 @@ class ServerProtocol(Protocol):
             raw_write(data)
 
         self.write = write
+        self.flow = Backpressure(self, self.router)
+        transport.registerProducer(self.flow, True)
         self.router.connected(self)
 
     def dataReceived(self, data: bytes) -> None:
         router = self.router
         router.stats.bytes_in += len(data)
         frame_received = router.frame_received
+        router.reading = self
         try:
             for ftype, flags, request_id, payload in self.decoder.feed(data):
                 frame_received(self, ftype, flags, request_id, payload)
@@ -315,9 +321,13 @@ class ServerProtocol(Protocol):
             router.log.info("closing {peer}: {error}", peer=self.transport.getPeer(), error=error)
             self.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(str(error))))
             self.transport.loseConnection()
+        finally:
+            router.reading = None
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._lost = True
+        if self.flow is not None:
+            self.flow.stopProducing()
         self.router.disconnected(self)
         waiters, self._lost_waiters = self._lost_waiters, []
         for d in waiters:
