@@ -49,6 +49,7 @@ Handler = Callable[[bytes], Union[bytes, "Deferred[bytes]", Awaitable[bytes]]]
 _pack_header = codec.HEADER.pack
 _VERSION = codec.VERSION
 _START_HEADER_LEN = codec.METADATA_SIZE
+_ZERO_ID = bytes(16)
 
 
 def channel_bytes(channel: ChannelId) -> bytes:
@@ -207,10 +208,20 @@ class _Client:
             self._closed = ConnectionLostError(f"protocol error from the server: {error}")
             self._fail_pending(self._closed)
 
+    def _unmatched_error(self, request_id: bytes, payload: bytes) -> None:
+        """An ERROR no call waits for; one on the zero request id says why the server closes the line."""
+        message = codec.error_message(payload)
+        if request_id == _ZERO_ID:
+            self._server_said = message
+        self.log.info("server error for request {r}: {m}", r=uuid.UUID(bytes=request_id), m=message)
+
+    _server_said = ""
+
     def _connection_lost(self, reason: Failure) -> None:
         self._lost = True
         if self._closed is None:
-            self._closed = ConnectionLostError(f"connection to the server lost: {reason.getErrorMessage()}")
+            why = self._server_said or reason.getErrorMessage()
+            self._closed = ConnectionLostError(f"connection to the server lost: {why}")
         self._write = self._write_closed
         self._registered(self._closed)
         self._fail_pending(self._closed)
@@ -329,7 +340,7 @@ class Consumer(_Client):
             if pending is not None:
                 pending.deferred.errback(error_from_message(codec.error_message(payload)))
             else:
-                self.log.debug("ERROR for unknown request: {m}", m=codec.error_message(payload))
+                self._unmatched_error(request_id, payload)
         elif ftype == RESPONSE:
             pending = self._drop(request_id)
             if pending is not None:
@@ -453,7 +464,10 @@ class Provider(_Client):
                 return
             self._incoming[request_id] = [payload]
         elif ftype == ERROR:
-            self.log.warn("server error: {m}", m=codec.error_message(payload))
+            # The server gave up on a request (too large, ...): drop its partial state.
+            self._incoming.pop(request_id, None)
+            self._routing.pop(request_id, None)
+            self._unmatched_error(request_id, payload)
 
     def _dispatch(self, request_id: bytes, body: bytes) -> None:
         handler = self.handler

@@ -87,5 +87,6 @@ def error_from_message(message: str) -> PulsyfluxError:
 _SERVER_PREFIXES: tuple[tuple[str, type[PulsyfluxError]], ...] = (
     ("server overloaded:", ServerOverloaded),
     ("request too large", ServerOverloaded),
+    ("response too large", ServerOverloaded),
     ("duplicate request id", ProtocolError),
 )

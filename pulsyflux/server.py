@@ -18,9 +18,10 @@ import time
 from collections import Counter
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -45,7 +46,22 @@ from .codec import (
 )
 from .errors import ProtocolError
 
-__all__ = ["Router", "ServerProtocol", "ServerFactory", "ServerStats"]
+__all__ = [
+    "Router",
+    "ServerProtocol",
+    "ServerFactory",
+    "ServerStats",
+    "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_GRACE",
+]
+
+# Limits a server enforces (docs/reliability.md); ServerFactory takes each as a keyword.
+DEFAULT_MAX_BODY = 64 << 20  # bytes in one request body, and in one response body
+DEFAULT_MAX_IN_FLIGHT = 10_000  # requests one connection may have in flight
+DEFAULT_MAX_CONNECTIONS = 10_000  # client connections at once (the fd limit applies too)
+DEFAULT_GRACE = 10.0  # seconds a shutdown waits for the requests in flight
 
 _encode_header = codec.HEADER.pack
 _VERSION = codec.VERSION
@@ -71,7 +87,7 @@ class ServerStats:
 class _InFlight:
     """One request between its START and the end of its response."""
 
-    __slots__ = ("request_id", "consumer", "provider", "routing", "timer")
+    __slots__ = ("request_id", "consumer", "provider", "routing", "timer", "request_size", "response_size")
 
     def __init__(
         self, request_id: bytes, consumer: "ServerProtocol", provider: "ServerProtocol", routing: bytes
@@ -81,6 +97,8 @@ class _InFlight:
         self.provider = provider
         self.routing = routing
         self.timer: Optional[IDelayedCall] = None
+        self.request_size = 0
+        self.response_size = 0
 
 
 class Router:
@@ -103,6 +121,10 @@ class Router:
         self.connections: set[ServerProtocol] = set()
         self.stats = ServerStats()
         self.reading: Optional[ServerProtocol] = None  # whose frames are being routed now (backpressure)
+        self.max_body = DEFAULT_MAX_BODY
+        self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
+        self.max_connections = DEFAULT_MAX_CONNECTIONS
+        self.draining = False  # shutting down: new requests are refused
 
     # -- registry -----------------------------------------------------------
 
@@ -190,6 +212,13 @@ class Router:
         if request_id in self.requests:
             self._server_error(conn, request_id, "duplicate request id", routing)
             return
+        if len(conn.started) >= self.max_in_flight:  # a shutdown sets the limit to 0
+            if self.draining:
+                message = "server overloaded: shutting down"
+            else:
+                message = f"server overloaded: more than {self.max_in_flight} requests in flight on one connection"
+            self._server_error(conn, request_id, message, routing)
+            return
         provider = self.pick_provider(meta.channel_id)
         if provider is None:
             self._server_error(conn, request_id, codec.MSG_PEER_DISAPPEARED, routing)
@@ -209,6 +238,11 @@ class Router:
             # The registration END, or the tail of a request that already
             # failed (no provider, timed out): its one ERROR was sent.
             return
+        size = entry.request_size + len(payload)
+        if size > self.max_body:
+            self._too_large(entry, "request")
+            return
+        entry.request_size = size
         entry.provider.write(_encode_header(_VERSION, ftype, flags, request_id, len(payload)) + payload)
 
     def _response_frame(
@@ -225,7 +259,12 @@ class Router:
             else:
                 self.stats.frames_dropped += 1
             return
-        if ftype != RESPONSE_CHUNK and ftype != RESPONSE_END:
+        if ftype == RESPONSE_CHUNK:
+            entry.response_size += len(payload)
+            if entry.response_size > self.max_body:
+                self._too_large(entry, "response")
+                return
+        elif ftype != RESPONSE_END:
             # Frames that carry routing must name the consumer that asked.
             if payload[:ROUTING_SIZE] != entry.routing:
                 self.stats.frames_dropped += 1
@@ -251,6 +290,13 @@ class Router:
                 entry.timer.cancel()
             entry.timer = None
 
+    def _too_large(self, entry: _InFlight, which: str) -> None:
+        """Fail a request whose body passed ``max_body``: both sides drop it, its later frames are ignored."""
+        self._finish(entry)
+        message = f"{which} too large: its body exceeds the server's {self.max_body}-byte limit"
+        self._server_error(entry.consumer, entry.request_id, message, entry.routing)
+        self._server_error(entry.provider, entry.request_id, message, entry.routing)
+
     def _expire(self, entry: _InFlight) -> None:
         entry.timer = None
         if self.requests.get(entry.request_id) is entry:
@@ -262,6 +308,10 @@ class Router:
     ) -> None:
         self.stats.errors[message] += 1
         conn.write(codec.encode_frame(ERROR, request_id, codec.error_payload(message, routing)))
+
+
+def _ignore(data: bytes) -> None:
+    pass
 
 
 class ServerProtocol(Protocol):
@@ -291,6 +341,14 @@ class ServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         transport = self.transport
+        router = self.router
+        if len(router.connections) >= router.max_connections:
+            message = f"server overloaded: more than {router.max_connections} connections"
+            router.stats.errors[message] += 1
+            transport.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(message)))
+            transport.loseConnection()
+            self.dataReceived = _ignore  # type: ignore[method-assign]  # refused: never routed
+            return
         for option in ("setTcpNoDelay", "setTcpKeepAlive"):
             setter = getattr(transport, option, None)
             if setter is not None:
@@ -338,18 +396,34 @@ class ServerFactory(Factory):
     """Builds :class:`ServerProtocol` connections sharing one :class:`Router`.
 
     ``reactor`` is also the clock for request deadlines, so tests can pass a
-    ``task.Clock``-driven reactor.
+    ``task.Clock``-driven reactor. The limits (docs/reliability.md):
+    ``max_body`` bytes in one request or response body (64 MiB),
+    ``max_in_flight`` requests per connection (10,000) and
+    ``max_connections`` client connections (10,000). Past a limit the request
+    or connection gets a ``server overloaded: ...`` / ``... too large ...`` ERROR.
+
+        factory = ServerFactory(max_body=8 << 20, max_connections=500)
     """
 
     protocol = ServerProtocol
 
-    def __init__(self, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        reactor: Any = None,
+        *,
+        max_body: int = DEFAULT_MAX_BODY,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
         self.reactor = reactor
         self.router = Router(reactor)
+        self.router.max_body = max_body
+        self.router.max_in_flight = max_in_flight
+        self.router.max_connections = max_connections
 
     @property
     def registry(self) -> dict[RegistryKey, ServerProtocol]:
@@ -359,6 +433,56 @@ class ServerFactory(Factory):
     @property
     def stats(self) -> ServerStats:
         return self.router.stats
+
+    def shutdown(self, grace: float = DEFAULT_GRACE, linger: float = 1.0) -> "Deferred[None]":
+        """Drain, then close every connection; fires once all are gone.
+
+        New requests are refused (``server overloaded: shutting down``), those
+        in flight get up to ``grace`` seconds to finish (then fail with that
+        same error), then every connection
+        is closed after flushing what it has to send; one that cannot flush
+        within ``linger`` seconds more is aborted. Stop listening first.
+
+            await port.stopListening()
+            await factory.shutdown(grace=5.0)
+        """
+        router = self.router
+        clock = self.reactor
+        router.draining = True
+        router.max_in_flight = 0
+        deadline = clock.seconds() + grace
+
+        def drained() -> None:
+            if not router.requests or clock.seconds() >= deadline:
+                poll.stop()
+
+        poll = LoopingCall(drained)
+        poll.clock = clock
+        d = poll.start(0.01, now=True)
+        return d.addCallback(lambda _: self._close_all(linger))
+
+    def _close_all(self, linger: float) -> "Deferred[None]":
+        router = self.router
+        for entry in list(router.requests.values()):  # the grace period is over: say so
+            router._finish(entry)
+            router._server_error(entry.consumer, entry.request_id, "server overloaded: shutting down", entry.routing)
+        connections = list(router.connections)
+        gone = DeferredList([conn.closed() for conn in connections])
+        for conn in connections:
+            conn.transport.loseConnection()
+
+        def abort() -> None:
+            for conn in connections:
+                if not conn._lost:
+                    conn.transport.abortConnection()
+
+        timer = self.reactor.callLater(linger, abort)
+
+        def all_gone(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return gone.addCallback(all_gone)
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:
         proto = ServerProtocol(self.router)
