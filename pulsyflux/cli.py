@@ -1,8 +1,748 @@
-"""The ``pulsyflux`` command (placeholder until the CLI lands)."""
+"""The ``pulsyflux`` command: talk to a running server from a shell.
 
+Every subcommand is a coroutine over the public API (Consumer, Provider,
+BrokerClient), run by :func:`_run`, which turns known failures into one line
+on stderr and Ctrl-C into a clean stop (connections closed, exit status 130).
+
+    $ pulsyflux request 6f1c...-... 'hello' --timeout 2
+    $ pulsyflux sub orders --count 1 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
 import sys
+import time
+import uuid
+from typing import Any, Awaitable, Callable, Optional, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+
+from . import __version__
+from .endpoints import DEFAULT_ADDRESS
+
+__all__ = ["main", "build_parser", "CLIError"]
+
+SERVER_ENV = "PULSYFLUX_SERVER"
+BROKER_CHANNEL_ENV = "PULSYFLUX_BROKER_CHANNEL"
+HTTP_ENV = "PULSYFLUX_HTTP"
+DEBUG_ENV = "PULSYFLUX_DEBUG"
+DEFAULT_HTTP_PORT = 8222
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+Command = Callable[[Any, argparse.Namespace], Awaitable[Optional[int]]]
 
 
-def main(argv=None) -> int:
-    print("pulsyflux: no commands yet", file=sys.stderr)
-    return 2
+class CLIError(Exception):
+    """A failure the user should read as one line, with an exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+# -- running a command on the reactor ----------------------------------------------------
+
+
+class _Run:
+    def __init__(self) -> None:
+        self.deferred: Optional[Deferred[Any]] = None
+        self.result: Any = None
+        self.done: Deferred[None] = Deferred()
+        self.interrupted = False
+
+
+def _run(command: Command, args: argparse.Namespace, reactor: Any = None) -> int:
+    """Run ``command(reactor, args)`` to completion and return the exit status.
+
+    Ctrl-C (or SIGTERM) stops the reactor; before it stops, the command is
+    cancelled and given a few seconds to close its connections, so the
+    server sees a clean disconnect and nothing prints a traceback.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    state = _Run()
+
+    def finished(result: Any) -> None:
+        state.result = result
+        if not state.done.called:
+            state.done.callback(None)
+        if not state.interrupted and reactor.running:
+            reactor.stop()
+
+    def start() -> None:
+        state.deferred = Deferred.fromCoroutine(command(reactor, args))
+        state.deferred.addBoth(finished)
+
+    def before_shutdown() -> Optional[Deferred[None]]:
+        if state.deferred is None or state.done.called:
+            return None
+        state.interrupted = True
+        state.deferred.cancel()
+        if state.done.called:
+            return None
+        wait: Deferred[None] = Deferred()
+        timer = reactor.callLater(3.0, lambda: wait.called or wait.callback(None))
+
+        def done(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not wait.called:
+                wait.callback(None)
+
+        state.done.addBoth(done)
+        return wait
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", before_shutdown)
+    reactor.run()
+
+    if state.interrupted:
+        signum = getattr(reactor, "_exitSignal", None) or signal.SIGINT
+        return 128 + int(signum)
+    result = state.result
+    if isinstance(result, Failure):
+        return _report(result, args)
+    return int(result or 0)
+
+
+def _report(failure: Failure, args: argparse.Namespace) -> int:
+    """Print a failure as one line; return its exit status."""
+    error = failure.value
+    prog = f"pulsyflux {getattr(args, 'command', '')}".rstrip()
+    if os.environ.get(DEBUG_ENV):
+        failure.printTraceback(file=sys.stderr)
+    if isinstance(error, BrokenPipeError):
+        return EXIT_ERROR
+    if isinstance(error, CLIError):
+        message, code = error.message, error.code
+    else:
+        message, code = _describe(error, args), EXIT_ERROR
+    _print_err(f"{prog}: error: {message}")
+    return code
+
+
+def _describe(error: BaseException, args: argparse.Namespace) -> str:
+    from twisted.internet import error as net_error
+
+    from .errors import (
+        ConnectionLostError,
+        NoProviderError,
+        RemoteError,
+        RequestTimeout,
+        ServerOverloaded,
+    )
+
+    server = getattr(args, "server", DEFAULT_ADDRESS)
+    if isinstance(error, net_error.ConnectionRefusedError):
+        return f"cannot connect to {server}: connection refused (is the server running?)"
+    if isinstance(error, (net_error.ConnectError, net_error.DNSLookupError)):
+        text = error.osError if getattr(error, "osError", None) else (error.args[0] if error.args else "")
+        detail = str(text or type(error).__name__).strip().rstrip(".")
+        return f"cannot connect to {server}: {detail}"
+    if isinstance(error, NoProviderError):
+        return f"no provider answered ({error})"
+    if isinstance(error, RequestTimeout):
+        return f"request timed out after {getattr(args, 'timeout', '?')} s"
+    if isinstance(error, RemoteError):
+        return f"the provider answered with an error: {error.message}"
+    if isinstance(error, ServerOverloaded):
+        return f"the server refused the request: {error}"
+    if isinstance(error, ConnectionLostError):
+        return str(error)
+    if isinstance(error, OSError):
+        return str(error)
+    text = str(error) or type(error).__name__
+    return f"{text} ({type(error).__name__}; set {DEBUG_ENV}=1 for a traceback)"
+
+
+def _print_err(text: str) -> None:
+    try:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+class _Output:
+    """Writes bytes to stdout, flushing each line so pipes see it at once."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.buffer = getattr(self.stream, "buffer", None)
+
+    def write(self, data: bytes) -> None:
+        if self.buffer is not None:
+            self.stream.flush()
+            self.buffer.write(data)
+            self.buffer.flush()
+        else:
+            self.stream.write(data.decode("utf-8", "replace"))
+            self.stream.flush()
+
+    def line(self, text: str) -> None:
+        self.write(text.encode("utf-8", "backslashreplace") + b"\n")
+
+    def isatty(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+
+# -- argument types ------------------------------------------------------------------------
+
+
+def _channel(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a channel id: channels are UUIDs, e.g. {uuid.UUID(int=0x1)}"
+        ) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def _header(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"header {text!r} is not key=value")
+    return key, value
+
+
+def _data(value: Optional[str], what: str) -> bytes:
+    """The argument as UTF-8, or stdin when it is missing or ``-``."""
+    if value is not None and value != "-":
+        return os.fsencode(value)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise CLIError(f"no {what}: give it as an argument, or pipe it on stdin", EXIT_USAGE)
+    return sys.stdin.buffer.read()
+
+
+def _text(payload: bytes) -> str:
+    """One line of text for a payload: invalid UTF-8 and line breaks escaped."""
+    text = payload.decode("utf-8", "backslashreplace")
+    if "\n" in text or "\r" in text:
+        text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+async def cmd_request(reactor: Any, args: argparse.Namespace) -> int:
+    from .client import Consumer
+
+    payload = _data(args.data, "request data")
+    consumer = await Consumer.connect(args.server, args.channel, reactor=reactor)
+    try:
+        started = time.perf_counter()
+        reply = await consumer.send(payload, timeout=args.timeout)
+        elapsed = time.perf_counter() - started
+    finally:
+        await consumer.close()
+    out = _Output()
+    if out.isatty() and not reply.endswith(b"\n"):
+        reply += b"\n"
+    out.write(reply)
+    if args.verbose:
+        _print_err(f"{len(reply)} bytes in {elapsed * 1000:.2f} ms")
+    return 0
+
+
+class _CommandProtocol(ProcessProtocol):
+    """Feeds one request to a child process; collects its output."""
+
+    def __init__(self, stdin: bytes, done: "Deferred[tuple[bytes, bytes, Any]]") -> None:
+        self.stdin = stdin
+        self.done = done
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.stdin)
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self.err.append(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.done.callback((b"".join(self.out), b"".join(self.err), reason.value))
+
+
+def _command_runner(reactor: Any, command: str, timeout: float) -> Callable[[bytes], "Deferred[bytes]"]:
+    """A Provider handler that answers with ``sh -c command``'s stdout."""
+
+    async def handle(data: bytes) -> bytes:
+        done: Deferred[tuple[bytes, bytes, Any]] = Deferred()
+        proto = _CommandProtocol(data, done)
+        process = reactor.spawnProcess(proto, "/bin/sh", ["/bin/sh", "-c", command], env=os.environ)
+
+        def kill() -> None:
+            try:
+                process.signalProcess("KILL")
+            except Exception:  # noqa: BLE001 - it may have exited meanwhile
+                pass
+
+        timer = reactor.callLater(timeout, kill)
+        try:
+            out, err, ended = await done
+        finally:
+            if timer.active():
+                timer.cancel()
+        code = getattr(ended, "exitCode", None)
+        if code == 0:
+            return out
+        if code is None:
+            raise RuntimeError(f"command killed after {timeout:g} s" if not timer.active() else "command was killed")
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        detail = f": {lines[-1]}" if lines else ""
+        raise RuntimeError(f"command exited with status {code}{detail}")
+
+    return handle
+
+
+async def cmd_reply(reactor: Any, args: argparse.Namespace) -> int:
+    from .client import Provider
+
+    out = _Output()
+    answered = 0
+    all_answered: Deferred[None] = Deferred()
+    inner = _command_runner(reactor, args.command_line, args.command_timeout) if args.command_line else None
+
+    async def handler(data: bytes) -> bytes:
+        nonlocal answered
+        try:
+            return data if inner is None else await inner(data)
+        finally:
+            answered += 1  # an error is an answer too
+            if not args.quiet:
+                out.line(f"#{answered} {_text(data)}")
+            if args.count and answered >= args.count and not all_answered.called:
+                reactor.callLater(0, all_answered.callback, None)  # after this answer is written
+
+    provider = await Provider.connect(args.server, args.channel, handler=handler, reactor=reactor)
+    mode = "echo" if inner is None else f"sh -c {args.command_line!r}"
+    _print_err(f"replying on channel {args.channel} at {args.server} ({mode}); Ctrl-C to stop")
+    closed = provider.when_lost()
+    try:
+        if await _first(closed, all_answered) == 0:
+            raise CLIError(f"lost the connection to {args.server}")
+    finally:
+        await provider.close()
+    return 0
+
+
+async def _first(*deferreds: "Deferred[Any]") -> int:
+    """Wait for the first of ``deferreds``; return its index."""
+    winner: Deferred[int] = Deferred(lambda _: [d.cancel() for d in deferreds if not d.called])
+    for index, d in enumerate(deferreds):
+        d.addBoth(lambda result, index=index: winner.called or winner.callback(index))
+    return await winner
+
+
+async def cmd_stats(reactor: Any, args: argparse.Namespace) -> int:
+    document = await _get_json(reactor, args.http_url + "/stats", args.http)
+    out = _Output()
+    if args.json:
+        out.line(json.dumps(document, indent=2))
+    else:
+        for line in format_stats(document):
+            out.line(line)
+    return 0
+
+
+async def _get_json(reactor: Any, url: str, shown: str) -> Any:
+    from twisted.web.client import Agent, readBody
+
+    agent = Agent(reactor, connectTimeout=5)
+    try:
+        response = await agent.request(b"GET", url.encode())
+        body = await readBody(response)
+    except Exception as error:
+        from twisted.internet import error as net_error
+
+        if isinstance(error, net_error.ConnectionRefusedError):
+            raise CLIError(f"cannot reach the HTTP API at {shown}: connection refused (started with --http?)") from None
+        raise CLIError(f"cannot reach the HTTP API at {shown}: {error}") from None
+    if response.code != 200:
+        raise CLIError(f"{url} answered HTTP {response.code}")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise CLIError(f"{url} did not answer JSON") from None
+
+
+def format_stats(document: dict[str, Any]) -> list[str]:
+    """The /stats document as a short human-readable report."""
+    s = document["server"]
+    roles = s["connections"]["by_role"]
+    lines = [
+        f"uptime          {_duration(s['uptime_seconds'])}",
+        f"connections     {s['connections']['open']} open ({roles.get('consumer', 0)} consumers, "
+        f"{roles.get('provider', 0)} providers, {roles.get('unregistered', 0)} unregistered), "
+        f"{s['connections']['total']} since start",
+        f"channels        {s['channels']['count']}",
+        f"requests        {s['requests']['routed']} routed, {s['requests']['responses_routed']} answered, "
+        f"{s['requests']['in_flight']} in flight",
+        f"bytes           {_size(s['bytes']['in'])} in, {_size(s['bytes']['out'])} out",
+        f"dropped frames  {s['frames_dropped']}",
+    ]
+    errors = s.get("errors") or {}
+    if errors:
+        lines.append("errors")
+        for message, count in sorted(errors.items(), key=lambda item: -item[1]):
+            lines.append(f"  {count:>8}  {message}")
+    else:
+        lines.append("errors          none")
+    b = document.get("broker")
+    if b is None:
+        lines.append("broker          not running in this server")
+        return lines
+    lines.append(f"broker          {b['published']} published, {b['delivered']} delivered, {b['dropped']} dropped")
+    topics = b.get("topics") or {}
+    if topics:
+        lines.append("topics")
+        for topic, count in sorted(topics.items()):
+            lines.append(f"  {topic}  {count} subscriber{'s' if count != 1 else ''}")
+    subs = b.get("subscriptions") or []
+    if subs:
+        lines.append("subscriptions")
+        for sub in sorted(subs, key=lambda sub: (-sub["backlog"], sub["topic"])):
+            lines.append(f"  {sub['id']}  {sub['topic']}  backlog {sub['backlog']}  dropped {sub['dropped']}")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h {minutes}m"
+    if hours:
+        return f"{hours}h {minutes}m {secs}s"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+# -- the parser ----------------------------------------------------------------------------
+
+
+def _http_default(server: str) -> str:
+    host = server.rsplit(":", 1)[0] if ":" in server and "=" not in server else "127.0.0.1"
+    return f"{host}:{DEFAULT_HTTP_PORT}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection")
+    group.add_argument(
+        "--server",
+        "-s",
+        metavar="ADDRESS",
+        default=os.environ.get(SERVER_ENV) or DEFAULT_ADDRESS,
+        help=f"the server as host:port or a Twisted client endpoint (default: ${SERVER_ENV} or {DEFAULT_ADDRESS})",
+    )
+    group.add_argument(
+        "--broker-channel",
+        metavar="UUID",
+        type=_channel,
+        default=None,
+        help=f"the broker's channel id, if the server runs it on a non-default one (default: ${BROKER_CHANNEL_ENV} "
+        "or the broker's default)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="pulsyflux",
+        description="Talk to a pulsyflux server: publish, subscribe, send requests, answer them, "
+        "read its stats, run benchmarks.",
+        epilog="Run 'pulsyflux COMMAND --help' for a command's options. Exit status: 0 ok, 1 failed, "
+        "2 bad usage, 130 interrupted (Ctrl-C).",
+    )
+    parser.add_argument("--version", action="version", version=f"pulsyflux {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func: Command, summary: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=summary, description=description)
+        sub.set_defaults(func=func)
+        return sub
+
+    p = add(
+        "pub",
+        cmd_pub,
+        "publish a message to a topic",
+        "Publish one message to TOPIC through the broker. The message is MESSAGE, or stdin when MESSAGE "
+        "is missing or '-'. Returns once the broker accepted it.",
+    )
+    p.add_argument("topic", metavar="TOPIC")
+    p.add_argument("message", metavar="MESSAGE", nargs="?", help="the payload (default: read stdin)")
+    p.add_argument(
+        "-H",
+        "--header",
+        dest="headers",
+        metavar="KEY=VALUE",
+        type=_header,
+        action="append",
+        default=[],
+        help="a message header; repeat for more",
+    )
+    p.add_argument("--timeout", type=_positive_float, default=5.0, metavar="S", help="give up after S seconds (5)")
+
+    p = add(
+        "sub",
+        cmd_sub,
+        "print the messages published to a topic",
+        "Subscribe to TOPIC and print each message as it arrives, one line each: the payload as text "
+        "(line breaks and invalid UTF-8 escaped), or with --json a JSON object with topic, payload and headers.",
+    )
+    p.add_argument("topic", metavar="TOPIC")
+    p.add_argument("--count", "-n", type=_positive_int, metavar="N", help="exit after N messages")
+    p.add_argument("--json", action="store_true", help="print JSON lines: {topic, payload, headers}")
+
+    p = add(
+        "request",
+        cmd_request,
+        "send one request on a channel and print the response",
+        "Send DATA (or stdin, when DATA is missing or '-') as one request on CHANNEL and write the response "
+        "body to stdout, byte for byte (plus a newline on a terminal).",
+    )
+    p.add_argument("channel", metavar="CHANNEL", type=_channel, help="the channel id (a UUID)")
+    p.add_argument("data", metavar="DATA", nargs="?", help="the request body (default: read stdin)")
+    p.add_argument("--timeout", "-t", type=_positive_float, default=5.0, metavar="S", help="seconds to wait (5)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print size and round-trip time on stderr")
+
+    p = add(
+        "reply",
+        cmd_reply,
+        "answer the requests sent on a channel",
+        "Register a provider on CHANNEL and answer every request: --echo sends the body back; --command runs "
+        "'sh -c CMD' with the body on stdin and answers with its stdout (a non-zero exit answers with an "
+        "error carrying the last line of its stderr). Prints one line per request answered.",
+    )
+    p.add_argument("channel", metavar="CHANNEL", type=_channel, help="the channel id (a UUID)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--echo", action="store_true", help="answer each request with its own body")
+    how.add_argument("--command", "-c", dest="command_line", metavar="CMD", help="answer with the output of CMD")
+    p.add_argument("--count", "-n", type=_positive_int, metavar="N", help="exit after answering N requests")
+    p.add_argument(
+        "--command-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="kill CMD after S seconds and answer with an error (30)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing per request")
+
+    p = add(
+        "stats",
+        cmd_stats,
+        "show a server's counters (needs its HTTP API)",
+        "Read GET /stats from the server's HTTP API (twistd pulsyflux --http PORT) and print a summary.",
+    )
+    p.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        default=None,
+        help=f"the HTTP API address (default: ${HTTP_ENV}, or the --server host on port {DEFAULT_HTTP_PORT})",
+    )
+    p.add_argument("--json", action="store_true", help="print the raw JSON document")
+
+    p = add(
+        "bench",
+        cmd_bench,
+        "measure throughput and latency",
+        "Run a benchmark: 'rpc' (request/response round trips through a router) or 'pubsub' (broker "
+        "fan-out). Shows a progress bar when stdout is a terminal; prints msgs/s and latency percentiles, "
+        "or one JSON object with --json. Run 'pulsyflux bench KIND --help' for its options.",
+    )
+    kinds = p.add_subparsers(dest="kind", metavar="KIND")
+    for kind, (summary, description) in _BENCHES.items():
+        module = _bench_module(kind)
+        if module is None:
+            continue
+        bench = kinds.add_parser(kind, parents=[common], help=summary, description=description)
+        module.add_arguments(bench)
+        bench.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
+        bench.set_defaults(bench_module=module)
+    return parser
+
+
+def _finish_args(args: argparse.Namespace) -> None:
+    if getattr(args, "broker_channel", None) is None:
+        env = os.environ.get(BROKER_CHANNEL_ENV)
+        if env:
+            try:
+                args.broker_channel = uuid.UUID(env)
+            except ValueError:
+                raise CLIError(f"${BROKER_CHANNEL_ENV}={env!r} is not a UUID", EXIT_USAGE) from None
+    if args.command == "bench" and not getattr(args, "bench_module", None):
+        raise CLIError("say which benchmark: pulsyflux bench rpc (or pubsub); see pulsyflux bench --help", EXIT_USAGE)
+    if args.command == "stats":
+        http_address = args.http or os.environ.get(HTTP_ENV) or _http_default(args.server)
+        args.http = http_address
+        args.http_url = http_address.rstrip("/") if "://" in http_address else f"http://{http_address}"
+
+
+async def cmd_pub(reactor: Any, args: argparse.Namespace) -> int:
+    raise CLIError("pub needs the broker, which this build does not have yet")
+
+
+async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
+    raise CLIError("sub needs the broker, which this build does not have yet")
+
+
+_BENCHES = {
+    "rpc": (
+        "request/response speed through a router",
+        "Start a router and an echo provider in child processes (so the numbers do not depend on what "
+        "else a server is doing; --server is not used), then measure sequential round trips, requests "
+        "in flight and 1 MiB echoes, next to a bare Twisted relay as the baseline.",
+    ),
+    "pubsub": (
+        "publish/subscribe speed through the broker",
+        "Measure messages per second and delivery latency through the broker.",
+    ),
+}
+
+
+def _bench_module(kind: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(f"pulsyflux.bench.{kind}")
+    except ImportError:
+        return None
+
+
+async def cmd_bench(reactor: Any, args: argparse.Namespace) -> int:
+    module = args.bench_module
+    options = module.options_from_args(args)
+    out = _Output()
+    bar = _ProgressBar(sys.stderr, reactor) if out.isatty() and not args.json else None
+    try:
+        results = await module.measure(reactor, options, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        out.line(json.dumps(results, indent=2))
+    else:
+        out.line(module.format_report(results))
+    return EXIT_ERROR if results.get("failed_requests") else 0
+
+
+class _ProgressBar:
+    """One redrawn line on a terminal: a bar, the step, the elapsed time.
+
+    The benchmarks report progress as messages; "run N/M" moves the bar.
+    """
+
+    _RUN = re.compile(r"\brun (\d+)/(\d+)\b")
+
+    def __init__(self, stream: Any, reactor: Any) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self.stream = stream
+        self.started = time.monotonic()
+        self.fraction = 0.0
+        self.run = self.runs = 0
+        self.message = "starting"
+        self.ticker = LoopingCall(self.draw)
+        self.ticker.clock = reactor
+        self.ticker.start(0.25)
+
+    def __call__(self, message: str) -> None:
+        match = self._RUN.search(message)
+        if match:
+            self.run, self.runs = int(match.group(1)), int(match.group(2))
+            self.fraction = (self.run - 1) / self.runs if self.runs else 0.0
+        elif self.runs:
+            self.fraction = self.run / self.runs  # a run's result line: that run is done
+        self.message = message
+        self.draw()
+
+    def draw(self) -> None:
+        import shutil
+
+        width = shutil.get_terminal_size((80, 24)).columns
+        cells = 24
+        filled = int(self.fraction * cells)
+        elapsed = time.monotonic() - self.started
+        head = f"[{'#' * filled}{'.' * (cells - filled)}] {elapsed:5.1f}s "
+        line = (head + self.message)[: max(width - 1, 10)]
+        try:
+            self.stream.write("\r\x1b[K" + line)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        if self.ticker.running:
+            self.ticker.stop()
+        try:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``pulsyflux`` console script and ``python -m pulsyflux``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        _finish_args(args)
+    except CLIError as error:
+        parser.exit(error.code, f"pulsyflux {args.command}: error: {error.message}\n")
+    return _run(args.func, args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

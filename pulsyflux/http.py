@@ -1,0 +1,571 @@
+"""The HTTP monitoring and publish API (twisted.web), off unless asked for.
+
+``twistd -n pulsyflux --http 8222`` serves, next to the router:
+
+* ``GET /healthz`` - 200 ``{"status": "ok"}`` once the server (and broker) run;
+* ``GET /stats`` - every counter as one JSON document (:func:`stats_document`);
+* ``GET /metrics`` - the same counters in Prometheus text format;
+* ``POST /publish/{topic}`` - publish the body through the broker.
+
+Everything reads live objects in this process (the server factory, the
+broker); nothing here keeps counters of its own except HTTP ones.
+
+    site = make_site(server_factory, broker=broker)
+    HTTPService("8222", site).setServiceParent(application)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from typing import Any, Callable, Iterable, Optional
+from urllib.parse import unquote
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from .codec import ROLE_CONSUMER, ROLE_PROVIDER
+from .endpoints import server_description, server_endpoint
+from .server import ServerFactory
+
+__all__ = [
+    "DEFAULT_HTTP_PORT",
+    "HEADER_PREFIX",
+    "HTTPService",
+    "make_site",
+    "prometheus_text",
+    "stats_document",
+]
+
+DEFAULT_HTTP_PORT = "8222"
+HEADER_PREFIX = "x-pulsyflux-header-"
+JSON_TYPE = b"application/json"
+PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+# What a published body may weigh: one wire frame is at most 1 MiB, and the
+# broker sends the payload base64-encoded inside a JSON message.
+DEFAULT_MAX_BODY = 700 * 1024
+
+_ROLE_NAMES = {ROLE_CONSUMER: "consumer", ROLE_PROVIDER: "provider"}
+
+
+# -- the stats document ---------------------------------------------------------
+
+
+def server_stats(factory: ServerFactory, now: Optional[float] = None) -> dict[str, Any]:
+    """The router's counters and a census of its connections."""
+    stats = factory.stats
+    router = factory.router
+    roles: Counter[str] = Counter({"consumer": 0, "provider": 0, "unregistered": 0})
+    channels: dict[str, dict[str, int]] = {}
+    for conn in router.connections:
+        key = conn.key
+        if key is None:
+            roles["unregistered"] += 1
+            continue
+        role, channel, _ = key
+        name = _ROLE_NAMES.get(role, "unknown")
+        roles[name] += 1
+        counts = channels.setdefault(_uuid_text(channel), {"consumers": 0, "providers": 0})
+        counts[name + "s"] = counts.get(name + "s", 0) + 1
+    now = time.time() if now is None else now
+    return {
+        "started": stats.started,
+        "uptime_seconds": round(max(now - stats.started, 0.0), 3),
+        "connections": {"open": len(router.connections), "total": stats.connections_total, "by_role": dict(roles)},
+        "channels": {"count": len(channels), "by_channel": dict(sorted(channels.items()))},
+        "requests": {
+            "routed": stats.requests_routed,
+            "responses_routed": stats.responses_routed,
+            "in_flight": len(router.requests),
+        },
+        "frames_dropped": stats.frames_dropped,
+        "protocol_errors": stats.protocol_errors,
+        "errors": dict(sorted(stats.errors.items())),
+        "bytes": {"in": stats.bytes_in, "out": stats.bytes_out},
+    }
+
+
+def broker_stats(broker: Any) -> Optional[dict[str, Any]]:
+    """The broker's counters, or None when this process runs no broker."""
+    if broker is None:
+        return None
+    snapshot = getattr(broker, "snapshot", None)
+    if snapshot is not None:
+        return snapshot()
+    return None
+
+
+def stats_document(factory: ServerFactory, broker: Any = None, now: Optional[float] = None) -> dict[str, Any]:
+    """What ``GET /stats`` returns: ``{"server": {...}, "broker": {...} or None}``."""
+    return {"server": server_stats(factory, now), "broker": broker_stats(broker)}
+
+
+def _uuid_text(raw: bytes) -> str:
+    import uuid
+
+    return str(uuid.UUID(bytes=raw))
+
+
+# -- Prometheus text format -------------------------------------------------------
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+class _Metrics:
+    """Collects families in order; each family is HELP, TYPE, then samples."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(
+        self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, str], float]] = ()
+    ) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            if labels:
+                text = ",".join(f'{key}="{_escape_label(str(val))}"' for key, val in labels.items())
+                self.lines.append(f"{name}{{{text}}} {_number(value)}")
+            else:
+                self.lines.append(f"{name} {_number(value)}")
+
+    def one(self, name: str, kind: str, help_text: str, value: float) -> None:
+        self.family(name, kind, help_text, [({}, value)])
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def prometheus_text(document: dict[str, Any]) -> str:
+    """Render a :func:`stats_document` in the Prometheus text exposition format."""
+    m = _Metrics()
+    s = document["server"]
+    m.one("pulsyflux_uptime_seconds", "gauge", "Seconds since the server started.", s["uptime_seconds"])
+    m.family(
+        "pulsyflux_connections",
+        "gauge",
+        "Open client connections by role (unregistered = connected, not yet registered).",
+        [({"role": role}, count) for role, count in sorted(s["connections"]["by_role"].items())],
+    )
+    m.one(
+        "pulsyflux_connections_accepted_total",
+        "counter",
+        "Client connections accepted since start.",
+        s["connections"]["total"],
+    )
+    m.one("pulsyflux_channels", "gauge", "Channels with at least one registered client.", s["channels"]["count"])
+    m.one(
+        "pulsyflux_requests_routed_total",
+        "counter",
+        "Requests handed to a provider.",
+        s["requests"]["routed"],
+    )
+    m.one(
+        "pulsyflux_responses_routed_total",
+        "counter",
+        "Responses (or provider errors) delivered to the consumer that asked.",
+        s["requests"]["responses_routed"],
+    )
+    m.one(
+        "pulsyflux_requests_in_flight",
+        "gauge",
+        "Requests routed whose response has not finished.",
+        s["requests"]["in_flight"],
+    )
+    m.one(
+        "pulsyflux_frames_dropped_total",
+        "counter",
+        "Frames the router could not deliver (late, unroutable or mismatched).",
+        s["frames_dropped"],
+    )
+    m.one(
+        "pulsyflux_protocol_errors_total",
+        "counter",
+        "Connections closed for bytes that break the wire protocol.",
+        s["protocol_errors"],
+    )
+    m.family(
+        "pulsyflux_errors_total",
+        "counter",
+        "ERROR frames by message (server-originated and forwarded provider errors).",
+        [({"message": message}, count) for message, count in sorted(s["errors"].items())],
+    )
+    m.one("pulsyflux_received_bytes_total", "counter", "Bytes read from client connections.", s["bytes"]["in"])
+    m.one("pulsyflux_sent_bytes_total", "counter", "Bytes written to client connections.", s["bytes"]["out"])
+    b = document.get("broker")
+    if b is not None:
+        _broker_metrics(m, b)
+    return m.text()
+
+
+def _broker_metrics(m: _Metrics, b: dict[str, Any]) -> None:
+    m.one(
+        "pulsyflux_broker_published_total", "counter", "Messages the broker accepted from publishers.", b["published"]
+    )
+    m.one(
+        "pulsyflux_broker_delivered_total",
+        "counter",
+        "Messages handed to a subscription (one per subscriber).",
+        b["delivered"],
+    )
+    m.one("pulsyflux_broker_dropped_total", "counter", "Messages dropped by the broker, all causes.", b["dropped"])
+    topics = b.get("topics", {})
+    m.one("pulsyflux_broker_topics", "gauge", "Topics with at least one subscriber.", len(topics))
+    m.family(
+        "pulsyflux_broker_topic_subscribers",
+        "gauge",
+        "Subscriptions per topic.",
+        [({"topic": topic}, count) for topic, count in sorted(topics.items())],
+    )
+    subs = b.get("subscriptions", [])
+    m.family(
+        "pulsyflux_broker_subscription_backlog",
+        "gauge",
+        "Messages waiting to be delivered to a subscription.",
+        [({"topic": sub["topic"], "subscription": sub["id"]}, sub["backlog"]) for sub in subs],
+    )
+    m.family(
+        "pulsyflux_broker_subscription_dropped_total",
+        "counter",
+        "Messages dropped for one subscription (it was too slow).",
+        [({"topic": sub["topic"], "subscription": sub["id"]}, sub["dropped"]) for sub in subs],
+    )
+
+
+# -- resources ----------------------------------------------------------------------
+
+
+def _json(request: Request, code: int, body: Any) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", JSON_TYPE)
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body, sort_keys=False).encode() + b"\n"
+
+
+class _Leaf(Resource):
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        method = request.method.decode("ascii", "replace")
+        allowed = getattr(self, "allowedMethods", None) or tuple(
+            name[len("render_") :].encode() for name in dir(self) if name.startswith("render_")
+        )
+        handler = getattr(self, "render_" + method, None)
+        if handler is None:
+            request.setHeader(b"allow", b", ".join(allowed))
+            return _json(request, http.NOT_ALLOWED, {"error": f"method {method} not allowed"})
+        return handler(request)
+
+
+class Healthz(_Leaf):
+    """200 once every part runs; 503 with what is missing otherwise."""
+
+    def __init__(self, ready: Callable[[], list[str]]) -> None:
+        super().__init__()
+        self.ready = ready
+
+    def render_GET(self, request: Request) -> bytes:
+        missing = self.ready()
+        if missing:
+            return _json(request, http.SERVICE_UNAVAILABLE, {"status": "unavailable", "not_running": missing})
+        return _json(request, http.OK, {"status": "ok"})
+
+    render_HEAD = render_GET
+
+
+class Stats(_Leaf):
+    def __init__(self, document: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self.document = document
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, http.OK, self.document())
+
+
+class Metrics(_Leaf):
+    def __init__(self, document: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self.document = document
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", PROMETHEUS_TYPE)
+        return prometheus_text(self.document()).encode()
+
+
+class Publish(_Leaf):
+    """``POST /publish/{topic}``: the body is the payload; headers come from
+    ``X-Pulsyflux-Header-<name>`` (names lowercased, as HTTP ignores case)."""
+
+    log = Logger()
+
+    def __init__(self, broker: Any, max_body: int = DEFAULT_MAX_BODY, timeout: float = 5.0) -> None:
+        super().__init__()
+        self.broker = broker
+        self.max_body = max_body
+        self.timeout = timeout
+
+    def render_POST(self, request: Request) -> Any:
+        path = request.path.decode("utf-8", "replace")
+        raw_topic = path[len("/publish") :].lstrip("/")
+        topic = unquote(raw_topic)
+        if getattr(request, "body_too_large", False):
+            return _json(
+                request,
+                http.REQUEST_ENTITY_TOO_LARGE,
+                {"error": f"body larger than {self.max_body} bytes", "limit": self.max_body},
+            )
+        problem = _topic_problem(topic)
+        if problem:
+            return _json(request, http.BAD_REQUEST, {"error": problem})
+        request.content.seek(0)
+        payload = request.content.read()
+        if len(payload) > self.max_body:
+            return _json(
+                request,
+                http.REQUEST_ENTITY_TOO_LARGE,
+                {"error": f"body larger than {self.max_body} bytes", "limit": self.max_body},
+            )
+        if self.broker is None:
+            return _json(request, http.SERVICE_UNAVAILABLE, {"error": "this server runs no broker"})
+        headers = {}
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            lower = name.decode("latin-1").lower()
+            if lower.startswith(HEADER_PREFIX) and len(lower) > len(HEADER_PREFIX):
+                headers[lower[len(HEADER_PREFIX) :]] = values[-1].decode("utf-8", "replace")
+        d = maybeDeferred(self.broker.publish, topic, payload, headers or None, timeout=self.timeout)
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: None)
+
+        def accepted(_: Any) -> None:
+            if not request.finished and not request._disconnected:
+                request.write(
+                    _json(request, http.ACCEPTED, {"status": "accepted", "topic": topic, "bytes": len(payload)})
+                )
+                request.finish()
+
+        def failed(failure: Any) -> None:
+            code, message = _publish_error(failure.value)
+            if code >= 500:
+                self.log.warn("publish to {topic!r} failed: {error}", topic=topic, error=failure.value)
+            if not request.finished and not request._disconnected:
+                request.write(_json(request, code, {"error": message}))
+                request.finish()
+
+        d.addCallbacks(accepted, failed)
+        return NOT_DONE_YET
+
+
+def _topic_problem(topic: str) -> Optional[str]:
+    if not topic:
+        return "topic must not be empty: POST /publish/{topic}"
+    try:
+        from .broker import check_topic  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    try:
+        check_topic(topic)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _publish_error(error: BaseException) -> tuple[int, str]:
+    if isinstance(error, ValueError):
+        return http.BAD_REQUEST, str(error)
+    if isinstance(error, TimeoutError):
+        return http.GATEWAY_TIMEOUT, f"broker did not accept the message in time: {error}"
+    return http.SERVICE_UNAVAILABLE, f"broker did not accept the message: {error}"
+
+
+class _BoundedRequest(Request):
+    """Stops buffering a request body past the site's limit, so a huge POST
+    costs no memory or disk; the resource then answers 413."""
+
+    body_too_large = False
+
+    def gotLength(self, length: Optional[int]) -> None:
+        limit = getattr(self.channel.site, "max_body", None)
+        if limit is not None and length is not None and length > limit:
+            self.body_too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body_too_large:
+            return
+        limit = getattr(self.channel.site, "max_body", None)
+        if limit is not None and self.content.tell() + len(data) > limit:
+            self.body_too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+
+class _Root(Resource):
+    def __init__(self) -> None:
+        super().__init__()
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(
+            request,
+            http.OK,
+            {"endpoints": ["GET /healthz", "GET /stats", "GET /metrics", "POST /publish/{topic}"]},
+        )
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return self
+        return _NotFound()
+
+
+class _NotFound(_Leaf):
+    def render(self, request: Request) -> bytes:
+        return _json(request, http.NOT_FOUND, {"error": f"no such endpoint: {request.path.decode('utf-8', 'replace')}"})
+
+
+def make_site(
+    server_factory: ServerFactory,
+    broker: Any = None,
+    ready: Optional[Callable[[], list[str]]] = None,
+    max_body: int = DEFAULT_MAX_BODY,
+) -> Site:
+    """A twisted.web Site serving the monitoring and publish endpoints.
+
+    ``ready`` returns the names of parts not running yet (empty = healthy).
+
+        site = make_site(factory, broker=broker)
+    """
+
+    def document() -> dict[str, Any]:
+        return stats_document(server_factory, broker)
+
+    root = _Root()
+    root.putChild(b"healthz", Healthz(ready or (lambda: [])))
+    root.putChild(b"stats", Stats(document))
+    root.putChild(b"metrics", Metrics(document))
+    root.putChild(b"publish", Publish(broker, max_body=max_body))
+    site = _Site(root, requestFactory=_BoundedRequest)
+    site.max_body = max_body
+    site.noisy = False
+    site.displayTracebacks = False
+    return site
+
+
+class _Site(Site):
+    """A Site that knows its open connections, so stopping can close them
+    (keep-alive clients would otherwise hold the reactor open)."""
+
+    max_body: Optional[int] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.open_connections: dict[Any, list[Deferred[None]]] = {}
+
+    def buildProtocol(self, addr: Any) -> Any:
+        proto = super().buildProtocol(addr)
+        self.open_connections[proto] = []
+        lost = proto.connectionLost
+
+        def connection_lost(reason: Any) -> None:
+            waiters = self.open_connections.pop(proto, [])
+            lost(reason)
+            for waiter in waiters:
+                waiter.callback(None)
+
+        proto.connectionLost = connection_lost
+        return proto
+
+    def close_connections(self) -> "Deferred[Any]":
+        """Abort every open HTTP connection; fires once all are gone."""
+        waits = []
+        for proto, waiters in list(self.open_connections.items()):
+            d: Deferred[None] = Deferred()
+            waiters.append(d)
+            waits.append(d)
+            # Site wraps each HTTPChannel in a proxy; the transport is on the channel.
+            transport = getattr(proto, "transport", None) or proto._channel.transport
+            transport.abortConnection()
+        return DeferredList(waits)
+
+
+class HTTPService(service.Service):
+    """Serves a :func:`make_site` site on an endpoint (a bare port means
+    127.0.0.1); stopping closes the port and every open HTTP connection."""
+
+    log = Logger()
+
+    def __init__(self, listen: str | int, site: Site, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.description = server_description(listen)
+        self.site = site
+        self.port: Any = None
+        self._listening: Optional[Deferred[Any]] = None
+        self._waiting: list[Deferred[Any]] = []
+
+    def startService(self) -> Any:
+        super().startService()
+        d = server_endpoint(self.reactor, self.description).listen(self.site)
+
+        def listening(port: Any) -> Any:
+            self.port = port
+            host = port.getHost()
+            self.log.info("pulsyflux HTTP API on http://{host}:{port}/", host=host.host, port=host.port)
+            waiting, self._waiting = self._waiting, []
+            for waiter in waiting:
+                waiter.callback(port)
+            return port
+
+        def failed(failure: Any) -> Any:
+            self.log.failure("pulsyflux HTTP API could not listen on {d}", failure, d=self.description)
+            waiting, self._waiting = self._waiting, []
+            for waiter in waiting:
+                waiter.errback(failure)
+            return None
+
+        self._listening = d.addCallbacks(listening, failed)
+        return self._listening
+
+    def whenListening(self) -> "Deferred[Any]":
+        """Fires with the listening port (for ephemeral ports in tests)."""
+        if self.port is not None:
+            return succeed(self.port)
+        d: Deferred[Any] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def stopService(self) -> Any:
+        super().stopService()
+        waits = []
+        if self.port is not None:
+            waits.append(maybeDeferred(self.port.stopListening))
+            self.port = None
+        close = getattr(self.site, "close_connections", None)
+        if close is not None:
+            waits.append(close())
+        return DeferredList(waits)

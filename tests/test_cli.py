@@ -1,0 +1,349 @@
+"""The ``pulsyflux`` command, run as a user runs it: a separate process
+talking over TCP to a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, threads
+
+from pulsyflux import Consumer, NoProviderError, Provider
+from pulsyflux.cli import build_parser, main
+
+ensure = pytest_twisted.ensureDeferred
+
+COMMANDS = ["pub", "sub", "request", "reply", "stats", "bench", "bench rpc"]
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PULSYFLUX_")}
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, stdin: bytes = b"", env: dict | None = None, timeout: float = 30) -> defer.Deferred:
+    """Run ``python -m pulsyflux ARGS`` off the reactor thread, so the server
+    in this reactor keeps serving it; fires with the CompletedProcess."""
+    return threads.deferToThread(
+        subprocess.run,
+        [sys.executable, "-m", "pulsyflux", *args],
+        input=stdin,
+        capture_output=True,
+        env=env or _env(),
+        timeout=timeout,
+    )
+
+
+_spawned: list[subprocess.Popen] = []
+
+
+def spawn(*args: str) -> subprocess.Popen:
+    """Start a long-running command; the ``_no_leftovers`` fixture kills it if a test fails."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pulsyflux", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    _spawned.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers():
+    yield
+    while _spawned:
+        process = _spawned.pop()
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def one_line_error(result: subprocess.CompletedProcess, command: str) -> str:
+    """The process failed with exactly one line on stderr and no traceback."""
+    err = result.stderr.decode()
+    assert result.returncode == 1, (result.returncode, err)
+    assert "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith(f"pulsyflux {command}: error: "), err
+    return err
+
+
+# -- help and usage -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([*command.split(), "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: pulsyflux {command}")
+    assert "--server ADDRESS" in out and "--broker-channel UUID" in out
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("pub", "sub", "request", "reply", "stats", "bench"):
+        assert f"    {command} " in out
+
+
+def test_no_command_prints_usage_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "usage: pulsyflux" in capsys.readouterr().err
+
+
+def test_server_defaults_to_env_then_localhost(monkeypatch):
+    monkeypatch.delenv("PULSYFLUX_SERVER", raising=False)
+    assert build_parser().parse_args(["request", str(uuid.uuid4()), "x"]).server == "127.0.0.1:9090"
+    monkeypatch.setenv("PULSYFLUX_SERVER", "127.0.0.1:7000")
+    assert build_parser().parse_args(["request", str(uuid.uuid4()), "x"]).server == "127.0.0.1:7000"
+    args = build_parser().parse_args(["request", "--server", "127.0.0.1:7001", str(uuid.uuid4()), "x"])
+    assert args.server == "127.0.0.1:7001"
+
+
+def test_bad_channel_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["request", "not-a-uuid", "x"])
+    assert exited.value.code == 2
+    assert "'not-a-uuid' is not a channel id: channels are UUIDs" in capsys.readouterr().err
+
+
+def test_reply_needs_echo_or_command(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["reply", str(uuid.uuid4())])
+    assert exited.value.code == 2
+    assert "one of the arguments --echo --command/-c is required" in capsys.readouterr().err
+
+
+def test_bench_needs_a_kind(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["bench"])
+    assert exited.value.code == 2
+    assert "pulsyflux bench rpc" in capsys.readouterr().err
+
+
+def test_console_script_points_at_main():
+    from importlib.metadata import entry_points
+
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "pulsyflux"]
+    assert script.load() is main
+
+
+@ensure
+async def test_python_dash_m_runs_the_cli():
+    result = await cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.decode().startswith("pulsyflux ")
+
+
+# -- request ------------------------------------------------------------------------
+
+
+@ensure
+async def test_request_prints_the_response_bytes(server, channel):
+    provider = await Provider.connect(server.address, channel, handler=lambda data: b"echo:" + data)
+    result = await cli("request", "--server", server.address, str(channel), "hello")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"echo:hello"  # byte for byte: no newline added on a pipe
+    assert result.stderr == b""
+    await provider.close()
+
+
+@ensure
+async def test_request_reads_stdin_and_server_from_env(server, channel):
+    provider = await Provider.connect(server.address, channel, handler=lambda data: data[::-1])
+    body = bytes(range(256)) * 4
+    result = await cli("request", str(channel), stdin=body, env=_env(PULSYFLUX_SERVER=server.address))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == body[::-1]
+    await provider.close()
+
+
+@ensure
+async def test_request_when_the_server_is_down(server):
+    port = reactor.listenTCP(0, server.factory, interface="127.0.0.1")
+    closed_address = f"127.0.0.1:{port.getHost().port}"
+    await port.stopListening()
+    result = await cli("request", "--server", closed_address, str(uuid.uuid4()), "x")
+    err = one_line_error(result, "request")
+    assert f"cannot connect to {closed_address}: connection refused (is the server running?)" in err
+    assert result.stdout == b""
+
+
+@ensure
+async def test_request_without_a_provider(server, channel):
+    result = await cli("request", "--server", server.address, str(channel), "x")
+    assert "no provider answered (peer disappeared)" in one_line_error(result, "request")
+
+
+@ensure
+async def test_request_times_out(server, channel):
+    provider = await Provider.connect(server.address, channel)  # receives, never answers
+    result = await cli("request", "--server", server.address, "--timeout", "0.2", str(channel), "x")
+    assert "request timed out after 0.2 s" in one_line_error(result, "request")
+    await provider.close()
+
+
+@ensure
+async def test_request_reports_the_providers_error(server, channel):
+    def refuse(data: bytes) -> bytes:
+        raise ValueError("no such order")
+
+    provider = await Provider.connect(server.address, channel, handler=refuse)
+    result = await cli("request", "--server", server.address, str(channel), "x")
+    assert "the provider answered with an error: no such order" in one_line_error(result, "request")
+    await provider.close()
+
+
+# -- reply ----------------------------------------------------------------------------
+
+
+async def _ready(process: subprocess.Popen) -> str:
+    """The line a long-running command prints on stderr once it is registered."""
+    return (await threads.deferToThread(process.stderr.readline)).decode()
+
+
+async def _finished(process: subprocess.Popen, timeout: float = 15) -> tuple[int, bytes, bytes]:
+    out, err = await threads.deferToThread(process.communicate, timeout=timeout)
+    return process.returncode, out, err
+
+
+@ensure
+async def test_reply_echo_answers_and_prints_each_request(server, channel):
+    process = spawn("reply", "--server", server.address, str(channel), "--echo", "--count", "2")
+    assert f"replying on channel {channel}" in await _ready(process)
+    consumer = await Consumer.connect(server.address, channel)
+    assert await consumer.send(b"first") == b"first"
+    assert await consumer.send(b"line\nbreak") == b"line\nbreak"
+    code, out, err = await _finished(process)
+    assert code == 0, err
+    assert out == b"#1 first\n#2 line\\nbreak\n"
+    await consumer.close()
+
+
+@ensure
+async def test_reply_command_answers_with_its_output(server, channel):
+    process = spawn("reply", "-s", server.address, str(channel), "--command", "tr a-z A-Z", "--count", "1", "-q")
+    await _ready(process)
+    consumer = await Consumer.connect(server.address, channel)
+    assert await consumer.send(b"shout") == b"SHOUT"
+    code, out, err = await _finished(process)
+    assert (code, out) == (0, b""), err
+    await consumer.close()
+
+
+@ensure
+async def test_reply_command_failure_becomes_the_request_error(server, channel):
+    process = spawn("reply", "-s", server.address, str(channel), "-c", "echo 'bad input' >&2; exit 3", "-n", "1")
+    await _ready(process)
+    consumer = await Consumer.connect(server.address, channel)
+    result = await cli("request", "--server", server.address, str(channel), "x")
+    assert "command exited with status 3: bad input" in one_line_error(result, "request")
+    code, _, err = await _finished(process)
+    assert code == 0, err
+    await consumer.close()
+
+
+@ensure
+async def test_ctrl_c_stops_reply_cleanly(server, channel):
+    process = spawn("reply", "--server", server.address, str(channel), "--echo")
+    await _ready(process)
+    consumer = await Consumer.connect(server.address, channel)
+    assert await consumer.send(b"alive?") == b"alive?"
+    (provider_conn,) = [conn for (role, ch, _), conn in server.registry.items() if role == 2 and ch == channel.bytes]
+    gone = provider_conn.closed()
+    process.send_signal(signal.SIGINT)
+    code, out, err = await _finished(process)
+    assert code == 130
+    assert err == b"" and out == b"#1 alive?\n"
+    await gone  # it closed its connection on the way out
+    with pytest.raises(NoProviderError):
+        await consumer.send(b"still there?")
+    await consumer.close()
+
+
+@ensure
+async def test_ctrl_c_interrupts_a_waiting_request(server, channel):
+    provider = await Provider.connect(server.address, channel)  # never answers
+    process = spawn("request", "--server", server.address, "--timeout", "30", str(channel), "x")
+    await provider.receive()  # the request is in flight
+    process.send_signal(signal.SIGINT)
+    code, out, err = await _finished(process)
+    assert (code, out, err) == (130, b"", b"")
+    await provider.close()
+
+
+@ensure
+async def test_reply_exits_when_the_server_goes_away(server, channel):
+    process = spawn("reply", "--server", server.address, str(channel), "--echo")
+    await _ready(process)
+    for conn in list(server.factory.router.connections):
+        conn.transport.abortConnection()
+    code, _, err = await _finished(process)
+    assert code == 1
+    assert err.decode().splitlines()[-1] == f"pulsyflux reply: error: lost the connection to {server.address}"
+
+
+# -- stats ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def served():
+    from pulsyflux.testing import start_server
+
+    running = pytest_twisted.blockon(start_server(http=True))
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+@ensure
+async def test_stats_summarises_the_http_stats(served, channel):
+    provider = await Provider.connect(served.address, channel, handler=lambda data: data)
+    consumer = await Consumer.connect(served.address, channel)
+    await consumer.send(b"x")
+    http = f"127.0.0.1:{served.http_port}"
+    result = await cli("stats", "--http", http)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[1].startswith("connections     2 open (1 consumers, 1 providers, 0 unregistered)")
+    assert "requests        1 routed, 1 answered, 0 in flight" in lines
+    assert "errors          none" in lines
+
+    result = await cli("stats", "--json", env=_env(PULSYFLUX_HTTP=served.http_url))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["server"]["requests"]["routed"] == 1
+    await consumer.close()
+    await provider.close()
+
+
+def test_stats_looks_for_the_http_api_next_to_the_server(monkeypatch):
+    from pulsyflux.cli import _finish_args
+
+    monkeypatch.delenv("PULSYFLUX_HTTP", raising=False)
+    args = build_parser().parse_args(["stats", "--server", "10.1.2.3:9090"])
+    _finish_args(args)
+    assert args.http_url == "http://10.1.2.3:8222"
+    monkeypatch.setenv("PULSYFLUX_HTTP", "http://127.0.0.1:9999/")
+    args = build_parser().parse_args(["stats"])
+    _finish_args(args)
+    assert args.http_url == "http://127.0.0.1:9999"
+
+
+@ensure
+async def test_stats_when_the_http_api_is_down(served):
+    port = reactor.listenTCP(0, served.site, interface="127.0.0.1")
+    closed = f"127.0.0.1:{port.getHost().port}"
+    await port.stopListening()
+    result = await cli("stats", "--http", closed)
+    err = one_line_error(result, "stats")
+    assert f"cannot reach the HTTP API at {closed}: connection refused (started with --http?)" in err

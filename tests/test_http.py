@@ -1,0 +1,166 @@
+"""The HTTP monitoring and publish API, driven with treq over real TCP."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+
+from pulsyflux import Consumer, NoProviderError, Provider
+from pulsyflux.http import HTTPService, make_site, prometheus_text, stats_document
+from pulsyflux.testing import start_server
+
+ensure = pytest_twisted.ensureDeferred
+
+# One sample line of the Prometheus text format: name, optional labels, value.
+SAMPLE = re.compile(r'^[a-z_:][a-z0-9_:]*(\{([a-z_][a-z0-9_]*="([^"\\]|\\.)*",?)*\})? -?[0-9.e+]+(Inf|NaN)?$')
+
+
+@pytest.fixture
+def served():
+    """A server with its HTTP API, both on ephemeral 127.0.0.1 ports."""
+    running = pytest_twisted.blockon(start_server(http=True))
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+async def get(url: str):
+    response = await treq.get(url, persistent=False)
+    return response, await response.content()
+
+
+async def get_json(url: str):
+    response, body = await get(url)
+    assert response.headers.getRawHeaders("content-type") == ["application/json"]
+    return response.code, json.loads(body)
+
+
+@ensure
+async def test_healthz(served):
+    assert await get_json(served.http_url + "/healthz") == (200, {"status": "ok"})
+
+
+@ensure
+async def test_healthz_says_what_is_not_running(served):
+    site = make_site(served.factory, ready=lambda: ["broker"])
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        code, body = await get_json(f"http://127.0.0.1:{port.getHost().port}/healthz")
+    finally:
+        await port.stopListening()
+        await site.close_connections()
+    assert (code, body) == (503, {"status": "unavailable", "not_running": ["broker"]})
+
+
+@ensure
+async def test_stats_counts_what_happened(served, channel):
+    provider = await Provider.connect(served.address, channel, handler=lambda data: data + b"!")
+    consumer = await Consumer.connect(served.address, channel)
+    assert await consumer.send(b"hello") == b"hello!"
+    lonely = await Consumer.connect(served.address, channel.hex[::-1])
+    with pytest.raises(NoProviderError):
+        await lonely.send(b"anyone?")
+
+    code, stats = await get_json(served.http_url + "/stats")
+    assert code == 200
+    server = stats["server"]
+    assert server["connections"]["by_role"] == {"consumer": 2, "provider": 1, "unregistered": 0}
+    assert server["connections"]["open"] == 3
+    assert server["channels"]["count"] == 2
+    assert server["channels"]["by_channel"][str(channel)] == {"consumers": 1, "providers": 1}
+    assert server["requests"] == {"routed": 1, "responses_routed": 1, "in_flight": 0}
+    assert server["errors"] == {"peer disappeared": 1}
+    assert server["bytes"]["in"] > len(b"hello") and server["bytes"]["out"] > len(b"hello!")
+    assert 0 <= server["uptime_seconds"] < 60
+    for client in (consumer, lonely, provider):
+        await client.close()
+
+
+@ensure
+async def test_metrics_in_prometheus_text_format(served, channel):
+    provider = await Provider.connect(served.address, channel, handler=lambda data: data)
+    consumer = await Consumer.connect(served.address, channel)
+    await consumer.send(b"x")
+    nobody = await Consumer.connect(served.address, channel.hex[::-1])
+    with pytest.raises(NoProviderError):
+        await nobody.send(b"x")
+
+    response, body = await get(served.http_url + "/metrics")
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type") == ["text/plain; version=0.0.4; charset=utf-8"]
+    text = body.decode()
+    assert text.endswith("\n")
+    families = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name not in families, f"{name} declared twice"
+            families[name] = kind
+        elif not line.startswith("# HELP "):
+            assert SAMPLE.match(line), line
+            assert line.split("{")[0].split(" ")[0] in families, line
+    lines = set(text.splitlines())
+    assert "pulsyflux_requests_routed_total 1" in lines
+    assert 'pulsyflux_connections{role="consumer"} 2' in lines
+    assert 'pulsyflux_connections{role="provider"} 1' in lines
+    assert 'pulsyflux_errors_total{message="peer disappeared"} 1' in lines
+    assert families["pulsyflux_requests_routed_total"] == "counter"
+    assert families["pulsyflux_connections"] == "gauge"
+    for client in (consumer, nobody, provider):
+        await client.close()
+
+
+def test_metric_label_values_are_escaped(server):
+    server.factory.stats.errors['bad "quote" \\ and\nnewline'] += 1
+    text = prometheus_text(stats_document(server.factory))
+    assert 'pulsyflux_errors_total{message="bad \\"quote\\" \\\\ and\\nnewline"} 1' in text.splitlines()
+
+
+@ensure
+async def test_unknown_path_and_wrong_method(served):
+    code, body = await get_json(served.http_url + "/nope")
+    assert (code, body) == (404, {"error": "no such endpoint: /nope"})
+    response = await treq.post(served.http_url + "/stats", b"", persistent=False)
+    assert response.code == 405
+    assert json.loads(await response.content()) == {"error": "method POST not allowed"}
+    response = await treq.get(served.http_url + "/publish/orders", persistent=False)
+    assert response.code == 405
+
+
+@ensure
+async def test_publish_without_a_broker_is_503(served):
+    response = await treq.post(served.http_url + "/publish/orders", b"x", persistent=False)
+    assert response.code == 503
+    assert json.loads(await response.content()) == {"error": "this server runs no broker"}
+
+
+@ensure
+async def test_publish_rejects_bad_input_before_anything_else(served):
+    response = await treq.post(served.http_url + "/publish/", b"x", persistent=False)
+    assert response.code == 400
+    assert json.loads(await response.content()) == {"error": "topic must not be empty: POST /publish/{topic}"}
+    response = await treq.post(served.http_url + "/publish/orders", b"x" * (700 * 1024 + 1), persistent=False)
+    assert response.code == 413
+    assert json.loads(await response.content())["limit"] == 700 * 1024
+
+
+@ensure
+async def test_http_service_listens_on_a_bare_port_and_closes_its_connections(server):
+    service = HTTPService("tcp:0:interface=127.0.0.1", make_site(server.factory), reactor=reactor)
+    service.startService()
+    port = await service.whenListening()
+    assert port.getHost().host == "127.0.0.1"
+    response = await treq.get(f"http://127.0.0.1:{port.getHost().port}/healthz")  # a pooled keep-alive connection
+    assert response.code == 200
+    await response.content()
+    assert len(service.site.open_connections) == 1
+    await service.stopService()
+    assert service.site.open_connections == {}
+
+
+def test_bare_port_means_localhost():
+    assert HTTPService("8222", make_site(None)).description == "tcp:8222:interface=127.0.0.1"

@@ -1,0 +1,87 @@
+"""pulsyflux.testing under pytest-twisted: the fixture, and a clean teardown."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import error, reactor, threads
+
+from pulsyflux import Consumer, Provider
+from pulsyflux.testing import start_server
+
+ensure = pytest_twisted.ensureDeferred
+
+
+@ensure
+async def test_the_fixture_serves_requests(pulsyflux_server, pulsyflux_channel):
+    provider = await Provider.connect(pulsyflux_server.address, pulsyflux_channel, handler=lambda data: data * 2)
+    consumer = await Consumer.connect(pulsyflux_server.address, pulsyflux_channel)
+    assert await consumer.send(b"ab") == b"abab"
+    assert pulsyflux_server.stats.requests_routed == 1
+    assert pulsyflux_server.address == f"127.0.0.1:{pulsyflux_server.port}"
+    await consumer.close()
+    await provider.close()
+
+
+@ensure
+async def test_stop_closes_everything_even_clients_left_open():
+    readers_before = set(reactor.getReaders())
+    server = await start_server(http=True)
+    forgotten = await Consumer.connect(server.address, "6c2d1c5a-6d9b-4a53-9a4e-4d0f6b1f3e11")
+    response = await treq.get(server.http_url + "/healthz")  # a pooled keep-alive HTTP connection
+    assert response.code == 200
+    await response.content()
+
+    await server.stop()
+    assert not forgotten.connected
+    await forgotten.when_lost()
+    assert set(reactor.getReaders()) == readers_before  # no listener, no connection left behind
+    with pytest.raises(error.ConnectionRefusedError):
+        await Consumer.connect(server.address, "6c2d1c5a-6d9b-4a53-9a4e-4d0f6b1f3e11")
+    await server.stop()  # twice is fine
+
+
+@ensure
+async def test_the_plugin_is_registered_for_users():
+    """A user's own test file gets the fixture without importing anything."""
+    return_code, output = await threads.deferToThread(_run_user_suite)
+    assert return_code == 0, output
+    assert "2 passed" in output
+
+
+def _run_user_suite() -> tuple[int, str]:
+    import tempfile
+    from pathlib import Path
+
+    user_test = textwrap.dedent(
+        """
+        import pytest_twisted
+        from pulsyflux import Consumer, Provider
+
+        @pytest_twisted.ensureDeferred
+        async def test_mine(pulsyflux_server, pulsyflux_channel):
+            provider = await Provider.connect(pulsyflux_server.address, pulsyflux_channel, handler=bytes.upper)
+            consumer = await Consumer.connect(pulsyflux_server.address, pulsyflux_channel)
+            assert await consumer.send(b"hi") == b"HI"
+            await consumer.close()
+            await provider.close()
+
+        def test_fresh_server_each_time(pulsyflux_server):
+            assert pulsyflux_server.stats.requests_routed == 0
+        """
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "test_user.py"
+        path.write_text(user_test)
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", str(path)],
+            cwd=tmp,
+            capture_output=True,
+            timeout=60,
+        )
+    return result.returncode, result.stdout.decode() + result.stderr.decode()

@@ -1,0 +1,54 @@
+"""pulsyflux.testing under trial: setUp/addCleanup, and trial's own check
+that the reactor is clean after every test."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import treq
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from pulsyflux import Consumer, Provider
+from pulsyflux.testing import start_server
+
+
+class ServerForATest(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.server = yield start_server(cleanup=self.addCleanup)
+        self.channel = uuid.uuid4()
+
+    @defer.inlineCallbacks
+    def test_round_trip(self):
+        provider = yield Provider.connect(self.server.address, self.channel, handler=lambda data: b"trial:" + data)
+        self.addCleanup(provider.close)
+        consumer = yield Consumer.connect(self.server.address, self.channel)
+        self.addCleanup(consumer.close)
+        reply = yield consumer.send(b"hello")
+        self.assertEqual(reply, b"trial:hello")
+        self.assertEqual(self.server.stats.requests_routed, 1)
+
+    @defer.inlineCallbacks
+    def test_clients_left_open_do_not_dirty_the_reactor(self):
+        # No addCleanup for these: stopping the server must still leave the
+        # reactor clean, or trial fails this test with DirtyReactorAggregateError.
+        yield Provider.connect(self.server.address, self.channel, handler=lambda data: data)
+        consumer = yield Consumer.connect(self.server.address, self.channel)
+        yield consumer.send(b"x")
+
+
+class ServerWithHTTPForATest(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.server = yield start_server(http=True, cleanup=self.addCleanup)
+
+    @defer.inlineCallbacks
+    def test_stats_over_http(self):
+        # persistent=False: treq's shared pool would keep a timer for an idle
+        # connection, which trial reports as a dirty reactor.
+        response = yield treq.get(self.server.http_url + "/stats", persistent=False)
+        body = json.loads((yield response.content()))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body["server"]["connections"]["open"], 0)
