@@ -169,37 +169,56 @@ class FrameDecoder:
     A bad version or a length over the limit cannot be resynchronised, so the
     decoder raises :class:`ProtocolError` and stays broken: the caller drops
     the connection. Frames completed before the bad header are still yielded.
+
+    ``with_header=True`` makes :meth:`frames` yield each whole frame, header
+    included, in place of its payload: a relay forwards it without
+    re-encoding. A large frame is joined once from the slices that carried it.
     """
 
-    __slots__ = ("_buffer", "_need", "max_payload", "broken")
+    __slots__ = ("_head", "_pending", "_parts", "_held", "max_payload", "with_header", "broken")
 
-    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
-        self._buffer = bytearray()
-        self._need = HEADER_SIZE  # bytes required before the next parse attempt
+    def __init__(self, max_payload: int = MAX_PAYLOAD, with_header: bool = False) -> None:
+        self._head = b""  # the start of a header cut by the end of a slice
+        self._pending: tuple[int, int, bytes, int] | None = None  # type, flags, id, size of a frame still arriving
+        self._parts: list[bytes] = []  # the bytes of that frame so far
+        self._held = 0
         self.max_payload = max_payload
+        self.with_header = with_header
         self.broken: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held for an incomplete frame."""
-        return len(self._buffer)
+        return len(self._head) + self._held
 
     def feed(self, data: bytes) -> Iterator[Frame]:
-        """Yield every frame completed by ``data``."""
+        """Yield every frame completed by ``data``, as :class:`Frame` tuples."""
+        for frame in self.frames(data):
+            yield Frame._make(frame)
+
+    def frames(self, data: bytes) -> Iterator[tuple[int, int, bytes, bytes]]:
+        """Yield ``(type, flags, request id, payload)`` for every frame ``data`` completes (the hot path)."""
         if self.broken is not None:
             raise self.broken
-        buffer = self._buffer
-        if buffer:
-            buffer += data
-            if len(buffer) < self._need:
-                return
-            data = bytes(buffer)
-            buffer.clear()
-        end = len(data)
-        if end < self._need:
-            buffer += data
-            return
         offset = 0
+        end = len(data)
+        if self._pending is not None:
+            ftype, flags, request_id, size = self._pending
+            missing = size - self._held
+            if end < missing:
+                self._parts.append(data)
+                self._held += end
+                return
+            parts = self._parts
+            parts.append(data[:missing] if missing < end else data)
+            self._pending, self._parts, self._held = None, [], 0
+            yield ftype, flags, request_id, b"".join(parts)
+            offset = missing
+        elif self._head:
+            data = self._head + data
+            self._head = b""
+            end = len(data)
+        skip = 0 if self.with_header else HEADER_SIZE
         max_payload = self.max_payload
         unpack = _unpack_header_from
         while end - offset >= HEADER_SIZE:
@@ -209,17 +228,18 @@ class FrameDecoder:
             if length > max_payload:
                 self._break(f"frame payload of {length} bytes exceeds the {max_payload}-byte limit")
             stop = offset + HEADER_SIZE + length
-            if stop > end:
-                self._need = stop - offset
-                break
-            yield Frame(ftype, flags, request_id, data[offset + HEADER_SIZE : stop])
+            if stop > end:  # the rest of this frame comes in later slices
+                part = data[offset + skip :]
+                self._pending = (ftype, flags, request_id, stop - offset - skip)
+                self._parts = [part]
+                self._held = len(part)
+                return
+            yield ftype, flags, request_id, data[offset + skip : stop]
             offset = stop
-        else:
-            self._need = HEADER_SIZE
         if offset < end:
-            buffer += data[offset:] if offset else data
+            self._head = data[offset:]
 
     def _break(self, reason: str) -> None:
         self.broken = ProtocolError(reason)
-        self._buffer.clear()
+        self._head, self._pending, self._parts, self._held = b"", None, [], 0
         raise self.broken
