@@ -11,7 +11,9 @@ Both return Deferreds, so they work with callbacks, ``inlineCallbacks`` and
 
 from __future__ import annotations
 
+import itertools
 import os
+import struct
 import uuid
 from typing import Any, Awaitable, Callable, Optional, Union
 
@@ -38,6 +40,7 @@ from .codec import (
     START,
     FrameDecoder,
 )
+from .deadlines import Deadlines
 from .endpoints import Address, client_endpoint
 from .errors import ConnectionLostError, ProtocolError, RequestTimeout, error_from_message
 
@@ -49,6 +52,12 @@ Handler = Callable[[bytes], Union[bytes, "Deferred[bytes]", Awaitable[bytes]]]
 _pack_header = codec.HEADER.pack
 _VERSION = codec.VERSION
 _START_HEADER_LEN = codec.METADATA_SIZE
+# A request's START header and metadata, then its CHUNK header: one pack for the common case.
+_START = struct.Struct(codec.HEADER.format + codec.METADATA.format[1:])
+_START_CHUNK = struct.Struct(_START.format + codec.HEADER.format[1:])
+_ID_SUFFIX = struct.Struct(">Q")
+_ID_COUNTER_MASK = (1 << 62) - 1
+_ID_VARIANT = 1 << 63  # RFC 4122 variant bits in the id's byte 8
 _ZERO_ID = bytes(16)
 
 
@@ -71,6 +80,18 @@ def _new_id() -> bytes:
     return bytes(raw)
 
 
+def _id_source() -> Callable[[], bytes]:
+    """Request ids for one client: a random 8-byte prefix and a counter.
+
+    Unique like random UUIDs (the prefix carries 60 random bits) and shaped
+    like version-4 UUIDs, without a system call per request.
+    """
+    prefix = _new_id()[:8]
+    counter = itertools.count(int.from_bytes(os.urandom(8), "big") >> 2)
+    pack = _ID_SUFFIX.pack
+    return lambda: prefix + pack(next(counter) & _ID_COUNTER_MASK | _ID_VARIANT)
+
+
 class _ClientProtocol(Protocol):
     """Frames in, frames out; the owning client decides what they mean."""
 
@@ -87,7 +108,7 @@ class _ClientProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         frame_received = self.owner._frame_received
         try:
-            for ftype, flags, request_id, payload in self.decoder.feed(data):
+            for ftype, flags, request_id, payload in self.decoder.frames(data):
                 frame_received(ftype, flags, request_id, payload)
         except ProtocolError as error:
             self.owner._protocol_error(error)
@@ -237,12 +258,11 @@ class _Client:
 
 
 class _Pending:
-    __slots__ = ("deferred", "chunks", "timer")
+    __slots__ = ("deferred", "chunks")
 
     def __init__(self, deferred: "Deferred[bytes]") -> None:
         self.deferred = deferred
         self.chunks: list[bytes] = []
-        self.timer: Any = None
 
 
 class Consumer(_Client):
@@ -257,6 +277,8 @@ class Consumer(_Client):
     def __init__(self, channel_id: ChannelId, reactor: Any = None) -> None:
         super().__init__(channel_id, reactor)
         self._pending: dict[bytes, _Pending] = {}
+        self._deadlines = Deadlines(self.reactor, self._pending, self._expire)
+        self._next_id = _id_source()
 
     @classmethod
     def connect(cls, address: Address, channel_id: ChannelId, reactor: Any = None) -> "Deferred[Consumer]":
@@ -282,26 +304,32 @@ class Consumer(_Client):
             return d
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
-        request_id = _new_id()
+        request_id = self._next_id()
         pending = _Pending(d)
         self._pending[request_id] = pending
         timeout_ms = max(int(timeout * 1000), 1) if timeout else 0
-        head = _pack_header(_VERSION, START, 0, request_id, _START_HEADER_LEN) + codec.METADATA.pack(
-            ROLE_CONSUMER, timeout_ms, self._client, self._channel
-        )
+        client, channel = self._client, self._channel
         tail = _pack_header(_VERSION, END, 0, request_id, 0)
         size = len(payload)
-        if size <= 65536:
-            if size:
-                head += _pack_header(_VERSION, CHUNK, 0, request_id, size) + payload
-            self._write(head + tail)
+        if 0 < size <= 65536:
+            head = _START_CHUNK.pack(
+                _VERSION, START, 0, request_id, _START_HEADER_LEN, ROLE_CONSUMER, timeout_ms, client, channel,
+                _VERSION, CHUNK, 0, request_id, size,
+            )  # fmt: skip
+            self._write(head + payload + tail)
         else:
-            transport = self._protocol.transport
-            transport.write(head)
-            transport.writeSequence(codec.chunk_frames(CHUNK, request_id, bytes(payload)))
-            transport.write(tail)
+            head = _START.pack(
+                _VERSION, START, 0, request_id, _START_HEADER_LEN, ROLE_CONSUMER, timeout_ms, client, channel
+            )
+            if size:
+                transport = self._protocol.transport
+                transport.write(head)
+                transport.writeSequence(codec.chunk_frames(CHUNK, request_id, bytes(payload)))
+                transport.write(tail)
+            else:
+                self._write(head + tail)
         if timeout:
-            pending.timer = self.reactor.callLater(timeout, self._expire, request_id)
+            self._deadlines.add(request_id, pending, timeout)
         return d
 
     def _cancel(self, d: "Deferred[bytes]") -> None:
@@ -310,18 +338,11 @@ class Consumer(_Client):
                 self._drop(request_id)
 
     def _drop(self, request_id: bytes) -> Optional[_Pending]:
-        pending = self._pending.pop(request_id, None)
-        if pending is not None and pending.timer is not None:
-            if pending.timer.active():
-                pending.timer.cancel()
-            pending.timer = None
-        return pending
+        return self._pending.pop(request_id, None)  # its deadline, if any, is skipped when due
 
-    def _expire(self, request_id: bytes) -> None:
-        pending = self._pending.pop(request_id, None)
-        if pending is not None:
-            pending.timer = None
-            pending.deferred.errback(RequestTimeout("request timed out"))
+    def _expire(self, request_id: bytes, pending: _Pending) -> None:
+        del self._pending[request_id]
+        pending.deferred.errback(RequestTimeout("request timed out"))
 
     def _frame_received(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
         if ftype == RESPONSE_CHUNK:
@@ -329,7 +350,7 @@ class Consumer(_Client):
             if pending is not None:
                 pending.chunks.append(payload)
         elif ftype == RESPONSE_END:
-            pending = self._drop(request_id)
+            pending = self._pending.pop(request_id, None)
             if pending is not None:
                 chunks = pending.chunks
                 pending.deferred.callback(chunks[0] if len(chunks) == 1 else b"".join(chunks))
@@ -348,6 +369,7 @@ class Consumer(_Client):
         # Anything else is not for a consumer: ignore it, as Go clients do.
 
     def _fail_pending(self, error: Exception) -> None:
+        self._deadlines.clear()
         for request_id in list(self._pending):
             pending = self._drop(request_id)
             if pending is not None:
