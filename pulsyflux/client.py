@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import struct
 import uuid
 from typing import Any, Awaitable, Callable, Optional, Union
 
+from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, DeferredQueue, maybeDeferred, succeed
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
@@ -44,10 +46,14 @@ from .deadlines import Deadlines
 from .endpoints import Address, client_endpoint
 from .errors import ConnectionLostError, ProtocolError, RequestTimeout, error_from_message
 
-__all__ = ["Consumer", "Provider", "Request", "ChannelId"]
+__all__ = ["Consumer", "Provider", "Request", "ChannelId", "DEFAULT_BACKOFF"]
 
 ChannelId = Union[uuid.UUID, str, bytes]
 Handler = Callable[[bytes], Union[bytes, "Deferred[bytes]", Awaitable[bytes]]]
+# reconnect=True, or a policy: attempt number (0, 1, ...) -> seconds to wait before it.
+Reconnect = Union[bool, Callable[[int], float]]
+# 0.1 s doubling to 5 s, plus up to 0.25 s of jitter so a restarted server is not hit by all at once.
+DEFAULT_BACKOFF = backoffPolicy(initialDelay=0.1, maxDelay=5.0, factor=2.0, jitter=lambda: random.uniform(0, 0.25))
 
 _pack_header = codec.HEADER.pack
 _VERSION = codec.VERSION
@@ -140,9 +146,19 @@ class _Client:
         self._lost = False
         self._lost_waiters: list[Deferred[None]] = []
         self._registration: Optional[tuple[bytes, Deferred[None], Any]] = None
+        self._address: Optional[Address] = None
+        self._backoff: Optional[Callable[[int], float]] = None  # set: reconnect when the line drops
+        self._attempts = 0
+        self._retry: Any = None  # the pending reconnect attempt (IDelayedCall or Deferred)
+        self._reconnect_hooks: list[Callable[[Any], Any]] = []
+        self._connected_waiters: list[Deferred[Any]] = []
+        self.reconnects = 0
 
     @classmethod
-    def _connect(cls, address: Address, client: "_Client") -> "Deferred[Any]":
+    def _connect(cls, address: Address, client: "_Client", reconnect: Reconnect = False) -> "Deferred[Any]":
+        if reconnect:
+            client._address = address
+            client._backoff = DEFAULT_BACKOFF if reconnect is True else reconnect
         endpoint = client_endpoint(client.reactor, address)
         d = connectProtocol(endpoint, _ClientProtocol(client))
 
@@ -153,6 +169,92 @@ class _Client:
             return registered.addCallback(lambda _: client)
 
         return d.addCallback(connected)
+
+    # -- reconnecting (opt-in: connect(..., reconnect=True)) -------------------
+
+    @property
+    def reconnecting(self) -> bool:
+        """True while this client has lost its connection and is trying again."""
+        return self._backoff is not None and self._protocol is None
+
+    def on_reconnect(self, callback: Callable[[Any], Any]) -> None:
+        """Call ``callback(client)`` each time a lost connection is back and registered.
+
+        consumer.on_reconnect(lambda c: log.info("back"))
+        """
+        self._reconnect_hooks.append(callback)
+
+    def when_connected(self) -> "Deferred[Any]":
+        """Fires with this client once it is connected (at once if it is)."""
+        if self.connected:
+            return succeed(self)
+        d: Deferred[Any] = Deferred()
+        self._connected_waiters.append(d)
+        return d
+
+    def _lost_and_retrying(self, reason: Failure) -> bool:
+        """The line dropped: fail what was in flight at once, then reconnect with backoff."""
+        if self._backoff is None or self._retry is False:
+            return False
+        why = self._server_said or reason.getErrorMessage()
+        self._server_said = ""
+        error = ConnectionLostError(f"connection to the server lost: {why} (reconnecting)")
+        self._protocol = None
+        self._closed = error  # sends fail at once until the line is back
+        self._write = self._write_closed
+        self.log.info("connection to {a} lost: {why}; reconnecting", a=self._address, why=why)
+        self._schedule_reconnect()  # first: a callback below may close() for good
+        self._registered(error)
+        self._fail_pending(error)
+        return True
+
+    def _schedule_reconnect(self) -> None:
+        delay = self._backoff(self._attempts)  # type: ignore[misc]
+        self._attempts += 1
+        self._retry = self.reactor.callLater(delay, self._reconnect)
+
+    def _reconnect(self) -> None:
+        endpoint = client_endpoint(self.reactor, self._address)  # type: ignore[arg-type]
+        self._retry = attempt = connectProtocol(endpoint, _ClientProtocol(self))
+
+        def connected(proto: _ClientProtocol) -> Any:
+            self._retry = None
+            self._closed = None
+            self._lost = False
+            registered = self._attach(proto)
+            return registered.addCallback(lambda _: self._reconnected()) if registered else self._reconnected()
+
+        def failed(failure: Failure) -> None:
+            if self._retry is attempt:
+                self._retry = None
+                self._schedule_reconnect()
+
+        attempt.addCallbacks(connected, failed)
+        attempt.addErrback(lambda failure: None)  # a registration that died is retried via _connection_lost
+
+    def _reconnected(self) -> None:
+        self._attempts = 0
+        self.reconnects += 1
+        self.log.info("reconnected to {a}", a=self._address)
+        for hook in list(self._reconnect_hooks):
+            maybeDeferred(hook, self).addErrback(
+                lambda failure: self.log.failure("on_reconnect callback failed", failure)
+            )
+        self._fire_connected()
+
+    def _fire_connected(self) -> None:
+        waiters, self._connected_waiters = self._connected_waiters, []
+        for d in waiters:
+            d.callback(self)
+
+    def _stop_reconnecting(self) -> bool:
+        """No more attempts; True if the client was between connections."""
+        retry, self._retry = self._retry, False  # False: closed for good
+        if self._backoff is None:
+            return False
+        if retry is not None and retry is not False:
+            retry.cancel()
+        return self._protocol is None
 
     # Providers wait until the server has processed their registration, so a
     # request sent right after connect() fires finds them. Consumers need not:
@@ -213,6 +315,10 @@ class _Client:
 
     def close(self) -> "Deferred[None]":
         """Close the connection; fires once it is gone. Pending calls fail."""
+        if self._stop_reconnecting():
+            self._closed = ConnectionLostError("connection closed by the client")
+            self._connection_lost(Failure(self._closed))
+            return succeed(None)
         if self._protocol is None or self._lost:
             return succeed(None)
         d: Deferred[None] = Deferred()
@@ -239,6 +345,8 @@ class _Client:
     _server_said = ""
 
     def _connection_lost(self, reason: Failure) -> None:
+        if self._lost_and_retrying(reason):
+            return
         self._lost = True
         if self._closed is None:
             why = self._server_said or reason.getErrorMessage()
@@ -249,6 +357,9 @@ class _Client:
         waiters, self._lost_waiters = self._lost_waiters, []
         for d in waiters:
             d.callback(None)
+        waiters, self._connected_waiters = self._connected_waiters, []
+        for d in waiters:
+            d.errback(self._closed)
 
     def _fail_pending(self, error: Exception) -> None:
         raise NotImplementedError
@@ -281,9 +392,16 @@ class Consumer(_Client):
         self._next_id = _id_source()
 
     @classmethod
-    def connect(cls, address: Address, channel_id: ChannelId, reactor: Any = None) -> "Deferred[Consumer]":
-        """Connect to the server at ``address`` and register on ``channel_id``."""
-        return cls._connect(address, cls(channel_id, reactor))
+    def connect(
+        cls, address: Address, channel_id: ChannelId, reactor: Any = None, *, reconnect: Reconnect = False
+    ) -> "Deferred[Consumer]":
+        """Connect to the server at ``address`` and register on ``channel_id``.
+
+        With ``reconnect`` (True or a backoff policy) a lost connection is
+        re-established and re-registered; requests in flight when it drops,
+        and sends while it is down, fail at once with ConnectionLostError.
+        """
+        return cls._connect(address, cls(channel_id, reactor), reconnect)
 
     @property
     def pending(self) -> int:
@@ -414,14 +532,25 @@ class Provider(_Client):
 
     @classmethod
     def connect(
-        cls, address: Address, channel_id: ChannelId, handler: Optional[Handler] = None, reactor: Any = None
+        cls,
+        address: Address,
+        channel_id: ChannelId,
+        handler: Optional[Handler] = None,
+        reactor: Any = None,
+        *,
+        reconnect: Reconnect = False,
     ) -> "Deferred[Provider]":
-        """Connect to the server at ``address`` and register on ``channel_id``."""
-        return cls._connect(address, cls(channel_id, reactor, handler))
+        """Connect to the server at ``address`` and register on ``channel_id``.
+
+        With ``reconnect`` (True or a backoff policy) a lost connection is
+        re-established and re-registered; requests it was answering are
+        dropped (their consumers were told), ``receive()`` keeps waiting.
+        """
+        return cls._connect(address, cls(channel_id, reactor, handler), reconnect)
 
     def receive(self) -> "Deferred[Request]":
         """The next complete request (fails with ConnectionLostError once closed)."""
-        if self._closed is not None and not self._queue.pending:
+        if self._closed is not None and not self._queue.pending and not self.reconnecting:
             from twisted.internet.defer import fail
 
             return fail(self._closed)
@@ -447,6 +576,8 @@ class Provider(_Client):
             raw = request_id
         routing = self._routing.pop(raw, None)
         if routing is None:
+            if raw in self._lost_ids:
+                return  # its connection dropped; the consumer was told
             raise KeyError(f"no unanswered request {uuid.UUID(bytes=raw)}")
         if self._closed is not None:
             return  # the consumer learns from the server; nothing to send on a dead line
@@ -522,8 +653,13 @@ class Provider(_Client):
         if request_id in self._routing:
             self.respond(request_id, error=failure.value)
 
+    _lost_ids: frozenset[bytes] = frozenset()
+
     def _fail_pending(self, error: Exception) -> None:
         self._incoming.clear()
+        self._lost_ids = frozenset(self._routing)  # respond() to these is a no-op, not a KeyError
         self._routing.clear()
+        if self.reconnecting:
+            return  # receive() waits for the next connection
         while self._queue.waiting:
             self._queue.waiting.pop(0).errback(error)

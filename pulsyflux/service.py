@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from .endpoints import server_description, server_endpoint
-from .server import ServerFactory
+from .server import DEFAULT_GRACE, ServerFactory
 
 __all__ = ["ServerService", "Options", "makeService"]
 
@@ -32,13 +32,21 @@ def describe_address(address: Any) -> str:
 
 
 class ServerService(service.Service):
-    """Listens on an endpoint with a :class:`ServerFactory`; closes every
-    client connection on stop so ``stopService`` means "all gone"."""
+    """Listens on an endpoint with a :class:`ServerFactory`.
+
+    ``stopService`` is graceful and means "all gone": it stops accepting,
+    refuses new requests, gives those in flight up to ``grace`` seconds to
+    finish, then closes every connection (:meth:`ServerFactory.shutdown`).
+    """
 
     log = Logger()
 
     def __init__(
-        self, listen: str | int = DEFAULT_PORT, reactor: Any = None, factory: ServerFactory | None = None
+        self,
+        listen: str | int = DEFAULT_PORT,
+        reactor: Any = None,
+        factory: ServerFactory | None = None,
+        grace: float = DEFAULT_GRACE,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -47,6 +55,7 @@ class ServerService(service.Service):
         self.reactor = reactor
         self.description = server_description(listen)
         self.factory = factory or ServerFactory(reactor)
+        self.grace = grace
         self.port: Any = None
         self._listening: Any = None
 
@@ -81,16 +90,11 @@ class ServerService(service.Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        from twisted.internet.defer import DeferredList, maybeDeferred
+        from twisted.internet.defer import maybeDeferred, succeed
 
-        waits = []
-        if self.port is not None:
-            waits.append(maybeDeferred(self.port.stopListening))
-            self.port = None
-        for conn in list(self.factory.router.connections):
-            waits.append(conn.closed())
-            conn.transport.loseConnection()
-        return DeferredList(waits)
+        port, self.port = self.port, None
+        stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
+        return stopped.addBoth(lambda _: self.factory.shutdown(self.grace))
 
 
 class Options(usage.Options):

@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import uuid
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 
-from pulsyflux import Consumer, Provider, codec
+from pulsyflux import ConnectionLostError, Consumer, NoProviderError, Provider, ServerOverloaded, codec
 from pulsyflux.codec import FrameDecoder
+from pulsyflux.server import ServerFactory
+from pulsyflux.service import ServerService
 
 from .wire import register_frames, request_frames
 
@@ -145,3 +149,147 @@ async def test_provider_that_stops_reading_pauses_the_consumer_feeding_it(server
     assert_nothing_held(server)
     await consumer.close()
     await provider.close()
+
+
+async def started_service(grace: float) -> tuple[ServerService, str]:
+    service = ServerService("tcp:0:interface=127.0.0.1", reactor, grace=grace)
+    service.startService()
+    port = await service.whenListening()
+    return service, f"127.0.0.1:{port.getHost().port}"
+
+
+@ensure
+async def test_graceful_shutdown_lets_requests_in_flight_finish(channel):
+    service, address = await started_service(grace=10.0)
+    provider = await Provider.connect(address, channel)
+    consumer = await Consumer.connect(address, channel)
+    reply = consumer.send(b"in flight", timeout=10)
+    request = await provider.receive()
+
+    stopped = service.stopService()
+    done: list[bool] = []
+    stopped.addBoth(lambda result: (done.append(True), result)[1])
+    await eventually(lambda: service.factory.router.draining)
+    with pytest.raises(ConnectError):
+        await Consumer.connect(address, channel)  # no longer accepting
+    with pytest.raises(ServerOverloaded, match="shutting down"):
+        await consumer.send(b"new work")  # no new requests
+    assert not done
+
+    provider.respond(request, b"finished")
+    assert await reply == b"finished"
+    await stopped  # closes once nothing is in flight, well before the grace period
+    assert service.factory.router.connections == set()
+    await consumer.when_lost()
+    await provider.when_lost()
+
+
+@ensure
+async def test_graceful_shutdown_closes_after_the_grace_period(channel):
+    service, address = await started_service(grace=0.3)
+    provider = await Provider.connect(address, channel)
+    consumer = await Consumer.connect(address, channel)
+    reply = consumer.send(b"never answered", timeout=10)
+    await provider.receive()
+    started = reactor.seconds()
+    await service.stopService()
+    assert 0.3 <= reactor.seconds() - started < 2.0
+    with pytest.raises(ServerOverloaded, match="shutting down"):
+        await reply
+    assert service.factory.router.connections == set()
+
+
+@ensure
+async def test_provider_killed_abruptly_fails_the_consumer_at_once(server, channel):
+    provider = await Provider.connect(server.address, channel)
+    consumer = await Consumer.connect(server.address, channel)
+    reply = consumer.send(b"work", timeout=30)
+    await provider.receive()
+    started = reactor.seconds()
+    provider._protocol.transport.abortConnection()  # a TCP reset, as when its process dies
+    with pytest.raises(NoProviderError):
+        await reply
+    assert reactor.seconds() - started < 1.0
+    assert server.factory.router.requests == {}
+    await consumer.close()
+
+
+def fast_backoff(attempt: int) -> float:
+    return 0.05
+
+
+async def restart(factory: ServerFactory, port, number: int):
+    """Stop listening, drop every connection, listen again on the same port with a fresh server."""
+    gone = DeferredList([conn.closed() for conn in list(factory.router.connections)])
+    await port.stopListening()
+    for conn in list(factory.router.connections):
+        conn.transport.abortConnection()
+    await gone
+    fresh = ServerFactory(reactor)
+    return fresh, reactor.listenTCP(number, fresh, interface="127.0.0.1")
+
+
+@ensure
+async def test_clients_reconnect_and_traffic_resumes_after_a_server_restart(channel):
+    factory = ServerFactory(reactor)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    number = port.getHost().port
+    address = f"127.0.0.1:{number}"
+    providers = [
+        await Provider.connect(address, channel, handler=lambda data: b"p:" + data, reconnect=True) for _ in range(2)
+    ]
+    consumers = [await Consumer.connect(address, channel, reconnect=fast_backoff) for _ in range(3)]
+    back = [Deferred() for _ in providers + consumers]
+    for client, d in zip(providers + consumers, back):
+        client.on_reconnect(lambda c, d=d: d.callback(c))
+
+    # A request held by a provider that never answers, in flight when the server goes.
+    stuck_channel = uuid.uuid4()
+    silent = await Provider.connect(address, stuck_channel, reconnect=True)
+    asker = await Consumer.connect(address, stuck_channel, reconnect=fast_backoff)
+    stuck = asker.send(b"hold", timeout=30)
+    await silent.receive()
+    quitter = await Consumer.connect(address, channel, reconnect=lambda attempt: 0.2)
+
+    counts = {"ok": 0, "lost": 0, "no provider": 0}
+    running = [True]
+
+    async def traffic(consumer: Consumer) -> None:
+        i = 0
+        while running[0]:
+            i += 1
+            try:
+                assert await consumer.send(b"%d" % i, timeout=5) == b"p:%d" % i
+                counts["ok"] += 1
+            except ConnectionLostError:
+                counts["lost"] += 1
+                await consumer.when_connected()
+            except NoProviderError:  # consumers may be back before providers
+                counts["no provider"] += 1
+                await later(0.01)
+
+    loops = [Deferred.fromCoroutine(traffic(c)) for c in consumers]
+    await eventually(lambda: counts["ok"] >= 30)
+
+    started = reactor.seconds()
+    factory, port = await restart(factory, port, number)
+    with pytest.raises(ConnectionLostError):
+        await stuck  # in flight at the moment of loss: fails at once, never hangs
+    assert reactor.seconds() - started < 1.0
+    with pytest.raises(ConnectionLostError, match="reconnecting"):
+        await quitter.send(b"while down")  # no line: fails at once
+    await quitter.close()  # closing for good stops the retries
+    await quitter.when_lost()
+
+    assert [c.client_id for c in await gatherResults(back)] == [c.client_id for c in providers + consumers]
+    before = counts["ok"]
+    await eventually(lambda: counts["ok"] >= before + 30)  # traffic resumed on the new server
+    running[0] = False
+    await gatherResults(loops)
+    await later(0.3)  # past the quitter's first retry, had it not been cancelled
+    assert counts["lost"] >= 1  # the restart was seen, and survived
+    assert all(c.reconnects == 1 for c in providers + consumers)
+    assert quitter.reconnects == 0 and not quitter.connected
+    for client in providers + consumers + [silent, asker]:
+        await client.close()
+    await port.stopListening()
