@@ -1,0 +1,70 @@
+"""Request deadlines on one timer (pulsyflux.deadlines), driven by task.Clock."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from pulsyflux.deadlines import Deadlines
+
+
+def make():
+    clock = Clock()
+    live: dict = {}
+    expired: list = []
+
+    def expire(key, value):
+        del live[key]
+        expired.append(key)
+
+    return clock, live, expired, Deadlines(clock, live, expire)
+
+
+def test_each_deadline_fires_at_its_time_in_any_order_of_adding():
+    clock, live, expired, deadlines = make()
+    for key, seconds in (("slow", 5.0), ("fast", 1.0), ("mid", 3.0)):
+        live[key] = object()
+        deadlines.add(key, live[key], seconds)
+    clock.advance(0.999)
+    assert expired == []
+    clock.advance(0.002)
+    assert expired == ["fast"]
+    clock.advance(2.0)
+    assert expired == ["fast", "mid"]
+    clock.advance(2.0)
+    assert expired == ["fast", "mid", "slow"]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_finished_request_never_expires_even_if_its_key_comes_back():
+    clock, live, expired, deadlines = make()
+    live["a"] = first = object()
+    deadlines.add("a", first, 1.0)
+    del live["a"]  # answered: forgotten without telling the deadlines
+    live["a"] = second = object()  # the same key reused for a later request
+    deadlines.add("a", second, 2.0)
+    clock.advance(1.5)
+    assert expired == [] and live["a"] is second
+    clock.advance(1.0)
+    assert expired == ["a"]
+
+
+def test_one_timer_however_many_deadlines_and_stale_entries_are_compacted():
+    clock, live, expired, deadlines = make()
+    for n in range(1000):
+        live[n] = object()
+        deadlines.add(n, live[n], 5.0)
+        del live[n]  # each answered at once
+    assert len(clock.getDelayedCalls()) == 1
+    assert len(deadlines._heap) <= 64 + 1
+    clock.advance(6)
+    assert expired == [] and clock.getDelayedCalls() == []
+
+
+def test_clear_cancels_the_timer():
+    clock, live, expired, deadlines = make()
+    live["a"] = object()
+    deadlines.add("a", live["a"], 1.0)
+    deadlines.clear()
+    assert clock.getDelayedCalls() == []
+    clock.advance(2)
+    assert expired == []
