@@ -42,7 +42,6 @@ from .codec import (
     START,
     ZERO_ROUTING,
     FrameDecoder,
-    MetadataError,
 )
 from .errors import ProtocolError
 
@@ -65,6 +64,9 @@ DEFAULT_GRACE = 10.0  # seconds a shutdown waits for the requests in flight
 
 _encode_header = codec.HEADER.pack
 _VERSION = codec.VERSION
+_HEADER = codec.HEADER_SIZE
+_START_SIZE = codec.HEADER_SIZE + codec.METADATA_SIZE
+_unpack_metadata_from = codec.METADATA.unpack_from
 
 RegistryKey = tuple[int, bytes, bytes]  # (role, channel id, client id)
 
@@ -121,6 +123,7 @@ class Router:
         self.connections: set[ServerProtocol] = set()
         self.stats = ServerStats()
         self.reading: Optional[ServerProtocol] = None  # whose frames are being routed now (backpressure)
+        self._dirty: list[ServerProtocol] = []  # connections with frames queued during this read
         self.max_body = DEFAULT_MAX_BODY
         self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
         self.max_connections = DEFAULT_MAX_CONNECTIONS
@@ -184,31 +187,54 @@ class Router:
 
     # -- frames ---------------------------------------------------------------
 
-    def frame_received(self, conn: "ServerProtocol", ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
+    def send(self, conn: "ServerProtocol", data: bytes) -> None:
+        """Write to ``conn``; while a read is being routed, queue it: one write per destination and read."""
+        if self.reading is None:
+            conn.write(data)  # a timer or a disconnect
+            return
+        outbox = conn.outbox
+        if not outbox:
+            self._dirty.append(conn)
+        outbox.append(data)
+
+    def flush(self) -> None:
+        """Hand every queued frame to its connection's ``write`` (the flow-control hook)."""
+        dirty = self._dirty
+        for conn in dirty:
+            outbox = conn.outbox
+            conn.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+            outbox.clear()
+        dirty.clear()
+
+    def frame_received(self, conn: "ServerProtocol", ftype: int, flags: int, request_id: bytes, frame: bytes) -> None:
+        """Route one frame; ``frame`` is the whole frame as it came, header included."""
         if ftype == CHUNK or ftype == END:
-            self._request_frame(conn, ftype, flags, request_id, payload)
+            self._request_frame(conn, request_id, frame)
         elif ftype == RESPONSE_CHUNK or ftype == RESPONSE_END or ftype == RESPONSE_START:
-            self._response_frame(conn, ftype, flags, request_id, payload)
+            self._response_frame(conn, ftype, request_id, frame)
         elif ftype == START:
-            self._start(conn, flags, request_id, payload)
+            self._start(conn, flags, request_id, frame)
         elif ftype == ERROR or ftype == RESPONSE:
-            self._response_frame(conn, ftype, flags, request_id, payload)
-        elif ftype == codec.PROBE and not payload:
+            self._response_frame(conn, ftype, request_id, frame)
+        elif ftype == codec.PROBE and len(frame) == _HEADER:
             # A client's registration probe: the usual answer, not counted as an error.
-            conn.write(codec.encode_frame(ERROR, request_id, codec.error_payload(codec.MSG_BAD_TYPE)))
+            self.send(conn, codec.encode_frame(ERROR, request_id, codec.error_payload(codec.MSG_BAD_TYPE)))
         else:
             self._server_error(conn, request_id, codec.MSG_BAD_TYPE)
 
-    def _start(self, conn: "ServerProtocol", flags: int, request_id: bytes, payload: bytes) -> None:
-        try:
-            meta = codec.unpack_metadata(payload)
-        except MetadataError as error:
-            self._server_error(conn, request_id, error.wire_message)
+    def _start(self, conn: "ServerProtocol", flags: int, request_id: bytes, frame: bytes) -> None:
+        if len(frame) != _START_SIZE:
+            self._server_error(conn, request_id, codec.MSG_BAD_START_LENGTH)
             return
-        self.register(conn, meta.role, meta.channel_id, meta.client_id)
-        if flags & FLAG_REGISTRATION or meta.role != ROLE_CONSUMER:
+        role, timeout_ms, client_id, channel = _unpack_metadata_from(frame, _HEADER)
+        if role != ROLE_CONSUMER and role != ROLE_PROVIDER:
+            self._server_error(conn, request_id, codec.MSG_BAD_ROLE)
+            return
+        if conn.key is None:
+            self.register(conn, role, channel, client_id)
+        if flags & FLAG_REGISTRATION or role != ROLE_CONSUMER:
             return  # registration only: the server answers nothing
-        routing = meta.client_id + meta.channel_id
+        routing = frame[_HEADER + 9 :]  # the metadata's client id and channel id, as one slice
         if request_id in self.requests:
             self._server_error(conn, request_id, "duplicate request id", routing)
             return
@@ -219,7 +245,7 @@ class Router:
                 message = f"server overloaded: more than {self.max_in_flight} requests in flight on one connection"
             self._server_error(conn, request_id, message, routing)
             return
-        provider = self.pick_provider(meta.channel_id)
+        provider = self.pick_provider(channel)
         if provider is None:
             self._server_error(conn, request_id, codec.MSG_PEER_DISAPPEARED, routing)
             return
@@ -227,27 +253,25 @@ class Router:
         self.requests[request_id] = entry
         conn.started.add(request_id)
         provider.assigned.add(request_id)
-        if meta.timeout_ms:
-            entry.timer = self.clock.callLater(meta.timeout_ms / 1000.0, self._expire, entry)
+        if timeout_ms:
+            entry.timer = self.clock.callLater(timeout_ms / 1000.0, self._expire, entry)
         self.stats.requests_routed += 1
-        provider.write(_encode_header(_VERSION, START, flags, request_id, ROUTING_SIZE) + routing)
+        self.send(provider, _encode_header(_VERSION, START, flags, request_id, ROUTING_SIZE) + routing)
 
-    def _request_frame(self, conn: "ServerProtocol", ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
+    def _request_frame(self, conn: "ServerProtocol", request_id: bytes, frame: bytes) -> None:
         entry = self.requests.get(request_id)
         if entry is None or entry.consumer is not conn:
             # The registration END, or the tail of a request that already
             # failed (no provider, timed out): its one ERROR was sent.
             return
-        size = entry.request_size + len(payload)
+        size = entry.request_size + len(frame) - _HEADER
         if size > self.max_body:
             self._too_large(entry, "request")
             return
         entry.request_size = size
-        entry.provider.write(_encode_header(_VERSION, ftype, flags, request_id, len(payload)) + payload)
+        self.send(entry.provider, frame)  # unchanged: forwarded as it came
 
-    def _response_frame(
-        self, conn: "ServerProtocol", ftype: int, flags: int, request_id: bytes, payload: bytes
-    ) -> None:
+    def _response_frame(self, conn: "ServerProtocol", ftype: int, request_id: bytes, frame: bytes) -> None:
         entry = self.requests.get(request_id)
         if entry is None or entry.provider is not conn:
             if ftype == ERROR:
@@ -255,18 +279,18 @@ class Router:
                 # goes back to its sender (PROTOCOL.md section 5).
                 self.stats.frames_dropped += 1
                 self.log.debug("returning unroutable ERROR to its sender")
-                conn.write(_encode_header(_VERSION, ftype, flags, request_id, len(payload)) + payload)
+                self.send(conn, frame)
             else:
                 self.stats.frames_dropped += 1
             return
         if ftype == RESPONSE_CHUNK:
-            entry.response_size += len(payload)
+            entry.response_size += len(frame) - _HEADER
             if entry.response_size > self.max_body:
                 self._too_large(entry, "response")
                 return
         elif ftype != RESPONSE_END:
             # Frames that carry routing must name the consumer that asked.
-            if payload[:ROUTING_SIZE] != entry.routing:
+            if frame[_HEADER : _HEADER + ROUTING_SIZE] != entry.routing:
                 self.stats.frames_dropped += 1
                 self._server_error(conn, request_id, "response routing does not match the request")
                 return
@@ -274,11 +298,11 @@ class Router:
                 entry.timer.cancel()
                 entry.timer = None
             if ftype == ERROR:
-                self.stats.errors[codec.error_message(payload)] += 1
+                self.stats.errors[codec.error_message(frame[_HEADER:])] += 1
         if ftype != RESPONSE_START and ftype != RESPONSE_CHUNK:
             self._finish(entry)
             self.stats.responses_routed += 1
-        entry.consumer.write(_encode_header(_VERSION, ftype, flags, request_id, len(payload)) + payload)
+        self.send(entry.consumer, frame)
 
     def _finish(self, entry: _InFlight) -> None:
         request_id = entry.request_id
@@ -307,7 +331,7 @@ class Router:
         self, conn: "ServerProtocol", request_id: bytes, message: str, routing: bytes = ZERO_ROUTING
     ) -> None:
         self.stats.errors[message] += 1
-        conn.write(codec.encode_frame(ERROR, request_id, codec.error_payload(message, routing)))
+        self.send(conn, codec.encode_frame(ERROR, request_id, codec.error_payload(message, routing)))
 
 
 def _ignore(data: bytes) -> None:
@@ -319,7 +343,8 @@ class ServerProtocol(Protocol):
 
     def __init__(self, router: Router) -> None:
         self.router = router
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(with_header=True)  # frames are forwarded as they came
+        self.outbox: list[bytes] = []  # frames routed here during the current read (Router.send)
         self.key: Optional[RegistryKey] = None
         self.started: set[bytes] = set()  # requests this connection sent as a consumer
         self.assigned: set[bytes] = set()  # requests routed to this connection as a provider
@@ -371,15 +396,17 @@ class ServerProtocol(Protocol):
         frame_received = router.frame_received
         router.reading = self
         try:
-            for ftype, flags, request_id, payload in self.decoder.feed(data):
-                frame_received(self, ftype, flags, request_id, payload)
+            for ftype, flags, request_id, frame in self.decoder.frames(data):
+                frame_received(self, ftype, flags, request_id, frame)
         except ProtocolError as error:
             # Bad version or oversized length: this stream cannot be resynced.
             router.stats.protocol_errors += 1
             router.log.info("closing {peer}: {error}", peer=self.transport.getPeer(), error=error)
-            self.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(str(error))))
+            router.send(self, codec.encode_frame(ERROR, bytes(16), codec.error_payload(str(error))))
+            router.flush()
             self.transport.loseConnection()
         finally:
+            router.flush()
             router.reading = None
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
