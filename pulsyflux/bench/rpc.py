@@ -126,6 +126,10 @@ class _Child(ProcessProtocol):
             )
         self.ended.callback(None)
 
+    @property
+    def pid(self) -> int:
+        return self.transport.pid
+
     def stop(self) -> "Deferred[None]":
         try:
             self.transport.signalProcess("TERM")
@@ -227,16 +231,19 @@ def _sleep(reactor: Any, seconds: float) -> "Deferred[None]":
     return d
 
 
-async def _flood(reactor: Any, consumers: list[Consumer], options: Options) -> dict:
+async def _flood(reactor: Any, consumers: list[Consumer], options: Options, cpu: _CpuMeter) -> dict:
     flood = _Flood(consumers, b"x" * options.payload, options.inflight)
     flood.start()
     await _sleep(reactor, options.warmup)
+    cpu.start()
     count0, t0 = flood.answered, time.perf_counter()
     await _sleep(reactor, options.duration)
     count1, t1 = flood.answered, time.perf_counter()
+    cpu.stop()
     await flood.stop()
     return {
         "req_per_s": (count1 - count0) / (t1 - t0),
+        "cpu_us": cpu.per_request_us(count1 - count0),
         "failed": flood.failed,
         "first_error": flood.first_error,
     }
@@ -252,6 +259,38 @@ def _latency_summary(samples: list[float], elapsed: float) -> dict:
     }
 
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+class _CpuMeter:
+    """CPU time each named process spends between ``start`` and ``stop``, summed."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.used = dict.fromkeys(pids, 0.0)
+        self._before: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._before = {name: _cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> None:
+        for name, pid in self.pids.items():
+            self.used[name] += _cpu_seconds(pid) - self._before[name]
+
+    def per_request_us(self, count: int) -> dict[str, float]:
+        return {name: used / max(count, 1) * 1e6 for name, used in self.used.items()}
+
+
 async def _sequential_pair(options: Options, clients: dict) -> dict:
     """Relay and router sequential round trips, interleaved in short slices.
 
@@ -264,28 +303,41 @@ async def _sequential_pair(options: Options, clients: dict) -> dict:
     relay_samples: list[float] = []
     samples: list[float] = []
     relay_elapsed = elapsed = 0.0
+    cpu = _CpuMeter(clients["pids"]["router"])
+    relay_cpu = _CpuMeter(clients["pids"].get("relay", {}))
     for _ in range(SLICES):
         if options.baseline:
+            relay_cpu.start()
             started = time.perf_counter()
             relay_samples += await clients["relay"].run(options.payload, slice_time)
             relay_elapsed += time.perf_counter() - started
+            relay_cpu.stop()
+        cpu.start()
         started = time.perf_counter()
         samples += await _sequential(consumer, payload, slice_time)
         elapsed += time.perf_counter() - started
+        cpu.stop()
     result = {"sequential": _latency_summary(samples, elapsed)}
+    result["sequential"]["cpu_us"] = cpu.per_request_us(len(samples))
     if options.baseline:
         result["relay"] = _latency_summary(relay_samples, relay_elapsed)
+        result["relay"]["cpu_us"] = relay_cpu.per_request_us(len(relay_samples))
         result["sequential_vs_relay"] = result["sequential"]["req_per_s"] / result["relay"]["req_per_s"]
     return result
 
 
 async def _run_once(reactor: Any, options: Options, clients: dict) -> dict:
     result = await _sequential_pair(options, clients)
-    result["inflight"] = await _flood(reactor, clients["consumers"], options)
+    cpu = _CpuMeter(clients["pids"]["router"])
+    result["inflight"] = await _flood(reactor, clients["consumers"], options, cpu)
     if options.large:
+        cpu = _CpuMeter(clients["pids"]["router"])
+        cpu.start()
         started = time.perf_counter()
         samples = await _sequential(clients["consumers"][0], b"x" * options.large, options.duration)
         summary = _latency_summary(samples, time.perf_counter() - started)
+        cpu.stop()
+        summary["cpu_us"] = cpu.per_request_us(len(samples))
         summary["mb_per_s"] = summary["req_per_s"] * options.large / 1e6
         result["echo"] = summary
     return result
@@ -314,6 +366,9 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
         "echo_1mib_mb_per_s": _median(runs, "echo", "mb_per_s"),
         "echo_p50_ms": (lambda v: v / 1000 if v is not None else None)(_median(runs, "echo", "p50_us")),
     }
+    for phase in ("sequential", "relay", "inflight", "echo"):
+        names = next((r[phase]["cpu_us"] for r in runs if phase in r), {})
+        medians[f"{phase}_cpu_us"] = {name: _median(runs, phase, "cpu_us", name) for name in names}
     return {
         "options": {k: v for k, v in asdict(options).items() if k != "python"},
         "machine": {
@@ -331,7 +386,7 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
 
 async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
     children: list[_Child] = []
-    clients: dict = {"consumers": []}
+    clients: dict = {"consumers": [], "pids": {}}
     try:
         progress("starting the router and an echo provider")
         server = _spawn(reactor, options, "router", "pulsyflux.bench.rpc", "server")
@@ -342,6 +397,7 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
         provider = _spawn(reactor, options, "provider", "pulsyflux.bench.rpc", "provider", str(port), channel)
         children.append(provider)
         await provider.ready
+        clients["pids"]["router"] = {"client": os.getpid(), "router": server.pid, "provider": provider.pid}
         for _ in range(options.consumers):
             clients["consumers"].append(await Consumer.connect(address, channel, reactor=reactor))
         if options.baseline:
@@ -352,6 +408,7 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
             relay = _spawn(reactor, options, "relay", "pulsyflux.bench.relay", "relay", str(echo_port))
             children.append(relay)
             relay_port = int(await relay.ready)
+            clients["pids"]["relay"] = {"client": os.getpid(), "relay": relay.pid, "echo": echo.pid}
             endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", relay_port)
             relay_client = await connectProtocol(endpoint, RoundTripClient())
             await relay_client.connected_d
@@ -451,6 +508,11 @@ def format_report(results: dict) -> str:
             f"  echo {o['large']:,} B  {_fmt(m['echo_1mib_mb_per_s'])} MB/s  p50 {_fmt(m['echo_p50_ms'], '.1f')} ms  "
             f"(target >= {t['echo_1mib_mb_per_s']}; Go {go['echo_1mib_mb_per_s']})"
         )
+    lines.append("  CPU time per request, microseconds, by process:")
+    for phase in ("relay", "sequential", "inflight", "echo"):
+        used = m.get(f"{phase}_cpu_us")
+        if used:
+            lines.append(f"    {phase:<11}" + "  ".join(f"{name} {_fmt(value)}" for name, value in used.items()))
     if results["failed_requests"]:
         lines.append(f"  {results['failed_requests']} requests FAILED")
     return "\n".join(lines)
