@@ -45,4 +45,9 @@ def server_description(listen: str | int) -> str:
 
 
 def server_endpoint(reactor: Any, listen: str | int) -> IStreamServerEndpoint:
-    return serverFromString(reactor, server_description(listen))
+    description = server_description(listen)
+    if description.startswith("mtls:"):  # TLS that also checks client certificates (pulsyflux.tls)
+        from .tls import parse_mtls
+
+        return parse_mtls(reactor, description)
+    return serverFromString(reactor, description)
