@@ -3,6 +3,7 @@
 from pulsyflux import Consumer, Provider, ServerFactory
 """
 
+from .broker import Broker, BrokerClient, Subscription, SubscriptionClosed
 from .client import Consumer, Provider, Request
 from .errors import (
     ConnectionLostError,
@@ -13,11 +14,20 @@ from .errors import (
     RequestTimeout,
     ServerOverloaded,
 )
+from .messages import Message, MessageError
 from .server import ServerFactory
+from .service import BrokerService
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Broker",
+    "BrokerClient",
+    "BrokerService",
+    "Message",
+    "MessageError",
+    "Subscription",
+    "SubscriptionClosed",
     "ConnectionLostError",
     "Consumer",
     "NoProviderError",

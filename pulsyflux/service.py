@@ -1,21 +1,27 @@
-"""Twisted services: the server on an endpoint, and the ``twistd`` options.
+"""Twisted services: the server on an endpoint, the broker beside it, and ``twistd``.
 
-service = ServerService("tcp:9090:interface=127.0.0.1")
+service = BrokerService("tcp:9090:interface=127.0.0.1")
 service.setServiceParent(application)
 """
 
 from __future__ import annotations
 
-from typing import Any
+import uuid
+from typing import Any, Optional
 
 from twisted.application import service
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
+from .broker import DEFAULT_BROKER_CHANNEL, Broker, Subscription
+from .client import ChannelId
 from .endpoints import server_description, server_endpoint
+from .errors import ConnectionLostError
 from .server import DEFAULT_GRACE, ServerFactory
 
-__all__ = ["ServerService", "Options", "makeService"]
+__all__ = ["ServerService", "BrokerService", "Options", "makeService"]
 
 DEFAULT_PORT = "9090"
 
@@ -65,7 +71,11 @@ class ServerService(service.Service):
 
         def listening(port: Any) -> Any:
             self.port = port
-            self.log.info("pulsyflux server listening on {address}", address=describe_address(port.getHost()))
+            # Logged once the reactor runs: twistd starts services before it
+            # installs its signal handlers, and this line tells a supervisor
+            # (or a test) that the server is up and a SIGTERM stops it cleanly.
+            address = describe_address(port.getHost())
+            self.reactor.callWhenRunning(self.log.info, "pulsyflux server listening on {address}", address=address)
             return port
 
         def failed(failure: Any) -> Any:
@@ -77,39 +87,186 @@ class ServerService(service.Service):
 
     def whenListening(self) -> Any:
         """Deferred firing with the listening port (for ephemeral ports in tests)."""
-        from twisted.internet.defer import succeed
-
         if self.port is not None:
             return succeed(self.port)
-        d = self._listening
-        from twisted.internet.defer import Deferred
-
+        if self._listening is None:
+            return fail(RuntimeError("the server service is not started"))
         result: Deferred[Any] = Deferred()
-        d.addCallback(lambda port: (result.callback(port), port)[1])
+
+        def passed(outcome: Any) -> Any:
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+                return None  # handled: logged once by startService
+            result.callback(outcome)
+            return outcome
+
+        self._listening.addBoth(passed)
         return result
 
     def stopService(self) -> Any:
         super().stopService()
-        from twisted.internet.defer import maybeDeferred, succeed
-
         port, self.port = self.port, None
         stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
         return stopped.addBoth(lambda _: self.factory.shutdown(self.grace))
 
 
+def client_address(address: Any) -> str:
+    """Where a client in this process reaches a listening port (wildcards become loopback)."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is not None and port is not None:
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if name is not None:
+        return f"unix:path={name.decode() if isinstance(name, bytes) else name}"
+    raise ValueError(f"cannot connect to {address!r}")
+
+
+class BrokerService(service.MultiService):
+    """The server on an endpoint plus the broker connected to it.
+
+        svc = BrokerService("tcp:9090:interface=127.0.0.1")
+        svc.setServiceParent(application)   # or svc.startService()
+        await svc.publish("orders", b"new order")
+
+    Starts the server, then connects the broker to it; ``stopService``
+    closes the broker, then the server and every connection, and fires once
+    they are all gone. ``broker_channel=None`` runs the server alone.
+    Other services (HTTP, ...) can be added as children.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        listen: str | int = DEFAULT_PORT,
+        broker_channel: Optional[ChannelId] = DEFAULT_BROKER_CHANNEL,
+        reactor: Any = None,
+        **broker_options: Any,
+    ) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.server = ServerService(listen, reactor)
+        self.server.setServiceParent(self)
+        self.broker_channel = None if broker_channel is None else uuid.UUID(str(broker_channel))
+        self.broker_options = broker_options
+        self.broker: Optional[Broker] = None
+        self._ready: Optional[Deferred[Any]] = None
+        self._waiting: list[Deferred[Broker]] = []
+
+    @property
+    def factory(self) -> ServerFactory:
+        return self.server.factory
+
+    def startService(self) -> None:
+        super().startService()
+        if self.broker_channel is None:
+            return
+        self._ready = self.server.whenListening().addCallback(self._connect_broker)
+        self._ready.addErrback(self._broker_failed)
+
+    def _connect_broker(self, port: Any) -> Any:
+        address = client_address(port.getHost())
+        d = Broker.connect(address, self.broker_channel, reactor=self.reactor, **self.broker_options)
+
+        def connected(broker: Broker) -> None:
+            self.broker = broker
+            self.log.info("pulsyflux broker on channel {channel}", channel=str(self.broker_channel))
+            waiting, self._waiting = self._waiting, []
+            for waiter in waiting:
+                waiter.callback(broker)
+
+        return d.addCallback(connected)
+
+    def _broker_failed(self, failure: Any) -> None:
+        if self.running:
+            self.log.failure("pulsyflux broker did not start", failure)
+        else:
+            self.log.info("pulsyflux broker start abandoned: the service is stopping")
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.errback(failure)
+
+    def whenReady(self) -> "Deferred[Broker]":
+        """Fires with the running :class:`Broker` (fails if it cannot start)."""
+        if self.broker is not None:
+            return succeed(self.broker)
+        if self.broker_channel is None:
+            return fail(RuntimeError("this service runs without a broker"))
+        if not self.running:
+            return fail(ConnectionLostError("the broker service is not running"))
+        d: Deferred[Broker] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def publish(
+        self, topic: str, payload: bytes = b"", headers: Optional[dict[str, str]] = None, timeout: float = 5.0
+    ) -> "Deferred[None]":
+        """:meth:`Broker.publish` on this service's broker (waits for it to start)."""
+        return self.whenReady().addCallback(lambda broker: broker.publish(topic, payload, headers, timeout))
+
+    def subscribe(self, topic: str, buffer: Optional[int] = None) -> "Deferred[Subscription]":
+        """:meth:`Broker.subscribe` on this service's broker (waits for it to start)."""
+        return self.whenReady().addCallback(lambda broker: broker.subscribe(topic, buffer))
+
+    def stats(self) -> dict[str, Any]:
+        """The broker's :meth:`Broker.stats` (empty without a broker)."""
+        return self.broker.stats() if self.broker is not None else {}
+
+    def stopService(self) -> "Deferred[None]":
+        starting = self._ready
+        broker, self.broker = self.broker, None
+        first = broker.close() if broker is not None else succeed(None)
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.errback(ConnectionLostError("the broker service stopped"))
+
+        def stop_children(_: Any) -> Any:
+            return maybeDeferred(service.MultiService.stopService, self)
+
+        def settle_start(_: Any) -> Any:
+            # A broker still connecting fails once the server is gone; wait
+            # for that, and close it should it have made it after all.
+            if starting is None or starting.called:
+                return None
+            settled: Deferred[None] = Deferred()
+            starting.addBoth(lambda result: (settled.callback(None), result)[1])
+            return settled.addCallback(lambda _: self.broker.close() if self.broker is not None else None)
+
+        return first.addBoth(stop_children).addBoth(settle_start).addCallback(lambda _: None)
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
-        "Run the pulsyflux request/response router. --port takes a bare port "
-        "(listens on 127.0.0.1) or any Twisted server endpoint description, "
-        "e.g. tcp:9090:interface=0.0.0.0 or unix:/run/pulsyflux.sock."
+        "Run the pulsyflux request/response router and its pub/sub broker. "
+        "--port takes a bare port (listens on 127.0.0.1) or any Twisted server "
+        "endpoint description, e.g. tcp:9090:interface=0.0.0.0 or "
+        "unix:/run/pulsyflux.sock. The broker answers on --broker-channel "
+        f"(default {DEFAULT_BROKER_CHANNEL}, what every client assumes)."
     )
     optParameters = [
         ["port", "p", DEFAULT_PORT, "Where the server listens: a port (on 127.0.0.1) or an endpoint description."],
+        ["broker-channel", None, str(DEFAULT_BROKER_CHANNEL), "The broker's channel id (a UUID)."],
     ]
+    optFlags = [
+        ["no-broker", None, "Run the request/response server only, without the pub/sub broker."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            uuid.UUID(self["broker-channel"])
+        except ValueError:
+            raise usage.UsageError(f"--broker-channel must be a UUID, not {self['broker-channel']!r}") from None
 
 
 def makeService(options: Options) -> service.IService:
-    top = service.MultiService()
-    ServerService(options["port"]).setServiceParent(top)
-    return top
+    channel = None if options["no-broker"] else options["broker-channel"]
+    return BrokerService(options["port"], broker_channel=channel)

@@ -1,0 +1,823 @@
+"""Topic pub/sub made of ordinary Consumers and Providers (PROTOCOL.md 6, 7).
+
+The broker owns a Provider and a publishing Consumer on the broker channel;
+every subscription is a Provider on a fresh channel plus the broker's
+forwarding Consumer on it: 2 + 2N persistent connections.
+
+    broker = await Broker.connect("127.0.0.1:9090")
+    sub = await broker.subscribe("orders")
+    await broker.publish("orders", b"new order", {"priority": "high"})
+    msg = await sub.get()
+
+Other processes use :class:`BrokerClient` with the same calls. Delivery,
+flow control and the control messages are described in docs/broker.md.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from typing import Any, Callable, Optional, Union
+
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    DeferredQueue,
+    fail,
+    succeed,
+)
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import messages
+from .client import ChannelId, Consumer, Provider, channel_bytes
+from .endpoints import Address
+from .errors import ConnectionLostError, NoProviderError, PulsyfluxError
+from .messages import CONTROL_PREFIX, Message, MessageError
+
+__all__ = [
+    "Broker",
+    "BrokerClient",
+    "Subscription",
+    "SubscriptionClosed",
+    "DEFAULT_BROKER_CHANNEL",
+]
+
+# uuid5(NAMESPACE_DNS, "broker.pulsyflux"): the channel everyone assumes.
+DEFAULT_BROKER_CHANNEL = uuid.UUID("4cf5ad4a-c843-56c7-921e-35cba21980e2")
+
+DEFAULT_BUFFER = 100  # messages a Subscription queues before it holds answers
+DEFAULT_BACKLOG = 10_000  # messages the broker keeps per slow subscriber
+DEFAULT_BATCH = 256  # messages per forward request, at most
+DEFAULT_WINDOW = 4  # forward requests in flight per subscriber
+_BATCH_CHARS = 256 * 1024  # a forward stops growing past this much JSON
+_PUBLISH_BATCH = 512
+_PUBLISH_WINDOW = 4
+_OK = b"ok"
+
+log = Logger()
+
+
+class SubscriptionClosed(PulsyfluxError):
+    """The subscription ended: unsubscribed, broker closed, or connection lost."""
+
+
+def _uuid(channel: ChannelId) -> uuid.UUID:
+    return uuid.UUID(bytes=channel_bytes(channel))
+
+
+def _ignore(failure: Failure) -> None:
+    return None
+
+
+# -- the subscriber side ------------------------------------------------------
+
+
+class Subscription:
+    """The messages of one topic, in publish order; ends when closed.
+
+        sub = await broker.subscribe("orders")
+        async for msg in sub:
+            print(msg.topic, msg.payload, msg.headers)
+
+    ``get()`` fires with the next :class:`~pulsyflux.messages.Message`, or
+    fails with :class:`SubscriptionClosed` once the subscription has ended
+    and every message received before that has been read. Up to ``buffer``
+    messages wait here; past that the subscriber holds its answers, so the
+    broker keeps the rest (and counts what it must drop: :attr:`dropped`).
+    """
+
+    def __init__(self, topic: str, channel: ChannelId, buffer: int = DEFAULT_BUFFER) -> None:
+        if buffer < 1:
+            raise ValueError("buffer must be at least 1")
+        self.topic = topic
+        self.channel = _uuid(channel)
+        self.buffer = buffer
+        self.closed_reason: Optional[str] = None
+        self._queue: DeferredQueue[Message] = DeferredQueue()
+        self._received = 0  # messages ever put in the queue
+        self._held: deque[tuple[int, Deferred[bytes]]] = deque()  # (received mark, answer)
+        self._dropped = 0
+        self._closed: Optional[SubscriptionClosed] = None
+        self._provider: Optional[Provider] = None
+        self._on_remote_close: Optional[Callable[[str], None]] = None
+
+    def __repr__(self) -> str:
+        state = f"closed: {self.closed_reason}" if self._closed else f"{self.pending} pending"
+        return f"<Subscription topic={self.topic!r} channel={self.channel} {state}>"
+
+    @property
+    def dropped(self) -> int:
+        """Messages the broker dropped for this subscription (it read too slowly)."""
+        return self._dropped
+
+    @property
+    def pending(self) -> int:
+        """Messages received and not read yet."""
+        return len(self._queue.pending)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def get(self) -> "Deferred[Message]":
+        """The next message; fails with :class:`SubscriptionClosed` at the end."""
+        queue = self._queue
+        if queue.pending:
+            d = queue.get()
+            if self._held:
+                self._release()
+            return d
+        if self._closed is not None:
+            return fail(self._closed)
+        return queue.get()
+
+    def __aiter__(self) -> "Subscription":
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.get()
+        except SubscriptionClosed:
+            raise StopAsyncIteration from None
+
+    # -- called by the Provider and the owner ------------------------------
+
+    def _deliver(self, body: bytes) -> Union[bytes, "Deferred[bytes]"]:
+        """The Provider's handler: queue, answer ``ok`` once within the buffer."""
+        if self._closed is not None:
+            raise self._closed
+        obj = messages._loads(body)
+        items = obj if type(obj) is list else (obj,)
+        batch = [messages._message(item) for item in items]
+        put = self._queue.put
+        count = 0
+        for msg in batch:
+            if msg.topic.startswith(CONTROL_PREFIX):
+                self._control(msg)
+                continue
+            put(msg)
+            count += 1
+        self._received += count
+        if not self._held and len(self._queue.pending) <= self.buffer:
+            return _OK
+        answer: Deferred[bytes] = Deferred()
+        self._held.append((self._received, answer))
+        return answer
+
+    def _control(self, msg: Message) -> None:
+        if msg.topic == messages.DROPPED:
+            try:
+                self._dropped = max(self._dropped, int(msg.headers.get("dropped", "0")))
+            except ValueError:
+                pass
+        elif msg.topic == messages.CLOSED and self._on_remote_close is not None:
+            self._on_remote_close(msg.headers.get("reason", "closed by the broker"))
+        # PROBE and anything unknown: answered, never queued.
+
+    def _release(self) -> None:
+        """Answer held batches whose last message is now within the buffer."""
+        held = self._held
+        pending = len(self._queue.pending)
+        while held:
+            mark, answer = held[0]
+            if pending - (self._received - mark) > self.buffer:
+                return
+            held.popleft()
+            answer.callback(_OK)
+
+    def _close(self, reason: str) -> None:
+        """End the stream; already received messages stay readable."""
+        if self._closed is not None:
+            return
+        self.closed_reason = reason
+        self._closed = SubscriptionClosed(f"subscription to {self.topic!r} closed: {reason}")
+        held, self._held = self._held, deque()
+        for _, answer in held:
+            answer.callback(_OK)  # the connection is going; nobody waits for these
+        waiting, self._queue.waiting = self._queue.waiting, []
+        for d in waiting:
+            d.errback(self._closed)
+
+
+async def _open_subscription(address: Address, topic: str, buffer: int, reactor: Any) -> tuple[Subscription, Provider]:
+    channel = uuid.uuid4()
+    sub = Subscription(topic, channel, buffer)
+    provider = await Provider.connect(address, channel, handler=sub._deliver, reactor=reactor)
+    sub._provider = provider
+    provider.when_lost().addCallback(lambda _: sub._close("connection to the server lost"))
+    return sub, provider
+
+
+async def _send_until_registered(consumer: Consumer, body: bytes, reactor: Any, timeout: float = 5.0) -> bytes:
+    """Send ``body``, retrying while the server has no provider for it yet.
+
+    Connections are independent, so a Provider that has just connected may
+    not be registered by the time another connection's request arrives.
+    """
+    delay = 0.002
+    waited = 0.0
+    while True:
+        try:
+            return await consumer.send(body, timeout=timeout)
+        except NoProviderError:
+            if waited >= 1.0:
+                raise
+        await deferLater(reactor, delay, lambda: None)
+        waited += delay
+        delay = min(delay * 2, 0.1)
+
+
+# -- the broker side -----------------------------------------------------------
+
+
+class _Outlet:
+    """One subscription as the broker sees it: forwarding Consumer, backlog, window.
+
+    Forwards go in order over one connection, several in flight; what does
+    not fit in the window waits in the backlog, whose oldest entries are
+    dropped (and counted) past ``limit``.
+    """
+
+    def __init__(
+        self, broker: "_Router", topic: str, consumer: Consumer, local: Optional[Subscription], limit: int
+    ) -> None:
+        self.broker = broker
+        self.topic = topic
+        self.consumer = consumer
+        self.channel = consumer.channel_id
+        self.local = local
+        self.limit = limit
+        self.backlog: deque[str] = deque()
+        self.requests = 0
+        self.in_flight = 0
+        self.delivered = 0
+        self.dropped = 0
+        self.notified = 0  # drop total last told to the subscriber
+        self.open = True
+
+    def push(self, text: str) -> None:
+        backlog = self.backlog
+        backlog.append(text)
+        if len(backlog) > self.limit:
+            backlog.popleft()
+            self.dropped += 1
+            self.broker.dropped += 1
+            if self.local is not None:
+                self.local._dropped = self.dropped
+
+    def flush(self) -> None:
+        backlog = self.backlog
+        router = self.broker
+        while backlog and self.open and self.requests < router.window:
+            texts: list[str] = []
+            if self.dropped != self.notified:
+                self.notified = self.dropped
+                texts.append(messages.control(messages.DROPPED, dropped=str(self.dropped)))
+            popleft = backlog.popleft
+            size = 0
+            count = 0
+            limit = router.batch
+            while backlog and count < limit and size < _BATCH_CHARS:
+                text = popleft()
+                texts.append(text)
+                size += len(text)
+                count += 1
+            self.requests += 1
+            self.in_flight += count
+            d = self.consumer.send(messages.encode_batch(texts), timeout=0)
+            d.addCallbacks(self._answered, self._failed, callbackArgs=(count,), errbackArgs=(count,))
+
+    def _answered(self, result: bytes, count: int) -> None:
+        self.requests -= 1
+        self.in_flight -= count
+        self.delivered += count
+        self.broker.delivered += count
+        self.flush()
+
+    def _failed(self, failure: Failure, count: int) -> None:
+        self.requests -= 1
+        self.in_flight -= count
+        if not self.open:
+            return
+        error = failure.value
+        if isinstance(error, NoProviderError):
+            reason = "subscriber disappeared"
+        elif isinstance(error, ConnectionLostError):
+            reason = "connection to the server lost"
+        else:
+            reason = f"subscriber refused a message: {error}"
+        log.info(
+            "dropping subscription {channel} to {topic!r}: {reason}",
+            channel=self.channel,
+            topic=self.topic,
+            reason=reason,
+        )
+        self.broker.lost += count + len(self.backlog)
+        self.broker._remove(self, reason)
+
+    def close(self, reason: str, notify: bool) -> "Deferred[None]":
+        """Stop forwarding; tell a remote subscriber (``notify``), close the Consumer."""
+        self.open = False
+        self.backlog.clear()
+        if notify and self.consumer.connected:
+            self.consumer.send(
+                messages.control(messages.CLOSED, reason=reason).encode("utf-8"), timeout=1.0
+            ).addErrback(_ignore)
+        return self.consumer.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "topic": self.topic,
+            "channel": str(self.channel),
+            "remote": self.local is None,
+            "backlog": len(self.backlog),
+            "in_flight": self.in_flight,
+            "delivered": self.delivered,
+            "dropped": self.dropped,
+        }
+
+
+class _Router:
+    """The broker Provider's handler: who subscribes to what, and fan-out."""
+
+    def __init__(self, address: Address, reactor: Any, backlog: int, batch: int, window: int) -> None:
+        self.address = address
+        self.reactor = reactor
+        self.backlog = backlog
+        self.batch = batch
+        self.window = window
+        self.topics: dict[str, list[_Outlet]] = {}
+        self.outlets: dict[uuid.UUID, _Outlet] = {}
+        self.published = 0
+        self.delivered = 0
+        self.dropped = 0
+        self.lost = 0  # backlog and in-flight messages of subscribers that vanished
+        self.rejected = 0
+        self.closing = False
+
+    def handle(self, body: bytes) -> Union[bytes, "Deferred[bytes]"]:
+        try:
+            items = list(messages.split_body(body))
+        except MessageError:
+            self.rejected += 1
+            raise
+        for item in items:
+            if item[0].startswith(CONTROL_PREFIX):
+                try:
+                    if len(items) == 1:
+                        return self._control(item[0], item[3] or {})
+                    raise MessageError("control messages cannot be sent in a batch")
+                except MessageError:
+                    self.rejected += 1
+                    raise
+        topics = self.topics
+        self.published += len(items)
+        if len(items) == 1:
+            outlets = topics.get(items[0][0])
+            if outlets:
+                text = items[0][1]
+                for outlet in outlets:
+                    outlet.push(text)
+                for outlet in list(outlets):
+                    outlet.flush()
+            return _OK
+        touched: dict[_Outlet, None] = {}
+        for topic, text, _, _ in items:
+            outlets = topics.get(topic)
+            if outlets:
+                for outlet in outlets:
+                    outlet.push(text)
+                    touched[outlet] = None
+        for outlet in touched:
+            outlet.flush()
+        return _OK
+
+    def _control(self, kind: str, headers: dict[str, str]) -> Union[bytes, "Deferred[bytes]"]:
+        if kind not in (messages.SUBSCRIBE, messages.UNSUBSCRIBE):
+            raise MessageError(
+                f"unknown control message {kind!r}; topics starting with {CONTROL_PREFIX!r} are reserved"
+            )
+        topic = headers.get("topic")
+        if topic is None:
+            raise MessageError(f"{kind} needs a 'topic' header")
+        try:
+            channel = uuid.UUID(headers.get("channel", ""))
+        except ValueError:
+            raise MessageError(f"{kind} needs a 'channel' header holding a UUID") from None
+        if kind == messages.UNSUBSCRIBE:
+            outlet = self.outlets.get(channel)
+            if outlet is not None and outlet.topic == topic:
+                self._remove(outlet, "unsubscribed", notify=False)
+            return _OK
+        if channel in self.outlets:
+            raise MessageError(f"channel {channel} is already subscribed")
+        d = Deferred.fromCoroutine(self.open_outlet(topic, channel, None))
+        return d.addCallback(lambda _: _OK)
+
+    async def open_outlet(self, topic: str, channel: uuid.UUID, local: Optional[Subscription]) -> _Outlet:
+        """Connect a forwarding Consumer to ``channel``, check the subscriber answers, start forwarding."""
+        if self.closing:
+            raise ConnectionLostError("the broker is closing")
+        consumer = await Consumer.connect(self.address, channel, reactor=self.reactor)
+        try:
+            await _send_until_registered(consumer, messages.control(messages.PROBE).encode("utf-8"), self.reactor)
+        except BaseException:
+            await consumer.close()
+            raise
+        if self.closing:
+            await consumer.close()
+            raise ConnectionLostError("the broker is closing")
+        outlet = _Outlet(self, topic, consumer, local, self.backlog)
+        self.topics.setdefault(topic, []).append(outlet)
+        self.outlets[channel] = outlet
+        consumer.when_lost().addCallback(lambda _: self._remove(outlet, "connection to the server lost"))
+        return outlet
+
+    def _remove(self, outlet: _Outlet, reason: str, notify: bool = True) -> "Deferred[Any]":
+        """Forget a subscription and close its connections (and a local stream)."""
+        if self.outlets.get(outlet.channel) is not outlet:
+            return succeed(None)
+        del self.outlets[outlet.channel]
+        outlets = self.topics.get(outlet.topic)
+        if outlets is not None:
+            outlets.remove(outlet)
+            if not outlets:
+                del self.topics[outlet.topic]
+        waits = [outlet.close(reason, notify=notify and outlet.local is None)]
+        sub = outlet.local
+        if sub is not None:
+            sub._close(reason)
+            if sub._provider is not None:
+                waits.append(sub._provider.close())
+        return DeferredList(waits, consumeErrors=True)
+
+    def remove_topic(self, topic: str, reason: str) -> "Deferred[Any]":
+        return DeferredList([self._remove(o, reason) for o in list(self.topics.get(topic, ()))], consumeErrors=True)
+
+    def remove_all(self, reason: str) -> "Deferred[Any]":
+        return DeferredList([self._remove(o, reason) for o in list(self.outlets.values())], consumeErrors=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "published": self.published,
+            "delivered": self.delivered,
+            "dropped": self.dropped,
+            "lost": self.lost,
+            "rejected": self.rejected,
+            "topics": {topic: len(outlets) for topic, outlets in self.topics.items()},
+            "subscriptions": [outlet.stats() for outlet in self.outlets.values()],
+        }
+
+
+# -- publishing ------------------------------------------------------------------
+
+
+class _Publisher:
+    """Publishes over one Consumer, many requests in flight.
+
+    A publish goes out at once while fewer than ``window`` requests are in
+    flight; otherwise it waits and leaves with the others in one batch when
+    an answer comes back, so a busy publisher sends few large requests and
+    an idle one adds no delay.
+    """
+
+    def __init__(self, consumer: Consumer, window: int = _PUBLISH_WINDOW, batch: int = _PUBLISH_BATCH) -> None:
+        self.consumer = consumer
+        self.window = window
+        self.batch = batch
+        self.requests = 0
+        self._texts: list[str] = []
+        self._waiters: list[Deferred[None]] = []
+        self._timeout = 0.0
+        self._closed: Optional[Exception] = None
+
+    def publish(
+        self, topic: str, payload: bytes, headers: Optional[dict[str, str]], timeout: float
+    ) -> "Deferred[None]":
+        if self._closed is not None:
+            return fail(self._closed)
+        text = messages.encode_text(topic, payload, headers)
+        d: Deferred[None] = Deferred()
+        if not self._texts or timeout < self._timeout:
+            self._timeout = timeout
+        self._texts.append(text)
+        self._waiters.append(d)
+        if self.requests < self.window:
+            self._flush()
+        return d
+
+    def _flush(self) -> None:
+        while self._texts and self.requests < self.window:
+            texts, waiters = self._texts[: self.batch], self._waiters[: self.batch]
+            del self._texts[: self.batch], self._waiters[: self.batch]
+            self.requests += 1
+            d = self.consumer.send(messages.encode_batch(texts), timeout=self._timeout)
+            d.addCallbacks(self._answered, self._failed, callbackArgs=(waiters,), errbackArgs=(waiters,))
+
+    def _answered(self, result: bytes, waiters: list[Deferred[None]]) -> None:
+        self.requests -= 1
+        for d in waiters:
+            d.callback(None)
+        self._flush()
+
+    def _failed(self, failure: Failure, waiters: list[Deferred[None]]) -> None:
+        self.requests -= 1
+        for d in waiters:
+            d.errback(failure.value)
+        self._flush()
+
+    def close(self, error: Exception) -> "Deferred[None]":
+        self._closed = error
+        waiters, self._waiters, self._texts = self._waiters, [], []
+        for d in waiters:
+            d.errback(error)
+        return self.consumer.close()
+
+
+def _check_topic(topic: str) -> None:
+    if type(topic) is not str:
+        raise TypeError(f"topic must be str, not {type(topic).__name__}")
+    if topic.startswith(CONTROL_PREFIX):
+        raise ValueError(f"topics starting with {CONTROL_PREFIX!r} are reserved for the broker")
+
+
+# -- the public API -------------------------------------------------------------------
+
+
+class Broker:
+    """The pub/sub broker, running in this process on a server's broker channel.
+
+        broker = await Broker.connect("127.0.0.1:9090")
+        sub = await broker.subscribe("orders")
+        await broker.publish("orders", b"new order")
+
+    ``buffer`` is the default :class:`Subscription` buffer; ``backlog`` the
+    messages kept per slow subscriber before the oldest are dropped;
+    ``batch`` and ``window`` shape forwarding (messages per request,
+    requests in flight per subscriber).
+    """
+
+    def __init__(
+        self,
+        address: Address,
+        broker_channel_id: ChannelId = DEFAULT_BROKER_CHANNEL,
+        reactor: Any = None,
+        buffer: int = DEFAULT_BUFFER,
+        backlog: int = DEFAULT_BACKLOG,
+        batch: int = DEFAULT_BATCH,
+        window: int = DEFAULT_WINDOW,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        if backlog < 0 or batch < 1 or window < 1:
+            raise ValueError("backlog must be >= 0, batch and window >= 1")
+        self.address = address
+        self.channel = _uuid(broker_channel_id)
+        self.reactor = reactor
+        self.buffer = buffer
+        self._router = _Router(address, reactor, backlog, batch, window)
+        self._provider: Optional[Provider] = None
+        self._publisher: Optional[_Publisher] = None
+        self._closed: Optional[Exception] = None
+        self._closing: Optional[Deferred[None]] = None
+
+    @classmethod
+    def connect(
+        cls,
+        address: Address,
+        broker_channel_id: ChannelId = DEFAULT_BROKER_CHANNEL,
+        reactor: Any = None,
+        **options: Any,
+    ) -> "Deferred[Broker]":
+        """Open the broker's Provider and publishing Consumer; fires when both work."""
+        broker = cls(address, broker_channel_id, reactor, **options)
+        return Deferred.fromCoroutine(broker._start())
+
+    async def _start(self) -> "Broker":
+        self._provider = await Provider.connect(
+            self.address, self.channel, handler=self._router.handle, reactor=self.reactor
+        )
+        try:
+            consumer = await Consumer.connect(self.address, self.channel, reactor=self.reactor)
+        except BaseException:
+            await self._provider.close()
+            raise
+        self._publisher = _Publisher(consumer)
+        try:
+            await _send_until_registered(consumer, b"[]", self.reactor)  # our Provider is in place
+        except BaseException:
+            await self.close()
+            raise
+        self._provider.when_lost().addCallback(lambda _: self._lost())
+        return self
+
+    @property
+    def published(self) -> int:
+        """Messages accepted from any publisher (also Go ones)."""
+        return self._router.published
+
+    @property
+    def delivered(self) -> int:
+        """Messages subscribers have accepted (one per subscriber)."""
+        return self._router.delivered
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because a subscriber's backlog was full."""
+        return self._router.dropped
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, topics with their subscriber counts, and per-subscription backlog/drops."""
+        stats = self._router.stats()
+        stats["channel"] = str(self.channel)
+        return stats
+
+    def publish(
+        self, topic: str, payload: bytes = b"", headers: Optional[dict[str, str]] = None, timeout: float = 5.0
+    ) -> "Deferred[None]":
+        """Publish; fires once the broker accepted the message.
+
+        Fails with NoProviderError (no broker), RequestTimeout,
+        ConnectionLostError or RemoteError; raises TypeError/ValueError at
+        once for a bad topic, payload or headers.
+        """
+        _check_topic(topic)
+        if self._publisher is None:
+            return fail(self._closed or ConnectionLostError("the broker is not connected"))
+        return self._publisher.publish(topic, payload, headers, timeout)
+
+    def subscribe(self, topic: str, buffer: Optional[int] = None) -> "Deferred[Subscription]":
+        """A new :class:`Subscription` to ``topic`` (2 more connections)."""
+        _check_topic(topic)
+        if self._closed is not None:
+            return fail(self._closed)
+        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer))
+
+    async def _subscribe(self, topic: str, buffer: int) -> Subscription:
+        sub, provider = await _open_subscription(self.address, topic, buffer, self.reactor)
+        try:
+            outlet = await self._router.open_outlet(topic, sub.channel, sub)
+        except BaseException:
+            sub._close("subscribe failed")
+            await provider.close()
+            raise
+        provider.when_lost().addCallback(lambda _: self._router._remove(outlet, "connection to the server lost"))
+        return sub
+
+    def unsubscribe(self, topic: str) -> "Deferred[Any]":
+        """End every subscription of ``topic`` (here and remote); fires when their connections are closed."""
+        return self._router.remove_topic(topic, "unsubscribed")
+
+    def close(self) -> "Deferred[None]":
+        """End every subscription and close every connection of the broker."""
+        if self._closing is None:
+            self._closed = self._closed or ConnectionLostError("the broker is closed")
+            self._router.closing = True
+            waits = [self._router.remove_all("the broker closed")]
+            if self._publisher is not None:
+                waits.append(self._publisher.close(self._closed))
+            if self._provider is not None:
+                waits.append(self._provider.close())
+            self._closing = DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+        d: Deferred[None] = Deferred()
+        self._closing.addBoth(lambda result: (d.callback(None), result)[1])
+        return d
+
+    def _lost(self) -> None:
+        if self._closing is None:
+            log.warn("broker lost its connection to the server; closing every subscription")
+            self._closed = ConnectionLostError("the broker lost its connection to the server")
+            self.close().addErrback(_ignore)
+
+
+class BrokerClient:
+    """Publish and subscribe through a broker running in another process.
+
+        client = await BrokerClient.connect("127.0.0.1:9090")
+        sub = await client.subscribe("orders")
+        await client.publish("orders", b"new order")
+
+    One publishing Consumer, plus one Provider per subscription; the
+    broker opens the forwarding Consumer when asked (docs/broker.md).
+    """
+
+    def __init__(
+        self,
+        address: Address,
+        broker_channel_id: ChannelId = DEFAULT_BROKER_CHANNEL,
+        reactor: Any = None,
+        buffer: int = DEFAULT_BUFFER,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.address = address
+        self.channel = _uuid(broker_channel_id)
+        self.reactor = reactor
+        self.buffer = buffer
+        self._consumer: Optional[Consumer] = None
+        self._publisher: Optional[_Publisher] = None
+        self._subscriptions: dict[uuid.UUID, Subscription] = {}
+        self._closed: Optional[Exception] = None
+
+    @classmethod
+    def connect(
+        cls,
+        address: Address,
+        broker_channel_id: ChannelId = DEFAULT_BROKER_CHANNEL,
+        reactor: Any = None,
+        **options: Any,
+    ) -> "Deferred[BrokerClient]":
+        """Connect and check a broker answers on the channel (NoProviderError if none)."""
+        client = cls(address, broker_channel_id, reactor, **options)
+        return Deferred.fromCoroutine(client._start())
+
+    async def _start(self) -> "BrokerClient":
+        self._consumer = await Consumer.connect(self.address, self.channel, reactor=self.reactor)
+        self._publisher = _Publisher(self._consumer)
+        try:
+            await _send_until_registered(self._consumer, b"[]", self.reactor)
+        except NoProviderError:
+            await self._consumer.close()
+            raise NoProviderError(f"no broker on channel {self.channel} at {self.address}") from None
+        except BaseException:
+            await self._consumer.close()
+            raise
+        return self
+
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        return list(self._subscriptions.values())
+
+    def publish(
+        self, topic: str, payload: bytes = b"", headers: Optional[dict[str, str]] = None, timeout: float = 5.0
+    ) -> "Deferred[None]":
+        """Same as :meth:`Broker.publish`."""
+        _check_topic(topic)
+        if self._publisher is None:
+            return fail(self._closed or ConnectionLostError("not connected"))
+        return self._publisher.publish(topic, payload, headers, timeout)
+
+    def subscribe(self, topic: str, buffer: Optional[int] = None) -> "Deferred[Subscription]":
+        """Same as :meth:`Broker.subscribe`, through the broker's control messages."""
+        _check_topic(topic)
+        if self._closed is not None or self._consumer is None:
+            return fail(self._closed or ConnectionLostError("not connected"))
+        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer))
+
+    async def _subscribe(self, topic: str, buffer: int) -> Subscription:
+        assert self._consumer is not None
+        sub, provider = await _open_subscription(self.address, topic, buffer, self.reactor)
+
+        def ended_by_broker(reason: str) -> None:
+            sub._close(reason)
+            self._subscriptions.pop(sub.channel, None)
+            self.reactor.callLater(0, provider.close)
+
+        sub._on_remote_close = ended_by_broker
+        provider.when_lost().addCallback(lambda _: self._subscriptions.pop(sub.channel, None))
+        body = messages.control(messages.SUBSCRIBE, topic=topic, channel=str(sub.channel)).encode("utf-8")
+        try:
+            await self._consumer.send(body, timeout=10.0)
+        except BaseException:
+            sub._close("subscribe failed")
+            await provider.close()
+            raise
+        self._subscriptions[sub.channel] = sub
+        return sub
+
+    def unsubscribe(self, topic: str) -> "Deferred[Any]":
+        """End this client's subscriptions to ``topic``; fires when their connections are closed."""
+        subs = [sub for sub in self._subscriptions.values() if sub.topic == topic]
+        return DeferredList([Deferred.fromCoroutine(self._unsubscribe(sub, "unsubscribed")) for sub in subs])
+
+    async def _unsubscribe(self, sub: Subscription, reason: str) -> None:
+        self._subscriptions.pop(sub.channel, None)
+        sub._close(reason)
+        if self._consumer is not None and self._consumer.connected:
+            body = messages.control(messages.UNSUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
+            try:
+                await self._consumer.send(body, timeout=2.0)
+            except (PulsyfluxError, CancelledError) as error:
+                log.debug("unsubscribe not confirmed by the broker: {e}", e=error)
+        if sub._provider is not None:
+            await sub._provider.close()
+
+    def close(self) -> "Deferred[Any]":
+        """Unsubscribe everything and close every connection."""
+        if self._closed is None:
+            self._closed = ConnectionLostError("the broker client is closed")
+        subs = list(self._subscriptions.values())
+
+        async def closing() -> None:
+            await DeferredList([Deferred.fromCoroutine(self._unsubscribe(s, "the client closed")) for s in subs])
+            if self._publisher is not None:
+                await self._publisher.close(self._closed)  # type: ignore[arg-type]
+
+        return Deferred.fromCoroutine(closing())

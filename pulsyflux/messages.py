@@ -1,0 +1,357 @@
+"""Broker messages as bytes: the Go broker's JSON, batches, control messages.
+
+Sans-I/O: no Twisted here. A message on the wire is exactly what Go's
+``encoding/json`` writes for ``struct{Topic string; Payload []byte;
+Headers map[string]string}`` (PROTOCOL.md section 6), so Go publishers and
+Python subscribers understand each other byte for byte.
+
+    >>> encode("t", b"hi", {"k": "v"})
+    b'{"Topic":"t","Payload":"aGk=","Headers":{"k":"v"}}'
+    >>> decode(b'{"topic":"t","payload":null}')
+    Message(topic='t', payload=b'', headers={})
+
+pulsyflux adds two things, both invisible to a Go publisher:
+
+* a **batch** is a JSON array of such objects (``[{..},{..}]``); our
+  publishers and the broker's forwards use it to move many messages in one
+  request. A body that is a single object is one message, as in Go.
+* **control messages** are ordinary messages whose topic starts with
+  :data:`CONTROL_PREFIX` (``$pulsyflux/``); that prefix is reserved, so a Go
+  publisher's plain publish is never mistaken for one (docs/broker.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any, Iterator, Mapping, Optional, Union
+
+from .errors import PulsyfluxError
+
+__all__ = [
+    "Message",
+    "MessageError",
+    "encode",
+    "encode_message",
+    "encode_text",
+    "encode_batch",
+    "decode",
+    "decode_body",
+    "split_body",
+    "CONTROL_PREFIX",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "PROBE",
+    "DROPPED",
+    "CLOSED",
+    "control",
+    "is_control",
+]
+
+# Topics starting with this are the broker's own; publish refuses them.
+CONTROL_PREFIX = "$pulsyflux/"
+# Client -> broker, on the broker channel (headers: topic, channel).
+SUBSCRIBE = CONTROL_PREFIX + "subscribe"
+UNSUBSCRIBE = CONTROL_PREFIX + "unsubscribe"
+# Broker -> subscriber, on the subscription's channel, in the message stream.
+PROBE = CONTROL_PREFIX + "probe"  # "are you there?", answered, never queued
+DROPPED = CONTROL_PREFIX + "dropped"  # headers: dropped = total dropped so far
+CLOSED = CONTROL_PREFIX + "closed"  # headers: reason; the stream ends
+
+Body = Union[bytes, bytearray, memoryview]
+
+
+class MessageError(PulsyfluxError, ValueError):
+    """Bytes that are not a broker message (bad JSON, wrong field types)."""
+
+
+class Message:
+    """One published message: ``topic``, ``payload`` (bytes), ``headers``.
+
+    Immutable; ``headers`` is a fresh dict per received message.
+
+        msg = Message("orders", b"new order", {"priority": "high"})
+        msg.topic, msg.payload, msg.headers
+    """
+
+    __slots__ = ("topic", "payload", "headers")
+
+    topic: str
+    payload: bytes
+    headers: dict[str, str]
+
+    def __init__(self, topic: str, payload: bytes = b"", headers: Optional[Mapping[str, str]] = None) -> None:
+        _set = object.__setattr__
+        _set(self, "topic", topic)
+        _set(self, "payload", payload)
+        _set(self, "headers", {} if headers is None else dict(headers))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Message is immutable")
+
+    __delattr__ = __setattr__  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return self.topic == other.topic and self.payload == other.payload and self.headers == other.headers
+
+    __hash__ = None  # type: ignore[assignment]  # headers is a dict
+
+    def __repr__(self) -> str:
+        payload = self.payload if len(self.payload) <= 32 else self.payload[:32] + b"..."
+        return f"Message(topic={self.topic!r}, payload={payload!r}, headers={self.headers!r})"
+
+    def __reduce__(self) -> Any:
+        return (Message, (self.topic, self.payload, self.headers))
+
+    def encode(self) -> bytes:
+        """This message as Go JSON (empty headers are written as ``null``)."""
+        return encode(self.topic, self.payload, self.headers or None)
+
+
+# -- encoding ---------------------------------------------------------------
+
+# Go escapes these inside strings (HTML safety, JS line separators).
+_GO_ESCAPES = re.compile("[<>&\u2028\u2029]")
+_GO_ESCAPE_TABLE = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]  # C version, no ASCII escaping
+
+
+def _go_string(text: str) -> str:
+    out = _json_string(text)
+    if _GO_ESCAPES.search(out) is not None:
+        out = _GO_ESCAPES.sub(lambda m: _GO_ESCAPE_TABLE[m.group()], out)
+    return out
+
+
+def encode_text(topic: str, payload: Optional[Body], headers: Optional[Mapping[str, str]]) -> str:
+    """:func:`encode` as a str (what batches are joined from)."""
+    if type(topic) is not str:
+        raise TypeError(f"topic must be str, not {type(topic).__name__}")
+    if payload is None:
+        payload_json = "null"
+    else:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        payload_json = '"' + binascii.b2a_base64(payload, newline=False).decode("ascii") + '"'
+    if headers is None:
+        headers_json = "null"
+    elif not headers:
+        headers_json = "{}"
+    else:
+        parts = []
+        for key in sorted(headers):  # Go writes map keys sorted
+            value = headers[key]
+            if type(key) is not str or type(value) is not str:
+                raise TypeError(f"headers must map str to str, got {key!r}: {value!r}")
+            parts.append(_go_string(key) + ":" + _go_string(value))
+        headers_json = "{" + ",".join(parts) + "}"
+    return '{"Topic":' + _go_string(topic) + ',"Payload":' + payload_json + ',"Headers":' + headers_json + "}"
+
+
+def encode(topic: str, payload: Optional[Body] = b"", headers: Optional[Mapping[str, str]] = None) -> bytes:
+    """Go's JSON for one message; ``None`` payload/headers are Go's ``nil`` (``null``).
+
+    Raises TypeError for a non-str topic, non-bytes payload or non-str headers.
+    """
+    return encode_text(topic, payload, headers).encode("utf-8")
+
+
+def encode_message(message: Message) -> bytes:
+    return message.encode()
+
+
+def encode_batch(texts: list[str]) -> bytes:
+    """Join encoded messages (from :func:`encode_text`) into one request body.
+
+    One message stays a plain object, so a lone publish is exactly Go's.
+    """
+    if len(texts) == 1:
+        return texts[0].encode("utf-8")
+    return ("[" + ",".join(texts) + "]").encode("utf-8")
+
+
+# -- decoding ---------------------------------------------------------------
+
+_FIELDS = {"topic": "Topic", "payload": "Payload", "headers": "Headers"}
+_decoder = json.JSONDecoder()
+_raw_decode = _decoder.raw_decode
+_WHITESPACE = " \t\n\r"
+
+
+def _fields(obj: Any) -> tuple[str, Any, Any]:
+    """(topic, payload JSON value, headers JSON value) of a decoded object.
+
+    Keys match case-insensitively, the last match winning, as Go reads them.
+    """
+    if type(obj) is not dict:
+        raise MessageError(f"a message is a JSON object, not {type(obj).__name__}")
+    if len(obj) == 3 and "Topic" in obj and "Payload" in obj and "Headers" in obj:
+        topic, payload, headers = obj["Topic"], obj["Payload"], obj["Headers"]
+    else:
+        found: dict[str, Any] = {}
+        for key, value in obj.items():
+            name = _FIELDS.get(key.lower())
+            if name is not None:
+                found[name] = value
+        topic, payload, headers = found.get("Topic"), found.get("Payload"), found.get("Headers")
+    if topic is None:
+        topic = ""  # Go leaves a missing or null string empty
+    elif type(topic) is not str:
+        raise MessageError(f"Topic must be a string, not {type(topic).__name__}")
+    return topic, payload, headers
+
+
+def _payload(value: Any) -> bytes:
+    if value is None:
+        return b""
+    if type(value) is not str:
+        raise MessageError(f"Payload must be a base64 string or null, not {type(value).__name__}")
+    if "\n" in value or "\r" in value:
+        value = value.replace("\n", "").replace("\r", "")  # Go's decoder skips line breaks
+    try:
+        return _strict_b64(value)
+    except (binascii.Error, ValueError) as error:
+        raise MessageError(f"Payload is not valid base64: {error}") from None
+
+
+def _strict_b64(value: str) -> bytes:
+    return binascii.a2b_base64(value, strict_mode=True)  # type: ignore[call-arg]
+
+
+if (
+    not hasattr(binascii, "a2b_base64")
+    or binascii.a2b_base64.__text_signature__ is None
+    or "strict_mode" not in (binascii.a2b_base64.__text_signature__ or "")
+):
+
+    def _strict_b64(value: str) -> bytes:  # noqa: F811  # Python < 3.11
+        return base64.b64decode(value, validate=True)
+
+
+def _headers(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if type(value) is not dict:
+        raise MessageError(f"Headers must be an object of strings or null, not {type(value).__name__}")
+    for key, item in value.items():
+        if type(item) is not str:
+            raise MessageError(f"header {key!r} must be a string, not {type(item).__name__}")
+    return value
+
+
+def _message(obj: Any) -> Message:
+    topic, payload, headers = _fields(obj)
+    msg = Message.__new__(Message)
+    _set = object.__setattr__
+    _set(msg, "topic", topic)
+    _set(msg, "payload", _payload(payload))
+    _set(msg, "headers", _headers(headers))
+    return msg
+
+
+def _loads(body: Body) -> Any:
+    """``json.loads`` for UTF-8 bodies, without its per-call overhead."""
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else bytes(body).decode("utf-8")
+        start = 0
+        if text[:1] in _WHITESPACE:
+            start = len(text) - len(text.lstrip(_WHITESPACE))
+        obj, stop = _raw_decode(text, start)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise MessageError(f"not a JSON message: {error}") from None
+    if stop != len(text) and text[stop:].strip(_WHITESPACE):
+        raise MessageError(f"not a JSON message: extra data at {stop}")
+    return obj
+
+
+def decode(body: Body) -> Message:
+    """One message from Go JSON (either escaping, keys in any case).
+
+    Raises :class:`MessageError` for anything else.
+    """
+    return _message(_loads(body))
+
+
+def decode_body(body: Body) -> list[Message]:
+    """Every message in a request body: one object, or a batch (array)."""
+    obj = _loads(body)
+    if type(obj) is list:
+        return [_message(item) for item in obj]
+    return [_message(obj)]
+
+
+def split_body(body: Body) -> Iterator[tuple[str, str, Any, Any]]:
+    """``(topic, text, payload, headers)`` per message of a request body, checked.
+
+    ``text`` is the message's own JSON text, so the broker forwards it
+    unchanged; ``payload`` and ``headers`` are the raw JSON values (the
+    broker only needs to know they are valid). Raises
+    :class:`MessageError` before yielding anything if any message is bad.
+    """
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else bytes(body).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise MessageError(f"not a JSON message: {error}") from None
+    items: list[tuple[str, str, Any, Any]] = []
+    start = 0
+    end = len(text)
+    while start < end and text[start] in _WHITESPACE:
+        start += 1
+    if start < end and text[start] == "[":
+        pos = start + 1
+        while True:
+            while pos < end and text[pos] in _WHITESPACE:
+                pos += 1
+            if pos < end and text[pos] == "]" and not items:
+                pos += 1
+                break
+            try:
+                obj, stop = _raw_decode(text, pos)
+            except ValueError as error:
+                raise MessageError(f"not a JSON batch: {error}") from None
+            items.append(_checked(obj, text[pos:stop]))
+            pos = stop
+            while pos < end and text[pos] in _WHITESPACE:
+                pos += 1
+            if pos < end and text[pos] == ",":
+                pos += 1
+                continue
+            if pos < end and text[pos] == "]":
+                pos += 1
+                break
+            raise MessageError(f"not a JSON batch: expected ',' or ']' at {pos}")
+        if text[pos:].strip(_WHITESPACE):
+            raise MessageError(f"not a JSON batch: extra data at {pos}")
+    else:
+        items.append(_checked(_loads(text.encode("utf-8") if start else body), text.strip(_WHITESPACE)))
+    return iter(items)
+
+
+def _checked(obj: Any, text: str) -> tuple[str, str, Any, Any]:
+    topic, payload, headers = _fields(obj)
+    if payload is not None:
+        if type(payload) is not str:
+            raise MessageError(f"Payload must be a base64 string or null, not {type(payload).__name__}")
+        if len(payload) % 4 or not _B64.fullmatch(payload):
+            _payload(payload)  # the precise error, or fine after all (line breaks)
+    _headers(headers)
+    return topic, text, payload, headers
+
+
+_B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+# -- control messages --------------------------------------------------------
+
+
+def is_control(topic: str) -> bool:
+    return topic.startswith(CONTROL_PREFIX)
+
+
+def control(kind: str, **headers: str) -> str:
+    """A control message's JSON text, e.g. ``control(SUBSCRIBE, topic="t", channel=str(uuid))``."""
+    return encode_text(kind, None, headers)

@@ -1,0 +1,341 @@
+"""Broker behaviours over real TCP on 127.0.0.1 (ephemeral ports)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from pulsyflux import (
+    Broker,
+    BrokerClient,
+    BrokerService,
+    ConnectionLostError,
+    Consumer,
+    Message,
+    NoProviderError,
+    Provider,
+    RemoteError,
+    SubscriptionClosed,
+    codec,
+    messages,
+)
+
+from .test_messages import FULL
+
+ensure = pytest_twisted.ensureDeferred
+
+
+async def _broker(server, **options) -> Broker:
+    return await Broker.connect(server.address, uuid.uuid4(), **options)
+
+
+def _server_side(server, channel: uuid.UUID) -> list:
+    """The server's connections registered on ``channel``."""
+    return [conn for (role, chan, _), conn in server.registry.items() if chan == channel.bytes]
+
+
+async def _read(sub, count: int) -> list[Message]:
+    return [await sub.get() for _ in range(count)]
+
+
+@ensure
+async def test_publish_and_subscribe_with_headers(server):
+    broker = await _broker(server)
+    sub = await broker.subscribe("orders")
+    assert await broker.publish("orders", b"New order", {"priority": "high"}) is None
+    msg = await sub.get()
+    assert msg == Message("orders", b"New order", {"priority": "high"})
+    await broker.publish("orders", b"")
+    assert (await sub.get()).payload == b""
+    await broker.close()
+
+
+@ensure
+async def test_two_subscribers_both_receive_and_topics_stay_isolated(server):
+    broker = await _broker(server)
+    a1 = await broker.subscribe("a")
+    a2 = await broker.subscribe("a")
+    b = await broker.subscribe("b")
+    await broker.publish("a", b"for a")
+    await broker.publish("b", b"for b")
+    await broker.publish("nobody", b"lost in space")
+    assert (await a1.get()).payload == b"for a"
+    assert (await a2.get()).payload == b"for a"
+    assert (await b.get()).payload == b"for b"
+    assert a1.pending == a2.pending == b.pending == 0
+    assert broker.stats()["topics"] == {"a": 2, "b": 1}
+    assert broker.published == 3 and broker.delivered == 3
+    await broker.close()
+
+
+@ensure
+async def test_unsubscribe_ends_the_stream(server):
+    broker = await _broker(server)
+    sub = await broker.subscribe("news")
+    other = await broker.subscribe("other")
+    await broker.publish("news", b"1")
+    waiting = sub.get()
+    assert (await waiting).payload == b"1"
+    pending_get = sub.get()
+    await broker.unsubscribe("news")
+    with pytest.raises(SubscriptionClosed, match="unsubscribed"):
+        await pending_get
+    assert sub.closed and sub.closed_reason == "unsubscribed"
+    received = [msg async for msg in sub]
+    assert received == []
+    await broker.publish("news", b"2")  # nobody listens now; fine
+    await broker.publish("other", b"still here")
+    assert (await other.get()).payload == b"still here"
+    assert broker.stats()["topics"] == {"other": 1}
+    await broker.close()
+    assert other.closed
+
+
+@ensure
+async def test_async_iteration_drains_then_stops(server):
+    broker = await _broker(server)
+    sub = await broker.subscribe("t")
+    await defer.gatherResults([broker.publish("t", str(i).encode()) for i in range(5)])
+    got = []
+    async for msg in sub:
+        got.append(msg.payload)
+        if len(got) == 3:
+            already_here = sub.pending
+            await broker.unsubscribe("t")
+    # Messages received before the unsubscribe are still read, then it ends.
+    assert got == [str(i).encode() for i in range(3 + already_here)]
+    await broker.close()
+
+
+@ensure
+async def test_order_of_10000_messages_is_preserved(server):
+    broker = await _broker(server)
+    sub = await broker.subscribe("seq", buffer=100)
+    publishes = [broker.publish("seq", b"%d" % i) for i in range(10_000)]
+    received = [int((await sub.get()).payload) for _ in range(10_000)]
+    await defer.gatherResults(publishes)
+    assert received == list(range(10_000))
+    assert sub.dropped == 0 and broker.dropped == 0
+    await broker.close()
+
+
+@ensure
+async def test_connection_count_is_two_plus_two_per_subscription(server):
+    broker = await _broker(server)
+    assert len(server.registry) == 2
+    subs = [await broker.subscribe(topic) for topic in ("a", "a", "b")]
+    assert len(server.registry) == 2 + 2 * 3
+    for sub in subs:
+        assert len(_server_side(server, sub.channel)) == 2
+    gone = [conn.closed() for sub in subs[:2] for conn in _server_side(server, sub.channel)]
+    await broker.unsubscribe("a")
+    await defer.gatherResults(gone)
+    assert len(server.registry) == 2 + 2
+    gone = [conn.closed() for conn in _server_side(server, subs[2].channel)]
+    await broker.unsubscribe("b")
+    await defer.gatherResults(gone)
+    assert len(server.registry) == 2
+    await broker.close()
+    await server.all_closed()
+    assert len(server.registry) == 0 and not server.factory.router.connections
+
+
+@ensure
+async def test_a_subscriber_that_never_reads_does_not_stop_another(server):
+    broker = await _broker(server, backlog=1000)
+    stuck = await broker.subscribe("firehose", buffer=100)
+    reader = await broker.subscribe("firehose")
+    # The reader paces the publisher (at most 200 ahead), so it never falls
+    # behind; the stuck one falls behind by everything.
+    publishes, received = [], []
+    for i in range(10_000):
+        if i >= 200:
+            received.append(int((await reader.get()).payload))
+        publishes.append(broker.publish("firehose", b"%d" % i))
+    received += [int((await reader.get()).payload) for _ in range(200)]
+    await defer.gatherResults(publishes)
+    assert received == list(range(10_000)) and reader.dropped == 0
+    # The stuck one lost its oldest waiting messages, counted in both places.
+    [stuck_stats] = [s for s in broker.stats()["subscriptions"] if s["channel"] == str(stuck.channel)]
+    assert stuck.dropped == stuck_stats["dropped"] == broker.dropped > 0
+    assert stuck_stats["backlog"] == 1000
+    # What it did get is in order, and nothing is missing without a count.
+    got = [int((await stuck.get()).payload) for _ in range(10_000 - stuck.dropped)]
+    assert got == sorted(got) and got[-1] == 9999
+    assert stuck.pending == 0
+    await broker.close()
+
+
+@ensure
+async def test_remote_subscriber_through_broker_client(server):
+    channel = uuid.uuid4()
+    broker = await Broker.connect(server.address, channel)
+    client = await BrokerClient.connect(server.address, channel)
+    assert len(server.registry) == 3  # broker's 2 + the client's publishing Consumer
+    remote = await client.subscribe("jobs")
+    local = await broker.subscribe("jobs")
+    assert len(server.registry) == 3 + 2 + 2
+    await client.publish("jobs", b"from the client", {"from": "client"})
+    await broker.publish("jobs", b"from the broker")
+    for sub in (remote, local):
+        assert await _read(sub, 2) == [
+            Message("jobs", b"from the client", {"from": "client"}),
+            Message("jobs", b"from the broker"),
+        ]
+    gone = [conn.closed() for conn in _server_side(server, remote.channel)]
+    await client.unsubscribe("jobs")
+    await defer.gatherResults(gone)
+    assert remote.closed and len(server.registry) == 3 + 2
+    await broker.publish("jobs", b"only local")
+    assert (await local.get()).payload == b"only local"
+    await client.close()
+    await broker.close()
+    await server.all_closed()
+
+
+@ensure
+async def test_remote_stream_ends_when_the_broker_unsubscribes_or_closes(server):
+    channel = uuid.uuid4()
+    broker = await Broker.connect(server.address, channel)
+    client = await BrokerClient.connect(server.address, channel)
+    first = await client.subscribe("a")
+    second = await client.subscribe("b")
+    await broker.unsubscribe("a")
+    with pytest.raises(SubscriptionClosed, match="unsubscribed"):
+        await first.get()
+    await broker.close()
+    assert [msg async for msg in second] == []
+    assert second.closed_reason == "the broker closed"
+    await client.close()
+
+
+@ensure
+async def test_vanished_remote_subscriber_is_dropped_and_its_connections_freed(server):
+    channel = uuid.uuid4()
+    broker = await Broker.connect(server.address, channel)
+    client = await BrokerClient.connect(server.address, channel)
+    sub = await client.subscribe("t")
+    keeper = await broker.subscribe("t")
+    forwarding = [conn for conn in _server_side(server, sub.channel) if conn.key[0] == codec.ROLE_CONSUMER]
+    sub._provider._protocol.transport.abortConnection()  # the subscriber process "dies"
+    await sub._provider.when_lost()
+    await broker.publish("t", b"anyone?")
+    assert (await keeper.get()).payload == b"anyone?"
+    await forwarding[0].closed()  # the broker let go of its forwarding connection
+    assert broker.stats()["topics"] == {"t": 1}
+    assert len(server.registry) == 2 + 1 + 2
+    await client.close()
+    await broker.close()
+
+
+@ensure
+async def test_go_publish_json_is_accepted_and_forwarded_unchanged(server):
+    channel = uuid.uuid4()
+    broker = await Broker.connect(server.address, channel)
+    typed = await broker.subscribe("t")
+    # A raw subscriber, speaking the documented control messages by hand.
+    raw_channel = uuid.uuid4()
+    raw = await Provider.connect(server.address, raw_channel)
+    go_publisher = await Consumer.connect(server.address, channel)  # what a Go publisher does
+    subscribe = messages.encode("$pulsyflux/subscribe", None, {"topic": "t", "channel": str(raw_channel)})
+    answer = go_publisher.send(subscribe)
+    probe = await raw.receive()
+    assert messages.decode(probe.payload).topic == "$pulsyflux/probe"
+    raw.respond(probe, b"ok")
+    assert await answer == b"ok"
+    assert await go_publisher.send(FULL) == b"ok"
+    forwarded = await raw.receive()
+    assert forwarded.payload == FULL  # byte for byte what the Go publisher sent
+    raw.respond(forwarded, b"ok")
+    assert await typed.get() == Message("t", b"hi", {"k": "v"})
+    await defer.gatherResults([raw.close(), go_publisher.close()])
+    await broker.close()
+
+
+@ensure
+async def test_bad_publishes_get_clear_errors_and_nothing_else_breaks(server):
+    channel = uuid.uuid4()
+    broker = await Broker.connect(server.address, channel)
+    sub = await broker.subscribe("t")
+    consumer = await Consumer.connect(server.address, channel)
+    with pytest.raises(RemoteError, match="not a JSON message"):
+        await consumer.send(b"hello")
+    with pytest.raises(RemoteError, match="reserved"):
+        await consumer.send(messages.encode("$pulsyflux/nonsense"))
+    with pytest.raises(ValueError, match="reserved"):
+        broker.publish("$pulsyflux/subscribe", b"")
+    with pytest.raises(TypeError):
+        broker.publish("t", "not bytes")  # type: ignore[arg-type]
+    await broker.publish("t", b"fine")
+    assert (await sub.get()).payload == b"fine"
+    assert broker.stats()["rejected"] == 2
+    await consumer.close()
+    await broker.close()
+
+
+@ensure
+async def test_broker_client_without_a_broker_fails_fast(server):
+    with pytest.raises(NoProviderError, match="no broker on channel"):
+        await BrokerClient.connect(server.address, uuid.uuid4())
+    await server.all_closed()
+
+
+@ensure
+async def test_subscriptions_end_when_the_server_goes_away(server):
+    broker = await _broker(server)
+    sub = await broker.subscribe("t")
+    await broker.publish("t", b"last words")
+    assert (await sub.get()).payload == b"last words"
+    pending = sub.get()
+    closed = server.all_closed()
+    for conn in list(server.factory.router.connections):
+        conn.transport.abortConnection()  # the server goes away
+    await closed
+    with pytest.raises(SubscriptionClosed, match="connection to the server lost"):
+        await pending
+    with pytest.raises(ConnectionLostError):
+        await broker.publish("t", b"nobody")
+    await broker.close()
+
+
+@ensure
+async def test_broker_service_starts_and_stops_cleanly():
+    service = BrokerService("tcp:0:interface=127.0.0.1", broker_channel=uuid.uuid4())
+    service.startService()
+    broker = await service.whenReady()
+    assert len(service.factory.registry) == 2
+    sub = await service.subscribe("svc")
+    await service.publish("svc", b"in process")
+    assert (await sub.get()).payload == b"in process"
+    assert service.stats()["topics"] == {"svc": 1}
+    connections = list(service.factory.router.connections)
+    await service.stopService()
+    assert all(conn._lost for conn in connections) and not service.factory.router.connections
+    assert sub.closed and broker._closed is not None
+    with pytest.raises(ConnectionLostError):
+        await service.publish("svc", b"after stop")
+
+
+@ensure
+async def test_broker_service_without_broker_is_just_the_server():
+    service = BrokerService("tcp:0:interface=127.0.0.1", broker_channel=None)
+    service.startService()
+    await service.server.whenListening()
+    assert service.factory.registry == {}
+    with pytest.raises(RuntimeError, match="without a broker"):
+        await service.whenReady()
+    await service.stopService()
+
+
+@ensure
+async def test_broker_service_stopped_while_the_broker_connects():
+    service = BrokerService("tcp:0:interface=127.0.0.1", broker_channel=uuid.uuid4())
+    service.startService()
+    ready = service.whenReady()
+    await service.stopService()
+    assert not service.factory.router.connections and service.broker is None
+    with pytest.raises(ConnectionLostError):
+        await ready

@@ -1,0 +1,127 @@
+"""Broker message JSON: byte-for-byte what the Go broker writes (wire-vectors section 7)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pulsyflux import Message, MessageError, messages
+from pulsyflux.messages import decode, decode_body, encode, split_body
+
+from .conftest import SHARED
+
+
+def _vector_hex(label: str) -> bytes:
+    """The hex line following ``label`` in wire-vectors.txt section 7."""
+    text = (SHARED / "wire-vectors.txt").read_text()
+    section = text[text.index("7) BROKER JSON") : text.index("8) CHUNKING")]
+    after = section[section.index(label) :]
+    return bytes.fromhex(re.search(r"\n\s+([0-9a-f]+)\n", after).group(1))
+
+
+FULL = _vector_hex("Message{Topic:")
+NIL = _vector_hex("nil Payload / nil Headers")
+
+
+def test_golden_vectors_encode_exactly():
+    assert encode("t", b"hi", {"k": "v"}) == FULL
+    assert len(FULL) == 50
+    assert encode("t", None, None) == NIL
+    assert len(NIL) == 43
+    assert encode("t", b"", {}) == b'{"Topic":"t","Payload":"","Headers":{}}'
+
+
+def test_golden_vectors_decode():
+    assert decode(FULL) == Message("t", b"hi", {"k": "v"})
+    nil = decode(NIL)
+    assert (nil.topic, nil.payload, nil.headers) == ("t", b"", {})
+
+
+def test_message_encode_writes_empty_headers_as_null_like_a_go_nil_map():
+    assert Message("t", b"hi", {"k": "v"}).encode() == FULL
+    assert Message("t", b"hi").encode() == b'{"Topic":"t","Payload":"aGk=","Headers":null}'
+
+
+def test_go_escaping_and_sorted_header_keys():
+    body = encode("<a&b>", b"", {"z": "1", "a": "\u2028é"})
+    assert body == b'{"Topic":"\\u003ca\\u0026b\\u003e","Payload":"","Headers":{"a":"\\u2028\xc3\xa9","z":"1"}}'
+    assert decode(body) == Message("<a&b>", b"", {"a": "\u2028é", "z": "1"})
+
+
+def test_keys_any_case_and_either_escaping_are_read():
+    assert decode(b'{"topic":"<x>","PAYLOAD":"aGk=","hEaDeRs":{"k":"v"}}') == Message("<x>", b"hi", {"k": "v"})
+    assert decode(b'{"Topic":"\\u003cx\\u003e"}') == Message("<x>", b"", {})
+    # Go: the last of several case variants wins.
+    assert decode(b'{"Topic":"a","topic":"b"}').topic == "b"
+    assert decode(b' {"Topic":"a", "Payload": "aGk=\\n"} \n') == Message("a", b"hi")
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        (b"", "not a JSON message"),
+        (b"[1]", "JSON object"),
+        (b'{"Topic":1}', "Topic must be a string"),
+        (b'{"Topic":"t","Payload":"aGk"}', "not valid base64"),
+        (b'{"Topic":"t","Payload":"a!k="}', "not valid base64"),
+        (b'{"Topic":"t","Payload":5}', "Payload must be"),
+        (b'{"Topic":"t","Headers":{"k":1}}', "header 'k'"),
+        (b'{"Topic":"t","Headers":[]}', "Headers must be"),
+        (b'{"Topic":"t"} x', "extra data"),
+        (b"\xff", "not a JSON message"),
+    ],
+)
+def test_bad_messages_are_refused_clearly(body, fragment):
+    with pytest.raises(MessageError, match=fragment):
+        decode_body(body)
+    with pytest.raises(MessageError, match=fragment):
+        list(split_body(body))
+
+
+def test_bad_arguments_to_encode():
+    with pytest.raises(TypeError, match="topic must be str"):
+        encode(b"t", b"")
+    with pytest.raises(TypeError, match="payload must be bytes"):
+        encode("t", "text")
+    with pytest.raises(TypeError, match="headers must map str to str"):
+        encode("t", b"", {"k": 1})
+
+
+def test_batches_keep_each_message_text_unchanged():
+    texts = [FULL.decode(), NIL.decode(), '{"topic":"u"}']
+    body = messages.encode_batch(texts)
+    assert body == b"[" + b",".join(t.encode() for t in texts) + b"]"
+    assert [(topic, text) for topic, text, _, _ in split_body(body)] == [
+        ("t", texts[0]),
+        ("t", texts[1]),
+        ("u", texts[2]),
+    ]
+    assert decode_body(body) == [Message("t", b"hi", {"k": "v"}), Message("t"), Message("u")]
+    assert messages.encode_batch(texts[:1]) == FULL  # one message stays plain Go JSON
+    assert list(split_body(b" [ ] ")) == []
+
+
+def test_message_is_immutable():
+    msg = Message("t", b"x")
+    with pytest.raises(AttributeError):
+        msg.topic = "u"  # type: ignore[misc]
+    assert repr(msg) == "Message(topic='t', payload=b'x', headers={})"
+
+
+@given(
+    topic=st.text(),
+    payload=st.binary(max_size=300),
+    headers=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=4),
+)
+def test_round_trip(topic, payload, headers):
+    assume_utf8 = all(not (0xD800 <= ord(c) <= 0xDFFF) for c in topic + "".join(headers) + "".join(headers.values()))
+    if not assume_utf8:
+        return  # Go strings are UTF-8; lone surrogates cannot be sent
+    body = encode(topic, payload, headers)
+    assert b"<" not in body and b">" not in body and b"&" not in body
+    assert decode(body) == Message(topic, payload, headers)
+    [(t, text, _, _)] = list(split_body(body))
+    assert t == topic and text.encode() == body
