@@ -45,6 +45,7 @@ from .codec import (
 from .deadlines import Deadlines
 from .endpoints import Address, client_endpoint
 from .errors import ConnectionLostError, ProtocolError, RequestTimeout, error_from_message
+from .sendnow import ImmediateWriter
 
 __all__ = ["Consumer", "Provider", "Request", "ChannelId", "DEFAULT_BACKOFF"]
 
@@ -104,21 +105,27 @@ class _ClientProtocol(Protocol):
     def __init__(self, owner: "_Client") -> None:
         self.owner = owner
         self.decoder = FrameDecoder()
+        self.writer: Optional[ImmediateWriter] = None
 
     def connectionMade(self) -> None:
         for option in ("setTcpNoDelay", "setTcpKeepAlive"):
             setter = getattr(self.transport, option, None)
             if setter is not None:
                 setter(True)
+        self.writer = ImmediateWriter(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         frame_received = self.owner._frame_received
+        writer = self.writer
+        writer.hold()  # what the frames of this read cause to be sent leaves in one send
         try:
             for ftype, flags, request_id, payload in self.decoder.frames(data):
                 frame_received(ftype, flags, request_id, payload)
         except ProtocolError as error:
             self.owner._protocol_error(error)
             self.transport.loseConnection()
+        finally:
+            writer.release()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.owner._connection_lost(reason)
@@ -264,7 +271,7 @@ class _Client:
 
     def _attach(self, proto: _ClientProtocol) -> Optional["Deferred[None]"]:
         self._protocol = proto
-        self._write = proto.transport.write
+        self._write = proto.writer.write
         meta = codec.pack_metadata(self.role, DEFAULT_TIMEOUT_MS, self._client, self._channel)
         request_id = _new_id()
         frames = codec.encode_frame(START, request_id, meta, FLAG_REGISTRATION) + codec.encode_frame(END, request_id)

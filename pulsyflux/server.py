@@ -44,6 +44,7 @@ from .codec import (
     FrameDecoder,
 )
 from .errors import ProtocolError
+from .sendnow import immediate_writer
 
 __all__ = [
     "Router",
@@ -379,7 +380,7 @@ class ServerProtocol(Protocol):
             if setter is not None:
                 setter(True)  # low latency; idle connections live (PROTOCOL.md 7)
         stats = self.router.stats
-        raw_write = transport.write
+        raw_write = immediate_writer(transport)
 
         def write(data: bytes) -> None:
             stats.bytes_out += len(data)

@@ -1,0 +1,92 @@
+"""Send a write at once when the socket can take it, not on the reactor's next turn.
+
+Twisted's ``transport.write`` buffers the bytes and asks the reactor to watch
+the socket; they leave on the next loop iteration, and the socket is unwatched
+again after. For a router that forwards one small frame and then waits, that
+is two ``epoll_ctl`` calls and a whole extra reactor turn per hop: more than
+the routing itself. When nothing is buffered, the kernel can usually take
+the bytes right away: send them, and give ``transport.write`` only what the
+kernel did not take, so ordering, producers (flow control), closing and error
+reporting all stay Twisted's.
+
+    write = immediate_writer(transport)
+    write(frame)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.abstract import FileDescriptor
+
+__all__ = ["immediate_writer", "ImmediateWriter"]
+
+# Larger writes go through Twisted: a partial send would cost a copy of the rest.
+IMMEDIATE_LIMIT = 256 * 1024
+
+
+def immediate_writer(transport: Any) -> Callable[[bytes], None]:
+    """A ``write`` for ``transport`` that sends at once when it safely can.
+
+    Only plain TCP and UNIX transports qualify (TLS must encrypt first);
+    anything else gets ``transport.write`` itself.
+    """
+    # A TLS wrapper (tls:/ssl: endpoints) forwards attribute lookups to the TCP
+    # transport under it, socket included: only a FileDescriptor itself qualifies.
+    if not isinstance(transport, FileDescriptor):
+        return transport.write
+    sock = getattr(transport, "socket", None)
+    if sock is None or getattr(transport, "TLS", True) or not hasattr(transport, "_tempDataBuffer"):
+        return transport.write
+    buffered_write = transport.write
+    send = sock.send
+
+    def write(data: bytes) -> None:
+        if (
+            transport.dataBuffer
+            or transport._tempDataBuffer
+            or transport.disconnecting
+            or transport._aborting  # abortConnection() drops what is not yet sent: so must we
+            or not transport.connected
+            or len(data) > IMMEDIATE_LIMIT
+        ):
+            buffered_write(data)
+            return
+        try:
+            sent = send(data)
+        except OSError:
+            sent = 0  # full, or the connection is going: Twisted finds out and reports it
+        if sent < len(data):
+            buffered_write(data[sent:] if sent else data)
+
+    return write
+
+
+class ImmediateWriter:
+    """Sends each write at once, except between :meth:`hold` and :meth:`release`.
+
+    A client holds its writes while it handles one read, so the answers to a
+    batch of frames leave in one send instead of one send each.
+    """
+
+    __slots__ = ("_write_now", "_held")
+
+    def __init__(self, transport: Any) -> None:
+        self._write_now = immediate_writer(transport)
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            self._write_now(data)
+        else:
+            held.append(data)
+
+    def hold(self) -> None:
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._write_now(held[0] if len(held) == 1 else b"".join(held))
