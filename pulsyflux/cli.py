@@ -37,6 +37,7 @@ DEFAULT_HTTP_PORT = 8222
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 Command = Callable[[Any, argparse.Namespace], Awaitable[Optional[int]]]
 
@@ -86,9 +87,11 @@ def _run(command: Command, args: argparse.Namespace, reactor: Any = None) -> int
         state.deferred.addBoth(finished)
 
     def before_shutdown() -> Optional[Deferred[None]]:
-        if state.deferred is None or state.done.called:
+        if state.done.called:
             return None
         state.interrupted = True
+        if state.deferred is None:
+            return None
         state.deferred.cancel()
         if state.done.called:
             return None
@@ -124,7 +127,13 @@ def _report(failure: Failure, args: argparse.Namespace) -> int:
     if os.environ.get(DEBUG_ENV):
         failure.printTraceback(file=sys.stderr)
     if isinstance(error, BrokenPipeError):
-        return EXIT_ERROR
+        # The reader went away (``| head``): stop quietly, as SIGPIPE would,
+        # and keep Python from complaining when it flushes stdout at exit.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
     if isinstance(error, CLIError):
         message, code = error.message, error.code
     else:
@@ -154,14 +163,15 @@ def _describe(error: BaseException, args: argparse.Namespace) -> str:
     if isinstance(error, NoProviderError):
         return f"no provider answered ({error})"
     if isinstance(error, RequestTimeout):
-        return f"request timed out after {getattr(args, 'timeout', '?')} s"
+        timeout = getattr(args, "timeout", None)
+        return f"request timed out after {timeout:g} s" if timeout else "request timed out"
     if isinstance(error, RemoteError):
         return f"the provider answered with an error: {error.message}"
     if isinstance(error, ServerOverloaded):
         return f"the server refused the request: {error}"
     if isinstance(error, ConnectionLostError):
         return str(error)
-    if isinstance(error, OSError):
+    if isinstance(error, (OSError, ValueError, TypeError)):
         return str(error)
     text = str(error) or type(error).__name__
     return f"{text} ({type(error).__name__}; set {DEBUG_ENV}=1 for a traceback)"
@@ -233,6 +243,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _topic(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("the topic must not be empty")
+    from .messages import CONTROL_PREFIX
+
+    if text.startswith(CONTROL_PREFIX):
+        raise argparse.ArgumentTypeError(f"topics starting with {CONTROL_PREFIX!r} are reserved for the broker")
+    return text
+
+
 def _header(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -272,9 +292,7 @@ async def cmd_request(reactor: Any, args: argparse.Namespace) -> int:
     finally:
         await consumer.close()
     out = _Output()
-    if out.isatty() and not reply.endswith(b"\n"):
-        reply += b"\n"
-    out.write(reply)
+    out.write(reply + b"\n" if out.isatty() and not reply.endswith(b"\n") else reply)
     if args.verbose:
         _print_err(f"{len(reply)} bytes in {elapsed * 1000:.2f} ms")
     return 0
@@ -374,6 +392,71 @@ async def _first(*deferreds: "Deferred[Any]") -> int:
     return await winner
 
 
+async def _broker_client(reactor: Any, args: argparse.Namespace) -> Any:
+    from .broker import DEFAULT_BROKER_CHANNEL, BrokerClient
+    from .errors import NoProviderError
+
+    channel = args.broker_channel or DEFAULT_BROKER_CHANNEL
+    try:
+        return await BrokerClient.connect(args.server, channel, reactor=reactor)
+    except NoProviderError:
+        raise CLIError(
+            f"no broker answers on channel {channel} at {args.server} "
+            "(started with --no-broker, or on another --broker-channel?)"
+        ) from None
+
+
+async def cmd_pub(reactor: Any, args: argparse.Namespace) -> int:
+    payload = _data(args.message, "message")
+    headers = dict(args.headers) or None
+    client = await _broker_client(reactor, args)
+    try:
+        await client.publish(args.topic, payload, headers, timeout=args.timeout)
+    finally:
+        await client.close()
+    if not args.quiet:
+        _print_err(f"published {len(payload)} bytes to {args.topic!r}")
+    return 0
+
+
+def message_json(message: Any) -> str:
+    """One message as a JSON line: payload as text, or base64 when it is not UTF-8."""
+    import base64
+
+    line: dict[str, Any] = {"topic": message.topic}
+    try:
+        line["payload"] = message.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        line["payload_base64"] = base64.b64encode(message.payload).decode("ascii")
+    line["headers"] = dict(message.headers or {})
+    return json.dumps(line, ensure_ascii=False)
+
+
+async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
+    from .broker import SubscriptionClosed
+
+    out = _Output()
+    client = await _broker_client(reactor, args)
+    try:
+        sub = await client.subscribe(args.topic)
+        _print_err(f"subscribed to {args.topic!r} at {args.server}; Ctrl-C to stop")
+        received = 0
+        dropped = 0
+        while not args.count or received < args.count:
+            try:
+                message = await sub.get()
+            except SubscriptionClosed as error:
+                raise CLIError(str(error)) from None
+            received += 1
+            if sub.dropped > dropped:
+                _print_err(f"pulsyflux sub: the broker dropped {sub.dropped - dropped} messages (reading too slowly)")
+                dropped = sub.dropped
+            out.line(message_json(message) if args.json else _text(message.payload))
+    finally:
+        await client.close()
+    return 0
+
+
 async def cmd_stats(reactor: Any, args: argparse.Namespace) -> int:
     document = await _get_json(reactor, args.http_url + "/stats", args.http)
     out = _Output()
@@ -412,8 +495,8 @@ def format_stats(document: dict[str, Any]) -> list[str]:
     roles = s["connections"]["by_role"]
     lines = [
         f"uptime          {_duration(s['uptime_seconds'])}",
-        f"connections     {s['connections']['open']} open ({roles.get('consumer', 0)} consumers, "
-        f"{roles.get('provider', 0)} providers, {roles.get('unregistered', 0)} unregistered), "
+        f"connections     {s['connections']['open']} open ({_count(roles.get('consumer', 0), 'consumer')}, "
+        f"{_count(roles.get('provider', 0), 'provider')}, {roles.get('unregistered', 0)} unregistered), "
         f"{s['connections']['total']} since start",
         f"channels        {s['channels']['count']}",
         f"requests        {s['requests']['routed']} routed, {s['requests']['responses_routed']} answered, "
@@ -437,13 +520,17 @@ def format_stats(document: dict[str, Any]) -> list[str]:
     if topics:
         lines.append("topics")
         for topic, count in sorted(topics.items()):
-            lines.append(f"  {topic}  {count} subscriber{'s' if count != 1 else ''}")
+            lines.append(f"  {topic}  {_count(count, 'subscriber')}")
     subs = b.get("subscriptions") or []
     if subs:
         lines.append("subscriptions")
         for sub in sorted(subs, key=lambda sub: (-sub["backlog"], sub["topic"])):
             lines.append(f"  {sub['id']}  {sub['topic']}  backlog {sub['backlog']}  dropped {sub['dropped']}")
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _duration(seconds: float) -> str:
@@ -518,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Publish one message to TOPIC through the broker. The message is MESSAGE, or stdin when MESSAGE "
         "is missing or '-'. Returns once the broker accepted it.",
     )
-    p.add_argument("topic", metavar="TOPIC")
+    p.add_argument("topic", metavar="TOPIC", type=_topic)
     p.add_argument("message", metavar="MESSAGE", nargs="?", help="the payload (default: read stdin)")
     p.add_argument(
         "-H",
@@ -531,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a message header; repeat for more",
     )
     p.add_argument("--timeout", type=_positive_float, default=5.0, metavar="S", help="give up after S seconds (5)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
 
     p = add(
         "sub",
@@ -539,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Subscribe to TOPIC and print each message as it arrives, one line each: the payload as text "
         "(line breaks and invalid UTF-8 escaped), or with --json a JSON object with topic, payload and headers.",
     )
-    p.add_argument("topic", metavar="TOPIC")
+    p.add_argument("topic", metavar="TOPIC", type=_topic)
     p.add_argument("--count", "-n", type=_positive_int, metavar="N", help="exit after N messages")
     p.add_argument("--json", action="store_true", help="print JSON lines: {topic, payload, headers}")
 
@@ -625,14 +713,6 @@ def _finish_args(args: argparse.Namespace) -> None:
         http_address = args.http or os.environ.get(HTTP_ENV) or _http_default(args.server)
         args.http = http_address
         args.http_url = http_address.rstrip("/") if "://" in http_address else f"http://{http_address}"
-
-
-async def cmd_pub(reactor: Any, args: argparse.Namespace) -> int:
-    raise CLIError("pub needs the broker, which this build does not have yet")
-
-
-async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
-    raise CLIError("sub needs the broker, which this build does not have yet")
 
 
 _BENCHES = {

@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_HTTP_PORT",
     "HEADER_PREFIX",
     "HTTPService",
+    "http_service",
     "make_site",
     "prometheus_text",
     "stats_document",
@@ -48,9 +49,9 @@ HEADER_PREFIX = "x-pulsyflux-header-"
 JSON_TYPE = b"application/json"
 PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
-# What a published body may weigh: one wire frame is at most 1 MiB, and the
-# broker sends the payload base64-encoded inside a JSON message.
-DEFAULT_MAX_BODY = 700 * 1024
+# What a published body may weigh (like NATS's max_payload): what one wire
+# frame carries; larger bodies are refused with 413 before they are read.
+DEFAULT_MAX_BODY = 1 << 20
 
 _ROLE_NAMES = {ROLE_CONSUMER: "consumer", ROLE_PROVIDER: "provider"}
 
@@ -93,13 +94,15 @@ def server_stats(factory: ServerFactory, now: Optional[float] = None) -> dict[st
 
 
 def broker_stats(broker: Any) -> Optional[dict[str, Any]]:
-    """The broker's counters, or None when this process runs no broker."""
+    """The broker's counters (:meth:`Broker.stats`), or None when it does not run.
+
+    ``broker`` is a :class:`~pulsyflux.broker.Broker` or a
+    :class:`~pulsyflux.service.BrokerService` (whose stats are empty until
+    its broker is connected).
+    """
     if broker is None:
         return None
-    snapshot = getattr(broker, "snapshot", None)
-    if snapshot is not None:
-        return snapshot()
-    return None
+    return broker.stats() or None
 
 
 def stats_document(factory: ServerFactory, broker: Any = None, now: Optional[float] = None) -> dict[str, Any]:
@@ -221,15 +224,35 @@ def prometheus_text(document: dict[str, Any]) -> str:
 
 def _broker_metrics(m: _Metrics, b: dict[str, Any]) -> None:
     m.one(
-        "pulsyflux_broker_published_total", "counter", "Messages the broker accepted from publishers.", b["published"]
+        "pulsyflux_broker_published_total",
+        "counter",
+        "Messages the broker accepted from publishers (any client, Go ones too).",
+        b["published"],
     )
     m.one(
         "pulsyflux_broker_delivered_total",
         "counter",
-        "Messages handed to a subscription (one per subscriber).",
+        "Messages subscribers accepted (one per subscriber).",
         b["delivered"],
     )
-    m.one("pulsyflux_broker_dropped_total", "counter", "Messages dropped by the broker, all causes.", b["dropped"])
+    m.one(
+        "pulsyflux_broker_dropped_total",
+        "counter",
+        "Messages dropped because a subscriber's backlog was full (it read too slowly).",
+        b["dropped"],
+    )
+    m.one(
+        "pulsyflux_broker_lost_total",
+        "counter",
+        "Messages queued for subscribers whose connection vanished.",
+        b.get("lost", 0),
+    )
+    m.one(
+        "pulsyflux_broker_rejected_total",
+        "counter",
+        "Publish requests the broker refused as malformed.",
+        b.get("rejected", 0),
+    )
     topics = b.get("topics", {})
     m.one("pulsyflux_broker_topics", "gauge", "Topics with at least one subscriber.", len(topics))
     m.family(
@@ -238,18 +261,24 @@ def _broker_metrics(m: _Metrics, b: dict[str, Any]) -> None:
         "Subscriptions per topic.",
         [({"topic": topic}, count) for topic, count in sorted(topics.items())],
     )
-    subs = b.get("subscriptions", [])
+    subs = sorted(b.get("subscriptions", []), key=lambda sub: (sub["topic"], sub["channel"]))
     m.family(
         "pulsyflux_broker_subscription_backlog",
         "gauge",
-        "Messages waiting to be delivered to a subscription.",
-        [({"topic": sub["topic"], "subscription": sub["id"]}, sub["backlog"]) for sub in subs],
+        "Messages the broker holds for one subscription, not yet forwarded.",
+        [({"topic": sub["topic"], "subscription": sub["channel"]}, sub["backlog"]) for sub in subs],
+    )
+    m.family(
+        "pulsyflux_broker_subscription_delivered_total",
+        "counter",
+        "Messages one subscription accepted.",
+        [({"topic": sub["topic"], "subscription": sub["channel"]}, sub["delivered"]) for sub in subs],
     )
     m.family(
         "pulsyflux_broker_subscription_dropped_total",
         "counter",
-        "Messages dropped for one subscription (it was too slow).",
-        [({"topic": sub["topic"], "subscription": sub["id"]}, sub["dropped"]) for sub in subs],
+        "Messages dropped for one subscription (it read too slowly).",
+        [({"topic": sub["topic"], "subscription": sub["channel"]}, sub["dropped"]) for sub in subs],
     )
 
 
@@ -260,7 +289,7 @@ def _json(request: Request, code: int, body: Any) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", JSON_TYPE)
     request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(body, sort_keys=False).encode() + b"\n"
+    return json.dumps(body, indent=2).encode() + b"\n"
 
 
 class _Leaf(Resource):
@@ -377,21 +406,17 @@ class Publish(_Leaf):
 
 
 def _topic_problem(topic: str) -> Optional[str]:
+    from .messages import CONTROL_PREFIX
+
     if not topic:
         return "topic must not be empty: POST /publish/{topic}"
-    try:
-        from .broker import check_topic  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    try:
-        check_topic(topic)
-    except ValueError as error:
-        return str(error)
+    if topic.startswith(CONTROL_PREFIX):
+        return f"topics starting with {CONTROL_PREFIX!r} are reserved for the broker"
     return None
 
 
 def _publish_error(error: BaseException) -> tuple[int, str]:
-    if isinstance(error, ValueError):
+    if isinstance(error, (ValueError, TypeError)):
         return http.BAD_REQUEST, str(error)
     if isinstance(error, TimeoutError):
         return http.GATEWAY_TIMEOUT, f"broker did not accept the message in time: {error}"
@@ -466,14 +491,14 @@ def make_site(
     root.putChild(b"stats", Stats(document))
     root.putChild(b"metrics", Metrics(document))
     root.putChild(b"publish", Publish(broker, max_body=max_body))
-    site = _Site(root, requestFactory=_BoundedRequest)
+    site = PulsyfluxSite(root, requestFactory=_BoundedRequest)
     site.max_body = max_body
     site.noisy = False
     site.displayTracebacks = False
     return site
 
 
-class _Site(Site):
+class PulsyfluxSite(Site):
     """A Site that knows its open connections, so stopping can close them
     (keep-alive clients would otherwise hold the reactor open)."""
 
@@ -569,3 +594,26 @@ class HTTPService(service.Service):
         if close is not None:
             waits.append(close())
         return DeferredList(waits)
+
+
+def http_service(listen: str | int, broker_service: Any, reactor: Any = None) -> HTTPService:
+    """The HTTP API for a :class:`~pulsyflux.service.BrokerService` (what
+    ``twistd pulsyflux --http`` adds): healthy once its server listens and,
+    unless it runs without one, its broker is connected.
+
+        http_service("8222", top).setServiceParent(top)
+    """
+    runs_broker = broker_service.broker_channel is not None
+
+    def not_running() -> list[str]:
+        missing = []
+        if broker_service.server.port is None:
+            missing.append("server")
+        broker = broker_service.broker
+        # A Broker that lost the server closes itself (it has no public flag for that yet).
+        if runs_broker and (broker is None or getattr(broker, "_closed", None) is not None):
+            missing.append("broker")
+        return missing
+
+    site = make_site(broker_service.factory, broker=broker_service if runs_broker else None, ready=not_running)
+    return HTTPService(listen, site, reactor or broker_service.reactor)

@@ -255,6 +255,7 @@ class Options(usage.Options):
     optParameters = [
         ["port", "p", DEFAULT_PORT, "Where the server listens: a port (on 127.0.0.1) or an endpoint description."],
         ["broker-channel", None, str(DEFAULT_BROKER_CHANNEL), "The broker's channel id (a UUID)."],
+        ["http", None, None, "Serve the HTTP monitoring/publish API here: a port (on 127.0.0.1) or a description."],
     ]
     optFlags = [
         ["no-broker", None, "Run the request/response server only, without the pub/sub broker."],
@@ -269,4 +270,9 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> service.IService:
     channel = None if options["no-broker"] else options["broker-channel"]
-    return BrokerService(options["port"], broker_channel=channel)
+    top = BrokerService(options["port"], broker_channel=channel)
+    if options["http"]:
+        from .http import http_service
+
+        http_service(options["http"], top).setServiceParent(top)
+    return top

@@ -46,7 +46,7 @@ class RunningServer:
         self._port = port
         self.port: int = port.getHost().port
         self.address = f"127.0.0.1:{self.port}"
-        self.broker: Any = None
+        self.broker: Any = None  # the Broker, unless started with broker=False
         self.broker_channel: Optional[uuid.UUID] = None
         self.http_port: Optional[int] = None
         self.http_url: Optional[str] = None
@@ -102,13 +102,17 @@ class RunningServer:
 def start_server(
     reactor: Any = None,
     *,
+    broker: bool = True,
     http: bool = False,
     cleanup: Optional[Callable[..., Any]] = None,
 ) -> "Deferred[RunningServer]":
-    """Start a server on 127.0.0.1 with an ephemeral port.
+    """Start a server on 127.0.0.1 with an ephemeral port, and its broker.
 
-    ``http=True`` also serves the HTTP API (:mod:`pulsyflux.http`) on another
-    ephemeral port, at ``server.http_url``. ``cleanup`` (a trial
+    The broker answers on the default broker channel, so
+    ``BrokerClient.connect(server.address)`` finds it; ``server.broker`` is
+    the :class:`~pulsyflux.broker.Broker` itself (``broker=False`` runs the
+    router alone). ``http=True`` also serves the HTTP API
+    (:mod:`pulsyflux.http`) at ``server.http_url``. ``cleanup`` (a trial
     ``TestCase.addCleanup``, or anything that takes a function returning a
     Deferred) is given :meth:`RunningServer.stop`.
 
@@ -118,20 +122,30 @@ def start_server(
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return Deferred.fromCoroutine(_start(reactor, http, cleanup))
+    return Deferred.fromCoroutine(_start(reactor, broker, http, cleanup))
 
 
-async def _start(reactor: Any, http: bool, cleanup: Optional[Callable[..., Any]]) -> RunningServer:
+async def _start(reactor: Any, broker: bool, http: bool, cleanup: Optional[Callable[..., Any]]) -> RunningServer:
     factory = ServerFactory(reactor)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     server = RunningServer(reactor, factory, port)
     if cleanup is not None:
         cleanup(server.stop)
-    if http:
-        from .http import make_site
+    try:
+        if broker:
+            from .broker import DEFAULT_BROKER_CHANNEL, Broker
 
-        server.site = make_site(factory, broker=server.broker)
-        server._http_listener = reactor.listenTCP(0, server.site, interface="127.0.0.1")
-        server.http_port = server._http_listener.getHost().port
-        server.http_url = f"http://127.0.0.1:{server.http_port}"
+            server.broker = await Broker.connect(server.address, DEFAULT_BROKER_CHANNEL, reactor=reactor)
+            server.broker_channel = DEFAULT_BROKER_CHANNEL
+        if http:
+            from .http import make_site
+
+            server.site = make_site(factory, broker=server.broker)
+            server._http_listener = reactor.listenTCP(0, server.site, interface="127.0.0.1")
+            server.http_port = server._http_listener.getHost().port
+            server.http_url = f"http://127.0.0.1:{server.http_port}"
+    except BaseException:
+        if cleanup is None:
+            await server.stop()
+        raise
     return server

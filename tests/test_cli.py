@@ -301,7 +301,7 @@ async def test_reply_exits_when_the_server_goes_away(server, channel):
 def served():
     from pulsyflux.testing import start_server
 
-    running = pytest_twisted.blockon(start_server(http=True))
+    running = pytest_twisted.blockon(start_server(http=True, broker=False))
     yield running
     pytest_twisted.blockon(running.stop())
 
@@ -315,7 +315,7 @@ async def test_stats_summarises_the_http_stats(served, channel):
     result = await cli("stats", "--http", http)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.decode().splitlines()
-    assert lines[1].startswith("connections     2 open (1 consumers, 1 providers, 0 unregistered)")
+    assert lines[1].startswith("connections     2 open (1 consumer, 1 provider, 0 unregistered)")
     assert "requests        1 routed, 1 answered, 0 in flight" in lines
     assert "errors          none" in lines
 
@@ -347,3 +347,85 @@ async def test_stats_when_the_http_api_is_down(served):
     result = await cli("stats", "--http", closed)
     err = one_line_error(result, "stats")
     assert f"cannot reach the HTTP API at {closed}: connection refused (started with --http?)" in err
+
+
+# -- pub and sub ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def brokered():
+    from pulsyflux.testing import start_server
+
+    running = pytest_twisted.blockon(start_server())
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+@ensure
+async def test_pub_then_sub_json_lines(brokered):
+    process = spawn("sub", "--server", brokered.address, "orders", "--count", "3", "--json")
+    assert "subscribed to 'orders'" in await _ready(process)
+    result = await cli("pub", "--server", brokered.address, "orders", "new order", "-H", "priority=high", "-H", "a=b=c")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b"published 9 bytes to 'orders'\n"
+    result = await cli("pub", "-s", brokered.address, "-q", "orders", stdin=b"two\nlines")
+    assert (result.returncode, result.stderr) == (0, b"")
+    await cli("pub", "-s", brokered.address, "-q", "orders", stdin=b"\xff\x00")
+    code, out, err = await _finished(process)
+    assert code == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"topic": "orders", "payload": "new order", "headers": {"priority": "high", "a": "b=c"}},
+        {"topic": "orders", "payload": "two\nlines", "headers": {}},
+        {"topic": "orders", "payload_base64": "/wA=", "headers": {}},
+    ]
+
+
+@ensure
+async def test_sub_prints_one_line_per_message(brokered):
+    process = spawn("sub", "--server", brokered.address, "news", "-n", "2")
+    await _ready(process)
+    await brokered.broker.publish("news", b"first\nsecond")
+    await brokered.broker.publish("news", b"\xffdone")
+    code, out, err = await _finished(process)
+    assert code == 0, err
+    assert out == b"first\\nsecond\n\\xffdone\n"
+
+
+@ensure
+async def test_ctrl_c_stops_sub_and_unsubscribes(brokered):
+    process = spawn("sub", "--server", brokered.address, "news")
+    await _ready(process)
+    assert brokered.broker.stats()["topics"] == {"news": 1}
+    await brokered.broker.publish("news", b"one")
+    assert await threads.deferToThread(process.stdout.readline) == b"one\n"
+    process.send_signal(signal.SIGINT)
+    code, out, err = await _finished(process)
+    assert (code, out, err) == (130, b"", b"")
+    # It unsubscribed (and the broker confirmed) before it exited.
+    assert brokered.broker.stats()["topics"] == {}
+
+
+@ensure
+async def test_pub_without_a_broker(server):
+    result = await cli("pub", "--server", server.address, "orders", "x")
+    err = one_line_error(result, "pub")
+    assert f"no broker answers on channel 4cf5ad4a-c843-56c7-921e-35cba21980e2 at {server.address}" in err
+
+
+@ensure
+async def test_pub_refuses_reserved_and_empty_topics(brokered):
+    for topic in ("$pulsyflux/subscribe", ""):
+        result = await cli("pub", "--server", brokered.address, topic, "x")
+        assert result.returncode == 2
+        assert b"pulsyflux pub: error: argument TOPIC:" in result.stderr
+    assert brokered.broker.published == 0
+
+
+@ensure
+async def test_sub_ends_with_an_error_when_the_server_goes_away(brokered):
+    process = spawn("sub", "--server", brokered.address, "news")
+    await _ready(process)
+    await brokered.stop()
+    code, _, err = await _finished(process)
+    assert code == 1
+    assert err.decode().splitlines()[-1].startswith("pulsyflux sub: error: subscription to 'news' closed: ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 
 import pytest
 import pytest_twisted
@@ -22,7 +23,15 @@ SAMPLE = re.compile(r'^[a-z_:][a-z0-9_:]*(\{([a-z_][a-z0-9_]*="([^"\\]|\\.)*",?)
 
 @pytest.fixture
 def served():
-    """A server with its HTTP API, both on ephemeral 127.0.0.1 ports."""
+    """A server (no broker: exact router counts) with its HTTP API, on ephemeral 127.0.0.1 ports."""
+    running = pytest_twisted.blockon(start_server(http=True, broker=False))
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+@pytest.fixture
+def brokered():
+    """A server, its broker and its HTTP API."""
     running = pytest_twisted.blockon(start_server(http=True))
     yield running
     pytest_twisted.blockon(running.stop())
@@ -143,9 +152,9 @@ async def test_publish_rejects_bad_input_before_anything_else(served):
     response = await treq.post(served.http_url + "/publish/", b"x", persistent=False)
     assert response.code == 400
     assert json.loads(await response.content()) == {"error": "topic must not be empty: POST /publish/{topic}"}
-    response = await treq.post(served.http_url + "/publish/orders", b"x" * (700 * 1024 + 1), persistent=False)
+    response = await treq.post(served.http_url + "/publish/orders", b"x" * (1024 * 1024 + 1), persistent=False)
     assert response.code == 413
-    assert json.loads(await response.content())["limit"] == 700 * 1024
+    assert json.loads(await response.content()) == {"error": "body larger than 1048576 bytes", "limit": 1048576}
 
 
 @ensure
@@ -164,3 +173,104 @@ async def test_http_service_listens_on_a_bare_port_and_closes_its_connections(se
 
 def test_bare_port_means_localhost():
     assert HTTPService("8222", make_site(None)).description == "tcp:8222:interface=127.0.0.1"
+
+
+# -- with the broker -------------------------------------------------------------------
+
+
+@ensure
+async def test_publish_reaches_subscribers_with_headers(brokered):
+    sub = await brokered.broker.subscribe("orders/eu")
+    response = await treq.post(
+        brokered.http_url + "/publish/orders%2Feu",
+        b"new order",
+        headers={"X-Pulsyflux-Header-Priority": "high", "X-Pulsyflux-Header-Trace-Id": "abc", "X-Other": "no"},
+        persistent=False,
+    )
+    assert response.code == 202
+    assert json.loads(await response.content()) == {"status": "accepted", "topic": "orders/eu", "bytes": 9}
+    message = await sub.get()
+    assert (message.topic, message.payload) == ("orders/eu", b"new order")
+    assert message.headers == {"priority": "high", "trace-id": "abc"}
+
+
+@ensure
+async def test_publish_refuses_reserved_topics(brokered):
+    response = await treq.post(brokered.http_url + "/publish/$pulsyflux/subscribe", b"x", persistent=False)
+    assert response.code == 400
+    assert json.loads(await response.content()) == {
+        "error": "topics starting with '$pulsyflux/' are reserved for the broker"
+    }
+    assert brokered.broker.published == 0
+
+
+@ensure
+async def test_stats_and_metrics_show_which_subscriber_is_slow(brokered):
+    from pulsyflux import Broker
+
+    # A broker that keeps little for slow subscribers, so drops show quickly.
+    tight = await Broker.connect(brokered.address, uuid.uuid4(), backlog=2, batch=1, window=1)
+    site = make_site(brokered.factory, broker=tight)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    fast = await tight.subscribe("ticks")
+    slow = await tight.subscribe("ticks", buffer=1)  # never read
+    for i in range(20):
+        await tight.publish("ticks", b"%d" % i)
+    for _ in range(20):
+        await fast.get()
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    try:
+        code, stats = await get_json(url + "/stats")
+        response, metrics = await get(url + "/metrics")
+    finally:
+        await port.stopListening()
+        await site.close_connections()
+        await tight.close()
+    assert code == 200
+    broker = stats["broker"]
+    assert broker["published"] == 20
+    assert broker["topics"] == {"ticks": 2}
+    by_channel = {sub["channel"]: sub for sub in broker["subscriptions"]}
+    fast_stats, slow_stats = by_channel[str(fast.channel)], by_channel[str(slow.channel)]
+    assert (fast_stats["backlog"], fast_stats["dropped"]) == (0, 0)
+    assert slow_stats["dropped"] > 0 and slow_stats["backlog"] == 2
+    assert broker["dropped"] == slow_stats["dropped"]
+    lines = set(metrics.decode().splitlines())
+    assert "pulsyflux_broker_published_total 20" in lines
+    assert 'pulsyflux_broker_topic_subscribers{topic="ticks"} 2' in lines
+    assert (
+        f'pulsyflux_broker_subscription_dropped_total{{topic="ticks",subscription="{slow.channel}"}} {slow_stats["dropped"]}'
+        in lines
+    )
+    assert f'pulsyflux_broker_subscription_backlog{{topic="ticks",subscription="{fast.channel}"}} 0' in lines
+
+
+@ensure
+async def test_twistd_http_option(tmp_path):
+    from pulsyflux.service import Options, makeService
+
+    options = Options()
+    options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--http", "tcp:0:interface=127.0.0.1"])
+    top = makeService(options)
+    top.startService()
+    try:
+        await top.whenReady()
+        (http,) = [child for child in top if isinstance(child, HTTPService)]
+        url = f"http://127.0.0.1:{(await http.whenListening()).getHost().port}"
+        assert await get_json(url + "/healthz") == (200, {"status": "ok"})
+        response = await treq.post(url + "/publish/news", b"hello", persistent=False)
+        assert response.code == 202
+        await response.content()
+        code, stats = await get_json(url + "/stats")
+        assert stats["broker"]["published"] == 1
+    finally:
+        await top.stopService()
+    assert top.factory.router.connections == set()
+
+
+def test_http_is_off_unless_asked():
+    from pulsyflux.service import Options, makeService
+
+    options = Options()
+    options.parseOptions(["--port", "tcp:0:interface=127.0.0.1"])
+    assert not [child for child in makeService(options) if isinstance(child, HTTPService)]

@@ -10,7 +10,7 @@ import treq
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from pulsyflux import Consumer, Provider
+from pulsyflux import BrokerClient, Consumer, Provider
 from pulsyflux.testing import start_server
 
 
@@ -26,9 +26,19 @@ class ServerForATest(unittest.TestCase):
         self.addCleanup(provider.close)
         consumer = yield Consumer.connect(self.server.address, self.channel)
         self.addCleanup(consumer.close)
+        before = self.server.stats.requests_routed
         reply = yield consumer.send(b"hello")
         self.assertEqual(reply, b"trial:hello")
-        self.assertEqual(self.server.stats.requests_routed, 1)
+        self.assertEqual(self.server.stats.requests_routed, before + 1)
+
+    @defer.inlineCallbacks
+    def test_publish_and_subscribe(self):
+        client = yield BrokerClient.connect(self.server.address)
+        self.addCleanup(client.close)
+        subscription = yield client.subscribe("orders")
+        yield self.server.broker.publish("orders", b"order 42", {"priority": "high"})
+        message = yield subscription.get()
+        self.assertEqual((message.payload, message.headers), (b"order 42", {"priority": "high"}))
 
     @defer.inlineCallbacks
     def test_clients_left_open_do_not_dirty_the_reactor(self):
@@ -51,4 +61,5 @@ class ServerWithHTTPForATest(unittest.TestCase):
         response = yield treq.get(self.server.http_url + "/stats", persistent=False)
         body = json.loads((yield response.content()))
         self.assertEqual(response.code, 200)
-        self.assertEqual(body["server"]["connections"]["open"], 0)
+        self.assertEqual(body["server"]["connections"]["by_role"], {"consumer": 1, "provider": 1, "unregistered": 0})
+        self.assertEqual(body["broker"]["published"], 0)
