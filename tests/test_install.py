@@ -78,3 +78,37 @@ async def test_unix_socket_endpoint(wheel_bin, tmp_path):
         await defer.gatherResults([consumer.close(), provider.close()])
     finally:
         assert await proc.terminate(), proc.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_runs_the_broker_for_other_processes(wheel_bin, tmp_path):
+    from pulsyflux import BrokerClient, Message
+
+    proc = spawn_twistd(wheel_bin, tmp_path, "--port", "tcp:0:interface=127.0.0.1")
+    try:
+        address = await proc.listening
+        subscriber = await BrokerClient.connect(address)  # the default broker channel
+        publisher = await BrokerClient.connect(address)
+        sub = await subscriber.subscribe("e2e")
+        await publisher.publish("e2e", b"through twistd", {"k": "v"})
+        assert await sub.get() == Message("e2e", b"through twistd", {"k": "v"})
+        await publisher.close()
+    finally:
+        clean = await proc.terminate()
+    assert clean, proc.output
+    # The broker ended the subscription when twistd shut down.
+    assert [msg async for msg in sub] == []
+    await subscriber.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_without_the_broker(wheel_bin, tmp_path):
+    from pulsyflux import BrokerClient, NoProviderError
+
+    proc = spawn_twistd(wheel_bin, tmp_path, "--port", "tcp:0:interface=127.0.0.1", "--no-broker")
+    try:
+        address = await proc.listening
+        with pytest.raises(NoProviderError, match="no broker"):
+            await BrokerClient.connect(address)  # nobody answers on the default broker channel
+    finally:
+        assert await proc.terminate(), proc.output
