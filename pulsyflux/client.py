@@ -447,10 +447,11 @@ class Consumer(_Client):
                 _VERSION, START, 0, request_id, _START_HEADER_LEN, ROLE_CONSUMER, timeout_ms, client, channel
             )
             if size:
-                transport = self._protocol.transport
-                transport.write(head)
-                transport.writeSequence(codec.chunk_frames(CHUNK, request_id, bytes(payload)))
-                transport.write(tail)
+                write = self._write  # piece by piece: a large chunk is never copied to join it
+                write(head)
+                for piece in codec.chunk_frames(CHUNK, request_id, bytes(payload)):
+                    write(piece)
+                write(tail)
             else:
                 self._write(head + tail)
         if timeout:
@@ -600,10 +601,11 @@ class Provider(_Client):
                 head += _pack_header(_VERSION, RESPONSE_CHUNK, 0, raw, size) + payload
             self._write(head + tail)
         else:
-            transport = self._protocol.transport
-            transport.write(head)
-            transport.writeSequence(codec.chunk_frames(RESPONSE_CHUNK, raw, bytes(payload)))
-            transport.write(tail)
+            write = self._write  # piece by piece: a large chunk is never copied to join it
+            write(head)
+            for piece in codec.chunk_frames(RESPONSE_CHUNK, raw, bytes(payload)):
+                write(piece)
+            write(tail)
 
     def _frame_received(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
         if ftype == CHUNK:

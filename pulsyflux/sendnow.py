@@ -19,10 +19,29 @@ from typing import Any, Callable
 
 from twisted.internet.abstract import FileDescriptor
 
-__all__ = ["immediate_writer", "ImmediateWriter"]
+__all__ = ["immediate_writer", "ImmediateWriter", "coalesce"]
 
-# Larger writes go through Twisted: a partial send would cost a copy of the rest.
-IMMEDIATE_LIMIT = 256 * 1024
+# Pieces larger than this are written on their own, never copied to be joined.
+JOIN_LIMIT = 64 * 1024
+
+
+def coalesce(pieces: list[bytes]) -> list[bytes]:
+    """``pieces`` as few writes: runs of small pieces joined, large ones left alone."""
+    if len(pieces) == 1 or max(map(len, pieces)) <= JOIN_LIMIT:
+        return [pieces[0] if len(pieces) == 1 else b"".join(pieces)]
+    writes: list[bytes] = []
+    run: list[bytes] = []
+    for piece in pieces:
+        if len(piece) <= JOIN_LIMIT:
+            run.append(piece)
+            continue
+        if run:
+            writes.append(b"".join(run))
+            run = []
+        writes.append(piece)
+    if run:
+        writes.append(b"".join(run))
+    return writes
 
 
 def immediate_writer(transport: Any) -> Callable[[bytes], None]:
@@ -48,7 +67,6 @@ def immediate_writer(transport: Any) -> Callable[[bytes], None]:
             or transport.disconnecting
             or transport._aborting  # abortConnection() drops what is not yet sent: so must we
             or not transport.connected
-            or len(data) > IMMEDIATE_LIMIT
         ):
             buffered_write(data)
             return
@@ -89,4 +107,5 @@ class ImmediateWriter:
     def release(self) -> None:
         held, self._held = self._held, None
         if held:
-            self._write_now(held[0] if len(held) == 1 else b"".join(held))
+            for data in coalesce(held):
+                self._write_now(data)

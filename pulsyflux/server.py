@@ -44,7 +44,7 @@ from .codec import (
     FrameDecoder,
 )
 from .errors import ProtocolError
-from .sendnow import immediate_writer
+from .sendnow import coalesce, immediate_writer
 
 __all__ = [
     "Router",
@@ -203,7 +203,8 @@ class Router:
         dirty = self._dirty
         for conn in dirty:
             outbox = conn.outbox
-            conn.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+            for data in coalesce(outbox):
+                conn.write(data)
             outbox.clear()
         dirty.clear()
 

@@ -11,7 +11,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-from pulsyflux.sendnow import IMMEDIATE_LIMIT, ImmediateWriter, immediate_writer
+from pulsyflux.sendnow import JOIN_LIMIT, ImmediateWriter, immediate_writer
 
 
 class Collect(Protocol):
@@ -30,7 +30,7 @@ class Collect(Protocol):
 
 @pytest_twisted.ensureDeferred
 async def test_mixed_writes_arrive_whole_and_in_order_even_when_the_reader_stalls():
-    pieces = [bytes([n % 251]) * size for n, size in enumerate([5, IMMEDIATE_LIMIT + 1, 7, 3_000_000, 1, 64, 9])]
+    pieces = [bytes([n % 251]) * size for n, size in enumerate([5, JOIN_LIMIT + 1, 7, 3_000_000, 1, 64, 9])]
     pieces += [b"tail%d" % n for n in range(200)]
     expected = b"".join(pieces)
     receiver = Collect(len(expected))
