@@ -152,16 +152,22 @@ class Subscription:
         obj = messages._loads(body)
         items = obj if type(obj) is list else (obj,)
         batch = [messages._message(item) for item in items]
-        put = self._queue.put
+        queue = self._queue
+        pending = queue.pending
         count = 0
         for msg in batch:
             if msg.topic.startswith(CONTROL_PREFIX):
                 self._control(msg)
                 continue
-            put(msg)
+            pending.append(msg)
             count += 1
         self._received += count
-        if not self._held and len(self._queue.pending) <= self.buffer:
+        # Queue the whole batch before waking a reader: its loop then reads
+        # the rest without suspending once per message.
+        waiting = queue.waiting
+        while waiting and pending:
+            waiting.pop(0).callback(pending.pop(0))
+        if not self._held and len(pending) <= self.buffer:
             return _OK
         answer: Deferred[bytes] = Deferred()
         self._held.append((self._received, answer))
@@ -197,7 +203,8 @@ class Subscription:
         held, self._held = self._held, deque()
         for _, answer in held:
             answer.callback(_OK)  # the connection is going; nobody waits for these
-        waiting, self._queue.waiting = self._queue.waiting, []
+        waiting = list(self._queue.waiting)
+        del self._queue.waiting[:]  # in place: _deliver may be walking this list
         for d in waiting:
             d.errback(self._closed)
 

@@ -339,3 +339,22 @@ async def test_broker_service_stopped_while_the_broker_connects():
     assert not service.factory.router.connections and service.broker is None
     with pytest.raises(ConnectionLostError):
         await ready
+
+
+@ensure
+async def test_a_reader_may_unsubscribe_in_the_middle_of_a_batch(server):
+    broker = await _broker(server)
+    sub = await broker.subscribe("t")
+    got = []
+
+    async def read():
+        async for msg in sub:
+            got.append(msg.payload)
+            if msg.payload == b"3":
+                await broker.unsubscribe("t")
+
+    reading = defer.ensureDeferred(read())  # waiting before the batch arrives
+    await defer.gatherResults([broker.publish("t", b"%d" % i) for i in range(10)])
+    await reading
+    assert got[:4] == [b"0", b"1", b"2", b"3"] and got == [b"%d" % i for i in range(len(got))]
+    await broker.close()

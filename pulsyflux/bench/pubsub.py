@@ -220,15 +220,13 @@ class _Flood:
         perf_counter = time.perf_counter
         unpack = _STAMP.unpack_from
         samples = self.samples
-        slowest_check = len(self.subs) == 1
         async for msg in sub:
-            received[index] += 1
+            count = received[index] = received[index] + 1
             self.delivered += 1
             if self.sampling and index == 0:
                 samples.append(perf_counter() - unpack(msg.payload)[0])
-            if slowest_check or received[index] == min(received):
-                if received[index] % 64 == 0 or self.published - received[index] < self.options.window // 2:
-                    self._top_up()
+            if not count & 63:
+                self._top_up()
 
 
 async def _flood(
