@@ -436,22 +436,32 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
     from .broker import SubscriptionClosed
 
     out = _Output()
+    reported = 0
+
+    def report_drops() -> None:
+        # Never lose messages without a trace: say so as soon as we know.
+        nonlocal reported
+        if sub.dropped > reported:
+            count = sub.dropped - reported
+            _print_err(f"pulsyflux sub: the broker dropped {_count(count, 'message')} for us (reading too slowly)")
+            reported = sub.dropped
+
     client = await _broker_client(reactor, args)
     try:
         sub = await client.subscribe(args.topic)
         _print_err(f"subscribed to {args.topic!r} at {args.server}; Ctrl-C to stop")
         received = 0
-        dropped = 0
-        while not args.count or received < args.count:
-            try:
-                message = await sub.get()
-            except SubscriptionClosed as error:
-                raise CLIError(str(error)) from None
-            received += 1
-            if sub.dropped > dropped:
-                _print_err(f"pulsyflux sub: the broker dropped {sub.dropped - dropped} messages (reading too slowly)")
-                dropped = sub.dropped
-            out.line(message_json(message) if args.json else _text(message.payload))
+        try:
+            while not args.count or received < args.count:
+                try:
+                    message = await sub.get()
+                except SubscriptionClosed as error:
+                    raise CLIError(str(error)) from None
+                received += 1
+                report_drops()
+                out.line(message_json(message) if args.json else _text(message.payload))
+        finally:
+            report_drops()
     finally:
         await client.close()
     return 0
@@ -523,9 +533,12 @@ def format_stats(document: dict[str, Any]) -> list[str]:
             lines.append(f"  {topic}  {_count(count, 'subscriber')}")
     subs = b.get("subscriptions") or []
     if subs:
-        lines.append("subscriptions")
-        for sub in sorted(subs, key=lambda sub: (-sub["backlog"], sub["topic"])):
-            lines.append(f"  {sub['id']}  {sub['topic']}  backlog {sub['backlog']}  dropped {sub['dropped']}")
+        lines.append("subscriptions (slowest first)")
+        for sub in sorted(subs, key=lambda sub: (-sub["backlog"] - sub["in_flight"], sub["topic"])):
+            lines.append(
+                f"  {sub['channel']}  {sub['topic']}  backlog {sub['backlog']}  in flight {sub['in_flight']}  "
+                f"delivered {sub['delivered']}  dropped {sub['dropped']}"
+            )
     return lines
 
 

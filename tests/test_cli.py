@@ -326,6 +326,27 @@ async def test_stats_summarises_the_http_stats(served, channel):
     await provider.close()
 
 
+@ensure
+async def test_stats_shows_topics_and_each_subscription():
+    from pulsyflux.testing import start_server
+
+    running = await start_server(http=True)
+    try:
+        sub = await running.broker.subscribe("orders")
+        await running.broker.publish("orders", b"x")
+        await sub.get()
+        result = await cli("stats", "--http", f"127.0.0.1:{running.http_port}")
+    finally:
+        await running.stop()
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert "broker          1 published, " in "\n".join(lines)
+    assert "  orders  1 subscriber" in lines
+    assert lines[-2] == "subscriptions (slowest first)"
+    assert lines[-1].startswith(f"  {sub.channel}  orders  backlog 0  in flight 0  ")
+    assert lines[-1].endswith("dropped 0")
+
+
 def test_stats_looks_for_the_http_api_next_to_the_server(monkeypatch):
     from pulsyflux.cli import _finish_args
 
@@ -429,3 +450,41 @@ async def test_sub_ends_with_an_error_when_the_server_goes_away(brokered):
     code, _, err = await _finished(process)
     assert code == 1
     assert err.decode().splitlines()[-1].startswith("pulsyflux sub: error: subscription to 'news' closed: ")
+
+
+@ensure
+async def test_sub_says_when_the_broker_dropped_messages_for_it(brokered):
+    from pulsyflux import Broker
+
+    channel = uuid.uuid4()
+    tight = await Broker.connect(brokered.address, channel, backlog=5)  # keeps little for a slow reader
+    try:
+        process = spawn("sub", "--server", brokered.address, "--broker-channel", str(channel), "flood")
+        await _ready(process)
+        # Nobody reads its stdout yet: once the pipe is full, `sub` blocks, and the broker must drop.
+        payload = b"x" * 4000
+        for _ in range(300):
+            await tight.publish("flood", payload)
+        # Now read; the broker tells the subscriber how many it dropped with the next message.
+        await tight.publish("flood", b"last")
+
+        def read_until_last() -> list[bytes]:
+            lines = []
+            while not lines or lines[-1] != b"last\n":
+                lines.append(process.stdout.readline())
+            return lines
+
+        lines = await threads.deferToThread(read_until_last)
+        process.send_signal(signal.SIGINT)
+        code, _, err = await _finished(process)
+        dropped = tight.stats()["dropped"]
+    finally:
+        await tight.close()
+    assert code == 130
+    assert 1 < len(lines) < 300 and set(lines[:-1]) == {payload + b"\n"}
+    assert dropped > 0
+    # One notice or several (the broker tells the running total with its next forward): all of it, nothing else.
+    notices = err.decode().splitlines()
+    assert all(n.startswith("pulsyflux sub: the broker dropped ") for n in notices), notices
+    assert all(n.endswith(" for us (reading too slowly)") for n in notices), notices
+    assert sum(int(n.split()[5]) for n in notices) == dropped
