@@ -149,6 +149,18 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def _waiting_seconds(pid: int) -> float:
+    """Time a process was runnable but waiting for a CPU (Linux schedstat; 0 elsewhere).
+
+    On a shared machine this says how much of a measurement was lost to other work.
+    """
+    try:
+        with open(f"/proc/{pid}/schedstat") as stat:
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 # -- measurements --------------------------------------------------------------------
 
 
@@ -238,12 +250,14 @@ async def _flood(
     flood.start()
     await _sleep(reactor, options.warmup)
     cpu0 = {"bench": _cpu_seconds(os.getpid()), "server": _cpu_seconds(server_pid)}
+    wait0 = {"bench": _waiting_seconds(os.getpid()), "server": _waiting_seconds(server_pid)}
     delivered0, t0 = flood.delivered, time.perf_counter()
     flood.sampling = True
     await _sleep(reactor, options.duration)
     flood.sampling = False
     delivered1, t1 = flood.delivered, time.perf_counter()
     cpu1 = {"bench": _cpu_seconds(os.getpid()), "server": _cpu_seconds(server_pid)}
+    wait1 = {"bench": _waiting_seconds(os.getpid()), "server": _waiting_seconds(server_pid)}
     flood.stopping = True
     await subscriber.unsubscribe(topic)
     await DeferredList(flood.readers)
@@ -256,6 +270,7 @@ async def _flood(
         "p50_us": _percentile(samples, 0.5) * 1e6,
         "p99_us": _percentile(samples, 0.99) * 1e6,
         "cpu_percent": {name: (cpu1[name] - cpu0[name]) / elapsed * 100 for name in cpu0},
+        "cpu_wait_percent": {name: (wait1[name] - wait0[name]) / elapsed * 100 for name in wait0},
         "dropped": sum(sub.dropped for sub in subs),
         "failed": flood.failed,
         "first_error": flood.first_error,
@@ -294,6 +309,7 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
             medians[f"flood_{n}_{key}"] = _median(runs, f"flood_{n}", key)
         for name in ("bench", "server"):
             medians[f"flood_{n}_cpu_{name}_percent"] = _median(runs, f"flood_{n}", "cpu_percent", name)
+            medians[f"flood_{n}_wait_{name}_percent"] = _median(runs, f"flood_{n}", "cpu_wait_percent", name)
     return {
         "options": {k: v for k, v in asdict(options).items() if k != "python"},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
@@ -391,7 +407,9 @@ def format_report(results: dict) -> str:
             f"  flood 1->{n:<3} {_fmt(m[f'flood_{n}_deliveries_per_s']):>9} deliveries/s "
             f"({_fmt(m[f'flood_{n}_msgs_per_s'])} msgs/s)  p50 {_fmt(m[f'flood_{n}_p50_us'])} us  "
             f"p99 {_fmt(m[f'flood_{n}_p99_us'])} us  CPU bench {_fmt(m[f'flood_{n}_cpu_bench_percent'])}% "
-            f"server {_fmt(m[f'flood_{n}_cpu_server_percent'])}%" + (f"   ({target[n]})" if n in target else "")
+            f"server {_fmt(m[f'flood_{n}_cpu_server_percent'])}% "
+            f"(waiting for a CPU: {_fmt(m[f'flood_{n}_wait_bench_percent'])}% / "
+            f"{_fmt(m[f'flood_{n}_wait_server_percent'])}%)" + (f"   ({target[n]})" if n in target else "")
         )
     lines.append(f"  dropped {results['dropped']}, failed publishes {results['failed']}")
     return "\n".join(lines)
