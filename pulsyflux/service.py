@@ -145,6 +145,7 @@ class BrokerService(service.MultiService):
         listen: str | int = DEFAULT_PORT,
         broker_channel: Optional[ChannelId] = DEFAULT_BROKER_CHANNEL,
         reactor: Any = None,
+        grace: float = DEFAULT_GRACE,
         **broker_options: Any,
     ) -> None:
         super().__init__()
@@ -153,7 +154,7 @@ class BrokerService(service.MultiService):
 
             reactor = default_reactor
         self.reactor = reactor
-        self.server = ServerService(listen, reactor)
+        self.server = ServerService(listen, reactor, grace=grace)
         self.server.setServiceParent(self)
         self.broker_channel = None if broker_channel is None else uuid.UUID(str(broker_channel))
         self.broker_options = broker_options
@@ -256,6 +257,7 @@ class Options(usage.Options):
         ["port", "p", DEFAULT_PORT, "Where the server listens: a port (on 127.0.0.1) or an endpoint description."],
         ["broker-channel", None, str(DEFAULT_BROKER_CHANNEL), "The broker's channel id (a UUID)."],
         ["http", None, None, "Serve the HTTP monitoring/publish API here: a port (on 127.0.0.1) or a description."],
+        ["grace", None, DEFAULT_GRACE, "Seconds a shutdown lets requests in flight finish before closing.", float],
     ]
     optFlags = [
         ["no-broker", None, "Run the request/response server only, without the pub/sub broker."],
@@ -270,7 +272,7 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> service.IService:
     channel = None if options["no-broker"] else options["broker-channel"]
-    top = BrokerService(options["port"], broker_channel=channel)
+    top = BrokerService(options["port"], broker_channel=channel, grace=options["grace"])
     if options["http"]:
         from .http import http_service
 

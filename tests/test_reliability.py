@@ -293,3 +293,14 @@ async def test_clients_reconnect_and_traffic_resumes_after_a_server_restart(chan
     for client in providers + consumers + [silent, asker]:
         await client.close()
     await port.stopListening()
+
+
+def test_twistd_grace_option_reaches_the_server_service():
+    from pulsyflux.service import Options, makeService
+
+    options = Options()
+    options.parseOptions(["--port", "0", "--grace", "2.5", "--no-broker"])
+    assert makeService(options).server.grace == 2.5
+    options = Options()
+    options.parseOptions(["--port", "0"])
+    assert makeService(options).server.grace == 10.0
