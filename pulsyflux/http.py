@@ -293,9 +293,14 @@ def _json(request: Request, code: int, body: Any) -> bytes:
 
 
 class _Leaf(Resource):
+    """An endpoint: JSON 405 for other methods, 404 below it unless it takes a path."""
+
     isLeaf = True
+    takes_path = False
 
     def render(self, request: Request) -> bytes:
+        if request.postpath and request.postpath != [b""] and not self.takes_path:
+            return _not_found(request)
         method = request.method.decode("ascii", "replace")
         allowed = getattr(self, "allowedMethods", None) or tuple(
             name[len("render_") :].encode() for name in dir(self) if name.startswith("render_")
@@ -347,6 +352,7 @@ class Publish(_Leaf):
     ``X-Pulsyflux-Header-<name>`` (names lowercased, as HTTP ignores case)."""
 
     log = Logger()
+    takes_path = True
 
     def __init__(self, broker: Any, max_body: int = DEFAULT_MAX_BODY, timeout: float = 5.0) -> None:
         super().__init__()
@@ -383,25 +389,23 @@ class Publish(_Leaf):
             if lower.startswith(HEADER_PREFIX) and len(lower) > len(HEADER_PREFIX):
                 headers[lower[len(HEADER_PREFIX) :]] = values[-1].decode("utf-8", "replace")
         d = maybeDeferred(self.broker.publish, topic, payload, headers or None, timeout=self.timeout)
-        finished = request.notifyFinish()
-        finished.addErrback(lambda _: None)
+        gone: list[Any] = []  # the client hung up: the message is still published, nobody to tell
+        request.notifyFinish().addErrback(gone.append)
 
-        def accepted(_: Any) -> None:
-            if not request.finished and not request._disconnected:
-                request.write(
-                    _json(request, http.ACCEPTED, {"status": "accepted", "topic": topic, "bytes": len(payload)})
-                )
+        def answer(code: int, body: dict[str, Any]) -> None:
+            if not gone and not request.finished:
+                request.write(_json(request, code, body))
                 request.finish()
 
         def failed(failure: Any) -> None:
             code, message = _publish_error(failure.value)
             if code >= 500:
                 self.log.warn("publish to {topic!r} failed: {error}", topic=topic, error=failure.value)
-            if not request.finished and not request._disconnected:
-                request.write(_json(request, code, {"error": message}))
-                request.finish()
+            answer(code, {"error": message})
 
-        d.addCallbacks(accepted, failed)
+        d.addCallbacks(
+            lambda _: answer(http.ACCEPTED, {"status": "accepted", "topic": topic, "bytes": len(payload)}), failed
+        )
         return NOT_DONE_YET
 
 
@@ -449,9 +453,6 @@ class _BoundedRequest(Request):
 
 
 class _Root(Resource):
-    def __init__(self) -> None:
-        super().__init__()
-
     def render_GET(self, request: Request) -> bytes:
         return _json(
             request,
@@ -465,9 +466,13 @@ class _Root(Resource):
         return _NotFound()
 
 
+def _not_found(request: Request) -> bytes:
+    return _json(request, http.NOT_FOUND, {"error": f"no such endpoint: {request.path.decode('utf-8', 'replace')}"})
+
+
 class _NotFound(_Leaf):
     def render(self, request: Request) -> bytes:
-        return _json(request, http.NOT_FOUND, {"error": f"no such endpoint: {request.path.decode('utf-8', 'replace')}"})
+        return _not_found(request)
 
 
 def make_site(

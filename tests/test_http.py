@@ -133,6 +133,8 @@ def test_metric_label_values_are_escaped(server):
 async def test_unknown_path_and_wrong_method(served):
     code, body = await get_json(served.http_url + "/nope")
     assert (code, body) == (404, {"error": "no such endpoint: /nope"})
+    code, body = await get_json(served.http_url + "/stats/nope")
+    assert (code, body) == (404, {"error": "no such endpoint: /stats/nope"})
     response = await treq.post(served.http_url + "/stats", b"", persistent=False)
     assert response.code == 405
     assert json.loads(await response.content()) == {"error": "method POST not allowed"}
@@ -263,6 +265,11 @@ async def test_twistd_http_option(tmp_path):
         await response.content()
         code, stats = await get_json(url + "/stats")
         assert stats["broker"]["published"] == 1
+        await top.broker.close()  # as when the broker loses the server
+        assert await get_json(url + "/healthz") == (503, {"status": "unavailable", "not_running": ["broker"]})
+        response = await treq.post(url + "/publish/news", b"hello", persistent=False)
+        assert response.code == 503
+        assert json.loads(await response.content())["error"].startswith("broker did not accept the message: ")
     finally:
         await top.stopService()
     assert top.factory.router.connections == set()
