@@ -10,6 +10,9 @@ The benchmark starts the two processes itself::
 
     python -m pulsyflux.bench.relay echo               # prints its port
     python -m pulsyflux.bench.relay relay ECHO_PORT    # prints its port
+
+Add ``immediate`` to either to send the way pulsyflux does
+(:mod:`pulsyflux.sendnow`) instead of with a bare ``transport.write``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any, Optional
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
+from pulsyflux.sendnow import immediate_writer
+
 __all__ = ["EchoProtocol", "RelayProtocol", "RelayFactory", "RoundTripClient", "serve"]
 
 
@@ -30,12 +35,19 @@ def _low_latency(transport: Any) -> None:
         setter(True)  # the router sets TCP_NODELAY too: same rules for both
 
 
+def _writer(transport: Any, immediate: bool) -> Any:
+    return immediate_writer(transport) if immediate else transport.write
+
+
 class EchoProtocol(Protocol):
     """Sends back every byte it receives."""
 
+    def __init__(self, immediate: bool = False) -> None:
+        self.immediate = immediate
+
     def connectionMade(self) -> None:
         _low_latency(self.transport)
-        self.dataReceived = self.transport.write  # type: ignore[method-assign]
+        self.dataReceived = _writer(self.transport, self.immediate)  # type: ignore[method-assign]
 
 
 class _Upstream(Protocol):
@@ -49,7 +61,7 @@ class _Upstream(Protocol):
         self.downstream.upstream_ready(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        self.downstream.transport.write(data)
+        self.downstream.write(data)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.downstream.transport.loseConnection()
@@ -58,41 +70,47 @@ class _Upstream(Protocol):
 class RelayProtocol(Protocol):
     """One client connection; its bytes go to a dedicated upstream and back."""
 
-    def __init__(self, reactor: Any, upstream_port: int) -> None:
+    def __init__(self, reactor: Any, upstream_port: int, immediate: bool = False) -> None:
         self.reactor = reactor
         self.upstream_port = upstream_port
-        self.upstream: Any = None
+        self.immediate = immediate
+        self.upstream: Any = None  # the write to the echo process
+        self.upstream_transport: Any = None
+        self.write: Any = None
         self.waiting: list[bytes] = []
 
     def connectionMade(self) -> None:
         _low_latency(self.transport)
+        self.write = _writer(self.transport, self.immediate)
         factory = ClientFactory.forProtocol(lambda: _Upstream(self))
         self.reactor.connectTCP("127.0.0.1", self.upstream_port, factory)
 
     def upstream_ready(self, transport: Any) -> None:
-        self.upstream = transport
+        self.upstream_transport = transport
+        self.upstream = _writer(transport, self.immediate)
         if self.waiting:
-            transport.writeSequence(self.waiting)
+            self.upstream(b"".join(self.waiting))
             self.waiting = []
 
     def dataReceived(self, data: bytes) -> None:
         if self.upstream is None:
             self.waiting.append(data)
         else:
-            self.upstream.write(data)
+            self.upstream(data)
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self.upstream is not None:
-            self.upstream.loseConnection()
+        if self.upstream_transport is not None:
+            self.upstream_transport.loseConnection()
 
 
 class RelayFactory(Factory):
-    def __init__(self, reactor: Any, upstream_port: int) -> None:
+    def __init__(self, reactor: Any, upstream_port: int, immediate: bool = False) -> None:
         self.reactor = reactor
         self.upstream_port = upstream_port
+        self.immediate = immediate
 
     def buildProtocol(self, addr: Any) -> RelayProtocol:
-        return RelayProtocol(self.reactor, self.upstream_port)
+        return RelayProtocol(self.reactor, self.upstream_port, self.immediate)
 
 
 class RoundTripClient(Protocol):
@@ -102,7 +120,9 @@ class RoundTripClient(Protocol):
     counterpart of a Consumer awaiting one ``send`` after another.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, immediate: bool = False) -> None:
+        self.immediate = immediate
+        self.write: Any = None
         self.connected_d: Deferred[RoundTripClient] = Deferred()
         self._done: Optional[Deferred[list[float]]] = None
         self._message = b""
@@ -114,6 +134,7 @@ class RoundTripClient(Protocol):
 
     def connectionMade(self) -> None:
         _low_latency(self.transport)
+        self.write = _writer(self.transport, self.immediate)
         self.connected_d.callback(self)
 
     def run(self, size: int, duration: float, limit: int = 10_000_000) -> "Deferred[list[float]]":
@@ -128,7 +149,7 @@ class RoundTripClient(Protocol):
     def _send(self) -> None:
         self._missing = len(self._message)
         self._started = time.perf_counter()
-        self.transport.write(self._message)
+        self.write(self._message)
 
     def dataReceived(self, data: bytes) -> None:
         self._missing -= len(data)
@@ -150,15 +171,18 @@ class RoundTripClient(Protocol):
 
 
 def serve(argv: list[str]) -> None:
-    """Child-process entry: ``echo`` or ``relay ECHO_PORT``; prints the port, runs."""
+    """Child-process entry: ``echo`` or ``relay ECHO_PORT``, then optionally ``immediate``."""
     from twisted.internet import reactor
 
-    if argv[:1] == ["echo"]:
-        factory: Factory = Factory.forProtocol(EchoProtocol)
+    immediate = argv[-1:] == ["immediate"]
+    if immediate:
+        argv = argv[:-1]
+    if argv == ["echo"]:
+        factory: Factory = Factory.forProtocol(lambda: EchoProtocol(immediate))
     elif len(argv) == 2 and argv[0] == "relay":
-        factory = RelayFactory(reactor, int(argv[1]))
+        factory = RelayFactory(reactor, int(argv[1]), immediate)
     else:
-        sys.exit("usage: python -m pulsyflux.bench.relay echo | relay ECHO_PORT")
+        sys.exit("usage: python -m pulsyflux.bench.relay echo | relay ECHO_PORT  [immediate]")
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     print(port.getHost().port, flush=True)
     reactor.run()

@@ -44,7 +44,7 @@ Progress = Callable[[str], None]
 # The Go original on the same 2-core machine (issue 2); its consumers broke
 # under 10 concurrent consumers, so it has no in-flight figure.
 GO_REFERENCE = {"sequential_req_per_s": 4334, "sequential_p50_us": 206, "echo_1mib_mb_per_s": 46}
-SLICES = 4  # sequential relay/router alternations per run
+SLICE = 0.1  # seconds: the sequential measurement alternates relay and router this often
 TARGETS = {"sequential_vs_relay": 0.85, "inflight_req_per_s": 25_000, "echo_1mib_mb_per_s": 200}
 
 
@@ -60,6 +60,7 @@ class Options:
     inflight: int = 16  # requests in flight per consumer
     large: int = 1 << 20  # bytes per request of the echo measurement
     baseline: bool = True  # also measure the bare relay
+    relay_immediate: bool = False  # the relay sends at once too, as pulsyflux does (pulsyflux.sendnow)
     python: str = sys.executable  # the interpreter for the child processes
 
 
@@ -80,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--large", type=int, default=d.large, help=f"bytes per echo request, 0 to skip (default {d.large})"
     )
     parser.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the bare relay baseline")
+    parser.add_argument(
+        "--relay-immediate",
+        action="store_true",
+        help="the relay, its echo and its client send at once as pulsyflux does, instead of with transport.write",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -92,6 +98,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         inflight=max(1, args.inflight),
         large=args.large,
         baseline=args.baseline,
+        relay_immediate=getattr(args, "relay_immediate", False),
     )
 
 
@@ -294,18 +301,19 @@ class _CpuMeter:
 async def _sequential_pair(options: Options, clients: dict) -> dict:
     """Relay and router sequential round trips, interleaved in short slices.
 
-    The machine's speed drifts from second to second; alternating the two
-    every ``duration / SLICES`` seconds makes their ratio fair.
+    The machine's speed drifts from second to second (other processes);
+    alternating the two every ``SLICE`` seconds makes their ratio fair.
     """
     consumer = clients["consumers"][0]
     payload = b"x" * options.payload
-    slice_time = options.duration / SLICES
+    slices = max(1, round(options.duration / SLICE))
+    slice_time = options.duration / slices
     relay_samples: list[float] = []
     samples: list[float] = []
     relay_elapsed = elapsed = 0.0
     cpu = _CpuMeter(clients["pids"]["router"])
     relay_cpu = _CpuMeter(clients["pids"].get("relay", {}))
-    for _ in range(SLICES):
+    for _ in range(slices):
         if options.baseline:
             relay_cpu.start()
             started = time.perf_counter()
@@ -361,6 +369,7 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
         "sequential_p99_us": _median(runs, "sequential", "p99_us"),
         "relay_rt_per_s": _median(runs, "relay", "req_per_s"),
         "relay_p50_us": _median(runs, "relay", "p50_us"),
+        "relay_p99_us": _median(runs, "relay", "p99_us"),
         "sequential_vs_relay": _median(runs, "sequential_vs_relay"),
         "inflight_req_per_s": _median(runs, "inflight", "req_per_s"),
         "echo_1mib_mb_per_s": _median(runs, "echo", "mb_per_s"),
@@ -402,15 +411,16 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
             clients["consumers"].append(await Consumer.connect(address, channel, reactor=reactor))
         if options.baseline:
             progress("starting the bare relay and echo server")
-            echo = _spawn(reactor, options, "echo", "pulsyflux.bench.relay", "echo")
+            mode = ["immediate"] if options.relay_immediate else []
+            echo = _spawn(reactor, options, "echo", "pulsyflux.bench.relay", "echo", *mode)
             children.append(echo)
             echo_port = int(await echo.ready)
-            relay = _spawn(reactor, options, "relay", "pulsyflux.bench.relay", "relay", str(echo_port))
+            relay = _spawn(reactor, options, "relay", "pulsyflux.bench.relay", "relay", str(echo_port), *mode)
             children.append(relay)
             relay_port = int(await relay.ready)
             clients["pids"]["relay"] = {"client": os.getpid(), "relay": relay.pid, "echo": echo.pid}
             endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", relay_port)
-            relay_client = await connectProtocol(endpoint, RoundTripClient())
+            relay_client = await connectProtocol(endpoint, RoundTripClient(options.relay_immediate))
             await relay_client.connected_d
             clients["relay"] = relay_client
 
@@ -496,7 +506,9 @@ def format_report(results: dict) -> str:
     ]
     if m["relay_rt_per_s"] is not None:
         lines.append(
-            f"  bare relay           {_fmt(m['relay_rt_per_s'])} rt/s   p50 {_fmt(m['relay_p50_us'])} us   "
+            f"  {'relay, immediate' if o.get('relay_immediate') else 'bare relay':<20} "
+            f"{_fmt(m['relay_rt_per_s'])} rt/s   p50 {_fmt(m['relay_p50_us'])} us  "
+            f"p99 {_fmt(m['relay_p99_us'])} us   "
             f"sequential/relay {_fmt(m['sequential_vs_relay'], '.2f')} (target >= {t['sequential_vs_relay']})"
         )
     lines.append(
