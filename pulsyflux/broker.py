@@ -422,7 +422,14 @@ class _Router:
         if channel in self.outlets:
             raise MessageError(f"channel {channel} is already subscribed")
         d = Deferred.fromCoroutine(self.open_outlet(topic, channel, None))
-        return d.addCallback(lambda _: _OK)
+
+        def failed(failure: Failure) -> None:
+            # Said plainly, so the client does not take it for "no broker".
+            if failure.check(NoProviderError):
+                raise PulsyfluxError(f"subscribe failed: no subscriber answers on channel {channel}")
+            raise PulsyfluxError(f"subscribe failed: {failure.getErrorMessage()}")
+
+        return d.addCallbacks(lambda _: _OK, failed)
 
     async def open_outlet(self, topic: str, channel: uuid.UUID, local: Optional[Subscription]) -> _Outlet:
         """Connect a forwarding Consumer to ``channel``, check the subscriber answers, start forwarding."""

@@ -358,3 +358,38 @@ async def test_a_reader_may_unsubscribe_in_the_middle_of_a_batch(server):
     await reading
     assert got[:4] == [b"0", b"1", b"2", b"3"] and got == [b"%d" % i for i in range(len(got))]
     await broker.close()
+
+
+@ensure
+async def test_a_remote_subscriber_learns_how_many_were_dropped_for_it(server):
+    channel = uuid.uuid4()
+    broker = await Broker.connect(server.address, channel, backlog=50, batch=10, window=1)
+    client = await BrokerClient.connect(server.address, channel)
+    slow = await client.subscribe("t", buffer=10)
+    await defer.gatherResults([broker.publish("t", b"%d" % i) for i in range(1000)])
+    # It holds at most buffer + window x batch; the broker keeps 50 more and drops the rest.
+    [stats] = broker.stats()["subscriptions"]
+    assert stats["dropped"] == broker.dropped > 0 and stats["backlog"] == 50
+    got = [int((await slow.get()).payload) for _ in range(1000 - broker.dropped)]
+    assert got == sorted(got) and got[-1] == 999
+    assert slow.dropped == broker.dropped  # told in the stream, where the gap is
+    await client.close()
+    await broker.close()
+
+
+@ensure
+async def test_bad_control_messages_are_refused(server):
+    channel = uuid.uuid4()
+    broker = await Broker.connect(server.address, channel)
+    consumer = await Consumer.connect(server.address, channel)
+    with pytest.raises(RemoteError, match="needs a 'topic' header"):
+        await consumer.send(messages.encode("$pulsyflux/subscribe", None, {"channel": str(uuid.uuid4())}))
+    with pytest.raises(RemoteError, match="'channel' header holding a UUID"):
+        await consumer.send(messages.encode("$pulsyflux/subscribe", None, {"topic": "t", "channel": "nope"}))
+    with pytest.raises(RemoteError, match="no subscriber answers on channel"):
+        await consumer.send(messages.encode("$pulsyflux/subscribe", None, {"topic": "t", "channel": str(uuid.uuid4())}))
+    with pytest.raises(RemoteError, match="cannot be sent in a batch"):
+        await consumer.send(messages.encode_batch([messages.control("$pulsyflux/subscribe"), '{"Topic":"t"}']))
+    assert broker.stats()["topics"] == {} and len(server.registry) == 3
+    await consumer.close()
+    await broker.close()
