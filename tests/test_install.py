@@ -112,3 +112,42 @@ async def test_twistd_without_the_broker(wheel_bin, tmp_path):
             await BrokerClient.connect(address)  # nobody answers on the default broker channel
     finally:
         assert await proc.terminate(), proc.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_installed_console_script_and_http_api(wheel_bin, tmp_path):
+    """The wheel's ``pulsyflux`` command against ``twistd pulsyflux --http``; its pytest plugin is registered."""
+    import json
+    import socket
+
+    from twisted.internet import threads
+
+    plugins = subprocess.run(
+        [
+            str(wheel_bin / "python"),
+            "-c",
+            "from importlib.metadata import entry_points as e; print([p.value for p in e(group='pytest11')])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "pulsyflux.pytest_plugin" in plugins.stdout
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
+    proc = spawn_twistd(wheel_bin, tmp_path, "--port", "tcp:0:interface=127.0.0.1", "--http", str(http_port))
+    try:
+        address = await proc.listening
+
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            argv = [str(wheel_bin / "pulsyflux"), *args, "--server", address]
+            return subprocess.run(argv, capture_output=True, cwd=tmp_path, timeout=60)
+
+        published = await threads.deferToThread(cli, "pub", "e2e", "from the console script")
+        assert published.returncode == 0, published.stderr
+        stats = await threads.deferToThread(cli, "stats", "--http", f"127.0.0.1:{http_port}", "--json")
+        assert stats.returncode == 0, stats.stderr
+        assert json.loads(stats.stdout)["broker"]["published"] == 1
+    finally:
+        assert await proc.terminate(), proc.output
