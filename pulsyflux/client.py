@@ -636,27 +636,35 @@ class Provider(_Client):
         if handler is None:
             self._queue.put(Request(request_id, body))
             return
-        d = maybeDeferred(handler, body)
-        if d.called and not isinstance(d.result, (Failure, Deferred)) and not hasattr(d.result, "__await__"):
-            self._answer(d.result, request_id)  # synchronous handler: no callback chain
+        try:
+            result = handler(body)
+        except BaseException:  # as maybeDeferred does: any exception answers with an ERROR
+            self._answer_error(Failure(), request_id)
             return
-        d.addCallback(self._answer, request_id)
-        d.addErrback(self._answer_error, request_id)
+        if isinstance(result, Deferred):
+            result.addCallback(self._answer, request_id)
+            result.addErrback(self._answer_error, request_id)
+        elif isinstance(result, Failure):
+            self._answer_error(result, request_id)
+        else:
+            self._answer(result, request_id)  # bytes (no Deferred at all), or an awaitable
 
     def _answer(self, result: Any, request_id: bytes) -> None:
-        if hasattr(result, "__await__"):
-            d = Deferred.fromCoroutine(result) if hasattr(result, "send") else Deferred.fromFuture(result)
-            d.addCallback(self._answer, request_id)
-            d.addErrback(self._answer_error, request_id)
-            return
-        if request_id not in self._routing:
-            return
-        if result is None:
-            result = b""
-        if not isinstance(result, (bytes, bytearray, memoryview)):
-            self._answer_error(Failure(TypeError(f"handler returned {type(result).__name__}, not bytes")), request_id)
-            return
-        self.respond(request_id, bytes(result))
+        if type(result) is not bytes:
+            if hasattr(result, "__await__"):
+                d = Deferred.fromCoroutine(result) if hasattr(result, "send") else Deferred.fromFuture(result)
+                d.addCallback(self._answer, request_id)
+                d.addErrback(self._answer_error, request_id)
+                return
+            if result is None:
+                result = b""
+            elif not isinstance(result, (bytearray, memoryview)):
+                error = TypeError(f"handler returned {type(result).__name__}, not bytes")
+                self._answer_error(Failure(error), request_id)
+                return
+            result = bytes(result)
+        if request_id in self._routing:
+            self.respond(request_id, result)
 
     def _answer_error(self, failure: Failure, request_id: bytes) -> None:
         if request_id in self._routing:
