@@ -783,7 +783,8 @@ class _ProgressBar:
         from twisted.internet.task import LoopingCall
 
         self.stream = stream
-        self.started = time.monotonic()
+        self.clock = reactor
+        self.started = reactor.seconds()
         self.fraction = 0.0
         self.run = self.runs = 0
         self.message = "starting"
@@ -807,7 +808,7 @@ class _ProgressBar:
         width = shutil.get_terminal_size((80, 24)).columns
         cells = 24
         filled = int(self.fraction * cells)
-        elapsed = time.monotonic() - self.started
+        elapsed = self.clock.seconds() - self.started
         head = f"[{'#' * filled}{'.' * (cells - filled)}] {elapsed:5.1f}s "
         line = (head + self.message)[: max(width - 1, 10)]
         try:

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor, task, threads
 
 from pulsyflux import Consumer, NoProviderError, Provider
 from pulsyflux.cli import build_parser, main
@@ -488,3 +488,75 @@ async def test_sub_says_when_the_broker_dropped_messages_for_it(brokered):
     assert all(n.startswith("pulsyflux sub: the broker dropped ") for n in notices), notices
     assert all(n.endswith(" for us (reading too slowly)") for n in notices), notices
     assert sum(int(n.split()[5]) for n in notices) == dropped
+
+
+# -- bench (the wiring only: benchmarks never run in the test suite) -------------------
+
+
+class _FakeBench:
+    """Stands in for pulsyflux.bench.rpc: same calls, instant results."""
+
+    def __init__(self, clock, failed=0):
+        self.clock = clock
+        self.failed = failed
+
+    def options_from_args(self, args):
+        return {"runs": 2}
+
+    async def _measure(self, reactor, options, progress):
+        for number in (1, 2):
+            progress(f"run {number}/2")
+            await task.deferLater(self.clock, 1.0, lambda: None)
+            progress(f"run {number} done: 1,000 req/s")
+        return {"medians": {"req_per_s": 1000}, "failed_requests": self.failed}
+
+    def measure(self, reactor, options, progress=None):
+        return defer.Deferred.fromCoroutine(self._measure(reactor, options, progress or (lambda message: None)))
+
+    def format_report(self, results):
+        return f"fake bench: {results['medians']['req_per_s']:,} req/s"
+
+
+def _bench_args(module, json_output=False):
+    import argparse
+
+    return argparse.Namespace(command="bench", bench_module=module, json=json_output)
+
+
+def _run_bench(clock, args):
+    from pulsyflux.cli import cmd_bench
+
+    d = defer.Deferred.fromCoroutine(cmd_bench(clock, args))
+    for _ in range(10):
+        clock.advance(0.25)
+    assert d.called
+    return d.result
+
+
+def test_bench_prints_the_report_and_no_bar_when_piped(capsys):
+    clock = task.Clock()
+    assert _run_bench(clock, _bench_args(_FakeBench(clock))) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "fake bench: 1,000 req/s\n"
+    assert captured.err == ""
+
+
+def test_bench_json_and_exit_status_on_failures(capsys):
+    clock = task.Clock()
+    assert _run_bench(clock, _bench_args(_FakeBench(clock, failed=3), json_output=True)) == 1
+    assert json.loads(capsys.readouterr().out) == {"medians": {"req_per_s": 1000}, "failed_requests": 3}
+
+
+def test_bench_draws_a_progress_bar_on_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    clock = task.Clock()
+    assert _run_bench(clock, _bench_args(_FakeBench(clock))) == 0
+    captured = capsys.readouterr()
+    frames = captured.err.split("\r\x1b[K")
+    assert frames[1] == "[" + "." * 24 + "]   0.0s starting"
+    assert "[" + "." * 24 + "]   0.0s run 1/2" in frames
+    assert "[" + "#" * 12 + "." * 12 + "]   1.0s run 1 done: 1,000 req/s" in frames
+    assert "[" + "#" * 12 + "." * 12 + "]   1.0s run 2/2" in frames
+    assert "[" + "#" * 24 + "]   2.0s run 2 done: 1,000 req/s" in frames
+    assert frames[-1] == ""  # the bar is wiped before the report
+    assert captured.out == "fake bench: 1,000 req/s\n"
