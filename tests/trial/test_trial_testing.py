@@ -47,6 +47,16 @@ class ServerForATest(unittest.TestCase):
         yield Provider.connect(self.server.address, self.channel, handler=lambda data: data)
         consumer = yield Consumer.connect(self.server.address, self.channel)
         yield consumer.send(b"x")
+        client = yield BrokerClient.connect(self.server.address)
+        yield client.subscribe("left-open")
+
+    @defer.inlineCallbacks
+    def test_requests_in_flight_at_the_end_leave_no_timers(self):
+        provider = yield Provider.connect(self.server.address, self.channel)  # receives, never answers
+        consumer = yield Consumer.connect(self.server.address, self.channel)
+        self.pending = consumer.send(b"never answered", timeout=30)
+        self.pending.addErrback(lambda failure: None)  # fails when the server stops
+        yield provider.receive()
 
 
 class ServerWithHTTPForATest(unittest.TestCase):
