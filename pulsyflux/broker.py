@@ -55,6 +55,7 @@ DEFAULT_WINDOW = 4  # forward requests in flight per subscriber
 _BATCH_CHARS = 256 * 1024  # a forward stops growing past this much JSON
 _PUBLISH_BATCH = 512
 _PUBLISH_WINDOW = 4
+_NEVER = float("inf")
 _OK = b"ok"
 
 log = Logger()
@@ -495,7 +496,8 @@ class _Publisher:
     A publish goes out at once while fewer than ``window`` requests are in
     flight; otherwise it waits and leaves with the others in one batch when
     an answer comes back, so a busy publisher sends few large requests and
-    an idle one adds no delay.
+    an idle one adds no delay. A publish's timeout counts from the call,
+    also while it waits for its turn.
     """
 
     def __init__(self, consumer: Consumer, window: int = _PUBLISH_WINDOW, batch: int = _PUBLISH_BATCH) -> None:
@@ -505,7 +507,7 @@ class _Publisher:
         self.requests = 0
         self._texts: list[str] = []
         self._waiters: list[Deferred[None]] = []
-        self._timeout = 0.0
+        self._deadline = _NEVER  # earliest deadline of the waiting publishes
         self._closed: Optional[Exception] = None
 
     def publish(
@@ -515,8 +517,9 @@ class _Publisher:
             return fail(self._closed)
         text = messages.encode_text(topic, payload, headers)
         d: Deferred[None] = Deferred()
-        if not self._texts or timeout < self._timeout:
-            self._timeout = timeout
+        deadline = self.consumer.reactor.seconds() + timeout if timeout and timeout > 0 else _NEVER
+        if not self._texts or deadline < self._deadline:
+            self._deadline = deadline
         self._texts.append(text)
         self._waiters.append(d)
         if self.requests < self.window:
@@ -528,7 +531,10 @@ class _Publisher:
             texts, waiters = self._texts[: self.batch], self._waiters[: self.batch]
             del self._texts[: self.batch], self._waiters[: self.batch]
             self.requests += 1
-            d = self.consumer.send(messages.encode_batch(texts), timeout=self._timeout)
+            timeout = 0.0
+            if self._deadline != _NEVER:
+                timeout = max(self._deadline - self.consumer.reactor.seconds(), 0.001)
+            d = self.consumer.send(messages.encode_batch(texts), timeout=timeout)
             d.addCallbacks(self._answered, self._failed, callbackArgs=(waiters,), errbackArgs=(waiters,))
 
     def _answered(self, result: bytes, waiters: list[Deferred[None]]) -> None:

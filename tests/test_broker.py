@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
 from pulsyflux import (
     Broker,
@@ -18,6 +18,7 @@ from pulsyflux import (
     NoProviderError,
     Provider,
     RemoteError,
+    RequestTimeout,
     SubscriptionClosed,
     codec,
     messages,
@@ -392,4 +393,22 @@ async def test_bad_control_messages_are_refused(server):
         await consumer.send(messages.encode_batch([messages.control("$pulsyflux/subscribe"), '{"Topic":"t"}']))
     assert broker.stats()["topics"] == {} and len(server.registry) == 3
     await consumer.close()
+    await broker.close()
+
+
+@ensure
+async def test_publish_times_out_from_the_call_when_the_broker_hangs(server):
+    broker = await _broker(server)
+    client = await BrokerClient.connect(server.address, broker.channel)
+    hung = broker._provider._protocol.transport
+    hung.pauseProducing()  # the broker stops reading: nothing is answered
+    started = reactor.seconds()
+    outcomes = await defer.DeferredList(
+        [client.publish("t", b"%d" % i, timeout=1.0) for i in range(10)], consumeErrors=True
+    )
+    # Publishes queued behind the first requests do not wait a second timeout.
+    assert reactor.seconds() - started < 1.6
+    assert all(not ok and failure.check(RequestTimeout) for ok, failure in outcomes)
+    hung.resumeProducing()
+    await client.close()
     await broker.close()
