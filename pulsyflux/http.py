@@ -24,8 +24,9 @@ from typing import Any, Callable, Iterable, Optional
 from urllib.parse import unquote
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -557,6 +558,7 @@ class HTTPService(service.Service):
         self.port: Any = None
         self._listening: Optional[Deferred[Any]] = None
         self._waiting: list[Deferred[Any]] = []
+        self._failure: Optional[Failure] = None
 
     def startService(self) -> Any:
         super().startService()
@@ -573,6 +575,7 @@ class HTTPService(service.Service):
 
         def failed(failure: Any) -> Any:
             self.log.failure("pulsyflux HTTP API could not listen on {d}", failure, d=self.description)
+            self._failure = failure
             waiting, self._waiting = self._waiting, []
             for waiter in waiting:
                 waiter.errback(failure)
@@ -585,6 +588,8 @@ class HTTPService(service.Service):
         """Fires with the listening port (for ephemeral ports in tests)."""
         if self.port is not None:
             return succeed(self.port)
+        if self._failure is not None:
+            return fail(self._failure)
         d: Deferred[Any] = Deferred()
         self._waiting.append(d)
         return d

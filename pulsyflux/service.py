@@ -270,11 +270,44 @@ class Options(usage.Options):
             raise usage.UsageError(f"--broker-channel must be a UUID, not {self['broker-channel']!r}") from None
 
 
+class _ExitIfNotListening(service.Service):
+    """Makes twistd exit with one clear line when a port cannot be opened,
+    instead of running on without it. Started after the services it checks."""
+
+    def __init__(self, *listeners: Any) -> None:
+        self.listeners = listeners
+
+    def startService(self) -> None:
+        super().startService()
+        for listener in self.listeners:
+            self._check(listener)
+
+    def _check(self, listener: Any) -> None:
+        failed_now: list[Failure] = []
+        checking = True
+
+        def failed(failure: Failure) -> None:
+            if checking:  # TCP and UNIX endpoints fail at once: exit before the reactor runs
+                failed_now.append(failure)
+            else:
+                listener.reactor.callWhenRunning(listener.reactor.stop)
+
+        listener.whenListening().addErrback(failed)
+        checking = False
+        if failed_now:
+            reason = failed_now[0].getErrorMessage()
+            raise SystemExit(f"pulsyflux: cannot listen on {listener.description}: {reason}")
+
+
 def makeService(options: Options) -> service.IService:
     channel = None if options["no-broker"] else options["broker-channel"]
     top = BrokerService(options["port"], broker_channel=channel, grace=options["grace"])
+    listeners: list[Any] = [top.server]
     if options["http"]:
         from .http import http_service
 
-        http_service(options["http"], top).setServiceParent(top)
+        web = http_service(options["http"], top)
+        web.setServiceParent(top)
+        listeners.append(web)
+    _ExitIfNotListening(*listeners).setServiceParent(top)
     return top

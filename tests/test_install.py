@@ -151,3 +151,26 @@ async def test_installed_console_script_and_http_api(wheel_bin, tmp_path):
         assert json.loads(stats.stdout)["broker"]["published"] == 1
     finally:
         assert await proc.terminate(), proc.output
+
+
+@pytest.mark.parametrize("flag", ["--port", "--http"])
+def test_twistd_exits_with_a_clear_error_when_its_port_is_taken(wheel_bin, tmp_path, flag):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = (
+            ["--port", str(port)] if flag == "--port" else ["--port", "tcp:0:interface=127.0.0.1", "--http", str(port)]
+        )
+        result = subprocess.run(
+            [str(wheel_bin / "twistd"), "-n", "--pidfile=", "pulsyflux", *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+        )
+    assert result.returncode != 0
+    assert f"pulsyflux: cannot listen on tcp:{port}:interface=127.0.0.1" in result.stdout + result.stderr
+    assert "Address already in use" in result.stdout + result.stderr
