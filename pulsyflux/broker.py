@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import messages
-from .client import ChannelId, Consumer, Provider, channel_bytes
+from .client import ChannelId, Consumer, Provider, Reconnect, channel_bytes
 from .endpoints import Address
 from .errors import ConnectionLostError, NoProviderError, PulsyfluxError
 from .messages import CONTROL_PREFIX, Message, MessageError
@@ -57,6 +57,10 @@ _PUBLISH_BATCH = 512
 _PUBLISH_WINDOW = 4
 _NEVER = float("inf")
 _OK = b"ok"
+_PROBE = messages.control(messages.PROBE).encode("utf-8")
+# After a reconnect, how long the broker waits for a subscriber to be back on
+# its channel (its Provider retries with up to 5 s of backoff) before giving up on it.
+_REJOIN_PATIENCE = 10.0
 
 log = Logger()
 
@@ -104,6 +108,8 @@ class Subscription:
         self._closed: Optional[SubscriptionClosed] = None
         self._provider: Optional[Provider] = None
         self._on_remote_close: Optional[Callable[[str], None]] = None
+        self._gaps = 0
+        self._resume_hooks: list[Callable[["Subscription"], Any]] = []
 
     def __repr__(self) -> str:
         state = f"closed: {self.closed_reason}" if self._closed else f"{self.pending} pending"
@@ -118,6 +124,26 @@ class Subscription:
     def pending(self) -> int:
         """Messages received and not read yet."""
         return len(self._queue.pending)
+
+    @property
+    def gaps(self) -> int:
+        """Times the connection dropped and came back (reconnect=True); messages published meanwhile may be missing."""
+        return self._gaps
+
+    def on_resume(self, callback: Callable[["Subscription"], Any]) -> None:
+        """Call ``callback(subscription)`` each time the broker forwards to it again after a gap.
+
+        sub.on_resume(lambda s: log.info("{t} resumed after {n} gaps", t=s.topic, n=s.gaps))
+        """
+        self._resume_hooks.append(callback)
+
+    def _resumed(self) -> None:
+        log.info("subscription to {topic!r} resumed", topic=self.topic)
+        for hook in list(self._resume_hooks):
+            try:
+                hook(self)
+            except Exception:
+                log.failure("on_resume callback failed")
 
     @property
     def closed(self) -> bool:
@@ -168,8 +194,8 @@ class Subscription:
         waiting = queue.waiting
         while waiting and pending:
             waiting.pop(0).callback(pending.pop(0))
-        if not self._held and len(pending) <= self.buffer:
-            return _OK
+        if not count or (not self._held and len(pending) <= self.buffer):
+            return _OK  # a notice alone (a probe after a gap) is never held behind a full buffer
         answer: Deferred[bytes] = Deferred()
         self._held.append((self._received, answer))
         return answer
@@ -210,17 +236,23 @@ class Subscription:
             d.errback(self._closed)
 
 
-async def _open_subscription(address: Address, topic: str, buffer: int, reactor: Any) -> tuple[Subscription, Provider]:
+async def _open_subscription(
+    address: Address, topic: str, buffer: int, reactor: Any, reconnect: Reconnect = False
+) -> tuple[Subscription, Provider]:
     channel = uuid.uuid4()
     sub = Subscription(topic, channel, buffer)
-    provider = await Provider.connect(address, channel, handler=sub._deliver, reactor=reactor)
+    provider = await Provider.connect(address, channel, handler=sub._deliver, reactor=reactor, reconnect=reconnect)
     sub._provider = provider
+    if reconnect:
+        provider.on_reconnect(lambda _: setattr(sub, "_gaps", sub._gaps + 1))  # first: later hooks see the count
     provider.when_lost().addCallback(lambda _: sub._close("connection to the server lost"))
     return sub, provider
 
 
-async def _send_until_registered(consumer: Consumer, body: bytes, reactor: Any, timeout: float = 5.0) -> bytes:
-    """Send ``body``, retrying while the server has no provider for it yet.
+async def _send_until_registered(
+    consumer: Consumer, body: bytes, reactor: Any, timeout: float = 5.0, patience: float = 1.0
+) -> bytes:
+    """Send ``body``, retrying for ``patience`` seconds while the server has no provider for it yet.
 
     Connections are independent, so a Provider that has just connected may
     not be registered by the time another connection's request arrives.
@@ -231,7 +263,7 @@ async def _send_until_registered(consumer: Consumer, body: bytes, reactor: Any, 
         try:
             return await consumer.send(body, timeout=timeout)
         except NoProviderError:
-            if waited >= 1.0:
+            if waited >= patience:
                 raise
         await deferLater(reactor, delay, lambda: None)
         waited += delay
@@ -246,7 +278,9 @@ class _Outlet:
 
     Forwards go in order over one connection, several in flight; what does
     not fit in the window waits in the backlog, whose oldest entries are
-    dropped (and counted) past ``limit``.
+    dropped (and counted) past ``limit``. While a reconnecting Consumer is
+    down the outlet is not ``ready``: the backlog waits until a probe has
+    reached the subscriber again (:meth:`rejoin`).
     """
 
     def __init__(
@@ -264,7 +298,12 @@ class _Outlet:
         self.delivered = 0
         self.dropped = 0
         self.notified = 0  # drop total last told to the subscriber
+        self.lost = 0  # in forwards in flight when the line dropped
+        self.gaps = 0
         self.open = True
+        self.ready = True
+        self._rejoining = False
+        self._rejoin_waiters: list[Deferred[None]] = []
 
     def push(self, text: str) -> None:
         backlog = self.backlog
@@ -279,7 +318,9 @@ class _Outlet:
     def flush(self) -> None:
         backlog = self.backlog
         router = self.broker
-        while backlog and self.open and self.requests < router.window:
+        if self.consumer.reconnecting:
+            self.ready = False  # the line is down: keep the backlog for rejoin()
+        while backlog and self.open and self.ready and self.requests < router.window:
             texts: list[str] = []
             if self.dropped != self.notified:
                 self.notified = self.dropped
@@ -311,6 +352,12 @@ class _Outlet:
         if not self.open:
             return
         error = failure.value
+        if isinstance(error, ConnectionLostError) and self.consumer.reconnecting:
+            # At most once: these may or may not have arrived; the rest waits for rejoin().
+            self.lost += count
+            self.broker.lost += count
+            self.ready = False
+            return
         if isinstance(error, NoProviderError):
             reason = "subscriber disappeared"
         elif isinstance(error, ConnectionLostError):
@@ -325,6 +372,53 @@ class _Outlet:
         )
         self.broker.lost += count + len(self.backlog)
         self.broker._remove(self, reason)
+
+    def rejoin(self) -> "Deferred[None]":
+        """Probe the subscriber once the Consumer is connected, then forward again.
+
+        Fires when forwarding resumed; fails if the line is down again, or
+        if the subscriber is not back within the patience (the subscription
+        is then removed: ``subscriber did not come back``).
+        """
+        self.ready = False
+        d: Deferred[None] = Deferred()
+        self._rejoin_waiters.append(d)
+        if not self._rejoining:
+            self._rejoining = True
+            Deferred.fromCoroutine(self._rejoin()).addBoth(self._rejoined)
+        return d
+
+    async def _rejoin(self) -> None:
+        router = self.broker
+        await self.consumer.when_connected()
+        try:
+            await _send_until_registered(self.consumer, _PROBE, router.reactor, patience=router.rejoin_patience)
+        except ConnectionLostError:
+            raise  # down again: the next reconnect rejoins
+        except PulsyfluxError as error:
+            if self.open:
+                reason = "subscriber did not come back" if isinstance(error, NoProviderError) else str(error)
+                log.info("dropping subscription {channel} to {topic!r}: {reason}", channel=self.channel,
+                         topic=self.topic, reason=reason)  # fmt: skip
+                router.lost += len(self.backlog)
+                router._remove(self, reason)
+            raise
+        if not self.open:
+            raise ConnectionLostError("the subscription was closed")
+        self.gaps += 1
+        self.ready = True
+        self.flush()
+        if self.local is not None:
+            self.local._resumed()
+
+    def _rejoined(self, result: Any) -> None:
+        self._rejoining = False
+        waiters, self._rejoin_waiters = self._rejoin_waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
 
     def close(self, reason: str, notify: bool) -> "Deferred[None]":
         """Stop forwarding; tell a remote subscriber (``notify``), close the Consumer."""
@@ -345,15 +439,21 @@ class _Outlet:
             "in_flight": self.in_flight,
             "delivered": self.delivered,
             "dropped": self.dropped,
+            "lost": self.lost,
+            "gaps": self.gaps,
         }
 
 
 class _Router:
     """The broker Provider's handler: who subscribes to what, and fan-out."""
 
-    def __init__(self, address: Address, reactor: Any, backlog: int, batch: int, window: int) -> None:
+    def __init__(
+        self, address: Address, reactor: Any, backlog: int, batch: int, window: int, reconnect: Reconnect = False
+    ) -> None:
         self.address = address
         self.reactor = reactor
+        self.reconnect = reconnect
+        self.rejoin_patience = _REJOIN_PATIENCE
         self.backlog = backlog
         self.batch = batch
         self.window = window
@@ -420,9 +520,16 @@ class _Router:
             if outlet is not None and outlet.topic == topic:
                 self._remove(outlet, "unsubscribed", notify=False)
             return _OK
-        if channel in self.outlets:
-            raise MessageError(f"channel {channel} is already subscribed")
-        d = Deferred.fromCoroutine(self.open_outlet(topic, channel, None))
+        outlet = self.outlets.get(channel)
+        if outlet is not None:
+            if outlet.topic != topic:
+                raise MessageError(f"channel {channel} is already subscribed to another topic")
+            # A subscriber back after a gap says so again: the subscription we kept resumes.
+            if outlet.ready and outlet.consumer.connected:
+                return _OK
+            d = outlet.rejoin()
+        else:
+            d = Deferred.fromCoroutine(self.open_outlet(topic, channel, None))
 
         def failed(failure: Failure) -> None:
             # Said plainly, so the client does not take it for "no broker".
@@ -436,9 +543,9 @@ class _Router:
         """Connect a forwarding Consumer to ``channel``, check the subscriber answers, start forwarding."""
         if self.closing:
             raise ConnectionLostError("the broker is closing")
-        consumer = await Consumer.connect(self.address, channel, reactor=self.reactor)
+        consumer = await Consumer.connect(self.address, channel, reactor=self.reactor, reconnect=self.reconnect)
         try:
-            await _send_until_registered(consumer, messages.control(messages.PROBE).encode("utf-8"), self.reactor)
+            await _send_until_registered(consumer, _PROBE, self.reactor)
         except BaseException:
             await consumer.close()
             raise
@@ -448,6 +555,8 @@ class _Router:
         outlet = _Outlet(self, topic, consumer, local, self.backlog)
         self.topics.setdefault(topic, []).append(outlet)
         self.outlets[channel] = outlet
+        if self.reconnect:
+            consumer.on_reconnect(lambda _: outlet.rejoin().addErrback(_ignore))
         consumer.when_lost().addCallback(lambda _: self._remove(outlet, "connection to the server lost"))
         return outlet
 
@@ -577,7 +686,11 @@ class Broker:
     ``buffer`` is the default :class:`Subscription` buffer; ``backlog`` the
     messages kept per slow subscriber before the oldest are dropped;
     ``batch`` and ``window`` shape forwarding (messages per request,
-    requests in flight per subscriber).
+    requests in flight per subscriber). ``reconnect`` (default False; True
+    or a backoff policy, as for Consumers) keeps the broker and its
+    subscriptions across a lost server connection; after it, a subscriber
+    not back on its channel within ``rejoin_patience`` seconds is dropped
+    (docs/broker.md).
     """
 
     def __init__(
@@ -589,6 +702,8 @@ class Broker:
         backlog: int = DEFAULT_BACKLOG,
         batch: int = DEFAULT_BATCH,
         window: int = DEFAULT_WINDOW,
+        reconnect: Reconnect = False,
+        rejoin_patience: float = _REJOIN_PATIENCE,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -600,7 +715,9 @@ class Broker:
         self.channel = _uuid(broker_channel_id)
         self.reactor = reactor
         self.buffer = buffer
-        self._router = _Router(address, reactor, backlog, batch, window)
+        self.reconnect = reconnect
+        self._router = _Router(address, reactor, backlog, batch, window, reconnect)
+        self._router.rejoin_patience = rejoin_patience
         self._provider: Optional[Provider] = None
         self._publisher: Optional[_Publisher] = None
         self._closed: Optional[Exception] = None
@@ -614,16 +731,22 @@ class Broker:
         reactor: Any = None,
         **options: Any,
     ) -> "Deferred[Broker]":
-        """Open the broker's Provider and publishing Consumer; fires when both work."""
+        """Open the broker's Provider and publishing Consumer; fires when both work.
+
+        ``options``: ``buffer``, ``backlog``, ``batch``, ``window``,
+        ``reconnect`` (default False) and ``rejoin_patience`` as for the class.
+        """
         broker = cls(address, broker_channel_id, reactor, **options)
         return Deferred.fromCoroutine(broker._start())
 
     async def _start(self) -> "Broker":
         self._provider = await Provider.connect(
-            self.address, self.channel, handler=self._router.handle, reactor=self.reactor
+            self.address, self.channel, handler=self._router.handle, reactor=self.reactor, reconnect=self.reconnect
         )
         try:
-            consumer = await Consumer.connect(self.address, self.channel, reactor=self.reactor)
+            consumer = await Consumer.connect(
+                self.address, self.channel, reactor=self.reactor, reconnect=self.reconnect
+            )
         except BaseException:
             await self._provider.close()
             raise
@@ -655,6 +778,7 @@ class Broker:
         """Counters, topics with their subscriber counts, and per-subscription backlog/drops."""
         stats = self._router.stats()
         stats["channel"] = str(self.channel)
+        stats["reconnects"] = self._provider.reconnects if self._provider is not None else 0
         return stats
 
     def publish(
@@ -679,7 +803,7 @@ class Broker:
         return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer))
 
     async def _subscribe(self, topic: str, buffer: int) -> Subscription:
-        sub, provider = await _open_subscription(self.address, topic, buffer, self.reactor)
+        sub, provider = await _open_subscription(self.address, topic, buffer, self.reactor, self.reconnect)
         try:
             outlet = await self._router.open_outlet(topic, sub.channel, sub)
         except BaseException:
@@ -724,7 +848,15 @@ class BrokerClient:
 
     One publishing Consumer, plus one Provider per subscription; the
     broker opens the forwarding Consumer when asked (docs/broker.md).
+
+    With ``reconnect`` (default False; True or a backoff policy, as for
+    Consumers) its connections come back after a drop, and each
+    subscription asks the broker again to forward to it, for up to
+    ``resubscribe_patience`` seconds once its own line is back; past that
+    it ends with ``resubscribe failed: ...``.
     """
+
+    resubscribe_patience = 30.0
 
     def __init__(
         self,
@@ -732,6 +864,7 @@ class BrokerClient:
         broker_channel_id: ChannelId = DEFAULT_BROKER_CHANNEL,
         reactor: Any = None,
         buffer: int = DEFAULT_BUFFER,
+        reconnect: Reconnect = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -741,9 +874,11 @@ class BrokerClient:
         self.channel = _uuid(broker_channel_id)
         self.reactor = reactor
         self.buffer = buffer
+        self.reconnect = reconnect
         self._consumer: Optional[Consumer] = None
         self._publisher: Optional[_Publisher] = None
         self._subscriptions: dict[uuid.UUID, Subscription] = {}
+        self._resubscribing: set[uuid.UUID] = set()
         self._closed: Optional[Exception] = None
 
     @classmethod
@@ -754,12 +889,17 @@ class BrokerClient:
         reactor: Any = None,
         **options: Any,
     ) -> "Deferred[BrokerClient]":
-        """Connect and check a broker answers on the channel (NoProviderError if none)."""
+        """Connect and check a broker answers on the channel (NoProviderError if none).
+
+        ``options``: ``buffer`` and ``reconnect`` (default False) as for the class.
+        """
         client = cls(address, broker_channel_id, reactor, **options)
         return Deferred.fromCoroutine(client._start())
 
     async def _start(self) -> "BrokerClient":
-        self._consumer = await Consumer.connect(self.address, self.channel, reactor=self.reactor)
+        self._consumer = await Consumer.connect(
+            self.address, self.channel, reactor=self.reactor, reconnect=self.reconnect
+        )
         self._publisher = _Publisher(self._consumer)
         try:
             await _send_until_registered(self._consumer, b"[]", self.reactor)
@@ -774,6 +914,12 @@ class BrokerClient:
     @property
     def subscriptions(self) -> list[Subscription]:
         return list(self._subscriptions.values())
+
+    def when_connected(self) -> "Deferred[BrokerClient]":
+        """Fires with this client once its publishing connection is up (at once if it is)."""
+        if self._consumer is None:
+            return fail(self._closed or ConnectionLostError("not connected"))
+        return self._consumer.when_connected().addCallback(lambda _: self)
 
     def publish(
         self, topic: str, payload: bytes = b"", headers: Optional[dict[str, str]] = None, timeout: float = 5.0
@@ -793,7 +939,9 @@ class BrokerClient:
 
     async def _subscribe(self, topic: str, buffer: int) -> Subscription:
         assert self._consumer is not None
-        sub, provider = await _open_subscription(self.address, topic, buffer, self.reactor)
+        sub, provider = await _open_subscription(self.address, topic, buffer, self.reactor, self.reconnect)
+        if self.reconnect:
+            provider.on_reconnect(lambda _: self._resubscribe(sub))
 
         def ended_by_broker(reason: str) -> None:
             sub._close(reason)
@@ -811,6 +959,57 @@ class BrokerClient:
             raise
         self._subscriptions[sub.channel] = sub
         return sub
+
+    def _resubscribe(self, sub: Subscription) -> None:
+        """The subscription's Provider is back: ask the broker to forward to it again.
+
+        A broker that kept running kept the subscription and just resumes it;
+        a restarted one has forgotten it and subscribes the channel afresh.
+        """
+        if sub.channel in self._resubscribing:
+            return  # the running attempt waits for the line and sends again
+        self._resubscribing.add(sub.channel)
+        d = Deferred.fromCoroutine(self._announce_again(sub))
+        d.addErrback(lambda failure: log.failure("resubscribing to {t!r} failed", failure, t=sub.topic))
+        d.addBoth(lambda _: self._resubscribing.discard(sub.channel))
+
+    async def _announce_again(self, sub: Subscription) -> None:
+        assert self._consumer is not None and sub._provider is not None
+        body = messages.control(messages.SUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
+        deadline = None
+        delay = 0.05
+        error: Exception = ConnectionLostError("not connected")
+        while not sub.closed and self._closed is None and sub.channel in self._subscriptions:
+            if not (sub._provider.connected and self._consumer.connected):
+                deadline = None  # patience counts while both lines are up
+                try:
+                    await sub._provider.when_connected()
+                    await self._consumer.when_connected()
+                except ConnectionLostError:
+                    return  # closed for good
+                continue
+            if deadline is None:
+                deadline = self.reactor.seconds() + self.resubscribe_patience
+            try:
+                await self._consumer.send(body, timeout=min(10.0, self.resubscribe_patience))
+            except NoProviderError:
+                error = NoProviderError(f"no broker on channel {self.channel}")
+            except PulsyfluxError as failure:  # the broker could not reach our Provider yet, ...
+                error = failure
+                log.debug("resubscribe to {t!r} not accepted yet: {e}", t=sub.topic, e=failure)
+            else:
+                if not sub.closed:
+                    sub._resumed()
+                return
+            if self.reactor.seconds() >= deadline:
+                reason = f"resubscribe failed: {error}"
+                log.warn("subscription to {t!r} ended: {r}", t=sub.topic, r=reason)
+                self._subscriptions.pop(sub.channel, None)
+                sub._close(reason)
+                await sub._provider.close()
+                return
+            await deferLater(self.reactor, delay, lambda: None)
+            delay = min(delay * 2, 1.0)
 
     def unsubscribe(self, topic: str) -> "Deferred[Any]":
         """End this client's subscriptions to ``topic``; fires when their connections are closed."""
