@@ -879,6 +879,7 @@ class BrokerClient:
         self._publisher: Optional[_Publisher] = None
         self._subscriptions: dict[uuid.UUID, Subscription] = {}
         self._resubscribing: set[uuid.UUID] = set()
+        self._pauses: set[Deferred[None]] = set()  # resubscribe retries waiting; cancelled by close()
         self._closed: Optional[Exception] = None
 
     @classmethod
@@ -1008,7 +1009,14 @@ class BrokerClient:
                 sub._close(reason)
                 await sub._provider.close()
                 return
-            await deferLater(self.reactor, delay, lambda: None)
+            pause = deferLater(self.reactor, delay, lambda: None)
+            self._pauses.add(pause)
+            try:
+                await pause
+            except CancelledError:
+                return  # the client closed
+            finally:
+                self._pauses.discard(pause)
             delay = min(delay * 2, 1.0)
 
     def unsubscribe(self, topic: str) -> "Deferred[Any]":
@@ -1032,6 +1040,8 @@ class BrokerClient:
         """Unsubscribe everything and close every connection."""
         if self._closed is None:
             self._closed = ConnectionLostError("the broker client is closed")
+        for pause in list(self._pauses):
+            pause.cancel()
         subs = list(self._subscriptions.values())
 
         async def closing() -> None:

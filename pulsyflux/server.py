@@ -19,7 +19,6 @@ from collections import Counter
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -43,6 +42,7 @@ from .codec import (
     ZERO_ROUTING,
     FrameDecoder,
 )
+from .deadlines import Deadlines
 from .errors import ProtocolError
 from .sendnow import coalesce, immediate_writer
 
@@ -90,7 +90,7 @@ class ServerStats:
 class _InFlight:
     """One request between its START and the end of its response."""
 
-    __slots__ = ("request_id", "consumer", "provider", "routing", "timer", "request_size", "response_size")
+    __slots__ = ("request_id", "consumer", "provider", "routing", "timed", "request_size", "response_size")
 
     def __init__(
         self, request_id: bytes, consumer: "ServerProtocol", provider: "ServerProtocol", routing: bytes
@@ -99,7 +99,7 @@ class _InFlight:
         self.consumer = consumer
         self.provider = provider
         self.routing = routing
-        self.timer: Optional[IDelayedCall] = None
+        self.timed = False  # its deadline counts: set at START, cleared once the response begins
         self.request_size = 0
         self.response_size = 0
 
@@ -121,6 +121,7 @@ class Router:
         self.providers: dict[bytes, list[ServerProtocol]] = {}
         self._next_provider: dict[bytes, int] = {}
         self.requests: dict[bytes, _InFlight] = {}
+        self.deadlines = Deadlines(clock, self.requests, self._expire)  # one timer, not one per request
         self.connections: set[ServerProtocol] = set()
         self.stats = ServerStats()
         self.reading: Optional[ServerProtocol] = None  # whose frames are being routed now (backpressure)
@@ -256,7 +257,8 @@ class Router:
         conn.started.add(request_id)
         provider.assigned.add(request_id)
         if timeout_ms:
-            entry.timer = self.clock.callLater(timeout_ms / 1000.0, self._expire, entry)
+            entry.timed = True
+            self.deadlines.add(request_id, entry, timeout_ms / 1000.0)
         self.stats.requests_routed += 1
         self.send(provider, _encode_header(_VERSION, START, flags, request_id, ROUTING_SIZE) + routing)
 
@@ -296,9 +298,7 @@ class Router:
                 self.stats.frames_dropped += 1
                 self._server_error(conn, request_id, "response routing does not match the request")
                 return
-            if entry.timer is not None:
-                entry.timer.cancel()
-                entry.timer = None
+            entry.timed = False  # the response has begun: no deadline any more
             if ftype == ERROR:
                 self.stats.errors[codec.error_message(frame[_HEADER:])] += 1
         if ftype != RESPONSE_START and ftype != RESPONSE_CHUNK:
@@ -311,10 +311,8 @@ class Router:
         del self.requests[request_id]
         entry.consumer.started.discard(request_id)
         entry.provider.assigned.discard(request_id)
-        if entry.timer is not None:
-            if entry.timer.active():
-                entry.timer.cancel()
-            entry.timer = None
+        if not self.requests:
+            self.deadlines.clear()  # an idle router holds no timer
 
     def _too_large(self, entry: _InFlight, which: str) -> None:
         """Fail a request whose body passed ``max_body``: both sides drop it, its later frames are ignored."""
@@ -323,9 +321,8 @@ class Router:
         self._server_error(entry.consumer, entry.request_id, message, entry.routing)
         self._server_error(entry.provider, entry.request_id, message, entry.routing)
 
-    def _expire(self, entry: _InFlight) -> None:
-        entry.timer = None
-        if self.requests.get(entry.request_id) is entry:
+    def _expire(self, request_id: bytes, entry: _InFlight) -> None:
+        if entry.timed:
             self._finish(entry)
             self._server_error(entry.consumer, entry.request_id, codec.MSG_TIMED_OUT, entry.routing)
 
