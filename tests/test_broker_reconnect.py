@@ -225,3 +225,20 @@ async def test_the_broker_drops_a_subscriber_that_does_not_come_back():
     assert stats["topics"] == {} and stats["subscriptions"] == [] and stats["reconnects"] == 1
     await broker.close()
     await port.stopListening()
+
+
+@ensure
+async def test_a_graceful_broker_stop_still_ends_reconnecting_subscriptions():
+    service = BrokerService("tcp:0:interface=127.0.0.1", broker_channel=uuid.uuid4())
+    service.startService()
+    await within(service.whenReady())
+    address = f"127.0.0.1:{service.server.port.getHost().port}"
+    client = await BrokerClient.connect(address, service.broker_channel, reconnect=fast_backoff)
+    sub = await client.subscribe("news")
+
+    await within(service.stopService())  # an end, announced with $pulsyflux/closed, not a gap
+    with pytest.raises(SubscriptionClosed, match="the broker closed"):
+        await within(sub.get())
+    assert sub.gaps == 0 and client.subscriptions == []
+    await within(sub._provider.when_lost())  # closed for good, not retrying
+    await client.close()
