@@ -17,6 +17,7 @@ Add ``immediate`` to either to send the way pulsyflux does
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Optional
@@ -26,7 +27,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
 from pulsyflux.sendnow import immediate_writer
 
-__all__ = ["EchoProtocol", "RelayProtocol", "RelayFactory", "RoundTripClient", "serve"]
+__all__ = ["EchoProtocol", "RelayProtocol", "RelayFactory", "RoundTripClient", "run_as_child", "serve"]
 
 
 def _low_latency(transport: Any) -> None:
@@ -170,6 +171,24 @@ class RoundTripClient(Protocol):
             done.errback(reason)
 
 
+def run_as_child(reactor: Any) -> None:
+    """Run the reactor until stopped, or until the benchmark that started this process is gone.
+
+    A benchmark stopped with Ctrl-C never gets to stop its children; they
+    notice that their parent changed and exit instead of lingering.
+    """
+    from twisted.internet.task import LoopingCall
+
+    parent = os.getppid()
+
+    def check_parent() -> None:
+        if os.getppid() != parent:
+            reactor.stop()
+
+    LoopingCall(check_parent).start(0.5, now=False)
+    reactor.run()
+
+
 def serve(argv: list[str]) -> None:
     """Child-process entry: ``echo`` or ``relay ECHO_PORT``, then optionally ``immediate``."""
     from twisted.internet import reactor
@@ -185,7 +204,7 @@ def serve(argv: list[str]) -> None:
         sys.exit("usage: python -m pulsyflux.bench.relay echo | relay ECHO_PORT  [immediate]")
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     print(port.getHost().port, flush=True)
-    reactor.run()
+    run_as_child(reactor)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from twisted.internet.protocol import ProcessProtocol
 
 from pulsyflux.client import Consumer, Provider
 
-from .relay import RoundTripClient
+from .relay import RoundTripClient, run_as_child
 
 __all__ = ["Options", "add_arguments", "options_from_args", "measure", "run", "format_report", "GO_REFERENCE"]
 
@@ -556,7 +556,7 @@ def _serve(argv: list[str]) -> None:
         )
     else:
         sys.exit("usage: python -m pulsyflux.bench.rpc server | provider PORT CHANNEL")
-    reactor.run()
+    run_as_child(reactor)
 
 
 def _echo(payload: bytes) -> bytes:
