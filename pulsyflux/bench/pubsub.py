@@ -22,23 +22,34 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import struct
 import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.protocol import ProcessProtocol
 
 from pulsyflux.broker import BrokerClient, Subscription
 
-__all__ = ["Options", "add_arguments", "options_from_args", "measure", "run", "format_report", "main", "TARGETS"]
+from .common import (
+    Progress,
+    cpu_seconds,
+    fmt,
+    machine,
+    median,
+    percentile,
+    public_options,
+    run_blocking,
+    script_main,
+    sleep,
+    spawn,
+    start,
+    waiting_seconds,
+)
 
-Progress = Callable[[str], None]
+__all__ = ["Options", "add_arguments", "options_from_args", "measure", "run", "format_report", "main", "TARGETS"]
 
 # Issue 3's targets on a 2-core machine; the Go original delivered 1 message
 # per 6 s per subscriber here (its subscribers never answer), 5-8K msgs/s claimed.
@@ -101,77 +112,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
     )
 
 
-# -- the server process ------------------------------------------------------------
-
-
-class _Child(ProcessProtocol):
-    """The server process; its first line of output is its port."""
-
-    def __init__(self) -> None:
-        self.ready: Optional[Deferred[str]] = Deferred()
-        self.ended: Deferred[None] = Deferred()
-        self._out = b""
-        self._err = b""
-
-    def outReceived(self, data: bytes) -> None:
-        self._out += data
-        if self.ready is not None and b"\n" in self._out:
-            line, _, self._out = self._out.partition(b"\n")
-            ready, self.ready = self.ready, None
-            ready.callback(line.decode().strip())
-
-    def errReceived(self, data: bytes) -> None:
-        self._err = (self._err + data)[-4000:]
-
-    def processEnded(self, reason: Any) -> None:
-        if self.ready is not None:
-            ready, self.ready = self.ready, None
-            ready.errback(RuntimeError(f"server exited before it was ready:\n{self._err.decode(errors='replace')}"))
-        self.ended.callback(None)
-
-    def stop(self) -> "Deferred[None]":
-        try:
-            self.transport.signalProcess("TERM")
-        except Exception:
-            pass  # already gone
-        return self.ended
-
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def _waiting_seconds(pid: int) -> float:
-    """Time a process was runnable but waiting for a CPU (Linux schedstat; 0 elsewhere).
-
-    On a shared machine this says how much of a measurement was lost to other work.
-    """
-    try:
-        with open(f"/proc/{pid}/schedstat") as stat:
-            return int(stat.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 # -- measurements --------------------------------------------------------------------
-
-
-def _percentile(ordered: list[float], fraction: float) -> float:
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
-
-
-def _sleep(reactor: Any, seconds: float) -> "Deferred[None]":
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d
 
 
 def _payload(size: int) -> bytes:
@@ -188,7 +129,7 @@ async def _latency(publisher: BrokerClient, sub: Subscription, topic: str, optio
         msg = await sub.get()
         samples.append(perf_counter() - unpack(msg.payload)[0])
     samples.sort()
-    return {"p50_us": _percentile(samples, 0.5) * 1e6, "p99_us": _percentile(samples, 0.99) * 1e6}
+    return {"p50_us": percentile(samples, 0.5) * 1e6, "p99_us": percentile(samples, 0.99) * 1e6}
 
 
 class _Flood:
@@ -248,16 +189,16 @@ async def _flood(
     subs = [await subscriber.subscribe(topic, buffer=1000) for _ in range(n)]
     flood = _Flood(publisher, topic, subs, options)
     flood.start()
-    await _sleep(reactor, options.warmup)
-    cpu0 = {"bench": _cpu_seconds(os.getpid()), "server": _cpu_seconds(server_pid)}
-    wait0 = {"bench": _waiting_seconds(os.getpid()), "server": _waiting_seconds(server_pid)}
+    await sleep(reactor, options.warmup)
+    cpu0 = {"bench": cpu_seconds(os.getpid()), "server": cpu_seconds(server_pid)}
+    wait0 = {"bench": waiting_seconds(os.getpid()), "server": waiting_seconds(server_pid)}
     delivered0, t0 = flood.delivered, time.perf_counter()
     flood.sampling = True
-    await _sleep(reactor, options.duration)
+    await sleep(reactor, options.duration)
     flood.sampling = False
     delivered1, t1 = flood.delivered, time.perf_counter()
-    cpu1 = {"bench": _cpu_seconds(os.getpid()), "server": _cpu_seconds(server_pid)}
-    wait1 = {"bench": _waiting_seconds(os.getpid()), "server": _waiting_seconds(server_pid)}
+    cpu1 = {"bench": cpu_seconds(os.getpid()), "server": cpu_seconds(server_pid)}
+    wait1 = {"bench": waiting_seconds(os.getpid()), "server": waiting_seconds(server_pid)}
     flood.stopping = True
     await subscriber.unsubscribe(topic)
     await DeferredList(flood.readers)
@@ -267,8 +208,8 @@ async def _flood(
         "subscribers": n,
         "deliveries_per_s": (delivered1 - delivered0) / elapsed,
         "msgs_per_s": (delivered1 - delivered0) / elapsed / n,
-        "p50_us": _percentile(samples, 0.5) * 1e6,
-        "p99_us": _percentile(samples, 0.99) * 1e6,
+        "p50_us": percentile(samples, 0.5) * 1e6,
+        "p99_us": percentile(samples, 0.99) * 1e6,
         "cpu_percent": {name: (cpu1[name] - cpu0[name]) / elapsed * 100 for name in cpu0},
         "cpu_wait_percent": {name: (wait1[name] - wait0[name]) / elapsed * 100 for name in wait0},
         "dropped": sum(sub.dropped for sub in subs),
@@ -288,31 +229,20 @@ async def _run_once(reactor: Any, clients: dict, options: Options) -> dict:
     return result
 
 
-def _median(runs: list[dict], *path: str) -> Optional[float]:
-    values = []
-    for run_result in runs:
-        value: Any = run_result
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
-        if isinstance(value, (int, float)):
-            values.append(value)
-    return statistics.median(values) if values else None
-
-
 def _summarise(options: Options, runs: list[dict]) -> dict:
     medians: dict[str, Optional[float]] = {
-        "latency_p50_us": _median(runs, "latency", "p50_us"),
-        "latency_p99_us": _median(runs, "latency", "p99_us"),
+        "latency_p50_us": median(runs, "latency", "p50_us"),
+        "latency_p99_us": median(runs, "latency", "p99_us"),
     }
     for n in options.fanouts:
         for key in ("deliveries_per_s", "msgs_per_s", "p50_us", "p99_us"):
-            medians[f"flood_{n}_{key}"] = _median(runs, f"flood_{n}", key)
+            medians[f"flood_{n}_{key}"] = median(runs, f"flood_{n}", key)
         for name in ("bench", "server"):
-            medians[f"flood_{n}_cpu_{name}_percent"] = _median(runs, f"flood_{n}", "cpu_percent", name)
-            medians[f"flood_{n}_wait_{name}_percent"] = _median(runs, f"flood_{n}", "cpu_wait_percent", name)
+            medians[f"flood_{n}_cpu_{name}_percent"] = median(runs, f"flood_{n}", "cpu_percent", name)
+            medians[f"flood_{n}_wait_{name}_percent"] = median(runs, f"flood_{n}", "cpu_wait_percent", name)
     return {
-        "options": {k: v for k, v in asdict(options).items() if k != "python"},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "options": public_options(options),
+        "machine": machine(),
         "medians": medians,
         "runs": runs,
         "targets": dict(TARGETS),
@@ -335,15 +265,13 @@ def _one_line(result: dict) -> str:
 
 
 async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
-    server = _Child()
     clients: dict[str, Any] = {}
     progress("starting the server and broker process")
-    argv = [options.python, "-m", "pulsyflux.bench.pubsub", "server"]
-    reactor.spawnProcess(server, options.python, argv, env=dict(os.environ))
+    server = spawn(reactor, options.python, "server", "pulsyflux.bench.pubsub", "server")
     try:
         port = int(await server.ready)
         address = f"127.0.0.1:{port}"
-        clients["server_pid"] = server.transport.pid
+        clients["server_pid"] = server.pid
         clients["publisher"] = await BrokerClient.connect(address, reactor=reactor)
         clients["subscriber"] = await BrokerClient.connect(address, reactor=reactor)
         progress("warming up")
@@ -365,31 +293,12 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
 
 def measure(reactor: Any, options: Options, progress: Optional[Progress] = None) -> "Deferred[dict]":
     """Run the benchmark on a running reactor; fires with the results dict."""
-    return Deferred.fromCoroutine(_measure(reactor, options, progress or (lambda message: None)))
+    return start(_measure, reactor, options, progress)
 
 
 def run(options: Optional[Options] = None, progress: Optional[Progress] = None) -> dict:
     """Run the benchmark to completion on the global reactor (once per process)."""
-    from twisted.internet import reactor
-
-    outcome: dict = {}
-
-    def finish(result: Any) -> None:
-        outcome["result"] = result
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: measure(reactor, options or Options(), progress).addBoth(finish))
-    reactor.run()
-    result = outcome.get("result")
-    if result is None:
-        raise RuntimeError("the benchmark did not finish")
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
-
-
-def _fmt(value: Optional[float], spec: str = ",.0f") -> str:
-    return "n/a" if value is None else format(value, spec)
+    return run_blocking(measure, options or Options(), progress)
 
 
 def format_report(results: dict) -> str:
@@ -398,18 +307,18 @@ def format_report(results: dict) -> str:
     lines = [
         f"pulsyflux bench pubsub: medians of {len(results['runs'])} runs, {o['payload']}-byte payloads, "
         f"server+broker in its own process ({results['machine']['cpus']} CPUs, Python {results['machine']['python']})",
-        f"  latency, one at a time 1->1   p50 {_fmt(m['latency_p50_us'])} us  p99 {_fmt(m['latency_p99_us'])} us"
+        f"  latency, one at a time 1->1   p50 {fmt(m['latency_p50_us'])} us  p99 {fmt(m['latency_p99_us'])} us"
         f"   (target p50 <= {t['latency_p50_us']} us)",
     ]
     for n in o["fanouts"]:
         target = {1: f"target >= {t['flood_1_msgs_per_s']:,}", 10: f"target >= {t['flood_10_deliveries_per_s']:,}"}
         lines.append(
-            f"  flood 1->{n:<3} {_fmt(m[f'flood_{n}_deliveries_per_s']):>9} deliveries/s "
-            f"({_fmt(m[f'flood_{n}_msgs_per_s'])} msgs/s)  p50 {_fmt(m[f'flood_{n}_p50_us'])} us  "
-            f"p99 {_fmt(m[f'flood_{n}_p99_us'])} us  CPU bench {_fmt(m[f'flood_{n}_cpu_bench_percent'])}% "
-            f"server {_fmt(m[f'flood_{n}_cpu_server_percent'])}% "
-            f"(waiting for a CPU: {_fmt(m[f'flood_{n}_wait_bench_percent'])}% / "
-            f"{_fmt(m[f'flood_{n}_wait_server_percent'])}%)" + (f"   ({target[n]})" if n in target else "")
+            f"  flood 1->{n:<3} {fmt(m[f'flood_{n}_deliveries_per_s']):>9} deliveries/s "
+            f"({fmt(m[f'flood_{n}_msgs_per_s'])} msgs/s)  p50 {fmt(m[f'flood_{n}_p50_us'])} us  "
+            f"p99 {fmt(m[f'flood_{n}_p99_us'])} us  CPU bench {fmt(m[f'flood_{n}_cpu_bench_percent'])}% "
+            f"server {fmt(m[f'flood_{n}_cpu_server_percent'])}% "
+            f"(waiting for a CPU: {fmt(m[f'flood_{n}_wait_bench_percent'])}% / "
+            f"{fmt(m[f'flood_{n}_wait_server_percent'])}%)" + (f"   ({target[n]})" if n in target else "")
         )
     lines.append(f"  dropped {results['dropped']}, failed publishes {results['failed']}")
     return "\n".join(lines)
@@ -421,14 +330,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:1] == ["server"]:
         _serve()
         return 0
-    parser = argparse.ArgumentParser(
-        prog="pulsyflux bench pubsub", description="Broker throughput and latency, server+broker in a child process."
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    results = run(options_from_args(args), lambda message: print(message, file=sys.stderr, flush=True))
-    print(format_report(results))
-    return 1 if results["failed"] else 0
+    description = "Broker throughput and latency, server+broker in a child process."
+    return script_main(sys.modules[__name__], description, argv, prog="pulsyflux bench pubsub")
 
 
 def _serve() -> None:

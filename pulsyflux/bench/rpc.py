@@ -21,25 +21,34 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import ProcessProtocol
 
 from pulsyflux.client import Consumer, Provider
 
+from .common import (
+    Child,
+    Progress,
+    cpu_seconds,
+    fmt,
+    machine,
+    median,
+    percentile,
+    public_options,
+    run_blocking,
+    sleep,
+    spawn,
+    start,
+)
 from .relay import RoundTripClient, run_as_child
 
 __all__ = ["Options", "add_arguments", "options_from_args", "measure", "run", "format_report", "GO_REFERENCE"]
-
-Progress = Callable[[str], None]
 
 # The Go original on the same 2-core machine (issue 2); its consumers broke
 # under 10 concurrent consumers, so it has no in-flight figure.
@@ -102,62 +111,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
     )
 
 
-# -- child processes -------------------------------------------------------------
-
-
-class _Child(ProcessProtocol):
-    """A child process whose first line of output says it is ready."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.ready: Deferred[str] = Deferred()
-        self.ended: Deferred[None] = Deferred()
-        self._out = b""
-        self._err = b""
-
-    def outReceived(self, data: bytes) -> None:
-        self._out += data
-        if self.ready is not None and b"\n" in self._out:
-            line, _, self._out = self._out.partition(b"\n")
-            ready, self.ready = self.ready, None
-            ready.callback(line.decode().strip())
-
-    def errReceived(self, data: bytes) -> None:
-        self._err = (self._err + data)[-4000:]
-
-    def processEnded(self, reason: Any) -> None:
-        if self.ready is not None:
-            ready, self.ready = self.ready, None
-            ready.errback(
-                RuntimeError(f"{self.name} exited before it was ready:\n{self._err.decode(errors='replace')}")
-            )
-        self.ended.callback(None)
-
-    @property
-    def pid(self) -> int:
-        return self.transport.pid
-
-    def stop(self) -> "Deferred[None]":
-        try:
-            self.transport.signalProcess("TERM")
-        except Exception:
-            pass  # already gone
-        return self.ended
-
-
-def _spawn(reactor: Any, options: Options, name: str, module: str, *args: str) -> _Child:
-    child = _Child(name)
-    argv = [options.python, "-m", module, *args]
-    reactor.spawnProcess(child, options.python, argv, env=dict(os.environ))
-    return child
-
-
 # -- measurements ----------------------------------------------------------------
-
-
-def _percentile(sorted_samples: list[float], fraction: float) -> float:
-    index = min(len(sorted_samples) - 1, int(fraction * len(sorted_samples)))
-    return sorted_samples[index]
 
 
 def _sequential(consumer: Consumer, payload: bytes, duration: float) -> "Deferred[list[float]]":
@@ -232,19 +186,13 @@ class _Flood:
             self.drained.callback(None)
 
 
-def _sleep(reactor: Any, seconds: float) -> "Deferred[None]":
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d
-
-
 async def _flood(reactor: Any, consumers: list[Consumer], options: Options, cpu: _CpuMeter) -> dict:
     flood = _Flood(consumers, b"x" * options.payload, options.inflight)
     flood.start()
-    await _sleep(reactor, options.warmup)
+    await sleep(reactor, options.warmup)
     cpu.start()
     count0, t0 = flood.answered, time.perf_counter()
-    await _sleep(reactor, options.duration)
+    await sleep(reactor, options.duration)
     count1, t1 = flood.answered, time.perf_counter()
     cpu.stop()
     await flood.stop()
@@ -260,23 +208,10 @@ def _latency_summary(samples: list[float], elapsed: float) -> dict:
     ordered = sorted(samples)
     return {
         "req_per_s": len(samples) / elapsed,
-        "p50_us": _percentile(ordered, 0.50) * 1e6,
-        "p99_us": _percentile(ordered, 0.99) * 1e6,
+        "p50_us": percentile(ordered, 0.50) * 1e6,
+        "p99_us": percentile(ordered, 0.99) * 1e6,
         "count": len(samples),
     }
-
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc; 0 elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 class _CpuMeter:
@@ -288,11 +223,11 @@ class _CpuMeter:
         self._before: dict[str, float] = {}
 
     def start(self) -> None:
-        self._before = {name: _cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
 
     def stop(self) -> None:
         for name, pid in self.pids.items():
-            self.used[name] += _cpu_seconds(pid) - self._before[name]
+            self.used[name] += cpu_seconds(pid) - self._before[name]
 
     def per_request_us(self, count: int) -> dict[str, float]:
         return {name: used / max(count, 1) * 1e6 for name, used in self.used.items()}
@@ -351,40 +286,25 @@ async def _run_once(reactor: Any, options: Options, clients: dict) -> dict:
     return result
 
 
-def _median(runs: list[dict], *path: str) -> Optional[float]:
-    values = []
-    for run_result in runs:
-        value: Any = run_result
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
-        if isinstance(value, (int, float)):
-            values.append(value)
-    return statistics.median(values) if values else None
-
-
 def _summarise(options: Options, runs: list[dict]) -> dict:
     medians = {
-        "sequential_req_per_s": _median(runs, "sequential", "req_per_s"),
-        "sequential_p50_us": _median(runs, "sequential", "p50_us"),
-        "sequential_p99_us": _median(runs, "sequential", "p99_us"),
-        "relay_rt_per_s": _median(runs, "relay", "req_per_s"),
-        "relay_p50_us": _median(runs, "relay", "p50_us"),
-        "relay_p99_us": _median(runs, "relay", "p99_us"),
-        "sequential_vs_relay": _median(runs, "sequential_vs_relay"),
-        "inflight_req_per_s": _median(runs, "inflight", "req_per_s"),
-        "echo_1mib_mb_per_s": _median(runs, "echo", "mb_per_s"),
-        "echo_p50_ms": (lambda v: v / 1000 if v is not None else None)(_median(runs, "echo", "p50_us")),
+        "sequential_req_per_s": median(runs, "sequential", "req_per_s"),
+        "sequential_p50_us": median(runs, "sequential", "p50_us"),
+        "sequential_p99_us": median(runs, "sequential", "p99_us"),
+        "relay_rt_per_s": median(runs, "relay", "req_per_s"),
+        "relay_p50_us": median(runs, "relay", "p50_us"),
+        "relay_p99_us": median(runs, "relay", "p99_us"),
+        "sequential_vs_relay": median(runs, "sequential_vs_relay"),
+        "inflight_req_per_s": median(runs, "inflight", "req_per_s"),
+        "echo_1mib_mb_per_s": median(runs, "echo", "mb_per_s"),
+        "echo_p50_ms": (lambda v: v / 1000 if v is not None else None)(median(runs, "echo", "p50_us")),
     }
     for phase in ("sequential", "relay", "inflight", "echo"):
         names = next((r[phase]["cpu_us"] for r in runs if phase in r), {})
-        medians[f"{phase}_cpu_us"] = {name: _median(runs, phase, "cpu_us", name) for name in names}
+        medians[f"{phase}_cpu_us"] = {name: median(runs, phase, "cpu_us", name) for name in names}
     return {
-        "options": {k: v for k, v in asdict(options).items() if k != "python"},
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "options": public_options(options),
+        "machine": machine(),
         "medians": medians,
         "runs": runs,
         "go": dict(GO_REFERENCE),
@@ -394,16 +314,16 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
 
 
 async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
-    children: list[_Child] = []
+    children: list[Child] = []
     clients: dict = {"consumers": [], "pids": {}}
     try:
         progress("starting the router and an echo provider")
-        server = _spawn(reactor, options, "router", "pulsyflux.bench.rpc", "server")
+        server = spawn(reactor, options.python, "router", "pulsyflux.bench.rpc", "server")
         children.append(server)
         port = int(await server.ready)
         address = f"127.0.0.1:{port}"
         channel = str(uuid.uuid4())
-        provider = _spawn(reactor, options, "provider", "pulsyflux.bench.rpc", "provider", str(port), channel)
+        provider = spawn(reactor, options.python, "provider", "pulsyflux.bench.rpc", "provider", str(port), channel)
         children.append(provider)
         await provider.ready
         clients["pids"]["router"] = {"client": os.getpid(), "router": server.pid, "provider": provider.pid}
@@ -412,10 +332,10 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
         if options.baseline:
             progress("starting the bare relay and echo server")
             mode = ["immediate"] if options.relay_immediate else []
-            echo = _spawn(reactor, options, "echo", "pulsyflux.bench.relay", "echo", *mode)
+            echo = spawn(reactor, options.python, "echo", "pulsyflux.bench.relay", "echo", *mode)
             children.append(echo)
             echo_port = int(await echo.ready)
-            relay = _spawn(reactor, options, "relay", "pulsyflux.bench.relay", "relay", str(echo_port), *mode)
+            relay = spawn(reactor, options.python, "relay", "pulsyflux.bench.relay", "relay", str(echo_port), *mode)
             children.append(relay)
             relay_port = int(await relay.ready)
             clients["pids"]["relay"] = {"client": os.getpid(), "relay": relay.pid, "echo": echo.pid}
@@ -445,34 +365,15 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
 
 def measure(reactor: Any, options: Options, progress: Optional[Progress] = None) -> "Deferred[dict]":
     """Run the benchmark on a running reactor; fires with the results dict."""
-    return Deferred.fromCoroutine(_measure(reactor, options, progress or (lambda message: None)))
+    return start(_measure, reactor, options, progress)
 
 
 def run(options: Optional[Options] = None, progress: Optional[Progress] = None) -> dict:
     """Run the benchmark to completion on the global reactor (once per process)."""
-    from twisted.internet import reactor
-
-    outcome: dict = {}
-
-    def finish(result: Any) -> None:
-        outcome["result"] = result
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: measure(reactor, options or Options(), progress).addBoth(finish))
-    reactor.run()
-    result = outcome.get("result")
-    if result is None:
-        raise RuntimeError("the benchmark did not finish")
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
+    return run_blocking(measure, options or Options(), progress)
 
 
 # -- reporting -------------------------------------------------------------------
-
-
-def _fmt(value: Optional[float], spec: str = ",.0f") -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def _one_line(result: dict) -> str:
@@ -500,31 +401,31 @@ def format_report(results: dict) -> str:
     lines = [
         f"pulsyflux bench rpc: medians of {len(results['runs'])} runs of {o['duration']} s "
         f"({results['machine']['cpus']} CPUs, Python {results['machine']['python']})",
-        f"  sequential {o['payload']} B      {_fmt(m['sequential_req_per_s'])} req/s  "
-        f"p50 {_fmt(m['sequential_p50_us'])} us  p99 {_fmt(m['sequential_p99_us'])} us   "
+        f"  sequential {o['payload']} B      {fmt(m['sequential_req_per_s'])} req/s  "
+        f"p50 {fmt(m['sequential_p50_us'])} us  p99 {fmt(m['sequential_p99_us'])} us   "
         f"(Go {go['sequential_req_per_s']:,} req/s, p50 {go['sequential_p50_us']} us)",
     ]
     if m["relay_rt_per_s"] is not None:
         lines.append(
             f"  {'relay, immediate' if o.get('relay_immediate') else 'bare relay':<20} "
-            f"{_fmt(m['relay_rt_per_s'])} rt/s   p50 {_fmt(m['relay_p50_us'])} us  "
-            f"p99 {_fmt(m['relay_p99_us'])} us   "
-            f"sequential/relay {_fmt(m['sequential_vs_relay'], '.2f')} (target >= {t['sequential_vs_relay']})"
+            f"{fmt(m['relay_rt_per_s'])} rt/s   p50 {fmt(m['relay_p50_us'])} us  "
+            f"p99 {fmt(m['relay_p99_us'])} us   "
+            f"sequential/relay {fmt(m['sequential_vs_relay'], '.2f')} (target >= {t['sequential_vs_relay']})"
         )
     lines.append(
-        f"  in flight {o['consumers']}x{o['inflight']}     {_fmt(m['inflight_req_per_s'])} req/s  "
+        f"  in flight {o['consumers']}x{o['inflight']}     {fmt(m['inflight_req_per_s'])} req/s  "
         f"(target >= {t['inflight_req_per_s']:,}; Go broke)"
     )
     if m["echo_1mib_mb_per_s"] is not None:
         lines.append(
-            f"  echo {o['large']:,} B  {_fmt(m['echo_1mib_mb_per_s'])} MB/s  p50 {_fmt(m['echo_p50_ms'], '.1f')} ms  "
+            f"  echo {o['large']:,} B  {fmt(m['echo_1mib_mb_per_s'])} MB/s  p50 {fmt(m['echo_p50_ms'], '.1f')} ms  "
             f"(target >= {t['echo_1mib_mb_per_s']}; Go {go['echo_1mib_mb_per_s']})"
         )
     lines.append("  CPU time per request, microseconds, by process:")
     for phase in ("relay", "sequential", "inflight", "echo"):
         used = m.get(f"{phase}_cpu_us")
         if used:
-            lines.append(f"    {phase:<11}" + "  ".join(f"{name} {_fmt(value)}" for name, value in used.items()))
+            lines.append(f"    {phase:<11}" + "  ".join(f"{name} {fmt(value)}" for name, value in used.items()))
     if results["failed_requests"]:
         lines.append(f"  {results['failed_requests']} requests FAILED")
     return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""What every benchmark shares: its child processes, CPU readings, medians, and its front ends.
+
+A benchmark module (:mod:`pulsyflux.bench.rpc`, :mod:`pulsyflux.bench.pubsub`)
+provides ``Options``, ``add_arguments``, ``options_from_args``, ``measure``,
+``run`` and ``format_report``; the pieces that are the same for all of them
+live here so each module holds only its own measurement::
+
+    child = spawn(reactor, sys.executable, "router", "pulsyflux.bench.rpc", "server")
+    port = int(await child.ready)
+
+A script in ``benchmarks/`` is then one call::
+
+    sys.exit(script_main(rpc, "What rpc measures."))
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from dataclasses import asdict
+from types import ModuleType
+from typing import Any, Awaitable, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+
+__all__ = [
+    "Progress",
+    "Child",
+    "spawn",
+    "cpu_seconds",
+    "waiting_seconds",
+    "percentile",
+    "median",
+    "sleep",
+    "machine",
+    "public_options",
+    "start",
+    "run_blocking",
+    "failures",
+    "fmt",
+    "script_main",
+]
+
+Progress = Callable[[str], None]
+
+
+# -- child processes -------------------------------------------------------------
+
+
+class Child(ProcessProtocol):
+    """A child process whose first line of output says it is ready (usually its port)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ready: Optional[Deferred[str]] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+        self._out = b""
+        self._err = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self._out += data
+        if self.ready is not None and b"\n" in self._out:
+            line, _, self._out = self._out.partition(b"\n")
+            ready, self.ready = self.ready, None
+            ready.callback(line.decode().strip())
+
+    def errReceived(self, data: bytes) -> None:
+        self._err = (self._err + data)[-4000:]
+
+    def processEnded(self, reason: Any) -> None:
+        if self.ready is not None:
+            ready, self.ready = self.ready, None
+            ready.errback(
+                RuntimeError(f"{self.name} exited before it was ready:\n{self._err.decode(errors='replace')}")
+            )
+        self.ended.callback(None)
+
+    @property
+    def pid(self) -> int:
+        return self.transport.pid
+
+    def stop(self) -> "Deferred[None]":
+        try:
+            self.transport.signalProcess("TERM")
+        except Exception:
+            pass  # already gone
+        return self.ended
+
+
+def spawn(reactor: Any, python: str, name: str, module: str, *args: str) -> Child:
+    """Start ``python -m module args...`` with this process's environment."""
+    child = Child(name)
+    argv = [python, "-m", module, *args]
+    reactor.spawnProcess(child, python, argv, env=dict(os.environ))
+    return child
+
+
+# -- readings and statistics -----------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def waiting_seconds(pid: int) -> float:
+    """Time a process was runnable but waiting for a CPU (Linux schedstat; 0 elsewhere).
+
+    On a shared machine this says how much of a measurement was lost to other work.
+    """
+    try:
+        with open(f"/proc/{pid}/schedstat") as stat:
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    """The sample at ``fraction`` of the sorted ``ordered`` (NaN if there is none)."""
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
+
+
+def median(runs: list[dict], *path: str) -> Optional[float]:
+    """The median over runs of the number at ``path`` in each; None if no run has one."""
+    values = []
+    for run_result in runs:
+        value: Any = run_result
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)):
+            values.append(value)
+    return statistics.median(values) if values else None
+
+
+def sleep(reactor: Any, seconds: float) -> "Deferred[None]":
+    d: Deferred[None] = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+def machine() -> dict:
+    """What the results were measured on."""
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def public_options(options: Any) -> dict:
+    """The options as the results report them (the interpreter path left out)."""
+    return {k: v for k, v in asdict(options).items() if k != "python"}
+
+
+# -- running ---------------------------------------------------------------------
+
+Measure = Callable[[Any, Any, Progress], Awaitable[dict]]
+
+
+def start(measure: Measure, reactor: Any, options: Any, progress: Optional[Progress]) -> "Deferred[dict]":
+    """Run the coroutine function ``measure`` on a running reactor; fires with its results."""
+    return Deferred.fromCoroutine(measure(reactor, options, progress or (lambda message: None)))
+
+
+def run_blocking(
+    measure: Callable[[Any, Any, Optional[Progress]], "Deferred[dict]"], options: Any, progress: Optional[Progress]
+) -> dict:
+    """Run ``measure(reactor, options, progress)`` to completion on the global reactor (once per process)."""
+    from twisted.internet import reactor
+
+    outcome: dict = {}
+
+    def finish(result: Any) -> None:
+        outcome["result"] = result
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: measure(reactor, options, progress).addBoth(finish))
+    reactor.run()
+    result = outcome.get("result")
+    if result is None:
+        raise RuntimeError("the benchmark did not finish")
+    if hasattr(result, "raiseException"):
+        result.raiseException()
+    return result
+
+
+def failures(results: dict) -> int:
+    """Failed requests (rpc) or failed publishes (pubsub) in a benchmark's results."""
+    return results.get("failed_requests") or results.get("failed") or 0
+
+
+# -- reporting -------------------------------------------------------------------
+
+
+def fmt(value: Optional[float], spec: str = ",.0f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def script_main(
+    module: ModuleType, description: str, argv: Optional[list[str]] = None, prog: Optional[str] = None
+) -> int:
+    """The command line of a benchmark script: the module's options, ``--json FILE`` and ``--quiet``.
+
+    Prints the report; the exit status is 1 if any request or publish failed.
+
+        sys.exit(script_main(pulsyflux.bench.rpc, "Request/response speed."))
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    module.add_arguments(parser)
+    parser.add_argument("--json", metavar="FILE", help="also write every run's numbers to FILE ('-' for stdout)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = parser.parse_args(argv)
+    progress = None if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    results = module.run(module.options_from_args(args), progress)
+    print(module.format_report(results))
+    if args.json == "-":
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    elif args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=2)
+    return 1 if failures(results) else 0
