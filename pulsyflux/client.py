@@ -45,7 +45,7 @@ from .codec import (
 from .deadlines import Deadlines
 from .endpoints import Address, client_endpoint
 from .errors import ConnectionLostError, ProtocolError, RequestTimeout, error_from_message
-from .sendnow import ImmediateWriter
+from .writer import ImmediateWriter
 
 __all__ = ["Consumer", "Provider", "Request", "ChannelId", "DEFAULT_BACKOFF"]
 

@@ -44,7 +44,7 @@ from .codec import (
 )
 from .deadlines import Deadlines
 from .errors import ProtocolError
-from .sendnow import coalesce, immediate_writer
+from .writer import coalesce, immediate_writer
 
 __all__ = [
     "Router",

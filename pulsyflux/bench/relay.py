@@ -12,7 +12,7 @@ The benchmark starts the two processes itself::
     python -m pulsyflux.bench.relay relay ECHO_PORT    # prints its port
 
 Add ``immediate`` to either to send the way pulsyflux does
-(:mod:`pulsyflux.sendnow`) instead of with a bare ``transport.write``.
+(:mod:`pulsyflux.writer`) instead of with a bare ``transport.write``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, Optional
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
-from pulsyflux.sendnow import immediate_writer
+from pulsyflux.writer import immediate_writer
 
 __all__ = ["EchoProtocol", "RelayProtocol", "RelayFactory", "RoundTripClient", "run_as_child", "serve"]
 

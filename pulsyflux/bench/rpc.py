@@ -69,7 +69,7 @@ class Options:
     inflight: int = 16  # requests in flight per consumer
     large: int = 1 << 20  # bytes per request of the echo measurement
     baseline: bool = True  # also measure the bare relay
-    relay_immediate: bool = False  # the relay sends at once too, as pulsyflux does (pulsyflux.sendnow)
+    relay_immediate: bool = False  # the relay sends at once too, as pulsyflux does (pulsyflux.writer)
     python: str = sys.executable  # the interpreter for the child processes
 
 

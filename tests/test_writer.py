@@ -11,7 +11,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
-from pulsyflux.sendnow import JOIN_LIMIT, ImmediateWriter, immediate_writer
+from pulsyflux.writer import JOIN_LIMIT, ImmediateWriter, immediate_writer
 
 
 class Collect(Protocol):

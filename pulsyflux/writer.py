@@ -1,4 +1,4 @@
-"""Send a write at once when the socket can take it, not on the reactor's next turn.
+"""How bytes leave a connection: at once when the socket can take them, coalesced per read.
 
 Twisted's ``transport.write`` buffers the bytes and asks the reactor to watch
 the socket; they leave on the next loop iteration, and the socket is unwatched
@@ -7,7 +7,8 @@ is two ``epoll_ctl`` calls and a whole extra reactor turn per hop: more than
 the routing itself. When nothing is buffered, the kernel can usually take
 the bytes right away: send them, and give ``transport.write`` only what the
 kernel did not take, so ordering, producers (flow control), closing and error
-reporting all stay Twisted's.
+reporting all stay Twisted's. :class:`ImmediateWriter` adds holding the writes
+made while one read is handled, so they leave as one send.
 
     write = immediate_writer(transport)
     write(frame)
