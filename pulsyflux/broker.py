@@ -350,6 +350,9 @@ class _Outlet:
         self.requests -= 1
         self.in_flight -= count
         if not self.open:
+            # Ended while these were on their way (unsubscribed, closed): a
+            # subscriber holds its answer while its buffer is full, so they
+            # are most likely readable there; they are not counted as lost.
             return
         error = failure.value
         if isinstance(error, ConnectionLostError) and self.consumer.reconnecting:
@@ -370,7 +373,8 @@ class _Outlet:
             topic=self.topic,
             reason=reason,
         )
-        self.broker.lost += count + len(self.backlog)
+        self.lost += count
+        self.broker.lost += count  # the backlog is counted by close()
         self.broker._remove(self, reason)
 
     def rejoin(self) -> "Deferred[None]":
@@ -400,8 +404,7 @@ class _Outlet:
                 reason = "subscriber did not come back" if isinstance(error, NoProviderError) else str(error)
                 log.info("dropping subscription {channel} to {topic!r}: {reason}", channel=self.channel,
                          topic=self.topic, reason=reason)  # fmt: skip
-                router.lost += len(self.backlog)
-                router._remove(self, reason)
+                router._remove(self, reason)  # close() counts the backlog as lost
             raise
         if not self.open:
             raise ConnectionLostError("the subscription was closed")
@@ -423,6 +426,8 @@ class _Outlet:
     def close(self, reason: str, notify: bool) -> "Deferred[None]":
         """Stop forwarding; tell a remote subscriber (``notify``), close the Consumer."""
         self.open = False
+        self.lost += len(self.backlog)  # never forwarded: the subscription ended first
+        self.broker.lost += len(self.backlog)
         self.backlog.clear()
         if notify and self.consumer.connected:
             self.consumer.send(

@@ -412,3 +412,25 @@ async def test_publish_times_out_from_the_call_when_the_broker_hangs(server):
     hung.resumeProducing()
     await client.close()
     await broker.close()
+
+
+@ensure
+async def test_unsubscribing_with_messages_still_queued_counts_them_as_lost(server):
+    broker = await _broker(server, backlog=5000)
+    stuck = await broker.subscribe("queue", buffer=5)
+    await defer.gatherResults([broker.publish("queue", b"%d" % i) for i in range(2000)])
+    [before] = broker.stats()["subscriptions"]
+    assert before["backlog"] > 0  # the subscriber's buffer is full: the rest wait at the broker
+    await broker.unsubscribe("queue")
+    stats = broker.stats()
+    assert stats["lost"] == before["backlog"] and stats["dropped"] == 0
+    readable = []
+    while True:
+        try:
+            readable.append(int((await stuck.get()).payload))
+        except SubscriptionClosed:
+            break
+    # What was forwarded stays readable, in order; what never left is counted.
+    assert readable == list(range(len(readable)))
+    assert len(readable) + stats["lost"] <= 2000
+    await broker.close()
