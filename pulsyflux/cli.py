@@ -372,7 +372,11 @@ async def cmd_reply(reactor: Any, args: argparse.Namespace) -> int:
             if args.count and answered >= args.count and not all_answered.called:
                 reactor.callLater(0, all_answered.callback, None)  # after this answer is written
 
-    provider = await Provider.connect(args.server, args.channel, handler=handler, reactor=reactor)
+    provider = await Provider.connect(
+        args.server, args.channel, handler=handler, reactor=reactor, reconnect=args.reconnect
+    )
+    if args.reconnect:
+        provider.on_reconnect(lambda _: _print_err(f"pulsyflux reply: reconnected to {args.server}"))
     mode = "echo" if inner is None else f"sh -c {args.command_line!r}"
     _print_err(f"replying on channel {args.channel} at {args.server} ({mode}); Ctrl-C to stop")
     closed = provider.when_lost()
@@ -392,13 +396,13 @@ async def _first(*deferreds: "Deferred[Any]") -> int:
     return await winner
 
 
-async def _broker_client(reactor: Any, args: argparse.Namespace) -> Any:
+async def _broker_client(reactor: Any, args: argparse.Namespace, reconnect: bool = False) -> Any:
     from .broker import DEFAULT_BROKER_CHANNEL, BrokerClient
     from .errors import NoProviderError
 
     channel = args.broker_channel or DEFAULT_BROKER_CHANNEL
     try:
-        return await BrokerClient.connect(args.server, channel, reactor=reactor)
+        return await BrokerClient.connect(args.server, channel, reactor=reactor, reconnect=reconnect)
     except NoProviderError:
         raise CLIError(
             f"no broker answers on channel {channel} at {args.server} "
@@ -446,9 +450,14 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
             _print_err(f"pulsyflux sub: the broker dropped {_count(count, 'message')} for us (reading too slowly)")
             reported = sub.dropped
 
-    client = await _broker_client(reactor, args)
+    client = await _broker_client(reactor, args, reconnect=args.reconnect)
     try:
         sub = await client.subscribe(args.topic)
+        sub.on_resume(
+            lambda _: _print_err(
+                "pulsyflux sub: subscribed again after a lost connection (messages published meanwhile may be missing)"
+            )
+        )
         _print_err(f"subscribed to {args.topic!r} at {args.server}; Ctrl-C to stop")
         received = 0
         try:
@@ -643,6 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("topic", metavar="TOPIC", type=_topic)
     p.add_argument("--count", "-n", type=_positive_int, metavar="N", help="exit after N messages")
     p.add_argument("--json", action="store_true", help="print JSON lines: {topic, payload, headers}")
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="when the connection to the server is lost, reconnect with backoff and subscribe again",
+    )
 
     p = add(
         "request",
@@ -677,6 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="kill CMD after S seconds and answer with an error (30)",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing per request")
+    p.add_argument(
+        "--reconnect", action="store_true", help="when the connection to the server is lost, reconnect with backoff"
+    )
 
     p = add(
         "stats",

@@ -560,3 +560,60 @@ def test_bench_draws_a_progress_bar_on_a_terminal(capsys, monkeypatch):
     assert "[" + "#" * 24 + "]   2.0s run 2 done: 1,000 req/s" in frames
     assert frames[-1] == ""  # the bar is wiped before the report
     assert captured.out == "fake bench: 1,000 req/s\n"
+
+
+# -- surviving a server restart ---------------------------------------------------------
+
+
+@ensure
+async def test_sub_with_reconnect_survives_a_server_restart():
+    from pulsyflux import BrokerService
+
+    from .test_broker_reconnect import crash, within
+
+    old = BrokerService("tcp:0:interface=127.0.0.1", broker_channel=uuid.uuid4())
+    old.startService()
+    await within(old.whenReady())
+    number = old.server.port.getHost().port
+    address = f"127.0.0.1:{number}"
+    process = spawn("sub", "-s", address, "--broker-channel", str(old.broker_channel), "news", "-n", "2", "--reconnect")
+    assert "subscribed to 'news'" in await _ready(process)
+    await old.publish("news", b"before")
+    assert await threads.deferToThread(process.stdout.readline) == b"before\n"
+
+    await crash(old.factory, old.server.port)  # the server's process dies...
+    old.server.port = None
+    fresh = BrokerService(f"tcp:{number}:interface=127.0.0.1", broker_channel=old.broker_channel)
+    fresh.startService()  # ...and a new one starts on the same port
+    await within(fresh.whenReady())
+    assert "subscribed again after a lost connection" in await within(defer.Deferred.fromCoroutine(_ready(process)), 20)
+    await fresh.publish("news", b"after")
+    code, out, err = await _finished(process)
+    assert (code, out) == (0, b"after\n"), err
+    await fresh.stopService()
+    await old.stopService()
+
+
+@ensure
+async def test_reply_with_reconnect_survives_a_server_restart(channel):
+    from pulsyflux import ServerFactory
+
+    from .test_broker_reconnect import crash, within
+
+    factory = ServerFactory(reactor)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    number = port.getHost().port
+    address = f"127.0.0.1:{number}"
+    process = spawn("reply", "-s", address, str(channel), "--echo", "-n", "1", "--reconnect")
+    assert "replying on channel" in await _ready(process)
+
+    await crash(factory, port)
+    factory = ServerFactory(reactor)
+    port = reactor.listenTCP(number, factory, interface="127.0.0.1")
+    assert f"reconnected to {address}" in await within(defer.Deferred.fromCoroutine(_ready(process)), 20)
+    consumer = await Consumer.connect(address, channel)
+    assert await consumer.send(b"still here") == b"still here"
+    code, out, err = await _finished(process)
+    assert code == 0, err
+    await consumer.close()
+    await port.stopListening()
