@@ -447,3 +447,29 @@ async def test_server_sets_keepalive_and_nodelay_so_idle_connections_live(server
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     await consumer.close()
     await provider.close()
+
+
+@ensure
+async def test_provider_connects_even_if_the_server_never_answers_its_probe(channel):
+    """A server that ignores unknown frame types still lets connect() finish."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    class Silent(Protocol):
+        def dataReceived(self, data):
+            self.factory.received.append(data)
+
+    factory = Factory.forProtocol(Silent)
+    factory.received = []
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+    class Patient(Provider):
+        registration_wait = 0.2
+
+    started = reactor.seconds()
+    provider = await Patient.connect(f"127.0.0.1:{port.getHost().port}", channel)
+    assert 0.15 <= reactor.seconds() - started < 2.0
+    frames = list(codec.FrameDecoder().feed(b"".join(factory.received)))
+    assert [f.type for f in frames] == [codec.START, codec.END, codec.PROBE]
+    assert frames[0].flags == codec.FLAG_REGISTRATION
+    await provider.close()
+    await port.stopListening()
