@@ -728,6 +728,11 @@ class Broker:
         self._closed: Optional[Exception] = None
         self._closing: Optional[Deferred[None]] = None
 
+    @property
+    def closed(self) -> bool:
+        """True once the broker was closed or lost its connection for good."""
+        return self._closed is not None
+
     @classmethod
     def connect(
         cls,

@@ -621,7 +621,7 @@ def http_service(listen: str | int, broker_service: Any, reactor: Any = None) ->
             missing.append("server")
         broker = broker_service.broker
         # A Broker that lost the server closes itself (it has no public flag for that yet).
-        if runs_broker and (broker is None or getattr(broker, "_closed", None) is not None):
+        if runs_broker and (broker is None or broker.closed):
             missing.append("broker")
         return missing
 

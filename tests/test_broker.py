@@ -434,3 +434,11 @@ async def test_unsubscribing_with_messages_still_queued_counts_them_as_lost(serv
     assert readable == list(range(len(readable)))
     assert len(readable) + stats["lost"] <= 2000
     await broker.close()
+
+
+@ensure
+async def test_broker_says_whether_it_is_closed(server):
+    broker = await _broker(server)
+    assert not broker.closed
+    await broker.close()
+    assert broker.closed
