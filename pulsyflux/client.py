@@ -11,12 +11,11 @@ Both return Deferreds, so they work with callbacks, ``inlineCallbacks`` and
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import struct
 import uuid
-from typing import Any, Awaitable, Callable, Optional, Union
+from typing import Any, Awaitable, Callable, Iterator, Optional, Union
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, DeferredQueue, maybeDeferred, succeed
@@ -62,9 +61,6 @@ _START_HEADER_LEN = codec.METADATA_SIZE
 # A request's START header and metadata, then its CHUNK header: one pack for the common case.
 _START = struct.Struct(codec.HEADER.format + codec.METADATA.format[1:])
 _START_CHUNK = struct.Struct(_START.format + codec.HEADER.format[1:])
-_ID_SUFFIX = struct.Struct(">Q")
-_ID_COUNTER_MASK = (1 << 62) - 1
-_ID_VARIANT = 1 << 63  # RFC 4122 variant bits in the id's byte 8
 _ZERO_ID = bytes(16)
 
 
@@ -87,16 +83,23 @@ def _new_id() -> bytes:
     return bytes(raw)
 
 
-def _id_source() -> Callable[[], bytes]:
-    """Request ids for one client: a random 8-byte prefix and a counter.
+def _random_ids(batch: int = 256) -> Iterator[bytes]:
+    """Unpredictable 16-byte request ids, read from the OS a batch at a time.
 
-    Unique like random UUIDs (the prefix carries 60 random bits) and shaped
-    like version-4 UUIDs, without a system call per request.
+    Random, not a counter: providers see a consumer's ids, and must not be
+    able to guess (and claim first) the ones it will use next. One system
+    call per ``batch`` requests keeps that cheap.
     """
-    prefix = _new_id()[:8]
-    counter = itertools.count(int.from_bytes(os.urandom(8), "big") >> 2)
-    pack = _ID_SUFFIX.pack
-    return lambda: prefix + pack(next(counter) & _ID_COUNTER_MASK | _ID_VARIANT)
+    size = 16 * batch
+    while True:
+        block = os.urandom(size)
+        for offset in range(0, size, 16):
+            yield block[offset : offset + 16]
+
+
+def _id_source() -> Callable[[], bytes]:
+    """The request id generator of one client."""
+    return _random_ids().__next__
 
 
 class _ClientProtocol(Protocol):

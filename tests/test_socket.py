@@ -473,3 +473,25 @@ async def test_provider_connects_even_if_the_server_never_answers_its_probe(chan
     assert frames[0].flags == codec.FLAG_REGISTRATION
     await provider.close()
     await port.stopListening()
+
+
+@ensure
+async def test_request_ids_cannot_be_guessed_from_earlier_ones(server, channel):
+    """Providers see a consumer's request ids; they must not predict the next ones."""
+    provider = await Provider.connect(server.address, channel, handler=lambda data: data)
+    consumer = await Consumer.connect(server.address, channel)
+    seen = []
+    original = provider._dispatch
+
+    def record(request_id, body):
+        seen.append(request_id)
+        return original(request_id, body)
+
+    provider._dispatch = record
+    for _ in range(50):
+        await consumer.send(b"x")
+    assert len(set(seen)) == 50
+    assert len({rid[:8] for rid in seen}) == 50  # no shared prefix, no counter
+    assert len({rid[8:] for rid in seen}) == 50
+    await consumer.close()
+    await provider.close()
