@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from . import messages
 from .client import ChannelId, Consumer, Provider, Reconnect, channel_bytes
 from .endpoints import Address
-from .errors import ConnectionLostError, NoProviderError, PulsyfluxError
+from .errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
 from .messages import CONTROL_PREFIX, Message, MessageError
 
 __all__ = [
@@ -57,10 +57,16 @@ _PUBLISH_BATCH = 512
 _PUBLISH_WINDOW = 4
 _NEVER = float("inf")
 _OK = b"ok"
+_RESUMED = b"resumed"  # the answer to a re-announce of a subscription the broker still has
 _PROBE = messages.control(messages.PROBE).encode("utf-8")
 # After a reconnect, how long the broker waits for a subscriber to be back on
 # its channel (its Provider retries with up to 5 s of backoff) before giving up on it.
 _REJOIN_PATIENCE = 10.0
+# A BrokerClient re-announces its subscriptions this often (seconds), so a
+# broker that died while the server runs is noticed, and a restarted one
+# learns them again; the broker is gone after this many missed beats in a row.
+DEFAULT_HEARTBEAT = 5.0
+_HEARTBEAT_MISSES = 2
 
 log = Logger()
 
@@ -531,10 +537,12 @@ class _Router:
                 raise MessageError(f"channel {channel} is already subscribed to another topic")
             # A subscriber back after a gap says so again: the subscription we kept resumes.
             if outlet.ready and outlet.consumer.connected:
-                return _OK
+                return _RESUMED  # also every heartbeat: a dict lookup, nothing else
             d = outlet.rejoin()
+            answer = _RESUMED
         else:
             d = Deferred.fromCoroutine(self.open_outlet(topic, channel, None))
+            answer = _OK
 
         def failed(failure: Failure) -> None:
             # Said plainly, so the client does not take it for "no broker".
@@ -542,7 +550,7 @@ class _Router:
                 raise PulsyfluxError(f"subscribe failed: no subscriber answers on channel {channel}")
             raise PulsyfluxError(f"subscribe failed: {failure.getErrorMessage()}")
 
-        return d.addCallbacks(lambda _: _OK, failed)
+        return d.addCallbacks(lambda _: answer, failed)
 
     async def open_outlet(self, topic: str, channel: uuid.UUID, local: Optional[Subscription]) -> _Outlet:
         """Connect a forwarding Consumer to ``channel``, check the subscriber answers, start forwarding."""
@@ -669,6 +677,11 @@ class _Publisher:
         for d in waiters:
             d.errback(error)
         return self.consumer.close()
+
+
+def _announcement(sub: Subscription) -> bytes:
+    """The ``$pulsyflux/subscribe`` for ``sub``: its first, every re-announce, and every heartbeat."""
+    return messages.control(messages.SUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
 
 
 def _check_topic(topic: str) -> None:
@@ -864,6 +877,12 @@ class BrokerClient:
     subscription asks the broker again to forward to it, for up to
     ``resubscribe_patience`` seconds once its own line is back; past that
     it ends with ``resubscribe failed: ...``.
+
+    Every ``heartbeat`` seconds (default 5; None or 0: never) it re-announces
+    its subscriptions, which a live broker answers at once and a restarted
+    one takes as new ones. A broker that misses two beats in a row is gone:
+    its subscriptions end with ``the broker on channel ... disappeared``, or
+    with ``reconnect`` wait for a broker to take them back, as above.
     """
 
     resubscribe_patience = 30.0
@@ -875,16 +894,23 @@ class BrokerClient:
         reactor: Any = None,
         buffer: int = DEFAULT_BUFFER,
         reconnect: Reconnect = False,
+        heartbeat: Optional[float] = DEFAULT_HEARTBEAT,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
+        if heartbeat is not None and heartbeat < 0:
+            raise ValueError("heartbeat must be >= 0 (0 or None: no heartbeat)")
         self.address = address
         self.channel = _uuid(broker_channel_id)
         self.reactor = reactor
         self.buffer = buffer
         self.reconnect = reconnect
+        self.heartbeat = heartbeat or None
+        self._beat: Any = None  # the next heartbeat's DelayedCall, while one is due
+        self._beating = False
+        self._misses = 0  # heartbeats in a row the broker did not answer
         self._consumer: Optional[Consumer] = None
         self._publisher: Optional[_Publisher] = None
         self._subscriptions: dict[uuid.UUID, Subscription] = {}
@@ -902,7 +928,8 @@ class BrokerClient:
     ) -> "Deferred[BrokerClient]":
         """Connect and check a broker answers on the channel (NoProviderError if none).
 
-        ``options``: ``buffer`` and ``reconnect`` (default False) as for the class.
+        ``options``: ``buffer``, ``reconnect`` (default False) and ``heartbeat``
+        (default 5 s) as for the class.
         """
         client = cls(address, broker_channel_id, reactor, **options)
         return Deferred.fromCoroutine(client._start())
@@ -920,6 +947,7 @@ class BrokerClient:
         except BaseException:
             await self._consumer.close()
             raise
+        self._consumer.when_lost().addCallback(lambda _: self._stop_heartbeat())
         return self
 
     @property
@@ -956,20 +984,111 @@ class BrokerClient:
 
         def ended_by_broker(reason: str) -> None:
             sub._close(reason)
-            self._subscriptions.pop(sub.channel, None)
+            self._forget(sub)
             self.reactor.callLater(0, provider.close)
 
         sub._on_remote_close = ended_by_broker
-        provider.when_lost().addCallback(lambda _: self._subscriptions.pop(sub.channel, None))
-        body = messages.control(messages.SUBSCRIBE, topic=topic, channel=str(sub.channel)).encode("utf-8")
+        provider.when_lost().addCallback(lambda _: self._forget(sub))
         try:
-            await self._consumer.send(body, timeout=10.0)
+            await self._consumer.send(_announcement(sub), timeout=10.0)
         except BaseException:
             sub._close("subscribe failed")
             await provider.close()
             raise
         self._subscriptions[sub.channel] = sub
+        self._schedule_heartbeat()
         return sub
+
+    def _forget(self, sub: Subscription) -> None:
+        if self._subscriptions.get(sub.channel) is sub:
+            del self._subscriptions[sub.channel]
+        if not self._subscriptions:
+            self._stop_heartbeat()  # nothing to keep alive: no timer left behind
+
+    # -- the heartbeat: one timer per client ----------------------------------
+
+    def _schedule_heartbeat(self) -> None:
+        if self.heartbeat and self._beat is None and not self._beating and self._closed is None and self._subscriptions:
+            self._beat = self.reactor.callLater(self.heartbeat, self._heartbeat)
+
+    def _stop_heartbeat(self) -> None:
+        if self._beat is not None:
+            if self._beat.active():
+                self._beat.cancel()
+            self._beat = None
+
+    def _heartbeat(self) -> None:
+        self._beat = None
+        self._beating = True
+
+        def done(_: Any) -> None:
+            self._beating = False
+            self._schedule_heartbeat()
+
+        d = Deferred.fromCoroutine(self._check_broker())
+        d.addErrback(lambda failure: log.failure("broker heartbeat failed", failure))
+        d.addBoth(done)
+
+    async def _check_broker(self) -> None:
+        """Re-announce every steady subscription; act on a broker that stays silent."""
+        consumer = self._consumer
+        if consumer is None or self._closed is not None or not consumer.connected:
+            return  # our own line is down: the reconnect path has this in hand
+        subs = [s for s in self._subscriptions.values() if self._steady(s) and s._provider and s._provider.connected]
+        if not subs:
+            return
+        timeout = max(self.heartbeat or 0.0, 1.0)  # a busy broker is not a dead one
+        results = await DeferredList(
+            [consumer.send(_announcement(sub), timeout=timeout) for sub in subs], consumeErrors=True
+        )
+        if self._closed is not None:
+            return
+        answered = False
+        silent: Optional[Exception] = None
+        for sub, (ok, result) in zip(subs, results):
+            if ok:
+                answered = True
+                if result == _OK and self._steady(sub):
+                    # A broker that had forgotten it (restarted) took it as new: messages may be missing.
+                    log.warn("the broker on channel {c} had lost the subscription to {t!r}; subscribed again",
+                             c=self.channel, t=sub.topic)  # fmt: skip
+                    sub._gaps += 1
+                    sub._resumed()
+            elif result.check(NoProviderError, RequestTimeout):
+                silent = result.value
+            elif not result.check(ConnectionLostError):  # our line dropped: says nothing about the broker
+                answered = True  # it refused, so it is there
+                log.debug("heartbeat for {t!r} not accepted: {e}", t=sub.topic, e=result.value)
+        if answered:
+            self._misses = 0
+            return
+        if silent is None:
+            return
+        self._misses += 1
+        if self._misses < _HEARTBEAT_MISSES:
+            return
+        self._misses = 0
+        self._broker_gone(subs, silent)
+
+    def _steady(self, sub: Subscription) -> bool:
+        """Still ours, open, and not being re-announced by the reconnect path."""
+        return self._subscriptions.get(sub.channel) is sub and not sub.closed and sub.channel not in self._resubscribing
+
+    def _broker_gone(self, subs: list[Subscription], error: Exception) -> None:
+        reason = f"the broker on channel {self.channel} disappeared"
+        for sub in subs:
+            if not self._steady(sub):
+                continue
+            if self.reconnect:
+                log.warn("{r} ({e}); waiting for a broker to take {t!r} back", r=reason, e=error, t=sub.topic)
+                sub._gaps += 1
+                self._resubscribe(sub)
+            else:
+                log.warn("subscription to {t!r} ended: {r} ({e})", t=sub.topic, r=reason, e=error)
+                self._forget(sub)
+                sub._close(reason)
+                if sub._provider is not None:
+                    sub._provider.close().addErrback(_ignore)
 
     def _resubscribe(self, sub: Subscription) -> None:
         """The subscription's Provider is back: ask the broker to forward to it again.
@@ -986,7 +1105,7 @@ class BrokerClient:
 
     async def _announce_again(self, sub: Subscription) -> None:
         assert self._consumer is not None and sub._provider is not None
-        body = messages.control(messages.SUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
+        body = _announcement(sub)
         deadline = None
         delay = 0.05
         error: Exception = ConnectionLostError("not connected")
@@ -1015,7 +1134,7 @@ class BrokerClient:
             if self.reactor.seconds() >= deadline:
                 reason = f"resubscribe failed: {error}"
                 log.warn("subscription to {t!r} ended: {r}", t=sub.topic, r=reason)
-                self._subscriptions.pop(sub.channel, None)
+                self._forget(sub)
                 sub._close(reason)
                 await sub._provider.close()
                 return
@@ -1035,7 +1154,7 @@ class BrokerClient:
         return DeferredList([Deferred.fromCoroutine(self._unsubscribe(sub, "unsubscribed")) for sub in subs])
 
     async def _unsubscribe(self, sub: Subscription, reason: str) -> None:
-        self._subscriptions.pop(sub.channel, None)
+        self._forget(sub)
         sub._close(reason)
         if self._consumer is not None and self._consumer.connected:
             body = messages.control(messages.UNSUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
@@ -1050,6 +1169,7 @@ class BrokerClient:
         """Unsubscribe everything and close every connection."""
         if self._closed is None:
             self._closed = ConnectionLostError("the broker client is closed")
+        self._stop_heartbeat()
         for pause in list(self._pauses):
             pause.cancel()
         subs = list(self._subscriptions.values())
