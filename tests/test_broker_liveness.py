@@ -101,6 +101,23 @@ async def test_a_subscription_ends_with_a_clear_reason_when_its_broker_dies(serv
 
 
 @ensure
+async def test_a_broker_that_hangs_is_taken_for_gone_after_two_unanswered_beats(server):
+    channel = uuid.uuid4()
+    broker = await Broker.connect(server.address, channel)
+    client = await BrokerClient.connect(server.address, channel, heartbeat=BEAT)
+    sub = await client.subscribe("news")
+    started = reactor.seconds()
+
+    broker._provider._protocol.transport.stopReading()  # alive and connected, but answers nothing
+    with pytest.raises(SubscriptionClosed, match="the broker on channel .* disappeared"):
+        await within(sub.get())
+    assert 2.0 <= reactor.seconds() - started < 4.0  # two beats that each waited 1 s (the floor) for an answer
+    broker._provider._protocol.transport.startReading()
+    await client.close()
+    await broker.close()
+
+
+@ensure
 async def test_with_reconnect_a_subscription_waits_for_a_new_broker_and_resumes(server):
     channel = uuid.uuid4()
     old = await Broker.connect(server.address, channel)
