@@ -455,7 +455,8 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
         sub = await client.subscribe(args.topic)
         sub.on_resume(
             lambda _: _print_err(
-                "pulsyflux sub: subscribed again after a lost connection (messages published meanwhile may be missing)"
+                "pulsyflux sub: subscribed again after a gap (lost connection or broker restart); "
+                "messages published meanwhile may be missing"
             )
         )
         _print_err(f"subscribed to {args.topic!r} at {args.server}; Ctrl-C to stop")
