@@ -13,6 +13,9 @@ from twisted.internet.defer import DeferredList
 from pulsyflux.server import ServerFactory
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# A copy of shared/wire-vectors.txt (frames captured from the Go implementation),
+# kept in the repo so golden tests run wherever the suite does.
+WIRE_VECTORS = Path(__file__).resolve().parent / "data" / "wire-vectors.txt"
 
 
 class RunningServer:

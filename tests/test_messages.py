@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 from pulsyflux import Message, MessageError, messages
 from pulsyflux.messages import decode, decode_body, encode, split_body
 
-from .conftest import SHARED
+from .conftest import WIRE_VECTORS
 
 
 def _vector_hex(label: str) -> bytes:
     """The hex line following ``label`` in wire-vectors.txt section 7."""
-    text = (SHARED / "wire-vectors.txt").read_text()
+    text = WIRE_VECTORS.read_text()
     section = text[text.index("7) BROKER JSON") : text.index("8) CHUNKING")]
     after = section[section.index(label) :]
     return bytes.fromhex(re.search(r"\n\s+([0-9a-f]+)\n", after).group(1))
