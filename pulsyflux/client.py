@@ -18,7 +18,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Iterator, Optional, Union
 
 from twisted.application.internet import backoffPolicy
-from twisted.internet.defer import Deferred, DeferredQueue, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredQueue, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -426,13 +426,12 @@ class Consumer(_Client):
         :class:`~pulsyflux.errors.RequestTimeout` (nothing complete within
         ``timeout`` seconds) or :class:`~pulsyflux.errors.ConnectionLostError`.
         """
-        d: Deferred[bytes] = Deferred(self._cancel)
         if self._closed is not None or self._protocol is None:
-            d.errback(self._closed or ConnectionLostError("not connected"))
-            return d
+            return fail(self._closed or ConnectionLostError("not connected"))
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
         request_id = self._next_id()
+        d: Deferred[bytes] = Deferred(lambda _: self._drop(request_id))  # cancel: a late answer is ignored
         pending = _Pending(d)
         self._pending[request_id] = pending
         timeout_ms = max(int(timeout * 1000), 1) if timeout else 0
@@ -460,11 +459,6 @@ class Consumer(_Client):
         if timeout:
             self._deadlines.add(request_id, pending, timeout)
         return d
-
-    def _cancel(self, d: "Deferred[bytes]") -> None:
-        for request_id, pending in list(self._pending.items()):
-            if pending.deferred is d:
-                self._drop(request_id)
 
     def _drop(self, request_id: bytes) -> Optional[_Pending]:
         return self._pending.pop(request_id, None)  # its deadline, if any, is skipped when due
@@ -562,8 +556,6 @@ class Provider(_Client):
     def receive(self) -> "Deferred[Request]":
         """The next complete request (fails with ConnectionLostError once closed)."""
         if self._closed is not None and not self._queue.pending and not self.reconnecting:
-            from twisted.internet.defer import fail
-
             return fail(self._closed)
         return self._queue.get()
 

@@ -495,3 +495,22 @@ async def test_request_ids_cannot_be_guessed_from_earlier_ones(server, channel):
     assert len({rid[8:] for rid in seen}) == 50
     await consumer.close()
     await provider.close()
+
+
+@ensure
+async def test_cancelled_send_forgets_the_request_and_ignores_its_answer(server, channel):
+    provider = await Provider.connect(server.address, channel)
+    consumer = await Consumer.connect(server.address, channel)
+    others = [consumer.send(b"keep %d" % i) for i in range(3)]
+    doomed = consumer.send(b"cancel me")
+    requests = [await provider.receive() for _ in range(4)]
+    doomed.cancel()
+    with pytest.raises(defer.CancelledError):
+        await doomed
+    assert consumer.pending == 3  # only the cancelled one is forgotten
+    for request in requests:
+        provider.respond(request.id, b"re:" + request.payload)  # its late answer is ignored
+    assert await defer.gatherResults(others) == [b"re:keep 0", b"re:keep 1", b"re:keep 2"]
+    assert consumer.pending == 0
+    await consumer.close()
+    await provider.close()
