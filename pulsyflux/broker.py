@@ -479,7 +479,7 @@ class _Router:
 
     def handle(self, body: bytes) -> Union[bytes, "Deferred[bytes]"]:
         try:
-            items = list(messages.split_body(body))
+            items = messages.split_body(body)
         except MessageError:
             self.rejected += 1
             raise

@@ -26,7 +26,7 @@ import base64
 import binascii
 import json
 import re
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from .errors import PulsyfluxError
 
@@ -257,11 +257,19 @@ def _loads(body: Body) -> Any:
     """``json.loads`` for UTF-8 bodies, without its per-call overhead."""
     try:
         text = body.decode("utf-8") if isinstance(body, bytes) else bytes(body).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise MessageError(f"not a JSON message: {error}") from None
+    return _loads_text(text)
+
+
+def _loads_text(text: str) -> Any:
+    """:func:`_loads` for a body already decoded."""
+    try:
         start = 0
         if text[:1] in _WHITESPACE:
             start = len(text) - len(text.lstrip(_WHITESPACE))
         obj, stop = _raw_decode(text, start)
-    except (ValueError, UnicodeDecodeError) as error:
+    except ValueError as error:
         raise MessageError(f"not a JSON message: {error}") from None
     if stop != len(text) and text[stop:].strip(_WHITESPACE):
         raise MessageError(f"not a JSON message: extra data at {stop}")
@@ -284,13 +292,13 @@ def decode_body(body: Body) -> list[Message]:
     return [_message(obj)]
 
 
-def split_body(body: Body) -> Iterator[tuple[str, str, Any, Any]]:
+def split_body(body: Body) -> list[tuple[str, str, Any, Any]]:
     """``(topic, text, payload, headers)`` per message of a request body, checked.
 
     ``text`` is the message's own JSON text, so the broker forwards it
     unchanged; ``payload`` and ``headers`` are the raw JSON values (the
     broker only needs to know they are valid). Raises
-    :class:`MessageError` before yielding anything if any message is bad.
+    :class:`MessageError`, and returns nothing, if any message is bad.
     """
     try:
         text = body.decode("utf-8") if isinstance(body, bytes) else bytes(body).decode("utf-8")
@@ -327,8 +335,8 @@ def split_body(body: Body) -> Iterator[tuple[str, str, Any, Any]]:
         if text[pos:].strip(_WHITESPACE):
             raise MessageError(f"not a JSON batch: extra data at {pos}")
     else:
-        items.append(_checked(_loads(text.encode("utf-8") if start else body), text.strip(_WHITESPACE)))
-    return iter(items)
+        items.append(_checked(_loads_text(text), text.strip(_WHITESPACE)))
+    return items
 
 
 def _checked(obj: Any, text: str) -> tuple[str, str, Any, Any]:
