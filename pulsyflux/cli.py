@@ -772,6 +772,8 @@ def _bench_module(kind: str) -> Any:
 
 
 async def cmd_bench(reactor: Any, args: argparse.Namespace) -> int:
+    from .bench.common import failures
+
     module = args.bench_module
     options = module.options_from_args(args)
     out = _Output()
@@ -785,8 +787,7 @@ async def cmd_bench(reactor: Any, args: argparse.Namespace) -> int:
         out.line(json.dumps(results, indent=2))
     else:
         out.line(module.format_report(results))
-    failed = results.get("failed_requests") or results.get("failed")  # rpc / pubsub
-    return EXIT_ERROR if failed else 0
+    return EXIT_ERROR if failures(results) else 0
 
 
 class _ProgressBar:
