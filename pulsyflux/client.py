@@ -185,7 +185,7 @@ class _Client:
     @property
     def reconnecting(self) -> bool:
         """True while this client has lost its connection and is trying again."""
-        return self._backoff is not None and self._protocol is None
+        return self._backoff is not None and self._protocol is None and self._retry is not False
 
     def on_reconnect(self, callback: Callable[[Any], Any]) -> None:
         """Call ``callback(client)`` each time a lost connection is back and registered.

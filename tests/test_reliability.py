@@ -304,3 +304,21 @@ def test_twistd_grace_option_reaches_the_server_service():
     options = Options()
     options.parseOptions(["--port", "0"])
     assert makeService(options).server.grace == 10.0
+
+
+@ensure
+async def test_a_provider_closed_while_reconnecting_fails_receive_instead_of_waiting(channel):
+    factory = ServerFactory(reactor)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    number = port.getHost().port
+    provider = await Provider.connect(f"127.0.0.1:{number}", channel, reconnect=lambda attempt: 5.0)
+    gone = DeferredList([conn.closed() for conn in list(factory.router.connections)])
+    await port.stopListening()
+    for conn in list(factory.router.connections):
+        conn.transport.abortConnection()
+    await gone
+    await eventually(lambda: provider.reconnecting)
+    await provider.close()  # closed for good between two attempts
+    assert not provider.reconnecting
+    with pytest.raises(ConnectionLostError):
+        await provider.receive().addTimeout(2, reactor)
