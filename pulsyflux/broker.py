@@ -182,9 +182,7 @@ class Subscription:
         """The Provider's handler: queue, answer ``ok`` once within the buffer."""
         if self._closed is not None:
             raise self._closed
-        obj = messages._loads(body)
-        items = obj if type(obj) is list else (obj,)
-        batch = [messages._message(item) for item in items]
+        batch = messages.decode_body(body)
         queue = self._queue
         pending = queue.pending
         count = 0
