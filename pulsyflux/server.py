@@ -18,9 +18,9 @@ import time
 from collections import Counter
 from typing import Any, Callable, Optional
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -130,6 +130,7 @@ class Router:
         self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
         self.max_connections = DEFAULT_MAX_CONNECTIONS
         self.draining = False  # shutting down: new requests are refused
+        self._idle_waiters: list[Deferred[None]] = []
 
     # -- registry -----------------------------------------------------------
 
@@ -313,6 +314,18 @@ class Router:
         entry.provider.assigned.discard(request_id)
         if not self.requests:
             self.deadlines.clear()  # an idle router holds no timer
+            if self._idle_waiters:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for d in waiters:
+                    d.callback(None)
+
+    def when_idle(self) -> "Deferred[None]":
+        """Fires once no request is in flight (at once if none is)."""
+        if not self.requests:
+            return succeed(None)
+        d: Deferred[None] = Deferred(self._idle_waiters.remove)  # cancelled: stop waiting
+        self._idle_waiters.append(d)
+        return d
 
     def _too_large(self, entry: _InFlight, which: str) -> None:
         """Fail a request whose body passed ``max_body``: both sides drop it, its later frames are ignored."""
@@ -476,16 +489,9 @@ class ServerFactory(Factory):
         clock = self.reactor
         router.draining = True
         router.max_in_flight = 0
-        deadline = clock.seconds() + grace
-
-        def drained() -> None:
-            if not router.requests or clock.seconds() >= deadline:
-                poll.stop()
-
-        poll = LoopingCall(drained)
-        poll.clock = clock
-        d = poll.start(0.01, now=True)
-        return d.addCallback(lambda _: self._close_all(linger))
+        drained = router.when_idle().addTimeout(grace, clock)
+        drained.addErrback(lambda failure: failure.trap(defer.TimeoutError))  # grace is over: close anyway
+        return drained.addCallback(lambda _: self._close_all(linger))
 
     def _close_all(self, linger: float) -> "Deferred[None]":
         router = self.router
