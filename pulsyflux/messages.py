@@ -34,7 +34,6 @@ __all__ = [
     "Message",
     "MessageError",
     "encode",
-    "encode_message",
     "encode_text",
     "encode_batch",
     "decode",
@@ -158,10 +157,6 @@ def encode(topic: str, payload: Optional[Body] = b"", headers: Optional[Mapping[
     Raises TypeError for a non-str topic, non-bytes payload or non-str headers.
     """
     return encode_text(topic, payload, headers).encode("utf-8")
-
-
-def encode_message(message: Message) -> bytes:
-    return message.encode()
 
 
 def encode_batch(texts: list[str]) -> bytes:
