@@ -457,12 +457,19 @@ class _Router:
     """The broker Provider's handler: who subscribes to what, and fan-out."""
 
     def __init__(
-        self, address: Address, reactor: Any, backlog: int, batch: int, window: int, reconnect: Reconnect = False
+        self,
+        address: Address,
+        reactor: Any,
+        backlog: int,
+        batch: int,
+        window: int,
+        reconnect: Reconnect = False,
+        rejoin_patience: float = _REJOIN_PATIENCE,
     ) -> None:
         self.address = address
         self.reactor = reactor
         self.reconnect = reconnect
-        self.rejoin_patience = _REJOIN_PATIENCE
+        self.rejoin_patience = rejoin_patience
         self.backlog = backlog
         self.batch = batch
         self.window = window
@@ -732,8 +739,7 @@ class Broker:
         self.reactor = reactor
         self.buffer = buffer
         self.reconnect = reconnect
-        self._router = _Router(address, reactor, backlog, batch, window, reconnect)
-        self._router.rejoin_patience = rejoin_patience
+        self._router = _Router(address, reactor, backlog, batch, window, reconnect, rejoin_patience)
         self._provider: Optional[Provider] = None
         self._publisher: Optional[_Publisher] = None
         self._closed: Optional[Exception] = None
