@@ -34,6 +34,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from .codec import ROLE_CONSUMER, ROLE_PROVIDER
 from .endpoints import server_description, server_endpoint
 from .server import ServerFactory
+from .service import describe_address
 
 __all__ = [
     "DEFAULT_HTTP_PORT",
@@ -566,8 +567,8 @@ class HTTPService(service.Service):
 
         def listening(port: Any) -> Any:
             self.port = port
-            host = port.getHost()
-            self.log.info("pulsyflux HTTP API on http://{host}:{port}/", host=host.host, port=host.port)
+            address = describe_address(port.getHost())
+            self.log.info("pulsyflux HTTP API on http://{address}/", address=address)
             waiting, self._waiting = self._waiting, []
             for waiter in waiting:
                 waiter.callback(port)

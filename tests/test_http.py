@@ -173,6 +173,16 @@ async def test_http_service_listens_on_a_bare_port_and_closes_its_connections(se
     assert service.site.open_connections == {}
 
 
+@ensure
+async def test_http_service_listens_on_a_unix_socket(server, tmp_path):
+    path = str(tmp_path / "http.sock")
+    service = HTTPService(f"unix:{path}", make_site(server.factory), reactor=reactor)
+    port = await service.startService()
+    assert port.getHost().name == path.encode()
+    assert await service.whenListening() is port
+    await service.stopService()
+
+
 def test_bare_port_means_localhost():
     assert HTTPService("8222", make_site(None)).description == "tcp:8222:interface=127.0.0.1"
 
