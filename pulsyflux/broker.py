@@ -288,9 +288,9 @@ class _Outlet:
     """
 
     def __init__(
-        self, broker: "_Router", topic: str, consumer: Consumer, local: Optional[Subscription], limit: int
+        self, router: "_Router", topic: str, consumer: Consumer, local: Optional[Subscription], limit: int
     ) -> None:
-        self.broker = broker
+        self.router = router
         self.topic = topic
         self.consumer = consumer
         self.channel = consumer.channel_id
@@ -315,13 +315,13 @@ class _Outlet:
         if len(backlog) > self.limit:
             backlog.popleft()
             self.dropped += 1
-            self.broker.dropped += 1
+            self.router.dropped += 1
             if self.local is not None:
                 self.local._dropped = self.dropped
 
     def flush(self) -> None:
         backlog = self.backlog
-        router = self.broker
+        router = self.router
         if self.consumer.reconnecting:
             self.ready = False  # the line is down: keep the backlog for rejoin()
         while backlog and self.open and self.ready and self.requests < router.window:
@@ -347,7 +347,7 @@ class _Outlet:
         self.requests -= 1
         self.in_flight -= count
         self.delivered += count
-        self.broker.delivered += count
+        self.router.delivered += count
         self.flush()
 
     def _failed(self, failure: Failure, count: int) -> None:
@@ -362,7 +362,7 @@ class _Outlet:
         if isinstance(error, ConnectionLostError) and self.consumer.reconnecting:
             # At most once: these may or may not have arrived; the rest waits for rejoin().
             self.lost += count
-            self.broker.lost += count
+            self.router.lost += count
             self.ready = False
             return
         if isinstance(error, NoProviderError):
@@ -378,8 +378,8 @@ class _Outlet:
             reason=reason,
         )
         self.lost += count
-        self.broker.lost += count  # the backlog is counted by close()
-        self.broker._remove(self, reason)
+        self.router.lost += count  # the backlog is counted by close()
+        self.router._remove(self, reason)
 
     def rejoin(self) -> "Deferred[None]":
         """Probe the subscriber once the Consumer is connected, then forward again.
@@ -397,7 +397,7 @@ class _Outlet:
         return d
 
     async def _rejoin(self) -> None:
-        router = self.broker
+        router = self.router
         await self.consumer.when_connected()
         try:
             await _send_until_registered(self.consumer, _PROBE, router.reactor, patience=router.rejoin_patience)
@@ -431,7 +431,7 @@ class _Outlet:
         """Stop forwarding; tell a remote subscriber (``notify``), close the Consumer."""
         self.open = False
         self.lost += len(self.backlog)  # never forwarded: the subscription ended first
-        self.broker.lost += len(self.backlog)
+        self.router.lost += len(self.backlog)
         self.backlog.clear()
         if notify and self.consumer.connected:
             self.consumer.send(
