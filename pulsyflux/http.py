@@ -304,11 +304,9 @@ class _Leaf(Resource):
         if request.postpath and request.postpath != [b""] and not self.takes_path:
             return _not_found(request)
         method = request.method.decode("ascii", "replace")
-        allowed = getattr(self, "allowedMethods", None) or tuple(
-            name[len("render_") :].encode() for name in dir(self) if name.startswith("render_")
-        )
         handler = getattr(self, "render_" + method, None)
         if handler is None:
+            allowed = [name[len("render_") :].encode() for name in dir(self) if name.startswith("render_")]
             request.setHeader(b"allow", b", ".join(allowed))
             return _json(request, http.NOT_ALLOWED, {"error": f"method {method} not allowed"})
         return handler(request)
