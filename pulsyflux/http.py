@@ -619,7 +619,7 @@ def http_service(listen: str | int, broker_service: Any, reactor: Any = None) ->
         if broker_service.server.port is None:
             missing.append("server")
         broker = broker_service.broker
-        # A Broker that lost the server closes itself (it has no public flag for that yet).
+        # A Broker that lost the server closes itself.
         if runs_broker and (broker is None or broker.closed):
             missing.append("broker")
         return missing
