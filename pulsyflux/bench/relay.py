@@ -130,7 +130,6 @@ class RoundTripClient(Protocol):
         self._missing = 0
         self._started = 0.0
         self._deadline = 0.0
-        self._limit = 0
         self.samples: list[float] = []
 
     def connectionMade(self) -> None:
@@ -138,11 +137,10 @@ class RoundTripClient(Protocol):
         self.write = _writer(self.transport, self.immediate)
         self.connected_d.callback(self)
 
-    def run(self, size: int, duration: float, limit: int = 10_000_000) -> "Deferred[list[float]]":
+    def run(self, size: int, duration: float) -> "Deferred[list[float]]":
         self._done = Deferred()
         self._message = b"x" * size
         self.samples = []
-        self._limit = limit
         self._deadline = time.perf_counter() + duration
         self._send()
         return self._done
@@ -158,7 +156,7 @@ class RoundTripClient(Protocol):
             return
         now = time.perf_counter()
         self.samples.append(now - self._started)
-        if now < self._deadline and len(self.samples) < self._limit:
+        if now < self._deadline:
             self._send()
         else:
             done, self._done = self._done, None
