@@ -26,6 +26,7 @@ import base64
 import binascii
 import json
 import re
+import sys
 from typing import Any, Mapping, Optional, Union
 
 from .errors import PulsyfluxError
@@ -213,17 +214,14 @@ def _payload(value: Any) -> bytes:
         raise MessageError(f"Payload is not valid base64: {error}") from None
 
 
-def _strict_b64(value: str) -> bytes:
-    return binascii.a2b_base64(value, strict_mode=True)  # type: ignore[call-arg]
+if sys.version_info >= (3, 11):
 
+    def _strict_b64(value: str) -> bytes:
+        return binascii.a2b_base64(value, strict_mode=True)  # type: ignore[call-arg]
 
-if (
-    not hasattr(binascii, "a2b_base64")
-    or binascii.a2b_base64.__text_signature__ is None
-    or "strict_mode" not in (binascii.a2b_base64.__text_signature__ or "")
-):
+else:  # binascii has no strict_mode before 3.11
 
-    def _strict_b64(value: str) -> bytes:  # noqa: F811  # Python < 3.11
+    def _strict_b64(value: str) -> bytes:
         return base64.b64decode(value, validate=True)
 
 
