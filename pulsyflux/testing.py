@@ -28,6 +28,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 
 from .server import ServerFactory, ServerStats
+from .service import client_address
 
 __all__ = ["RunningServer", "start_server"]
 
@@ -45,7 +46,7 @@ class RunningServer:
         self.factory = factory
         self._port = port
         self.port: int = port.getHost().port
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = client_address(port.getHost())
         self.broker: Any = None  # the Broker, unless started with broker=False
         self.broker_channel: Optional[uuid.UUID] = None
         self.http_port: Optional[int] = None
@@ -143,7 +144,7 @@ async def _start(reactor: Any, broker: bool, http: bool, cleanup: Optional[Calla
             server.site = make_site(factory, broker=server.broker)
             server._http_listener = reactor.listenTCP(0, server.site, interface="127.0.0.1")
             server.http_port = server._http_listener.getHost().port
-            server.http_url = f"http://127.0.0.1:{server.http_port}"
+            server.http_url = f"http://{client_address(server._http_listener.getHost())}"
     except BaseException:
         if cleanup is None:
             await server.stop()
