@@ -634,7 +634,7 @@ class _Publisher:
         self.requests = 0
         self._texts: list[str] = []
         self._waiters: list[Deferred[None]] = []
-        self._deadline = _NEVER  # earliest deadline of the waiting publishes
+        self._deadlines: list[float] = []  # when each waiting publish times out
         self._closed: Optional[Exception] = None
 
     def publish(
@@ -644,9 +644,7 @@ class _Publisher:
             return fail(self._closed)
         text = messages.encode_text(topic, payload, headers)
         d: Deferred[None] = Deferred()
-        deadline = self.consumer.reactor.seconds() + timeout if timeout and timeout > 0 else _NEVER
-        if not self._texts or deadline < self._deadline:
-            self._deadline = deadline
+        self._deadlines.append(self.consumer.reactor.seconds() + timeout if timeout and timeout > 0 else _NEVER)
         self._texts.append(text)
         self._waiters.append(d)
         if self.requests < self.window:
@@ -655,12 +653,13 @@ class _Publisher:
 
     def _flush(self) -> None:
         while self._texts and self.requests < self.window:
-            texts, waiters = self._texts[: self.batch], self._waiters[: self.batch]
-            del self._texts[: self.batch], self._waiters[: self.batch]
+            batch = self.batch
+            texts, waiters, deadline = self._texts[:batch], self._waiters[:batch], min(self._deadlines[:batch])
+            del self._texts[:batch], self._waiters[:batch], self._deadlines[:batch]
             self.requests += 1
-            timeout = 0.0
-            if self._deadline != _NEVER:
-                timeout = max(self._deadline - self.consumer.reactor.seconds(), 0.001)
+            timeout = 0.0  # the batch's request times out with its earliest publish
+            if deadline != _NEVER:
+                timeout = max(deadline - self.consumer.reactor.seconds(), 0.001)
             d = self.consumer.send(messages.encode_batch(texts), timeout=timeout)
             d.addCallbacks(self._answered, self._failed, callbackArgs=(waiters,), errbackArgs=(waiters,))
 
@@ -678,7 +677,7 @@ class _Publisher:
 
     def close(self, error: Exception) -> "Deferred[None]":
         self._closed = error
-        waiters, self._waiters, self._texts = self._waiters, [], []
+        waiters, self._waiters, self._texts, self._deadlines = self._waiters, [], [], []
         for d in waiters:
             d.errback(error)
         return self.consumer.close()

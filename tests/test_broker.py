@@ -442,3 +442,32 @@ async def test_broker_says_whether_it_is_closed(server):
     assert not broker.closed
     await broker.close()
     assert broker.closed
+
+
+def test_each_waiting_publish_keeps_its_own_timeout():
+    """A publish queued behind others is sent with its own deadline, not an earlier one's."""
+    from twisted.internet.task import Clock
+
+    from pulsyflux.broker import _Publisher
+
+    class FakeConsumer:
+        def __init__(self):
+            self.reactor = Clock()
+            self.sent = []  # (timeout, deferred)
+
+        def send(self, body, timeout):
+            d = defer.Deferred()
+            self.sent.append((timeout, d))
+            return d
+
+    consumer = FakeConsumer()
+    publisher = _Publisher(consumer, window=1, batch=1)
+    first = publisher.publish("t", b"a", None, timeout=1.0)
+    second = publisher.publish("t", b"b", None, timeout=10.0)
+    assert [timeout for timeout, _ in consumer.sent] == [1.0]  # the second waits for its turn
+    consumer.reactor.advance(0.5)
+    consumer.sent[0][1].callback(b"ok")
+    assert first.called
+    assert consumer.sent[1][0] == pytest.approx(9.5)  # its own deadline, counted from its call
+    consumer.sent[1][1].callback(b"ok")
+    assert second.called
