@@ -32,6 +32,7 @@ __all__ = [
     "Progress",
     "Child",
     "spawn",
+    "run_as_child",
     "cpu_seconds",
     "waiting_seconds",
     "percentile",
@@ -98,6 +99,24 @@ def spawn(reactor: Any, python: str, name: str, module: str, *args: str) -> Chil
     argv = [python, "-m", module, *args]
     reactor.spawnProcess(child, python, argv, env=dict(os.environ))
     return child
+
+
+def run_as_child(reactor: Any) -> None:
+    """Run the reactor until stopped, or until the benchmark that started this process is gone.
+
+    A benchmark stopped with Ctrl-C never gets to stop its children; they
+    notice that their parent changed and exit instead of lingering.
+    """
+    from twisted.internet.task import LoopingCall
+
+    parent = os.getppid()
+
+    def check_parent() -> None:
+        if os.getppid() != parent:
+            reactor.stop()
+
+    LoopingCall(check_parent).start(0.5, now=False)
+    reactor.run()
 
 
 # -- readings and statistics -----------------------------------------------------

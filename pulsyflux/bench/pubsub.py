@@ -41,6 +41,7 @@ from .common import (
     median,
     percentile,
     public_options,
+    run_as_child,
     run_blocking,
     script_main,
     sleep,
@@ -355,7 +356,7 @@ def _serve() -> None:
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
+    run_as_child(reactor)
 
 
 if __name__ == "__main__":

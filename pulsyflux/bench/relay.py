@@ -17,7 +17,6 @@ Add ``immediate`` to either to send the way pulsyflux does
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any, Optional
@@ -27,7 +26,9 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
 from pulsyflux.writer import immediate_writer
 
-__all__ = ["EchoProtocol", "RelayProtocol", "RelayFactory", "RoundTripClient", "run_as_child", "serve"]
+from .common import run_as_child
+
+__all__ = ["EchoProtocol", "RelayProtocol", "RelayFactory", "RoundTripClient", "serve"]
 
 
 def _low_latency(transport: Any) -> None:
@@ -167,24 +168,6 @@ class RoundTripClient(Protocol):
         done, self._done = self._done, None
         if done is not None:
             done.errback(reason)
-
-
-def run_as_child(reactor: Any) -> None:
-    """Run the reactor until stopped, or until the benchmark that started this process is gone.
-
-    A benchmark stopped with Ctrl-C never gets to stop its children; they
-    notice that their parent changed and exit instead of lingering.
-    """
-    from twisted.internet.task import LoopingCall
-
-    parent = os.getppid()
-
-    def check_parent() -> None:
-        if os.getppid() != parent:
-            reactor.stop()
-
-    LoopingCall(check_parent).start(0.5, now=False)
-    reactor.run()
 
 
 def serve(argv: list[str]) -> None:

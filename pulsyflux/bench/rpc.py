@@ -41,12 +41,13 @@ from .common import (
     median,
     percentile,
     public_options,
+    run_as_child,
     run_blocking,
     sleep,
     spawn,
     start,
 )
-from .relay import RoundTripClient, run_as_child
+from .relay import RoundTripClient
 
 __all__ = ["Options", "add_arguments", "options_from_args", "measure", "run", "format_report", "GO_REFERENCE"]
 
