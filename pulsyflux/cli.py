@@ -321,7 +321,7 @@ class _CommandProtocol(ProcessProtocol):
         self.done.callback((b"".join(self.out), b"".join(self.err), reason.value))
 
 
-def _command_runner(reactor: Any, command: str, timeout: float) -> Callable[[bytes], "Deferred[bytes]"]:
+def _command_runner(reactor: Any, command: str, timeout: float) -> Callable[[bytes], Awaitable[bytes]]:
     """A Provider handler that answers with ``sh -c command``'s stdout."""
 
     async def handle(data: bytes) -> bytes:
