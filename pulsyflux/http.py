@@ -365,22 +365,14 @@ class Publish(_Leaf):
         raw_topic = path[len("/publish") :].lstrip("/")
         topic = unquote(raw_topic)
         if getattr(request, "body_too_large", False):
-            return _json(
-                request,
-                http.REQUEST_ENTITY_TOO_LARGE,
-                {"error": f"body larger than {self.max_body} bytes", "limit": self.max_body},
-            )
+            return self._too_large(request)
         problem = _topic_problem(topic)
         if problem:
             return _json(request, http.BAD_REQUEST, {"error": problem})
         request.content.seek(0)
         payload = request.content.read()
         if len(payload) > self.max_body:
-            return _json(
-                request,
-                http.REQUEST_ENTITY_TOO_LARGE,
-                {"error": f"body larger than {self.max_body} bytes", "limit": self.max_body},
-            )
+            return self._too_large(request)
         if self.broker is None:
             return _json(request, http.SERVICE_UNAVAILABLE, {"error": "this server runs no broker"})
         headers = {}
@@ -407,6 +399,13 @@ class Publish(_Leaf):
             lambda _: answer(http.ACCEPTED, {"status": "accepted", "topic": topic, "bytes": len(payload)}), failed
         )
         return NOT_DONE_YET
+
+    def _too_large(self, request: Request) -> bytes:
+        return _json(
+            request,
+            http.REQUEST_ENTITY_TOO_LARGE,
+            {"error": f"body larger than {self.max_body} bytes", "limit": self.max_body},
+        )
 
 
 def _topic_problem(topic: str) -> Optional[str]:
