@@ -35,7 +35,7 @@ from . import messages
 from .client import ChannelId, Consumer, Provider, Reconnect, channel_bytes
 from .endpoints import Address
 from .errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
-from .messages import CONTROL_PREFIX, Message, MessageError
+from .messages import CONTROL_PREFIX, Message, MessageError, excerpt
 
 __all__ = [
     "Broker",
@@ -50,6 +50,13 @@ DEFAULT_BROKER_CHANNEL = uuid.UUID("4cf5ad4a-c843-56c7-921e-35cba21980e2")
 
 DEFAULT_BUFFER = 100  # messages a Subscription queues before it holds answers
 DEFAULT_BACKLOG = 10_000  # messages the broker keeps per slow subscriber
+DEFAULT_BACKLOG_BYTES = 8 << 20  # and bytes (JSON characters) per slow subscriber
+DEFAULT_TOTAL_BACKLOG_BYTES = 256 << 20  # and bytes in all backlogs together
+DEFAULT_MAX_SUBSCRIPTIONS = 10_000  # subscriptions a broker keeps; more are refused
+DEFAULT_MAX_SETUPS = 64  # remote subscriptions being set up at once; more are refused
+MAX_TOPIC_CHARS = 1024  # the longest topic one can subscribe to
+_SETUP_WAITERS = 16  # announcements of one channel waiting for its setup; more are refused
+_ERROR_CHARS = 256  # the longest text of someone else's error the broker repeats
 DEFAULT_BATCH = 256  # messages per forward request, at most
 DEFAULT_WINDOW = 4  # forward requests in flight per subscriber
 _BATCH_CHARS = 256 * 1024  # a forward stops growing past this much JSON
@@ -83,6 +90,13 @@ def _ignore(failure: Failure) -> None:
     return None
 
 
+def _clip(text: str, limit: int = _ERROR_CHARS) -> str:
+    """Someone else's error text, safe to repeat: short and printable, or an escaped excerpt."""
+    if len(text) <= limit and text.isprintable():
+        return text
+    return excerpt(text, limit)
+
+
 # -- the subscriber side ------------------------------------------------------
 
 
@@ -98,6 +112,12 @@ class Subscription:
     and every message received before that has been read. Up to ``buffer``
     messages wait here; past that the subscriber holds its answers, so the
     broker keeps the rest (and counts what it must drop: :attr:`dropped`).
+
+    Only the broker should deliver here, so what it never sends is refused
+    and counted in :attr:`rejected`: a message of another topic, and a drop
+    notice that is not followed by a message of this topic in the same
+    delivery (the broker places it right before the first message after a
+    gap) or that comes in a delivery holding a message of another topic.
     """
 
     def __init__(self, topic: str, channel: ChannelId, buffer: int = DEFAULT_BUFFER) -> None:
@@ -111,6 +131,7 @@ class Subscription:
         self._received = 0  # messages ever put in the queue
         self._held: deque[tuple[int, Deferred[bytes]]] = deque()  # (received mark, answer)
         self._dropped = 0
+        self._rejected = 0
         self._closed: Optional[SubscriptionClosed] = None
         self._provider: Optional[Provider] = None
         self._on_remote_close: Optional[Callable[[str], None]] = None
@@ -125,6 +146,11 @@ class Subscription:
     def dropped(self) -> int:
         """Messages the broker dropped for this subscription (it read too slowly)."""
         return self._dropped
+
+    @property
+    def rejected(self) -> int:
+        """Messages refused as not the broker's: another topic, or an implausible drop notice."""
+        return self._rejected
 
     @property
     def pending(self) -> int:
@@ -185,19 +211,40 @@ class Subscription:
         batch = messages.decode_body(body)
         queue = self._queue
         pending = queue.pending
+        topic = self.topic
         count = 0
+        foreign = 0
+        notices: Optional[list[tuple[int, Message]]] = None
         for msg in batch:
-            if msg.topic.startswith(CONTROL_PREFIX):
-                self._control(msg)
-                continue
-            pending.append(msg)
-            count += 1
+            if msg.topic == topic:
+                pending.append(msg)
+                count += 1
+            elif msg.topic.startswith(CONTROL_PREFIX):
+                if notices is None:
+                    notices = []
+                notices.append((count, msg))  # with how many of ours came before it
+            else:
+                foreign += 1  # never sent by the broker: forged, by someone who knows the channel
+        closing: Optional[Message] = None
+        if foreign or notices is not None:
+            self._rejected += foreign
+            for before, msg in notices or ():
+                if foreign or (msg.topic == messages.DROPPED and before == count):
+                    self._rejected += 1  # not where the broker puts it
+                elif msg.topic == messages.CLOSED:
+                    closing = msg  # after the wake-up: the messages before it stay readable
+                else:
+                    self._control(msg)
         self._received += count
         # Queue the whole batch before waking a reader: its loop then reads
         # the rest without suspending once per message.
         waiting = queue.waiting
         while waiting and pending:
             waiting.pop(0).callback(pending.pop(0))
+        if closing is not None:
+            self._control(closing)
+            if self._closed is not None:
+                return _OK
         if not count or (not self._held and len(pending) <= self.buffer):
             return _OK  # a notice alone (a probe after a gap) is never held behind a full buffer
         answer: Deferred[bytes] = Deferred()
@@ -209,7 +256,7 @@ class Subscription:
             try:
                 self._dropped = max(self._dropped, int(msg.headers.get("dropped", "0")))
             except ValueError:
-                pass
+                self._rejected += 1
         elif msg.topic == messages.CLOSED and self._on_remote_close is not None:
             self._on_remote_close(msg.headers.get("reason", "closed by the broker"))
         # PROBE and anything unknown: answered, never queued.
@@ -282,21 +329,33 @@ class _Outlet:
 
     Forwards go in order over one connection, several in flight; what does
     not fit in the window waits in the backlog, whose oldest entries are
-    dropped (and counted) past ``limit``. While a reconnecting Consumer is
+    dropped (and counted) past ``limit`` messages or ``limit_bytes`` (the
+    newest message always stays), and when all backlogs together pass the
+    router's ``total_backlog_bytes``. While a reconnecting Consumer is
     down the outlet is not ``ready``: the backlog waits until a probe has
     reached the subscriber again (:meth:`rejoin`).
     """
 
     def __init__(
-        self, router: "_Router", topic: str, consumer: Consumer, local: Optional[Subscription], limit: int
+        self,
+        router: "_Router",
+        topic: str,
+        consumer: Consumer,
+        local: Optional[Subscription],
+        limit: int,
+        limit_bytes: int = DEFAULT_BACKLOG_BYTES,
+        label: str = "",
     ) -> None:
         self.router = router
         self.topic = topic
         self.consumer = consumer
-        self.channel = consumer.channel_id
+        self.channel = consumer.channel_id  # a secret of the subscriber's: never in stats or logs
+        self.label = label  # what stats and logs call it instead
         self.local = local
         self.limit = limit
+        self.limit_bytes = limit_bytes
         self.backlog: deque[str] = deque()
+        self.size = 0  # characters of JSON in the backlog
         self.requests = 0
         self.in_flight = 0
         self.delivered = 0
@@ -312,12 +371,35 @@ class _Outlet:
     def push(self, text: str) -> None:
         backlog = self.backlog
         backlog.append(text)
-        if len(backlog) > self.limit:
-            backlog.popleft()
-            self.dropped += 1
-            self.router.dropped += 1
+        size = len(text)
+        self.size += size
+        router = self.router
+        router.backlog_size += size
+        if len(backlog) > self.limit or self.size > self.limit_bytes:
+            self.trim(self.limit, self.limit_bytes)
+        if router.backlog_size > router.total_backlog_bytes:
+            router.trim_backlogs()
+
+    def trim(self, limit: int, limit_bytes: int) -> int:
+        """Drop (and count) the oldest waiting messages down to the bounds; the newest stays."""
+        backlog = self.backlog
+        popleft = backlog.popleft
+        freed = 0
+        dropped = 0
+        while len(backlog) > 1 and (len(backlog) > limit or self.size - freed > limit_bytes):
+            freed += len(popleft())
+            dropped += 1
+        if len(backlog) > limit:  # limit 0: nothing waits, not even the newest
+            freed += len(popleft())
+            dropped += 1
+        if dropped:
+            self.size -= freed
+            self.router.backlog_size -= freed
+            self.dropped += dropped
+            self.router.dropped += dropped
             if self.local is not None:
                 self.local._dropped = self.dropped
+        return freed
 
     def flush(self) -> None:
         backlog = self.backlog
@@ -338,6 +420,8 @@ class _Outlet:
                 texts.append(text)
                 size += len(text)
                 count += 1
+            self.size -= size
+            router.backlog_size -= size
             self.requests += 1
             self.in_flight += count
             d = self.consumer.send(messages.encode_batch(texts), timeout=0)
@@ -370,12 +454,9 @@ class _Outlet:
         elif isinstance(error, ConnectionLostError):
             reason = "connection to the server lost"
         else:
-            reason = f"subscriber refused a message: {error}"
+            reason = f"subscriber refused a message: {_clip(str(error))}"
         log.info(
-            "dropping subscription {channel} to {topic!r}: {reason}",
-            channel=self.channel,
-            topic=self.topic,
-            reason=reason,
+            "dropping subscription {label} to {topic!r}: {reason}", label=self.label, topic=self.topic, reason=reason
         )
         self.lost += count
         self.router.lost += count  # the backlog is counted by close()
@@ -405,8 +486,8 @@ class _Outlet:
             raise  # down again: the next reconnect rejoins
         except PulsyfluxError as error:
             if self.open:
-                reason = "subscriber did not come back" if isinstance(error, NoProviderError) else str(error)
-                log.info("dropping subscription {channel} to {topic!r}: {reason}", channel=self.channel,
+                reason = "subscriber did not come back" if isinstance(error, NoProviderError) else _clip(str(error))
+                log.info("dropping subscription {label} to {topic!r}: {reason}", label=self.label,
                          topic=self.topic, reason=reason)  # fmt: skip
                 router._remove(self, reason)  # close() counts the backlog as lost
             raise
@@ -432,6 +513,8 @@ class _Outlet:
         self.open = False
         self.lost += len(self.backlog)  # never forwarded: the subscription ended first
         self.router.lost += len(self.backlog)
+        self.router.backlog_size -= self.size
+        self.size = 0
         self.backlog.clear()
         if notify and self.consumer.connected:
             self.consumer.send(
@@ -441,16 +524,27 @@ class _Outlet:
 
     def stats(self) -> dict[str, Any]:
         return {
+            "id": self.label,  # not the channel: whoever knows that can write to the subscriber
             "topic": self.topic,
-            "channel": str(self.channel),
             "remote": self.local is None,
             "backlog": len(self.backlog),
+            "backlog_bytes": self.size,
             "in_flight": self.in_flight,
             "delivered": self.delivered,
             "dropped": self.dropped,
             "lost": self.lost,
             "gaps": self.gaps,
         }
+
+
+class _Setup:
+    """A subscription being set up: its topic, and later announcements of its channel waiting for it."""
+
+    __slots__ = ("topic", "waiters")
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.waiters: list[Deferred[_Outlet]] = []
 
 
 class _Router:
@@ -465,22 +559,36 @@ class _Router:
         window: int,
         reconnect: Reconnect = False,
         rejoin_patience: float = _REJOIN_PATIENCE,
+        backlog_bytes: int = DEFAULT_BACKLOG_BYTES,
+        total_backlog_bytes: int = DEFAULT_TOTAL_BACKLOG_BYTES,
+        max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
+        max_setups: int = DEFAULT_MAX_SETUPS,
     ) -> None:
         self.address = address
         self.reactor = reactor
         self.reconnect = reconnect
         self.rejoin_patience = rejoin_patience
         self.backlog = backlog
+        self.backlog_bytes = backlog_bytes
+        self.total_backlog_bytes = total_backlog_bytes
+        self.max_subscriptions = max_subscriptions
+        self.max_setups = max_setups
         self.batch = batch
         self.window = window
         self.topics: dict[str, list[_Outlet]] = {}
         self.outlets: dict[uuid.UUID, _Outlet] = {}
+        # Channels being set up, recorded before the first await, so that two
+        # announcements of one channel never open two forwarding Consumers.
+        self.opening: dict[uuid.UUID, _Setup] = {}
+        self.backlog_size = 0  # characters of JSON waiting in all backlogs
         self.published = 0
         self.delivered = 0
         self.dropped = 0
         self.lost = 0  # backlog and in-flight messages of subscribers that vanished
         self.rejected = 0
+        self.refused = 0  # subscribe announcements refused by the caps
         self.closing = False
+        self._serial = 0  # labels subscriptions in stats and logs: "sub-1", "sub-2", ...
 
     def handle(self, body: bytes) -> Union[bytes, "Deferred[bytes]"]:
         try:
@@ -522,7 +630,7 @@ class _Router:
     def _control(self, kind: str, headers: dict[str, str]) -> Union[bytes, "Deferred[bytes]"]:
         if kind not in (messages.SUBSCRIBE, messages.UNSUBSCRIBE):
             raise MessageError(
-                f"unknown control message {kind!r}; topics starting with {CONTROL_PREFIX!r} are reserved"
+                f"unknown control message {excerpt(kind)}; topics starting with {CONTROL_PREFIX!r} are reserved"
             )
         topic = headers.get("topic")
         if topic is None:
@@ -537,6 +645,7 @@ class _Router:
                 self._remove(outlet, "unsubscribed", notify=False)
             return _OK
         outlet = self.outlets.get(channel)
+        d: Deferred[Any]
         if outlet is not None:
             if outlet.topic != topic:
                 raise MessageError(f"channel {channel} is already subscribed to another topic")
@@ -545,17 +654,63 @@ class _Router:
                 return _RESUMED  # also every heartbeat: a dict lookup, nothing else
             d = outlet.rejoin()
             answer = _RESUMED
+        elif channel in self.opening:
+            # Announced again while its first announcement is being set up: wait
+            # for that one and answer as to a re-announce (never a second outlet).
+            setup = self.opening[channel]
+            if setup.topic != topic:
+                raise MessageError(f"channel {channel} is already being subscribed to another topic")
+            if len(setup.waiters) >= _SETUP_WAITERS:
+                self.refused += 1
+                raise PulsyfluxError("subscribe refused: too many announcements of one channel being set up")
+            d = Deferred()
+            setup.waiters.append(d)
+            answer = _RESUMED
         else:
-            d = Deferred.fromCoroutine(self.open_outlet(topic, channel, None))
+            if len(topic) > MAX_TOPIC_CHARS:
+                raise MessageError(
+                    f"subscribe refused: a topic is at most {MAX_TOPIC_CHARS} characters, not {len(topic)}"
+                )
+            if len(self.outlets) + len(self.opening) >= self.max_subscriptions:
+                self.refused += 1
+                raise PulsyfluxError(
+                    f"subscribe refused: the broker has its maximum of {self.max_subscriptions} subscriptions"
+                )
+            if len(self.opening) >= self.max_setups:
+                self.refused += 1
+                raise PulsyfluxError(
+                    f"subscribe refused: too many subscriptions being set up (at most {self.max_setups} at once); try again"
+                )
+            d = Deferred.fromCoroutine(self.setup(topic, channel, None))
             answer = _OK
 
         def failed(failure: Failure) -> None:
             # Said plainly, so the client does not take it for "no broker".
             if failure.check(NoProviderError):
                 raise PulsyfluxError(f"subscribe failed: no subscriber answers on channel {channel}")
-            raise PulsyfluxError(f"subscribe failed: {failure.getErrorMessage()}")
+            # Never the whole text: it may be the (hostile) provider's on that channel.
+            raise PulsyfluxError(f"subscribe failed: {_clip(failure.getErrorMessage())}")
 
         return d.addCallbacks(lambda _: answer, failed)
+
+    async def setup(self, topic: str, channel: uuid.UUID, local: Optional[Subscription]) -> _Outlet:
+        """:meth:`open_outlet`, with ``channel`` marked as opening meanwhile (see :meth:`_control`)."""
+        if channel in self.opening or channel in self.outlets:
+            raise PulsyfluxError(f"channel {channel} is already subscribed")
+        setup = _Setup(topic)
+        self.opening[channel] = setup
+        try:
+            outlet = await self.open_outlet(topic, channel, local)
+        except BaseException:
+            failure = Failure()
+            del self.opening[channel]
+            for d in setup.waiters:
+                d.errback(failure)
+            raise
+        del self.opening[channel]
+        for d in setup.waiters:
+            d.callback(outlet)
+        return outlet
 
     async def open_outlet(self, topic: str, channel: uuid.UUID, local: Optional[Subscription]) -> _Outlet:
         """Connect a forwarding Consumer to ``channel``, check the subscriber answers, start forwarding."""
@@ -570,7 +725,8 @@ class _Router:
         if self.closing:
             await consumer.close()
             raise ConnectionLostError("the broker is closing")
-        outlet = _Outlet(self, topic, consumer, local, self.backlog)
+        self._serial += 1
+        outlet = _Outlet(self, topic, consumer, local, self.backlog, self.backlog_bytes, f"sub-{self._serial}")
         self.topics.setdefault(topic, []).append(outlet)
         self.outlets[channel] = outlet
         if self.reconnect:
@@ -596,6 +752,17 @@ class _Router:
                 waits.append(sub._provider.close())
         return DeferredList(waits, consumeErrors=True)
 
+    def trim_backlogs(self) -> None:
+        """All backlogs together are over the bound: drop the oldest messages of the largest.
+
+        Down to 15/16 of the bound, so the sort is paid once per 1/16 of it.
+        """
+        excess = self.backlog_size - (self.total_backlog_bytes - self.total_backlog_bytes // 16)
+        for outlet in sorted(self.outlets.values(), key=lambda o: o.size, reverse=True):
+            if excess <= 0 or not outlet.size:
+                return
+            excess -= outlet.trim(outlet.limit, max(outlet.size - excess, 0))
+
     def remove_topic(self, topic: str, reason: str) -> "Deferred[Any]":
         return DeferredList([self._remove(o, reason) for o in list(self.topics.get(topic, ()))], consumeErrors=True)
 
@@ -609,6 +776,8 @@ class _Router:
             "dropped": self.dropped,
             "lost": self.lost,
             "rejected": self.rejected,
+            "refused": self.refused,
+            "backlog_bytes": self.backlog_size,
             "topics": {topic: len(outlets) for topic, outlets in self.topics.items()},
             "subscriptions": [outlet.stats() for outlet in self.outlets.values()],
         }
@@ -688,11 +857,13 @@ def _announcement(sub: Subscription) -> bytes:
     return messages.control(messages.SUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
 
 
-def _check_topic(topic: str) -> None:
+def _check_topic(topic: str, subscribing: bool = False) -> None:
     if type(topic) is not str:
         raise TypeError(f"topic must be str, not {type(topic).__name__}")
     if topic.startswith(CONTROL_PREFIX):
         raise ValueError(f"topics starting with {CONTROL_PREFIX!r} are reserved for the broker")
+    if subscribing and len(topic) > MAX_TOPIC_CHARS:
+        raise ValueError(f"a topic to subscribe to is at most {MAX_TOPIC_CHARS} characters, not {len(topic)}")
 
 
 # -- the public API -------------------------------------------------------------------
@@ -705,8 +876,11 @@ class Broker:
         sub = await broker.subscribe("orders")
         await broker.publish("orders", b"new order")
 
-    ``buffer`` is the default :class:`Subscription` buffer; ``backlog`` the
-    messages kept per slow subscriber before the oldest are dropped;
+    ``buffer`` is the default :class:`Subscription` buffer; ``backlog`` and
+    ``backlog_bytes`` the messages and bytes kept per slow subscriber, and
+    ``total_backlog_bytes`` the bytes kept for all of them, before the
+    oldest are dropped; ``max_subscriptions`` and ``max_setups`` cap the
+    subscriptions, and the remote ones being set up at once;
     ``batch`` and ``window`` shape forwarding (messages per request,
     requests in flight per subscriber). ``reconnect`` (default False; True
     or a backoff policy, as for Consumers) keeps the broker and its
@@ -726,6 +900,10 @@ class Broker:
         window: int = DEFAULT_WINDOW,
         reconnect: Reconnect = False,
         rejoin_patience: float = _REJOIN_PATIENCE,
+        backlog_bytes: int = DEFAULT_BACKLOG_BYTES,
+        total_backlog_bytes: int = DEFAULT_TOTAL_BACKLOG_BYTES,
+        max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
+        max_setups: int = DEFAULT_MAX_SETUPS,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -733,12 +911,26 @@ class Broker:
             reactor = default_reactor
         if backlog < 0 or batch < 1 or window < 1:
             raise ValueError("backlog must be >= 0, batch and window >= 1")
+        if backlog_bytes < 0 or total_backlog_bytes < 0 or max_subscriptions < 0 or max_setups < 1:
+            raise ValueError("backlog_bytes, total_backlog_bytes and max_subscriptions must be >= 0, max_setups >= 1")
         self.address = address
         self.channel = _uuid(broker_channel_id)
         self.reactor = reactor
         self.buffer = buffer
         self.reconnect = reconnect
-        self._router = _Router(address, reactor, backlog, batch, window, reconnect, rejoin_patience)
+        self._router = _Router(
+            address,
+            reactor,
+            backlog,
+            batch,
+            window,
+            reconnect,
+            rejoin_patience,
+            backlog_bytes,
+            total_backlog_bytes,
+            max_subscriptions,
+            max_setups,
+        )
         self._provider: Optional[Provider] = None
         self._publisher: Optional[_Publisher] = None
         self._closed: Optional[Exception] = None
@@ -759,8 +951,10 @@ class Broker:
     ) -> "Deferred[Broker]":
         """Open the broker's Provider and publishing Consumer; fires when both work.
 
-        ``options``: ``buffer``, ``backlog``, ``batch``, ``window``,
-        ``reconnect`` (default False) and ``rejoin_patience`` as for the class.
+        ``options``: ``buffer``, ``backlog``, ``backlog_bytes``,
+        ``total_backlog_bytes``, ``max_subscriptions``, ``max_setups``,
+        ``batch``, ``window``, ``reconnect`` (default False) and
+        ``rejoin_patience`` as for the class.
         """
         broker = cls(address, broker_channel_id, reactor, **options)
         return Deferred.fromCoroutine(broker._start())
@@ -823,7 +1017,7 @@ class Broker:
 
     def subscribe(self, topic: str, buffer: Optional[int] = None) -> "Deferred[Subscription]":
         """A new :class:`Subscription` to ``topic`` (2 more connections)."""
-        _check_topic(topic)
+        _check_topic(topic, subscribing=True)
         if self._closed is not None:
             return fail(self._closed)
         return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer))
@@ -831,7 +1025,7 @@ class Broker:
     async def _subscribe(self, topic: str, buffer: int) -> Subscription:
         sub, provider = await _open_subscription(self.address, topic, buffer, self.reactor, self.reconnect)
         try:
-            outlet = await self._router.open_outlet(topic, sub.channel, sub)
+            outlet = await self._router.setup(topic, sub.channel, sub)
         except BaseException:
             sub._close("subscribe failed")
             await provider.close()
@@ -974,7 +1168,7 @@ class BrokerClient:
 
     def subscribe(self, topic: str, buffer: Optional[int] = None) -> "Deferred[Subscription]":
         """Same as :meth:`Broker.subscribe`, through the broker's control messages."""
-        _check_topic(topic)
+        _check_topic(topic, subscribing=True)
         if self._closed is not None or self._consumer is None:
             return fail(self._closed or ConnectionLostError("not connected"))
         return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer))

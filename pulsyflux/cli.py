@@ -546,7 +546,7 @@ def format_stats(document: dict[str, Any]) -> list[str]:
         lines.append("subscriptions (slowest first)")
         for sub in sorted(subs, key=lambda sub: (-sub["backlog"] - sub["in_flight"], sub["topic"])):
             lines.append(
-                f"  {sub['channel']}  {sub['topic']}  backlog {sub['backlog']}  in flight {sub['in_flight']}  "
+                f"  {sub['id']}  {sub['topic']}  backlog {sub['backlog']}  in flight {sub['in_flight']}  "
                 f"delivered {sub['delivered']}  dropped {sub['dropped']}"
             )
     return lines

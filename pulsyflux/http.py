@@ -263,24 +263,24 @@ def _broker_metrics(m: _Metrics, b: dict[str, Any]) -> None:
         "Subscriptions per topic.",
         [({"topic": topic}, count) for topic, count in sorted(topics.items())],
     )
-    subs = sorted(b.get("subscriptions", []), key=lambda sub: (sub["topic"], sub["channel"]))
+    subs = sorted(b.get("subscriptions", []), key=lambda sub: (sub["topic"], sub["id"]))
     m.family(
         "pulsyflux_broker_subscription_backlog",
         "gauge",
         "Messages the broker holds for one subscription, not yet forwarded.",
-        [({"topic": sub["topic"], "subscription": sub["channel"]}, sub["backlog"]) for sub in subs],
+        [({"topic": sub["topic"], "subscription": sub["id"]}, sub["backlog"]) for sub in subs],
     )
     m.family(
         "pulsyflux_broker_subscription_delivered_total",
         "counter",
         "Messages one subscription accepted.",
-        [({"topic": sub["topic"], "subscription": sub["channel"]}, sub["delivered"]) for sub in subs],
+        [({"topic": sub["topic"], "subscription": sub["id"]}, sub["delivered"]) for sub in subs],
     )
     m.family(
         "pulsyflux_broker_subscription_dropped_total",
         "counter",
         "Messages dropped for one subscription (it read too slowly).",
-        [({"topic": sub["topic"], "subscription": sub["channel"]}, sub["dropped"]) for sub in subs],
+        [({"topic": sub["topic"], "subscription": sub["id"]}, sub["dropped"]) for sub in subs],
     )
 
 

@@ -48,6 +48,8 @@ __all__ = [
     "CLOSED",
     "control",
     "is_control",
+    "excerpt",
+    "EXCERPT_CHARS",
 ]
 
 # Topics starting with this are the broker's own; publish refuses them.
@@ -61,6 +63,21 @@ DROPPED = CONTROL_PREFIX + "dropped"  # headers: dropped = total dropped so far
 CLOSED = CONTROL_PREFIX + "closed"  # headers: reason; the stream ends
 
 Body = Union[bytes, bytearray, memoryview]
+
+# Error texts quote client input at most this long: an answer that repeated a
+# sender's megabyte would itself be too large a frame (and fill logs).
+EXCERPT_CHARS = 64
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """``text`` quoted for an error message: repr-escaped, at most ``limit`` chars of it.
+
+    >>> excerpt("x" * 100, 4)
+    "'xxxx'... (100 chars)"
+    """
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} chars)"
 
 
 class MessageError(PulsyfluxError, ValueError):
@@ -232,7 +249,7 @@ def _headers(value: Any) -> dict[str, str]:
         raise MessageError(f"Headers must be an object of strings or null, not {type(value).__name__}")
     for key, item in value.items():
         if type(item) is not str:
-            raise MessageError(f"header {key!r} must be a string, not {type(item).__name__}")
+            raise MessageError(f"header {excerpt(key)} must be a string, not {type(item).__name__}")
     return value
 
 

@@ -242,8 +242,8 @@ async def test_stats_and_metrics_show_which_subscriber_is_slow(brokered):
     broker = stats["broker"]
     assert broker["published"] == 20
     assert broker["topics"] == {"ticks": 2}
-    by_channel = {sub["channel"]: sub for sub in broker["subscriptions"]}
-    fast_stats, slow_stats = by_channel[str(fast.channel)], by_channel[str(slow.channel)]
+    by_id = {sub["id"]: sub for sub in broker["subscriptions"]}  # labels, in subscribe order
+    fast_stats, slow_stats = by_id["sub-1"], by_id["sub-2"]
     assert (fast_stats["backlog"], fast_stats["dropped"]) == (0, 0)
     assert slow_stats["dropped"] > 0 and slow_stats["backlog"] == 2
     assert broker["dropped"] == slow_stats["dropped"]
@@ -251,10 +251,10 @@ async def test_stats_and_metrics_show_which_subscriber_is_slow(brokered):
     assert "pulsyflux_broker_published_total 20" in lines
     assert 'pulsyflux_broker_topic_subscribers{topic="ticks"} 2' in lines
     assert (
-        f'pulsyflux_broker_subscription_dropped_total{{topic="ticks",subscription="{slow.channel}"}} {slow_stats["dropped"]}'
+        f'pulsyflux_broker_subscription_dropped_total{{topic="ticks",subscription="sub-2"}} {slow_stats["dropped"]}'
         in lines
     )
-    assert f'pulsyflux_broker_subscription_backlog{{topic="ticks",subscription="{fast.channel}"}} 0' in lines
+    assert f'pulsyflux_broker_subscription_backlog{{topic="ticks",subscription="sub-1"}} 0' in lines
 
 
 @ensure
