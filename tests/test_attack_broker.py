@@ -1,0 +1,287 @@
+"""Attacks on the broker (issue #8: items 1, 6, 11, 12, 15), each over real TCP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+
+from pulsyflux import Broker, BrokerClient, Consumer, Provider, RemoteError, codec, messages
+from pulsyflux.broker import DEFAULT_BROKER_CHANNEL
+from pulsyflux.testing import start_server
+
+from .test_reliability import eventually
+
+ensure = pytest_twisted.ensureDeferred
+
+KiB = 1 << 10
+
+
+async def _broker(server, **options) -> Broker:
+    return await Broker.connect(server.address, uuid.uuid4(), **options)
+
+
+def _announce(topic: str, channel: uuid.UUID, kind: str = messages.SUBSCRIBE) -> bytes:
+    return messages.encode(kind, None, {"topic": topic, "channel": str(channel)})
+
+
+def _consumers_on(server, channel: uuid.UUID) -> list:
+    return [key for key in server.registry if key[0] == codec.ROLE_CONSUMER and key[1] == channel.bytes]
+
+
+async def _still_works(address, broker_channel=DEFAULT_BROKER_CHANNEL) -> None:
+    client = await BrokerClient.connect(address, broker_channel, heartbeat=None)
+    try:
+        sub = await client.subscribe("alive")
+        await client.publish("alive", b"yes")
+        assert (await sub.get()).payload == b"yes"
+    finally:
+        await client.close()
+
+
+# -- item 1: errors that repeat the sender's megabyte ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        messages.encode("$pulsyflux/" + "x" * 1_100_000, None, None),  # an unknown control message
+        b'{"Topic":"t","Payload":null,"Headers":{"' + b"k" * 1_100_000 + b'":5}}',  # a header that is not a string
+    ],
+    ids=["reserved-topic", "header-key"],
+)
+@ensure
+async def test_attack_huge_refused_publish_gets_a_short_error_and_the_broker_lives(body):
+    running = await start_server()
+    try:
+        attacker = await Consumer.connect(running.address, DEFAULT_BROKER_CHANNEL)
+        with pytest.raises(RemoteError) as refused:
+            await attacker.send(body, timeout=10)
+        text = str(refused.value)
+        assert len(text) < 300 and "... (1100" in text  # an excerpt, and how long the original was
+        await attacker.close()
+        assert not running.broker.closed
+        await _still_works(running.address)
+    finally:
+        await running.stop()
+
+
+@ensure
+async def test_attack_probe_answered_with_a_huge_error_does_not_kill_the_broker():
+    running = await start_server()
+    try:
+        channel = uuid.uuid4()
+        liar = await Provider.connect(running.address, channel)
+        attacker = await Consumer.connect(running.address, DEFAULT_BROKER_CHANNEL)
+        announced = attacker.send(_announce("t", channel), timeout=10)
+        probe = await liar.receive()
+        liar.respond(probe, error="E" * ((1 << 20) - 40))  # fits a frame alone; "subscribe failed: " + it did not
+        with pytest.raises(RemoteError, match=r"^subscribe failed: 'E+'\.\.\. \(1048536 chars\)$"):
+            await announced
+        assert not running.broker.closed
+        await _still_works(running.address)
+        await attacker.close()
+        await liar.close()
+    finally:
+        await running.stop()
+
+
+# -- item 6: backlogs bounded in bytes --------------------------------------------------
+
+
+@ensure
+async def test_attack_never_reading_subscriber_holds_at_most_backlog_bytes(server):
+    bound = 64 * KiB
+    broker = await _broker(server, backlog_bytes=bound, batch=1, window=1)
+    client = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
+    sub = await client.subscribe("big", buffer=1)  # never read until the end
+    payload = b"p" * (2 * KiB)
+    peak = 0
+    for i in range(200):  # about 540 KiB of JSON; 10,000 messages would be allowed
+        await broker.publish("big", payload + b"%d" % i)
+        peak = max(peak, broker.stats()["backlog_bytes"])
+    stats = broker.stats()
+    [mine] = stats["subscriptions"]
+    assert peak <= bound and mine["backlog_bytes"] <= bound
+    assert mine["backlog"] < 30 and broker.dropped == mine["dropped"] > 150
+    # Every message is read or counted as dropped, and the subscriber's count is the broker's.
+    got = []
+    while len(got) + sub.dropped < 200:
+        got.append(int((await sub.get()).payload[len(payload) :]))
+    assert got == sorted(got) and got[-1] == 199
+    assert sub.dropped == broker.dropped and sub.rejected == 0
+    await client.close()
+    await broker.close()
+
+
+@ensure
+async def test_attack_big_messages_to_a_never_reading_subscriber_stop_at_8_mib_by_default(server):
+    broker = await _broker(server, batch=1, window=1)  # only the byte bound is the default one
+    client = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
+    sub = await client.subscribe("big", buffer=1)
+    payload = b"p" * (256 * KiB)
+    size = len(messages.encode("big", payload))
+    for _ in range(48):  # 16 MiB of JSON; the 10,000-message bound alone kept it all
+        await broker.publish("big", payload)
+    [mine] = broker.stats()["subscriptions"]
+    assert mine["backlog"] * size <= 8 << 20 and mine["dropped"] > 0
+    received = 0
+    while received + sub.dropped < 48:
+        await sub.get()
+        received += 1
+    assert sub.dropped == mine["dropped"]
+    await client.close()
+    await broker.close()
+
+
+@ensure
+async def test_attack_many_never_reading_subscribers_hold_at_most_the_total(server):
+    total = 96 * KiB
+    broker = await _broker(server, backlog_bytes=1 << 20, total_backlog_bytes=total, batch=1, window=1)
+    client = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
+    subs = [await client.subscribe("big", buffer=1) for _ in range(3)]
+    payload = b"p" * (2 * KiB)
+    peak = 0
+    for i in range(100):
+        await broker.publish("big", payload + b"%d" % i)
+        peak = max(peak, broker.stats()["backlog_bytes"])
+    stats = broker.stats()
+    assert peak <= total  # each alone would keep all 100 (about 270 KiB)
+    assert stats["dropped"] == sum(s["dropped"] for s in stats["subscriptions"]) > 0
+    for sub, entry in zip(subs, stats["subscriptions"]):
+        got = []
+        while len(got) + sub.dropped < 100:
+            got.append(int((await sub.get()).payload[len(payload) :]))
+        assert got == sorted(got) and got[-1] == 99
+        assert sub.dropped == entry["dropped"]
+    await client.close()
+    await broker.close()
+
+
+# -- item 11: announcements for channels nobody serves -----------------------------------
+
+
+@ensure
+async def test_attack_subscribes_to_dead_channels_are_refused_and_open_few_connections(server):
+    broker = await _broker(server, max_setups=4)
+    attacker = await Consumer.connect(server.address, broker.channel)
+    baseline = len(server.factory.router.connections)
+    peak = [baseline]
+    sampler = task.LoopingCall(lambda: peak.append(len(server.factory.router.connections)))
+    sampler.start(0.005)
+    try:
+        results = await defer.DeferredList(
+            [attacker.send(_announce("t", uuid.uuid4()), timeout=10) for _ in range(200)], consumeErrors=True
+        )
+    finally:
+        sampler.stop()
+    errors = [str(failure.value) for ok, failure in results if not ok]
+    assert len(errors) == 200
+    refused = [e for e in errors if e.startswith("subscribe refused: too many subscriptions being set up")]
+    assert len(refused) >= 190  # at most 4 at a time were tried
+    assert all(e.startswith("subscribe failed: no subscriber answers") for e in errors if e not in refused)
+    assert max(peak) <= baseline + 4
+    assert broker.stats()["refused"] == len(refused)
+    await _still_works(server.address, broker.channel)
+    await attacker.close()
+    await broker.close()
+
+
+@ensure
+async def test_attack_subscriptions_past_the_cap_are_refused(server):
+    broker = await _broker(server, max_subscriptions=2)
+    client = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
+    await client.subscribe("a")
+    await client.subscribe("b")
+    with pytest.raises(RemoteError, match="^subscribe refused: the broker has its maximum of 2 subscriptions"):
+        await client.subscribe("c")
+    # A topic longer than the limit cannot be subscribed to, even on a live channel.
+    channel = uuid.uuid4()
+    provider = await Provider.connect(server.address, channel, handler=lambda body: b"ok")
+    with pytest.raises(RemoteError, match="at most 1024 characters, not 5000"):
+        await client._consumer.send(_announce("t" * 5000, channel))
+    await client.unsubscribe("a")
+    await client.subscribe("c")  # room again
+    await provider.close()
+    await client.close()
+    await broker.close()
+
+
+# -- item 12: concurrent announcements of one channel ------------------------------------
+
+
+@ensure
+async def test_attack_concurrent_announcements_of_one_channel_deliver_once(server):
+    broker = await _broker(server)
+    channel = uuid.uuid4()
+    received: list[messages.Message] = []
+
+    def subscriber(body: bytes) -> bytes:
+        received.extend(m for m in messages.decode_body(body) if not messages.is_control(m.topic))
+        return b"ok"
+
+    provider = await Provider.connect(server.address, channel, handler=subscriber)
+    announcer = await Consumer.connect(server.address, broker.channel)
+    answers = await defer.gatherResults([announcer.send(_announce("t", channel)) for _ in range(5)])
+    assert sorted(answers) == [b"ok", b"resumed", b"resumed", b"resumed", b"resumed"]
+    assert len(_consumers_on(server, channel)) == 1 and broker.stats()["topics"] == {"t": 1}
+    for i in range(3):
+        await broker.publish("t", b"%d" % i)
+    await eventually(lambda: len(received) >= 3)
+    await broker.publish("t", b"end")
+    await eventually(lambda: received[-1].payload == b"end")
+    assert [m.payload for m in received] == [b"0", b"1", b"2", b"end"]
+    await announcer.send(_announce("t", channel, messages.UNSUBSCRIBE))
+    await eventually(lambda: not _consumers_on(server, channel))  # no forwarding connection left behind
+    assert broker.stats()["topics"] == {}
+    await announcer.close()
+    await provider.close()
+    await broker.close()
+
+
+# -- item 15: forged deliveries, and channel ids in stats ---------------------------------
+
+
+@ensure
+async def test_attack_forged_delivery_of_another_topic_is_not_yielded(server):
+    broker = await _broker(server)
+    client = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
+    sub = await client.subscribe("orders")
+    forger = await Consumer.connect(server.address, sub.channel)  # someone who learnt the channel
+    forged = [
+        messages.encode("payroll", b"forged"),  # another topic
+        messages.encode_batch([messages.control(messages.DROPPED, dropped="1000000")]),  # a count with no gap after it
+        messages.encode_batch(
+            [messages.control(messages.DROPPED, dropped="5"), messages.encode_text("x", b"forged", None)]
+        ),  # a count that comes with another topic
+    ]
+    for body in forged:
+        await forger.send(body)
+    await broker.publish("orders", b"real")
+    msg = await sub.get()
+    assert (msg.topic, msg.payload) == ("orders", b"real")
+    assert sub.pending == 0 and sub.dropped == 0 and sub.rejected == 4
+    await forger.close()
+    await client.close()
+    await broker.close()
+
+
+@ensure
+async def test_attack_stats_reveal_no_subscriber_channel(server):
+    broker = await _broker(server)
+    client = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
+    remote = await client.subscribe("orders")
+    local = await broker.subscribe("orders")
+    await broker.publish("orders", b"x")
+    await remote.get()
+    await local.get()
+    stats = broker.stats()
+    text = json.dumps(stats)
+    for sub in (remote, local):
+        assert str(sub.channel) not in text and sub.channel.hex not in text
+    assert [s["id"] for s in stats["subscriptions"]] == ["sub-1", "sub-2"]
+    await client.close()
+    await broker.close()
