@@ -369,16 +369,13 @@ class _Outlet:
         self._rejoin_waiters: list[Deferred[None]] = []
 
     def push(self, text: str) -> None:
+        """Queue one message; the caller adds it to the router's ``backlog_size`` (once per publish)."""
         backlog = self.backlog
         backlog.append(text)
-        size = len(text)
-        self.size += size
-        router = self.router
-        router.backlog_size += size
-        if len(backlog) > self.limit or self.size > self.limit_bytes:
+        size = self.size + len(text)
+        self.size = size
+        if size > self.limit_bytes or len(backlog) > self.limit:
             self.trim(self.limit, self.limit_bytes)
-        if router.backlog_size > router.total_backlog_bytes:
-            router.trim_backlogs()
 
     def trim(self, limit: int, limit_bytes: int) -> int:
         """Drop (and count) the oldest waiting messages down to the bounds; the newest stays."""
@@ -613,6 +610,9 @@ class _Router:
                 text = items[0][1]
                 for outlet in outlets:
                     outlet.push(text)
+                self.backlog_size += len(text) * len(outlets)
+                if self.backlog_size > self.total_backlog_bytes:
+                    self.trim_backlogs()
                 for outlet in list(outlets):
                     outlet.flush()
             return _OK
@@ -623,6 +623,9 @@ class _Router:
                 for outlet in outlets:
                     outlet.push(text)
                     touched[outlet] = None
+                self.backlog_size += len(text) * len(outlets)
+                if self.backlog_size > self.total_backlog_bytes:
+                    self.trim_backlogs()
         for outlet in touched:
             outlet.flush()
         return _OK
