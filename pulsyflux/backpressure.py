@@ -1,72 +1,116 @@
-"""Backpressure for the router: a connection that cannot keep up pauses the
-connections that feed it, instead of letting the server buffer without bound.
+"""Backpressure for the router: push back on the slow reader alone.
 
 Each server connection registers a :class:`Backpressure` as the streaming
 producer of its transport. Twisted calls :meth:`~Backpressure.pauseProducing`
-when the transport's user-space send buffer passes its high-water mark
-(``transport.bufferSize``, 64 KiB) and :meth:`~Backpressure.resumeProducing`
-once that buffer has drained (the low-water mark: empty, while the kernel's
-socket buffer still holds data to send). While paused, the connection's
-``write`` is swapped for one that also stops *reading* from the connection
-whose frame is being routed (``router.reading``); every connection it held
-is resumed when it drains. Nothing is dropped, and while nothing is paused
-the hot path does no extra work at all.
+when the transport's send buffer passes its high-water mark (TCP:
+``transport.bufferSize``, 64 KiB) and :meth:`~Backpressure.resumeProducing`
+once that buffer has drained. While a destination is paused, every write the
+router makes to it goes through :meth:`FlowControl.wrote`, which decides whom
+to stop reading from (``transport.pauseProducing()``):
 
-A provider or consumer lives on one channel, so a slow peer pauses only
-connections of its own channel; other channels never wait for it.
+* the destination itself, when it serves nobody else's requests: a consumer
+  that reads no answers may send no more requests;
+* the connection whose frame is being routed there (``router.reading``),
+  when pausing it hurts nobody but the slow one: a consumer feeding a slow
+  provider, or a provider all of whose requests in hand belong to the slow
+  consumer (it streams that consumer's big response). A provider that also
+  serves anyone else keeps being read, and the first request it is given
+  from another consumer frees it again;
+* nobody else: what cannot wait is queued for the slow destination, counted
+  (``unsent``), and bounded per connection (``max_unsent``) and across all
+  of them (``max_unsent_total``). Past a bound the slow connection gets one
+  ``server overloaded: slow consumer: ...`` ERROR, loses its requests, and
+  is closed (aborted ``linger`` seconds later if it still reads nothing).
 
-    flow = Backpressure(conn, router)
+So one client that never reads its answers can never stall a provider other
+clients share (the broker's included): it only stalls itself. Only the
+public transport interface is used, so any transport with producer support
+works. While nothing is paused the hot path pays one attribute test per
+destination per read.
+
+The state of a connection lives in its :class:`Backpressure`, which refers
+back to the connection only weakly: a closed connection is freed at once,
+not by the cycle collector.
+
+    flow = router.flow_control.attach(conn)
     conn.transport.registerProducer(flow, True)
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import weakref
+from operator import attrgetter
+from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
 from zope.interface import implementer
 
-__all__ = ["Backpressure"]
+from . import codec
+
+__all__ = [
+    "Backpressure",
+    "FlowControl",
+    "DEFAULT_MAX_UNSENT",
+    "DEFAULT_MAX_UNSENT_TOTAL",
+    "DEFAULT_SLOW_LINGER",
+]
+
+DEFAULT_MAX_UNSENT = 4 << 20  # bytes queued for one connection past its high-water mark
+DEFAULT_MAX_UNSENT_TOTAL = 256 << 20  # the same, summed over every connection
+DEFAULT_SLOW_LINGER = 2.0  # seconds a slow reader being closed may still read its ERROR
+_RECHECK = 64 * 1024  # a source left running is reconsidered after this many more queued bytes
 
 
 @implementer(IPushProducer)
 class Backpressure:
     """The flow-control state of one server connection.
 
-    ``held`` are the connections this one stopped reading from (it is their
-    destination); ``blocked_by`` are the destinations keeping this one paused.
+    ``held`` are the connections this one stopped reading from (possibly
+    itself); ``blocked_by`` are the destinations keeping this one unread;
+    ``unsent`` the bytes queued for it past the high-water mark; ``spared``
+    the sources it chose not to pause (with ``unsent`` when it decided).
     """
 
-    __slots__ = ("conn", "router", "paused", "held", "blocked_by", "_unpaused_write", "_gone")
+    __slots__ = ("_conn", "control", "paused", "held", "blocked_by", "unsent", "spared", "cut", "_linger", "_gone")
 
-    def __init__(self, conn: Any, router: Any) -> None:
-        self.conn = conn
-        self.router = router
+    def __init__(self, conn: Any, control: "FlowControl") -> None:
+        self._conn = weakref.ref(conn)  # weak: the connection owns this record, not the reverse
+        self.control = control
         self.paused = False
         self.held: set[Backpressure] = set()
         self.blocked_by: set[Backpressure] = set()
-        self._unpaused_write: Optional[Callable[[bytes], None]] = None
+        self.unsent = 0
+        self.spared: dict[Backpressure, int] = {}
+        self.cut = False  # closed for reading too slowly
+        self._linger: Any = None
         self._gone = False
+
+    @property
+    def conn(self) -> Any:
+        """The connection, or None once it is gone."""
+        return self._conn()
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while some slow destination keeps this connection unread."""
+        return bool(self.blocked_by)
 
     # -- IPushProducer: called by this connection's transport -----------------
 
     def pauseProducing(self) -> None:
-        """The send buffer is over the high-water mark."""
-        if not self.paused and not self._gone:
+        """The send buffer is over the high-water mark: the next writes are counted."""
+        if not self._gone:
             self.paused = True
-            conn = self.conn
-            self._unpaused_write = conn.write
-            conn.write = self._paused_write
-        self._hold_reading()
 
     def resumeProducing(self) -> None:
-        """The send buffer has drained: restore the fast write, resume sources."""
-        if self.paused:
-            self.paused = False
-            self.conn.write = self._unpaused_write
-            self._unpaused_write = None
+        """The send buffer has drained: forget the count, resume what it held."""
+        self.paused = False
+        self.control._settle(self)
+        self.spared.clear()
         self._release_all()
-        transport = self.conn.transport
+        conn = self._conn()
+        transport = getattr(conn, "transport", None)
         if getattr(transport, "disconnecting", False):
             # Twisted closes a connection only once its producer is gone.
             transport.unregisterProducer()
@@ -76,42 +120,155 @@ class Backpressure:
         if self._gone:
             return
         self._gone = True
-        if self.paused:
-            self.paused = False
-            self.conn.write = self._unpaused_write
-            self._unpaused_write = None
+        self.paused = False
+        self.control._settle(self)
+        self.spared.clear()
+        if self._linger is not None:
+            if self._linger.active():
+                self._linger.cancel()
+            self._linger = None
         self._release_all()
         for destination in self.blocked_by:
             destination.held.discard(self)
         self.blocked_by.clear()
 
-    # -- internals ------------------------------------------------------------------
+    # -- holding and releasing ---------------------------------------------------
 
-    def _paused_write(self, data: bytes) -> None:
-        self._unpaused_write(data)  # type: ignore[misc]
-        self._hold_reading()
-
-    def _hold_reading(self) -> None:
-        """Stop reading from the connection whose frame is being routed here."""
-        source_conn = self.router.reading
-        if source_conn is None:
-            return  # written by a timer or a disconnect, not forwarded
-        source = source_conn.flow
-        if source is None or source in self.held or source._gone:
+    def _hold(self, source: "Backpressure") -> None:
+        """Stop reading from ``source`` until this connection drains."""
+        if source._gone or source in self.held:
             return
         self.held.add(source)
         if not source.blocked_by:
-            source_conn.transport.pauseProducing()
+            conn = source._conn()
+            if conn is not None:
+                conn.transport.pauseProducing()
         source.blocked_by.add(self)
+
+    def _release(self, source: "Backpressure") -> None:
+        self.held.discard(source)
+        source.blocked_by.discard(self)
+        if not source.blocked_by and not source._gone:
+            conn = source._conn()
+            if conn is not None:
+                conn.transport.resumeProducing()
 
     def _release_all(self) -> None:
         held, self.held = self.held, set()
         for source in held:
             source.blocked_by.discard(self)
             if not source.blocked_by and not source._gone:
-                source.conn.transport.resumeProducing()
+                conn = source._conn()
+                if conn is not None:
+                    conn.transport.resumeProducing()
 
-    @property
-    def reading_paused(self) -> bool:
-        """True while some slow destination keeps this connection unread."""
-        return bool(self.blocked_by)
+
+class FlowControl:
+    """The policy and the bounds, shared by the connections of one router.
+
+    The router calls :meth:`wrote` after writing to a connection whose
+    ``flow.paused`` is set, and :meth:`serving` when it gives a request to
+    a provider that some destination keeps unread.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        router: Any,
+        max_unsent: int = DEFAULT_MAX_UNSENT,
+        max_unsent_total: int = DEFAULT_MAX_UNSENT_TOTAL,
+        linger: float = DEFAULT_SLOW_LINGER,
+    ) -> None:
+        self.router = router
+        self.max_unsent = max_unsent
+        self.max_unsent_total = max_unsent_total
+        self.linger = linger
+        self.unsent_total = 0
+        self.backlogged: set[Backpressure] = set()  # flows with unsent bytes, for the global bound
+
+    def attach(self, conn: Any) -> Backpressure:
+        """A new connection's flow state (register it as the transport's producer)."""
+        return Backpressure(conn, self)
+
+    def wrote(self, conn: Any, size: int) -> None:
+        """``size`` bytes were just written to ``conn``, whose send buffer is over the high-water mark."""
+        flow: Backpressure = conn.flow
+        if flow.cut or flow._gone:
+            return
+        flow.unsent += size
+        self.unsent_total += size
+        self.backlogged.add(flow)
+        self._consider(flow, conn, conn)  # a consumer that reads nothing may send nothing
+        source = self.router.reading
+        if source is not None and source is not conn and source.flow is not None:
+            self._consider(flow, conn, source)
+        if flow.unsent > self.max_unsent:
+            self._cut(flow, conn, f"more than {self.max_unsent} bytes waiting for it to read")
+        elif self.unsent_total > self.max_unsent_total:
+            victim = max(self.backlogged, key=_by_unsent)  # the slowest pays, not the last to write
+            victim_conn = victim.conn
+            if victim_conn is not None:
+                self._cut(victim, victim_conn, f"the server holds more than {self.max_unsent_total} unread bytes")
+
+    def serving(self, provider: Any, consumer: Any) -> None:
+        """``provider`` was given ``consumer``'s request: pausing it for anyone else now hurts."""
+        pflow: Backpressure = provider.flow
+        cflow = consumer.flow
+        for destination in list(pflow.blocked_by):
+            if destination is not cflow:
+                destination._release(pflow)
+
+    # -- internals ------------------------------------------------------------------
+
+    def _consider(self, dest: Backpressure, dest_conn: Any, source_conn: Any) -> None:
+        """Hold ``source_conn`` for ``dest`` if that keeps every other client going."""
+        source: Backpressure = source_conn.flow
+        if source in dest.held:
+            return
+        checked = dest.spared.get(source)
+        if checked is not None and dest.unsent - checked < _RECHECK:
+            return  # decided lately: not rescanned for every frame
+        if self._harmless(source_conn, dest_conn):
+            dest.spared.pop(source, None)
+            dest._hold(source)
+        else:
+            dest.spared[source] = dest.unsent
+
+    def _harmless(self, source_conn: Any, dest_conn: Any) -> bool:
+        """True if every request ``source_conn`` serves comes from ``dest_conn`` (or itself)."""
+        requests = self.router.requests
+        for request_id in source_conn.assigned:
+            entry = requests.get(request_id)
+            if entry is not None:
+                consumer = entry.consumer
+                if consumer is not dest_conn and consumer is not source_conn:
+                    return False
+        return True
+
+    def _settle(self, flow: Backpressure) -> None:
+        """``flow``'s queued bytes are sent (or dropped): take them off the total."""
+        self.unsent_total -= flow.unsent
+        flow.unsent = 0
+        self.backlogged.discard(flow)
+
+    def _cut(self, flow: Backpressure, conn: Any, why: str) -> None:
+        """Close a connection that reads too slowly: one ERROR, its requests dropped."""
+        router = self.router
+        message = f"server overloaded: slow consumer: {why}"
+        flow.cut = True
+        self._settle(flow)  # freed within ``linger`` seconds at most
+        flow.spared.clear()
+        flow._release_all()
+        stats = router.stats
+        stats.slow_consumers += 1
+        stats.errors[message] += 1
+        transport = conn.transport
+        self.log.info("closing {peer}: {message}", peer=transport.getPeer(), message=message)
+        router.forget(conn)  # as if gone: its requests fail or end, nothing more is routed to it
+        conn.write(codec.encode_frame(codec.ERROR, bytes(16), codec.error_payload(message)))
+        transport.loseConnection()
+        flow._linger = router.clock.callLater(self.linger, transport.abortConnection)
+
+
+_by_unsent = attrgetter("unsent")

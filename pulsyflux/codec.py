@@ -175,7 +175,8 @@ class FrameDecoder:
     re-encoding. A large frame is joined once from the slices that carried it.
     """
 
-    __slots__ = ("_head", "_pending", "_parts", "_held", "max_payload", "with_header", "broken")
+    # __weakref__: tests check a closed connection's partial frame is freed at once.
+    __slots__ = ("_head", "_pending", "_parts", "_held", "max_payload", "with_header", "broken", "__weakref__")
 
     def __init__(self, max_payload: int = MAX_PAYLOAD, with_header: bool = False) -> None:
         self._head = b""  # the start of a header cut by the end of a slice

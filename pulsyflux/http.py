@@ -90,6 +90,7 @@ def server_stats(factory: ServerFactory, now: Optional[float] = None) -> dict[st
         },
         "frames_dropped": stats.frames_dropped,
         "protocol_errors": stats.protocol_errors,
+        "slow_consumers": stats.slow_consumers,
         "errors": dict(sorted(stats.errors.items())),
         "bytes": {"in": stats.bytes_in, "out": stats.bytes_out},
     }
@@ -209,6 +210,12 @@ def prometheus_text(document: dict[str, Any]) -> str:
         "counter",
         "Connections closed for bytes that break the wire protocol.",
         s["protocol_errors"],
+    )
+    m.one(
+        "pulsyflux_slow_consumers_total",
+        "counter",
+        "Connections closed for leaving too many bytes unread (max_unsent).",
+        s["slow_consumers"],
     )
     m.family(
         "pulsyflux_errors_total",

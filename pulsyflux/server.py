@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import codec
-from .backpressure import Backpressure
+from .backpressure import DEFAULT_MAX_UNSENT, DEFAULT_MAX_UNSENT_TOTAL, Backpressure, FlowControl
 from .codec import (
     CHUNK,
     END,
@@ -55,6 +55,8 @@ __all__ = [
     "DEFAULT_MAX_IN_FLIGHT",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_GRACE",
+    "DEFAULT_MAX_UNSENT",
+    "DEFAULT_MAX_UNSENT_TOTAL",
 ]
 
 # Limits a server enforces (docs/reliability.md); ServerFactory takes each as a keyword.
@@ -84,6 +86,7 @@ class ServerStats:
         self.bytes_in = 0
         self.bytes_out = 0
         self.protocol_errors = 0
+        self.slow_consumers = 0  # connections closed for leaving too much unread (backpressure.py)
         self.errors: Counter[str] = Counter()
 
 
@@ -125,6 +128,7 @@ class Router:
         self.connections: set[ServerProtocol] = set()
         self.stats = ServerStats()
         self.reading: Optional[ServerProtocol] = None  # whose frames are being routed now (backpressure)
+        self.flow_control = FlowControl(self)
         self._dirty: list[ServerProtocol] = []  # connections with frames queued during this read
         self.max_body = DEFAULT_MAX_BODY
         self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
@@ -177,6 +181,10 @@ class Router:
 
     def disconnected(self, conn: "ServerProtocol") -> None:
         self.connections.discard(conn)
+        self.forget(conn)
+
+    def forget(self, conn: "ServerProtocol") -> None:
+        """Route nothing more to or from ``conn``: unregister it, end its requests (a disconnect, a slow reader)."""
         self.unregister(conn)
         for request_id in list(conn.started):
             entry = self.requests.get(request_id)
@@ -194,6 +202,9 @@ class Router:
         """Write to ``conn``; while a read is being routed, queue it: one write per destination and read."""
         if self.reading is None:
             conn.write(data)  # a timer or a disconnect
+            flow = conn.flow
+            if flow is not None and flow.paused:
+                self.flow_control.wrote(conn, len(data))
             return
         outbox = conn.outbox
         if not outbox:
@@ -201,12 +212,14 @@ class Router:
         outbox.append(data)
 
     def flush(self) -> None:
-        """Hand every queued frame to its connection's ``write`` (the flow-control hook)."""
+        """Hand every queued frame to its connection's ``write``; tell flow control about slow ones."""
         dirty = self._dirty
-        for conn in dirty:
+        for conn in dirty:  # a slow reader's cut may add a connection: it is flushed too
             outbox = conn.outbox
             for data in coalesce(outbox):
                 conn.write(data)
+            if conn.flow.paused:  # its send buffer is over the high-water mark
+                self.flow_control.wrote(conn, sum(map(len, outbox)))
             outbox.clear()
         dirty.clear()
 
@@ -257,6 +270,8 @@ class Router:
         self.requests[request_id] = entry
         conn.started.add(request_id)
         provider.assigned.add(request_id)
+        if provider.flow.blocked_by:  # a slow consumer keeps it unread: not while it serves this one
+            self.flow_control.serving(provider, conn)
         if timeout_ms:
             entry.timed = True
             self.deadlines.add(request_id, entry, timeout_ms / 1000.0)
@@ -360,7 +375,6 @@ class ServerProtocol(Protocol):
         self.key: Optional[RegistryKey] = None
         self.started: set[bytes] = set()  # requests this connection sent as a consumer
         self.assigned: set[bytes] = set()  # requests routed to this connection as a provider
-        self.write: Callable[[bytes], None] = self._write_before_connect
         self.flow: Optional[Backpressure] = None
         self._lost = False
         self._lost_waiters: list[Deferred[None]] = []
@@ -373,7 +387,8 @@ class ServerProtocol(Protocol):
         self._lost_waiters.append(d)
         return d
 
-    def _write_before_connect(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
+        """Replaced by connectionMade (a function, not a bound method: no reference cycle)."""
         raise RuntimeError("not connected")
 
     def connectionMade(self) -> None:
@@ -397,8 +412,8 @@ class ServerProtocol(Protocol):
             stats.bytes_out += len(data)
             raw_write(data)
 
-        self.write = write
-        self.flow = Backpressure(self, self.router)
+        self.write = write  # type: ignore[method-assign]
+        self.flow = router.flow_control.attach(self)
         transport.registerProducer(self.flow, True)
         self.router.connected(self)
 
@@ -437,8 +452,10 @@ class ServerFactory(Factory):
     ``reactor`` is also the clock for request deadlines, so tests can pass a
     ``task.Clock``-driven reactor. The limits (docs/reliability.md):
     ``max_body`` bytes in one request or response body (64 MiB),
-    ``max_in_flight`` requests per connection (10,000) and
-    ``max_connections`` client connections (10,000). Past a limit the request
+    ``max_in_flight`` requests per connection (10,000),
+    ``max_connections`` client connections (10,000), and ``max_unsent``
+    bytes queued for one connection that reads too slowly (4 MiB; all of
+    them together: ``max_unsent_total``, 256 MiB). Past a limit the request
     or connection gets a ``server overloaded: ...`` / ``... too large ...`` ERROR.
 
         factory = ServerFactory(max_body=8 << 20, max_connections=500)
@@ -453,6 +470,8 @@ class ServerFactory(Factory):
         max_body: int = DEFAULT_MAX_BODY,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_unsent: int = DEFAULT_MAX_UNSENT,
+        max_unsent_total: int = DEFAULT_MAX_UNSENT_TOTAL,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -463,6 +482,8 @@ class ServerFactory(Factory):
         self.router.max_body = max_body
         self.router.max_in_flight = max_in_flight
         self.router.max_connections = max_connections
+        self.router.flow_control.max_unsent = max_unsent
+        self.router.flow_control.max_unsent_total = max_unsent_total
 
     @property
     def registry(self) -> dict[RegistryKey, ServerProtocol]:
