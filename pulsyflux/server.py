@@ -441,6 +441,8 @@ class ServerProtocol(Protocol):
         if self.flow is not None:
             self.flow.stopProducing()
         self.router.disconnected(self)
+        # Its partial frame goes now, even while a pending deadline still refers to this connection.
+        self.decoder = FrameDecoder(with_header=True)
         waiters, self._lost_waiters = self._lost_waiters, []
         for d in waiters:
             d.callback(None)

@@ -189,6 +189,10 @@ async def test_attack_slow_consumer_alone_still_pauses_its_provider(server, chan
     await provider.close()
 
 
+def _holds_partial_request(conn, requests, request_id) -> bool:
+    return bool(conn.decoder.buffered) and request_id in requests
+
+
 def _paused_holding(flow) -> bool:
     return flow.paused and bool(flow.held)
 
@@ -217,6 +221,38 @@ async def test_attack_closed_connection_with_half_a_frame_is_freed_without_gc(se
     conn_ref, decoder_ref = weakref.ref(conn), weakref.ref(conn.decoder)
     del conn
     await _closed_while_gc_is_off(server, conn_ref, decoder_ref, raw.transport.loseConnection)
+
+
+@ensure
+async def test_attack_closed_connection_frees_its_partial_frame_while_a_deadline_remembers_it(server, channel):
+    """A finished request's deadline may still refer to its connection: not to its partial frame."""
+    provider = await Provider.connect(server.address, channel)
+    other = await Consumer.connect(server.address, channel)
+    pending = other.send(b"keeps the router busy", timeout=10)
+    await provider.receive()
+    raw = await connect_raw(server)
+    client_id, request_id = os.urandom(16), os.urandom(16)
+    raw.send(register_frames(codec.ROLE_CONSUMER, client_id, channel.bytes))
+    meta = codec.pack_metadata(codec.ROLE_CONSUMER, 30_000, client_id, channel.bytes)
+    raw.send(codec.encode_frame(codec.START, request_id, meta))  # a request with a 30 s deadline...
+    raw.send(codec.encode_header(codec.CHUNK, request_id, 512 * KiB) + b"half" * 1000)  # ...and half a chunk
+    router = server.factory.router
+    conn = await server_side(router, codec.ROLE_CONSUMER, channel.bytes, client_id)
+    await eventually(partial(_holds_partial_request, conn, router.requests, request_id))
+    decoder_ref = weakref.ref(conn.decoder)
+    closed = conn.closed()
+    del conn
+    gc.disable()
+    try:
+        raw.transport.loseConnection()
+        await closed
+        await later(0)
+        assert decoder_ref() is None, "a closed connection's partial frame outlives it"
+    finally:
+        gc.enable()
+    other.close()
+    pending.addErrback(lambda _: None)
+    await provider.close()
 
 
 @ensure
