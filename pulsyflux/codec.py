@@ -55,6 +55,9 @@ METADATA_SIZE = METADATA.size  # 41
 ROUTING_SIZE = 32
 ZERO_ROUTING = bytes(ROUTING_SIZE)
 DEFAULT_TIMEOUT_MS = 5000
+# The longest error message (UTF-8 bytes) an ERROR frame carries: an error of
+# any size fits one frame, so answering with it never costs a connection.
+MAX_ERROR_TEXT = 4096
 
 # Messages a server originates (PROTOCOL.md section 5), exactly.
 MSG_PEER_DISAPPEARED = "peer disappeared"
@@ -132,9 +135,28 @@ def unpack_routing(payload: bytes) -> tuple[bytes, bytes]:
     return payload[:16], payload[16:32]
 
 
+def bound_error_text(message: str, limit: int = MAX_ERROR_TEXT) -> bytes:
+    """``message`` as UTF-8 of at most ``limit`` bytes, cut on a character and marked when cut.
+
+    Error texts come from handlers and peers and can be of any size; a frame
+    cannot (1 MiB). A cut text ends with ``... [truncated, N bytes]``, N
+    being the whole text's size, so a reader knows it saw only the start.
+
+        >>> bound_error_text("x" * 5000, 40)
+        b'xxxxxxxxxxxxx... [truncated, 5000 bytes]'
+    """
+    data = message.encode("utf-8", "replace")  # a lone surrogate becomes "?", not an exception
+    if len(data) <= limit:
+        return data
+    marker = f"... [truncated, {len(data)} bytes]".encode("ascii")
+    keep = max(limit - len(marker), 0)
+    # errors="ignore" drops the partial character a byte cut may leave at the end.
+    return data[:keep].decode("utf-8", "ignore").encode("utf-8") + marker
+
+
 def error_payload(message: str, routing: bytes = ZERO_ROUTING) -> bytes:
-    """An ERROR payload that every client reads correctly: always 32 bytes first."""
-    return routing + message.encode("utf-8")
+    """An ERROR payload every client reads correctly: 32 bytes first, then the bounded message."""
+    return routing + bound_error_text(message)
 
 
 def error_message(payload: bytes) -> str:
