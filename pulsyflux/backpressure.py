@@ -262,7 +262,7 @@ class FlowControl:
         flow._release_all()
         stats = router.stats
         stats.slow_consumers += 1
-        stats.errors[message] += 1
+        stats.error(message)  # counted by kind: "server overloaded"
         transport = conn.transport
         self.log.info("closing {peer}: {message}", peer=transport.getPeer(), message=message)
         router.forget(conn)  # as if gone: its requests fail or end, nothing more is routed to it

@@ -19,6 +19,7 @@ __all__ = [
     "ConnectionLostError",
     "ServerOverloaded",
     "error_from_message",
+    "error_kind",
 ]
 
 
@@ -65,6 +66,7 @@ _SERVER_MESSAGES: dict[str, type[PulsyfluxError]] = {
     "invalid start frame payload length": ProtocolError,
     "invalid client role": ProtocolError,
     "invalid message type": ProtocolError,
+    "response routing does not match the request": ProtocolError,  # to a provider
 }
 
 
@@ -89,4 +91,21 @@ _SERVER_PREFIXES: tuple[tuple[str, type[PulsyfluxError]], ...] = (
     ("request too large", ServerOverloaded),
     ("response too large", ServerOverloaded),
     ("duplicate request id", ProtocolError),
+    ("bad response:", ProtocolError),  # the provider's response broke the protocol; the request failed
 )
+
+
+def error_kind(message: str) -> str:
+    """The bounded name a server counts one of its own error messages under.
+
+    A known message is its own kind; one with details after a known prefix
+    is that prefix (``server overloaded: shutting down`` -> ``server
+    overloaded``); anything else is ``other``. Counting by kind keeps the
+    server's stats small whatever texts go by.
+    """
+    if message in _SERVER_MESSAGES:
+        return message
+    for prefix, _ in _SERVER_PREFIXES:
+        if message.startswith(prefix):
+            return prefix.rstrip(":")
+    return "other"

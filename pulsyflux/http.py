@@ -91,7 +91,8 @@ def server_stats(factory: ServerFactory, now: Optional[float] = None) -> dict[st
         "frames_dropped": stats.frames_dropped,
         "protocol_errors": stats.protocol_errors,
         "slow_consumers": stats.slow_consumers,
-        "errors": dict(sorted(stats.errors.items())),
+        "errors": dict(sorted(stats.errors.items())),  # by kind: a small, fixed vocabulary
+        "recent_errors": list(stats.recent_errors),  # the last few texts, short and printable
         "bytes": {"in": stats.bytes_in, "out": stats.bytes_out},
     }
 
@@ -220,8 +221,8 @@ def prometheus_text(document: dict[str, Any]) -> str:
     m.family(
         "pulsyflux_errors_total",
         "counter",
-        "ERROR frames by message (server-originated and forwarded provider errors).",
-        [({"message": message}, count) for message, count in sorted(s["errors"].items())],
+        "ERROR frames by kind (the server's own messages; 'provider error' for any a provider sends).",
+        [({"kind": kind}, count) for kind, count in sorted(s["errors"].items())],
     )
     m.one("pulsyflux_received_bytes_total", "counter", "Bytes read from client connections.", s["bytes"]["in"])
     m.one("pulsyflux_sent_bytes_total", "counter", "Bytes written to client connections.", s["bytes"]["out"])

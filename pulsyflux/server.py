@@ -14,8 +14,9 @@ Three pieces, each with one job (compare Twisted's AMP):
 
 from __future__ import annotations
 
+import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -43,7 +44,7 @@ from .codec import (
     FrameDecoder,
 )
 from .deadlines import Deadlines
-from .errors import ProtocolError
+from .errors import ProtocolError, error_kind
 from .writer import coalesce, immediate_writer
 
 __all__ = [
@@ -74,8 +75,49 @@ _unpack_metadata_from = codec.METADATA.unpack_from
 RegistryKey = tuple[int, bytes, bytes]  # (role, channel id, client id)
 
 
+# What ServerStats keeps of error texts: a few recent ones, each short.
+RECENT_ERRORS = 20
+RECENT_ERROR_CHARS = 200
+PROVIDER_ERROR = "provider error"  # the kind every ERROR a provider sends is counted under
+_PROVIDER_PREFIX = PROVIDER_ERROR + ": "
+
+# A UUID in text, dashed or not: never shown in stats (a channel id is a bearer secret).
+_UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+
+
+def _printable(char: str) -> str:
+    if char.isprintable():
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def short_error_text(text: "str | bytes", limit: int = RECENT_ERROR_CHARS) -> str:
+    """At most ``limit`` printable characters of an error text, ids masked, for operators to read.
+
+    Control and other unprintable characters are escaped (no terminal
+    tricks, no lone surrogates in JSON); UUIDs become ``<id>``.
+    """
+    if isinstance(text, bytes):
+        # limit chars of output come from at most 4 * limit bytes; the margin lets a UUID there be seen whole.
+        text = text[: 4 * limit + 40].decode("utf-8", "replace")
+    else:
+        text = text[: 4 * limit + 40]
+    text = _UUID_TEXT.sub("<id>", text)
+    if not text.isprintable():
+        text = "".join(map(_printable, text))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ServerStats:
-    """Counters an operator reads (``/stats``, ``/metrics``)."""
+    """Counters an operator reads (``/stats``, ``/metrics``).
+
+    ``errors`` counts ERROR frames by kind (:func:`pulsyflux.errors.error_kind`
+    of the server's own messages, ``"provider error"`` for any a provider
+    sends): a small, fixed vocabulary whatever texts go by.
+    ``recent_errors`` holds the last :data:`RECENT_ERRORS` texts, each cut to
+    :data:`RECENT_ERROR_CHARS` printable characters.
+    """
 
     def __init__(self) -> None:
         self.started = time.time()
@@ -87,13 +129,24 @@ class ServerStats:
         self.bytes_out = 0
         self.protocol_errors = 0
         self.slow_consumers = 0  # connections closed for leaving too much unread (backpressure.py)
-        self.errors: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()  # by kind
+        self.recent_errors: deque[str] = deque(maxlen=RECENT_ERRORS)
+
+    def error(self, message: str) -> None:
+        """Count one of the server's own error messages (by kind) and keep its text as a recent one."""
+        self.errors[error_kind(message)] += 1
+        self.recent_errors.append(message if len(message) <= RECENT_ERROR_CHARS else short_error_text(message))
+
+    def provider_error(self, text: bytes) -> None:
+        """Count an ERROR a provider sent (``text``: its message bytes, of any size)."""
+        self.errors[PROVIDER_ERROR] += 1
+        self.recent_errors.append(_PROVIDER_PREFIX + short_error_text(text, RECENT_ERROR_CHARS - len(_PROVIDER_PREFIX)))
 
 
 class _InFlight:
     """One request between its START and the end of its response."""
 
-    __slots__ = ("request_id", "consumer", "provider", "routing", "timed", "request_size", "response_size")
+    __slots__ = ("request_id", "consumer", "provider", "routing", "responding", "request_size", "response_size")
 
     def __init__(
         self, request_id: bytes, consumer: "ServerProtocol", provider: "ServerProtocol", routing: bytes
@@ -102,7 +155,7 @@ class _InFlight:
         self.consumer = consumer
         self.provider = provider
         self.routing = routing
-        self.timed = False  # its deadline counts: set at START, cleared once the response begins
+        self.responding = False  # its RESPONSE_START has come: chunks and the end may follow
         self.request_size = 0
         self.response_size = 0
 
@@ -190,6 +243,8 @@ class Router:
             entry = self.requests.get(request_id)
             if entry is not None and entry.consumer is conn:
                 self._finish(entry)
+                if entry.provider is not conn:  # so it frees the partial body and may stop working
+                    self._tell_provider(entry, codec.MSG_PEER_DISAPPEARED)
         for request_id in list(conn.assigned):
             entry = self.requests.get(request_id)
             if entry is not None and entry.provider is conn:
@@ -272,8 +327,7 @@ class Router:
         provider.assigned.add(request_id)
         if provider.flow.blocked_by:  # a slow consumer keeps it unread: not while it serves this one
             self.flow_control.serving(provider, conn)
-        if timeout_ms:
-            entry.timed = True
+        if timeout_ms:  # it holds until the response is complete
             self.deadlines.add(request_id, entry, timeout_ms / 1000.0)
         self.stats.requests_routed += 1
         self.send(provider, _encode_header(_VERSION, START, flags, request_id, ROUTING_SIZE) + routing)
@@ -304,19 +358,26 @@ class Router:
                 self.stats.frames_dropped += 1
             return
         if ftype == RESPONSE_CHUNK:
+            if not entry.responding:
+                self._bad_response(entry, "bad response: a response chunk came before its start")
+                return
             entry.response_size += len(frame) - _HEADER
             if entry.response_size > self.max_body:
                 self._too_large(entry, "response")
                 return
-        elif ftype != RESPONSE_END:
-            # Frames that carry routing must name the consumer that asked.
-            if frame[_HEADER : _HEADER + ROUTING_SIZE] != entry.routing:
-                self.stats.frames_dropped += 1
-                self._server_error(conn, request_id, "response routing does not match the request")
+        elif ftype == RESPONSE_END:
+            if not entry.responding:
+                self._bad_response(entry, "bad response: a response end came before its start")
                 return
-            entry.timed = False  # the response has begun: no deadline any more
-            if ftype == ERROR:
-                self.stats.errors[codec.error_message(frame[_HEADER:])] += 1
+        elif frame[_HEADER : _HEADER + ROUTING_SIZE] != entry.routing:
+            # Frames that carry routing must name the consumer that asked. The
+            # request fails: nothing of this response reaches the consumer.
+            self._bad_response(entry, "bad response: the provider's routing does not match the request")
+            return
+        elif ftype == RESPONSE_START:
+            entry.responding = True
+        elif ftype == ERROR:
+            self.stats.provider_error(frame[_HEADER + ROUTING_SIZE :])
         if ftype != RESPONSE_START and ftype != RESPONSE_CHUNK:
             self._finish(entry)
             self.stats.responses_routed += 1
@@ -344,20 +405,38 @@ class Router:
 
     def _too_large(self, entry: _InFlight, which: str) -> None:
         """Fail a request whose body passed ``max_body``: both sides drop it, its later frames are ignored."""
-        self._finish(entry)
-        message = f"{which} too large: its body exceeds the server's {self.max_body}-byte limit"
-        self._server_error(entry.consumer, entry.request_id, message, entry.routing)
-        self._server_error(entry.provider, entry.request_id, message, entry.routing)
+        self._fail(entry, f"{which} too large: its body exceeds the server's {self.max_body}-byte limit")
+
+    def _bad_response(self, entry: _InFlight, message: str) -> None:
+        """Fail a request whose provider broke the protocol: none of the rest of its response is forwarded."""
+        self.stats.frames_dropped += 1
+        self._fail(entry, message)
 
     def _expire(self, request_id: bytes, entry: _InFlight) -> None:
-        if entry.timed:
-            self._finish(entry)
-            self._server_error(entry.consumer, entry.request_id, codec.MSG_TIMED_OUT, entry.routing)
+        """The deadline passed before the response was complete, whatever was sent of it."""
+        self._fail(entry, codec.MSG_TIMED_OUT)
+
+    def _fail(self, entry: _InFlight, message: str) -> None:
+        """End a request with ``message`` to both sides; its later frames are dropped."""
+        self._finish(entry)
+        self._server_error(entry.consumer, entry.request_id, message, entry.routing)
+        if entry.provider is not entry.consumer:
+            self._tell_provider(entry, message)
+
+    def _tell_provider(self, entry: _InFlight, message: str) -> None:
+        """An ERROR (routing + message, as Go providers tolerate) telling the provider a request is over.
+
+        The provider frees what it holds of the request, and its answer, if
+        any, will be dropped. Counted once, with the consumer's error.
+        """
+        self.send(
+            entry.provider, codec.encode_frame(ERROR, entry.request_id, codec.error_payload(message, entry.routing))
+        )
 
     def _server_error(
         self, conn: "ServerProtocol", request_id: bytes, message: str, routing: bytes = ZERO_ROUTING
     ) -> None:
-        self.stats.errors[message] += 1
+        self.stats.error(message)
         self.send(conn, codec.encode_frame(ERROR, request_id, codec.error_payload(message, routing)))
 
 
@@ -396,7 +475,7 @@ class ServerProtocol(Protocol):
         router = self.router
         if len(router.connections) >= router.max_connections:
             message = f"server overloaded: more than {router.max_connections} connections"
-            router.stats.errors[message] += 1
+            router.stats.error(message)
             transport.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(message)))
             transport.loseConnection()
             self.dataReceived = _ignore  # type: ignore[method-assign]  # refused: never routed

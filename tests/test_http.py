@@ -116,7 +116,7 @@ async def test_metrics_in_prometheus_text_format(served, channel):
     assert "pulsyflux_requests_routed_total 1" in lines
     assert 'pulsyflux_connections{role="consumer"} 2' in lines
     assert 'pulsyflux_connections{role="provider"} 1' in lines
-    assert 'pulsyflux_errors_total{message="peer disappeared"} 1' in lines
+    assert 'pulsyflux_errors_total{kind="peer disappeared"} 1' in lines
     assert families["pulsyflux_requests_routed_total"] == "counter"
     assert families["pulsyflux_connections"] == "gauge"
     for client in (consumer, nobody, provider):
@@ -126,7 +126,7 @@ async def test_metrics_in_prometheus_text_format(served, channel):
 def test_metric_label_values_are_escaped(server):
     server.factory.stats.errors['bad "quote" \\ and\nnewline'] += 1
     text = prometheus_text(stats_document(server.factory))
-    assert 'pulsyflux_errors_total{message="bad \\"quote\\" \\\\ and\\nnewline"} 1' in text.splitlines()
+    assert 'pulsyflux_errors_total{kind="bad \\"quote\\" \\\\ and\\nnewline"} 1' in text.splitlines()
 
 
 @ensure

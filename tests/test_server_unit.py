@@ -32,7 +32,7 @@ def frames_written(transport: StringTransport) -> list[codec.Frame]:
     return frames
 
 
-def test_deadline_uses_the_reactor_clock_and_stops_at_response_start():
+def test_deadline_uses_the_reactor_clock_and_holds_until_the_response_ends():
     clock = FakeReactor()
     factory = ServerFactory(clock)
     channel, client_id = os.urandom(16), os.urandom(16)
@@ -44,18 +44,21 @@ def test_deadline_uses_the_reactor_clock_and_stops_at_response_start():
     consumer.dataReceived(request_frames(slow, client_id, channel, b"a", timeout_ms=1000))
     consumer.dataReceived(request_frames(answered, client_id, channel, b"b", timeout_ms=1000))
     routing = client_id + channel
-    provider.dataReceived(codec.encode_frame(codec.RESPONSE_START, answered, routing))  # began in time
+    provider.dataReceived(codec.encode_frame(codec.RESPONSE_START, slow, routing))  # begun, never ended
+    provider.dataReceived(
+        codec.encode_frame(codec.RESPONSE_START, answered, routing) + codec.encode_frame(codec.RESPONSE_END, answered)
+    )
     clock.advance(0.999)
-    assert frames_written(consumer_wire)[0].type == codec.RESPONSE_START
+    assert [f.type for f in frames_written(consumer_wire)] == [codec.RESPONSE_START] * 2 + [codec.RESPONSE_END]
+    frames_written(provider_wire)
     clock.advance(0.002)
     [error] = frames_written(consumer_wire)
     assert error.request_id == slow and codec.error_message(error.payload) == "request timed out"
-    # The answered request outlives its deadline: its response has begun.
-    provider.dataReceived(codec.encode_frame(codec.RESPONSE_END, answered))
-    assert [f.type for f in frames_written(consumer_wire)] == [codec.RESPONSE_END]
+    [told] = frames_written(provider_wire)  # the provider is told to stop
+    assert told.request_id == slow and told.payload == routing + b"request timed out"
     # The expired one's late frames are dropped.
     provider.dataReceived(
-        codec.encode_frame(codec.RESPONSE_START, slow, routing) + codec.encode_frame(codec.RESPONSE_END, slow)
+        codec.encode_frame(codec.RESPONSE_CHUNK, slow, b"late") + codec.encode_frame(codec.RESPONSE_END, slow)
     )
     assert frames_written(consumer_wire) == []
     assert factory.router.requests == {} and clock.getDelayedCalls() == []
