@@ -46,7 +46,15 @@ from .endpoints import Address, client_endpoint
 from .errors import ConnectionLostError, ProtocolError, RequestTimeout, error_from_message
 from .writer import ImmediateWriter
 
-__all__ = ["Consumer", "Provider", "Request", "ChannelId", "DEFAULT_BACKOFF"]
+__all__ = [
+    "Consumer",
+    "Provider",
+    "Request",
+    "ChannelId",
+    "DEFAULT_BACKOFF",
+    "DEFAULT_MAX_INCOMPLETE",
+    "DEFAULT_INCOMPLETE_TIMEOUT",
+]
 
 ChannelId = Union[uuid.UUID, str, bytes]
 Handler = Callable[[bytes], Union[bytes, "Deferred[bytes]", Awaitable[bytes]]]
@@ -62,6 +70,11 @@ _START_HEADER_LEN = codec.METADATA_SIZE
 _START = struct.Struct(codec.HEADER.format + codec.METADATA.format[1:])
 _START_CHUNK = struct.Struct(_START.format + codec.HEADER.format[1:])
 _ZERO_ID = bytes(16)
+
+# A Provider's backstop for requests whose END never comes (a server that does
+# not say it gave up on them, or a consumer that stalls with no deadline):
+DEFAULT_MAX_INCOMPLETE = 64 << 20  # bytes held across all incomplete requests
+DEFAULT_INCOMPLETE_TIMEOUT = 60.0  # seconds an incomplete request may go without a frame
 
 
 def channel_bytes(channel: ChannelId) -> bytes:
@@ -499,6 +512,21 @@ class Consumer(_Client):
                 pending.deferred.errback(error)
 
 
+class _Incoming:
+    """A request whose START has come and whose END has not."""
+
+    __slots__ = ("routing", "parts", "size", "seen")
+
+    def __init__(self, routing: bytes, seen: int) -> None:
+        self.routing = routing
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.seen = seen  # the provider's sweep count at its last frame
+
+
+_UNKNOWN: Any = object()
+
+
 class Request:
     """A complete request as a provider sees it.
 
@@ -522,17 +550,44 @@ class Provider(_Client):
     Either pull them: ``req = await provider.receive()`` then
     ``provider.respond(req.id, b"answer")``; or give a ``handler`` that maps
     the payload to the response (bytes, a Deferred or a coroutine). A handler
-    that raises answers with an ERROR carrying the exception's text.
+    that raises answers with an ERROR carrying the exception's text (its
+    first 4 KiB: ``codec.MAX_ERROR_TEXT``).
+
+    When the server gives up on a request (its consumer left, its deadline
+    passed), it says so with an ERROR: the provider frees the partial body,
+    and ``respond()`` to it does nothing. As a backstop, requests still
+    arriving may hold ``max_incomplete`` bytes in all (the request that
+    would pass it is refused: ``request too large``) and may go
+    ``incomplete_timeout`` seconds without a frame (then dropped, answered
+    ``request timed out``, within 1.5 times that); ``incomplete_dropped``
+    counts both.
+
+        provider = Provider(channel, max_incomplete=8 << 20)
     """
 
     role = ROLE_PROVIDER
     confirm_registration = True
 
-    def __init__(self, channel_id: ChannelId, reactor: Any = None, handler: Optional[Handler] = None) -> None:
+    def __init__(
+        self,
+        channel_id: ChannelId,
+        reactor: Any = None,
+        handler: Optional[Handler] = None,
+        *,
+        max_incomplete: int = DEFAULT_MAX_INCOMPLETE,
+        incomplete_timeout: float = DEFAULT_INCOMPLETE_TIMEOUT,
+    ) -> None:
         super().__init__(channel_id, reactor)
         self.handler = handler
-        self._incoming: dict[bytes, list[bytes]] = {}  # request id -> [routing, chunk, ...]
-        self._routing: dict[bytes, bytes] = {}  # request id -> routing, until answered
+        self.max_incomplete = max_incomplete
+        self.incomplete_timeout = incomplete_timeout
+        self.incomplete_dropped = 0
+        self._incoming: dict[bytes, _Incoming] = {}  # requests still arriving
+        self._incomplete_bytes = 0
+        self._sweeps = 0  # one timer for every incomplete request: see _sweep
+        self._sweeper: Any = None
+        # request id -> routing until answered; None once the server gave up on it (respond() is a no-op)
+        self._routing: dict[bytes, Optional[bytes]] = {}
         self._queue: DeferredQueue[Request] = DeferredQueue()
 
     @classmethod
@@ -544,14 +599,20 @@ class Provider(_Client):
         reactor: Any = None,
         *,
         reconnect: Reconnect = False,
+        max_incomplete: int = DEFAULT_MAX_INCOMPLETE,
+        incomplete_timeout: float = DEFAULT_INCOMPLETE_TIMEOUT,
     ) -> "Deferred[Provider]":
         """Connect to the server at ``address`` and register on ``channel_id``.
 
         With ``reconnect`` (True or a backoff policy) a lost connection is
         re-established and re-registered; requests it was answering are
         dropped (their consumers were told), ``receive()`` keeps waiting.
+        ``max_incomplete`` and ``incomplete_timeout``: see :class:`Provider`.
         """
-        return cls._connect(address, cls(channel_id, reactor, handler), reconnect)
+        provider = cls(
+            channel_id, reactor, handler, max_incomplete=max_incomplete, incomplete_timeout=incomplete_timeout
+        )
+        return cls._connect(address, provider, reconnect)
 
     def receive(self) -> "Deferred[Request]":
         """The next complete request (fails with ConnectionLostError once closed)."""
@@ -563,6 +624,11 @@ class Provider(_Client):
     def unanswered(self) -> int:
         """Requests received (or arriving) that have not been responded to."""
         return len(self._routing)
+
+    @property
+    def incomplete_bytes(self) -> int:
+        """Bytes held for requests whose END has not arrived (at most ``max_incomplete``)."""
+        return self._incomplete_bytes
 
     def respond(
         self,
@@ -577,15 +643,16 @@ class Provider(_Client):
             raw = request_id.bytes
         else:
             raw = request_id
-        routing = self._routing.pop(raw, None)
-        if routing is None:
+        routing = self._routing.pop(raw, _UNKNOWN)
+        if routing is _UNKNOWN:
             if raw in self._lost_ids:
                 return  # its connection dropped; the consumer was told
             raise KeyError(f"no unanswered request {uuid.UUID(bytes=raw)}")
-        if self._closed is not None:
-            return  # the consumer learns from the server; nothing to send on a dead line
+        if routing is None or self._closed is not None:
+            return  # the server gave up on it, or the line is dead: the consumer was told
         if error is not None:
             message = error if isinstance(error, str) else (str(error) or type(error).__name__)
+            # error_payload bounds the text: an error of any size fits one frame and keeps the connection.
             self._write(codec.encode_frame(ERROR, raw, codec.error_payload(message, routing)))
             return
         head = _pack_header(_VERSION, RESPONSE_START, 0, raw, ROUTING_SIZE) + routing
@@ -604,27 +671,80 @@ class Provider(_Client):
 
     def _frame_received(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
         if ftype == CHUNK:
-            parts = self._incoming.get(request_id)
-            if parts is not None:
-                parts.append(payload)
+            held = self._incoming.get(request_id)
+            if held is not None:
+                size = len(payload)
+                if self._incomplete_bytes + size > self.max_incomplete:
+                    message = f"request too large: the provider holds {self.max_incomplete} bytes of requests at most"
+                    self._drop_incomplete(request_id, held, message)
+                    return
+                held.parts.append(payload)
+                held.size += size
+                held.seen = self._sweeps
+                self._incomplete_bytes += size
         elif ftype == END:
-            parts = self._incoming.pop(request_id, None)
-            if parts is None:
+            held = self._incoming.pop(request_id, None)
+            if held is None:
                 return
-            routing = parts[0]
-            body = parts[1] if len(parts) == 2 else b"".join(parts[1:])
-            self._routing[request_id] = routing
+            self._incomplete_bytes -= held.size
+            parts = held.parts
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
+            self._routing[request_id] = held.routing
             self._dispatch(request_id, body)
         elif ftype == START:
             if len(payload) != ROUTING_SIZE:
                 self.log.warn("START with a {n}-byte routing ignored", n=len(payload))
                 return
-            self._incoming[request_id] = [payload]
+            old = self._incoming.get(request_id)
+            if old is not None:
+                self._incomplete_bytes -= old.size
+            self._incoming[request_id] = _Incoming(payload, self._sweeps)
+            if self._sweeper is None:
+                self._sweeper = self.reactor.callLater(self.incomplete_timeout / 2, self._sweep)
         elif ftype == ERROR:
-            # The server gave up on a request (too large, ...): drop its partial state.
-            self._incoming.pop(request_id, None)
-            self._routing.pop(request_id, None)
-            self._unmatched_error(request_id, payload)
+            # The server gave up on a request (its consumer left, its deadline
+            # passed, too large, ...): free its partial body, ignore its answer.
+            held = self._incoming.pop(request_id, None)
+            if held is not None:
+                self._incomplete_bytes -= held.size
+            if request_id in self._routing:
+                self._routing[request_id] = None  # respond() becomes a no-op; it removes the entry
+            elif held is None:
+                self._unmatched_error(request_id, payload)
+                return
+            self.log.debug(
+                "server gave up on request {r}: {m}", r=uuid.UUID(bytes=request_id), m=codec.error_message(payload)
+            )
+
+    def _sweep(self) -> None:
+        """Every ``incomplete_timeout / 2`` s while requests are incomplete: drop those idle for 3 sweeps.
+
+        One timer per provider, not one per request: a frame only records
+        the sweep count, so a request is dropped 1 to 1.5 times
+        ``incomplete_timeout`` after its last frame.
+        """
+        self._sweeper = None
+        self._sweeps += 1
+        oldest = self._sweeps - 3
+        stale = [(request_id, held) for request_id, held in self._incoming.items() if held.seen <= oldest]
+        for request_id, held in stale:
+            self._drop_incomplete(request_id, held, codec.MSG_TIMED_OUT)
+        if self._incoming:
+            self._sweeper = self.reactor.callLater(self.incomplete_timeout / 2, self._sweep)
+
+    def _drop_incomplete(self, request_id: bytes, held: _Incoming, message: str) -> None:
+        """Free an incomplete request and answer it with ``message`` (the consumer may still wait)."""
+        del self._incoming[request_id]
+        self._incomplete_bytes -= held.size
+        self.incomplete_dropped += 1
+        self.log.warn(
+            "dropped incomplete request {r} ({n} bytes held): {m}",
+            r=uuid.UUID(bytes=request_id),
+            n=held.size,
+            m=message,
+        )
+        if self._closed is None:
+            self._write(codec.encode_frame(ERROR, request_id, codec.error_payload(message, held.routing)))
 
     def _dispatch(self, request_id: bytes, body: bytes) -> None:
         handler = self.handler
@@ -669,6 +789,10 @@ class Provider(_Client):
 
     def _fail_pending(self, error: Exception) -> None:
         self._incoming.clear()
+        self._incomplete_bytes = 0
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None and sweeper.active():
+            sweeper.cancel()
         self._lost_ids = frozenset(self._routing)  # respond() to these is a no-op, not a KeyError
         self._routing.clear()
         if self.reconnecting:
