@@ -559,8 +559,8 @@ class Provider(_Client):
     arriving may hold ``max_incomplete`` bytes in all (the request that
     would pass it is refused: ``request too large``) and may go
     ``incomplete_timeout`` seconds without a frame (then dropped, answered
-    ``request timed out``, within 1.5 times that); ``incomplete_dropped``
-    counts both.
+    ``request timed out``, within 1.5 times that; None: no age limit);
+    ``incomplete_dropped`` counts both.
 
         provider = Provider(channel, max_incomplete=8 << 20)
     """
@@ -575,8 +575,10 @@ class Provider(_Client):
         handler: Optional[Handler] = None,
         *,
         max_incomplete: int = DEFAULT_MAX_INCOMPLETE,
-        incomplete_timeout: float = DEFAULT_INCOMPLETE_TIMEOUT,
+        incomplete_timeout: Optional[float] = DEFAULT_INCOMPLETE_TIMEOUT,
     ) -> None:
+        if max_incomplete <= 0:
+            raise ValueError(f"max_incomplete must be a positive number of bytes, not {max_incomplete!r}")
         super().__init__(channel_id, reactor)
         self.handler = handler
         self.max_incomplete = max_incomplete
@@ -600,7 +602,7 @@ class Provider(_Client):
         *,
         reconnect: Reconnect = False,
         max_incomplete: int = DEFAULT_MAX_INCOMPLETE,
-        incomplete_timeout: float = DEFAULT_INCOMPLETE_TIMEOUT,
+        incomplete_timeout: Optional[float] = DEFAULT_INCOMPLETE_TIMEOUT,
     ) -> "Deferred[Provider]":
         """Connect to the server at ``address`` and register on ``channel_id``.
 
@@ -699,7 +701,7 @@ class Provider(_Client):
             if old is not None:
                 self._incomplete_bytes -= old.size
             self._incoming[request_id] = _Incoming(payload, self._sweeps)
-            if self._sweeper is None:
+            if self._sweeper is None and self.incomplete_timeout:  # None or 0: no age limit
                 self._sweeper = self.reactor.callLater(self.incomplete_timeout / 2, self._sweep)
         elif ftype == ERROR:
             # The server gave up on a request (its consumer left, its deadline
