@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from pulsyflux import Consumer, Provider, RemoteError, RequestTimeout, ServerOverloaded, codec
+from pulsyflux import Broker, Consumer, Provider, RemoteError, RequestTimeout, ServerOverloaded, codec, messages
 from pulsyflux.errors import ProtocolError
 from pulsyflux.testing import start_server
 
@@ -112,6 +112,20 @@ async def test_attack_huge_handler_error_does_not_cost_the_provider_its_connecti
     assert provider.connected and server.factory.stats.protocol_errors == 0
     await consumer.close()
     await provider.close()
+
+
+@ensure
+async def test_attack_reserved_topic_with_a_huge_text_does_not_end_pub_sub(server):
+    broker = await Broker.connect(server.address, uuid.uuid4())  # as the built-in broker runs
+    sub = await broker.subscribe("t")
+    publisher = await Consumer.connect(server.address, broker.channel)
+    with pytest.raises(RemoteError):  # the broker's refusal repeats the topic: over 1 MiB of text
+        await publisher.send(messages.encode("$pulsyflux/" + "x" * (MiB + 100 * KiB)), timeout=10)
+    await broker.publish("t", b"still here")  # its Provider kept its connection
+    assert (await bounded(sub.get())).payload == b"still here"
+    assert server.factory.stats.protocol_errors == 0
+    await publisher.close()
+    await broker.close()
 
 
 def test_attack_error_texts_are_cut_on_a_character_and_marked():
