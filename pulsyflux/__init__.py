@@ -8,6 +8,7 @@ from .client import Consumer, Provider, Request
 from .errors import (
     ConnectionLostError,
     NoProviderError,
+    PermissionDenied,
     ProtocolError,
     PulsyfluxError,
     RemoteError,
@@ -31,6 +32,7 @@ __all__ = [
     "ConnectionLostError",
     "Consumer",
     "NoProviderError",
+    "PermissionDenied",
     "ProtocolError",
     "Provider",
     "PulsyfluxError",

@@ -43,7 +43,7 @@ from .codec import (
 )
 from .deadlines import Deadlines
 from .endpoints import Address, client_endpoint
-from .errors import ConnectionLostError, ProtocolError, RequestTimeout, error_from_message
+from .errors import ConnectionLostError, PermissionDenied, ProtocolError, RequestTimeout, error_from_message
 from .writer import ImmediateWriter
 
 __all__ = [
@@ -303,9 +303,25 @@ class _Client:
 
     def _await_registration(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
         if ftype == ERROR and request_id == self._registration[0]:
-            self._registered(None)
+            # The probe's answer (``invalid message type``): registered. A
+            # refusal comes first with the same id, and the server closes the line.
+            error = error_from_message(codec.error_message(payload))
+            if isinstance(error, PermissionDenied):
+                self._refused(error)
+            else:
+                self._registered(None)
         else:
             type(self)._frame_received(self, ftype, flags, request_id, payload)
+
+    def _refused(self, error: PermissionDenied) -> None:
+        """The server refused the registration: fail connect() with its reason, never come back."""
+        self.log.warn("server refused the registration on {c}: {e}", c=self.channel_id, e=error)
+        self._stop_reconnecting()
+        self._closed = error
+        self._write = self._write_closed
+        self._registered(error)
+        if self._protocol is not None:
+            self._protocol.transport.loseConnection()
 
     def _registered(self, error: Optional[Exception]) -> None:
         """End the wait for the probe's answer: with ``error`` if the line died."""

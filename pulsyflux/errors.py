@@ -18,6 +18,7 @@ __all__ = [
     "RequestTimeout",
     "ConnectionLostError",
     "ServerOverloaded",
+    "PermissionDenied",
     "error_from_message",
     "error_kind",
 ]
@@ -58,6 +59,14 @@ class ServerOverloaded(PulsyfluxError):
     """The server refused the request because a limit was reached."""
 
 
+class PermissionDenied(PulsyfluxError):
+    """The server refused what this client tried, and closed its connection.
+
+    ``channel reserved: ...``: a Provider registering on the channel of the
+    broker the server runs itself.
+    """
+
+
 # Messages a server originates (PROTOCOL.md section 5) and the type each maps to.
 _SERVER_MESSAGES: dict[str, type[PulsyfluxError]] = {
     "peer disappeared": NoProviderError,
@@ -92,6 +101,7 @@ _SERVER_PREFIXES: tuple[tuple[str, type[PulsyfluxError]], ...] = (
     ("response too large", ServerOverloaded),
     ("duplicate request id", ProtocolError),
     ("bad response:", ProtocolError),  # the provider's response broke the protocol; the request failed
+    ("channel reserved", PermissionDenied),
 )
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "DEFAULT_GRACE",
     "DEFAULT_MAX_UNSENT",
     "DEFAULT_MAX_UNSENT_TOTAL",
+    "MSG_CHANNEL_RESERVED",
 ]
 
 # Limits a server enforces (docs/reliability.md); ServerFactory takes each as a keyword.
@@ -65,6 +66,9 @@ DEFAULT_MAX_BODY = 64 << 20  # bytes in one request body, and in one response bo
 DEFAULT_MAX_IN_FLIGHT = 10_000  # requests one connection may have in flight
 DEFAULT_MAX_CONNECTIONS = 10_000  # client connections at once (the fd limit applies too)
 DEFAULT_GRACE = 10.0  # seconds a shutdown waits for the requests in flight
+
+# What a foreign provider registering on a reserved channel (the broker's) gets.
+MSG_CHANNEL_RESERVED = "channel reserved: the server's own broker serves it"
 
 _encode_header = codec.HEADER.pack
 _VERSION = codec.VERSION
@@ -188,6 +192,47 @@ class Router:
         self.max_connections = DEFAULT_MAX_CONNECTIONS
         self.draining = False  # shutting down: new requests are refused
         self._idle_waiters: list[Deferred[None]] = []
+        # Channels only trusted connections (the server's own broker) may provide on.
+        self.reserved: set[bytes] = set()
+        # Channels only trusted connections may send requests on (channel -> guards held).
+        self.guarded: dict[bytes, int] = {}
+
+    # -- the server's own channels ---------------------------------------------
+
+    def reserve(self, channel: bytes) -> None:
+        """Only trusted connections may register as providers on ``channel``.
+
+        The server that runs the broker owns its channel: a foreign provider
+        there would be handed a share of every publish. It is refused with
+        :data:`MSG_CHANNEL_RESERVED` and its connection closed.
+        """
+        self.reserved.add(bytes(channel))
+
+    def guard(self, channel: bytes) -> Callable[[], None]:
+        """Only trusted connections may send requests on ``channel``; returns the call that ends it.
+
+        The broker guards each subscriber's channel while it forwards there,
+        so nobody else can inject messages into the subscription. Others
+        get ``peer disappeared``, as if nobody served it (existence is not
+        revealed). Providers may still register: the subscriber is one.
+        """
+        channel = bytes(channel)
+        guarded = self.guarded
+        guarded[channel] = guarded.get(channel, 0) + 1
+        released = False
+
+        def unguard() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = guarded.get(channel, 0) - 1
+            if left > 0:
+                guarded[channel] = left
+            else:
+                guarded.pop(channel, None)
+
+        return unguard
 
     # -- registry -----------------------------------------------------------
 
@@ -303,6 +348,9 @@ class Router:
             self._server_error(conn, request_id, codec.MSG_BAD_ROLE)
             return
         if conn.key is None:
+            if role == ROLE_PROVIDER and channel in self.reserved and not conn.trusted:
+                self._server_error(conn, request_id, MSG_CHANNEL_RESERVED)
+                raise _Refused(MSG_CHANNEL_RESERVED)
             self.register(conn, role, channel, client_id)
         if flags & FLAG_REGISTRATION or role != ROLE_CONSUMER:
             return  # registration only: the server answers nothing
@@ -318,7 +366,7 @@ class Router:
             self._server_error(conn, request_id, message, routing)
             return
         provider = self.pick_provider(channel)
-        if provider is None:
+        if provider is None or (channel in self.guarded and not conn.trusted):
             self._server_error(conn, request_id, codec.MSG_PEER_DISAPPEARED, routing)
             return
         entry = _InFlight(request_id, conn, provider, routing)
@@ -444,8 +492,19 @@ def _ignore(data: bytes) -> None:
     pass
 
 
+class _Refused(Exception):
+    """Raised by the router to stop reading a connection it refused (the ERROR is queued)."""
+
+
 class ServerProtocol(Protocol):
-    """One client connection: bytes in, frames to the router, bytes out."""
+    """One client connection: bytes in, frames to the router, bytes out.
+
+    ``trusted`` marks the server's own connections (the broker beside it,
+    over :mod:`pulsyflux.inproc`): set before ``connectionMade``, it lets
+    them provide on reserved channels and send on guarded ones.
+    """
+
+    trusted: bool = False
 
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -509,6 +568,12 @@ class ServerProtocol(Protocol):
             router.stats.protocol_errors += 1
             router.log.info("closing {peer}: {error}", peer=self.transport.getPeer(), error=error)
             router.send(self, codec.encode_frame(ERROR, bytes(16), codec.error_payload(str(error))))
+            router.flush()
+            self.transport.loseConnection()
+        except _Refused:
+            # Refused (a foreign provider on a reserved channel): its ERROR
+            # leaves first, the rest of what it sent is never routed.
+            self.dataReceived = _ignore  # type: ignore[method-assign]
             router.flush()
             self.transport.loseConnection()
         finally:
