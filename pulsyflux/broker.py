@@ -97,6 +97,16 @@ def _clip(text: str, limit: int = _ERROR_CHARS) -> str:
     return excerpt(text, limit)
 
 
+def _nothing() -> None:
+    return None
+
+
+def _guard(address: Address, channel: uuid.UUID) -> Callable[[], None]:
+    """Ask the server to let only the broker send on ``channel``, when the address can (in-process)."""
+    guard = getattr(address, "guard_channel", None)
+    return guard(channel.bytes) if guard is not None else _nothing
+
+
 # -- the subscriber side ------------------------------------------------------
 
 
@@ -367,6 +377,7 @@ class _Outlet:
         self.ready = True
         self._rejoining = False
         self._rejoin_waiters: list[Deferred[None]] = []
+        self.unguard: Callable[[], None] = _nothing  # ends the router's guard on the channel (inproc)
 
     def push(self, text: str) -> None:
         """Queue one message; the caller adds it to the router's ``backlog_size`` (once per publish)."""
@@ -719,17 +730,26 @@ class _Router:
         """Connect a forwarding Consumer to ``channel``, check the subscriber answers, start forwarding."""
         if self.closing:
             raise ConnectionLostError("the broker is closing")
-        consumer = await Consumer.connect(self.address, channel, reactor=self.reactor, reconnect=self.reconnect)
+        # Beside the server (pulsyflux.inproc), only the broker may deliver on this channel.
+        unguard = _guard(self.address, channel)
+        try:
+            consumer = await Consumer.connect(self.address, channel, reactor=self.reactor, reconnect=self.reconnect)
+        except BaseException:
+            unguard()
+            raise
         try:
             await _send_until_registered(consumer, _PROBE, self.reactor)
         except BaseException:
+            unguard()
             await consumer.close()
             raise
         if self.closing:
+            unguard()
             await consumer.close()
             raise ConnectionLostError("the broker is closing")
         self._serial += 1
         outlet = _Outlet(self, topic, consumer, local, self.backlog, self.backlog_bytes, f"sub-{self._serial}")
+        outlet.unguard = unguard
         self.topics.setdefault(topic, []).append(outlet)
         self.outlets[channel] = outlet
         if self.reconnect:
@@ -742,6 +762,7 @@ class _Router:
         if self.outlets.get(outlet.channel) is not outlet:
             return succeed(None)
         del self.outlets[outlet.channel]
+        outlet.unguard()
         outlets = self.topics.get(outlet.topic)
         if outlets is not None:
             outlets.remove(outlet)
@@ -938,6 +959,8 @@ class Broker:
         self._publisher: Optional[_Publisher] = None
         self._closed: Optional[Exception] = None
         self._closing: Optional[Deferred[None]] = None
+        self._closed_waiters: list[Deferred[None]] = []
+        self.lost_link = False  # closed because a connection to the server dropped, not by close()
 
     @property
     def closed(self) -> bool:
@@ -980,6 +1003,7 @@ class Broker:
             await self.close()
             raise
         self._provider.when_lost().addCallback(lambda _: self._lost())
+        consumer.when_lost().addCallback(lambda _: self._lost())  # publishing needs it too
         return self
 
     @property
@@ -1050,13 +1074,27 @@ class Broker:
                 waits.append(self._publisher.close(self._closed))
             if self._provider is not None:
                 waits.append(self._provider.close())
-            self._closing = DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+            self._closing = DeferredList(waits, consumeErrors=True).addCallback(self._all_closed)
         d: Deferred[None] = Deferred()
         self._closing.addBoth(lambda result: (d.callback(None), result)[1])
         return d
 
+    def _all_closed(self, _: Any) -> None:
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def when_closed(self) -> "Deferred[None]":
+        """Fires once the broker has closed: by :meth:`close`, or because it lost the server."""
+        if self._closing is not None and self._closing.called:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closed_waiters.append(d)
+        return d
+
     def _lost(self) -> None:
         if self._closing is None:
+            self.lost_link = True
             log.warn("broker lost its connection to the server; closing every subscription")
             self._closed = ConnectionLostError("the broker lost its connection to the server")
             self.close().addErrback(_ignore)

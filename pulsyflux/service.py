@@ -16,9 +16,10 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from .broker import DEFAULT_BROKER_CHANNEL, Broker, Subscription
-from .client import ChannelId
+from .client import DEFAULT_BACKOFF, ChannelId
 from .endpoints import server_description, server_endpoint
 from .errors import ConnectionLostError
+from .inproc import InProcessEndpoint
 from .server import DEFAULT_GRACE, ServerFactory
 
 __all__ = ["ServerService", "BrokerService", "Options", "makeService"]
@@ -132,11 +133,21 @@ class BrokerService(service.MultiService):
         svc.setServiceParent(application)   # or svc.startService()
         await svc.publish("orders", b"new order")
 
-    Starts the server, then connects the broker to it; ``stopService``
-    closes the broker, then the server and every connection, and fires once
-    they are all gone. ``broker_channel=None`` runs the server alone.
-    Other services (HTTP, ...) can be added as children.
+    Starts the server, then connects the broker to it in-process
+    (:mod:`pulsyflux.inproc`: no socket, so it works whatever the endpoint,
+    TLS included); ``stopService`` closes the broker, then the server and
+    every connection, and fires once they are all gone.
+    ``broker_channel=None`` runs the server alone. Other services (HTTP,
+    ...) can be added as children.
+
+    The server owns the broker channel: it is reserved, so a provider from
+    outside registering there is refused (``channel reserved: ...``). Should
+    the broker ever lose its link, a new one is started (after a short
+    backoff if it keeps failing), and is logged once per outage.
     """
+
+    # A broker that stayed up this long resets the restart backoff.
+    _STEADY = 10.0
 
     log = Logger()
 
@@ -159,32 +170,79 @@ class BrokerService(service.MultiService):
         self.broker_channel = None if broker_channel is None else uuid.UUID(str(broker_channel))
         self.broker_options = broker_options
         self.broker: Optional[Broker] = None
+        self.broker_restarts = 0  # times the broker was started again after losing its link
         self._ready: Optional[Deferred[Any]] = None
         self._waiting: list[Deferred[Broker]] = []
+        self._restart: Any = None  # the pending restart (IDelayedCall), while one is due
+        self._attempts = 0  # restarts in a row that did not last
+        self._started_at = 0.0
+        self._outage = False  # the broker is down and being restarted (logged once)
 
     @property
     def factory(self) -> ServerFactory:
         return self.server.factory
 
     def startService(self) -> None:
+        if self.broker_channel is not None:
+            self.factory.router.reserve(self.broker_channel.bytes)  # before the first client can connect
         super().startService()
         if self.broker_channel is None:
             return
         self._ready = self.server.whenListening().addCallback(self._connect_broker)
         self._ready.addErrback(self._broker_failed)
 
-    def _connect_broker(self, port: Any) -> Any:
-        address = client_address(port.getHost())
-        d = Broker.connect(address, self.broker_channel, reactor=self.reactor, **self.broker_options)
+    def _connect_broker(self, port: Any = None) -> Any:
+        endpoint = InProcessEndpoint(self.factory, self.reactor, label="broker")
+        d = Broker.connect(endpoint, self.broker_channel, reactor=self.reactor, **self.broker_options)
 
-        def connected(broker: Broker) -> None:
+        def connected(broker: Broker) -> Any:
+            if not self.running:
+                return broker.close()  # stopped meanwhile
             self.broker = broker
-            self.log.info("pulsyflux broker on channel {channel}", channel=str(self.broker_channel))
+            self._started_at = self.reactor.seconds()
+            if self._outage:
+                self._outage = False
+                self.broker_restarts += 1
+                self.log.info("pulsyflux broker is back on channel {channel}", channel=str(self.broker_channel))
+            else:
+                self.log.info("pulsyflux broker on channel {channel}", channel=str(self.broker_channel))
+            broker.when_closed().addCallback(lambda _: self._broker_closed(broker))
             waiting, self._waiting = self._waiting, []
             for waiter in waiting:
                 waiter.callback(broker)
+            return None
 
         return d.addCallback(connected)
+
+    def _broker_closed(self, broker: Broker) -> None:
+        """The broker lost its link to the server: start a new one (close() stays closed)."""
+        if self.broker is not broker or not self.running or not broker.lost_link:
+            return  # stopService, or someone who meant it, closed it
+        self.broker = None
+        if self.reactor.seconds() - self._started_at >= self._STEADY:
+            self._attempts = 0
+        if not self._outage:
+            self._outage = True
+            self.log.warn("pulsyflux broker lost its link to the server; starting a new one")
+        self._schedule_restart()
+
+    def _schedule_restart(self) -> None:
+        delay = DEFAULT_BACKOFF(self._attempts) if self._attempts else 0.0
+        self._attempts += 1
+        self._restart = self.reactor.callLater(delay, self._restart_broker)
+
+    def _restart_broker(self) -> None:
+        self._restart = None
+        if not self.running:
+            return
+        self._ready = self._connect_broker()
+
+        def failed(failure: Failure) -> None:
+            if self.running:
+                self.log.debug("pulsyflux broker restart failed: {e}", e=failure.getErrorMessage())
+                self._schedule_restart()
+
+        self._ready.addErrback(failed)
 
     def _broker_failed(self, failure: Any) -> None:
         if self.running:
@@ -222,6 +280,10 @@ class BrokerService(service.MultiService):
         return self.broker.stats() if self.broker is not None else {}
 
     def stopService(self) -> "Deferred[None]":
+        if self._restart is not None:
+            if self._restart.active():
+                self._restart.cancel()
+            self._restart = None
         starting = self._ready
         broker, self.broker = self.broker, None
         first = broker.close() if broker is not None else succeed(None)

@@ -135,8 +135,12 @@ async def _start(reactor: Any, broker: bool, http: bool, cleanup: Optional[Calla
     try:
         if broker:
             from .broker import DEFAULT_BROKER_CHANNEL, Broker
+            from .inproc import InProcessEndpoint
 
-            server.broker = await Broker.connect(server.address, DEFAULT_BROKER_CHANNEL, reactor=reactor)
+            # As BrokerService does: the broker's channel is the server's own, linked in-process.
+            factory.router.reserve(DEFAULT_BROKER_CHANNEL.bytes)
+            link = InProcessEndpoint(factory, reactor, label="broker")
+            server.broker = await Broker.connect(link, DEFAULT_BROKER_CHANNEL, reactor=reactor)
             server.broker_channel = DEFAULT_BROKER_CHANNEL
         if http:
             from .http import make_site

@@ -1,0 +1,311 @@
+"""An in-process link to a :class:`~pulsyflux.server.ServerFactory`: no socket at all.
+
+The broker that runs beside the server (:class:`~pulsyflux.service.BrokerService`)
+used to dial the server's own port, which fails as soon as that port speaks
+TLS (``ssl:``, ``mtls:``) and costs two kernel crossings per hop on every
+other kind. :class:`InProcessEndpoint` is a client endpoint whose
+``connect`` joins the client protocol to a server protocol of the factory
+through a pair of :class:`InProcessTransport` objects:
+
+    endpoint = InProcessEndpoint(factory, reactor)
+    broker = await Broker.connect(endpoint)      # any Address takes an endpoint
+
+The transports behave like TCP's where the router relies on it: writes are
+buffered and reach the peer on a later reactor turn (never inside
+``write``), everything buffered in one ``dataReceived``; a registered
+streaming producer is paused while more than :attr:`~InProcessTransport.bufferSize`
+bytes wait and resumed once they have been read (the server's flow control,
+:mod:`pulsyflux.backpressure`); ``pauseProducing`` stops delivering the
+peer's bytes; ``loseConnection`` closes once the buffer has drained,
+``abortConnection`` drops it. Server protocols built here are *trusted*
+(``ServerProtocol.trusted``): the server's own broker, exempt from limits
+meant for strangers and allowed on the channels the router reserves.
+
+Nothing here is Twisted's test machinery (``twisted.test.iosim`` is
+test-only, and ``twisted.protocols.loopback`` has neither flow control
+nor asynchronous delivery).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IPushProducer,
+    IStreamClientEndpoint,
+    ITransport,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = ["InProcessAddress", "InProcessTransport", "InProcessEndpoint", "connect_in_process"]
+
+
+@implementer(IAddress)
+class InProcessAddress:
+    """Where an in-process connection comes from: ``inproc:<label>``."""
+
+    __slots__ = ("label",)
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, InProcessAddress) and other.label == self.label
+
+    def __hash__(self) -> int:
+        return hash(("inproc", self.label))
+
+    def __str__(self) -> str:
+        return f"inproc:{self.label}"
+
+    def __repr__(self) -> str:
+        return f"InProcessAddress({self.label!r})"
+
+
+@implementer(ITransport, IConsumer, IPushProducer)
+class InProcessTransport:
+    """One end of an in-memory connection; :func:`connect_in_process` makes the pair.
+
+    What this end writes waits in its own buffer until a reactor turn
+    delivers it to the peer's protocol, so a protocol is never re-entered
+    from inside the peer's ``write`` (the router queues writes while it
+    routes a read and would otherwise see its own frames arrive mid-loop).
+    """
+
+    bufferSize = 64 * 1024  # the high-water mark, as for TCP transports
+
+    def __init__(self, reactor: Any, host: InProcessAddress, peer_address: InProcessAddress) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.peer_address = peer_address
+        self.peer: Optional[InProcessTransport] = None
+        self.protocol: Any = None
+        self.connected = True
+        self.disconnecting = False  # loseConnection() was called: close once drained
+        self.disconnected = False
+        self.producer: Any = None
+        self.streamingProducer = False
+        self.producerPaused = False
+        self._buffer: list[bytes] = []  # written here, not yet delivered to the peer
+        self._buffered = 0
+        self._delivery: Any = None  # the pending callLater(0) that delivers the buffer
+        self._reading_paused = False  # pauseProducing(): the peer's bytes wait in its buffer
+        self._closing: Any = None  # the pending callLater that ends the connection
+
+    # -- ITransport -------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not isinstance(data, bytes):
+            raise TypeError(f"can only write bytes to a transport, not {type(data).__name__}")
+        if self.disconnected or not data:
+            return  # as TCP: writes to a closed connection are dropped
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered > self.bufferSize:
+            # Like a TCP transport: every write past the mark pauses the producer (again).
+            producer = self.producer
+            if producer is not None and self.streamingProducer:
+                self.producerPaused = True
+                producer.pauseProducing()
+        self._schedule_delivery()
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        """Close after everything written so far has reached the peer."""
+        if self.disconnected or self.disconnecting:
+            return
+        self.disconnecting = True
+        if not self._buffer:
+            self._close_when_drained()
+        # else: _deliver closes once the buffer is empty
+
+    def abortConnection(self) -> None:
+        """Close now: unsent bytes are dropped both ways; the peer sees ConnectionLost."""
+        if self.disconnected:
+            return
+        self._end(Failure(ConnectionAborted()), Failure(ConnectionLost("connection aborted by the peer")))
+
+    def getPeer(self) -> InProcessAddress:
+        return self.peer_address
+
+    def getHost(self) -> InProcessAddress:
+        return self.host
+
+    # -- IConsumer ----------------------------------------------------------------
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self.producer is not None:
+            raise RuntimeError(f"cannot register producer {producer!r}: {self.producer!r} is registered already")
+        if self.disconnected:
+            producer.stopProducing()
+            return
+        self.producer = producer
+        self.streamingProducer = bool(streaming)
+        self.producerPaused = False
+        if not streaming:
+            producer.resumeProducing()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.producerPaused = False
+        if self.disconnecting and not self._buffer:
+            self._close_when_drained()
+
+    # -- IPushProducer: reading from the peer ----------------------------------------
+
+    def pauseProducing(self) -> None:
+        """Stop handing the peer's bytes to our protocol (they wait in the peer's buffer)."""
+        self._reading_paused = True
+
+    def resumeProducing(self) -> None:
+        self._reading_paused = False
+        peer = self.peer
+        if peer is not None and peer._buffer:
+            peer._schedule_delivery()
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    # -- delivery ---------------------------------------------------------------------
+
+    def _schedule_delivery(self) -> None:
+        if self._delivery is None and not self.disconnected:
+            peer = self.peer
+            if peer is not None and not peer._reading_paused:
+                self._delivery = self.reactor.callLater(0, self._deliver)
+
+    def _deliver(self) -> None:
+        """Hand the peer everything buffered, in one ``dataReceived``."""
+        self._delivery = None
+        peer = self.peer
+        if self.disconnected or peer is None or peer._reading_paused or not self._buffer:
+            return
+        buffer, self._buffer = self._buffer, []
+        self._buffered = 0
+        data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        peer.protocol.dataReceived(data)
+        self._drained()
+
+    def _drained(self) -> None:
+        """The peer has read what was buffered: resume our producer, or finish closing."""
+        if self._buffer or self.disconnected:
+            return
+        producer = self.producer
+        if producer is not None and self.producerPaused:
+            self.producerPaused = False
+            producer.resumeProducing()
+        if self.disconnecting and not self._buffer and not self.producerPaused:
+            self._close_when_drained()
+
+    def _close_when_drained(self) -> None:
+        if self._closing is None and not self.disconnected:
+            self._closing = self.reactor.callLater(0, self._close_cleanly)
+
+    def _close_cleanly(self) -> None:
+        self._closing = None
+        if self.disconnected or self._buffer:
+            return  # written to meanwhile: _deliver comes back here once drained
+        self._end(Failure(ConnectionDone()), Failure(ConnectionDone()))
+
+    def _end(self, ours: Failure, theirs: Failure) -> None:
+        """Disconnect both ends at once; each protocol hears of it on the next turn."""
+        peer = self.peer
+        for end in (self, peer):
+            if end is None or end.disconnected:
+                continue
+            end.disconnected = True
+            end.connected = False
+            end._buffer = []
+            end._buffered = 0
+            for call in (end._delivery, end._closing):
+                if call is not None and call.active():
+                    call.cancel()
+            end._delivery = end._closing = None
+        self.reactor.callLater(0, self._connection_lost, ours)
+        if peer is not None:
+            self.reactor.callLater(0, peer._connection_lost, theirs)
+
+    def _connection_lost(self, reason: Failure) -> None:
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            producer.stopProducing()  # as TCP: a registered producer is told first
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.connectionLost(reason)
+
+
+def connect_in_process(
+    reactor: Any,
+    client: Any,
+    server: Any,
+    client_address: InProcessAddress,
+    server_address: InProcessAddress,
+) -> tuple[InProcessTransport, InProcessTransport]:
+    """Join two protocols; the server's ``makeConnection`` runs first (it may refuse)."""
+    client_end = InProcessTransport(reactor, client_address, server_address)
+    server_end = InProcessTransport(reactor, server_address, client_address)
+    client_end.peer, server_end.peer = server_end, client_end
+    client_end.protocol, server_end.protocol = client, server
+    server.makeConnection(server_end)
+    client.makeConnection(client_end)
+    return client_end, server_end
+
+
+@implementer(IStreamClientEndpoint)
+class InProcessEndpoint:
+    """Connects to ``factory`` (a :class:`~pulsyflux.server.ServerFactory`) in this process.
+
+    Every :class:`~pulsyflux.client.Consumer`, ``Provider``, ``Broker`` or
+    ``BrokerClient`` takes it wherever it takes an address. Connections are
+    refused once the server drains (``ServerFactory.shutdown``). With
+    ``trusted`` (the default) the server side is marked as the server's own
+    (``ServerProtocol.trusted``); :meth:`guard_channel` is how the broker
+    tells the router which subscriber channels only it may deliver on.
+    """
+
+    def __init__(self, factory: Any, reactor: Any = None, *, trusted: bool = True, label: str = "pulsyflux") -> None:
+        if reactor is None:
+            reactor = factory.reactor
+        self.factory = factory
+        self.reactor = reactor
+        self.trusted = trusted
+        self.label = label
+        self._count = 0
+
+    def __repr__(self) -> str:
+        return f"<InProcessEndpoint {self.label}>"
+
+    def __str__(self) -> str:
+        return f"inproc:{self.label}"
+
+    def connect(self, protocolFactory: Any) -> "Deferred[Any]":
+        router = getattr(self.factory, "router", None)
+        if router is not None and router.draining:
+            return fail(ConnectionRefusedError("the server is shutting down"))
+        self._count += 1
+        client_address = InProcessAddress(f"{self.label}#{self._count}")
+        server_address = InProcessAddress(self.label)
+        try:
+            client = protocolFactory.buildProtocol(server_address)
+            if client is None:
+                return fail(ConnectionRefusedError("the client factory built no protocol"))
+            server = self.factory.buildProtocol(client_address)
+            if server is None:
+                return fail(ConnectionRefusedError("the server factory refused the connection"))
+            if self.trusted:
+                server.trusted = True  # before connectionMade: limits for strangers do not apply
+            connect_in_process(self.reactor, client, server, client_address, server_address)
+        except BaseException:
+            return fail()
+        return succeed(client)
+
+    def guard_channel(self, channel: bytes) -> Callable[[], None]:
+        """Only trusted connections may send requests on ``channel`` until the returned call."""
+        return self.factory.router.guard(channel)
