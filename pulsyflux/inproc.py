@@ -39,6 +39,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITransport,
 )
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -78,6 +79,7 @@ class InProcessTransport:
     """
 
     bufferSize = 64 * 1024  # the high-water mark, as for TCP transports
+    log = Logger()
 
     def __init__(self, reactor: Any, host: InProcessAddress, peer_address: InProcessAddress) -> None:
         self.reactor = reactor
@@ -190,7 +192,14 @@ class InProcessTransport:
         buffer, self._buffer = self._buffer, []
         self._buffered = 0
         data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
-        peer.protocol.dataReceived(data)
+        try:
+            peer.protocol.dataReceived(data)
+        except Exception:
+            # As a TCP transport does: the reader's connection ends with the error.
+            failure = Failure()
+            self.log.failure("unhandled error in dataReceived; closing the in-process connection", failure)
+            self._end(Failure(ConnectionLost("the peer failed while reading")), failure)
+            return
         self._drained()
 
     def _drained(self) -> None:

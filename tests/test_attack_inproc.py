@@ -372,3 +372,16 @@ def test_the_endpoint_marks_server_protocols_trusted_and_refuses_while_draining(
     failure = []
     refused.addErrback(failure.append)
     assert failure and "shutting down" in failure[0].getErrorMessage()
+
+
+def test_an_error_in_data_received_ends_that_connection_not_the_reactor():
+    clock, a, b, ta, tb = pair()
+
+    def broken(data: bytes) -> None:
+        raise ValueError("bad read")
+
+    b.dataReceived = broken
+    ta.write(b"boom")
+    clock.advance(0)
+    clock.advance(0)
+    assert b.lost.check(ValueError) and a.lost.check(ConnectionLost)
