@@ -141,6 +141,18 @@ async def test_attack_second_broker_on_the_broker_channel_fails_clearly(broker_s
 
 
 @ensure
+async def test_attack_reconnecting_thief_is_refused_once_and_does_not_retry(broker_service):
+    svc = await broker_service()
+    thief = Provider(DEFAULT_BROKER_CHANNEL)
+    with pytest.raises(PermissionDenied):
+        await Provider._connect(tcp_address(svc), thief, reconnect=True)
+    await thief.when_lost()
+    assert not thief.reconnecting and thief._retry is False  # refused for good: no retry loop
+    with pytest.raises(PermissionDenied):
+        await thief.receive()  # says why, ever after
+
+
+@ensure
 async def test_attack_raw_provider_on_broker_channel_gets_error_then_close(broker_service):
     """What a Go broker.NewBroker sees: one ERROR naming the refusal, then the connection closes."""
     svc = await broker_service()
