@@ -242,6 +242,7 @@ class InProcessTransport:
             self.reactor.callLater(0, peer._connection_lost, theirs)
 
     def _connection_lost(self, reason: Failure) -> None:
+        self.peer = None  # no cycle left: a closed pair is freed without the garbage collector
         producer, self.producer = self.producer, None
         if producer is not None:
             producer.stopProducing()  # as TCP: a registered producer is told first

@@ -397,3 +397,22 @@ def test_an_error_in_data_received_ends_that_connection_not_the_reactor():
     clock.advance(0)
     clock.advance(0)
     assert b.lost.check(ValueError) and a.lost.check(ConnectionLost)
+
+
+def test_a_closed_pair_is_freed_without_the_garbage_collector():
+    import gc
+    import weakref
+
+    clock, a, b, ta, tb = pair()
+    ta.write(b"bye")
+    ta.loseConnection()
+    for _ in range(4):
+        clock.advance(0)
+    refs = [weakref.ref(ta), weakref.ref(tb)]
+    a.transport = b.transport = None
+    del ta, tb
+    gc.disable()
+    try:
+        assert [ref() for ref in refs] == [None, None]
+    finally:
+        gc.enable()
