@@ -10,6 +10,7 @@ import uuid
 from typing import Any, Optional
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python import usage
@@ -18,7 +19,7 @@ from twisted.python.failure import Failure
 from .broker import DEFAULT_BROKER_CHANNEL, Broker, Subscription
 from .client import DEFAULT_BACKOFF, ChannelId
 from .endpoints import server_description, server_endpoint
-from .errors import ConnectionLostError
+from .errors import ConnectionLostError, RequestTimeout
 from .inproc import InProcessEndpoint
 from .server import DEFAULT_GRACE, ServerFactory
 
@@ -227,7 +228,7 @@ class BrokerService(service.MultiService):
         self._schedule_restart()
 
     def _schedule_restart(self) -> None:
-        delay = DEFAULT_BACKOFF(self._attempts) if self._attempts else 0.0
+        delay = DEFAULT_BACKOFF(self._attempts - 1) if self._attempts else 0.0  # now, then 0.1 s doubling to 5 s
         self._attempts += 1
         self._restart = self.reactor.callLater(delay, self._restart_broker)
 
@@ -268,8 +269,18 @@ class BrokerService(service.MultiService):
     def publish(
         self, topic: str, payload: bytes = b"", headers: Optional[dict[str, str]] = None, timeout: float = 5.0
     ) -> "Deferred[None]":
-        """:meth:`Broker.publish` on this service's broker (waits for it to start)."""
-        return self.whenReady().addCallback(lambda broker: broker.publish(topic, payload, headers, timeout))
+        """:meth:`Broker.publish` on this service's broker (waits for it to start, within ``timeout``)."""
+        ready = self.whenReady()
+        if self.broker is None and timeout and timeout > 0:
+            # Starting or restarting: the publish's timeout covers the wait too.
+            ready.addTimeout(timeout, self.reactor)
+
+            def late(failure: Failure) -> None:
+                failure.trap(defer.TimeoutError)
+                raise RequestTimeout("the broker did not start within the publish's timeout")
+
+            ready.addErrback(late)
+        return ready.addCallback(lambda broker: broker.publish(topic, payload, headers, timeout))
 
     def subscribe(self, topic: str, buffer: Optional[int] = None) -> "Deferred[Subscription]":
         """:meth:`Broker.subscribe` on this service's broker (waits for it to start)."""

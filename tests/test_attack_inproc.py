@@ -259,6 +259,24 @@ async def test_attack_broker_link_drop_is_recovered_by_the_service(broker_servic
 
 
 @ensure
+async def test_restarts_back_off_while_failing_and_publish_keeps_its_timeout(broker_service):
+    from pulsyflux import RequestTimeout
+
+    svc = await broker_service()
+    first = svc.broker
+    router = svc.factory.router
+    router.draining = True  # the in-process endpoint refuses: every restart fails
+    for conn in [c for c in router.connections if c.trusted]:
+        conn.transport.abortConnection()
+    await eventually(lambda: first.closed and svc._attempts >= 2)
+    with pytest.raises(RequestTimeout, match="did not start"):
+        await svc.publish("t", b"x", timeout=0.05)
+    router.draining = False
+    await svc.publish("t", b"back", timeout=5.0)  # the next attempt (within the backoff) succeeds
+    assert svc.broker is not first and svc.broker_restarts == 1
+
+
+@ensure
 async def test_a_broker_closed_on_purpose_is_not_restarted(broker_service):
     svc = await broker_service()
     broker = svc.broker
