@@ -17,7 +17,9 @@ import treq
 from twisted.internet import reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from twisted.internet.protocol import Factory, Protocol
+from zope.interface.verify import verifyObject
 
 from pulsyflux import (
     Broker,
@@ -330,6 +332,8 @@ def test_writes_are_delivered_on_a_later_turn_in_one_read():
     clock.advance(0)
     assert b.reads == [b"onetwothree"]
     assert str(ta.getPeer()) == "inproc:b" and str(ta.getHost()) == "inproc:a"
+    for interface in (ITransport, IConsumer, IPushProducer):
+        verifyObject(interface, ta)
     with pytest.raises(TypeError):
         ta.write("text")
 
