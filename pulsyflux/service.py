@@ -178,12 +178,14 @@ class BrokerService(service.MultiService):
         self._attempts = 0  # restarts in a row that did not last
         self._started_at = 0.0
         self._outage = False  # the broker is down and being restarted (logged once)
+        self._stopping = False
 
     @property
     def factory(self) -> ServerFactory:
         return self.server.factory
 
     def startService(self) -> None:
+        self._stopping = False
         if self.broker_channel is not None:
             self.factory.router.reserve(self.broker_channel.bytes)  # before the first client can connect
         super().startService()
@@ -197,7 +199,7 @@ class BrokerService(service.MultiService):
         d = Broker.connect(endpoint, self.broker_channel, reactor=self.reactor, **self.broker_options)
 
         def connected(broker: Broker) -> Any:
-            if not self.running:
+            if self._stopping or not self.running:
                 return broker.close()  # stopped meanwhile
             self.broker = broker
             self._started_at = self.reactor.seconds()
@@ -217,7 +219,7 @@ class BrokerService(service.MultiService):
 
     def _broker_closed(self, broker: Broker) -> None:
         """The broker lost its link to the server: start a new one (close() stays closed)."""
-        if self.broker is not broker or not self.running or not broker.lost_link:
+        if self.broker is not broker or self._stopping or not broker.lost_link:
             return  # stopService, or someone who meant it, closed it
         self.broker = None
         if self.reactor.seconds() - self._started_at >= self._STEADY:
@@ -234,12 +236,12 @@ class BrokerService(service.MultiService):
 
     def _restart_broker(self) -> None:
         self._restart = None
-        if not self.running:
+        if self._stopping:
             return
         self._ready = self._connect_broker()
 
         def failed(failure: Failure) -> None:
-            if self.running:
+            if not self._stopping:
                 self.log.debug("pulsyflux broker restart failed: {e}", e=failure.getErrorMessage())
                 self._schedule_restart()
 
@@ -291,6 +293,7 @@ class BrokerService(service.MultiService):
         return self.broker.stats() if self.broker is not None else {}
 
     def stopService(self) -> "Deferred[None]":
+        self._stopping = True
         if self._restart is not None:
             if self._restart.active():
                 self._restart.cancel()
