@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter, deque
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
