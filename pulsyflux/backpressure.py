@@ -196,6 +196,14 @@ class FlowControl:
         flow: Backpressure = conn.flow
         if flow.cut or flow._gone:
             return
+        if conn.trusted:
+            # The server's own broker (pulsyflux.inproc) takes all it is sent on the
+            # next reactor turn: never a slow reader to count or close (that would end
+            # pub/sub for everyone); the source feeding it may still wait for that turn.
+            source = self.router.reading
+            if source is not None and source is not conn and source.flow is not None:
+                self._consider(flow, conn, source)
+            return
         flow.unsent += size
         self.unsent_total += size
         self.backlogged.add(flow)

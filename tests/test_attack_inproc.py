@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor, task
+from twisted.internet.defer import gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
@@ -183,6 +184,25 @@ async def test_publishers_on_the_broker_channel_stay_allowed(broker_service):
     assert await consumer.send(body) == b"ok"
     assert svc.broker.published == 1
     await consumer.close()
+
+
+@ensure
+async def test_attack_publish_burst_does_not_cut_the_broker_link(broker_service):
+    """Many publishers at once: the broker's link is never closed as a slow reader.
+
+    In-process, the broker takes everything on the next reactor turn, with no
+    kernel buffer in between; a burst past ``max_unsent`` in one turn must not
+    end pub/sub for everyone (over TCP, main cut the broker's provider here).
+    """
+    svc = await broker_service()
+    svc.factory.router.flow_control.max_unsent = 64 * 1024  # small, so a modest burst passes it
+    address = tcp_address(svc)
+    publishers = [await Consumer.connect(address, DEFAULT_BROKER_CHANNEL) for _ in range(30)]
+    body = messages.encode_batch([messages.encode_text("burst", b"x" * 150_000, None)])
+    answers = await gatherResults([p.send(body, timeout=10) for p in publishers])
+    assert answers == [b"ok"] * 30
+    assert svc.factory.stats.slow_consumers == 0 and not svc.broker.closed
+    await gatherResults([p.close() for p in publishers])
 
 
 # -- item 15 (server side): only the broker delivers on a subscriber's channel ----------
