@@ -198,7 +198,17 @@ class FrameDecoder:
     """
 
     # __weakref__: tests check a closed connection's partial frame is freed at once.
-    __slots__ = ("_head", "_pending", "_parts", "_held", "max_payload", "with_header", "broken", "__weakref__")
+    __slots__ = (
+        "_head",
+        "_pending",
+        "_parts",
+        "_held",
+        "max_payload",
+        "with_header",
+        "broken",
+        "partials",
+        "__weakref__",
+    )
 
     def __init__(self, max_payload: int = MAX_PAYLOAD, with_header: bool = False) -> None:
         self._head = b""  # the start of a header cut by the end of a slice
@@ -208,6 +218,11 @@ class FrameDecoder:
         self.max_payload = max_payload
         self.with_header = with_header
         self.broken: ProtocolError | None = None
+        # Frames that were left incomplete at the end of a slice so far: a
+        # server watching ``buffered`` tells a new incomplete frame from the
+        # same one still arriving (its frame timeout). Never touched while
+        # every slice ends on a frame boundary.
+        self.partials = 0
 
     @property
     def buffered(self) -> int:
@@ -225,6 +240,7 @@ class FrameDecoder:
             raise self.broken
         offset = 0
         end = len(data)
+        carried = False  # the frame cut at the end of the last slice goes on in this one
         if self._pending is not None:
             ftype, flags, request_id, size = self._pending
             missing = size - self._held
@@ -241,6 +257,7 @@ class FrameDecoder:
             data = self._head + data
             self._head = b""
             end = len(data)
+            carried = True
         skip = 0 if self.with_header else HEADER_SIZE
         max_payload = self.max_payload
         unpack = _unpack_header_from
@@ -256,11 +273,15 @@ class FrameDecoder:
                 self._pending = (ftype, flags, request_id, stop - offset - skip)
                 self._parts = [part]
                 self._held = len(part)
+                if offset or not carried:
+                    self.partials += 1
                 return
             yield ftype, flags, request_id, data[offset + skip : stop]
             offset = stop
         if offset < end:
             self._head = data[offset:]
+            if offset or not carried:
+                self.partials += 1
 
     def _break(self, reason: str) -> None:
         self.broken = ProtocolError(reason)

@@ -45,6 +45,8 @@ from .codec import (
 )
 from .deadlines import Deadlines
 from .errors import ProtocolError, error_kind
+from .guard import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_PARTIAL_BYTES, DEFAULT_REGISTER_TIMEOUT, ConnectionGuard
+from .ratelimit import LogLimiter, shorten
 from .writer import coalesce, immediate_writer
 
 __all__ = [
@@ -59,6 +61,9 @@ __all__ = [
     "DEFAULT_MAX_UNSENT",
     "DEFAULT_MAX_UNSENT_TOTAL",
     "MSG_CHANNEL_RESERVED",
+    "DEFAULT_FRAME_TIMEOUT",
+    "DEFAULT_REGISTER_TIMEOUT",
+    "DEFAULT_MAX_PARTIAL_BYTES",
 ]
 
 # Limits a server enforces (docs/reliability.md); ServerFactory takes each as a keyword.
@@ -196,6 +201,13 @@ class Router:
         self.reserved: set[bytes] = set()
         # Channels only trusted connections may send requests on (channel -> guards held).
         self.guarded: dict[bytes, int] = {}
+        # Log lines a peer can trigger are rate-limited; idle and stalled peers are closed.
+        self.log_limiter = LogLimiter(clock, self._suppressed)
+        self.guard = ConnectionGuard(clock, self.stats, self.log_limiter)
+
+    def _suppressed(self, kind: str, count: int, seconds: float) -> None:
+        self.log.warn("... and {count} more {kind!r} lines like it in the last {seconds:g} s", count=count, kind=kind,
+                      seconds=seconds)  # fmt: skip
 
     # -- the server's own channels ---------------------------------------------
 
@@ -242,6 +254,7 @@ class Router:
         key = (role, channel, client_id)
         conn.key = key
         self.registry[key] = conn
+        self.guard.registered(conn)
         if role == ROLE_PROVIDER:
             self.providers.setdefault(channel, []).append(conn)
 
@@ -516,6 +529,8 @@ class ServerProtocol(Protocol):
         self.flow: Optional[Backpressure] = None
         self._lost = False
         self._lost_waiters: list[Deferred[None]] = []
+        self.held = 0  # bytes of an incomplete frame in the decoder, as ConnectionGuard last saw
+        self.frame_serial = 0  # the decoder's ``partials`` for that frame
 
     def closed(self) -> "Deferred[None]":
         """Fires once this connection is gone."""
@@ -532,7 +547,7 @@ class ServerProtocol(Protocol):
     def connectionMade(self) -> None:
         transport = self.transport
         router = self.router
-        if len(router.connections) >= router.max_connections:
+        if not self.trusted and not router.guard.admit(self, router.max_connections):
             message = f"server overloaded: more than {router.max_connections} connections"
             router.stats.error(message)
             transport.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(message)))
@@ -561,12 +576,17 @@ class ServerProtocol(Protocol):
         frame_received = router.frame_received
         router.reading = self
         try:
-            for ftype, flags, request_id, frame in self.decoder.frames(data):
+            decoder = self.decoder
+            for ftype, flags, request_id, frame in decoder.frames(data):
                 frame_received(self, ftype, flags, request_id, frame)
+            held = decoder.buffered
+            if held or self.held:  # an incomplete frame: timed and budgeted
+                router.guard.holding(self, held)
         except ProtocolError as error:
             # Bad version or oversized length: this stream cannot be resynced.
             router.stats.protocol_errors += 1
-            router.log.info("closing {peer}: {error}", peer=self.transport.getPeer(), error=error)
+            if router.log_limiter.allow("closing"):
+                router.log.info("closing {peer}: {error}", peer=self.transport.getPeer(), error=shorten(error))
             router.send(self, codec.encode_frame(ERROR, bytes(16), codec.error_payload(str(error))))
             router.flush()
             self.transport.loseConnection()
@@ -587,6 +607,7 @@ class ServerProtocol(Protocol):
         self.router.disconnected(self)
         # Its partial frame goes now, even while a pending deadline still refers to this connection.
         self.decoder = FrameDecoder(with_header=True)
+        self.router.guard.disconnected(self)
         waiters, self._lost_waiters = self._lost_waiters, []
         for d in waiters:
             d.callback(None)
@@ -603,6 +624,11 @@ class ServerFactory(Factory):
     bytes queued for one connection that reads too slowly (4 MiB; all of
     them together: ``max_unsent_total``, 256 MiB). Past a limit the request
     or connection gets a ``server overloaded: ...`` / ``... too large ...`` ERROR.
+    Peers that hold resources without using them are closed
+    (:mod:`pulsyflux.guard`): ``register_timeout`` seconds to send a first
+    START (10), ``frame_timeout`` seconds for a frame to arrive whole (30),
+    and ``max_partial_bytes`` held in incomplete frames, all connections
+    together (256 MiB).
 
         factory = ServerFactory(max_body=8 << 20, max_connections=500)
     """
@@ -618,6 +644,9 @@ class ServerFactory(Factory):
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_unsent: int = DEFAULT_MAX_UNSENT,
         max_unsent_total: int = DEFAULT_MAX_UNSENT_TOTAL,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
+        register_timeout: float = DEFAULT_REGISTER_TIMEOUT,
+        max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -630,6 +659,10 @@ class ServerFactory(Factory):
         self.router.max_connections = max_connections
         self.router.flow_control.max_unsent = max_unsent
         self.router.flow_control.max_unsent_total = max_unsent_total
+        guard = self.router.guard
+        guard.frame_timeout = frame_timeout
+        guard.register_timeout = register_timeout
+        guard.max_partial_bytes = max_partial_bytes
 
     @property
     def registry(self) -> dict[RegistryKey, ServerProtocol]:
