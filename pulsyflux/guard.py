@@ -152,6 +152,11 @@ class ConnectionGuard:
         transport = conn.transport
         if self.limiter.allow("closing"):
             log.info("closing {peer}: {reason}", peer=transport.getPeer(), reason=shorten(message))
+        if getattr(transport, "_handshakeDone", True) is False:
+            # TLS that never finished its handshake (Twisted's TLSMemoryBIOProtocol):
+            # no ERROR can reach the peer, and a clean close would wait for it.
+            transport.abortConnection()
+            return
         transport.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(message)))
         transport.loseConnection()
         self._closing[conn] = self.clock.seconds()
