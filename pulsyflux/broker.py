@@ -36,6 +36,7 @@ from .client import ChannelId, Consumer, Provider, Reconnect, channel_bytes
 from .endpoints import Address
 from .errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
 from .messages import CONTROL_PREFIX, Message, MessageError, excerpt
+from .ratelimit import LogLimiter, summary_to
 
 __all__ = [
     "Broker",
@@ -463,9 +464,13 @@ class _Outlet:
             reason = "connection to the server lost"
         else:
             reason = f"subscriber refused a message: {_clip(str(error))}"
-        log.info(
-            "dropping subscription {label} to {topic!r}: {reason}", label=self.label, topic=self.topic, reason=reason
-        )
+        if self.router.log_limiter.allow("dropping subscription"):
+            log.info(
+                "dropping subscription {label} to {topic!r}: {reason}",
+                label=self.label,
+                topic=self.topic,
+                reason=reason,
+            )
         self.lost += count
         self.router.lost += count  # the backlog is counted by close()
         self.router._remove(self, reason)
@@ -495,8 +500,9 @@ class _Outlet:
         except PulsyfluxError as error:
             if self.open:
                 reason = "subscriber did not come back" if isinstance(error, NoProviderError) else _clip(str(error))
-                log.info("dropping subscription {label} to {topic!r}: {reason}", label=self.label,
-                         topic=self.topic, reason=reason)  # fmt: skip
+                if router.log_limiter.allow("dropping subscription"):
+                    log.info("dropping subscription {label} to {topic!r}: {reason}", label=self.label,
+                             topic=self.topic, reason=reason)  # fmt: skip
                 router._remove(self, reason)  # close() counts the backlog as lost
             raise
         if not self.open:
@@ -574,6 +580,7 @@ class _Router:
     ) -> None:
         self.address = address
         self.reactor = reactor
+        self.log_limiter = LogLimiter(reactor, summary_to(log))  # subscribers decide how often these happen
         self.reconnect = reconnect
         self.rejoin_patience = rejoin_patience
         self.backlog = backlog

@@ -33,6 +33,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from .codec import ROLE_CONSUMER, ROLE_PROVIDER
 from .endpoints import server_description, server_endpoint
+from .ratelimit import LogLimiter, shorten, summary_to
 from .server import ServerFactory
 from .service import describe_address
 
@@ -367,6 +368,9 @@ class Publish(_Leaf):
         self.broker = broker
         self.max_body = max_body
         self.timeout = timeout
+        from twisted.internet import reactor
+
+        self.log_limiter = LogLimiter(reactor, summary_to(self.log))  # clients decide how often publishes fail
 
     def render_POST(self, request: Request) -> Any:
         path = request.path.decode("utf-8", "replace")
@@ -399,8 +403,10 @@ class Publish(_Leaf):
 
         def failed(failure: Any) -> None:
             code, message = _publish_error(failure.value)
-            if code >= 500:
-                self.log.warn("publish to {topic!r} failed: {error}", topic=topic, error=failure.value)
+            if code >= 500 and self.log_limiter.allow("publish failed"):
+                self.log.warn(
+                    "publish to {topic!r} failed: {error}", topic=shorten(topic), error=shorten(failure.value)
+                )
             answer(code, {"error": message})
 
         d.addCallbacks(

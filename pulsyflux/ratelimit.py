@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-__all__ = ["LogLimiter", "DEFAULT_BURST", "DEFAULT_INTERVAL", "shorten"]
+__all__ = ["LogLimiter", "DEFAULT_BURST", "DEFAULT_INTERVAL", "shorten", "summary_to"]
 
 DEFAULT_BURST = 10  # lines of one kind written per interval
 DEFAULT_INTERVAL = 10.0  # seconds
@@ -32,6 +32,16 @@ def shorten(text: object, limit: int = DEFAULT_TEXT) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def summary_to(logger: Any) -> Callable[[str, int, float], None]:
+    """A ``summary`` for :class:`LogLimiter` that warns on ``logger`` (a ``twisted.logger.Logger``)."""
+
+    def summary(kind: str, count: int, seconds: float) -> None:
+        logger.warn("... and {count} more {kind!r} lines like it in the last {seconds:g} s", count=count, kind=kind,
+                    seconds=seconds)  # fmt: skip
+
+    return summary
 
 
 class _Window:

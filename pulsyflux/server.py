@@ -46,7 +46,7 @@ from .codec import (
 from .deadlines import Deadlines
 from .errors import ProtocolError, error_kind
 from .guard import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_PARTIAL_BYTES, DEFAULT_REGISTER_TIMEOUT, ConnectionGuard
-from .ratelimit import LogLimiter, shorten
+from .ratelimit import LogLimiter, shorten, summary_to
 from .writer import coalesce, immediate_writer
 
 __all__ = [
@@ -202,12 +202,8 @@ class Router:
         # Channels only trusted connections may send requests on (channel -> guards held).
         self.guarded: dict[bytes, int] = {}
         # Log lines a peer can trigger are rate-limited; idle and stalled peers are closed.
-        self.log_limiter = LogLimiter(clock, self._suppressed)
+        self.log_limiter = LogLimiter(clock, summary_to(self.log))
         self.guard = ConnectionGuard(clock, self.stats, self.log_limiter)
-
-    def _suppressed(self, kind: str, count: int, seconds: float) -> None:
-        self.log.warn("... and {count} more {kind!r} lines like it in the last {seconds:g} s", count=count, kind=kind,
-                      seconds=seconds)  # fmt: skip
 
     # -- the server's own channels ---------------------------------------------
 
@@ -413,7 +409,8 @@ class Router:
                 # No request of this provider's: an error with nowhere to go
                 # goes back to its sender (PROTOCOL.md section 5).
                 self.stats.frames_dropped += 1
-                self.log.debug("returning unroutable ERROR to its sender")
+                if self.log_limiter.allow("unroutable ERROR"):  # twistd writes debug lines too
+                    self.log.debug("returning unroutable ERROR to its sender")
                 self.send(conn, frame)
             else:
                 self.stats.frames_dropped += 1

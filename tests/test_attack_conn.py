@@ -251,6 +251,17 @@ async def test_attack_malformed_connections_cannot_flood_the_log(limited, log_ev
 
 
 @ensure
+async def test_attack_unroutable_error_frames_cannot_flood_the_log(limited, log_events):
+    server = limited()
+    raw = await connect_raw(server)
+    raw.send(register_frames(codec.ROLE_PROVIDER, os.urandom(16), os.urandom(16)))
+    raw.send(b"".join(codec.encode_frame(codec.ERROR, os.urandom(16), bytes(32) + b"x") for _ in range(30)))
+    await raw.wait_frames(30).addTimeout(5, reactor)  # each comes back to its sender
+    lines = [e for e in log_events if e.get("log_format", "").startswith("returning unroutable")]
+    assert len(lines) == server.factory.router.log_limiter.burst
+
+
+@ensure
 async def test_log_lines_repeat_at_most_a_bounded_part_of_a_peers_text(limited, log_events):
     server = limited(register_timeout=LONG)
     raw = await connect_raw(server)
