@@ -21,7 +21,16 @@ from .client import DEFAULT_BACKOFF, ChannelId
 from .endpoints import server_description, server_endpoint
 from .errors import ConnectionLostError, RequestTimeout
 from .inproc import InProcessEndpoint
-from .server import DEFAULT_GRACE, ServerFactory
+from .server import (
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_GRACE,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_PARTIAL_BYTES,
+    DEFAULT_REGISTER_TIMEOUT,
+    ServerFactory,
+)
 
 __all__ = ["ServerService", "BrokerService", "Options", "makeService"]
 
@@ -158,6 +167,7 @@ class BrokerService(service.MultiService):
         broker_channel: Optional[ChannelId] = DEFAULT_BROKER_CHANNEL,
         reactor: Any = None,
         grace: float = DEFAULT_GRACE,
+        factory: Optional[ServerFactory] = None,
         **broker_options: Any,
     ) -> None:
         super().__init__()
@@ -166,7 +176,7 @@ class BrokerService(service.MultiService):
 
             reactor = default_reactor
         self.reactor = reactor
-        self.server = ServerService(listen, reactor, grace=grace)
+        self.server = ServerService(listen, reactor, factory=factory, grace=grace)
         self.server.setServiceParent(self)
         self.broker_channel = None if broker_channel is None else uuid.UUID(str(broker_channel))
         self.broker_options = broker_options
@@ -334,6 +344,32 @@ class Options(usage.Options):
         ["broker-channel", None, str(DEFAULT_BROKER_CHANNEL), "The broker's channel id (a UUID)."],
         ["http", None, None, "Serve the HTTP monitoring/publish API here: a port (on 127.0.0.1) or a description."],
         ["grace", None, DEFAULT_GRACE, "Seconds a shutdown lets requests in flight finish before closing.", float],
+        [
+            "max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Client connections at once; past it, new ones are refused.",
+        ],
+        ["max-in-flight", None, DEFAULT_MAX_IN_FLIGHT, "Requests one connection may have in flight."],
+        ["max-body", None, DEFAULT_MAX_BODY, "Bytes in one request body, and in one response body."],
+        [
+            "frame-timeout",
+            None,
+            DEFAULT_FRAME_TIMEOUT,
+            "Seconds a frame may stay incomplete before its connection is closed.",
+        ],
+        [
+            "register-timeout",
+            None,
+            DEFAULT_REGISTER_TIMEOUT,
+            "Seconds a new connection has to register before it is closed.",
+        ],
+        [
+            "max-partial-bytes",
+            None,
+            DEFAULT_MAX_PARTIAL_BYTES,
+            "Bytes held in incomplete frames, all connections together.",
+        ],
     ]
     optFlags = [
         ["no-broker", None, "Run the request/response server only, without the pub/sub broker."],
@@ -344,6 +380,35 @@ class Options(usage.Options):
             uuid.UUID(self["broker-channel"])
         except ValueError:
             raise usage.UsageError(f"--broker-channel must be a UUID, not {self['broker-channel']!r}") from None
+        for name, kind in _LIMITS.items():
+            self[name] = _positive(name, self[name], kind)
+
+    def server_factory(self, reactor: Any = None) -> ServerFactory:
+        """A :class:`ServerFactory` with the limits these options give."""
+        return ServerFactory(reactor, **{name.replace("-", "_"): self[name] for name in _LIMITS})
+
+
+# The ServerFactory limits twistd takes as options, and the type of each.
+_LIMITS = {
+    "max-connections": int,
+    "max-in-flight": int,
+    "max-body": int,
+    "max-partial-bytes": int,
+    "frame-timeout": float,
+    "register-timeout": float,
+}
+
+
+def _positive(name: str, value: Any, kind: type) -> Any:
+    """``value`` as a number > 0 of ``kind``, or one clear usage line."""
+    what = "a whole number" if kind is int else "a number of seconds"
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not number > 0 or number == float("inf"):
+        raise usage.UsageError(f"--{name} must be {what} greater than 0, not {value!r}")
+    return number
 
 
 class _ExitIfNotListening(service.Service):
@@ -377,7 +442,9 @@ class _ExitIfNotListening(service.Service):
 
 def makeService(options: Options) -> service.IService:
     channel = None if options["no-broker"] else options["broker-channel"]
-    top = BrokerService(options["port"], broker_channel=channel, grace=options["grace"])
+    top = BrokerService(
+        options["port"], broker_channel=channel, grace=options["grace"], factory=options.server_factory()
+    )
     listeners: list[Any] = [top.server]
     if options["http"]:
         from .http import http_service

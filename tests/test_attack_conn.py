@@ -9,6 +9,7 @@ connection's close; nothing asserts how long anything took.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
@@ -212,11 +213,7 @@ async def test_attack_peer_that_never_starts_the_tls_handshake_is_closed(tmp_pat
     service.startService()
     try:
         port = (await service.whenListening()).getHost().port
-
-        class Where:
-            port_number = port
-
-        raw = await connect_raw(Where)  # plain TCP: says nothing, never handshakes
+        raw = await connect_raw(SimpleNamespace(port_number=port))  # plain TCP: says nothing, never handshakes
         await raw.lost.addTimeout(4, reactor)  # at once: no waiting for a handshake that never comes
         assert factory.stats.errors["register timeout: no START within 0.2 s of connecting"] == 1
     finally:
@@ -300,3 +297,77 @@ def test_decoder_counts_an_incomplete_frame_once_however_it_arrives():
     assert (decoder.partials, decoder.buffered) == (2, 5)
     list(decoder.frames(frame[5:] + frame))  # whole frames only: nothing counted
     assert (decoder.partials, decoder.buffered) == (2, 0)
+
+
+# -- twistd: the limits as options ------------------------------------------------
+
+LIMIT_OPTIONS = [
+    "max-connections",
+    "max-in-flight",
+    "max-body",
+    "max-partial-bytes",
+    "frame-timeout",
+    "register-timeout",
+]
+
+
+@pytest.mark.parametrize("option", LIMIT_OPTIONS)
+@pytest.mark.parametrize("bad", ["0", "-1", "lots", "nan", ""])
+def test_twistd_limit_options_refuse_bad_values_with_one_line(option, bad):
+    from twisted.python import usage
+
+    from pulsyflux.service import Options
+
+    with pytest.raises(usage.UsageError, match=f"^--{option} must be .* greater than 0, not '{bad}'$"):
+        Options().parseOptions([f"--{option}", bad])
+
+
+@ensure
+async def test_twistd_limit_options_reach_the_server(channel):
+    from pulsyflux.service import Options, makeService
+
+    options = Options()
+    options.parseOptions(
+        ["--port", "tcp:0:interface=127.0.0.1", "--no-broker", "--max-connections", "7", "--max-in-flight", "5"]
+        + [
+            "--max-body",
+            "65536",
+            "--max-partial-bytes",
+            "1000000",
+            "--frame-timeout",
+            "2.5",
+            "--register-timeout",
+            "0.2",
+        ]
+    )
+    top = makeService(options)
+    top.startService()
+    try:
+        router = top.factory.router
+        assert (router.max_connections, router.max_in_flight, router.max_body) == (7, 5, 65536)
+        assert (router.guard.max_partial_bytes, router.guard.frame_timeout) == (1000000, 2.5)
+        port = (await top.server.whenListening()).getHost().port
+        idle = await connect_raw(SimpleNamespace(port_number=port))
+        assert (await closed_with(idle)).startswith("register timeout: no START within 0.2 s")
+    finally:
+        await top.stopService()
+
+
+def test_twistd_process_refuses_a_bad_limit_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    twistd = Path(sys.executable).parent / "twistd"
+    env = {**os.environ, "PYTHONPATH": str(repo)}  # an editable install needs the checkout's plugin
+    done = subprocess.run(
+        [str(twistd), "-n", "--pidfile=", "pulsyflux", "--frame-timeout", "soon"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--frame-timeout must be a number of seconds greater than 0, not 'soon'")
+    )
