@@ -710,6 +710,8 @@ class ServerFactory(Factory):
         def all_gone(_: Any) -> None:
             if timer.active():
                 timer.cancel()
+            router.guard.stop()
+            router.log_limiter.stop()  # write pending summaries now; no timer outlives the server
 
         return gone.addCallback(all_gone)
 

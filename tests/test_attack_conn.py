@@ -142,6 +142,32 @@ async def test_honest_large_bodies_pass_the_frame_guards(limited, channel):
     await provider.close()
 
 
+@ensure
+async def test_frame_timeout_spares_a_sender_the_server_stopped_reading(limited, channel):
+    """Flow control, not the peer, keeps this frame incomplete: not a stall."""
+    from .test_reliability import registered
+
+    server = limited(frame_timeout=1.0, register_timeout=LONG)
+    guard = server.factory.router.guard
+    clock = guard.clock = task.Clock()
+    provider = await Provider.connect(server.address, channel)
+    provider._protocol.transport.pauseProducing()  # this provider stops reading
+    consumer = await Consumer.connect(server.address, channel)
+    body = os.urandom(16 << 20)
+    reply = consumer.send(body, timeout=LONG)
+    conn = await registered(server, codec.ROLE_CONSUMER, channel, consumer.client_id)
+    await eventually(lambda: conn.flow.reading_paused and conn.held > 0)  # paused mid-frame
+    clock.advance(10)  # ten frame timeouts
+    assert not conn._lost and not guard.stats.errors
+    provider._protocol.transport.resumeProducing()
+    request = await provider.receive()
+    assert request.payload == body
+    provider.respond(request, b"ok")
+    assert await reply == b"ok"
+    await consumer.close()
+    await provider.close()
+
+
 # -- item 8: idle, unregistered peers ---------------------------------------------
 
 
