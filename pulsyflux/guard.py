@@ -100,6 +100,7 @@ class ConnectionGuard:
     def holding(self, conn: Any, held: int) -> None:
         """``conn``'s decoder holds ``held`` bytes of an incomplete frame (or none any more)."""
         if conn.trusted:
+            conn.frame_serial = conn.decoder.partials
             return
         self.partial_bytes += held - conn.held
         conn.held = held

@@ -576,9 +576,8 @@ class ServerProtocol(Protocol):
             decoder = self.decoder
             for ftype, flags, request_id, frame in decoder.frames(data):
                 frame_received(self, ftype, flags, request_id, frame)
-            held = decoder.buffered
-            if held or self.held:  # an incomplete frame: timed and budgeted
-                router.guard.holding(self, held)
+            if self.held or decoder.partials != self.frame_serial:  # an incomplete frame: timed and budgeted
+                router.guard.holding(self, decoder.buffered)
         except ProtocolError as error:
             # Bad version or oversized length: this stream cannot be resynced.
             router.stats.protocol_errors += 1
