@@ -81,6 +81,7 @@ class ConnectionGuard:
         self._partial: dict[Any, float] = {}  # connection -> when its incomplete frame began, oldest first
         self._closing: dict[Any, float] = {}  # closed here, not gone yet -> when
         self._timer: Optional[Any] = None
+        self._timer_at = float("inf")
 
     # -- called by ServerProtocol -------------------------------------------------
 
@@ -114,8 +115,7 @@ class ConnectionGuard:
             conn.frame_serial = serial
             partial.pop(conn, None)
             partial[conn] = self.clock.seconds()
-            if self._timer is None:
-                self._arm()
+            self._arm()
         if self.partial_bytes > self.max_partial_bytes:
             while self.partial_bytes > self.max_partial_bytes and partial:
                 self.close(
@@ -188,19 +188,23 @@ class ConnectionGuard:
         return min(due) if due else None
 
     def _arm(self) -> None:
-        if self._timer is not None:
-            return
+        """Have the timer fire when the earliest entry is due (entries only ever come due later)."""
         due = self._due()
-        if due is not None:
-            self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._fire)
+        if due is None or due >= self._timer_at:
+            return
+        self._cancel()
+        self._timer_at = due
+        self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._fire)
 
     def _cancel(self) -> None:
         timer, self._timer = self._timer, None
+        self._timer_at = float("inf")
         if timer is not None and timer.active():
             timer.cancel()
 
     def _fire(self) -> None:
         self._timer = None
+        self._timer_at = float("inf")
         now = self.clock.seconds()
         waiting = self._unregistered
         while waiting:

@@ -87,6 +87,19 @@ async def test_attack_half_a_header_is_closed_after_the_frame_timeout(limited, c
 
 
 @ensure
+async def test_attack_many_half_headers_are_all_closed_by_one_timer(limited):
+    server = limited(frame_timeout=0.2, register_timeout=LONG)
+    raws = [await connect_raw(server) for _ in range(50)]
+    for raw in raws:
+        raw.send(registered_raw_frames() + codec.encode_frame(codec.CHUNK, os.urandom(16))[:12])
+    await DeferredList([raw.lost for raw in raws], fireOnOneErrback=True).addTimeout(5, reactor)
+    assert server.factory.stats.errors == {"frame timeout: a frame stayed incomplete for 0.2 s": 50}
+    await eventually(lambda: not server.factory.router.connections)
+    guard = server.factory.router.guard
+    assert guard.partial_bytes == 0 and guard._timer is None  # nothing left to watch: no timer
+
+
+@ensure
 async def test_attack_most_of_a_frame_is_closed_after_the_frame_timeout(limited):
     server = limited(frame_timeout=0.2, register_timeout=LONG)
     raw = await connect_raw(server)
@@ -265,7 +278,7 @@ async def test_attack_malformed_connections_cannot_flood_the_log(limited, log_ev
     bad = [await connect_raw(server) for _ in range(30)]
     for raw in bad:
         raw.send(b"\x09" * codec.HEADER_SIZE)  # protocol version 9: cannot be read on
-    await DeferredList([raw.lost for raw in bad]).addTimeout(5, reactor)
+    await DeferredList([raw.lost for raw in bad], fireOnOneErrback=True).addTimeout(5, reactor)
     closing = [e for e in log_events if e.get("log_format", "").startswith("closing")]
     assert len(closing) == limiter.burst < 30
     clock.advance(limiter.interval)
