@@ -407,3 +407,33 @@ def test_twistd_process_refuses_a_bad_limit_with_one_line(tmp_path):
     assert done.returncode == 1
     last = (done.stdout + done.stderr).strip().splitlines()[-1]
     assert last.endswith("--frame-timeout must be a number of seconds greater than 0, not 'soon'")
+
+
+def test_guard_timer_fires_for_whichever_entry_is_due_first():
+    """In memory, with a Clock: each close happens at its own deadline."""
+    from twisted.internet.testing import StringTransport
+
+    clock = task.Clock()
+    factory = ServerFactory(clock, register_timeout=10, frame_timeout=1)
+
+    def connect():
+        proto = factory.buildProtocol(None)
+        proto.makeConnection(StringTransport())
+        return proto
+
+    idle = connect()  # due at 10
+    clock.advance(0.5)
+    stalled = connect()
+    stalled.dataReceived(registered_raw_frames() + b"\x01\x05")  # half a header at 0.5: due at 1.5
+    clock.advance(0.99)
+    assert not stalled.transport.disconnecting
+    clock.advance(0.01)
+    assert stalled.transport.disconnecting and not idle.transport.disconnecting
+    clock.advance(8.49)
+    assert not idle.transport.disconnecting
+    clock.advance(0.01)
+    assert idle.transport.disconnecting
+    assert factory.stats.errors == {
+        "frame timeout: a frame stayed incomplete for 1 s": 1,
+        "register timeout: no START within 10 s of connecting": 1,
+    }
