@@ -272,7 +272,8 @@ class FlowControl:
         stats.slow_consumers += 1
         stats.error(message)  # counted by kind: "server overloaded"
         transport = conn.transport
-        self.log.info("closing {peer}: {message}", peer=transport.getPeer(), message=message)
+        if router.log_limiter.allow("closing"):  # peers decide how often: rate-limited
+            self.log.info("closing {peer}: {message}", peer=transport.getPeer(), message=message)
         router.forget(conn)  # as if gone: its requests fail or end, nothing more is routed to it
         conn.write(codec.encode_frame(codec.ERROR, bytes(16), codec.error_payload(message)))
         transport.loseConnection()
