@@ -28,6 +28,8 @@ from .server import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_PARTIAL_BYTES,
+    DEFAULT_MAX_UNSENT,
+    DEFAULT_MAX_UNSENT_TOTAL,
     DEFAULT_REGISTER_TIMEOUT,
     ServerFactory,
 )
@@ -370,6 +372,13 @@ class Options(usage.Options):
             DEFAULT_MAX_PARTIAL_BYTES,
             "Bytes held in incomplete frames, all connections together.",
         ],
+        ["max-unsent", None, DEFAULT_MAX_UNSENT, "Bytes queued for one connection that reads too slowly."],
+        [
+            "max-unsent-total",
+            None,
+            DEFAULT_MAX_UNSENT_TOTAL,
+            "Bytes queued for slow readers, all connections together.",
+        ],
     ]
     optFlags = [
         ["no-broker", None, "Run the request/response server only, without the pub/sub broker."],
@@ -394,6 +403,8 @@ _LIMITS = {
     "max-in-flight": int,
     "max-body": int,
     "max-partial-bytes": int,
+    "max-unsent": int,
+    "max-unsent-total": int,
     "frame-timeout": float,
     "register-timeout": float,
 }

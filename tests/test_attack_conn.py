@@ -345,6 +345,8 @@ LIMIT_OPTIONS = [
     "max-in-flight",
     "max-body",
     "max-partial-bytes",
+    "max-unsent",
+    "max-unsent-total",
     "frame-timeout",
     "register-timeout",
 ]
@@ -366,25 +368,25 @@ async def test_twistd_limit_options_reach_the_server(channel):
     from pulsyflux.service import Options, makeService
 
     options = Options()
-    options.parseOptions(
-        ["--port", "tcp:0:interface=127.0.0.1", "--no-broker", "--max-connections", "7", "--max-in-flight", "5"]
-        + [
-            "--max-body",
-            "65536",
-            "--max-partial-bytes",
-            "1000000",
-            "--frame-timeout",
-            "2.5",
-            "--register-timeout",
-            "0.2",
-        ]
-    )
+    limits = {
+        "max-connections": "7",
+        "max-in-flight": "5",
+        "max-body": "65536",
+        "max-partial-bytes": "1000000",
+        "max-unsent": "100000",
+        "max-unsent-total": "2000000",
+        "frame-timeout": "2.5",
+        "register-timeout": "0.2",
+    }
+    args = ["--port", "tcp:0:interface=127.0.0.1", "--no-broker"]
+    options.parseOptions(args + [part for name, value in limits.items() for part in (f"--{name}", value)])
     top = makeService(options)
     top.startService()
     try:
         router = top.factory.router
         assert (router.max_connections, router.max_in_flight, router.max_body) == (7, 5, 65536)
         assert (router.guard.max_partial_bytes, router.guard.frame_timeout) == (1000000, 2.5)
+        assert (router.flow_control.max_unsent, router.flow_control.max_unsent_total) == (100000, 2000000)
         port = (await top.server.whenListening()).getHost().port
         idle = await connect_raw(SimpleNamespace(port_number=port))
         assert (await closed_with(idle)).startswith("register timeout: no START within 0.2 s")
