@@ -203,7 +203,7 @@ class Router:
         self.guarded: dict[bytes, int] = {}
         # Log lines a peer can trigger are rate-limited; idle and stalled peers are closed.
         self.log_limiter = LogLimiter(clock, summary_to(self.log))
-        self.guard = ConnectionGuard(clock, self.stats, self.log_limiter)
+        self.connection_guard = ConnectionGuard(clock, self.stats, self.log_limiter)
 
     # -- the server's own channels ---------------------------------------------
 
@@ -250,7 +250,7 @@ class Router:
         key = (role, channel, client_id)
         conn.key = key
         self.registry[key] = conn
-        self.guard.registered(conn)
+        self.connection_guard.registered(conn)
         if role == ROLE_PROVIDER:
             self.providers.setdefault(channel, []).append(conn)
 
@@ -544,7 +544,7 @@ class ServerProtocol(Protocol):
     def connectionMade(self) -> None:
         transport = self.transport
         router = self.router
-        if not self.trusted and not router.guard.admit(self, router.max_connections):
+        if not self.trusted and not router.connection_guard.admit(self, router.max_connections):
             message = f"server overloaded: more than {router.max_connections} connections"
             router.stats.error(message)
             transport.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(message)))
@@ -577,7 +577,7 @@ class ServerProtocol(Protocol):
             for ftype, flags, request_id, frame in decoder.frames(data):
                 frame_received(self, ftype, flags, request_id, frame)
             if self.held or decoder.partials != self.frame_serial:  # an incomplete frame: timed and budgeted
-                router.guard.holding(self, decoder.buffered)
+                router.connection_guard.holding(self, decoder.buffered)
         except ProtocolError as error:
             # Bad version or oversized length: this stream cannot be resynced.
             router.stats.protocol_errors += 1
@@ -603,7 +603,7 @@ class ServerProtocol(Protocol):
         self.router.disconnected(self)
         # Its partial frame goes now, even while a pending deadline still refers to this connection.
         self.decoder = FrameDecoder(with_header=True)
-        self.router.guard.disconnected(self)
+        self.router.connection_guard.disconnected(self)
         waiters, self._lost_waiters = self._lost_waiters, []
         for d in waiters:
             d.callback(None)
@@ -655,7 +655,7 @@ class ServerFactory(Factory):
         self.router.max_connections = max_connections
         self.router.flow_control.max_unsent = max_unsent
         self.router.flow_control.max_unsent_total = max_unsent_total
-        guard = self.router.guard
+        guard = self.router.connection_guard
         guard.frame_timeout = frame_timeout
         guard.register_timeout = register_timeout
         guard.max_partial_bytes = max_partial_bytes
@@ -709,7 +709,7 @@ class ServerFactory(Factory):
         def all_gone(_: Any) -> None:
             if timer.active():
                 timer.cancel()
-            router.guard.stop()
+            router.connection_guard.stop()
             router.log_limiter.stop()  # write pending summaries now; no timer outlives the server
 
         return gone.addCallback(all_gone)

@@ -82,7 +82,7 @@ async def test_attack_half_a_header_is_closed_after_the_frame_timeout(limited, c
     raw = await connect_raw(server)
     raw.send(registered_raw_frames() + codec.encode_frame(codec.CHUNK, os.urandom(16))[:12])
     assert (await closed_with(raw)).startswith("frame timeout: a frame stayed incomplete")
-    assert server.factory.router.guard.partial_bytes == 0
+    assert server.factory.router.connection_guard.partial_bytes == 0
     await echo_works(server, channel)
 
 
@@ -95,7 +95,7 @@ async def test_attack_many_half_headers_are_all_closed_by_one_timer(limited):
     await DeferredList([raw.lost for raw in raws], fireOnOneErrback=True).addTimeout(5, reactor)
     assert server.factory.stats.errors == {"frame timeout: a frame stayed incomplete for 0.2 s": 50}
     await eventually(lambda: not server.factory.router.connections)
-    guard = server.factory.router.guard
+    guard = server.factory.router.connection_guard
     assert guard.partial_bytes == 0 and guard._timer is None  # nothing left to watch: no timer
 
 
@@ -106,7 +106,7 @@ async def test_attack_most_of_a_frame_is_closed_after_the_frame_timeout(limited)
     frame = codec.encode_frame(codec.CHUNK, os.urandom(16), os.urandom(64 * KiB))
     raw.send(registered_raw_frames() + frame[:-1])  # all but the last byte, for ever
     assert (await closed_with(raw)).startswith("frame timeout")
-    assert server.factory.router.guard.partial_bytes == 0
+    assert server.factory.router.connection_guard.partial_bytes == 0
 
 
 @ensure
@@ -127,7 +127,7 @@ async def test_attack_a_frame_trickled_byte_by_byte_still_times_out(limited):
 @ensure
 async def test_attack_incomplete_frames_past_the_global_bound_close_the_oldest(limited, channel):
     server = limited(frame_timeout=LONG, register_timeout=LONG, max_partial_bytes=100 * KiB)
-    guard = server.factory.router.guard
+    guard = server.factory.router.connection_guard
     first, second = await connect_raw(server), await connect_raw(server)
     for raw in (first, second):
         raw.send(registered_raw_frames())
@@ -161,7 +161,7 @@ async def test_frame_timeout_spares_a_sender_the_server_stopped_reading(limited,
     from .test_reliability import registered
 
     server = limited(frame_timeout=1.0, register_timeout=LONG)
-    guard = server.factory.router.guard
+    guard = server.factory.router.connection_guard
     clock = guard.clock = task.Clock()
     provider = await Provider.connect(server.address, channel)
     provider._protocol.transport.pauseProducing()  # this provider stops reading
@@ -204,7 +204,7 @@ async def test_attack_idle_unregistered_peer_is_closed_after_the_register_timeou
 @ensure
 async def test_attack_idle_peers_cannot_lock_clients_out_for_good(limited, channel):
     server = limited(max_connections=3, register_timeout=LONG)
-    clock = server.factory.router.guard.clock = task.Clock()  # drives the guard only
+    clock = server.factory.router.connection_guard.clock = task.Clock()  # drives the guard only
     squatters = [await connect_raw(server) for _ in range(3)]
     await eventually(lambda: len(server.factory.router.connections) == 3)
     clock.advance(2)  # they had time to register, and did not
@@ -385,7 +385,7 @@ async def test_twistd_limit_options_reach_the_server(channel):
     try:
         router = top.factory.router
         assert (router.max_connections, router.max_in_flight, router.max_body) == (7, 5, 65536)
-        assert (router.guard.max_partial_bytes, router.guard.frame_timeout) == (1000000, 2.5)
+        assert (router.connection_guard.max_partial_bytes, router.connection_guard.frame_timeout) == (1000000, 2.5)
         assert (router.flow_control.max_unsent, router.flow_control.max_unsent_total) == (100000, 2000000)
         port = (await top.server.whenListening()).getHost().port
         idle = await connect_raw(SimpleNamespace(port_number=port))
