@@ -102,6 +102,8 @@ _SERVER_PREFIXES: tuple[tuple[str, type[PulsyfluxError]], ...] = (
     ("duplicate request id", ProtocolError),
     ("bad response:", ProtocolError),  # the provider's response broke the protocol; the request failed
     ("channel reserved", PermissionDenied),
+    ("register timeout:", ProtocolError),  # no START soon enough after connecting: closed (guard.py)
+    ("frame timeout:", ProtocolError),  # a frame took too long to arrive whole: closed (guard.py)
 )
 
 

@@ -143,7 +143,7 @@ class ConnectionGuard:
 
     def close(self, conn: Any, message: str) -> None:
         """Send ``conn`` one ERROR saying why, free what it held, and close it."""
-        self.stats.errors[message] += 1
+        self.stats.error(message)
         self.partial_bytes -= conn.held
         conn.held = 0
         self._unregistered.pop(conn, None)

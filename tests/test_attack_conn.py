@@ -93,7 +93,7 @@ async def test_attack_many_half_headers_are_all_closed_by_one_timer(limited):
     for raw in raws:
         raw.send(registered_raw_frames() + codec.encode_frame(codec.CHUNK, os.urandom(16))[:12])
     await DeferredList([raw.lost for raw in raws], fireOnOneErrback=True).addTimeout(5, reactor)
-    assert server.factory.stats.errors == {"frame timeout: a frame stayed incomplete for 0.2 s": 50}
+    assert server.factory.stats.errors == {"frame timeout": 50}
     await eventually(lambda: not server.factory.router.connections)
     guard = server.factory.router.connection_guard
     assert guard.partial_bytes == 0 and guard._timer is None  # nothing left to watch: no timer
@@ -254,7 +254,7 @@ async def test_attack_peer_that_never_starts_the_tls_handshake_is_closed(tmp_pat
         port = (await service.whenListening()).getHost().port
         raw = await connect_raw(SimpleNamespace(port_number=port))  # plain TCP: says nothing, never handshakes
         await raw.lost.addTimeout(4, reactor)  # at once: no waiting for a handshake that never comes
-        assert factory.stats.errors["register timeout: no START within 0.2 s of connecting"] == 1
+        assert factory.stats.errors == {"register timeout": 1}
     finally:
         await service.stopService()
 
@@ -435,7 +435,8 @@ def test_guard_timer_fires_for_whichever_entry_is_due_first():
     assert not idle.transport.disconnecting
     clock.advance(0.01)
     assert idle.transport.disconnecting
-    assert factory.stats.errors == {
-        "frame timeout: a frame stayed incomplete for 1 s": 1,
-        "register timeout: no START within 10 s of connecting": 1,
-    }
+    assert factory.stats.errors == {"frame timeout": 1, "register timeout": 1}
+    assert list(factory.stats.recent_errors) == [
+        "frame timeout: a frame stayed incomplete for 1 s",
+        "register timeout: no START within 10 s of connecting",
+    ]
