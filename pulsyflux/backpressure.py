@@ -16,7 +16,9 @@ to stop reading from (``transport.pauseProducing()``):
   consumer (it streams that consumer's big response). A provider that also
   serves anyone else keeps being read, and the first request it is given
   from another consumer frees it again;
-* nobody else: what cannot wait is queued for the slow destination, counted
+* nobody else: a provider is never cut (its feeders are paused, so what
+  waits for it is bounded by their reads); what cannot wait for a consumer
+  is queued for it, counted
   (``unsent``), and bounded per connection (``max_unsent``) and across all
   of them (``max_unsent_total``). Past a bound the slow connection gets one
   ``server overloaded: slow consumer: ...`` ERROR, loses its requests, and
@@ -196,10 +198,13 @@ class FlowControl:
         flow: Backpressure = conn.flow
         if flow.cut or flow._gone:
             return
-        if conn.trusted:
-            # The server's own broker (pulsyflux.inproc) takes all it is sent on the
-            # next reactor turn: never a slow reader to count or close (that would end
-            # pub/sub for everyone); the source feeding it may still wait for that turn.
+        key = conn.key
+        if conn.trusted or (key is not None and key[0] == codec.ROLE_PROVIDER):
+            # A provider is sent requests, and whoever sends them is paused below, so
+            # what waits for it is bounded by its feeders' reads: it is never closed
+            # as a slow reader (a burst from a few dozen consumers would then end any
+            # service). The server's own broker (pulsyflux.inproc) also takes all it
+            # is sent on the next reactor turn.
             source = self.router.reading
             if source is not None and source is not conn and source.flow is not None:
                 self._consider(flow, conn, source)

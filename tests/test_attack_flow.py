@@ -303,3 +303,57 @@ def test_slow_consumer_is_counted_in_stats():
     document = stats_document(factory)
     assert document["server"]["slow_consumers"] == 3
     assert "pulsyflux_slow_consumers_total 3" in prometheus_text(document)
+
+
+class SlowProvider(Deaf):
+    """A provider that reads nothing until told to, then counts the requests it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = codec.FrameDecoder()
+        self.ends = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        for frame in self.decoder.feed(data):
+            if frame.type == codec.END:
+                self.ends += 1
+
+
+@ensure
+async def test_attack_burst_of_requests_to_a_slow_provider_does_not_cut_the_provider(channel):
+    """Many consumers writing at once to a provider that reads slowly: each consumer is paused,
+    the provider is never closed as a 'slow consumer' (that would let anyone end any service,
+    the built-in broker's included, with a burst from a few dozen connections)."""
+    factory = ServerFactory(reactor, max_unsent=64 * KiB)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    port_number = port.getHost().port
+    router = factory.router
+    slow = SlowProvider()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port_number))
+    sock.setblocking(False)
+    reactor.adoptStreamConnection(sock.fileno(), socket.AF_INET, Factory.forProtocol(lambda: slow))
+    sock.close()
+    provider_id = os.urandom(16)
+    slow.transport.write(register_frames(codec.ROLE_PROVIDER, provider_id, channel.bytes))
+    provider_conn = await server_side(router, codec.ROLE_PROVIDER, channel.bytes, provider_id)
+    consumers = [await Consumer.connect(f"127.0.0.1:{port_number}", channel) for _ in range(24)]
+    try:
+        body = os.urandom(200 * KiB)
+        sends = [c.send(body, timeout=30) for c in consumers]
+        for d in sends:
+            d.addErrback(lambda _: None)  # never answered: the provider only counts
+        await eventually(lambda: provider_conn.flow.paused)  # its send buffer is full
+        await later(0.2)  # let every consumer push what it can
+        assert factory.stats.slow_consumers == 0
+        slow.transport.resumeProducing()  # the provider reads again: every request reaches it, whole
+        await eventually(lambda: slow.ends == len(consumers))
+        assert factory.stats.slow_consumers == 0
+        assert router.flow_control.unsent_total == 0
+    finally:
+        for conn in list(router.connections):
+            conn.transport.abortConnection()
+        for c in consumers:
+            await c.close()
+        await maybeDeferred(port.stopListening)
