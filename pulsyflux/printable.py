@@ -1,0 +1,70 @@
+"""Text from the network made safe to echo: one line, no terminal escapes, bounded.
+
+Topics, headers, payloads and error texts come from whoever can connect.
+Printed as they are, they can clear a terminal, fake coloured output, break
+"one message per line" (``\\v``, ``\\r``, U+2028) or turn one log line into
+megabytes. :func:`printable` escapes every control character and caps the
+length, so what is echoed is always one bounded line.
+
+    printable("\\x1b[2Jhi")           # '\\\\x1b[2Jhi'
+    printable_bytes(b"\\xff" * 10_000)  # '\\\\xff\\\\xff... (5904 bytes more)'
+
+Pure functions, no Twisted: the CLI and the HTTP API share them.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["ECHO_LIMIT", "printable", "printable_bytes"]
+
+# What one echoed value may show (characters of text, bytes of a payload);
+# the rest is summarised as "... (N more)".
+ECHO_LIMIT = 4096
+
+# C0 controls (line breaks and tabs included), DEL, C1 controls (0x9b is an
+# 8-bit CSI to some terminals), the Arabic letter mark, left-to-right and
+# right-to-left marks, the line and paragraph separators, the bidi embeddings,
+# overrides and isolates (Trojan Source), and lone surrogates (no encoding can
+# write them).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: "re.Match[str]") -> str:
+    char = match.group()
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def printable(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``, ``\\u202e``),
+    cut after ``limit`` characters with ``... (N chars more)``."""
+    more = len(text) - limit
+    if more > 0:
+        text = text[:limit]
+    if _UNSAFE.search(text) is not None:
+        text = _UNSAFE.sub(_escape, text)
+    return text + f"... ({more} chars more)" if more > 0 else text
+
+
+def printable_bytes(data: bytes, limit: int = ECHO_LIMIT) -> str:
+    """A payload as one line of text: UTF-8 shown as text, invalid bytes as
+    ``\\xNN``, control characters escaped; at most ``limit`` bytes of it,
+    then ``... (N bytes more)``."""
+    head = bytes(data[:limit])
+    more = len(data) - len(head)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if more > 0 and error.reason == "unexpected end of data" and error.start >= len(head) - 3:
+            # The cut split a character: end before it rather than show its bytes.
+            more += len(head) - error.start
+            head = head[: error.start]
+        text = head.decode("utf-8", "backslashreplace")
+    if _UNSAFE.search(text) is not None:
+        text = _UNSAFE.sub(_escape, text)
+    return text + f"... ({more} bytes more)" if more > 0 else text

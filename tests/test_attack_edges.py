@@ -1,0 +1,305 @@
+"""Attacks on what the server and the CLI show: stats, metrics, terminal output.
+
+Everything here goes over real TCP on 127.0.0.1: a server with its broker
+and HTTP API (pulsyflux.testing), clients from this reactor, and the
+``pulsyflux`` command as a separate process, as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor, threads
+
+from pulsyflux import BrokerClient, Consumer, Provider, RemoteError
+from pulsyflux.broker import DEFAULT_BROKER_CHANNEL
+from pulsyflux.http import make_site
+from pulsyflux.testing import start_server
+
+ensure = pytest_twisted.ensureDeferred
+
+# One sample line of the Prometheus text format: name, optional labels, value.
+SAMPLE = re.compile(r'^[a-z_:][a-z0-9_:]*(\{([a-z_][a-z0-9_]*="([^"\\\n]|\\[\\"n])*",?)*\})? -?[0-9.e+]+(Inf|NaN)?$')
+# What a terminal acts on: C0 controls but the line feed, DEL, C1 controls
+# (UTF-8 encoded), U+2028/2029 and the bidi overrides.
+TERMINAL_CONTROLS = re.compile(rb"[\x00-\x09\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xa8-\xae]|\xe2\x81[\xa6-\xa9]")
+EVIL_TOPIC = 'evil\ud800\x1b[2J\x1b[31m"}\n\\'
+
+
+@pytest.fixture
+def brokered():
+    """A server, its broker and its HTTP API."""
+    running = pytest_twisted.blockon(start_server(http=True))
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PULSYFLUX_")}
+
+
+def cli(*args: str, timeout: float = 30) -> "subprocess.CompletedProcess[bytes]":
+    """``python -m pulsyflux ARGS`` off the reactor thread (the server runs in this reactor)."""
+    return threads.deferToThread(
+        subprocess.run,
+        [sys.executable, "-m", "pulsyflux", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=_env(),
+        timeout=timeout,
+    )
+
+
+_spawned: list[subprocess.Popen] = []
+
+
+def spawn(*args: str) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pulsyflux", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    _spawned.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers():
+    yield
+    while _spawned:
+        process = _spawned.pop()
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+async def _ready(process: subprocess.Popen) -> str:
+    return (await threads.deferToThread(process.stderr.readline)).decode()
+
+
+async def _finished(process: subprocess.Popen, timeout: float = 15) -> tuple[int, bytes, bytes]:
+    out, err = await threads.deferToThread(process.communicate, timeout=timeout)
+    return process.returncode, out, err
+
+
+async def get(url: str) -> tuple[int, bytes]:
+    response = await treq.get(url, persistent=False)
+    return response.code, await response.content()
+
+
+def parse_metrics(body: bytes) -> list[str]:
+    """The samples of a /metrics body, checked against the text format."""
+    text = body.decode("utf-8")  # strict: the format is UTF-8
+    assert text.endswith("\n")
+    samples = []
+    seen = set()
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            continue
+        assert SAMPLE.match(line), line
+        series = line.rsplit(" ", 1)[0]
+        assert series not in seen, f"duplicate series {series}"
+        seen.add(series)
+        samples.append(line)
+    return samples
+
+
+async def raw_subscribe(address: str, topic_json: str) -> Provider:
+    """Subscribe as any client can, with a hand-built ``$pulsyflux/subscribe``
+    (the Python API cannot encode some topics the broker's JSON accepts)."""
+    channel = uuid.uuid4()
+    subscriber = await Provider.connect(address, channel, handler=lambda data: b"")
+    announcer = await Consumer.connect(address, DEFAULT_BROKER_CHANNEL)
+    body = (
+        '{"Topic":"$pulsyflux/subscribe","Payload":null,"Headers":{"channel":"%s","topic":"%s"}}'
+        % (channel, topic_json)
+    ).encode("ascii")
+    try:
+        await announcer.send(body, timeout=5)
+    finally:
+        await announcer.close()
+    return subscriber
+
+
+# -- item 13: one subscribe must not break /stats and /metrics for everyone -------------
+
+
+@ensure
+async def test_attack_lone_surrogate_topic_does_not_break_metrics_or_stats(brokered):
+    # JSON "\ud800" decodes to a str no encoder can write.
+    subscriber = await raw_subscribe(brokered.address, 'evil\\ud800\\u001b[2J\\u001b[31m\\"}\\n\\\\')
+    try:
+        assert brokered.broker.stats()["topics"] == {EVIL_TOPIC: 1}
+        code, body = await get(brokered.http_url + "/metrics")
+        assert code == 200, body[-300:]
+        samples = parse_metrics(body)
+        assert "pulsyflux_broker_topics 1" in samples
+        [line] = [s for s in samples if s.startswith("pulsyflux_broker_topic_subscribers{")]
+        assert line.endswith(" 1") and "\x1b" not in line
+
+        code, body = await get(brokered.http_url + "/stats")
+        assert code == 200
+        stats = json.loads(body.decode("utf-8"))
+        assert sum(stats["broker"]["topics"].values()) == 1
+
+        result = await cli("stats", "--http", brokered.http_url)
+        assert result.returncode == 0, result.stderr
+        assert not TERMINAL_CONTROLS.search(result.stdout), result.stdout
+    finally:
+        await subscriber.close()
+
+
+@ensure
+async def test_attack_many_topics_do_not_grow_metrics_without_bound(brokered):
+    site = make_site(brokered.factory, broker=brokered.broker, max_topics=3)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    subs = []
+    try:
+        for i in range(6):
+            subs.append(await brokered.broker.subscribe(f"topic-{i}"))
+        subs.append(await brokered.broker.subscribe("topic-0"))
+        subs.append(await brokered.broker.subscribe("L" * 100_000))  # one huge label
+        code, body = await get(url + "/metrics")
+        assert code == 200
+        samples = parse_metrics(body)
+        topic_series = [s for s in samples if s.startswith("pulsyflux_broker_topic_subscribers{")]
+        # The three most subscribed topics, and one series for all the others.
+        assert len(topic_series) == 4, topic_series
+        assert 'pulsyflux_broker_topic_subscribers{topic="topic-0"} 2' in samples
+        assert 'pulsyflux_broker_topic_subscribers{topic="$pulsyflux/other"} 5' in samples
+        assert "pulsyflux_broker_topics 7" in samples
+        assert max(len(line) for line in body.splitlines()) < 1000
+        assert len(body) < 20_000
+
+        code, body = await get(url + "/stats")
+        broker = json.loads(body)["broker"]
+        assert len(broker["topics"]) == 3 and broker["topics"]["topic-0"] == 2
+        assert broker["other_topics"] == {"topics": 4, "subscribers": 5}
+        assert len(body) < 20_000
+    finally:
+        await port.stopListening()
+        await site.close_connections()  # the subscriptions end with the broker
+
+
+# -- item 15: stats must not reveal private channel ids -------------------------------
+
+
+@ensure
+async def test_attack_stats_and_metrics_do_not_reveal_private_channel_ids(brokered, tmp_path):
+    client = await BrokerClient.connect(brokered.address)
+    remote = await client.subscribe("orders")
+    local = await brokered.broker.subscribe("orders")
+    private = uuid.uuid4()
+    provider = await Provider.connect(brokered.address, private, handler=lambda data: data)
+    consumer = await Consumer.connect(brokered.address, private)
+    try:
+        assert await consumer.send(b"x") == b"x"
+        secrets = []
+        for channel in (remote.channel, local.channel, private):
+            secrets += [str(channel).encode(), channel.hex.encode(), channel.hex.upper().encode()]
+        code, stats = await get(brokered.http_url + "/stats")
+        assert code == 200
+        code, metrics = await get(brokered.http_url + "/metrics")
+        assert code == 200
+        text = await cli("stats", "--http", brokered.http_url)
+        as_json = await cli("stats", "--json", "--http", brokered.http_url)
+        for body in (stats, metrics, text.stdout, as_json.stdout):
+            for secret in secrets:
+                assert secret not in body.lower(), (secret, body)
+        # What is shown instead: counts.
+        document = json.loads(stats)
+        server = document["server"]
+        assert server["channels"]["with_providers"] >= 2  # the broker's and ours
+        assert server["connections"]["by_role"]["provider"] >= 3
+        [orders] = [s for s in document["broker"]["subscriptions"] if s.get("remote")]
+        assert orders["topic"] == "orders" and "channel" not in orders
+        assert document["broker"]["channel"] == str(DEFAULT_BROKER_CHANNEL)  # well known, not private
+        assert text.returncode == 0 and "orders" in text.stdout.decode()
+    finally:
+        for closing in (consumer, provider, client):
+            await closing.close()
+
+
+# -- item 17: the CLI must not echo terminal escapes or unbounded lines ---------------
+
+
+@ensure
+async def test_attack_sub_does_not_print_terminal_escapes(brokered):
+    process = spawn("sub", "--server", brokered.address, "news", "--count", "3")
+    assert "subscribed to 'news'" in await _ready(process)
+    await brokered.broker.publish("news", b"\x1b[2J\x1b[31mFAKE\vsecond line\rthird")
+    await brokered.broker.publish("news", "bidi \u202egnp.exe \u2028 next \x9b31m".encode())
+    await brokered.broker.publish("news", b"\xff" * 10_000)
+    code, out, err = await _finished(process)
+    assert code == 0, err
+    assert not TERMINAL_CONTROLS.search(out), out[:200]
+    lines = out.split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 4, lines
+    assert lines[0] == b"\\x1b[2J\\x1b[31mFAKE\\x0bsecond line\\rthird"
+    assert lines[1] == b"bidi \\u202egnp.exe \\u2028 next \\x9b31m"
+    assert lines[2].endswith(b"... (5904 bytes more)") and len(lines[2]) < 20_000
+
+
+@ensure
+async def test_attack_sub_json_is_exact_and_has_no_raw_controls(brokered):
+    process = spawn("sub", "--server", brokered.address, "news", "--count", "1", "--json")
+    await _ready(process)
+    payload = "\x1b[2J \x9b \u2028 \u202e \x7f é"
+    await brokered.broker.publish("news", payload.encode(), {"h\x1b": "v\u2029"})
+    code, out, err = await _finished(process)
+    assert code == 0, err
+    assert not TERMINAL_CONTROLS.search(out), out
+    assert out.count(b"\n") == 1
+    assert json.loads(out) == {"topic": "news", "payload": payload, "headers": {"h\x1b": "v\u2029"}}
+
+
+@ensure
+async def test_attack_reply_does_not_log_a_huge_binary_body_as_one_line(brokered):
+    channel = uuid.uuid4()
+    process = spawn("reply", "--server", brokered.address, str(channel), "--echo", "--count", "1")
+    assert "replying on channel" in await _ready(process)
+    body = bytes(range(256)) * 256  # 64 KiB of binary, every control byte in it
+    consumer = await Consumer.connect(brokered.address, channel)
+    try:
+        assert await consumer.send(body, timeout=10) == body
+    finally:
+        await consumer.close()
+    code, out, err = await _finished(process)
+    assert code == 0, err
+    assert not TERMINAL_CONTROLS.search(out)
+    assert out.count(b"\n") == 1 and out.startswith(b"#1 ")
+    assert out.endswith(b"... (61440 bytes more)\n")
+    assert len(out) < 5 * 4096
+
+
+@ensure
+async def test_attack_provider_error_text_is_escaped_and_bounded_on_stderr(brokered):
+    channel = uuid.uuid4()
+
+    def handler(data: bytes) -> bytes:
+        raise RuntimeError("\x1b[2J\x1b[31mFAKE\nsecond line " + "x" * 20_000)
+
+    provider = await Provider.connect(brokered.address, channel, handler=handler)
+    try:
+        consumer = await Consumer.connect(brokered.address, channel)
+        with pytest.raises(RemoteError):
+            await consumer.send(b"x")  # the text does reach a client intact enough to fail
+        await consumer.close()
+        result = await cli("request", "--server", brokered.address, str(channel), "x")
+    finally:
+        await provider.close()
+    assert result.returncode == 1
+    assert not TERMINAL_CONTROLS.search(result.stderr), result.stderr[:200]
+    assert result.stderr.count(b"\n") == 1
+    assert len(result.stderr) < 5 * 4096
