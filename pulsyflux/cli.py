@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from . import __version__
 from .endpoints import DEFAULT_ADDRESS
+from .printable import printable, printable_block, printable_bytes
 
 __all__ = ["main", "build_parser", "CLIError"]
 
@@ -138,7 +139,8 @@ def _report(failure: Failure, args: argparse.Namespace) -> int:
         message, code = error.message, error.code
     else:
         message, code = _describe(error, args), EXIT_ERROR
-    _print_err(f"{prog}: error: {message}")
+    # The message may carry network text (a provider's error, a close reason).
+    _print_err(f"{prog}: error: {printable(message)}")
     return code
 
 
@@ -270,11 +272,10 @@ def _data(value: Optional[str], what: str) -> bytes:
 
 
 def _text(payload: bytes) -> str:
-    """One line of text for a payload: invalid UTF-8 and line breaks escaped."""
-    text = payload.decode("utf-8", "backslashreplace")
-    if "\n" in text or "\r" in text:
-        text = text.replace("\r", "\\r").replace("\n", "\\n")
-    return text
+    """One bounded line of text for a payload from the network: invalid UTF-8
+    and control characters escaped (no terminal escapes, no line breaks),
+    at most ECHO_LIMIT bytes of it shown."""
+    return printable_bytes(payload)
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -292,7 +293,12 @@ async def cmd_request(reactor: Any, args: argparse.Namespace) -> int:
     finally:
         await consumer.close()
     out = _Output()
-    out.write(reply + b"\n" if out.isatty() and not reply.endswith(b"\n") else reply)
+    if out.isatty():
+        # A terminal acts on escapes the provider put in its answer: show them instead.
+        shown = printable_block(reply).encode("utf-8", "backslashreplace")
+        out.write(shown if shown.endswith(b"\n") else shown + b"\n")
+    else:
+        out.write(reply)  # byte for byte
     if args.verbose:
         _print_err(f"{len(reply)} bytes in {elapsed * 1000:.2f} ms")
     return 0
@@ -347,7 +353,7 @@ def _command_runner(reactor: Any, command: str, timeout: float) -> Callable[[byt
         if code is None:
             raise RuntimeError(f"command killed after {timeout:g} s" if not timer.active() else "command was killed")
         lines = err.decode("utf-8", "replace").strip().splitlines()
-        detail = f": {lines[-1]}" if lines else ""
+        detail = f": {printable(lines[-1])}" if lines else ""
         raise RuntimeError(f"command exited with status {code}{detail}")
 
     return handle
@@ -433,7 +439,16 @@ def message_json(message: Any) -> str:
     except UnicodeDecodeError:
         line["payload_base64"] = base64.b64encode(message.payload).decode("ascii")
     line["headers"] = dict(message.headers or {})
-    return json.dumps(line, ensure_ascii=False)
+    text = json.dumps(line, ensure_ascii=False)
+    # JSON escapes C0 controls but lets DEL, C1 controls, line separators and
+    # bidi overrides through raw: a terminal may act on them. Outside strings
+    # the text is ASCII, so escaping them as \uXXXX keeps the very same JSON.
+    if _JSON_UNSAFE.search(text) is not None:
+        text = _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text
+
+
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
@@ -527,8 +542,8 @@ def format_stats(document: dict[str, Any]) -> list[str]:
     errors = s.get("errors") or {}
     if errors:
         lines.append("errors")
-        for message, count in sorted(errors.items(), key=lambda item: -item[1]):
-            lines.append(f"  {count:>8}  {message}")
+        for message, count in sorted(errors.items(), key=lambda item: -_number(item[1])):
+            lines.append(f"  {count:>8}  {printable(str(message), _STATS_TEXT_LIMIT)}")
     else:
         lines.append("errors          none")
     b = document.get("broker")
@@ -537,19 +552,38 @@ def format_stats(document: dict[str, Any]) -> list[str]:
         return lines
     lines.append(f"broker          {b['published']} published, {b['delivered']} delivered, {b['dropped']} dropped")
     topics = b.get("topics") or {}
+    other = b.get("other_topics") or {}
     if topics:
         lines.append("topics")
         for topic, count in sorted(topics.items()):
-            lines.append(f"  {topic}  {_count(count, 'subscriber')}")
+            lines.append(f"  {printable(str(topic), _STATS_TEXT_LIMIT)}  {_count(count, 'subscriber')}")
+        if other.get("topics"):
+            lines.append(
+                f"  ({_count(other['topics'], 'more topic')}, {_count(other.get('subscribers', 0), 'subscriber')})"
+            )
     subs = b.get("subscriptions") or []
     if subs:
         lines.append("subscriptions (slowest first)")
-        for sub in sorted(subs, key=lambda sub: (-sub["backlog"] - sub["in_flight"], sub["topic"])):
+        for sub in sorted(subs, key=lambda sub: -_number(sub.get("backlog")) - _number(sub.get("in_flight"))):
+            # Never a channel id: it is the subscriber's secret (older servers sent it).
+            label = f"{printable(str(sub['id']), 32)}  " if "id" in sub else ""
             lines.append(
-                f"  {sub['id']}  {sub['topic']}  backlog {sub['backlog']}  in flight {sub['in_flight']}  "
-                f"delivered {sub['delivered']}  dropped {sub['dropped']}"
+                f"  {label}{printable(str(sub.get('topic', '')), _STATS_TEXT_LIMIT)}  backlog {sub.get('backlog', 0)}  "
+                f"in flight {sub.get('in_flight', 0)}  delivered {sub.get('delivered', 0)}  "
+                f"dropped {sub.get('dropped', 0)}"
             )
+        listed = b.get("subscriptions_count", len(subs))
+        if listed > len(subs):
+            lines.append(f"  ({_count(listed - len(subs), 'more subscription')})")
     return lines
+
+
+# Topics and error texts in `pulsyflux stats`: at most this many characters each.
+_STATS_TEXT_LIMIT = 200
+
+
+def _number(value: Any) -> float:
+    return value if isinstance(value, (int, float)) else 0
 
 
 def _count(n: int, noun: str) -> str:

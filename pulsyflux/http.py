@@ -16,8 +16,10 @@ broker); nothing here keeps counters of its own except HTTP ones.
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
+import re
 import time
 from collections import Counter
 from typing import Any, Callable, Iterable, Optional
@@ -33,6 +35,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from .codec import ROLE_CONSUMER, ROLE_PROVIDER
 from .endpoints import server_description, server_endpoint
+from .printable import printable
 from .ratelimit import LogLimiter, shorten, summary_to
 from .server import ServerFactory
 from .service import describe_address
@@ -56,6 +59,11 @@ PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 # frame carries; larger bodies are refused with 413 before they are read.
 DEFAULT_MAX_BODY = 1 << 20
 
+# Topics shown one by one in /stats and /metrics (the most subscribed first;
+# the rest are summed): anyone can create topics, and a scrape must not grow
+# with them.
+DEFAULT_MAX_TOPICS = 50
+
 _ROLE_NAMES = {ROLE_CONSUMER: "consumer", ROLE_PROVIDER: "provider"}
 
 
@@ -63,27 +71,35 @@ _ROLE_NAMES = {ROLE_CONSUMER: "consumer", ROLE_PROVIDER: "provider"}
 
 
 def server_stats(factory: ServerFactory, now: Optional[float] = None) -> dict[str, Any]:
-    """The router's counters and a census of its connections."""
+    """The router's counters and a census of its connections.
+
+    Channels are counted, never named: a channel id is the capability to use
+    that channel (a subscriber's id lets anyone inject into or end its
+    subscription), so whoever reads the stats must not learn one.
+    """
     stats = factory.stats
     router = factory.router
     roles: Counter[str] = Counter({"consumer": 0, "provider": 0, "unregistered": 0})
-    channels: dict[str, dict[str, int]] = {}
+    consumers: set[bytes] = set()
+    providers: set[bytes] = set()
     for conn in router.connections:
         key = conn.key
         if key is None:
             roles["unregistered"] += 1
             continue
         role, channel, _ = key
-        name = _ROLE_NAMES.get(role, "unknown")
-        roles[name] += 1
-        counts = channels.setdefault(_uuid_text(channel), {"consumers": 0, "providers": 0})
-        counts[name + "s"] = counts.get(name + "s", 0) + 1
+        roles[_ROLE_NAMES.get(role, "unknown")] += 1
+        (providers if role == ROLE_PROVIDER else consumers).add(channel)
     now = time.time() if now is None else now
     return {
         "started": stats.started,
         "uptime_seconds": round(max(now - stats.started, 0.0), 3),
         "connections": {"open": len(router.connections), "total": stats.connections_total, "by_role": dict(roles)},
-        "channels": {"count": len(channels), "by_channel": dict(sorted(channels.items()))},
+        "channels": {
+            "count": len(consumers | providers),
+            "with_providers": len(providers),
+            "without_provider": len(consumers - providers),
+        },
         "requests": {
             "routed": stats.requests_routed,
             "responses_routed": stats.responses_routed,
@@ -98,34 +114,113 @@ def server_stats(factory: ServerFactory, now: Optional[float] = None) -> dict[st
     }
 
 
-def broker_stats(broker: Any) -> Optional[dict[str, Any]]:
+def broker_stats(broker: Any, max_topics: int = DEFAULT_MAX_TOPICS) -> Optional[dict[str, Any]]:
     """The broker's counters (:meth:`Broker.stats`), or None when it does not run.
 
     ``broker`` is a :class:`~pulsyflux.broker.Broker` or a
     :class:`~pulsyflux.service.BrokerService` (whose stats are empty until
-    its broker is connected).
+    its broker is connected). Anyone may create topics and subscriptions, so
+    both are bounded here (:func:`_bounded_broker_stats`) and subscriptions
+    lose their channel ids.
     """
     if broker is None:
         return None
-    return broker.stats() or None
+    stats = broker.stats()
+    if not stats:
+        return None
+    return _bounded_broker_stats(stats, max_topics)
 
 
-def stats_document(factory: ServerFactory, broker: Any = None, now: Optional[float] = None) -> dict[str, Any]:
+def stats_document(
+    factory: ServerFactory, broker: Any = None, now: Optional[float] = None, max_topics: int = DEFAULT_MAX_TOPICS
+) -> dict[str, Any]:
     """What ``GET /stats`` returns: ``{"server": {...}, "broker": {...} or None}``."""
-    return {"server": server_stats(factory, now), "broker": broker_stats(broker)}
+    return {"server": server_stats(factory, now), "broker": broker_stats(broker, max_topics)}
 
 
-def _uuid_text(raw: bytes) -> str:
-    import uuid
+# Topic names in the stats and metrics: at most this many characters.
+TOPIC_TEXT_LIMIT = 200
+# The series all topics past the ``max_topics`` most subscribed share. Topics
+# under the broker's reserved prefix can never be published to, so no real
+# topic is shown under this name.
+OTHER_TOPICS = "$pulsyflux/other"
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
-    return str(uuid.UUID(bytes=raw))
+
+def _topic_text(topic: Any) -> str:
+    """A topic as stats show it: at most TOPIC_TEXT_LIMIT characters, and
+    UTF-8 encodable (a lone surrogate, which JSON lets a client send, becomes U+FFFD)."""
+    text = str(topic)
+    if len(text) > TOPIC_TEXT_LIMIT:
+        text = text[:TOPIC_TEXT_LIMIT] + "..."
+    return _SURROGATES.sub("\ufffd", text)
+
+
+def _bounded_broker_stats(stats: dict[str, Any], max_topics: int) -> dict[str, Any]:
+    """The broker's stats as shown: the ``max_topics`` most subscribed topics
+    (the others summed in ``other_topics``), the ``max_topics`` slowest
+    subscriptions, topic names cut and made encodable, and no subscription's
+    channel id (nor any other text of it but its topic)."""
+    from .messages import CONTROL_PREFIX
+
+    out = {key: value for key, value in stats.items() if key not in ("topics", "subscriptions")}
+    topics: Counter[str] = Counter()
+    other = {"topics": 0, "subscribers": 0}
+    ranked = sorted(stats.get("topics", {}).items(), key=lambda item: (-item[1], str(item[0])))
+    for topic, count in ranked:
+        if len(topics) < max_topics and not str(topic).startswith(CONTROL_PREFIX):
+            topics[_topic_text(topic)] += count  # two cut names may meet: add them up
+        else:
+            other["topics"] += 1
+            other["subscribers"] += count
+    out["topics_count"] = len(ranked)
+    out["topics"] = dict(topics)
+    out["other_topics"] = other
+    subs = stats.get("subscriptions", [])
+    out["subscriptions_count"] = len(subs)
+    slowest = heapq.nsmallest(
+        max_topics,
+        subs,
+        key=lambda sub: (-_int(sub.get("backlog")) - _int(sub.get("in_flight")), str(sub.get("topic"))),
+    )
+    out["subscriptions"] = [_subscription(sub) for sub in slowest]
+    out["backlog"] = sum(_int(sub.get("backlog")) for sub in subs)
+    out["backlog_max"] = max((_int(sub.get("backlog")) for sub in subs), default=0)
+    return out
+
+
+def _subscription(sub: dict[str, Any]) -> dict[str, Any]:
+    """One subscription's numbers and topic; its channel id (its bearer secret) stays out."""
+    shown: dict[str, Any] = {"topic": _topic_text(sub.get("topic", ""))}
+    for key, value in sub.items():
+        if isinstance(value, (bool, int, float)) and key != "channel":
+            shown[key] = value
+    return shown
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
 
 
 # -- Prometheus text format -------------------------------------------------------
 
 
+# Label values past this many characters are cut ("... (N chars more)").
+LABEL_TEXT_LIMIT = 256
+
+
 def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    """A label value as the text format wants it: cut to LABEL_TEXT_LIMIT
+    characters, control characters other than the line feed (and lone
+    surrogates, which no encoder writes) shown as ``\\xNN`` text, then
+    backslash, quote and line feed escaped as the format says."""
+    more = len(value) - LABEL_TEXT_LIMIT
+    if more > 0:
+        value = value[:LABEL_TEXT_LIMIT]
+    text = "\n".join(printable(part) for part in value.split("\n"))
+    if more > 0:
+        text += f"... ({more} chars more)"
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def _number(value: float) -> str:
@@ -151,12 +246,17 @@ class _Metrics:
     ) -> None:
         self.lines.append(f"# HELP {name} {help_text}")
         self.lines.append(f"# TYPE {name} {kind}")
+        rendered: dict[str, float] = {}
         for labels, value in samples:
+            series = name
             if labels:
                 text = ",".join(f'{key}="{_escape_label(str(val))}"' for key, val in labels.items())
-                self.lines.append(f"{name}{{{text}}} {_number(value)}")
-            else:
-                self.lines.append(f"{name} {_number(value)}")
+                series = f"{name}{{{text}}}"
+            # Label values that differ only past the cut (or in how they are
+            # escaped) are one series: add them up rather than repeat it.
+            rendered[series] = rendered[series] + value if series in rendered else value
+        for series, value in rendered.items():
+            self.lines.append(f"{series} {_number(value)}")
 
     def one(self, name: str, kind: str, help_text: str, value: float) -> None:
         self.family(name, kind, help_text, [({}, value)])
@@ -265,31 +365,58 @@ def _broker_metrics(m: _Metrics, b: dict[str, Any]) -> None:
         b.get("rejected", 0),
     )
     topics = b.get("topics", {})
-    m.one("pulsyflux_broker_topics", "gauge", "Topics with at least one subscriber.", len(topics))
+    other = b.get("other_topics", {})
+    m.one(
+        "pulsyflux_broker_topics", "gauge", "Topics with at least one subscriber.", b.get("topics_count", len(topics))
+    )
+    samples = [({"topic": topic}, count) for topic, count in sorted(topics.items())]
+    if other.get("topics"):
+        samples.append(({"topic": OTHER_TOPICS}, other.get("subscribers", 0)))
     m.family(
         "pulsyflux_broker_topic_subscribers",
         "gauge",
-        "Subscriptions per topic.",
-        [({"topic": topic}, count) for topic, count in sorted(topics.items())],
+        f"Subscriptions per topic (the most subscribed ones; {OTHER_TOPICS} sums the others).",
+        samples,
     )
-    subs = sorted(b.get("subscriptions", []), key=lambda sub: (sub["topic"], sub["id"]))
+    subs = b.get("subscriptions", [])
+    m.one(
+        "pulsyflux_broker_subscriptions",
+        "gauge",
+        "Subscriptions the broker serves.",
+        b.get("subscriptions_count", len(subs)),
+    )
+    m.one(
+        "pulsyflux_broker_backlog",
+        "gauge",
+        "Messages the broker holds for its subscriptions, not yet forwarded.",
+        b.get("backlog", 0),
+    )
+    m.one(
+        "pulsyflux_broker_backlog_max",
+        "gauge",
+        "The largest backlog of any one subscription (how far the slowest subscriber is behind).",
+        b.get("backlog_max", 0),
+    )
+    # Per subscription, by its label (sub-N, never its channel id), for the
+    # subscriptions the document lists: the slowest, at most max_topics.
+    listed = sorted((sub for sub in subs if "id" in sub), key=lambda sub: (sub["topic"], sub["id"]))
     m.family(
         "pulsyflux_broker_subscription_backlog",
         "gauge",
-        "Messages the broker holds for one subscription, not yet forwarded.",
-        [({"topic": sub["topic"], "subscription": sub["id"]}, sub["backlog"]) for sub in subs],
+        "Messages the broker holds for one subscription, not yet forwarded (the slowest subscriptions).",
+        [({"topic": sub["topic"], "subscription": sub["id"]}, sub.get("backlog", 0)) for sub in listed],
     )
     m.family(
         "pulsyflux_broker_subscription_delivered_total",
         "counter",
-        "Messages one subscription accepted.",
-        [({"topic": sub["topic"], "subscription": sub["id"]}, sub["delivered"]) for sub in subs],
+        "Messages one subscription accepted (the slowest subscriptions).",
+        [({"topic": sub["topic"], "subscription": sub["id"]}, sub.get("delivered", 0)) for sub in listed],
     )
     m.family(
         "pulsyflux_broker_subscription_dropped_total",
         "counter",
-        "Messages dropped for one subscription (it read too slowly).",
-        [({"topic": sub["topic"], "subscription": sub["id"]}, sub["dropped"]) for sub in subs],
+        "Messages dropped for one subscription, it read too slowly (the slowest subscriptions).",
+        [({"topic": sub["topic"], "subscription": sub["id"]}, sub.get("dropped", 0)) for sub in listed],
     )
 
 
@@ -353,7 +480,8 @@ class Metrics(_Leaf):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", PROMETHEUS_TYPE)
-        return prometheus_text(self.document()).encode()
+        # Every label is printable() already; "replace" is the last safety net.
+        return prometheus_text(self.document()).encode("utf-8", "replace")
 
 
 class Publish(_Leaf):
@@ -405,7 +533,9 @@ class Publish(_Leaf):
             code, message = _publish_error(failure.value)
             if code >= 500 and self.log_limiter.allow("publish failed"):
                 self.log.warn(
-                    "publish to {topic!r} failed: {error}", topic=shorten(topic), error=shorten(failure.value)
+                    "publish to {topic} failed: {error}",
+                    topic=printable(repr(topic), TOPIC_TEXT_LIMIT),
+                    error=printable(str(failure.value)),
                 )
             answer(code, {"error": message})
 
@@ -433,11 +563,12 @@ def _topic_problem(topic: str) -> Optional[str]:
 
 
 def _publish_error(error: BaseException) -> tuple[int, str]:
+    text = printable(str(error))  # may repeat what a client sent: bounded
     if isinstance(error, (ValueError, TypeError)):
-        return http.BAD_REQUEST, str(error)
+        return http.BAD_REQUEST, text
     if isinstance(error, TimeoutError):
-        return http.GATEWAY_TIMEOUT, f"broker did not accept the message in time: {error}"
-    return http.SERVICE_UNAVAILABLE, f"broker did not accept the message: {error}"
+        return http.GATEWAY_TIMEOUT, f"broker did not accept the message in time: {text}"
+    return http.SERVICE_UNAVAILABLE, f"broker did not accept the message: {text}"
 
 
 class _BoundedRequest(Request):
@@ -480,7 +611,8 @@ class _Root(Resource):
 
 
 def _not_found(request: Request) -> bytes:
-    return _json(request, http.NOT_FOUND, {"error": f"no such endpoint: {request.path.decode('utf-8', 'replace')}"})
+    path = printable(request.path.decode("utf-8", "replace"), TOPIC_TEXT_LIMIT)
+    return _json(request, http.NOT_FOUND, {"error": f"no such endpoint: {path}"})
 
 
 class _NotFound(_Leaf):
@@ -493,16 +625,19 @@ def make_site(
     broker: Any = None,
     ready: Optional[Callable[[], list[str]]] = None,
     max_body: int = DEFAULT_MAX_BODY,
+    max_topics: int = DEFAULT_MAX_TOPICS,
 ) -> Site:
     """A twisted.web Site serving the monitoring and publish endpoints.
 
     ``ready`` returns the names of parts not running yet (empty = healthy).
+    ``max_topics`` bounds the topics (and the subscriptions) /stats and
+    /metrics list one by one.
 
         site = make_site(factory, broker=broker)
     """
 
     def document() -> dict[str, Any]:
-        return stats_document(server_factory, broker)
+        return stats_document(server_factory, broker, max_topics=max_topics)
 
     root = _Root()
     root.putChild(b"healthz", Healthz(ready or (lambda: [])))

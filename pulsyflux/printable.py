@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ECHO_LIMIT", "printable", "printable_bytes"]
+__all__ = ["ECHO_LIMIT", "printable", "printable_block", "printable_bytes"]
 
 # What one echoed value may show (characters of text, bytes of a payload);
 # the rest is summarised as "... (N more)".
@@ -68,3 +68,17 @@ def printable_bytes(data: bytes, limit: int = ECHO_LIMIT) -> str:
     if _UNSAFE.search(text) is not None:
         text = _UNSAFE.sub(_escape, text)
     return text + f"... ({more} bytes more)" if more > 0 else text
+
+
+# As _UNSAFE, less the line feed and the tab: for text shown as a block.
+_UNSAFE_IN_BLOCK = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable_block(data: bytes) -> str:
+    """A body shown whole on a terminal: its lines and tabs kept, invalid
+    UTF-8 as ``\\xNN``, every other control character escaped. Not capped:
+    for output the user asked for (``pulsyflux request`` on a terminal)."""
+    text = data.decode("utf-8", "backslashreplace")
+    if _UNSAFE_IN_BLOCK.search(text) is not None:
+        text = _UNSAFE_IN_BLOCK.sub(_escape, text)
+    return text

@@ -80,7 +80,7 @@ async def test_stats_counts_what_happened(served, channel):
     assert server["connections"]["by_role"] == {"consumer": 2, "provider": 1, "unregistered": 0}
     assert server["connections"]["open"] == 3
     assert server["channels"]["count"] == 2
-    assert server["channels"]["by_channel"][str(channel)] == {"consumers": 1, "providers": 1}
+    assert server["channels"] == {"count": 2, "with_providers": 1, "without_provider": 1}
     assert server["requests"] == {"routed": 1, "responses_routed": 1, "in_flight": 0}
     assert server["errors"] == {"peer disappeared": 1}
     assert server["bytes"]["in"] > len(b"hello") and server["bytes"]["out"] > len(b"hello!")
@@ -246,7 +246,9 @@ async def test_stats_and_metrics_show_which_subscriber_is_slow(brokered):
     fast_stats, slow_stats = by_id["sub-1"], by_id["sub-2"]
     assert (fast_stats["backlog"], fast_stats["dropped"]) == (0, 0)
     assert slow_stats["dropped"] > 0 and slow_stats["backlog"] == 2
+    assert slow_stats["topic"] == "ticks" and "channel" not in slow_stats
     assert broker["dropped"] == slow_stats["dropped"]
+    assert (broker["subscriptions_count"], broker["backlog"], broker["backlog_max"]) == (2, 2, 2)
     lines = set(metrics.decode().splitlines())
     assert "pulsyflux_broker_published_total 20" in lines
     assert 'pulsyflux_broker_topic_subscribers{topic="ticks"} 2' in lines
@@ -255,6 +257,9 @@ async def test_stats_and_metrics_show_which_subscriber_is_slow(brokered):
         in lines
     )
     assert 'pulsyflux_broker_subscription_backlog{topic="ticks",subscription="sub-1"} 0' in lines
+    assert f"pulsyflux_broker_dropped_total {slow_stats['dropped']}" in lines
+    assert "pulsyflux_broker_backlog_max 2" in lines
+    assert str(slow.channel) not in metrics.decode() and str(fast.channel) not in metrics.decode()
 
 
 @ensure
