@@ -533,7 +533,7 @@ def format_stats(document: dict[str, Any]) -> list[str]:
         f"connections     {s['connections']['open']} open ({_count(roles.get('consumer', 0), 'consumer')}, "
         f"{_count(roles.get('provider', 0), 'provider')}, {roles.get('unregistered', 0)} unregistered), "
         f"{s['connections']['total']} since start",
-        f"channels        {s['channels']['count']}",
+        f"channels        {s['channels']['count']}{_channel_detail(s['channels'])}",
         f"requests        {s['requests']['routed']} routed, {s['requests']['responses_routed']} answered, "
         f"{s['requests']['in_flight']} in flight",
         f"bytes           {_size(s['bytes']['in'])} in, {_size(s['bytes']['out'])} out",
@@ -576,6 +576,12 @@ def format_stats(document: dict[str, Any]) -> list[str]:
         if listed > len(subs):
             lines.append(f"  ({_count(listed - len(subs), 'more subscription')})")
     return lines
+
+
+def _channel_detail(channels: dict[str, Any]) -> str:
+    if "with_providers" not in channels:
+        return ""
+    return f" ({channels['with_providers']} with a provider, {channels.get('without_provider', 0)} without)"
 
 
 # Topics and error texts in `pulsyflux stats`: at most this many characters each.
