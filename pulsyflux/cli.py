@@ -543,7 +543,7 @@ def format_stats(document: dict[str, Any]) -> list[str]:
     if errors:
         lines.append("errors")
         for message, count in sorted(errors.items(), key=lambda item: -_number(item[1])):
-            lines.append(f"  {count:>8}  {printable(str(message), _STATS_TEXT_LIMIT)}")
+            lines.append(f"  {str(count):>8}  {printable(str(message), _STATS_TEXT_LIMIT)}")
     else:
         lines.append("errors          none")
     b = document.get("broker")
