@@ -21,6 +21,7 @@ import json
 import math
 import re
 import time
+import uuid
 from collections import Counter
 from typing import Any, Callable, Iterable, Optional
 from urllib.parse import unquote
@@ -190,12 +191,26 @@ def _bounded_broker_stats(stats: dict[str, Any], max_topics: int) -> dict[str, A
 
 
 def _subscription(sub: dict[str, Any]) -> dict[str, Any]:
-    """One subscription's numbers and topic; its channel id (its bearer secret) stays out."""
-    shown: dict[str, Any] = {"topic": _topic_text(sub.get("topic", ""))}
+    """One subscription's numbers, topic and label (``sub-N``, when the broker
+    gives one); its channel id (its bearer secret) stays out, and so does any
+    other text the broker may add."""
+    shown: dict[str, Any] = {}
+    label = sub.get("id")
+    if isinstance(label, str) and len(label) <= 32 and not _looks_like_a_channel(label):
+        shown["id"] = label
+    shown["topic"] = _topic_text(sub.get("topic", ""))
     for key, value in sub.items():
-        if isinstance(value, (bool, int, float)) and key != "channel":
+        if isinstance(value, (bool, int, float)) and key not in ("channel", "id"):
             shown[key] = value
     return shown
+
+
+def _looks_like_a_channel(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _int(value: Any) -> int:
