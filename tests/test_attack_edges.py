@@ -157,6 +157,40 @@ async def test_attack_lone_surrogate_topic_does_not_break_metrics_or_stats(broke
         await subscriber.close()
 
 
+class _BrokerHolding:
+    """Stands for a broker whose stats hold whatever topics and subscriptions
+    clients made, whether or not a broker would still accept them."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+
+    def stats(self) -> dict:
+        sub = {"id": "sub-1", "topic": self.topic, "channel": str(uuid.uuid4()), "backlog": 1, "delivered": 0}
+        return {"published": 0, "delivered": 0, "dropped": 0, "topics": {self.topic: 1}, "subscriptions": [sub]}
+
+
+@ensure
+async def test_attack_any_topic_text_renders_in_metrics_and_stats(brokered):
+    topic = 'x\ud800\udfff\x00\x1b[2J\x85\u2028\u202e\\"\n' + "y" * 5000
+    site = make_site(brokered.factory, broker=_BrokerHolding(topic))
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    try:
+        code, body = await get(url + "/metrics")
+        assert code == 200
+        samples = parse_metrics(body)
+        assert max(len(line) for line in samples) < 1000
+        [line] = [s for s in samples if s.startswith("pulsyflux_broker_topic_subscribers{")]
+        assert line.endswith(" 1")
+        code, body = await get(url + "/stats")
+        assert code == 200
+        [sub] = json.loads(body.decode("utf-8"))["broker"]["subscriptions"]
+        assert "channel" not in sub and sub["id"] == "sub-1" and len(sub["topic"]) < 300
+    finally:
+        await port.stopListening()
+        await site.close_connections()
+
+
 @ensure
 async def test_attack_many_topics_do_not_grow_metrics_without_bound(brokered):
     site = make_site(brokered.factory, broker=brokered.broker, max_topics=3)
@@ -167,7 +201,7 @@ async def test_attack_many_topics_do_not_grow_metrics_without_bound(brokered):
         for i in range(6):
             subs.append(await brokered.broker.subscribe(f"topic-{i}"))
         subs.append(await brokered.broker.subscribe("topic-0"))
-        subs.append(await brokered.broker.subscribe("L" * 100_000))  # one huge label
+        subs.append(await brokered.broker.subscribe("L" * 1000))  # one long label (the broker allows 1024)
         code, body = await get(url + "/metrics")
         assert code == 200
         samples = parse_metrics(body)

@@ -225,7 +225,7 @@ async def test_stats_and_metrics_show_which_subscriber_is_slow(brokered):
     site = make_site(brokered.factory, broker=tight)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     fast = await tight.subscribe("ticks")
-    await tight.subscribe("ticks", buffer=1)  # never read
+    slow = await tight.subscribe("ticks", buffer=1)  # never read
     for i in range(20):
         await tight.publish("ticks", b"%d" % i)
     for _ in range(20):
