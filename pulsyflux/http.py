@@ -37,7 +37,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from .codec import ROLE_CONSUMER, ROLE_PROVIDER
 from .endpoints import server_description, server_endpoint
 from .printable import printable
-from .ratelimit import LogLimiter, shorten, summary_to
+from .ratelimit import LogLimiter, summary_to
 from .server import ServerFactory
 from .service import describe_address
 
