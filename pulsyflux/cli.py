@@ -25,6 +25,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from . import __version__
+from ._twisted_compat import exit_signal
 from .endpoints import DEFAULT_ADDRESS
 from .printable import printable, printable_block, printable_bytes
 
@@ -113,7 +114,7 @@ def _run(command: Command, args: argparse.Namespace, reactor: Any = None) -> int
     reactor.run()
 
     if state.interrupted:
-        signum = getattr(reactor, "_exitSignal", None) or signal.SIGINT
+        signum = exit_signal(reactor) or signal.SIGINT
         return 128 + int(signum)
     result = state.result
     if isinstance(result, Failure):

@@ -34,6 +34,7 @@ from typing import Any, Optional
 from twisted.logger import Logger
 
 from . import codec
+from ._twisted_compat import tls_handshake_pending
 from .codec import ERROR, FrameDecoder
 from .ratelimit import LogLimiter, shorten
 
@@ -153,7 +154,7 @@ class ConnectionGuard:
         transport = conn.transport
         if self.limiter.allow("closing"):
             log.info("closing {peer}: {reason}", peer=transport.getPeer(), reason=shorten(message))
-        if getattr(transport, "_handshakeDone", True) is False:
+        if tls_handshake_pending(transport):
             # TLS that never finished its handshake (Twisted's TLSMemoryBIOProtocol):
             # no ERROR can reach the peer, and a clean close would wait for it.
             transport.abortConnection()

@@ -34,6 +34,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from ._twisted_compat import http_channel_transport
 from .codec import ROLE_CONSUMER, ROLE_PROVIDER
 from .endpoints import server_description, server_endpoint
 from .printable import printable
@@ -697,9 +698,7 @@ class PulsyfluxSite(Site):
             d: Deferred[None] = Deferred()
             waiters.append(d)
             waits.append(d)
-            # Site wraps each HTTPChannel in a proxy; the transport is on the channel.
-            transport = getattr(proto, "transport", None) or proto._channel.transport
-            transport.abortConnection()
+            http_channel_transport(proto).abortConnection()
         return DeferredList(waits)
 
 

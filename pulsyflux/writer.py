@@ -16,9 +16,11 @@ made while one read is handled, so they leave as one send.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
-from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import ITransport
+
+from ._twisted_compat import immediate_send
 
 __all__ = ["immediate_writer", "ImmediateWriter", "coalesce"]
 
@@ -45,40 +47,14 @@ def coalesce(pieces: list[bytes]) -> list[bytes]:
     return writes
 
 
-def immediate_writer(transport: Any) -> Callable[[bytes], None]:
+def immediate_writer(transport: ITransport) -> Callable[[bytes], None]:
     """A ``write`` for ``transport`` that sends at once when it safely can.
 
     Only plain TCP and UNIX transports qualify (TLS must encrypt first);
-    anything else gets ``transport.write`` itself.
+    anything else gets ``transport.write`` itself. How it is done reads
+    Twisted privates: see :func:`pulsyflux._twisted_compat.immediate_send`.
     """
-    # A TLS wrapper (tls:/ssl: endpoints) forwards attribute lookups to the TCP
-    # transport under it, socket included: only a FileDescriptor itself qualifies.
-    if not isinstance(transport, FileDescriptor):
-        return transport.write
-    sock = getattr(transport, "socket", None)
-    if sock is None or getattr(transport, "TLS", True) or not hasattr(transport, "_tempDataBuffer"):
-        return transport.write
-    buffered_write = transport.write
-    send = sock.send
-
-    def write(data: bytes) -> None:
-        if (
-            transport.dataBuffer
-            or transport._tempDataBuffer
-            or transport.disconnecting
-            or transport._aborting  # abortConnection() drops what is not yet sent: so must we
-            or not transport.connected
-        ):
-            buffered_write(data)
-            return
-        try:
-            sent = send(data)
-        except OSError:
-            sent = 0  # full, or the connection is going: Twisted finds out and reports it
-        if sent < len(data):
-            buffered_write(data[sent:] if sent else data)
-
-    return write
+    return immediate_send(transport) or transport.write
 
 
 class ImmediateWriter:
@@ -90,7 +66,7 @@ class ImmediateWriter:
 
     __slots__ = ("_write_now", "_held")
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(self, transport: ITransport) -> None:
         self._write_now = immediate_writer(transport)
         self._held: list[bytes] | None = None
 

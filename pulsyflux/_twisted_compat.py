@@ -1,0 +1,82 @@
+"""Every use of a Twisted private attribute, each behind one small function.
+
+Twisted does not promise these names; pulsyflux needs them for speed (the
+immediate send), for a clean exit status, and for closing what Twisted keeps
+behind a proxy. Keeping each one here means one place to look when Twisted
+changes, and tests/test_twisted_compat.py fails loudly when it does (the
+range of Twisted versions tested is pinned in setup.cfg).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet.abstract import FileDescriptor
+
+__all__ = ["immediate_send", "exit_signal", "tls_handshake_pending", "http_channel_transport"]
+
+
+def immediate_send(transport: object) -> Optional[Callable[[bytes], None]]:
+    """A ``write`` that hands bytes to the kernel at once, or None if ``transport`` does not allow it.
+
+    Only a plain TCP or UNIX transport (a :class:`FileDescriptor` with a
+    socket, not TLS) qualifies. The bytes go straight to the socket only when
+    Twisted holds none (``dataBuffer`` and the private ``_tempDataBuffer``),
+    is not closing, and was not aborted (the private ``_aborting``: an abort
+    drops what is not yet sent, so must we); otherwise, and for what the
+    kernel did not take, ``transport.write`` keeps Twisted's ordering,
+    producers and error reporting. The attributes are read on every write
+    (a hot path), so they are read inline here, not through more calls.
+    """
+    # A TLS wrapper (tls:/ssl: endpoints) forwards attribute lookups to the TCP
+    # transport under it, socket included: only a FileDescriptor itself qualifies.
+    if not isinstance(transport, FileDescriptor):
+        return None
+    sock = getattr(transport, "socket", None)
+    if sock is None or getattr(transport, "TLS", True) or not hasattr(transport, "_tempDataBuffer"):
+        return None
+    fd: Any = transport  # tcp.Connection / unix.Server: the attributes below are theirs, not FileDescriptor's
+    buffered_write = fd.write
+    send = sock.send
+
+    def write(data: bytes) -> None:
+        if fd.dataBuffer or fd._tempDataBuffer or fd.disconnecting or fd._aborting or not fd.connected:
+            buffered_write(data)
+            return
+        try:
+            sent = send(data)
+        except OSError:
+            sent = 0  # full, or the connection is going: Twisted finds out and reports it
+        if sent < len(data):
+            buffered_write(data[sent:] if sent else data)
+
+    return write
+
+
+def exit_signal(reactor: object) -> Optional[int]:
+    """The signal that stopped ``reactor.run()`` (SIGINT, SIGTERM...), or None.
+
+    Twisted records it as the private ``_exitSignal`` (see its
+    ``_ISupportsExitSignalCapturing``), as twistd does to exit with ``128 + n``.
+    """
+    signum = getattr(reactor, "_exitSignal", None)
+    return None if signum is None else int(signum)
+
+
+def tls_handshake_pending(transport: object) -> bool:
+    """True for a TLS transport (Twisted's ``TLSMemoryBIOProtocol``) whose handshake has not finished.
+
+    No ERROR can reach such a peer, and a clean close would wait for the
+    handshake: it must be aborted. Any other transport: False.
+    """
+    return getattr(transport, "_handshakeDone", True) is False
+
+
+def http_channel_transport(proto: Any) -> Any:
+    """The transport of a protocol built by a ``twisted.web`` Site.
+
+    The Site wraps each ``HTTPChannel`` in a proxy (the private
+    ``_GenericHTTPChannelProtocol``) that has no ``transport`` of its own; the
+    channel behind it (the private ``_channel``) does.
+    """
+    return getattr(proto, "transport", None) or proto._channel.transport
