@@ -43,3 +43,13 @@ def pulsyflux_server() -> Iterator[Any]:
 def pulsyflux_channel() -> uuid.UUID:
     """A fresh channel id, so tests never see each other's traffic."""
     return uuid.uuid4()
+
+
+@pytest.fixture
+def pulsyflux_memory_server() -> Iterator[Any]:
+    """A :class:`pulsyflux.testing.MemoryServer`: no socket, time on a clock; for plain ``def`` tests."""
+    from pulsyflux.testing import MemoryServer
+
+    server = MemoryServer()
+    yield server
+    server.close()

@@ -1,4 +1,4 @@
-"""Run a real pulsyflux server inside your own tests.
+"""Run a real pulsyflux server inside your own tests: over TCP, or in memory.
 
 Tests of code that talks to pulsyflux want a real server, not a mock, but
 without ports to pick or processes to manage. :func:`start_server` listens on
@@ -17,20 +17,62 @@ pytest-twisted users get the ``pulsyflux_server`` fixture (registered by
     def setUp(self):
         d = start_server(cleanup=self.addCleanup)
         return d.addCallback(lambda server: setattr(self, "server", server))
+
+:class:`MemoryServer` is the same server with no socket and no real time:
+clients reach it through in-memory transports (:mod:`pulsyflux.inproc`)
+and every timer runs on a :class:`~twisted.internet.testing.MemoryReactorClock`,
+so a test of a timeout, a heartbeat or a reconnect runs in microseconds
+and never flakes on a loaded machine (as treq's ``StubTreq`` does for
+HTTP):
+
+    server = MemoryServer()
+    consumer = server.run(Consumer.connect(server.address, channel, reactor=server.clock))
+    server.advance(30)          # thirty seconds pass, at once
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 
-from .server import ServerFactory, ServerStats
+from .inproc import InProcessEndpoint
+from .server import ServerFactory, ServerProtocol, ServerStats
 from .service import client_address
 
-__all__ = ["RunningServer", "start_server"]
+__all__ = ["MemoryServer", "RunningServer", "start_server"]
+
+T = TypeVar("T")
+
+
+def _server_side(factory: ServerFactory, connection: Any) -> ServerProtocol:
+    """The server's end of ``connection``: a ServerProtocol, or a client's (Consumer, Provider).
+
+    The server's end is the one whose peer is the client's own address
+    (a TCP port or an in-memory label), whatever the transport.
+    """
+    if isinstance(connection, ServerProtocol):
+        return connection
+    protocol = getattr(connection, "_protocol", connection)  # a Consumer or Provider: its current protocol
+    transport = getattr(protocol, "transport", None)
+    if transport is None:
+        raise ValueError(f"{connection!r} is not connected")
+    here = transport.getHost()
+    for conn in factory.router.connections:
+        if conn.transport is not None and conn.transport.getPeer() == here:
+            return conn
+    raise ValueError(f"{connection!r} has no connection to this server")
+
+
+def _drop(factory: ServerFactory, connection: Any) -> "Deferred[None]":
+    conn = _server_side(factory, connection)
+    gone = conn.closed()
+    conn.transport.abortConnection()
+    return gone
 
 
 class RunningServer:
@@ -64,6 +106,23 @@ class RunningServer:
     def registry(self) -> dict:
         """(role, channel id, client id) -> connection, for every registered client."""
         return self.factory.registry
+
+    @property
+    def connections(self) -> list[ServerProtocol]:
+        """The server's end of every open connection (the broker's link included)."""
+        return list(self.factory.router.connections)
+
+    def drop(self, connection: Any) -> "Deferred[None]":
+        """Cut ``connection`` as a TCP reset would; fires once the server has let go of it.
+
+        ``connection`` is the server's end (from :attr:`connections`) or a
+        client (``Consumer``, ``Provider``); the client sees its connection lost.
+        """
+        return _drop(self.factory, connection)
+
+    def all_closed(self) -> "Deferred[Any]":
+        """Fires once every connection open now is gone."""
+        return DeferredList([conn.closed() for conn in self.connections])
 
     def stop(self) -> "Deferred[None]":
         """Stop listening, close every connection, and let the peers notice.
@@ -154,3 +213,144 @@ async def _start(reactor: Any, broker: bool, http: bool, cleanup: Optional[Calla
             await server.stop()
         raise
     return server
+
+
+class MemoryServer:
+    """A pulsyflux server and its clients in memory, on a clock that moves only when told.
+
+    ``address`` is what clients connect to (an endpoint; every client takes
+    it wherever it takes an address); give them ``reactor=server.clock``
+    too, so their timers run on the same clock. Nothing happens until the
+    clock is pumped: :meth:`run` drives a Deferred or coroutine to its end,
+    jumping the clock from timer to timer while nothing else is due;
+    :meth:`flush` delivers everything due now; :meth:`advance` lets time
+    pass. Connections behave like TCP's where the server relies on it
+    (asynchronous delivery, flow control, resets), see :mod:`pulsyflux.inproc`.
+
+        server = MemoryServer()
+        provider = server.run(Provider.connect(server.address, channel, handler=bytes.upper, reactor=server.clock))
+        consumer = server.run(server.connect(Consumer, channel))  # the same, shorter
+        assert server.run(consumer.send(b"hi")) == b"HI"
+
+    ``broker=True`` (the default) runs the broker on its default channel,
+    as :func:`start_server` does; ``options`` go to
+    :class:`~pulsyflux.server.ServerFactory` (``max_body=...`` etc.).
+    """
+
+    def __init__(self, *, broker: bool = True, clock: Optional[MemoryReactorClock] = None, **options: Any) -> None:
+        self.clock = clock if clock is not None else MemoryReactorClock()
+        self.factory = ServerFactory(self.clock, **options)
+        # Clients are strangers (not trusted): every limit of the server applies to them.
+        self.address = InProcessEndpoint(self.factory, self.clock, trusted=False, label="memory")
+        self.broker: Any = None
+        self.broker_channel: Optional[uuid.UUID] = None
+        if broker:
+            from .broker import DEFAULT_BROKER_CHANNEL, Broker
+
+            self.factory.router.reserve(DEFAULT_BROKER_CHANNEL.bytes)
+            link = InProcessEndpoint(self.factory, self.clock, label="broker")
+            self.broker = self.run(Broker.connect(link, DEFAULT_BROKER_CHANNEL, reactor=self.clock))
+            self.broker_channel = DEFAULT_BROKER_CHANNEL
+
+    @property
+    def reactor(self) -> MemoryReactorClock:
+        """The clock, under the name constructors take it by (``reactor=server.reactor``)."""
+        return self.clock
+
+    @property
+    def stats(self) -> ServerStats:
+        return self.factory.stats
+
+    @property
+    def registry(self) -> dict:
+        return self.factory.registry
+
+    @property
+    def connections(self) -> list[ServerProtocol]:
+        """The server's end of every open connection (the broker's link included)."""
+        return list(self.factory.router.connections)
+
+    def connect(self, client: Any, *args: Any, **options: Any) -> "Deferred[Any]":
+        """``client.connect(server.address, *args, reactor=server.clock, **options)``.
+
+        For ``Consumer``, ``Provider``, ``BrokerClient`` or ``Broker``:
+        ``server.run(server.connect(Consumer, channel))``.
+        """
+        return client.connect(self.address, *args, reactor=self.clock, **options)  # type: ignore[no-any-return]
+
+    def now(self) -> float:
+        """Seconds on the clock (it starts at 0)."""
+        return self.clock.seconds()
+
+    def flush(self) -> None:
+        """Run everything due now, and whatever that makes due now, until nothing is."""
+        self.clock.advance(0)
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass: each timer runs at its own time, with what it starts."""
+        if seconds < 0:
+            raise ValueError("time only moves forward")
+        target = self.clock.seconds() + seconds
+        self.flush()
+        while True:
+            due = self._next_call()
+            if due is None or due > target:
+                break
+            self._jump(due)
+        self._jump(target)
+
+    def run(self, awaitable: Union["Deferred[T]", Awaitable[T]], *, timeout: float = 3600.0) -> T:
+        """Drive ``awaitable`` to its end and return its result (or raise its error).
+
+        While it waits and nothing is due, the clock jumps to the next timer,
+        so waiting for a 10-second timeout costs nothing. Fails if nothing is
+        left that could make it fire (a deadlock: typically a client created
+        without ``reactor=server.clock``), or after ``timeout`` seconds on
+        the clock.
+        """
+        d = ensureDeferred(awaitable)
+        outcome: list[Any] = []
+        d.addBoth(outcome.append)
+        deadline = self.clock.seconds() + timeout
+        self.flush()
+        while not outcome:
+            due = self._next_call()
+            if due is None:
+                d.cancel()
+                raise AssertionError(f"{awaitable!r} waits for something that never comes: no timer is left")
+            if due > deadline:
+                d.cancel()
+                raise AssertionError(f"{awaitable!r} still waiting after {timeout} seconds on the clock")
+            self._jump(due)
+        result = outcome[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result  # type: ignore[no-any-return]
+
+    def drop(self, connection: Any) -> "Deferred[None]":
+        """Cut ``connection`` as a TCP reset would, and let both ends notice.
+
+        ``connection`` is the server's end (from :attr:`connections`) or a
+        client (``Consumer``, ``Provider``). The Deferred has fired on return.
+        """
+        gone = _drop(self.factory, connection)
+        self.flush()
+        return gone
+
+    def close(self) -> None:
+        """Close the broker, then every connection (the clients see theirs lost)."""
+        if self.broker is not None:
+            self.run(maybeDeferred(self.broker.close))
+        self.run(self.factory.shutdown(grace=0, linger=0))
+
+    def _next_call(self) -> Optional[float]:
+        calls = [call.getTime() for call in self.clock.getDelayedCalls() if call.active()]
+        return min(calls) if calls else None
+
+    def _jump(self, when: float) -> None:
+        now = self.clock.seconds()
+        if when > now:
+            self.clock.advance(when - now)
+            if self.clock.seconds() < when:  # rounding: land exactly on the timer's time
+                self.clock.rightNow = when
+        self.flush()

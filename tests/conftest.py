@@ -1,4 +1,4 @@
-"""Shared fixtures: a real pulsyflux server on 127.0.0.1 with an ephemeral port."""
+"""Shared fixtures: a real pulsyflux server on 127.0.0.1 with an ephemeral port, or one in memory."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 
 from pulsyflux.server import ServerFactory
+from pulsyflux.testing import MemoryServer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # A copy of shared/wire-vectors.txt (frames captured from the Go implementation),
@@ -46,6 +47,14 @@ def server():
     running = RunningServer()
     yield running
     pytest_twisted.blockon(running.stop())
+
+
+@pytest.fixture
+def memory():
+    """A :class:`~pulsyflux.testing.MemoryServer` without its broker; see ``helpers.clocked``."""
+    running = MemoryServer(broker=False)
+    yield running
+    running.close()
 
 
 @pytest.fixture

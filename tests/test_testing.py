@@ -48,6 +48,25 @@ async def test_stop_closes_everything_even_clients_left_open():
 
 
 @ensure
+async def test_drop_resets_one_client_over_tcp(pulsyflux_server, pulsyflux_channel):
+    address = pulsyflux_server.address
+    provider = await Provider.connect(address, pulsyflux_channel, handler=bytes.upper)
+    consumer = await Consumer.connect(address, pulsyflux_channel)
+    assert await consumer.send(b"x") == b"X"
+    lost = provider.when_lost()
+    before = len(pulsyflux_server.connections)
+    await pulsyflux_server.drop(provider)
+    await lost
+    assert len(pulsyflux_server.connections) == before - 1
+    assert consumer.connected  # only that one
+    [conn] = [c for c in pulsyflux_server.connections if not c.trusted]  # the broker's link is trusted
+    lost = consumer.when_lost()
+    await pulsyflux_server.drop(conn)  # the server's own end works too
+    await lost
+    await consumer.close()
+
+
+@ensure
 async def test_the_plugin_is_registered_for_users():
     """A user's own test file gets the fixture without importing anything."""
     return_code, output = await threads.deferToThread(_run_user_suite)

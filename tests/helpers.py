@@ -1,0 +1,42 @@
+"""What tests share: one ``eventually``, one ``later``, and ``clocked`` for the in-memory harness."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+
+
+def later(seconds: float, value: Any = None, clock: Any = reactor) -> Deferred:
+    """Fires with ``value`` after ``seconds`` on ``clock`` (the real reactor unless told)."""
+    return task.deferLater(clock, seconds, lambda: value)
+
+
+async def eventually(condition: Callable[[], Any], timeout: float = 5.0, step: float = 0.005) -> None:
+    """Wait (bounded) until ``condition()`` is true, over real TCP, for states no Deferred announces.
+
+    Prefer awaiting a Deferred where one exists; on the in-memory harness use
+    ``memory.flush()`` / ``memory.advance()`` instead.
+    """
+    for _ in range(int(timeout / step)):
+        if condition():
+            return
+        await later(step)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def clocked(test: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an ``async def`` test on the ``memory`` fixture (a MemoryServer) and its clock.
+
+    The test asks for ``memory`` like any fixture; its awaits are driven by
+    ``memory.run``, so a timer of ten seconds costs nothing and durations
+    can be asserted exactly (``memory.now()``).
+    """
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return kwargs["memory"].run(test(*args, **kwargs))
+
+    return run
