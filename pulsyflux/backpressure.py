@@ -112,7 +112,7 @@ class Backpressure:
         self.spared.clear()
         self._release_all()
         conn = self._conn()
-        transport = getattr(conn, "transport", None)
+        transport: Any = getattr(conn, "transport", None)
         if getattr(transport, "disconnecting", False):
             # Twisted closes a connection only once its producer is gone.
             transport.unregisterProducer()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NoReturn, Optional, Union, cast
 
 from twisted.internet.defer import (
     CancelledError,
@@ -705,7 +705,7 @@ class _Router:
             d = Deferred.fromCoroutine(self.setup(topic, channel, None))
             answer = _OK
 
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> NoReturn:
             # Said plainly, so the client does not take it for "no broker".
             if failure.check(NoProviderError):
                 raise PulsyfluxError(f"subscribe failed: no subscriber answers on channel {channel}")
@@ -1083,7 +1083,12 @@ class Broker:
                 waits.append(self._provider.close())
             self._closing = DeferredList(waits, consumeErrors=True).addCallback(self._all_closed)
         d: Deferred[None] = Deferred()
-        self._closing.addBoth(lambda result: (d.callback(None), result)[1])
+
+        def closed(result: object) -> object:
+            d.callback(None)
+            return result
+
+        self._closing.addBoth(closed)
         return d
 
     def _all_closed(self, _: Any) -> None:
@@ -1299,11 +1304,13 @@ class BrokerClient:
                              c=self.channel, t=sub.topic)  # fmt: skip
                     sub._gaps += 1
                     sub._resumed()
-            elif result.check(NoProviderError, RequestTimeout):
-                silent = result.value
-            elif not result.check(ConnectionLostError):  # our line dropped: says nothing about the broker
+                continue
+            failure = cast(Failure, result)  # not ok: DeferredList gives the Failure (its stub says bytes)
+            if failure.check(NoProviderError, RequestTimeout):
+                silent = failure.value
+            elif not failure.check(ConnectionLostError):  # our line dropped: says nothing about the broker
                 answered = True  # it refused, so it is there
-                log.debug("heartbeat for {t!r} not accepted: {e}", t=sub.topic, e=result.value)
+                log.debug("heartbeat for {t!r} not accepted: {e}", t=sub.topic, e=failure.value)
         if answered:
             self._misses = 0
             return

@@ -18,9 +18,10 @@ import signal
 import sys
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Coroutine, Optional, Sequence
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -41,7 +42,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
-Command = Callable[[Any, argparse.Namespace], Awaitable[Optional[int]]]
+Command = Callable[[Any, argparse.Namespace], Coroutine[Any, Any, Optional[int]]]
 
 
 class CLIError(Exception):
@@ -98,7 +99,12 @@ def _run(command: Command, args: argparse.Namespace, reactor: Any = None) -> int
         if state.done.called:
             return None
         wait: Deferred[None] = Deferred()
-        timer = reactor.callLater(3.0, lambda: wait.called or wait.callback(None))
+
+        def give_up() -> None:
+            if not wait.called:
+                wait.callback(None)
+
+        timer = reactor.callLater(3.0, give_up)
 
         def done(_: Any) -> None:
             if timer.active():
@@ -160,7 +166,8 @@ def _describe(error: BaseException, args: argparse.Namespace) -> str:
     if isinstance(error, net_error.ConnectionRefusedError):
         return f"cannot connect to {server}: connection refused (is the server running?)"
     if isinstance(error, (net_error.ConnectError, net_error.DNSLookupError)):
-        text = error.osError if getattr(error, "osError", None) else (error.args[0] if error.args else "")
+        os_error = getattr(error, "osError", None)  # a ConnectError's; a DNSLookupError has none
+        text = os_error if os_error else (error.args[0] if error.args else "")
         detail = str(text or type(error).__name__).strip().rstrip(".")
         return f"cannot connect to {server}: {detail}"
     if isinstance(error, NoProviderError):
@@ -308,6 +315,8 @@ async def cmd_request(reactor: Any, args: argparse.Namespace) -> int:
 class _CommandProtocol(ProcessProtocol):
     """Feeds one request to a child process; collects its output."""
 
+    transport: IProcessTransport  # set before connectionMade, as for any ProcessProtocol
+
     def __init__(self, stdin: bytes, done: "Deferred[tuple[bytes, bytes, Any]]") -> None:
         self.stdin = stdin
         self.done = done
@@ -397,9 +406,20 @@ async def cmd_reply(reactor: Any, args: argparse.Namespace) -> int:
 
 async def _first(*deferreds: "Deferred[Any]") -> int:
     """Wait for the first of ``deferreds``; return its index."""
-    winner: Deferred[int] = Deferred(lambda _: [d.cancel() for d in deferreds if not d.called])
+
+    def cancel(_: object) -> None:
+        for d in deferreds:
+            if not d.called:
+                d.cancel()
+
+    winner: Deferred[int] = Deferred(cancel)
+
+    def first(result: object, index: int) -> None:
+        if not winner.called:
+            winner.callback(index)
+
     for index, d in enumerate(deferreds):
-        d.addBoth(lambda result, index=index: winner.called or winner.callback(index))
+        d.addBoth(first, index)
     return await winner
 
 

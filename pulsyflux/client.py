@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import codec
+from ._types import IStreamTransport
 from .codec import (
     CHUNK,
     DEFAULT_TIMEOUT_MS,
@@ -117,6 +118,8 @@ def _id_source() -> Callable[[], bytes]:
 
 class _ClientProtocol(Protocol):
     """Frames in, frames out; the owning client decides what they mean."""
+
+    transport: IStreamTransport  # set before connectionMade, never None after
 
     def __init__(self, owner: "_Client") -> None:
         self.owner = owner

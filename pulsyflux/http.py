@@ -23,7 +23,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Optional, cast
 from urllib.parse import unquote
 
 from twisted.application import service
@@ -525,8 +525,9 @@ class Publish(_Leaf):
         problem = _topic_problem(topic)
         if problem:
             return _json(request, http.BAD_REQUEST, {"error": problem})
-        request.content.seek(0)
-        payload = request.content.read()
+        content = cast(BinaryIO, request.content)  # Twisted's stub says None: it is the buffered body
+        content.seek(0)
+        payload = content.read()
         if len(payload) > self.max_body:
             return self._too_large(request)
         if self.broker is None:
@@ -593,8 +594,12 @@ class _BoundedRequest(Request):
 
     body_too_large = False
 
+    def _max_body(self) -> Optional[int]:
+        """The limit of the site (a :class:`PulsyfluxSite`) that made this request's channel."""
+        return getattr(getattr(self.channel, "site", None), "max_body", None)
+
     def gotLength(self, length: Optional[int]) -> None:
-        limit = getattr(self.channel.site, "max_body", None)
+        limit = self._max_body()
         if limit is not None and length is not None and length > limit:
             self.body_too_large = True
             length = 0
@@ -603,11 +608,12 @@ class _BoundedRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
             return
-        limit = getattr(self.channel.site, "max_body", None)
-        if limit is not None and self.content.tell() + len(data) > limit:
+        limit = self._max_body()
+        content = cast(BinaryIO, self.content)  # made by gotLength (Twisted's stub says None)
+        if limit is not None and content.tell() + len(data) > limit:
             self.body_too_large = True
-            self.content.seek(0)
-            self.content.truncate()
+            content.seek(0)
+            content.truncate()
             return
         super().handleContentChunk(data)
 

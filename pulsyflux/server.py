@@ -21,11 +21,13 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ServerFactory as _TwistedServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import codec
+from ._types import IStreamTransport
 from .backpressure import DEFAULT_MAX_UNSENT, DEFAULT_MAX_UNSENT_TOTAL, Backpressure, FlowControl
 from .codec import (
     CHUNK,
@@ -327,7 +329,8 @@ class Router:
             outbox = conn.outbox
             for data in coalesce(outbox):
                 conn.write(data)
-            if conn.flow.paused:  # its send buffer is over the high-water mark
+            # a routed connection always has its flow (set before Router.connected): no check on this path
+            if conn.flow.paused:  # type: ignore[union-attr]  # its send buffer is over the high-water mark
                 self.flow_control.wrote(conn, sum(map(len, outbox)))
             outbox.clear()
         dirty.clear()
@@ -382,7 +385,8 @@ class Router:
         self.requests[request_id] = entry
         conn.started.add(request_id)
         provider.assigned.add(request_id)
-        if provider.flow.blocked_by:  # a slow consumer keeps it unread: not while it serves this one
+        # a routed connection always has its flow (set before Router.connected): no check on this path
+        if provider.flow.blocked_by:  # type: ignore[union-attr]  # a slow consumer keeps it unread
             self.flow_control.serving(provider, conn)
         if timeout_ms:  # it holds until the response is complete
             self.deadlines.add(request_id, entry, timeout_ms / 1000.0)
@@ -515,6 +519,7 @@ class ServerProtocol(Protocol):
     """
 
     trusted: bool = False
+    transport: IStreamTransport  # set before connectionMade, never None after
 
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -609,7 +614,7 @@ class ServerProtocol(Protocol):
             d.callback(None)
 
 
-class ServerFactory(Factory):
+class ServerFactory(_TwistedServerFactory):
     """Builds :class:`ServerProtocol` connections sharing one :class:`Router`.
 
     ``reactor`` is also the clock for request deadlines, so tests can pass a

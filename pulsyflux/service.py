@@ -207,6 +207,7 @@ class BrokerService(service.MultiService):
         self._ready.addErrback(self._broker_failed)
 
     def _connect_broker(self, port: Any = None) -> Any:
+        assert self.broker_channel is not None  # startService connects a broker only when there is a channel
         endpoint = InProcessEndpoint(self.factory, self.reactor, label="broker")
         d = Broker.connect(endpoint, self.broker_channel, reactor=self.reactor, **self.broker_options)
 
@@ -326,7 +327,12 @@ class BrokerService(service.MultiService):
             if starting is None or starting.called:
                 return None
             settled: Deferred[None] = Deferred()
-            starting.addBoth(lambda result: (settled.callback(None), result)[1])
+
+            def settle(result: object) -> object:
+                settled.callback(None)
+                return result
+
+            starting.addBoth(settle)
             return settled.addCallback(lambda _: self.broker.close() if self.broker is not None else None)
 
         return first.addBoth(stop_children).addBoth(settle_start).addCallback(lambda _: None)

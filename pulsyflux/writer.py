@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.interfaces import ITransport
-
 from ._twisted_compat import immediate_send
+from ._types import IStreamTransport
 
 __all__ = ["immediate_writer", "ImmediateWriter", "coalesce"]
 
@@ -47,7 +46,7 @@ def coalesce(pieces: list[bytes]) -> list[bytes]:
     return writes
 
 
-def immediate_writer(transport: ITransport) -> Callable[[bytes], None]:
+def immediate_writer(transport: IStreamTransport) -> Callable[[bytes], None]:
     """A ``write`` for ``transport`` that sends at once when it safely can.
 
     Only plain TCP and UNIX transports qualify (TLS must encrypt first);
@@ -66,7 +65,7 @@ class ImmediateWriter:
 
     __slots__ = ("_write_now", "_held")
 
-    def __init__(self, transport: ITransport) -> None:
+    def __init__(self, transport: IStreamTransport) -> None:
         self._write_now = immediate_writer(transport)
         self._held: list[bytes] | None = None
 

@@ -23,9 +23,10 @@ import statistics
 import sys
 from dataclasses import asdict
 from types import ModuleType
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Callable, Coroutine, Optional
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 
 __all__ = [
@@ -56,27 +57,27 @@ Progress = Callable[[str], None]
 class Child(ProcessProtocol):
     """A child process whose first line of output says it is ready (usually its port)."""
 
+    transport: IProcessTransport  # set before connectionMade, as for any ProcessProtocol
+
     def __init__(self, name: str) -> None:
         self.name = name
-        self.ready: Optional[Deferred[str]] = Deferred()
+        self.ready: Deferred[str] = Deferred()
         self.ended: Deferred[None] = Deferred()
         self._out = b""
         self._err = b""
 
     def outReceived(self, data: bytes) -> None:
         self._out += data
-        if self.ready is not None and b"\n" in self._out:
+        if not self.ready.called and b"\n" in self._out:
             line, _, self._out = self._out.partition(b"\n")
-            ready, self.ready = self.ready, None
-            ready.callback(line.decode().strip())
+            self.ready.callback(line.decode().strip())
 
     def errReceived(self, data: bytes) -> None:
         self._err = (self._err + data)[-4000:]
 
     def processEnded(self, reason: Any) -> None:
-        if self.ready is not None:
-            ready, self.ready = self.ready, None
-            ready.errback(
+        if not self.ready.called:
+            self.ready.errback(
                 RuntimeError(f"{self.name} exited before it was ready:\n{self._err.decode(errors='replace')}")
             )
         self.ended.callback(None)
@@ -181,7 +182,7 @@ def public_options(options: Any) -> dict:
 
 # -- running ---------------------------------------------------------------------
 
-Measure = Callable[[Any, Any, Progress], Awaitable[dict]]
+Measure = Callable[[Any, Any, Progress], Coroutine[Any, Any, dict]]
 
 
 def start(measure: Measure, reactor: Any, options: Any, progress: Optional[Progress]) -> "Deferred[dict]":

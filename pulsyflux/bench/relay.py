@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.interfaces import ITransport
+from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 
 from pulsyflux.writer import immediate_writer
 
@@ -72,6 +74,8 @@ class _Upstream(Protocol):
 class RelayProtocol(Protocol):
     """One client connection; its bytes go to a dedicated upstream and back."""
 
+    transport: ITransport  # set before connectionMade
+
     def __init__(self, reactor: Any, upstream_port: int, immediate: bool = False) -> None:
         self.reactor = reactor
         self.upstream_port = upstream_port
@@ -105,7 +109,7 @@ class RelayProtocol(Protocol):
             self.upstream_transport.loseConnection()
 
 
-class RelayFactory(Factory):
+class RelayFactory(ServerFactory):
     def __init__(self, reactor: Any, upstream_port: int, immediate: bool = False) -> None:
         self.reactor = reactor
         self.upstream_port = upstream_port
@@ -178,13 +182,14 @@ def serve(argv: list[str]) -> None:
     if immediate:
         argv = argv[:-1]
     if argv == ["echo"]:
-        factory: Factory = Factory.forProtocol(lambda: EchoProtocol(immediate))
+        factory: ServerFactory = ServerFactory()
+        factory.protocol = lambda: EchoProtocol(immediate)  # what Factory.forProtocol does
     elif len(argv) == 2 and argv[0] == "relay":
         factory = RelayFactory(reactor, int(argv[1]), immediate)
     else:
         sys.exit("usage: python -m pulsyflux.bench.relay echo | relay ECHO_PORT  [immediate]")
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    print(port.getHost().port, flush=True)
+    print(cast(IPv4Address, port.getHost()).port, flush=True)
     run_as_child(reactor)
 
 

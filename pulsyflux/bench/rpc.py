@@ -25,8 +25,9 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
@@ -166,7 +167,9 @@ class _Flood:
 
     def _fire(self, consumer: Consumer) -> None:
         self.outstanding += 1
-        consumer.send(self.payload, 30.0).addCallbacks(self._answered, self._failed, (consumer,), None, (consumer,))
+        consumer.send(self.payload, 30.0).addCallbacks(
+            self._answered, self._failed, callbackArgs=(consumer,), errbackArgs=(consumer,)
+        )
 
     def _answered(self, reply: bytes, consumer: Consumer) -> None:
         self.outstanding -= 1
@@ -288,7 +291,7 @@ async def _run_once(reactor: Any, options: Options, clients: dict) -> dict:
 
 
 def _summarise(options: Options, runs: list[dict]) -> dict:
-    medians = {
+    medians: dict[str, Any] = {
         "sequential_req_per_s": median(runs, "sequential", "req_per_s"),
         "sequential_p50_us": median(runs, "sequential", "p50_us"),
         "sequential_p99_us": median(runs, "sequential", "p99_us"),
@@ -301,7 +304,7 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
         "echo_p50_ms": (lambda v: v / 1000 if v is not None else None)(median(runs, "echo", "p50_us")),
     }
     for phase in ("sequential", "relay", "inflight", "echo"):
-        names = next((r[phase]["cpu_us"] for r in runs if phase in r), {})
+        names: dict[str, Any] = next((r[phase]["cpu_us"] for r in runs if phase in r), {})
         medians[f"{phase}_cpu_us"] = {name: median(runs, phase, "cpu_us", name) for name in names}
     return {
         "options": public_options(options),
@@ -442,7 +445,7 @@ def _serve(argv: list[str]) -> None:
         from pulsyflux.server import ServerFactory
 
         port = reactor.listenTCP(0, ServerFactory(reactor), interface="127.0.0.1")
-        reactor.callWhenRunning(lambda: print(port.getHost().port, flush=True))
+        reactor.callWhenRunning(lambda: print(cast(IPv4Address, port.getHost()).port, flush=True))
     elif len(argv) == 3 and argv[0] == "provider":
         address, channel = f"127.0.0.1:{argv[1]}", argv[2]
 
