@@ -37,8 +37,10 @@ from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .inproc import InProcessEndpoint
 from .server import ServerFactory, ServerProtocol, ServerStats
@@ -68,10 +70,11 @@ def _server_side(factory: ServerFactory, connection: Any) -> ServerProtocol:
     raise ValueError(f"{connection!r} has no connection to this server")
 
 
-def _drop(factory: ServerFactory, connection: Any) -> "Deferred[None]":
-    conn = _server_side(factory, connection)
-    gone = conn.closed()
-    conn.transport.abortConnection()
+def _drop(factory: ServerFactory, connections: tuple[Any, ...]) -> "Deferred[Any]":
+    ends = [_server_side(factory, connection) for connection in connections]  # all found before any is cut
+    gone = DeferredList([conn.closed() for conn in ends])
+    for conn in ends:
+        conn.transport.abortConnection()
     return gone
 
 
@@ -112,13 +115,13 @@ class RunningServer:
         """The server's end of every open connection (the broker's link included)."""
         return list(self.factory.router.connections)
 
-    def drop(self, connection: Any) -> "Deferred[None]":
-        """Cut ``connection`` as a TCP reset would; fires once the server has let go of it.
+    def drop(self, *connections: Any) -> "Deferred[Any]":
+        """Cut each connection as a TCP reset would, all at once; fires once the server has let go.
 
-        ``connection`` is the server's end (from :attr:`connections`) or a
+        A connection is the server's end (from :attr:`connections`) or a
         client (``Consumer``, ``Provider``); the client sees its connection lost.
         """
-        return _drop(self.factory, connection)
+        return _drop(self.factory, connections)
 
     def all_closed(self) -> "Deferred[Any]":
         """Fires once every connection open now is gone."""
@@ -215,6 +218,28 @@ async def _start(reactor: Any, broker: bool, http: bool, cleanup: Optional[Calla
     return server
 
 
+@implementer(IStreamClientEndpoint)
+class _StrangerEndpoint:
+    """An in-memory endpoint that is not the server's own: a Broker over it is an outside broker.
+
+    (:class:`~pulsyflux.inproc.InProcessEndpoint` offers ``guard_channel``,
+    which makes a Broker act as the server's own and guard its subscribers'
+    channels for trusted connections only.)
+    """
+
+    def __init__(self, endpoint: InProcessEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, protocolFactory: Any) -> "Deferred[Any]":
+        return self._endpoint.connect(protocolFactory)
+
+    def __str__(self) -> str:
+        return str(self._endpoint)
+
+    def __repr__(self) -> str:
+        return f"<MemoryServer endpoint {self._endpoint.label}>"
+
+
 class MemoryServer:
     """A pulsyflux server and its clients in memory, on a clock that moves only when told.
 
@@ -241,9 +266,10 @@ class MemoryServer:
         self.clock = clock if clock is not None else MemoryReactorClock()
         self.factory = ServerFactory(self.clock, **options)
         # Clients are strangers (not trusted): every limit of the server applies to them.
-        self.address = InProcessEndpoint(self.factory, self.clock, trusted=False, label="memory")
+        self.address = _StrangerEndpoint(InProcessEndpoint(self.factory, self.clock, trusted=False, label="memory"))
         self.broker: Any = None
         self.broker_channel: Optional[uuid.UUID] = None
+        self._quiet: list[Deferred[None]] = []
         if broker:
             from .broker import DEFAULT_BROKER_CHANNEL, Broker
 
@@ -285,6 +311,21 @@ class MemoryServer:
     def flush(self) -> None:
         """Run everything due now, and whatever that makes due now, until nothing is."""
         self.clock.advance(0)
+        while self._quiet:
+            waiters, self._quiet = self._quiet, []
+            for d in waiters:
+                d.callback(None)
+            self.clock.advance(0)
+
+    def quiet(self) -> "Deferred[None]":
+        """Fires once everything due now has run (every byte delivered), before the clock moves.
+
+        For a coroutine under :meth:`run` that checks state no Deferred
+        announces: ``await server.quiet()`` instead of polling.
+        """
+        d: Deferred[None] = Deferred()
+        self._quiet.append(d)
+        return d
 
     def advance(self, seconds: float) -> None:
         """Let ``seconds`` pass: each timer runs at its own time, with what it starts."""
@@ -327,13 +368,13 @@ class MemoryServer:
             result.raiseException()
         return result  # type: ignore[no-any-return]
 
-    def drop(self, connection: Any) -> "Deferred[None]":
-        """Cut ``connection`` as a TCP reset would, and let both ends notice.
+    def drop(self, *connections: Any) -> "Deferred[Any]":
+        """Cut each connection as a TCP reset would, all at once, and let both ends notice.
 
-        ``connection`` is the server's end (from :attr:`connections`) or a
+        A connection is the server's end (from :attr:`connections`) or a
         client (``Consumer``, ``Provider``). The Deferred has fired on return.
         """
-        gone = _drop(self.factory, connection)
+        gone = _drop(self.factory, connections)
         self.flush()
         return gone
 

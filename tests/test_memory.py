@@ -135,3 +135,16 @@ def test_the_plugin_fixture(pulsyflux_memory_server, pulsyflux_channel):
 def test_drop_refuses_what_is_no_connection():
     with pytest.raises(ValueError):
         MemoryServer(broker=False).drop(object())
+
+
+@clocked
+async def test_quiet_fires_once_everything_due_now_has_run(memory, channel):
+    provider = await memory.connect(Provider, channel, handler=bytes.upper)
+    consumer = await memory.connect(Consumer, channel)
+    consumer.send(b"x")
+    assert memory.stats.requests_routed == 0  # not delivered yet: that takes reactor turns
+    memory.clock.callLater(1.0, lambda: None)
+    await memory.quiet()
+    assert memory.stats.requests_routed == 1 and memory.now() == 0
+    await consumer.close()
+    await provider.close()

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from pulsyflux import (
@@ -20,13 +20,10 @@ from pulsyflux import (
     codec,
 )
 
+from .helpers import clocked, later
 from .wire import connect_raw, register_frames, request_frames
 
 ensure = pytest_twisted.ensureDeferred
-
-
-def later(seconds: float, value=None) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: value)
 
 
 @ensure
@@ -63,15 +60,14 @@ async def test_several_consumers_share_one_provider(server, channel):
     await provider.close()
 
 
-@ensure
-async def test_no_provider_fails_fast_with_typed_error(server, channel):
-    consumer = await Consumer.connect(server.address, channel)
-    started = reactor.seconds()
+@clocked
+async def test_no_provider_fails_fast_with_typed_error(memory, channel):
+    consumer = await memory.connect(Consumer, channel)
     with pytest.raises(NoProviderError, match="peer disappeared"):
         await consumer.send(b"anyone?", timeout=5.0)
-    assert reactor.seconds() - started < 1.0
+    assert memory.now() == 0  # at once, not when the timeout runs out
     # Exactly one ERROR per failed request: the next send is not confused.
-    provider = await Provider.connect(server.address, channel, handler=lambda data: b"ok")
+    provider = await memory.connect(Provider, channel, handler=lambda data: b"ok")
     assert await consumer.send(b"now") == b"ok"
     await consumer.close()
     await provider.close()
@@ -119,16 +115,15 @@ async def test_channels_are_isolated(server):
         await client.close()
 
 
-@ensure
-async def test_consumer_timeout_while_provider_is_slow(server, channel):
-    provider = await Provider.connect(server.address, channel, handler=lambda data: later(1.0, b"too late"))
-    consumer = await Consumer.connect(server.address, channel)
-    started = reactor.seconds()
+@clocked
+async def test_consumer_timeout_while_provider_is_slow(memory, channel):
+    provider = await memory.connect(Provider, channel, handler=lambda data: later(1.0, b"too late", memory.clock))
+    consumer = await memory.connect(Consumer, channel)
     with pytest.raises(RequestTimeout):
         await consumer.send(b"slow", timeout=0.2)
-    assert 0.15 <= reactor.seconds() - started < 0.9
+    assert memory.now() == 0.2
     # The late answer is dropped by the server; the connection stays usable.
-    fast = await Provider.connect(server.address, channel, handler=lambda data: b"fast")
+    fast = await memory.connect(Provider, channel, handler=lambda data: b"fast")
     replies = set()
     for _ in range(4):  # round-robin reaches the fast provider
         try:
@@ -254,17 +249,17 @@ async def test_registry_is_cleaned_on_disconnect(server, channel):
     assert server.factory.router.requests == {}
 
 
-@ensure
-async def test_provider_dying_mid_request_fails_the_consumer_promptly(server, channel):
-    provider = await Provider.connect(server.address, channel)
-    consumer = await Consumer.connect(server.address, channel)
+@clocked
+async def test_provider_dying_mid_request_fails_the_consumer_promptly(memory, channel):
+    provider = await memory.connect(Provider, channel)
+    consumer = await memory.connect(Consumer, channel)
     reply = consumer.send(b"work", timeout=10)
     await provider.receive()
-    started = reactor.seconds()
+    started = memory.now()
     await provider.close()
     with pytest.raises(NoProviderError):
         await reply
-    assert reactor.seconds() - started < 1.0
+    assert memory.now() == started  # not when the timeout runs out
     await consumer.close()
 
 
@@ -449,10 +444,12 @@ async def test_server_sets_keepalive_and_nodelay_so_idle_connections_live(server
     await provider.close()
 
 
-@ensure
-async def test_provider_connects_even_if_the_server_never_answers_its_probe(channel):
+@clocked
+async def test_provider_connects_even_if_the_server_never_answers_its_probe(memory, channel):
     """A server that ignores unknown frame types still lets connect() finish."""
     from twisted.internet.protocol import Factory, Protocol
+
+    from pulsyflux.inproc import InProcessEndpoint
 
     class Silent(Protocol):
         def dataReceived(self, data):
@@ -460,19 +457,17 @@ async def test_provider_connects_even_if_the_server_never_answers_its_probe(chan
 
     factory = Factory.forProtocol(Silent)
     factory.received = []
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
 
     class Patient(Provider):
         registration_wait = 0.2
 
-    started = reactor.seconds()
-    provider = await Patient.connect(f"127.0.0.1:{port.getHost().port}", channel)
-    assert 0.15 <= reactor.seconds() - started < 2.0
+    silent = InProcessEndpoint(factory, memory.clock, trusted=False, label="silent")
+    provider = await Patient.connect(silent, channel, reactor=memory.clock)
+    assert memory.now() == 0.2  # it waited registration_wait for the probe's answer, no longer
     frames = list(codec.FrameDecoder().feed(b"".join(factory.received)))
     assert [f.type for f in frames] == [codec.START, codec.END, codec.PROBE]
     assert frames[0].flags == codec.FLAG_REGISTRATION
     await provider.close()
-    await port.stopListening()
 
 
 @ensure
