@@ -1421,6 +1421,7 @@ class BrokerClient:
         """Unsubscribe everything and close every connection."""
         if self._closed is None:
             self._closed = ConnectionLostError("the broker client is closed")
+        error = self._closed
         self._stop_heartbeat()
         for pause in list(self._pauses):
             pause.cancel()
@@ -1429,6 +1430,6 @@ class BrokerClient:
         async def closing() -> None:
             await DeferredList([Deferred.fromCoroutine(self._unsubscribe(s, "the client closed")) for s in subs])
             if self._publisher is not None:
-                await self._publisher.close(self._closed)  # type: ignore[arg-type]
+                await self._publisher.close(error)
 
         return Deferred.fromCoroutine(closing())

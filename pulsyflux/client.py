@@ -20,7 +20,8 @@ from typing import Any, Awaitable, Callable, Iterator, Optional, Union
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, DeferredQueue, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -120,11 +121,11 @@ class _ClientProtocol(Protocol):
     """Frames in, frames out; the owning client decides what they mean."""
 
     transport: IStreamTransport  # set before connectionMade, never None after
+    writer: ImmediateWriter  # made by connectionMade
 
     def __init__(self, owner: "_Client") -> None:
         self.owner = owner
         self.decoder = FrameDecoder()
-        self.writer: Optional[ImmediateWriter] = None
 
     def connectionMade(self) -> None:
         for option in ("setTcpNoDelay", "setTcpKeepAlive"):
@@ -134,7 +135,9 @@ class _ClientProtocol(Protocol):
         self.writer = ImmediateWriter(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        frame_received = self.owner._frame_received
+        owner = self.owner
+        # Until the registration probe is answered, frames pass its check first (one test per read, not per frame).
+        frame_received = owner._frame_received if owner._registration is None else owner._await_registration
         writer = self.writer
         writer.hold()  # what the frames of this read cause to be sent leaves in one send
         try:
@@ -146,7 +149,7 @@ class _ClientProtocol(Protocol):
         finally:
             writer.release()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.owner._connection_lost(reason)
 
 
@@ -171,14 +174,17 @@ class _Client:
         self._closed: Optional[Exception] = None
         self._lost = False
         self._lost_waiters: list[Deferred[None]] = []
-        self._registration: Optional[tuple[bytes, Deferred[None], Any]] = None
+        # While a Provider waits for its probe's answer: (probe id, fired when answered, the wait's timer).
+        self._registration: Optional[tuple[bytes, Deferred[None], IDelayedCall]] = None
         self._address: Optional[Address] = None
         self._backoff: Optional[Callable[[int], float]] = None  # set: reconnect when the line drops
         self._attempts = 0
-        self._retry: Any = None  # the pending reconnect attempt (IDelayedCall or Deferred)
+        self._retry: Union[IDelayedCall, Deferred[Any], None] = None  # the pending reconnect attempt
+        self._given_up = False  # closed or refused: never reconnect again
         self._reconnect_hooks: list[Callable[[Any], Any]] = []
         self._connected_waiters: list[Deferred[Any]] = []
         self.reconnects = 0
+        self._server_said = ""  # the server's last word (an ERROR on the zero id) before it closes the line
 
     @classmethod
     def _connect(cls, address: Address, client: "_Client", reconnect: Reconnect = False) -> "Deferred[Any]":
@@ -201,7 +207,7 @@ class _Client:
     @property
     def reconnecting(self) -> bool:
         """True while this client has lost its connection and is trying again."""
-        return self._backoff is not None and self._protocol is None and self._retry is not False
+        return self._backoff is not None and self._protocol is None and not self._given_up
 
     def on_reconnect(self, callback: Callable[[Any], Any]) -> None:
         """Call ``callback(client)`` each time a lost connection is back and registered.
@@ -220,7 +226,7 @@ class _Client:
 
     def _lost_and_retrying(self, reason: Failure) -> bool:
         """The line dropped: fail what was in flight at once, then reconnect with backoff."""
-        if self._backoff is None or self._retry is False:
+        if self._backoff is None or self._given_up:
             return False
         why = self._server_said or reason.getErrorMessage()
         self._server_said = ""
@@ -235,12 +241,14 @@ class _Client:
         return True
 
     def _schedule_reconnect(self) -> None:
-        delay = self._backoff(self._attempts)  # type: ignore[misc]
+        assert self._backoff is not None  # reconnecting is on: connect(..., reconnect=...) set both
+        delay = self._backoff(self._attempts)
         self._attempts += 1
         self._retry = self.reactor.callLater(delay, self._reconnect)
 
     def _reconnect(self) -> None:
-        endpoint = client_endpoint(self.reactor, self._address)  # type: ignore[arg-type]
+        assert self._address is not None  # reconnecting is on: connect(..., reconnect=...) set both
+        endpoint = client_endpoint(self.reactor, self._address)
         self._retry = attempt = connectProtocol(endpoint, _ClientProtocol(self))
 
         def connected(proto: _ClientProtocol) -> Any:
@@ -275,10 +283,11 @@ class _Client:
 
     def _stop_reconnecting(self) -> bool:
         """No more attempts; True if the client was between connections."""
-        retry, self._retry = self._retry, False  # False: closed for good
+        retry, self._retry = self._retry, None
+        self._given_up = True
         if self._backoff is None:
             return False
-        if retry is not None and retry is not False:
+        if retry is not None:
             retry.cancel()
         return self._protocol is None
 
@@ -299,13 +308,13 @@ class _Client:
             return None
         registered: Deferred[None] = Deferred()
         timer = self.reactor.callLater(self.registration_wait, self._registered, None)
-        self._registration = (request_id, registered, timer)
-        self._frame_received = self._await_registration  # type: ignore[method-assign]
+        self._registration = (request_id, registered, timer)  # until it is None, reads go through _await_registration
         self._write(frames + codec.encode_frame(codec.PROBE, request_id))
         return registered
 
     def _await_registration(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
-        if ftype == ERROR and request_id == self._registration[0]:
+        registration = self._registration  # None once answered: the rest of the same read is ordinary frames
+        if registration is not None and ftype == ERROR and request_id == registration[0]:
             # The probe's answer (``invalid message type``): registered. A
             # refusal comes first with the same id, and the server closes the line.
             error = error_from_message(codec.error_message(payload))
@@ -314,7 +323,7 @@ class _Client:
             else:
                 self._registered(None)
         else:
-            type(self)._frame_received(self, ftype, flags, request_id, payload)
+            self._frame_received(ftype, flags, request_id, payload)
 
     def _refused(self, error: PermissionDenied) -> None:
         """The server refused the registration: fail connect() with its reason, never come back."""
@@ -331,7 +340,6 @@ class _Client:
         registration, self._registration = self._registration, None
         if registration is None:
             return
-        self.__dict__.pop("_frame_received", None)
         _, registered, timer = registration
         if timer.active():
             timer.cancel()
@@ -383,8 +391,6 @@ class _Client:
         if request_id == _ZERO_ID:
             self._server_said = message
         self.log.info("server error for request {r}: {m}", r=uuid.UUID(bytes=request_id), m=message)
-
-    _server_said = ""
 
     def _connection_lost(self, reason: Failure) -> None:
         if self._lost_and_retrying(reason):
@@ -463,7 +469,11 @@ class Consumer(_Client):
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
         request_id = self._next_id()
-        d: Deferred[bytes] = Deferred(lambda _: self._drop(request_id))  # cancel: a late answer is ignored
+
+        def cancel(_: object) -> None:
+            self._drop(request_id)  # a late answer is ignored
+
+        d: Deferred[bytes] = Deferred(cancel)
         pending = _Pending(d)
         self._pending[request_id] = pending
         timeout_ms = max(int(timeout * 1000), 1) if timeout else 0
@@ -606,7 +616,8 @@ class Provider(_Client):
         self._incoming: dict[bytes, _Incoming] = {}  # requests still arriving
         self._incomplete_bytes = 0
         self._sweeps = 0  # one timer for every incomplete request: see _sweep
-        self._sweeper: Any = None
+        self._sweeper: Optional[IDelayedCall] = None
+        self._lost_ids: frozenset[bytes] = frozenset()  # in flight when the line dropped: respond() ignores them
         # request id -> routing until answered; None once the server gave up on it (respond() is a no-op)
         self._routing: dict[bytes, Optional[bytes]] = {}
         self._queue: DeferredQueue[Request] = DeferredQueue()
@@ -750,7 +761,7 @@ class Provider(_Client):
         stale = [(request_id, held) for request_id, held in self._incoming.items() if held.seen <= oldest]
         for request_id, held in stale:
             self._drop_incomplete(request_id, held, codec.MSG_TIMED_OUT)
-        if self._incoming:
+        if self._incoming and self.incomplete_timeout:  # a sweep runs only with a timeout
             self._sweeper = self.reactor.callLater(self.incomplete_timeout / 2, self._sweep)
 
     def _drop_incomplete(self, request_id: bytes, held: _Incoming, message: str) -> None:
@@ -805,8 +816,6 @@ class Provider(_Client):
     def _answer_error(self, failure: Failure, request_id: bytes) -> None:
         if request_id in self._routing:
             self.respond(request_id, error=failure.value)
-
-    _lost_ids: frozenset[bytes] = frozenset()
 
     def _fail_pending(self, error: Exception) -> None:
         self._incoming.clear()

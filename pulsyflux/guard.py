@@ -54,10 +54,6 @@ LINGER = 5.0  # seconds a closed connection may take to flush its ERROR before i
 log = Logger()
 
 
-def _ignore(data: bytes) -> None:
-    pass
-
-
 class ConnectionGuard:
     """The timeouts and the partial-frame budget of one server (see the module docstring)."""
 
@@ -149,7 +145,7 @@ class ConnectionGuard:
         conn.held = 0
         self._unregistered.pop(conn, None)
         self._partial.pop(conn, None)
-        conn.dataReceived = _ignore  # nothing more is read, or held
+        conn.stop_reading()  # nothing more is read, or held
         conn.decoder = FrameDecoder(with_header=True)
         transport = conn.transport
         if self.limiter.allow("closing"):

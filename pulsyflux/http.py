@@ -592,7 +592,9 @@ class _BoundedRequest(Request):
     """Stops buffering a request body past the site's limit, so a huge POST
     costs no memory or disk; the resource then answers 413."""
 
-    body_too_large = False
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.body_too_large = False  # past the limit: the body is dropped, the answer is 413
 
     def _max_body(self) -> Optional[int]:
         """The limit of the site (a :class:`PulsyfluxSite`) that made this request's channel."""

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.protocol import ServerFactory as _TwistedServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -554,7 +554,7 @@ class ServerProtocol(Protocol):
             router.stats.error(message)
             transport.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(message)))
             transport.loseConnection()
-            self.dataReceived = _ignore  # type: ignore[method-assign]  # refused: never routed
+            self.stop_reading()  # refused: never routed
             return
         for option in ("setTcpNoDelay", "setTcpKeepAlive"):
             setter = getattr(transport, option, None)
@@ -567,7 +567,9 @@ class ServerProtocol(Protocol):
             stats.bytes_out += len(data)
             raw_write(data)
 
-        self.write = write  # type: ignore[method-assign]
+        # An instance attribute shadowing the method: the router calls conn.write per flush, with
+        # no bound-method object or state check on the way (a function, so no reference cycle).
+        self.write = write  # type: ignore[method-assign]  # see above: for speed
         self.flow = router.flow_control.attach(self)
         transport.registerProducer(self.flow, True)
         self.router.connected(self)
@@ -594,14 +596,22 @@ class ServerProtocol(Protocol):
         except _Refused:
             # Refused (a foreign provider on a reserved channel): its ERROR
             # leaves first, the rest of what it sent is never routed.
-            self.dataReceived = _ignore  # type: ignore[method-assign]
+            self.stop_reading()
             router.flush()
             self.transport.loseConnection()
         finally:
             router.flush()
             router.reading = None
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def stop_reading(self) -> None:
+        """Drop, unread, whatever more the peer sends (a refused connection, or one the guard closes).
+
+        An instance attribute shadows :meth:`dataReceived` instead of a flag
+        that it tests: the read path of every other connection carries no check.
+        """
+        self.dataReceived = _ignore  # type: ignore[method-assign]  # see the docstring: for speed
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         if self.flow is not None:
             self.flow.stopProducing()
