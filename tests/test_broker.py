@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
 from pulsyflux import (
     Broker,
@@ -24,6 +24,7 @@ from pulsyflux import (
     messages,
 )
 
+from .helpers import clocked
 from .test_messages import FULL
 
 ensure = pytest_twisted.ensureDeferred
@@ -397,18 +398,18 @@ async def test_bad_control_messages_are_refused(server):
     await broker.close()
 
 
-@ensure
-async def test_publish_times_out_from_the_call_when_the_broker_hangs(server):
-    broker = await _broker(server)
-    client = await BrokerClient.connect(server.address, broker.channel)
+@clocked
+async def test_publish_times_out_from_the_call_when_the_broker_hangs(memory):
+    broker = await memory.connect(Broker, uuid.uuid4())
+    client = await memory.connect(BrokerClient, broker.channel)
     hung = broker._provider._protocol.transport
     hung.pauseProducing()  # the broker stops reading: nothing is answered
-    started = reactor.seconds()
+    started = memory.now()
     outcomes = await defer.DeferredList(
         [client.publish("t", b"%d" % i, timeout=1.0) for i in range(10)], consumeErrors=True
     )
     # Publishes queued behind the first requests do not wait a second timeout.
-    assert reactor.seconds() - started < 1.6
+    assert memory.now() - started == pytest.approx(1.0, abs=0.01)  # one timeout (and a tick), not two
     assert all(not ok and failure.check(RequestTimeout) for ok, failure in outcomes)
     hung.resumeProducing()
     await client.close()
