@@ -33,7 +33,7 @@ HTTP):
 from __future__ import annotations
 
 import uuid
-from typing import Any, Awaitable, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Coroutine, Optional, TypeVar, Union
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
@@ -135,7 +135,12 @@ class RunningServer:
         if self._stopped is None:
             self._stopped = Deferred.fromCoroutine(self._stop())
         d: Deferred[None] = Deferred()
-        self._stopped.addBoth(lambda result: (d.callback(None), result)[1])
+
+        def stopped(result: object) -> object:
+            d.callback(None)
+            return result
+
+        self._stopped.addBoth(stopped)
         return d
 
     async def _stop(self) -> None:
@@ -340,7 +345,7 @@ class MemoryServer:
             self._jump(due)
         self._jump(target)
 
-    def run(self, awaitable: Union["Deferred[T]", Awaitable[T]], *, timeout: float = 3600.0) -> T:
+    def run(self, awaitable: Union["Deferred[T]", Coroutine[Any, Any, T]], *, timeout: float = 3600.0) -> T:
         """Drive ``awaitable`` to its end and return its result (or raise its error).
 
         While it waits and nothing is due, the clock jumps to the next timer,
@@ -349,7 +354,7 @@ class MemoryServer:
         without ``reactor=server.clock``), or after ``timeout`` seconds on
         the clock.
         """
-        d = ensureDeferred(awaitable)
+        d: Deferred[T] = ensureDeferred(awaitable)
         outcome: list[Any] = []
         d.addBoth(outcome.append)
         deadline = self.clock.seconds() + timeout
