@@ -76,6 +76,7 @@ _SERVER_MESSAGES: dict[str, type[PulsyfluxError]] = {
     "invalid client role": ProtocolError,
     "invalid message type": ProtocolError,
     "response routing does not match the request": ProtocolError,  # to a provider
+    "client id does not match the connection's registration": ProtocolError,  # one client id per connection
 }
 
 

@@ -63,6 +63,7 @@ __all__ = [
     "DEFAULT_MAX_UNSENT",
     "DEFAULT_MAX_UNSENT_TOTAL",
     "MSG_CHANNEL_RESERVED",
+    "MSG_CLIENT_MISMATCH",
     "DEFAULT_FRAME_TIMEOUT",
     "DEFAULT_REGISTER_TIMEOUT",
     "DEFAULT_MAX_PARTIAL_BYTES",
@@ -76,6 +77,9 @@ DEFAULT_GRACE = 10.0  # seconds a shutdown waits for the requests in flight
 
 # What a foreign provider registering on a reserved channel (the broker's) gets.
 MSG_CHANNEL_RESERVED = "channel reserved: the server's own broker serves it"
+# What a request naming another client id than its connection registered with gets:
+# a client id is then one connection's, so a provider (the broker) can count per client.
+MSG_CLIENT_MISMATCH = "client id does not match the connection's registration"
 
 _encode_header = codec.HEADER.pack
 _VERSION = codec.VERSION
@@ -367,6 +371,9 @@ class Router:
         if flags & FLAG_REGISTRATION or role != ROLE_CONSUMER:
             return  # registration only: the server answers nothing
         routing = frame[_HEADER + 9 :]  # the metadata's client id and channel id, as one slice
+        if client_id != conn.key[2]:  # type: ignore[index]  # registered just above if it was not
+            self._server_error(conn, request_id, MSG_CLIENT_MISMATCH, routing)
+            return
         if request_id in self.requests:
             self._server_error(conn, request_id, "duplicate request id", routing)
             return
