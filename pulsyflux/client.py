@@ -620,6 +620,7 @@ class Provider(_Client):
         self._lost_ids: frozenset[bytes] = frozenset()  # in flight when the line dropped: respond() ignores them
         # request id -> routing until answered; None once the server gave up on it (respond() is a no-op)
         self._routing: dict[bytes, Optional[bytes]] = {}
+        self._handling: Optional[bytes] = None  # the request id whose handler call is running
         self._queue: DeferredQueue[Request] = DeferredQueue()
 
     @classmethod
@@ -656,6 +657,22 @@ class Provider(_Client):
     def unanswered(self) -> int:
         """Requests received (or arriving) that have not been responded to."""
         return len(self._routing)
+
+    @property
+    def current_client_id(self) -> Optional[uuid.UUID]:
+        """The client id of the consumer whose request the ``handler`` is being called with; else None.
+
+        Set only during the synchronous handler call (read it before any
+        await). The server refuses a request whose client id is not the one
+        its connection registered with, so this names one connection of the
+        sender's: enough to share limits fairly between clients, not an
+        identity (anyone may open more connections; docs/security.md).
+        """
+        request_id = self._handling
+        if request_id is None:
+            return None
+        routing = self._routing.get(request_id)
+        return None if routing is None else uuid.UUID(bytes=routing[:16])
 
     @property
     def incomplete_bytes(self) -> int:
@@ -783,11 +800,14 @@ class Provider(_Client):
         if handler is None:
             self._queue.put(Request(request_id, body))
             return
+        outer, self._handling = self._handling, request_id  # outer: a handler re-entered in-process
         try:
             result = handler(body)
         except BaseException:  # as maybeDeferred does: any exception answers with an ERROR
             self._answer_error(Failure(), request_id)
             return
+        finally:
+            self._handling = outer
         if isinstance(result, Deferred):
             result.addCallback(self._answer, request_id)
             result.addErrback(self._answer_error, request_id)
