@@ -55,6 +55,7 @@ DEFAULT_BACKLOG_BYTES = 8 << 20  # and bytes (JSON characters) per slow subscrib
 DEFAULT_TOTAL_BACKLOG_BYTES = 256 << 20  # and bytes in all backlogs together
 DEFAULT_MAX_SUBSCRIPTIONS = 10_000  # subscriptions a broker keeps; more are refused
 DEFAULT_MAX_SETUPS = 64  # remote subscriptions being set up at once; more are refused
+DEFAULT_MAX_SETUPS_PER_CLIENT = 8  # of those, from one client (one connection: the server checks its id)
 MAX_TOPIC_CHARS = 1024  # the longest topic one can subscribe to
 _SETUP_WAITERS = 16  # announcements of one channel waiting for its setup; more are refused
 _ERROR_CHARS = 256  # the longest text of someone else's error the broker repeats
@@ -577,6 +578,7 @@ class _Router:
         total_backlog_bytes: int = DEFAULT_TOTAL_BACKLOG_BYTES,
         max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
         max_setups: int = DEFAULT_MAX_SETUPS,
+        max_setups_per_client: int = DEFAULT_MAX_SETUPS_PER_CLIENT,
     ) -> None:
         self.address = address
         self.reactor = reactor
@@ -588,6 +590,10 @@ class _Router:
         self.total_backlog_bytes = total_backlog_bytes
         self.max_subscriptions = max_subscriptions
         self.max_setups = max_setups
+        self.max_setups_per_client = max_setups_per_client
+        # Remote setups in progress per announcing client id; the broker's Provider tells who asks.
+        self.setups_by_client: dict[uuid.UUID, int] = {}
+        self.provider: Optional[Provider] = None
         self.batch = batch
         self.window = window
         self.topics: dict[str, list[_Outlet]] = {}
@@ -697,12 +703,19 @@ class _Router:
                 raise PulsyfluxError(
                     f"subscribe refused: the broker has its maximum of {self.max_subscriptions} subscriptions"
                 )
+            client = self.provider.current_client_id if self.provider is not None else None
+            if client is not None and self.setups_by_client.get(client, 0) >= self.max_setups_per_client:
+                self.refused += 1
+                raise PulsyfluxError(
+                    "subscribe refused: too many subscriptions being set up by this client"
+                    f" (at most {self.max_setups_per_client} at once); try again"
+                )
             if len(self.opening) >= self.max_setups:
                 self.refused += 1
                 raise PulsyfluxError(
                     f"subscribe refused: too many subscriptions being set up (at most {self.max_setups} at once); try again"
                 )
-            d = Deferred.fromCoroutine(self.setup(topic, channel, None))
+            d = Deferred.fromCoroutine(self.setup(topic, channel, None, client))
             answer = _OK
 
         def failed(failure: Failure) -> NoReturn:
@@ -714,24 +727,40 @@ class _Router:
 
         return d.addCallbacks(lambda _: answer, failed)
 
-    async def setup(self, topic: str, channel: uuid.UUID, local: Optional[Subscription]) -> _Outlet:
-        """:meth:`open_outlet`, with ``channel`` marked as opening meanwhile (see :meth:`_control`)."""
+    async def setup(
+        self, topic: str, channel: uuid.UUID, local: Optional[Subscription], client: Optional[uuid.UUID] = None
+    ) -> _Outlet:
+        """:meth:`open_outlet`, with ``channel`` marked as opening meanwhile (see :meth:`_control`).
+
+        ``client``: the announcing client of a remote subscription, counted in
+        ``setups_by_client`` while it is set up.
+        """
         if channel in self.opening or channel in self.outlets:
             raise PulsyfluxError(f"channel {channel} is already subscribed")
         setup = _Setup(topic)
         self.opening[channel] = setup
+        if client is not None:
+            self.setups_by_client[client] = self.setups_by_client.get(client, 0) + 1
         try:
             outlet = await self.open_outlet(topic, channel, local)
         except BaseException:
             failure = Failure()
             del self.opening[channel]
+            self._setup_done(client)
             for d in setup.waiters:
                 d.errback(failure)
             raise
         del self.opening[channel]
+        self._setup_done(client)
         for d in setup.waiters:
             d.callback(outlet)
         return outlet
+
+    def _setup_done(self, client: Optional[uuid.UUID]) -> None:
+        if client is not None:
+            left = self.setups_by_client.pop(client, 1) - 1
+            if left > 0:
+                self.setups_by_client[client] = left
 
     async def open_outlet(self, topic: str, channel: uuid.UUID, local: Optional[Subscription]) -> _Outlet:
         """Connect a forwarding Consumer to ``channel``, check the subscriber answers, start forwarding."""
@@ -911,7 +940,8 @@ class Broker:
     ``backlog_bytes`` the messages and bytes kept per slow subscriber, and
     ``total_backlog_bytes`` the bytes kept for all of them, before the
     oldest are dropped; ``max_subscriptions`` and ``max_setups`` cap the
-    subscriptions, and the remote ones being set up at once;
+    subscriptions, and the remote ones being set up at once, and
+    ``max_setups_per_client`` those of one announcing client;
     ``batch`` and ``window`` shape forwarding (messages per request,
     requests in flight per subscriber). ``reconnect`` (default False; True
     or a backoff policy, as for Consumers) keeps the broker and its
@@ -935,6 +965,7 @@ class Broker:
         total_backlog_bytes: int = DEFAULT_TOTAL_BACKLOG_BYTES,
         max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
         max_setups: int = DEFAULT_MAX_SETUPS,
+        max_setups_per_client: int = DEFAULT_MAX_SETUPS_PER_CLIENT,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -942,8 +973,10 @@ class Broker:
             reactor = default_reactor
         if backlog < 0 or batch < 1 or window < 1:
             raise ValueError("backlog must be >= 0, batch and window >= 1")
-        if backlog_bytes < 0 or total_backlog_bytes < 0 or max_subscriptions < 0 or max_setups < 1:
-            raise ValueError("backlog_bytes, total_backlog_bytes and max_subscriptions must be >= 0, max_setups >= 1")
+        if backlog_bytes < 0 or total_backlog_bytes < 0 or max_subscriptions < 0:
+            raise ValueError("backlog_bytes, total_backlog_bytes and max_subscriptions must be >= 0")
+        if max_setups < 1 or max_setups_per_client < 1:
+            raise ValueError("max_setups and max_setups_per_client must be >= 1")
         self.address = address
         self.channel = _uuid(broker_channel_id)
         self.reactor = reactor
@@ -961,6 +994,7 @@ class Broker:
             total_backlog_bytes,
             max_subscriptions,
             max_setups,
+            max_setups_per_client,
         )
         self._provider: Optional[Provider] = None
         self._publisher: Optional[_Publisher] = None
@@ -985,7 +1019,7 @@ class Broker:
         """Open the broker's Provider and publishing Consumer; fires when both work.
 
         ``options``: ``buffer``, ``backlog``, ``backlog_bytes``,
-        ``total_backlog_bytes``, ``max_subscriptions``, ``max_setups``,
+        ``total_backlog_bytes``, ``max_subscriptions``, ``max_setups``, ``max_setups_per_client``,
         ``batch``, ``window``, ``reconnect`` (default False) and
         ``rejoin_patience`` as for the class.
         """
@@ -993,9 +1027,10 @@ class Broker:
         return Deferred.fromCoroutine(broker._start())
 
     async def _start(self) -> "Broker":
-        self._provider = await Provider.connect(
-            self.address, self.channel, handler=self._router.handle, reactor=self.reactor, reconnect=self.reconnect
-        )
+        # Made before it connects, so the router can ask whose announcement it handles from the first one.
+        provider = Provider(self.channel, self.reactor, handler=self._router.handle)
+        self._router.provider = provider
+        self._provider = await Provider._connect(self.address, provider, self.reconnect)
         try:
             consumer = await Consumer.connect(
                 self.address, self.channel, reactor=self.reactor, reconnect=self.reconnect

@@ -138,6 +138,10 @@ def client_address(address: Any) -> str:
     raise ValueError(f"cannot connect to {address!r}")
 
 
+# Subscription setups a BrokerService's broker runs at once (a Broker over TCP: 64).
+INPROC_MAX_SETUPS = 256
+
+
 class BrokerService(service.MultiService):
     """The server on an endpoint plus the broker connected to it.
 
@@ -181,6 +185,8 @@ class BrokerService(service.MultiService):
         self.server = ServerService(listen, reactor, factory=factory, grace=grace)
         self.server.setServiceParent(self)
         self.broker_channel = None if broker_channel is None else uuid.UUID(str(broker_channel))
+        # Its setups link in-process (no file descriptor, no connection slot): more may run at once.
+        broker_options.setdefault("max_setups", INPROC_MAX_SETUPS)
         self.broker_options = broker_options
         self.broker: Optional[Broker] = None
         self.broker_restarts = 0  # times the broker was started again after losing its link

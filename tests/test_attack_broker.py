@@ -288,3 +288,79 @@ async def test_attack_stats_reveal_no_subscriber_channel(server):
     assert [s["id"] for s in stats["subscriptions"]] == ["sub-1", "sub-2"]
     await client.close()
     await broker.close()
+
+
+# -- item 11, per client: one client's dead-channel flood does not starve the others ------
+
+
+@ensure
+async def test_attack_one_client_flooding_dead_subscribes_does_not_starve_honest_subscribers(server):
+    from twisted.internet import reactor
+
+    broker = await _broker(server)  # the defaults: 64 setups at once, 8 per client
+    attacker = await Consumer.connect(server.address, broker.channel)
+    flooding = [True]
+    refused_attacker = [0]
+
+    async def slot() -> None:
+        # Keeps one dead-channel announcement in flight; 80 slots: more than the total cap.
+        while flooding[0]:
+            try:
+                await attacker.send(_announce("dead", uuid.uuid4()), timeout=10)
+            except RemoteError as error:
+                refused_attacker[0] += str(error).startswith("subscribe refused: too many subscriptions being set up")
+            await task.deferLater(reactor, 0.005, lambda: None)
+
+    slots = [defer.ensureDeferred(slot()) for _ in range(80)]
+    honest = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
+    try:
+        await eventually(lambda: len(broker._router.opening) >= 8)  # the flood is on
+        subscribed = 0
+        for i in range(20):
+            await honest.subscribe(f"honest-{i}")  # on main: "too many subscriptions being set up"
+            subscribed += 1
+        assert subscribed == 20
+        assert refused_attacker[0] > 0  # the attacker was refused meanwhile, by its own cap
+    finally:
+        flooding[0] = False
+        await defer.DeferredList(slots, consumeErrors=True)
+    assert broker._router.setups_by_client == {}  # every count went back to nothing
+    await honest.close()
+    await attacker.close()
+    await broker.close()
+
+
+@ensure
+async def test_attack_request_with_another_client_id_than_registered_is_refused(server):
+    from .wire import connect_raw, register_frames, request_frames
+
+    channel = uuid.uuid4()
+    handled: list[bytes] = []
+    provider = await Provider.connect(server.address, channel, handler=lambda body: handled.append(body) or b"ok")
+    raw = await connect_raw(server)
+    mine, other = uuid.uuid4().bytes, uuid.uuid4().bytes
+    raw.send(register_frames(codec.ROLE_CONSUMER, mine, channel.bytes))
+    forged = uuid.uuid4().bytes
+    raw.send(request_frames(forged, other, channel.bytes, b"forged"))
+    [error] = await raw.wait_frames(1).addTimeout(5, _reactor())
+    assert error.type == codec.ERROR and error.request_id == forged
+    message = codec.error_message(error.payload)
+    assert message == "client id does not match the connection's registration"
+    from pulsyflux.errors import ProtocolError, error_from_message
+
+    assert isinstance(error_from_message(message), ProtocolError)
+    # Its own id still works on that connection, and the forged request never reached the provider.
+    honest = uuid.uuid4().bytes
+    raw.send(request_frames(honest, mine, channel.bytes, b"mine"))
+    frames = await raw.wait_frames(4).addTimeout(5, _reactor())
+    assert [f.request_id for f in frames[1:]] == [honest] * 3  # RESPONSE_START, CHUNK, END
+    assert handled == [b"mine"]
+    raw.transport.loseConnection()
+    await raw.lost
+    await provider.close()
+
+
+def _reactor():
+    from twisted.internet import reactor
+
+    return reactor
