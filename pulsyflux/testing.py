@@ -173,6 +173,7 @@ def start_server(
     broker: bool = True,
     http: bool = False,
     cleanup: Optional[Callable[..., Any]] = None,
+    **options: Any,
 ) -> "Deferred[RunningServer]":
     """Start a server on 127.0.0.1 with an ephemeral port, and its broker.
 
@@ -182,7 +183,8 @@ def start_server(
     router alone). ``http=True`` also serves the HTTP API
     (:mod:`pulsyflux.http`) at ``server.http_url``. ``cleanup`` (a trial
     ``TestCase.addCleanup``, or anything that takes a function returning a
-    Deferred) is given :meth:`RunningServer.stop`.
+    Deferred) is given :meth:`RunningServer.stop`. ``options`` go to
+    :class:`~pulsyflux.server.ServerFactory` (``max_body=...`` and the other limits).
 
         server = await start_server(http=True)
     """
@@ -190,11 +192,13 @@ def start_server(
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return Deferred.fromCoroutine(_start(reactor, broker, http, cleanup))
+    return Deferred.fromCoroutine(_start(reactor, broker, http, cleanup, options))
 
 
-async def _start(reactor: Any, broker: bool, http: bool, cleanup: Optional[Callable[..., Any]]) -> RunningServer:
-    factory = ServerFactory(reactor)
+async def _start(
+    reactor: Any, broker: bool, http: bool, cleanup: Optional[Callable[..., Any]], options: dict[str, Any]
+) -> RunningServer:
+    factory = ServerFactory(reactor, **options)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     server = RunningServer(reactor, factory, port)
     if cleanup is not None:

@@ -7,11 +7,8 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.defer import DeferredList
 
-from pulsyflux.server import ServerFactory
-from pulsyflux.testing import MemoryServer
+from pulsyflux.testing import MemoryServer, start_server
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # A copy of shared/wire-vectors.txt (frames captured from the Go implementation),
@@ -19,34 +16,28 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WIRE_VECTORS = Path(__file__).resolve().parent / "data" / "wire-vectors.txt"
 
 
-class RunningServer:
-    """A listening server plus what tests need to reach and inspect it."""
-
-    def __init__(self) -> None:
-        self.factory = ServerFactory(reactor)
-        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.address = f"127.0.0.1:{self.port.getHost().port}"
-        self.port_number = self.port.getHost().port
-
-    @property
-    def registry(self):
-        return self.factory.registry
-
-    def all_closed(self):
-        """Deferred firing once every server-side connection is gone."""
-        return DeferredList([conn.closed() for conn in list(self.factory.router.connections)])
-
-    def stop(self):
-        for conn in list(self.factory.router.connections):
-            conn.transport.abortConnection()
-        return DeferredList([self.all_closed(), self.port.stopListening()])
+@pytest.fixture
+def server():
+    """A :class:`~pulsyflux.testing.RunningServer` over TCP without its broker (tests start their own)."""
+    running = pytest_twisted.blockon(start_server(broker=False))
+    yield running
+    pytest_twisted.blockon(running.stop())
 
 
 @pytest.fixture
-def server():
-    running = RunningServer()
-    yield running
-    pytest_twisted.blockon(running.stop())
+def limited():
+    """``limited(**limits)``: a RunningServer (no broker) whose ServerFactory has those limits."""
+    servers = []
+
+    def start(**limits):
+        started = []  # without a broker the server starts at once: callable inside a running test
+        start_server(broker=False, **limits).addCallback(started.append)
+        servers.extend(started)
+        return started[0]
+
+    yield start
+    for running in servers:
+        pytest_twisted.blockon(running.stop())
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pulsyflux import Broker, BrokerClient, Consumer, Provider, RemoteError, cod
 from pulsyflux.broker import DEFAULT_BROKER_CHANNEL
 from pulsyflux.testing import start_server
 
-from .test_reliability import eventually
+from .helpers import eventually
 
 ensure = pytest_twisted.ensureDeferred
 

@@ -21,28 +21,13 @@ from pulsyflux import Consumer, Provider, codec
 from pulsyflux.server import ServerFactory
 from pulsyflux.service import ServerService
 
-from .test_limits import LimitedServer
-from .test_reliability import eventually
+from .helpers import eventually
 from .wire import connect_raw, register_frames
 
 ensure = pytest_twisted.ensureDeferred
 
 KiB = 1 << 10
 LONG = 60.0  # a timeout the test does not want to reach
-
-
-@pytest.fixture
-def limited():
-    """``limited(**limits)``: a ServerFactory with those keywords, listening on 127.0.0.1."""
-    servers = []
-
-    def start(**limits) -> LimitedServer:
-        servers.append(LimitedServer(**limits))
-        return servers[-1]
-
-    yield start
-    for running in servers:
-        pytest_twisted.blockon(running.stop())
 
 
 async def closed_with(raw, timeout: float = 5.0) -> str:
@@ -252,7 +237,7 @@ async def test_attack_peer_that_never_starts_the_tls_handshake_is_closed(tmp_pat
     service.startService()
     try:
         port = (await service.whenListening()).getHost().port
-        raw = await connect_raw(SimpleNamespace(port_number=port))  # plain TCP: says nothing, never handshakes
+        raw = await connect_raw(SimpleNamespace(port=port))  # plain TCP: says nothing, never handshakes
         await raw.lost.addTimeout(4, reactor)  # at once: no waiting for a handshake that never comes
         assert factory.stats.errors == {"register timeout": 1}
     finally:
@@ -388,7 +373,7 @@ async def test_twistd_limit_options_reach_the_server(channel):
         assert (router.connection_guard.max_partial_bytes, router.connection_guard.frame_timeout) == (1000000, 2.5)
         assert (router.flow_control.max_unsent, router.flow_control.max_unsent_total) == (100000, 2000000)
         port = (await top.server.whenListening()).getHost().port
-        idle = await connect_raw(SimpleNamespace(port_number=port))
+        idle = await connect_raw(SimpleNamespace(port=port))
         assert (await closed_with(idle)).startswith("register timeout: no START within 0.2 s")
     finally:
         await top.stopService()

@@ -23,24 +23,12 @@ from pulsyflux import BrokerClient, Consumer, Provider, codec, messages
 from pulsyflux.server import ServerFactory
 from pulsyflux.testing import start_server
 
+from .helpers import eventually, later
 from .wire import connect_raw, register_frames, request_frames
 
 ensure = pytest_twisted.ensureDeferred
 
 KiB = 1 << 10
-
-
-def later(seconds: float, value=None) -> Deferred:
-    return task.deferLater(reactor, seconds, lambda: value)
-
-
-async def eventually(condition, timeout: float = 5.0, step: float = 0.005) -> None:
-    """Wait (bounded) until ``condition()`` is true; for states no Deferred announces."""
-    for _ in range(int(timeout / step)):
-        if condition():
-            return
-        await later(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 class Deaf(Protocol):
@@ -176,7 +164,7 @@ async def test_attack_slow_consumer_alone_still_pauses_its_provider(server, chan
     body = os.urandom(64 * KiB) * 64  # 4 MiB
     provider = await Provider.connect(server.address, channel, handler=lambda data: body)
     router = server.factory.router
-    deaf, deaf_id, _ = await deaf_consumer(router, server.port_number, channel.bytes)
+    deaf, deaf_id, _ = await deaf_consumer(router, server.port, channel.bytes)
     deaf.transport.write(request_frames(os.urandom(16), deaf_id, channel.bytes, b"big please", timeout_ms=30000))
     provider_conn = router.registry[(codec.ROLE_PROVIDER, channel.bytes, provider.client_id.bytes)]
     await eventually(lambda: provider_conn.flow.reading_paused)
@@ -262,7 +250,7 @@ async def test_attack_closed_slow_connection_is_freed_without_gc(server, channel
     body = os.urandom(64 * KiB) * 32
     provider = await Provider.connect(server.address, channel, handler=lambda data: body)
     router = server.factory.router
-    deaf, deaf_id, conn = await deaf_consumer(router, server.port_number, channel.bytes)
+    deaf, deaf_id, conn = await deaf_consumer(router, server.port, channel.bytes)
     deaf.transport.write(request_frames(os.urandom(16), deaf_id, channel.bytes, b"big please", timeout_ms=30000))
     await eventually(partial(_paused_holding, conn.flow))
     conn_ref, decoder_ref = weakref.ref(conn), weakref.ref(conn.decoder)

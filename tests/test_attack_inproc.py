@@ -37,7 +37,7 @@ from pulsyflux.broker import DEFAULT_BROKER_CHANNEL
 from pulsyflux.inproc import InProcessAddress, InProcessEndpoint, InProcessTransport, connect_in_process
 from pulsyflux.server import MSG_CHANNEL_RESERVED
 
-from .test_reliability import eventually
+from .helpers import eventually
 from .test_tls import PKI, client
 from .wire import RawClient, register_frames
 

@@ -22,8 +22,7 @@ from pulsyflux import Broker, Consumer, Provider, RemoteError, RequestTimeout, S
 from pulsyflux.errors import ProtocolError
 from pulsyflux.testing import start_server
 
-from .test_limits import limited  # noqa: F401  (fixture)
-from .test_reliability import eventually
+from .helpers import eventually
 from .wire import RawClient, connect_raw, register_frames, request_frames
 
 ensure = pytest_twisted.ensureDeferred
@@ -79,7 +78,7 @@ class RawProvider(RawClient):
 
 async def raw_provider(server, channel: uuid.UUID) -> RawProvider:
     """A registered RawProvider: the probe's answer says the server has its registration."""
-    port = server.port_number if hasattr(server, "port_number") else server.port
+    port = server.port
     provider = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), RawProvider())
     registration = os.urandom(16)
     provider.send(

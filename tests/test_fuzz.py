@@ -136,7 +136,7 @@ class Attacker:
 
 async def hostile_loop(server, attacker: Attacker, deadline: float) -> int:
     """Keep one hostile connection open until the deadline; returns bursts sent."""
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port_number)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port)
     sent = 0
     while reactor.seconds() < deadline:
         proto = await connectProtocol(endpoint, Hostile())
@@ -223,7 +223,7 @@ async def test_no_one_receives_another_consumers_response_by_forging(server, cha
         def dataReceived(self, data: bytes) -> None:
             self.frames.extend(self.decoder.feed(data))
 
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port_number)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port)
     thief = await connectProtocol(endpoint, Listener())  # poses as the victim: same client id, same channel
     meta = codec.pack_metadata(codec.ROLE_CONSUMER, 5000, victim.client_id.bytes, channel.bytes)
     thief.transport.write(

@@ -12,33 +12,11 @@ from twisted.internet.defer import gatherResults
 from pulsyflux import ConnectionLostError, Consumer, Provider, ServerOverloaded
 from pulsyflux.server import ServerFactory
 
-from .conftest import RunningServer
-from .test_reliability import eventually
+from .helpers import eventually
 
 ensure = pytest_twisted.ensureDeferred
 
 MiB = 1 << 20
-
-
-class LimitedServer(RunningServer):
-    def __init__(self, **limits) -> None:
-        self.factory = ServerFactory(reactor, **limits)
-        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.port_number = self.port.getHost().port
-        self.address = f"127.0.0.1:{self.port_number}"
-
-
-@pytest.fixture
-def limited():
-    servers = []
-
-    def start(**limits) -> LimitedServer:
-        servers.append(LimitedServer(**limits))
-        return servers[-1]
-
-    yield start
-    for running in servers:
-        pytest_twisted.blockon(running.stop())
 
 
 def test_defaults_are_the_documented_ones():

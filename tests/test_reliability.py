@@ -61,7 +61,7 @@ class Sink(Protocol):
 
 
 async def connect_sink(server) -> Sink:
-    return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port_number), Sink())
+    return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port), Sink())
 
 
 async def other_channel_round_trips(server, count: int = 20) -> float:

@@ -398,8 +398,8 @@ async def test_go_client_frames_are_forwarded_byte_for_byte(server, channel):
 
 @ensure
 async def test_address_forms(server, channel):
-    provider = await Provider.connect(f"tcp:host=127.0.0.1:port={server.port_number}", channel, handler=lambda d: d)
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port_number)
+    provider = await Provider.connect(f"tcp:host=127.0.0.1:port={server.port}", channel, handler=lambda d: d)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port)
     consumer = await Consumer.connect(endpoint, str(channel))
     assert await consumer.send(b"forms") == b"forms"
     await consumer.close()

@@ -34,9 +34,12 @@ def build_wheel_venv(root: Path) -> Path:
     )
     [wheel] = dist.glob("pulsyflux-*.whl")
     env_dir = root / "venv"
-    venv.create(env_dir, with_pip=True)
+    # No pip inside (ensurepip costs seconds): our pip installs into it (``--python``), deps and all.
+    venv.create(env_dir, with_pip=False)
     bindir = env_dir / "bin"
-    subprocess.run([str(bindir / "python"), "-m", "pip", "install", "-q", str(wheel)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(bindir / "python"), "install", "-q", str(wheel)], check=True
+    )
     return bindir
 
 

@@ -49,7 +49,7 @@ class RawClient(Protocol):
 
 
 def connect_raw(server) -> Deferred:
-    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port_number), RawClient())
+    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port), RawClient())
 
 
 def register_frames(role: int, client_id: bytes, channel: bytes, request_id: bytes | None = None) -> bytes:
