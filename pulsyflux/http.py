@@ -31,14 +31,16 @@ from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.iweb import IAccessLogFormatter
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import provider
 
 from ._twisted_compat import http_channel_transport
 from .codec import ROLE_CONSUMER, ROLE_PROVIDER
 from .endpoints import server_description, server_endpoint
-from .printable import printable
-from .ratelimit import LogLimiter, summary_to
+from .printable import printable, printable_bytes
+from .ratelimit import DEFAULT_TEXT, LogLimiter, summary_to
 from .server import ServerFactory
 from .service import describe_address
 
@@ -675,15 +677,62 @@ def make_site(
     return site
 
 
+def _access_field(value: Optional[bytes]) -> str:
+    """A peer's bytes in an access log line: escaped, cut after
+    :data:`~pulsyflux.ratelimit.DEFAULT_TEXT` bytes, quotes escaped (the
+    line's fields are quoted)."""
+    if not value:
+        return "-"
+    return printable_bytes(value, DEFAULT_TEXT).replace('"', '\\"')
+
+
+@provider(IAccessLogFormatter)
+def access_log_line(timestamp: str, request: Any) -> str:
+    """The combined log format, every field a peer chose (method, path,
+    protocol, referer, user agent) escaped and cut: a 15 KB path or an
+    escape sequence in a User-Agent stays one short, safe line."""
+    host = getattr(request.getClientAddress(), "host", None)
+    return '"{}" - - {} "{} {} {}" {:d} {} "{}" "{}"'.format(
+        _access_field(host.encode("ascii", "replace") if isinstance(host, str) else host),
+        timestamp,
+        _access_field(request.method),
+        _access_field(request.uri),
+        _access_field(request.clientproto),
+        request.code,
+        request.sentLength or "-",
+        _access_field(request.getHeader(b"referer")),
+        _access_field(request.getHeader(b"user-agent")),
+    )
+
+
 class PulsyfluxSite(Site):
     """A Site that knows its open connections, so stopping can close them
-    (keep-alive clients would otherwise hold the reactor open)."""
+    (keep-alive clients would otherwise hold the reactor open).
+
+    Its access log is bounded like every line a peer can trigger: per status
+    class (``http 2xx``, ``http 4xx``...) the first ``burst`` requests of each
+    interval are logged (:class:`~pulsyflux.ratelimit.LogLimiter`, 10 per 10 s
+    by default), the rest counted in one summary line, and each line is
+    :func:`access_log_line` (peer text escaped and cut)."""
 
     max_body: Optional[int] = None
+    access_log = Logger()  # the summaries; ``log`` is the Site's access-log method
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("logFormatter", access_log_line)
         super().__init__(*args, **kwargs)
         self.open_connections: dict[Any, list[Deferred[None]]] = {}
+        # Kinds are status classes chosen here, not peer text: at most a handful.
+        self.access_limiter = LogLimiter(self.reactor, summary_to(self.access_log))
+
+    def log(self, request: Any) -> None:
+        """One access-log line, unless this status class had its burst this interval."""
+        if self.access_limiter.allow(f"http {request.code // 100}xx"):
+            super().log(request)
+
+    def stopFactory(self) -> None:
+        super().stopFactory()
+        self.access_limiter.stop()  # pending summaries written, no timer left behind
 
     def buildProtocol(self, addr: Any) -> Any:
         proto = super().buildProtocol(addr)

@@ -18,6 +18,7 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor, threads
+from twisted.logger import formatEvent, globalLogPublisher
 
 from pulsyflux import BrokerClient, Consumer, Provider, RemoteError
 from pulsyflux.broker import DEFAULT_BROKER_CHANNEL
@@ -385,3 +386,49 @@ async def test_attack_request_on_a_terminal_shows_the_providers_escapes(brokered
     # The terminal turns "\n" into "\r\n" itself; nothing else it would act on arrives.
     assert shown == b"\\x1b[2J\\x1b[31mFAKE\\x9b\\r\\u202e\r\nline two\tok\r\n"
     assert piped.stdout == answer  # piped or redirected: byte for byte, as documented
+
+
+def _access_lines(events: list, needle: str) -> list[str]:
+    lines = [formatEvent(event) for event in events]
+    return [line for line in lines if needle in line]
+
+
+@ensure
+async def test_attack_http_request_flood_does_not_flood_the_access_log(brokered):
+    """200 GETs write the access log's burst (10 lines) and one summary, not 200 lines."""
+    limiter = getattr(brokered.site, "access_limiter", None)
+    if limiter is not None:
+        limiter.interval = 3600.0  # the whole test is one interval, however slow the machine
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for _ in range(200):
+            assert (await get(brokered.http_url + "/healthz"))[0] == 200
+        if limiter is not None:
+            limiter.stop()  # writes the summary now
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert len(_access_lines(events, "GET /healthz")) == 10
+    summaries = _access_lines(events, "more 'http 2xx' lines")
+    assert len(summaries) == 1 and "190 more" in summaries[0]
+
+
+@ensure
+async def test_attack_long_path_and_escapes_make_one_short_access_log_line(brokered):
+    """A 15 KB path and a User-Agent with terminal escapes: one short, escaped line."""
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        response = await treq.get(
+            brokered.http_url + "/" + "A" * 15_000 + '"',
+            headers={"User-Agent": '\x1b[2J\x1b[31mFAKE\x07" "forged'},
+            persistent=False,
+        )
+        assert response.code == 404
+        await response.content()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [line] = _access_lines(events, "GET /AAAA")
+    assert len(line) < 1000
+    assert "\x1b" not in line and "\x07" not in line
+    assert "bytes more" in line and '\\" \\"forged' in line
