@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+
+if TYPE_CHECKING:  # only for the annotations: this module runs without Twisted
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 __all__ = ["Deadlines"]
 
@@ -26,13 +29,13 @@ class Deadlines:
     own table of what is still waiting, so forgetting needs no call here.
     """
 
-    def __init__(self, clock: Any, live: Mapping[Any, Any], expire: Callable[[Any, Any], None]) -> None:
+    def __init__(self, clock: IReactorTime, live: Mapping[Any, Any], expire: Callable[[Any, Any], None]) -> None:
         self._clock = clock
         self._live = live
         self._expire = expire
         self._heap: list[tuple[float, int, Any, Any]] = []
         self._order = itertools.count()  # breaks ties so values are never compared
-        self._timer: Optional[Any] = None
+        self._timer: Optional[IDelayedCall] = None
         self._timer_at = float("inf")
 
     def add(self, key: Any, value: Any, seconds: float) -> None:

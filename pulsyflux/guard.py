@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from . import codec
@@ -59,7 +60,7 @@ class ConnectionGuard:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         stats: Any,
         limiter: LogLimiter,
         frame_timeout: float = DEFAULT_FRAME_TIMEOUT,

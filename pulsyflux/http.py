@@ -737,6 +737,10 @@ class PulsyfluxSite(Site):
     def buildProtocol(self, addr: Any) -> Any:
         proto = super().buildProtocol(addr)
         self.open_connections[proto] = []
+        # The Site's protocol is Twisted's (private) proxy, which may swap the
+        # HTTPChannel behind it for an h2 connection; wrapping this instance's
+        # connectionLost is the one hook that sees every connection end, and
+        # no public Site API offers one.
         lost = proto.connectionLost
 
         def connection_lost(reason: Any) -> None:

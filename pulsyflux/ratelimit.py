@@ -17,7 +17,10 @@ tests); nothing here imports Twisted.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:  # only for the annotations: this module runs without Twisted
+    from twisted.internet.interfaces import IReactorTime
 
 __all__ = ["LogLimiter", "DEFAULT_BURST", "DEFAULT_INTERVAL", "shorten", "summary_to"]
 
@@ -63,7 +66,7 @@ class LogLimiter:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         summary: Callable[[str, int, float], None],
         burst: int = DEFAULT_BURST,
         interval: float = DEFAULT_INTERVAL,

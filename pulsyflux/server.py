@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.protocol import ServerFactory as _TwistedServerFactory
 from twisted.logger import Logger
@@ -186,7 +187,7 @@ class Router:
 
     log = Logger()
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self.registry: dict[RegistryKey, ServerProtocol] = {}
         self.providers: dict[bytes, list[ServerProtocol]] = {}
