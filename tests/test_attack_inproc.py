@@ -37,7 +37,7 @@ from pulsyflux.broker import DEFAULT_BROKER_CHANNEL
 from pulsyflux.inproc import InProcessAddress, InProcessEndpoint, InProcessTransport, connect_in_process
 from pulsyflux.server import MSG_CHANNEL_RESERVED
 
-from .helpers import eventually
+from .helpers import eventually, within_turns
 from .test_tls import PKI, client
 from .wire import RawClient, register_frames
 
@@ -303,7 +303,9 @@ async def test_a_broker_closed_on_purpose_is_not_restarted(broker_service):
     svc = await broker_service()
     broker = svc.broker
     await broker.close()
-    await task.deferLater(reactor, 0.05, lambda: None)
+    await within_turns(broker.when_closed())
+    # No restart is scheduled at all (a lost link's first restart would be due at once).
+    assert not [call for call in reactor.getDelayedCalls() if getattr(call.func, "__self__", None) is svc]
     assert svc.broker is broker and broker.closed and svc.broker_restarts == 0
 
 

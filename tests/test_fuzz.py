@@ -26,6 +26,8 @@ from twisted.logger import LogLevel, globalLogPublisher
 
 from pulsyflux import Consumer, Provider, codec
 
+from .helpers import eventually
+
 ensure = pytest_twisted.ensureDeferred
 
 SECONDS = 2.5  # how long the hostile connections run
@@ -199,7 +201,7 @@ async def test_hostile_connections_never_disturb_well_behaved_traffic(server, se
     assert all(c.pending == 0 for c in consumers)
     for client in consumers + providers:
         await client.close()
-    await _until(lambda: not server.factory.router.connections)  # everyone, hostile or not, is gone
+    await eventually(lambda: not server.factory.router.connections)  # everyone, hostile or not, is gone
     assert server.factory.router.requests == {}  # and nothing of theirs is left behind
     assert not logged_errors, [e.get("log_format") for e in logged_errors]
 
@@ -233,22 +235,16 @@ async def test_no_one_receives_another_consumers_response_by_forging(server, cha
         + codec.encode_frame(codec.ERROR, rid, routing + b"cancel it")  # not its provider: comes back to it
         + codec.encode_frame(0x42, rid)  # a marker the server answers last
     )
-    await _until(lambda: any(codec.error_message(f.payload) == "invalid message type" for f in thief.frames))
+    await eventually(lambda: any(codec.error_message(f.payload) == "invalid message type" for f in thief.frames))
     messages = [codec.error_message(f.payload) for f in thief.frames]
     assert messages == ["duplicate request id", "cancel it", "invalid message type"]
 
     honest.respond(request, b"for the victim only")
     assert await reply == b"for the victim only"
-    await task.deferLater(reactor, 0.05, lambda: None)  # any misrouted frame would have arrived by now
+    # A barrier, not a sleep: the answer to a second marker comes after anything already sent to the thief.
+    thief.transport.write(codec.encode_frame(0x42, rid))
+    await eventually(lambda: [f for f in thief.frames if codec.error_message(f.payload) == "invalid message type"][1:])
     assert all(f.type == codec.ERROR for f in thief.frames)  # the thief got no response frame
     thief.transport.loseConnection()
     await victim.close()
     await honest.close()
-
-
-async def _until(condition, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not met")

@@ -64,19 +64,21 @@ async def connect_sink(server) -> Sink:
     return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port), Sink())
 
 
-async def other_channel_round_trips(server, count: int = 20) -> float:
-    """Seconds taken by ``count`` 64 KiB round trips on a fresh channel."""
+async def other_channel_round_trips(server, count: int = 20) -> None:
+    """``count`` 64 KiB round trips on a fresh channel, each within its own timeout.
+
+    Callers check that the held connection is still held afterwards: these
+    went through beside it, not after it was released. (Over TCP; in memory
+    a 24 MiB write arrives in one read, so flow control is tested here.)
+    """
     channel = uuid.uuid4()
     provider = await Provider.connect(server.address, channel, handler=lambda data: data)
     consumer = await Consumer.connect(server.address, channel)
-    started = reactor.seconds()
     payload = os.urandom(65536)
     for _ in range(count):
         assert await consumer.send(payload, timeout=5) == payload
-    elapsed = reactor.seconds() - started
     await consumer.close()
     await provider.close()
-    return elapsed
 
 
 def assert_nothing_held(server) -> None:
@@ -97,11 +99,10 @@ async def test_consumer_that_stops_reading_pauses_its_provider_only(server, chan
     provider_conn = await registered(server, codec.ROLE_PROVIDER, channel, provider.client_id)
     await eventually(lambda: provider_conn.flow.reading_paused)
     peak = server_buffered(server)
-    elapsed = await other_channel_round_trips(server)  # another channel is not slowed
-    await later(0.2)
+    await other_channel_round_trips(server)  # another channel is not held up
+    await later(0.2)  # time for the provider's response to pile up in the server, were it not paused
     peak = max(peak, server_buffered(server))
     assert provider_conn.flow.reading_paused  # still held: the consumer reads nothing
-    assert elapsed < 2.0
     assert peak < 4 * MiB  # the 24 MiB response waits in the provider, not in the server
 
     sink.transport.resumeProducing()
@@ -124,9 +125,9 @@ async def test_provider_that_stops_reading_pauses_the_consumer_feeding_it(server
     consumer_conn = await registered(server, codec.ROLE_CONSUMER, channel, consumer.client_id)
     await eventually(lambda: consumer_conn.flow.reading_paused)
     peak = server_buffered(server)
-    elapsed = await other_channel_round_trips(server)
+    await other_channel_round_trips(server)  # another channel is not held up
     peak = max(peak, server_buffered(server))
-    assert elapsed < 2.0
+    assert consumer_conn.flow.reading_paused  # still held while the other channel went through
     assert peak < 4 * MiB
 
     provider._protocol.transport.resumeProducing()
