@@ -313,6 +313,10 @@ class MemoryServer:
         """
         return client.connect(self.address, *args, reactor=self.clock, **options)  # type: ignore[no-any-return]
 
+    def all_closed(self) -> "Deferred[Any]":
+        """Fires once every connection open now is gone."""
+        return DeferredList([conn.closed() for conn in self.connections])
+
     def now(self) -> float:
         """Seconds on the clock (it starts at 0)."""
         return self.clock.seconds()
