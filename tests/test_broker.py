@@ -1,4 +1,4 @@
-"""Broker behaviours over real TCP on 127.0.0.1 (ephemeral ports)."""
+"""Broker behaviours, on the in-memory harness (MemoryServer) and, where the socket matters, over TCP."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ ensure = pytest_twisted.ensureDeferred
 
 
 async def _broker(server, **options) -> Broker:
-    return await Broker.connect(server.address, uuid.uuid4(), **options)
+    return await server.connect(Broker, uuid.uuid4(), **options)
 
 
 def _server_side(server, channel: uuid.UUID) -> list:
@@ -43,8 +43,9 @@ async def _read(sub, count: int) -> list[Message]:
     return [await sub.get() for _ in range(count)]
 
 
-@ensure
-async def test_publish_and_subscribe_with_headers(server):
+@clocked
+async def test_publish_and_subscribe_with_headers(memory):
+    server = memory
     broker = await _broker(server)
     sub = await broker.subscribe("orders")
     assert await broker.publish("orders", b"New order", {"priority": "high"}) is None
@@ -55,8 +56,9 @@ async def test_publish_and_subscribe_with_headers(server):
     await broker.close()
 
 
-@ensure
-async def test_two_subscribers_both_receive_and_topics_stay_isolated(server):
+@clocked
+async def test_two_subscribers_both_receive_and_topics_stay_isolated(memory):
+    server = memory
     broker = await _broker(server)
     a1 = await broker.subscribe("a")
     a2 = await broker.subscribe("a")
@@ -73,8 +75,9 @@ async def test_two_subscribers_both_receive_and_topics_stay_isolated(server):
     await broker.close()
 
 
-@ensure
-async def test_unsubscribe_ends_the_stream(server):
+@clocked
+async def test_unsubscribe_ends_the_stream(memory):
+    server = memory
     broker = await _broker(server)
     sub = await broker.subscribe("news")
     other = await broker.subscribe("other")
@@ -96,8 +99,9 @@ async def test_unsubscribe_ends_the_stream(server):
     assert other.closed
 
 
-@ensure
-async def test_async_iteration_drains_then_stops(server):
+@clocked
+async def test_async_iteration_drains_then_stops(memory):
+    server = memory
     broker = await _broker(server)
     sub = await broker.subscribe("t")
     await defer.gatherResults([broker.publish("t", str(i).encode()) for i in range(5)])
@@ -112,8 +116,9 @@ async def test_async_iteration_drains_then_stops(server):
     await broker.close()
 
 
-@ensure
-async def test_order_of_10000_messages_is_preserved(server):
+@clocked
+async def test_order_of_10000_messages_is_preserved(memory):
+    server = memory
     broker = await _broker(server)
     sub = await broker.subscribe("seq", buffer=100)
     publishes = [broker.publish("seq", b"%d" % i) for i in range(10_000)]
@@ -124,8 +129,9 @@ async def test_order_of_10000_messages_is_preserved(server):
     await broker.close()
 
 
-@ensure
-async def test_connection_count_is_two_plus_two_per_subscription(server):
+@clocked
+async def test_connection_count_is_two_plus_two_per_subscription(memory):
+    server = memory
     broker = await _broker(server)
     assert len(server.registry) == 2
     subs = [await broker.subscribe(topic) for topic in ("a", "a", "b")]
@@ -145,8 +151,9 @@ async def test_connection_count_is_two_plus_two_per_subscription(server):
     assert len(server.registry) == 0 and not server.factory.router.connections
 
 
-@ensure
-async def test_a_subscriber_that_never_reads_does_not_stop_another(server):
+@clocked
+async def test_a_subscriber_that_never_reads_does_not_stop_another(memory):
+    server = memory
     broker = await _broker(server, backlog=1000)
     stuck = await broker.subscribe("firehose", buffer=100)
     reader = await broker.subscribe("firehose")
@@ -172,11 +179,12 @@ async def test_a_subscriber_that_never_reads_does_not_stop_another(server):
     await broker.close()
 
 
-@ensure
-async def test_remote_subscriber_through_broker_client(server):
+@clocked
+async def test_remote_subscriber_through_broker_client(memory):
+    server = memory
     channel = uuid.uuid4()
-    broker = await Broker.connect(server.address, channel)
-    client = await BrokerClient.connect(server.address, channel)
+    broker = await memory.connect(Broker, channel)
+    client = await memory.connect(BrokerClient, channel)
     assert len(server.registry) == 3  # broker's 2 + the client's publishing Consumer
     remote = await client.subscribe("jobs")
     local = await broker.subscribe("jobs")
@@ -199,11 +207,11 @@ async def test_remote_subscriber_through_broker_client(server):
     await server.all_closed()
 
 
-@ensure
-async def test_remote_stream_ends_when_the_broker_unsubscribes_or_closes(server):
+@clocked
+async def test_remote_stream_ends_when_the_broker_unsubscribes_or_closes(memory):
     channel = uuid.uuid4()
-    broker = await Broker.connect(server.address, channel)
-    client = await BrokerClient.connect(server.address, channel)
+    broker = await memory.connect(Broker, channel)
+    client = await memory.connect(BrokerClient, channel)
     first = await client.subscribe("a")
     second = await client.subscribe("b")
     await broker.unsubscribe("a")
@@ -215,11 +223,12 @@ async def test_remote_stream_ends_when_the_broker_unsubscribes_or_closes(server)
     await client.close()
 
 
-@ensure
-async def test_vanished_remote_subscriber_is_dropped_and_its_connections_freed(server):
+@clocked
+async def test_vanished_remote_subscriber_is_dropped_and_its_connections_freed(memory):
+    server = memory
     channel = uuid.uuid4()
-    broker = await Broker.connect(server.address, channel)
-    client = await BrokerClient.connect(server.address, channel)
+    broker = await memory.connect(Broker, channel)
+    client = await memory.connect(BrokerClient, channel)
     sub = await client.subscribe("t")
     keeper = await broker.subscribe("t")
     forwarding = [conn for conn in _server_side(server, sub.channel) if conn.key[0] == codec.ROLE_CONSUMER]
@@ -234,15 +243,15 @@ async def test_vanished_remote_subscriber_is_dropped_and_its_connections_freed(s
     await broker.close()
 
 
-@ensure
-async def test_go_publish_json_is_accepted_and_forwarded_unchanged(server):
+@clocked
+async def test_go_publish_json_is_accepted_and_forwarded_unchanged(memory):
     channel = uuid.uuid4()
-    broker = await Broker.connect(server.address, channel)
+    broker = await memory.connect(Broker, channel)
     typed = await broker.subscribe("t")
     # A raw subscriber, speaking the documented control messages by hand.
     raw_channel = uuid.uuid4()
-    raw = await Provider.connect(server.address, raw_channel)
-    go_publisher = await Consumer.connect(server.address, channel)  # what a Go publisher does
+    raw = await memory.connect(Provider, raw_channel)
+    go_publisher = await memory.connect(Consumer, channel)  # what a Go publisher does
     subscribe = messages.encode("$pulsyflux/subscribe", None, {"topic": "t", "channel": str(raw_channel)})
     answer = go_publisher.send(subscribe)
     probe = await raw.receive()
@@ -258,12 +267,12 @@ async def test_go_publish_json_is_accepted_and_forwarded_unchanged(server):
     await broker.close()
 
 
-@ensure
-async def test_bad_publishes_get_clear_errors_and_nothing_else_breaks(server):
+@clocked
+async def test_bad_publishes_get_clear_errors_and_nothing_else_breaks(memory):
     channel = uuid.uuid4()
-    broker = await Broker.connect(server.address, channel)
+    broker = await memory.connect(Broker, channel)
     sub = await broker.subscribe("t")
-    consumer = await Consumer.connect(server.address, channel)
+    consumer = await memory.connect(Consumer, channel)
     with pytest.raises(RemoteError, match="not a JSON message"):
         await consumer.send(b"hello")
     with pytest.raises(RemoteError, match="reserved"):
@@ -289,7 +298,7 @@ async def test_broker_client_without_a_broker_fails_fast(memory):
 
 @ensure
 async def test_subscriptions_end_when_the_server_goes_away(server):
-    broker = await _broker(server)
+    broker = await Broker.connect(server.address, uuid.uuid4())
     sub = await broker.subscribe("t")
     await broker.publish("t", b"last words")
     assert (await sub.get()).payload == b"last words"
@@ -345,8 +354,9 @@ async def test_broker_service_stopped_while_the_broker_connects():
         await ready
 
 
-@ensure
-async def test_a_reader_may_unsubscribe_in_the_middle_of_a_batch(server):
+@clocked
+async def test_a_reader_may_unsubscribe_in_the_middle_of_a_batch(memory):
+    server = memory
     broker = await _broker(server)
     sub = await broker.subscribe("t")
     got = []
@@ -364,11 +374,11 @@ async def test_a_reader_may_unsubscribe_in_the_middle_of_a_batch(server):
     await broker.close()
 
 
-@ensure
-async def test_a_remote_subscriber_learns_how_many_were_dropped_for_it(server):
+@clocked
+async def test_a_remote_subscriber_learns_how_many_were_dropped_for_it(memory):
     channel = uuid.uuid4()
-    broker = await Broker.connect(server.address, channel, backlog=50, batch=10, window=1)
-    client = await BrokerClient.connect(server.address, channel)
+    broker = await memory.connect(Broker, channel, backlog=50, batch=10, window=1)
+    client = await memory.connect(BrokerClient, channel)
     slow = await client.subscribe("t", buffer=10)
     await defer.gatherResults([broker.publish("t", b"%d" % i) for i in range(1000)])
     # It holds at most buffer + window x batch; the broker keeps 50 more and drops the rest.
@@ -418,8 +428,9 @@ async def test_publish_times_out_from_the_call_when_the_broker_hangs(memory):
     await broker.close()
 
 
-@ensure
-async def test_unsubscribing_with_messages_still_queued_counts_them_as_lost(server):
+@clocked
+async def test_unsubscribing_with_messages_still_queued_counts_them_as_lost(memory):
+    server = memory
     broker = await _broker(server, backlog=5000)
     stuck = await broker.subscribe("queue", buffer=5)
     await defer.gatherResults([broker.publish("queue", b"%d" % i) for i in range(2000)])
@@ -440,8 +451,9 @@ async def test_unsubscribing_with_messages_still_queued_counts_them_as_lost(serv
     await broker.close()
 
 
-@ensure
-async def test_broker_says_whether_it_is_closed(server):
+@clocked
+async def test_broker_says_whether_it_is_closed(memory):
+    server = memory
     broker = await _broker(server)
     assert not broker.closed
     await broker.close()
