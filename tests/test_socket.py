@@ -1,4 +1,4 @@
-"""Socket layer behaviours over real TCP on 127.0.0.1 (ephemeral ports)."""
+"""Request/response behaviours: on the in-memory harness (MemoryServer), and over real TCP where the socket matters."""
 
 from __future__ import annotations
 
@@ -26,20 +26,20 @@ from .wire import connect_raw, register_frames, request_frames
 ensure = pytest_twisted.ensureDeferred
 
 
-@ensure
-async def test_round_trip(server, channel):
-    provider = await Provider.connect(server.address, channel, handler=lambda data: b"echo:" + data)
-    consumer = await Consumer.connect(server.address, channel)
+@clocked
+async def test_round_trip(memory, channel):
+    provider = await memory.connect(Provider, channel, handler=lambda data: b"echo:" + data)
+    consumer = await memory.connect(Consumer, channel)
     assert await consumer.send(b"hello") == b"echo:hello"
     assert await consumer.send(b"") == b"echo:"
     await consumer.close()
     await provider.close()
 
 
-@ensure
-async def test_pull_style_provider_and_empty_bodies(server, channel):
-    provider = await Provider.connect(server.address, channel)
-    consumer = await Consumer.connect(server.address, channel)
+@clocked
+async def test_pull_style_provider_and_empty_bodies(memory, channel):
+    provider = await memory.connect(Provider, channel)
+    consumer = await memory.connect(Consumer, channel)
     reply = consumer.send(b"")
     request = await provider.receive()
     assert request.payload == b"" and isinstance(request.id, uuid.UUID)
@@ -49,10 +49,10 @@ async def test_pull_style_provider_and_empty_bodies(server, channel):
     await provider.close()
 
 
-@ensure
-async def test_several_consumers_share_one_provider(server, channel):
-    provider = await Provider.connect(server.address, channel, handler=lambda data: data[::-1])
-    consumers = [await Consumer.connect(server.address, channel) for _ in range(5)]
+@clocked
+async def test_several_consumers_share_one_provider(memory, channel):
+    provider = await memory.connect(Provider, channel, handler=lambda data: data[::-1])
+    consumers = [await memory.connect(Consumer, channel) for _ in range(5)]
     replies = await defer.gatherResults([c.send(f"consumer-{i}".encode()) for i, c in enumerate(consumers)])
     assert replies == [f"consumer-{i}".encode()[::-1] for i in range(5)]
     for c in consumers:
@@ -102,13 +102,13 @@ async def test_five_megabytes_both_ways(server, channel):
     await provider.close()
 
 
-@ensure
-async def test_channels_are_isolated(server):
+@clocked
+async def test_channels_are_isolated(memory):
     a, b = uuid.uuid4(), uuid.uuid4()
-    pa = await Provider.connect(server.address, a, handler=lambda data: b"A:" + data)
-    pb = await Provider.connect(server.address, b, handler=lambda data: b"B:" + data)
-    ca = await Consumer.connect(server.address, a)
-    cb = await Consumer.connect(server.address, b)
+    pa = await memory.connect(Provider, a, handler=lambda data: b"A:" + data)
+    pb = await memory.connect(Provider, b, handler=lambda data: b"B:" + data)
+    ca = await memory.connect(Consumer, a)
+    cb = await memory.connect(Consumer, b)
     results = await defer.gatherResults([ca.send(b"1"), cb.send(b"2"), ca.send(b"3"), cb.send(b"4")])
     assert results == [b"A:1", b"B:2", b"A:3", b"B:4"]
     for client in (ca, cb, pa, pb):
@@ -156,10 +156,10 @@ async def test_server_enforces_request_timeout_for_clients_without_one(server, c
     await provider.close()
 
 
-@ensure
-async def test_hundred_consumers_twenty_in_flight_each(server, channel):
-    providers = [await Provider.connect(server.address, channel, handler=lambda data: b"re:" + data) for _ in range(3)]
-    consumers = [await Consumer.connect(server.address, channel) for _ in range(100)]
+@clocked
+async def test_hundred_consumers_twenty_in_flight_each(memory, channel):
+    providers = [await memory.connect(Provider, channel, handler=lambda data: b"re:" + data) for _ in range(3)]
+    consumers = [await memory.connect(Consumer, channel) for _ in range(100)]
     sends = []
     expected = []
     for i, consumer in enumerate(consumers):
@@ -172,10 +172,10 @@ async def test_hundred_consumers_twenty_in_flight_each(server, channel):
         await client.close()
 
 
-@ensure
-async def test_responses_out_of_order_on_one_connection(server, channel):
-    provider = await Provider.connect(server.address, channel)
-    consumer = await Consumer.connect(server.address, channel)
+@clocked
+async def test_responses_out_of_order_on_one_connection(memory, channel):
+    provider = await memory.connect(Provider, channel)
+    consumer = await memory.connect(Consumer, channel)
     sends = [consumer.send(str(i).encode()) for i in range(10)]
     requests = [await provider.receive() for _ in range(10)]
     for request in reversed(requests):
@@ -185,13 +185,13 @@ async def test_responses_out_of_order_on_one_connection(server, channel):
     await provider.close()
 
 
-@ensure
-async def test_provider_error_reaches_consumer_with_its_message(server, channel):
+@clocked
+async def test_provider_error_reaches_consumer_with_its_message(memory, channel):
     def handler(data):
         raise ValueError("no such order: " + data.decode())
 
-    provider = await Provider.connect(server.address, channel, handler=handler)
-    consumer = await Consumer.connect(server.address, channel)
+    provider = await memory.connect(Provider, channel, handler=handler)
+    consumer = await memory.connect(Consumer, channel)
     with pytest.raises(RemoteError) as info:
         await consumer.send(b"42")
     assert info.value.message == "no such order: 42"
@@ -199,21 +199,21 @@ async def test_provider_error_reaches_consumer_with_its_message(server, channel)
     await provider.close()
 
 
-@ensure
-async def test_async_handlers(server, channel):
+@clocked
+async def test_async_handlers(memory, channel):
     async def handler(data):
-        await later(0.01)
+        await later(0.01, clock=memory.clock)
         return b"async:" + data
 
-    provider = await Provider.connect(server.address, channel, handler=handler)
-    consumer = await Consumer.connect(server.address, channel)
+    provider = await memory.connect(Provider, channel, handler=handler)
+    consumer = await memory.connect(Consumer, channel)
     assert await consumer.send(b"x") == b"async:x"
     await consumer.close()
     await provider.close()
 
 
-@ensure
-async def test_round_robin_keeps_each_request_on_one_provider(server, channel):
+@clocked
+async def test_round_robin_keeps_each_request_on_one_provider(memory, channel):
     seen = {0: [], 1: []}
 
     def handler_for(n):
@@ -223,8 +223,8 @@ async def test_round_robin_keeps_each_request_on_one_provider(server, channel):
 
         return handler
 
-    providers = [await Provider.connect(server.address, channel, handler=handler_for(n)) for n in range(2)]
-    consumer = await Consumer.connect(server.address, channel)
+    providers = [await memory.connect(Provider, channel, handler=handler_for(n)) for n in range(2)]
+    consumer = await memory.connect(Consumer, channel)
     big = os.urandom(3 * 1024 * 1024)  # three CHUNK frames: all must reach one provider
     replies = await defer.gatherResults([consumer.send(big, timeout=30) for _ in range(4)])
     assert sorted(replies) == [b"0", b"0", b"1", b"1"]
@@ -233,10 +233,11 @@ async def test_round_robin_keeps_each_request_on_one_provider(server, channel):
         await client.close()
 
 
-@ensure
-async def test_registry_is_cleaned_on_disconnect(server, channel):
-    provider = await Provider.connect(server.address, channel, handler=lambda data: data)
-    consumer = await Consumer.connect(server.address, channel)
+@clocked
+async def test_registry_is_cleaned_on_disconnect(memory, channel):
+    server = memory
+    provider = await memory.connect(Provider, channel, handler=lambda data: data)
+    consumer = await memory.connect(Consumer, channel)
     assert await consumer.send(b"x") == b"x"  # both registered by now
     roles = sorted(role for role, _, _ in server.registry)
     assert roles == [codec.ROLE_CONSUMER, codec.ROLE_PROVIDER]
@@ -263,10 +264,11 @@ async def test_provider_dying_mid_request_fails_the_consumer_promptly(memory, ch
     await consumer.close()
 
 
-@ensure
-async def test_consumer_dying_mid_request_frees_the_request(server, channel):
-    provider = await Provider.connect(server.address, channel)
-    consumer = await Consumer.connect(server.address, channel)
+@clocked
+async def test_consumer_dying_mid_request_frees_the_request(memory, channel):
+    server = memory
+    provider = await memory.connect(Provider, channel)
+    consumer = await memory.connect(Consumer, channel)
     reply = consumer.send(b"work", timeout=10)
     request = await provider.receive()
     gone = server.all_closed()
@@ -279,10 +281,10 @@ async def test_consumer_dying_mid_request_frees_the_request(server, channel):
     assert request.payload == b"work"
 
 
-@ensure
-async def test_close_fails_pending_sends_and_later_sends(server, channel):
-    provider = await Provider.connect(server.address, channel)
-    consumer = await Consumer.connect(server.address, channel)
+@clocked
+async def test_close_fails_pending_sends_and_later_sends(memory, channel):
+    provider = await memory.connect(Provider, channel)
+    consumer = await memory.connect(Consumer, channel)
     pending = consumer.send(b"never answered")
     await provider.receive()
     await consumer.close()
@@ -470,11 +472,11 @@ async def test_provider_connects_even_if_the_server_never_answers_its_probe(memo
     await provider.close()
 
 
-@ensure
-async def test_request_ids_cannot_be_guessed_from_earlier_ones(server, channel):
+@clocked
+async def test_request_ids_cannot_be_guessed_from_earlier_ones(memory, channel):
     """Providers see a consumer's request ids; they must not predict the next ones."""
-    provider = await Provider.connect(server.address, channel, handler=lambda data: data)
-    consumer = await Consumer.connect(server.address, channel)
+    provider = await memory.connect(Provider, channel, handler=lambda data: data)
+    consumer = await memory.connect(Consumer, channel)
     seen = []
     original = provider._dispatch
 
@@ -492,10 +494,10 @@ async def test_request_ids_cannot_be_guessed_from_earlier_ones(server, channel):
     await provider.close()
 
 
-@ensure
-async def test_cancelled_send_forgets_the_request_and_ignores_its_answer(server, channel):
-    provider = await Provider.connect(server.address, channel)
-    consumer = await Consumer.connect(server.address, channel)
+@clocked
+async def test_cancelled_send_forgets_the_request_and_ignores_its_answer(memory, channel):
+    provider = await memory.connect(Provider, channel)
+    consumer = await memory.connect(Consumer, channel)
     others = [consumer.send(b"keep %d" % i) for i in range(3)]
     doomed = consumer.send(b"cancel me")
     requests = [await provider.receive() for _ in range(4)]
