@@ -29,7 +29,7 @@ path pays nothing while reads end on frame boundaries (the common case):
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -38,6 +38,9 @@ from . import codec
 from ._twisted_compat import tls_handshake_pending
 from .codec import ERROR, FrameDecoder
 from .ratelimit import LogLimiter, shorten
+
+if TYPE_CHECKING:  # the server imports this module
+    from .server import ServerProtocol
 
 __all__ = [
     "ConnectionGuard",
@@ -83,7 +86,7 @@ class ConnectionGuard:
 
     # -- called by ServerProtocol -------------------------------------------------
 
-    def admit(self, conn: Any, max_connections: int) -> bool:
+    def admit(self, conn: ServerProtocol, max_connections: int) -> bool:
         """A new untrusted connection: True if it may stay (room made if need be)."""
         if len(self.counted) >= max_connections:
             oldest = self._oldest_unregistered()
@@ -96,7 +99,7 @@ class ConnectionGuard:
         self._arm()
         return True
 
-    def holding(self, conn: Any, held: int) -> None:
+    def holding(self, conn: ServerProtocol, held: int) -> None:
         """``conn``'s decoder holds ``held`` bytes of an incomplete frame (or none any more)."""
         if conn.trusted:
             conn.frame_serial = conn.decoder.partials
@@ -121,12 +124,12 @@ class ConnectionGuard:
                     f"server overloaded: incomplete frames hold more than {self.max_partial_bytes} bytes",
                 )
 
-    def registered(self, conn: Any) -> None:
+    def registered(self, conn: ServerProtocol) -> None:
         """``conn`` sent its first valid START: its register timeout is over."""
         if self._unregistered.pop(conn, None) is not None:
             self._cancel_if_idle()
 
-    def disconnected(self, conn: Any) -> None:
+    def disconnected(self, conn: ServerProtocol) -> None:
         self.counted.discard(conn)
         self.partial_bytes -= conn.held
         conn.held = 0
@@ -139,7 +142,7 @@ class ConnectionGuard:
         if not (self._unregistered or self._partial or self._closing):
             self._cancel()  # nothing to watch: no timer
 
-    def close(self, conn: Any, message: str) -> None:
+    def close(self, conn: ServerProtocol, message: str) -> None:
         """Send ``conn`` one ERROR saying why, free what it held, and close it."""
         self.stats.error(message)
         self.partial_bytes -= conn.held
