@@ -108,7 +108,7 @@ class Message:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Message is immutable")
 
-    __delattr__ = __setattr__  # type: ignore[assignment]
+    __delattr__ = __setattr__  # type: ignore[assignment]  # both refuse: the signatures differ, the answer not
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
@@ -234,7 +234,7 @@ def _payload(value: Any) -> bytes:
 if sys.version_info >= (3, 11):
 
     def _strict_b64(value: str) -> bytes:
-        return binascii.a2b_base64(value, strict_mode=True)  # type: ignore[call-arg]
+        return binascii.a2b_base64(value, strict_mode=True)  # type: ignore[call-arg]  # Python < 3.11 lacks strict_mode
 
 else:  # binascii has no strict_mode before 3.11
 

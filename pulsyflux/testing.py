@@ -311,7 +311,7 @@ class MemoryServer:
         For ``Consumer``, ``Provider``, ``BrokerClient`` or ``Broker``:
         ``server.run(server.connect(Consumer, channel))``.
         """
-        return client.connect(self.address, *args, reactor=self.clock, **options)  # type: ignore[no-any-return]
+        return client.connect(self.address, *args, reactor=self.clock, **options)
 
     def all_closed(self) -> "Deferred[Any]":
         """Fires once every connection open now is gone."""
@@ -379,7 +379,7 @@ class MemoryServer:
         result = outcome[0]
         if isinstance(result, Failure):
             result.raiseException()
-        return result  # type: ignore[no-any-return]
+        return result
 
     def drop(self, *connections: Any) -> "Deferred[Any]":
         """Cut each connection as a TCP reset would, all at once, and let both ends notice.

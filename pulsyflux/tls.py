@@ -16,7 +16,7 @@ certificate: ``tls:host=...:port=9443:trustRoots=ca-dir:certificate=me.pem:priva
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -29,12 +29,12 @@ _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE----
 
 def mtls_server_endpoint(
     reactor: Any,
-    port: int,
+    port: Union[int, str],  # a string too: from an endpoint description
     privateKey: str,
     caCerts: str,
     certKey: Optional[str] = None,
     interface: str = "127.0.0.1",
-    backlog: int = 50,
+    backlog: Union[int, str] = 50,
 ) -> IStreamServerEndpoint:
     """A TLS server endpoint that requires a client certificate signed by one of ``caCerts``.
 
@@ -75,6 +75,6 @@ def parse_mtls(reactor: Any, description: str) -> IStreamServerEndpoint:
     if args:
         raise ValueError(f"unexpected positional arguments in {description!r}: {args}")
     try:
-        return mtls_server_endpoint(reactor, **kwargs)  # type: ignore[arg-type]
+        return mtls_server_endpoint(reactor, **kwargs)
     except TypeError as error:
         raise ValueError(f"bad mtls: description {description!r}: {error}") from None
