@@ -273,19 +273,42 @@ class MemoryServer:
 
     def __init__(self, *, broker: bool = True, clock: Optional[MemoryReactorClock] = None, **options: Any) -> None:
         self.clock = clock if clock is not None else MemoryReactorClock()
+        self._options = options
         self.factory = ServerFactory(self.clock, **options)
         # Clients are strangers (not trusted): every limit of the server applies to them.
-        self.address = _StrangerEndpoint(InProcessEndpoint(self.factory, self.clock, trusted=False, label="memory"))
+        self._endpoint = InProcessEndpoint(self.factory, self.clock, trusted=False, label="memory")
+        self.address = _StrangerEndpoint(self._endpoint)
         self.broker: Any = None
         self.broker_channel: Optional[uuid.UUID] = None
+        self._with_broker = broker
         self._quiet: list[Deferred[None]] = []
-        if broker:
+        self._start_broker()
+
+    def _start_broker(self) -> None:
+        if self._with_broker:
             from .broker import DEFAULT_BROKER_CHANNEL, Broker
 
             self.factory.router.reserve(DEFAULT_BROKER_CHANNEL.bytes)
             link = InProcessEndpoint(self.factory, self.clock, label="broker")
             self.broker = self.run(Broker.connect(link, DEFAULT_BROKER_CHANNEL, reactor=self.clock))
             self.broker_channel = DEFAULT_BROKER_CHANNEL
+
+    def restart(self) -> None:
+        """The server's process dies and a new one starts at the same address, at once.
+
+        Every connection is reset (what a crash looks like to the clients)
+        and the new server knows none of them; clients with ``reconnect``
+        come back on their own timers (drive them with :meth:`run` or
+        :meth:`advance`). With a broker, a new one starts beside the new
+        server: the old one died with its process.
+        """
+        ends = self.connections
+        for conn in ends:
+            conn.transport.abortConnection()
+        self.flush()
+        self.factory = ServerFactory(self.clock, **self._options)
+        self._endpoint.factory = self.factory
+        self._start_broker()
 
     @property
     def reactor(self) -> MemoryReactorClock:

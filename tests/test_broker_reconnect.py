@@ -1,4 +1,4 @@
-"""Subscriptions survive a server restart (reconnect=True), over real TCP on 127.0.0.1.
+"""Subscriptions survive a server restart (reconnect=True): in memory (``MemoryServer.restart``), and over TCP.
 
 A restart here is what a crash and a supervisor's restart look like to the
 clients: the server stops listening, every connection is reset, and a fresh
@@ -11,13 +11,13 @@ import uuid
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 
 from pulsyflux import Broker, BrokerClient, BrokerService, ConnectionLostError, SubscriptionClosed
 from pulsyflux.server import ServerFactory
 
-from .helpers import eventually, within_turns
+from .helpers import clocked
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -47,42 +47,38 @@ async def crash(factory: ServerFactory, port) -> None:
     await within(gone)
 
 
-async def assert_fails_at_once(d: Deferred, error: type = ConnectionLostError) -> None:
+async def assert_fails_at_once_on_the_clock(memory, d: Deferred, error: type = ConnectionLostError) -> None:
+    await memory.quiet()
+    assert d.called  # before the clock moved: nothing waited for a line or a timer
     with pytest.raises(error):
-        await within_turns(d)  # a publish is batched for a turn; nothing waits for a line or a timer
+        await d
 
 
-@ensure
-async def test_remote_and_local_subscriptions_resume_after_a_server_restart():
-    factory = ServerFactory(reactor)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    number = port.getHost().port
-    address = f"127.0.0.1:{number}"
+@clocked
+async def test_remote_and_local_subscriptions_resume_after_a_server_restart(memory):
     channel = uuid.uuid4()
-    broker = await Broker.connect(address, channel, reconnect=fast_backoff)  # run apart from the server
+    broker = await memory.connect(Broker, channel, reconnect=fast_backoff)  # run apart from the server
     local = await broker.subscribe("news")
-    subscriber = await BrokerClient.connect(address, channel, reconnect=fast_backoff)
+    subscriber = await memory.connect(BrokerClient, channel, reconnect=fast_backoff)
     remote = await subscriber.subscribe("news")
-    publisher = await BrokerClient.connect(address, channel, reconnect=fast_backoff)
+    publisher = await memory.connect(BrokerClient, channel, reconnect=fast_backoff)
     await publisher.publish("news", b"before")
-    assert (await within(remote.get())).payload == b"before"
-    assert (await within(local.get())).payload == b"before"
+    assert (await remote.get()).payload == b"before"
+    assert (await local.get()).payload == b"before"
     back = [resumed(remote), resumed(local)]
 
-    await crash(factory, port)
+    memory.restart()
     # Publishing while the server is down fails at once, from either side.
-    await assert_fails_at_once(publisher.publish("news", b"during"))
-    await assert_fails_at_once(broker.publish("news", b"during"))
+    await assert_fails_at_once_on_the_clock(memory, publisher.publish("news", b"during"))
+    await assert_fails_at_once_on_the_clock(memory, broker.publish("news", b"during"))
     assert not remote.closed and not local.closed  # the streams do not end
 
-    factory = ServerFactory(reactor)
-    port = reactor.listenTCP(number, factory, interface="127.0.0.1")
-    assert await within(DeferredList(back, fireOnOneErrback=True)) == [(True, remote), (True, local)]
-    await within(publisher.when_connected())
+    assert await DeferredList(back, fireOnOneErrback=True) == [(True, remote), (True, local)]
+    await publisher.when_connected()
     for i in range(5):
         await publisher.publish("news", b"after %d" % i)
     for sub in (remote, local):  # the same Subscription objects, in order, nothing from the gap
-        assert [(await within(sub.get())).payload for _ in range(5)] == [b"after %d" % i for i in range(5)]
+        assert [(await sub.get()).payload for _ in range(5)] == [b"after %d" % i for i in range(5)]
         assert sub.gaps == 1 and not sub.closed and sub.pending == 0
 
     stats = broker.stats()
@@ -94,46 +90,35 @@ async def test_remote_and_local_subscriptions_resume_after_a_server_restart():
     await broker.close()
     with pytest.raises(SubscriptionClosed, match="the broker closed"):
         await local.get()
-    await port.stopListening()
 
 
-def reactor_later(seconds: float) -> Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-@ensure
-async def test_a_slow_subscriber_keeps_its_place_and_what_was_in_flight_is_counted():
-    factory = ServerFactory(reactor)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    number = port.getHost().port
-    address = f"127.0.0.1:{number}"
+@clocked
+async def test_a_slow_subscriber_keeps_its_place_and_what_was_in_flight_is_counted(memory):
     channel = uuid.uuid4()
-    broker = await Broker.connect(address, channel, reconnect=fast_backoff)
-    client = await BrokerClient.connect(address, channel, reconnect=fast_backoff)
+    broker = await memory.connect(Broker, channel, reconnect=fast_backoff)
+    client = await memory.connect(BrokerClient, channel, reconnect=fast_backoff)
     sub = await client.subscribe("news", buffer=2)  # reads nothing until after the restart
     for i in range(10):
         await client.publish("news", b"%d" % i)
     # Two forwards answered, four held by the full buffer (the window), four waiting at the broker.
-    await eventually(lambda: sub.pending == 6)
+    await memory.quiet()
+    assert sub.pending == 6
     [before] = broker.stats()["subscriptions"]
     assert (before["in_flight"], before["backlog"]) == (4, 4)
     back = resumed(sub)
 
-    await crash(factory, port)
-    factory = ServerFactory(reactor)
-    port = reactor.listenTCP(number, factory, interface="127.0.0.1")
-    await within(back)
-    await within(client.when_connected())
+    memory.restart()
+    await back
+    await client.when_connected()
     await client.publish("news", b"after")
     # The four held forwards had arrived, but their answers were lost with the line:
     # the broker counts them as lost (at most once, it never resends) and goes on.
-    assert [(await within(sub.get())).payload for _ in range(11)] == [b"%d" % i for i in range(10)] + [b"after"]
+    assert [(await sub.get()).payload for _ in range(11)] == [b"%d" % i for i in range(10)] + [b"after"]
     [after] = broker.stats()["subscriptions"]
     assert after["lost"] == broker.stats()["lost"] == 4 and after["dropped"] == 0
     assert after["gaps"] == 1 and sub.gaps == 1
     await client.close()
     await broker.close()
-    await port.stopListening()
 
 
 @ensure
@@ -168,54 +153,40 @@ async def test_a_restarted_broker_service_gets_its_subscriptions_back_from_the_c
     await old.stopService()
 
 
-@ensure
-async def test_a_subscription_ends_when_no_broker_takes_it_back():
-    factory = ServerFactory(reactor)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    number = port.getHost().port
-    address = f"127.0.0.1:{number}"
+@clocked
+async def test_a_subscription_ends_when_no_broker_takes_it_back(memory):
     channel = uuid.uuid4()
-    broker = await Broker.connect(address, channel)  # no reconnect: gone for good with the server
-    subscriber = await BrokerClient.connect(address, channel, reconnect=fast_backoff)
+    broker = await memory.connect(Broker, channel)  # no reconnect: gone for good with the server
+    subscriber = await memory.connect(BrokerClient, channel, reconnect=fast_backoff)
     subscriber.resubscribe_patience = 0.3
     sub = await subscriber.subscribe("news")
 
-    await crash(factory, port)
-    factory = ServerFactory(reactor)
-    port = reactor.listenTCP(number, factory, interface="127.0.0.1")
+    memory.restart()
     with pytest.raises(SubscriptionClosed, match="resubscribe failed: no broker on channel"):
-        await within(sub.get())
+        await sub.get()
     assert sub.gaps == 1 and subscriber.subscriptions == []
-    await within(sub._provider.when_lost())  # its connection is closed, not left retrying
+    await sub._provider.when_lost()  # its connection is closed, not left retrying
     with pytest.raises(ConnectionLostError, match="the broker lost its connection"):
         await broker.publish("news", b"nobody")
     await subscriber.close()
-    await port.stopListening()
 
 
-@ensure
-async def test_the_broker_drops_a_subscriber_that_does_not_come_back():
-    factory = ServerFactory(reactor)
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    number = port.getHost().port
-    address = f"127.0.0.1:{number}"
+@clocked
+async def test_the_broker_drops_a_subscriber_that_does_not_come_back(memory):
     channel = uuid.uuid4()
-    broker = await Broker.connect(address, channel, reconnect=fast_backoff, rejoin_patience=0.3)
-    subscriber = await BrokerClient.connect(address, channel)  # no reconnect: its subscription dies with the line
+    broker = await memory.connect(Broker, channel, reconnect=fast_backoff, rejoin_patience=0.3)
+    subscriber = await memory.connect(BrokerClient, channel)  # no reconnect: its subscription dies with the line
     sub = await subscriber.subscribe("news")
     assert broker.stats()["topics"] == {"news": 1}
 
-    await crash(factory, port)
+    memory.restart()
     with pytest.raises(SubscriptionClosed, match="connection to the server lost"):
-        await within(sub.get())
-    factory = ServerFactory(reactor)
-    port = reactor.listenTCP(number, factory, interface="127.0.0.1")
+        await sub.get()
     [outlet] = broker._router.outlets.values()
-    await within(outlet.consumer.when_lost())  # its forwarding connection back, then closed for good
+    await outlet.consumer.when_lost()  # its forwarding connection back, then closed for good
     stats = broker.stats()
     assert stats["topics"] == {} and stats["subscriptions"] == [] and stats["reconnects"] == 1
     await broker.close()
-    await port.stopListening()
 
 
 @ensure

@@ -148,3 +148,21 @@ async def test_quiet_fires_once_everything_due_now_has_run(memory, channel):
     assert memory.stats.requests_routed == 1 and memory.now() == 0
     await consumer.close()
     await provider.close()
+
+
+def test_restart_resets_everyone_and_reconnecting_clients_come_back(channel):
+    server = MemoryServer()
+    old_factory, old_broker = server.factory, server.broker
+    provider = server.run(server.connect(Provider, channel, handler=bytes.upper, reconnect=lambda attempt: 2.0))
+    consumer = server.run(server.connect(Consumer, channel, reconnect=lambda attempt: 2.0))
+    plain = server.run(server.connect(Consumer, channel))
+    server.restart()
+    assert server.factory is not old_factory and old_factory.router.connections == set()
+    assert old_broker.closed and server.broker is not old_broker and not server.broker.closed
+    assert not plain.connected and not consumer.connected
+    assert [key for key in server.registry if key[1] == channel.bytes] == []  # only the new broker is known
+    server.run(consumer.when_connected())
+    server.run(provider.when_connected())
+    assert server.now() == 2.0  # on their own backoff
+    assert server.run(consumer.send(b"back")) == b"BACK"
+    server.close()
