@@ -46,7 +46,7 @@ from .inproc import InProcessEndpoint
 from .server import ServerFactory, ServerProtocol, ServerStats
 from .service import client_address
 
-__all__ = ["MemoryServer", "RunningServer", "start_server"]
+__all__ = ["MemoryServer", "RunningServer", "hang", "reset", "start_server"]
 
 T = TypeVar("T")
 
@@ -68,6 +68,30 @@ def _server_side(factory: ServerFactory, connection: Any) -> ServerProtocol:
         if conn.transport is not None and conn.transport.getPeer() == here:
             return conn
     raise ValueError(f"{connection!r} has no connection to this server")
+
+
+def _transport(client: Any) -> Any:
+    protocol = getattr(client, "_protocol", None)  # the one place tests reach into a client's connection
+    if protocol is None or protocol.transport is None or not getattr(client, "connected", True):
+        raise ValueError(f"{client!r} is not connected")
+    return protocol.transport
+
+
+def hang(client: Any) -> Callable[[], None]:
+    """``client`` (a Consumer or Provider) stops reading its connection until the returned call.
+
+    It stays connected and answers nothing, as a hung process does; the
+    server's flow control and the peers' timeouts see what they would.
+    Over TCP or in memory.
+    """
+    transport = _transport(client)
+    transport.pauseProducing()
+    return transport.resumeProducing  # type: ignore[no-any-return]
+
+
+def reset(client: Any) -> None:
+    """``client``'s connection is reset from its own end, as when its process dies."""
+    _transport(client).abortConnection()
 
 
 def _drop(factory: ServerFactory, connections: tuple[Any, ...]) -> "Deferred[Any]":

@@ -20,6 +20,7 @@ from twisted.logger import globalLogPublisher
 from pulsyflux import Consumer, Provider, codec
 from pulsyflux.server import ServerFactory
 from pulsyflux.service import ServerService
+from pulsyflux.testing import hang
 
 from .helpers import eventually
 from .wire import connect_raw, register_frames
@@ -149,7 +150,7 @@ async def test_frame_timeout_spares_a_sender_the_server_stopped_reading(limited,
     guard = server.factory.router.connection_guard
     clock = guard.clock = task.Clock()
     provider = await Provider.connect(server.address, channel)
-    provider._protocol.transport.pauseProducing()  # this provider stops reading
+    resume = hang(provider)  # this provider stops reading
     consumer = await Consumer.connect(server.address, channel)
     body = os.urandom(16 << 20)
     reply = consumer.send(body, timeout=LONG)
@@ -157,7 +158,7 @@ async def test_frame_timeout_spares_a_sender_the_server_stopped_reading(limited,
     await eventually(lambda: conn.flow.reading_paused and conn.held > 0)  # paused mid-frame
     clock.advance(10)  # ten frame timeouts
     assert not conn._lost and not guard.stats.errors
-    provider._protocol.transport.resumeProducing()
+    resume()
     request = await provider.receive()
     assert request.payload == body
     provider.respond(request, b"ok")

@@ -23,6 +23,7 @@ from pulsyflux import (
     codec,
     messages,
 )
+from pulsyflux.testing import hang, reset
 
 from .helpers import clocked
 from .test_messages import FULL
@@ -232,7 +233,7 @@ async def test_vanished_remote_subscriber_is_dropped_and_its_connections_freed(m
     sub = await client.subscribe("t")
     keeper = await broker.subscribe("t")
     forwarding = [conn for conn in _server_side(server, sub.channel) if conn.key[0] == codec.ROLE_CONSUMER]
-    sub._provider._protocol.transport.abortConnection()  # the subscriber process "dies"
+    reset(sub._provider)  # the subscriber process "dies"
     await sub._provider.when_lost()
     await broker.publish("t", b"anyone?")
     assert (await keeper.get()).payload == b"anyone?"
@@ -414,8 +415,7 @@ async def test_bad_control_messages_are_refused(memory):
 async def test_publish_times_out_from_the_call_when_the_broker_hangs(memory):
     broker = await memory.connect(Broker, uuid.uuid4())
     client = await memory.connect(BrokerClient, broker.channel)
-    hung = broker._provider._protocol.transport
-    hung.pauseProducing()  # the broker stops reading: nothing is answered
+    resume = hang(broker._provider)  # the broker stops reading: nothing is answered
     started = memory.now()
     outcomes = await defer.DeferredList(
         [client.publish("t", b"%d" % i, timeout=1.0) for i in range(10)], consumeErrors=True
@@ -423,7 +423,7 @@ async def test_publish_times_out_from_the_call_when_the_broker_hangs(memory):
     # Publishes queued behind the first requests do not wait a second timeout.
     assert memory.now() - started == pytest.approx(1.0, abs=0.01)  # one timeout (and a tick), not two
     assert all(not ok and failure.check(RequestTimeout) for ok, failure in outcomes)
-    hung.resumeProducing()
+    resume()
     await client.close()
     await broker.close()
 

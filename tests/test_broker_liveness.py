@@ -18,6 +18,7 @@ import pytest
 from twisted.internet.defer import Deferred, DeferredList
 
 from pulsyflux import Broker, BrokerClient, NoProviderError, SubscriptionClosed
+from pulsyflux.testing import hang
 
 from .helpers import clocked, later
 
@@ -96,11 +97,11 @@ async def test_a_broker_that_hangs_is_taken_for_gone_after_two_unanswered_beats(
     sub = await client.subscribe("news")
     started = memory.now()
 
-    broker._provider._protocol.transport.pauseProducing()  # alive and connected, but answers nothing
+    resume = hang(broker._provider)  # alive and connected, but answers nothing
     with pytest.raises(SubscriptionClosed, match="the broker on channel .* disappeared"):
         await sub.get()
     assert memory.now() - started == pytest.approx(2 * (BEAT + 1.0))  # two beats that each waited 1 s (the floor)
-    broker._provider._protocol.transport.resumeProducing()
+    resume()
     await client.close()
     await broker.close()
 

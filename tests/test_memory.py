@@ -6,7 +6,7 @@ import pytest
 from twisted.internet.defer import Deferred
 
 from pulsyflux import BrokerClient, ConnectionLostError, Consumer, Provider, RequestTimeout, ServerOverloaded
-from pulsyflux.testing import MemoryServer
+from pulsyflux.testing import MemoryServer, hang, reset
 
 from .helpers import clocked, later
 
@@ -166,3 +166,22 @@ def test_restart_resets_everyone_and_reconnecting_clients_come_back(channel):
     assert server.now() == 2.0  # on their own backoff
     assert server.run(consumer.send(b"back")) == b"BACK"
     server.close()
+
+
+@clocked
+async def test_hang_and_reset_inject_a_clients_faults(memory, channel):
+    provider = await memory.connect(Provider, channel, handler=bytes.upper)
+    consumer = await memory.connect(Consumer, channel)
+    resume = hang(provider)
+    with pytest.raises(RequestTimeout):
+        await consumer.send(b"anyone?", timeout=3.0)  # the provider is connected but reads nothing
+    assert provider.connected and memory.now() == 3.0
+    resume()
+    assert await consumer.send(b"back") == b"BACK"
+    reset(provider)
+    await provider.when_lost()
+    with pytest.raises(Exception, match="peer disappeared"):
+        await consumer.send(b"gone")
+    with pytest.raises(ValueError, match="not connected"):
+        reset(provider)
+    await consumer.close()

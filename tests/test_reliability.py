@@ -17,6 +17,7 @@ from pulsyflux import ConnectionLostError, Consumer, NoProviderError, Provider, 
 from pulsyflux.codec import FrameDecoder
 from pulsyflux.server import ServerFactory
 from pulsyflux.service import ServerService
+from pulsyflux.testing import hang, reset
 
 from .helpers import clocked, eventually, later, within_turns
 from .wire import register_frames, request_frames
@@ -119,7 +120,7 @@ async def test_provider_that_stops_reading_pauses_the_consumer_feeding_it(server
     body = os.urandom(MiB) * 24
     provider = await Provider.connect(server.address, channel)
     consumer = await Consumer.connect(server.address, channel)
-    provider._protocol.transport.pauseProducing()  # this provider stops reading
+    resume = hang(provider)  # this provider stops reading
     reply = consumer.send(body, timeout=30)
 
     consumer_conn = await registered(server, codec.ROLE_CONSUMER, channel, consumer.client_id)
@@ -130,7 +131,7 @@ async def test_provider_that_stops_reading_pauses_the_consumer_feeding_it(server
     assert consumer_conn.flow.reading_paused  # still held while the other channel went through
     assert peak < 4 * MiB
 
-    provider._protocol.transport.resumeProducing()
+    resume()
     request = await provider.receive()
     assert request.payload == body
     provider.respond(request, b"got it")
@@ -196,7 +197,7 @@ async def test_provider_killed_abruptly_fails_the_consumer_at_once(memory, chann
     consumer = await memory.connect(Consumer, channel)
     reply = consumer.send(b"work", timeout=30)
     await provider.receive()
-    provider._protocol.transport.abortConnection()  # a reset from the client's end, as when its process dies
+    reset(provider)  # from the client's end, as when its process dies
     with pytest.raises(NoProviderError):
         await reply
     assert memory.now() == 0  # at once: no timer ran
