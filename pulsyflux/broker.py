@@ -35,7 +35,15 @@ from . import messages
 from .client import ChannelId, Consumer, Provider, Reconnect, channel_bytes
 from .endpoints import Address
 from .errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
-from .messages import CONTROL_PREFIX, Message, MessageError, excerpt
+from .messages import (
+    CONTROL_PREFIX,
+    Message,
+    MessageError,
+    check_topic,
+    excerpt,
+    is_control,
+    topic_problem,
+)
 from .ratelimit import LogLimiter, summary_to
 
 __all__ = [
@@ -56,7 +64,6 @@ DEFAULT_TOTAL_BACKLOG_BYTES = 256 << 20  # and bytes in all backlogs together
 DEFAULT_MAX_SUBSCRIPTIONS = 10_000  # subscriptions a broker keeps; more are refused
 DEFAULT_MAX_SETUPS = 64  # remote subscriptions being set up at once; more are refused
 DEFAULT_MAX_SETUPS_PER_CLIENT = 8  # of those, from one client (one connection: the server checks its id)
-MAX_TOPIC_CHARS = 1024  # the longest topic one can subscribe to
 _SETUP_WAITERS = 16  # announcements of one channel waiting for its setup; more are refused
 _ERROR_CHARS = 256  # the longest text of someone else's error the broker repeats
 DEFAULT_BATCH = 256  # messages per forward request, at most
@@ -231,7 +238,7 @@ class Subscription:
             if msg.topic == topic:
                 pending.append(msg)
                 count += 1
-            elif msg.topic.startswith(CONTROL_PREFIX):
+            elif is_control(msg.topic):
                 if notices is None:
                     notices = []
                 notices.append((count, msg))  # with how many of ours came before it
@@ -618,8 +625,10 @@ class _Router:
             self.rejected += 1
             raise
         for item in items:
-            if item[0].startswith(CONTROL_PREFIX):
+            if not item[0] or is_control(item[0]):
                 try:
+                    if not item[0]:
+                        raise MessageError(topic_problem(""))  # the topic rule: nobody can subscribe to it
                     if len(items) == 1:
                         return self._control(item[0], item[3] or {})
                     raise MessageError("control messages cannot be sent in a batch")
@@ -694,10 +703,9 @@ class _Router:
             setup.waiters.append(d)
             answer = _RESUMED
         else:
-            if len(topic) > MAX_TOPIC_CHARS:
-                raise MessageError(
-                    f"subscribe refused: a topic is at most {MAX_TOPIC_CHARS} characters, not {len(topic)}"
-                )
+            problem = topic_problem(topic, subscribing=True)
+            if problem is not None:
+                raise MessageError(f"subscribe refused: {problem}")
             if len(self.outlets) + len(self.opening) >= self.max_subscriptions:
                 self.refused += 1
                 raise PulsyfluxError(
@@ -917,15 +925,6 @@ def _announcement(sub: Subscription) -> bytes:
     return messages.control(messages.SUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
 
 
-def _check_topic(topic: str, subscribing: bool = False) -> None:
-    if type(topic) is not str:
-        raise TypeError(f"topic must be str, not {type(topic).__name__}")
-    if topic.startswith(CONTROL_PREFIX):
-        raise ValueError(f"topics starting with {CONTROL_PREFIX!r} are reserved for the broker")
-    if subscribing and len(topic) > MAX_TOPIC_CHARS:
-        raise ValueError(f"a topic to subscribe to is at most {MAX_TOPIC_CHARS} characters, not {len(topic)}")
-
-
 # -- the public API -------------------------------------------------------------------
 
 
@@ -1079,14 +1078,14 @@ class Broker:
         ConnectionLostError or RemoteError; raises TypeError/ValueError at
         once for a bad topic, payload or headers.
         """
-        _check_topic(topic)
+        check_topic(topic)
         if self._publisher is None:
             return fail(self._closed or ConnectionLostError("the broker is not connected"))
         return self._publisher.publish(topic, payload, headers, timeout)
 
     def subscribe(self, topic: str, buffer: Optional[int] = None) -> "Deferred[Subscription]":
         """A new :class:`Subscription` to ``topic`` (2 more connections)."""
-        _check_topic(topic, subscribing=True)
+        check_topic(topic, subscribing=True)
         if self._closed is not None:
             return fail(self._closed)
         return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer))
@@ -1249,14 +1248,14 @@ class BrokerClient:
         self, topic: str, payload: bytes = b"", headers: Optional[dict[str, str]] = None, timeout: float = 5.0
     ) -> "Deferred[None]":
         """Same as :meth:`Broker.publish`."""
-        _check_topic(topic)
+        check_topic(topic)
         if self._publisher is None:
             return fail(self._closed or ConnectionLostError("not connected"))
         return self._publisher.publish(topic, payload, headers, timeout)
 
     def subscribe(self, topic: str, buffer: Optional[int] = None) -> "Deferred[Subscription]":
         """Same as :meth:`Broker.subscribe`, through the broker's control messages."""
-        _check_topic(topic, subscribing=True)
+        check_topic(topic, subscribing=True)
         if self._closed is not None or self._consumer is None:
             return fail(self._closed or ConnectionLostError("not connected"))
         return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer))

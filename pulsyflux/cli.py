@@ -253,14 +253,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _topic(text: str) -> str:
-    if not text:
-        raise argparse.ArgumentTypeError("the topic must not be empty")
-    from .messages import CONTROL_PREFIX
+def _topic(text: str, subscribing: bool = False) -> str:
+    """A topic to publish to, checked by the broker's own rule, so the CLI never disagrees with it."""
+    from .messages import topic_problem
 
-    if text.startswith(CONTROL_PREFIX):
-        raise argparse.ArgumentTypeError(f"topics starting with {CONTROL_PREFIX!r} are reserved for the broker")
+    problem = topic_problem(text, subscribing)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def _subscribed_topic(text: str) -> str:
+    """A topic to subscribe to (the rule is stricter: bounded, no control characters)."""
+    return _topic(text, subscribing=True)
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -711,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Subscribe to TOPIC and print each message as it arrives, one line each: the payload as text "
         "(line breaks and invalid UTF-8 escaped), or with --json a JSON object with topic, payload and headers.",
     )
-    p.add_argument("topic", metavar="TOPIC", type=_topic)
+    p.add_argument("topic", metavar="TOPIC", type=_subscribed_topic)
     p.add_argument("--count", "-n", type=_positive_int, metavar="N", help="exit after N messages")
     p.add_argument("--json", action="store_true", help="print JSON lines: {topic, payload, headers}")
     p.add_argument(

@@ -165,14 +165,14 @@ def _bounded_broker_stats(stats: dict[str, Any], max_topics: int) -> dict[str, A
     (the others summed in ``other_topics``), the ``max_topics`` slowest
     subscriptions, topic names cut and made encodable, and no subscription's
     channel id (nor any other text of it but its topic)."""
-    from .messages import CONTROL_PREFIX
+    from .messages import is_control
 
     out = {key: value for key, value in stats.items() if key not in ("topics", "subscriptions")}
     topics: Counter[str] = Counter()
     other = {"topics": 0, "subscribers": 0}
     ranked = sorted(stats.get("topics", {}).items(), key=lambda item: (-item[1], str(item[0])))
     for topic, count in ranked:
-        if len(topics) < max_topics and not str(topic).startswith(CONTROL_PREFIX):
+        if len(topics) < max_topics and not is_control(str(topic)):
             topics[_topic_text(topic)] += count  # two cut names may meet: add them up
         else:
             other["topics"] += 1
@@ -572,13 +572,13 @@ class Publish(_Leaf):
 
 
 def _topic_problem(topic: str) -> Optional[str]:
-    from .messages import CONTROL_PREFIX
+    """The broker's topic rule (:func:`messages.topic_problem`), with how to name a topic in a URL."""
+    from .messages import topic_problem
 
-    if not topic:
-        return "topic must not be empty: POST /publish/{topic}"
-    if topic.startswith(CONTROL_PREFIX):
-        return f"topics starting with {CONTROL_PREFIX!r} are reserved for the broker"
-    return None
+    problem = topic_problem(topic)
+    if problem is not None and not topic:
+        return problem + ": POST /publish/{topic}"
+    return problem
 
 
 def _publish_error(error: BaseException) -> tuple[int, str]:

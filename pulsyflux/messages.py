@@ -48,6 +48,9 @@ __all__ = [
     "CLOSED",
     "control",
     "is_control",
+    "topic_problem",
+    "check_topic",
+    "MAX_TOPIC_CHARS",
     "excerpt",
     "EXCERPT_CHARS",
 ]
@@ -63,6 +66,11 @@ DROPPED = CONTROL_PREFIX + "dropped"  # headers: dropped = total dropped so far
 CLOSED = CONTROL_PREFIX + "closed"  # headers: reason; the stream ends
 
 Body = Union[bytes, bytearray, memoryview]
+
+# The longest topic one can subscribe to: the broker keeps each subscribed
+# topic (and shows it in stats), so its size is bounded. A publish is bounded
+# only by the body size; a longer topic simply has no subscriber.
+MAX_TOPIC_CHARS = 1024
 
 # Error texts quote client input at most this long: an answer that repeated a
 # sender's megabyte would itself be too large a frame (and fill logs).
@@ -145,9 +153,13 @@ def _go_string(text: str) -> str:
 
 
 def encode_text(topic: str, payload: Optional[Body], headers: Optional[Mapping[str, str]]) -> str:
-    """:func:`encode` as a str (what batches are joined from)."""
+    """:func:`encode` as a str (what batches are joined from).
+
+    Only the type of ``topic`` is checked (:func:`check_topic`'s first
+    step): control messages are encoded here too, with reserved topics.
+    """
     if type(topic) is not str:
-        raise TypeError(f"topic must be str, not {type(topic).__name__}")
+        _topic_type_error(topic)
     if payload is None:
         payload_json = "null"
     else:
@@ -367,7 +379,60 @@ _B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
 def is_control(topic: str) -> bool:
+    """Whether ``topic`` is the broker's own (a control message), never a publisher's."""
     return topic.startswith(CONTROL_PREFIX)
+
+
+# -- the topic rule ------------------------------------------------------------
+
+# Characters a subscribed topic may not hold: C0 and C1 controls, DEL, the JS
+# line separators, and lone surrogates. Go's JSON decoder turns a lone
+# surrogate into U+FFFD, so a Go peer and we would not agree on such a topic;
+# controls would reach logs, stats and terminals. Checked at subscribe only:
+# publish is the hot path, and a publish to such a topic reaches no one.
+_UNSUBSCRIBABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _topic_type_error(topic: object) -> None:
+    raise TypeError(f"topic must be str, not {type(topic).__name__}")
+
+
+def topic_problem(topic: str, subscribing: bool = False) -> Optional[str]:
+    """Why ``topic`` may not be published to (or subscribed to), or None if it may.
+
+    The one rule for topics: the CLI, the HTTP publish API, the clients and
+    the broker all ask here, so they never disagree. A topic is any
+    non-empty text not starting with :data:`CONTROL_PREFIX`; one subscribed
+    to is also at most :data:`MAX_TOPIC_CHARS` characters with no control
+    character or lone surrogate. ``topic`` must be a str.
+
+        >>> topic_problem("orders") is None
+        True
+        >>> topic_problem("")
+        'topic must not be empty'
+    """
+    if not topic:
+        return "topic must not be empty"
+    if is_control(topic):
+        return f"topics starting with {CONTROL_PREFIX!r} are reserved for the broker"
+    if subscribing:
+        if len(topic) > MAX_TOPIC_CHARS:
+            return f"a topic is at most {MAX_TOPIC_CHARS} characters, not {len(topic)}"
+        bad = _UNSUBSCRIBABLE.search(topic)
+        if bad is not None:
+            return (
+                f"a topic holds no control character or lone surrogate, found U+{ord(bad.group()):04X} at {bad.start()}"
+            )
+    return None
+
+
+def check_topic(topic: str, subscribing: bool = False) -> None:
+    """:func:`topic_problem` as exceptions: TypeError for a non-str, ValueError for a refused topic."""
+    if type(topic) is not str:
+        _topic_type_error(topic)
+    problem = topic_problem(topic, subscribing)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def control(kind: str, **headers: str) -> str:

@@ -32,7 +32,6 @@ SAMPLE = re.compile(r'^[a-z_:][a-z0-9_:]*(\{([a-z_][a-z0-9_]*="([^"\\\n]|\\[\\"n
 # What a terminal acts on: C0 controls but the line feed, DEL, C1 controls
 # (UTF-8 encoded), U+2028/2029 and the bidi overrides.
 TERMINAL_CONTROLS = re.compile(rb"[\x00-\x09\x0b-\x1f\x7f]|\xc2[\x80-\x9f]|\xe2\x80[\xa8-\xae]|\xe2\x81[\xa6-\xa9]")
-EVIL_TOPIC = 'evil\ud800\x1b[2J\x1b[31m"}\n\\'
 
 
 @pytest.fixture
@@ -125,6 +124,9 @@ async def raw_subscribe(address: str, topic_json: str) -> Provider:
     body = ('{"Topic":"$pulsyflux/subscribe","Payload":null,"Headers":' + headers + "}").encode("ascii")
     try:
         await announcer.send(body, timeout=5)
+    except BaseException:
+        await subscriber.close()
+        raise
     finally:
         await announcer.close()
     return subscriber
@@ -135,27 +137,21 @@ async def raw_subscribe(address: str, topic_json: str) -> Provider:
 
 @ensure
 async def test_attack_lone_surrogate_topic_does_not_break_metrics_or_stats(brokered):
-    # JSON "\ud800" decodes to a str no encoder can write.
-    subscriber = await raw_subscribe(brokered.address, 'evil\\ud800\\u001b[2J\\u001b[31m\\"}\\n\\\\')
-    try:
-        assert brokered.broker.stats()["topics"] == {EVIL_TOPIC: 1}
-        code, body = await get(brokered.http_url + "/metrics")
-        assert code == 200, body[-300:]
-        samples = parse_metrics(body)
-        assert "pulsyflux_broker_topics 1" in samples
-        [line] = [s for s in samples if s.startswith("pulsyflux_broker_topic_subscribers{")]
-        assert line.endswith(" 1") and "\x1b" not in line
-
-        code, body = await get(brokered.http_url + "/stats")
-        assert code == 200
-        stats = json.loads(body.decode("utf-8"))
-        assert sum(stats["broker"]["topics"].values()) == 1
-
-        result = await cli("stats", "--http", brokered.http_url)
-        assert result.returncode == 0, result.stderr
-        assert not TERMINAL_CONTROLS.search(result.stdout), result.stdout
-    finally:
-        await subscriber.close()
+    # JSON "\ud800" decodes to a str no encoder can write, and Go's decoder
+    # reads as U+FFFD: the broker refuses such a topic at subscribe (the
+    # rendering of any topic text is tested below with a stub broker).
+    with pytest.raises(RemoteError, match=r"^subscribe refused: .*lone surrogate, found U\+D800 at 4$"):
+        await raw_subscribe(brokered.address, 'evil\\ud800\\u001b[2J\\u001b[31m\\"}\\n\\\\')
+    assert brokered.broker.stats()["topics"] == {}
+    code, body = await get(brokered.http_url + "/metrics")
+    assert code == 200, body[-300:]
+    assert "pulsyflux_broker_topics 0" in parse_metrics(body)
+    code, body = await get(brokered.http_url + "/stats")
+    assert code == 200
+    assert json.loads(body.decode("utf-8"))["broker"]["topics"] == {}
+    result = await cli("stats", "--http", brokered.http_url)
+    assert result.returncode == 0, result.stderr
+    assert not TERMINAL_CONTROLS.search(result.stdout), result.stdout
 
 
 class _BrokerHolding:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -487,3 +488,64 @@ def test_each_waiting_publish_keeps_its_own_timeout():
     assert consumer.sent[1][0] == pytest.approx(9.5)  # its own deadline, counted from its call
     consumer.sent[1][1].callback(b"ok")
     assert second.called
+
+
+def _raw_announcement(topic: str, channel: uuid.UUID) -> bytes:
+    """A ``$pulsyflux/subscribe`` as any client can write it: ASCII JSON, so any
+    topic (a lone surrogate too) travels as a ``\\uXXXX`` escape."""
+    headers = {"topic": topic, "channel": str(channel)}
+    return json.dumps({"Topic": messages.SUBSCRIBE, "Payload": None, "Headers": headers}).encode("ascii")
+
+
+@ensure
+async def test_the_empty_topic_is_refused_everywhere(server):
+    """One topic rule: the broker refuses the empty topic as the CLI and HTTP do."""
+    channel = uuid.uuid4()
+    broker = await Broker.connect(server.address, channel)
+    client = await BrokerClient.connect(server.address, channel, heartbeat=None)
+    consumer = await Consumer.connect(server.address, channel)
+    try:
+        for api in (broker, client):
+            with pytest.raises(ValueError, match="^topic must not be empty$"):
+                api.publish("", b"x")
+            with pytest.raises(ValueError, match="^topic must not be empty$"):
+                api.subscribe("")
+        with pytest.raises(RemoteError, match="^topic must not be empty$"):
+            await consumer.send(messages.encode("", b"x"))
+        subscriber = await Provider.connect(server.address, uuid.uuid4(), handler=lambda body: b"ok")
+        with pytest.raises(RemoteError, match="^subscribe refused: topic must not be empty$"):
+            await consumer.send(_raw_announcement("", subscriber.channel_id))
+        await subscriber.close()
+        assert broker.stats()["topics"] == {}
+    finally:
+        await defer.gatherResults([consumer.close(), client.close()])
+        await broker.close()
+
+
+@ensure
+@pytest.mark.parametrize(
+    "bad", ["\x00", "\x1b", "\x1f", "\x7f", "\x85", "\x9f", "\u2028", "\u2029", "\ud800", "\udfff"]
+)
+async def test_a_topic_with_a_control_character_or_lone_surrogate_is_refused_at_subscribe(server, bad):
+    """Go's JSON decoder reads a lone surrogate as U+FFFD, so Go and Python would
+    disagree about such a topic; control characters would reach logs and terminals."""
+    channel = uuid.uuid4()
+    broker = await Broker.connect(server.address, channel)
+    consumer = await Consumer.connect(server.address, channel)
+    subscriber = await Provider.connect(server.address, uuid.uuid4(), handler=lambda body: b"ok")
+    try:
+        expected = (
+            f"^subscribe refused: a topic holds no control character or lone surrogate, found U\\+{ord(bad):04X} at 3$"
+        )
+        with pytest.raises(RemoteError, match=expected):
+            await consumer.send(_raw_announcement("bad" + bad + "topic", subscriber.channel_id))
+        with pytest.raises(ValueError, match="no control character or lone surrogate"):
+            broker.subscribe("bad" + bad + "topic")
+        assert broker.stats()["topics"] == {}
+        # A subscription with a plain topic still works on the same connections.
+        sub = await broker.subscribe("good")
+        await broker.publish("good", b"yes")
+        assert (await sub.get()).payload == b"yes"
+    finally:
+        await defer.gatherResults([consumer.close(), subscriber.close()])
+        await broker.close()

@@ -125,3 +125,23 @@ def test_round_trip(topic, payload, headers):
     assert decode(body) == Message(topic, payload, headers)
     [(t, text, _, _)] = list(split_body(body))
     assert t == topic and text.encode() == body
+
+
+def test_the_topic_rule():
+    """One rule for every caller (CLI, HTTP, clients, broker): they never disagree."""
+    from pulsyflux.messages import MAX_TOPIC_CHARS, check_topic, topic_problem
+
+    assert topic_problem("orders") is None
+    assert topic_problem("") == "topic must not be empty"
+    assert topic_problem("$pulsyflux/x") == "topics starting with '$pulsyflux/' are reserved for the broker"
+    # Publishing is not bounded nor scanned (the hot path); subscribing is.
+    for topic in ("t" * (MAX_TOPIC_CHARS + 1), "a\x1bb", "a\ud800"):
+        assert topic_problem(topic) is None
+        assert topic_problem(topic, subscribing=True) is not None
+    assert topic_problem("t" * MAX_TOPIC_CHARS, subscribing=True) is None
+    assert topic_problem("é ü 中 😀 \t", subscribing=False) is None
+    assert topic_problem("é ü 中 😀", subscribing=True) is None
+    with pytest.raises(TypeError, match="topic must be str, not bytes"):
+        check_topic(b"t")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="reserved"):
+        check_topic("$pulsyflux/subscribe", subscribing=True)
