@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from . import __version__
 from ._twisted_compat import exit_signal
-from .endpoints import DEFAULT_ADDRESS
+from .endpoints import DEFAULT_ADDRESS, DEFAULT_HTTP_PORT, http_address
 from .printable import printable, printable_block, printable_bytes
 
 __all__ = ["main", "build_parser", "CLIError"]
@@ -36,7 +36,6 @@ SERVER_ENV = "PULSYFLUX_SERVER"
 BROKER_CHANNEL_ENV = "PULSYFLUX_BROKER_CHANNEL"
 HTTP_ENV = "PULSYFLUX_HTTP"
 DEBUG_ENV = "PULSYFLUX_DEBUG"
-DEFAULT_HTTP_PORT = 8222
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -648,11 +647,6 @@ def _size(count: int) -> str:
 # -- the parser ----------------------------------------------------------------------------
 
 
-def _http_default(server: str) -> str:
-    host = server.rsplit(":", 1)[0] if ":" in server and "=" not in server else "127.0.0.1"
-    return f"{host}:{DEFAULT_HTTP_PORT}"
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection")
@@ -807,9 +801,9 @@ def _finish_args(args: argparse.Namespace) -> None:
     if args.command == "bench" and not getattr(args, "bench_module", None):
         raise CLIError("say which benchmark: pulsyflux bench rpc (or pubsub); see pulsyflux bench --help", EXIT_USAGE)
     if args.command == "stats":
-        http_address = args.http or os.environ.get(HTTP_ENV) or _http_default(args.server)
-        args.http = http_address
-        args.http_url = http_address.rstrip("/") if "://" in http_address else f"http://{http_address}"
+        http = args.http or os.environ.get(HTTP_ENV) or http_address(args.server)
+        args.http = http
+        args.http_url = http.rstrip("/") if "://" in http else f"http://{http}"
 
 
 _BENCHES = {

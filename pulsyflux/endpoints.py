@@ -1,7 +1,9 @@
-"""Turn the addresses users type into Twisted endpoints.
+"""Addresses: what users type, parsed into Twisted endpoints, and what we print.
 
 Users come from the Go API ("host:port") or from Twisted ("tcp:host=...");
-both work, and so does an endpoint object they built themselves.
+both work, and so does an endpoint object they built themselves. This
+module is the one place that parses and formats them (the CLI, the
+services, the HTTP API and the test harness all ask here).
 
     endpoint = client_endpoint(reactor, "127.0.0.1:9090")
 """
@@ -9,14 +11,16 @@ both work, and so does an endpoint object they built themselves.
 from __future__ import annotations
 
 import re
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 
 Address = Union[str, IStreamClientEndpoint]
 
-DEFAULT_ADDRESS = "127.0.0.1:9090"
+DEFAULT_PORT = 9090  # where a server listens (on 127.0.0.1) unless told otherwise
+DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_HTTP_PORT = 8222  # the HTTP API's usual port, beside the server
 
 _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:=\s]+)):(?P<port>\d+)$")
 _ENDPOINT_KINDS = {"tcp", "tcp6", "unix", "tls", "ssl", "ssl6", "systemd", "onion", "tor"}
@@ -51,3 +55,98 @@ def server_endpoint(reactor: Any, listen: str | int) -> IStreamServerEndpoint:
 
         return parse_mtls(reactor, description)
     return serverFromString(reactor, description)
+
+
+# Client endpoint kinds whose description names a host (first positional or host=).
+_HOSTED_KINDS = {"tcp", "tcp6", "tls", "ssl", "ssl6"}
+
+
+def _description_fields(description: str) -> tuple[str, list[str], dict[str, str]]:
+    """(kind, positional args, keyword args) of an endpoint description; ``\\:`` escapes a colon."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(description)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if sep:
+            kwargs[key] = value
+        else:
+            args.append(part)
+    return parts[0], args, kwargs
+
+
+def address_host(address: Address) -> Optional[str]:
+    """The host a client address names, or None (a Unix socket, an endpoint object, ...).
+
+    >>> address_host("example.com:9090"), address_host("tcp:host=example.com:port=9090")
+    ('example.com', 'example.com')
+    >>> address_host("[::1]:9090"), address_host("unix:/run/pulsyflux.sock")
+    ('::1', None)
+    """
+    if not isinstance(address, str):
+        return None
+    match = _HOST_PORT.match(address)
+    if match and (match.group("v6") or match.group("host").lower() not in _ENDPOINT_KINDS):
+        return match.group("v6") or match.group("host")
+    kind, args, kwargs = _description_fields(address.strip())
+    if kind.lower() not in _HOSTED_KINDS:
+        return None
+    return kwargs.get("host") or (args[0] if args else None) or None
+
+
+def host_port(host: str, port: Union[int, str]) -> str:
+    """``host:port``, with an IPv6 host in brackets as ``client_endpoint`` reads it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def http_address(server: Address, port: int = DEFAULT_HTTP_PORT) -> str:
+    """Where the HTTP API beside ``server`` usually is: the server's host on ``port``.
+
+    A server without a host (a Unix socket, an endpoint object) is taken to
+    be local: 127.0.0.1.
+
+        >>> http_address("tcp:host=example.com:port=9090"), http_address("unix:/run/pulsyflux.sock")
+        ('example.com:8222', '127.0.0.1:8222')
+    """
+    return host_port(address_host(server) or "127.0.0.1", port)
+
+
+def describe_address(address: Any, connectable: bool = False) -> str:
+    """A listening or peer address as text: ``127.0.0.1:9090`` or ``unix:/path``, not a repr.
+
+    With ``connectable=True`` the text is one a client in this process can
+    connect to (:func:`client_endpoint`): a wildcard host becomes loopback, a
+    Unix socket is ``unix:path=...``, and an address with neither host nor
+    name raises ValueError rather than giving an unusable text.
+    """
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is not None and port is not None:
+        if connectable:
+            if host in ("0.0.0.0", ""):
+                host = "127.0.0.1"
+            elif host == "::":
+                host = "::1"
+        return host_port(host, port)
+    name = getattr(address, "name", None)
+    if name is not None:
+        path = name.decode() if isinstance(name, bytes) else name
+        return f"unix:path={path}" if connectable else f"unix:{path}"
+    if connectable:
+        raise ValueError(f"cannot connect to {address!r}")
+    return str(address)
+
+
+def client_address(address: Any) -> str:
+    """Where a client in this process reaches a listening port (wildcards become loopback)."""
+    return describe_address(address, connectable=True)

@@ -38,14 +38,12 @@ from zope.interface import provider
 
 from ._twisted_compat import http_channel_transport
 from .codec import ROLE_CONSUMER, ROLE_PROVIDER
-from .endpoints import server_description, server_endpoint
+from .endpoints import describe_address, server_description, server_endpoint
 from .printable import printable, printable_bytes
 from .ratelimit import DEFAULT_TEXT, LogLimiter, summary_to
 from .server import ServerFactory
-from .service import describe_address
 
 __all__ = [
-    "DEFAULT_HTTP_PORT",
     "HEADER_PREFIX",
     "HTTPService",
     "http_service",
@@ -54,14 +52,13 @@ __all__ = [
     "stats_document",
 ]
 
-DEFAULT_HTTP_PORT = "8222"
 HEADER_PREFIX = "x-pulsyflux-header-"
 JSON_TYPE = b"application/json"
 PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 # What a published body may weigh (like NATS's max_payload): what one wire
 # frame carries; larger bodies are refused with 413 before they are read.
-DEFAULT_MAX_BODY = 1 << 20
+DEFAULT_MAX_PUBLISH_BODY = 1 << 20
 
 # Topics shown one by one in /stats and /metrics (the most subscribed first;
 # the rest are summed): anyone can create topics, and a scrape must not grow
@@ -509,7 +506,7 @@ class Publish(_Leaf):
     log = Logger()
     takes_path = True
 
-    def __init__(self, broker: Any, max_body: int = DEFAULT_MAX_BODY, timeout: float = 5.0) -> None:
+    def __init__(self, broker: Any, max_body: int = DEFAULT_MAX_PUBLISH_BODY, timeout: float = 5.0) -> None:
         super().__init__()
         self.broker = broker
         self.max_body = max_body
@@ -650,7 +647,7 @@ def make_site(
     server_factory: ServerFactory,
     broker: Any = None,
     ready: Optional[Callable[[], list[str]]] = None,
-    max_body: int = DEFAULT_MAX_BODY,
+    max_body: int = DEFAULT_MAX_PUBLISH_BODY,
     max_topics: int = DEFAULT_MAX_TOPICS,
 ) -> Site:
     """A twisted.web Site serving the monitoring and publish endpoints.

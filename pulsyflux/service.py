@@ -18,7 +18,8 @@ from twisted.python.failure import Failure
 
 from .broker import DEFAULT_BROKER_CHANNEL, Broker, Subscription
 from .client import DEFAULT_BACKOFF, ChannelId
-from .endpoints import server_description, server_endpoint
+from .endpoints import DEFAULT_PORT, describe_address, server_description, server_endpoint
+from .endpoints import client_address as client_address  # its old home: still importable from here
 from .errors import ConnectionLostError, RequestTimeout
 from .inproc import InProcessEndpoint
 from .server import (
@@ -35,19 +36,6 @@ from .server import (
 )
 
 __all__ = ["ServerService", "BrokerService", "Options", "makeService"]
-
-DEFAULT_PORT = "9090"
-
-
-def describe_address(address: Any) -> str:
-    """``127.0.0.1:9090`` or ``unix:/path`` rather than a repr of an address object."""
-    host, port = getattr(address, "host", None), getattr(address, "port", None)
-    if host is not None and port is not None:
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    name = getattr(address, "name", None)
-    if name is not None:
-        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
-    return str(address)
 
 
 class ServerService(service.Service):
@@ -121,21 +109,6 @@ class ServerService(service.Service):
         port, self.port = self.port, None
         stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
         return stopped.addBoth(lambda _: self.factory.shutdown(self.grace))
-
-
-def client_address(address: Any) -> str:
-    """Where a client in this process reaches a listening port (wildcards become loopback)."""
-    host, port = getattr(address, "host", None), getattr(address, "port", None)
-    if host is not None and port is not None:
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    name = getattr(address, "name", None)
-    if name is not None:
-        return f"unix:path={name.decode() if isinstance(name, bytes) else name}"
-    raise ValueError(f"cannot connect to {address!r}")
 
 
 # Subscription setups a BrokerService's broker runs at once (a Broker over TCP: 64).
@@ -354,7 +327,7 @@ class Options(usage.Options):
         f"(default {DEFAULT_BROKER_CHANNEL}, what every client assumes)."
     )
     optParameters = [
-        ["port", "p", DEFAULT_PORT, "Where the server listens: a port (on 127.0.0.1) or an endpoint description."],
+        ["port", "p", str(DEFAULT_PORT), "Where the server listens: a port (on 127.0.0.1) or an endpoint description."],
         ["broker-channel", None, str(DEFAULT_BROKER_CHANNEL), "The broker's channel id (a UUID)."],
         ["http", None, None, "Serve the HTTP monitoring/publish API here: a port (on 127.0.0.1) or a description."],
         ["grace", None, DEFAULT_GRACE, "Seconds a shutdown lets requests in flight finish before closing.", float],

@@ -42,9 +42,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .endpoints import client_address
 from .inproc import InProcessEndpoint
 from .server import ServerFactory, ServerProtocol, ServerStats
-from .service import client_address
 
 __all__ = ["MemoryServer", "RunningServer", "hang", "reset", "start_server"]
 

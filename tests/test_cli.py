@@ -360,6 +360,28 @@ def test_stats_looks_for_the_http_api_next_to_the_server(monkeypatch):
     assert args.http_url == "http://127.0.0.1:9999"
 
 
+@pytest.mark.parametrize(
+    ("server", "http_url"),
+    [
+        ("unix:/run/pulsyflux.sock", "http://127.0.0.1:8222"),  # was http://unix:8222
+        ("unix:path=/run/pulsyflux.sock", "http://127.0.0.1:8222"),
+        ("tcp:host=example.com:port=9090", "http://example.com:8222"),  # was 127.0.0.1: another server's stats
+        ("tcp:example.com:9090", "http://example.com:8222"),
+        ("tls:host=example.com:port=9443:trustRoots=/ca", "http://example.com:8222"),
+        ("tcp6:host=2001\\:db8\\:\\:1:port=9090", "http://[2001:db8::1]:8222"),
+        ("[::1]:9090", "http://[::1]:8222"),  # was http://[::1]:8222 by luck
+        ("example.com:9090", "http://example.com:8222"),
+    ],
+)
+def test_stats_finds_the_http_api_beside_any_server_address(monkeypatch, server, http_url):
+    from pulsyflux.cli import _finish_args
+
+    monkeypatch.delenv("PULSYFLUX_HTTP", raising=False)
+    args = build_parser().parse_args(["stats", "--server", server])
+    _finish_args(args)
+    assert args.http_url == http_url
+
+
 @ensure
 async def test_stats_when_the_http_api_is_down(served):
     port = reactor.listenTCP(0, served.site, interface="127.0.0.1")
