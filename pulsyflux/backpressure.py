@@ -48,7 +48,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from . import codec
+from . import codec, errors
 
 __all__ = [
     "Backpressure",
@@ -268,7 +268,7 @@ class FlowControl:
     def _cut(self, flow: Backpressure, conn: Any, why: str) -> None:
         """Close a connection that reads too slowly: one ERROR, its requests dropped."""
         router = self.router
-        message = f"server overloaded: slow consumer: {why}"
+        message = errors.overloaded(f"slow consumer: {why}")
         flow.cut = True
         self._settle(flow)  # freed within ``linger`` seconds at most
         flow.spared.clear()

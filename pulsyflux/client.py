@@ -25,7 +25,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import codec
+from . import codec, errors
 from ._types import IStreamTransport
 from .codec import (
     CHUNK,
@@ -507,7 +507,7 @@ class Consumer(_Client):
 
     def _expire(self, request_id: bytes, pending: _Pending) -> None:
         del self._pending[request_id]
-        pending.deferred.errback(RequestTimeout("request timed out"))
+        pending.deferred.errback(RequestTimeout(errors.MSG_TIMED_OUT))
 
     def _frame_received(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
         if ftype == RESPONSE_CHUNK:
@@ -724,7 +724,9 @@ class Provider(_Client):
             if held is not None:
                 size = len(payload)
                 if self._incomplete_bytes + size > self.max_incomplete:
-                    message = f"request too large: the provider holds {self.max_incomplete} bytes of requests at most"
+                    message = errors.too_large(
+                        "request", f"the provider holds {self.max_incomplete} bytes of requests at most"
+                    )
                     self._drop_incomplete(request_id, held, message)
                     return
                 held.parts.append(payload)
@@ -777,7 +779,7 @@ class Provider(_Client):
         oldest = self._sweeps - 3
         stale = [(request_id, held) for request_id, held in self._incoming.items() if held.seen <= oldest]
         for request_id, held in stale:
-            self._drop_incomplete(request_id, held, codec.MSG_TIMED_OUT)
+            self._drop_incomplete(request_id, held, errors.MSG_TIMED_OUT)
         if self._incoming and self.incomplete_timeout:  # a sweep runs only with a timeout
             self._sweeper = self.reactor.callLater(self.incomplete_timeout / 2, self._sweep)
 

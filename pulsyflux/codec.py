@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from typing import Iterator, NamedTuple
 
+from . import errors as _errors
 from .errors import ProtocolError
 
 VERSION = 1
@@ -55,17 +56,18 @@ METADATA_SIZE = METADATA.size  # 41
 ROUTING_SIZE = 32
 ZERO_ROUTING = bytes(ROUTING_SIZE)
 DEFAULT_TIMEOUT_MS = 5000
+
+# Messages a server originates (PROTOCOL.md section 5): their one table is
+# errors.py's; these names stay importable from here.
+MSG_PEER_DISAPPEARED = _errors.MSG_PEER_DISAPPEARED
+MSG_BAD_START_LENGTH = _errors.MSG_BAD_START_LENGTH
+MSG_BAD_ROLE = _errors.MSG_BAD_ROLE
+MSG_BAD_TYPE = _errors.MSG_BAD_TYPE
+MSG_TIMED_OUT = _errors.MSG_TIMED_OUT
 # The longest error message (UTF-8 bytes) an ERROR frame carries: an error of
 # any size fits one frame, so answering with it never costs a connection.
 MAX_ERROR_TEXT = 4096
 
-# Messages a server originates (PROTOCOL.md section 5), exactly.
-MSG_PEER_DISAPPEARED = "peer disappeared"
-MSG_BAD_START_LENGTH = "invalid start frame payload length"
-MSG_BAD_ROLE = "invalid client role"
-MSG_BAD_TYPE = "invalid message type"
-MSG_OVERLOADED = "server overloaded"
-MSG_TIMED_OUT = "request timed out"
 
 _pack_header = HEADER.pack
 _unpack_header_from = HEADER.unpack_from

@@ -67,16 +67,72 @@ class PermissionDenied(PulsyfluxError):
     """
 
 
-# Messages a server originates (PROTOCOL.md section 5) and the type each maps to.
+# -- the server's error texts -------------------------------------------------
+#
+# One table: the server (server.py, guard.py, backpressure.py) and the clients
+# write these texts, and error_from_message / error_kind read them, so writer
+# and reader never disagree. The texts are wire bytes: Go clients and the Go
+# server use the same ones (PROTOCOL.md section 5); never reword one.
+
+MSG_PEER_DISAPPEARED = "peer disappeared"
+MSG_TIMED_OUT = "request timed out"
+MSG_OVERLOADED = "server overloaded"
+MSG_BAD_START_LENGTH = "invalid start frame payload length"
+MSG_BAD_ROLE = "invalid client role"
+MSG_BAD_TYPE = "invalid message type"
+MSG_BAD_ROUTING = "response routing does not match the request"  # the Go server's, to a provider
+MSG_DUPLICATE_ID = "duplicate request id"
+MSG_SHUTTING_DOWN = MSG_OVERLOADED + ": shutting down"
+MSG_CHANNEL_RESERVED = "channel reserved: the server's own broker serves it"
+# What a request naming another client id than its connection registered with gets:
+# a client id is then one connection's, so a provider (the broker) can count per client.
+MSG_CLIENT_MISMATCH = "client id does not match the connection's registration"
+
+# Messages with details after a fixed prefix (limits, bad input), and what each formats.
+PREFIX_OVERLOADED = MSG_OVERLOADED + ":"
+PREFIX_REQUEST_TOO_LARGE = "request too large"
+PREFIX_RESPONSE_TOO_LARGE = "response too large"
+PREFIX_BAD_RESPONSE = "bad response:"
+PREFIX_CHANNEL_RESERVED = "channel reserved"
+PREFIX_REGISTER_TIMEOUT = "register timeout:"
+PREFIX_FRAME_TIMEOUT = "frame timeout:"
+
+
+def overloaded(detail: str) -> str:
+    """``server overloaded: <detail>``: a limit was reached (:class:`ServerOverloaded`)."""
+    return f"{PREFIX_OVERLOADED} {detail}"
+
+
+def too_large(which: str, detail: str) -> str:
+    """``request too large: ...`` or ``response too large: ...`` (``which`` is ``request`` or ``response``)."""
+    return f"{which} too large: {detail}"
+
+
+def bad_response(detail: str) -> str:
+    """``bad response: <detail>``: the provider's response broke the protocol."""
+    return f"{PREFIX_BAD_RESPONSE} {detail}"
+
+
+def register_timeout(detail: str) -> str:
+    """``register timeout: <detail>``: no START soon enough after connecting."""
+    return f"{PREFIX_REGISTER_TIMEOUT} {detail}"
+
+
+def frame_timeout(detail: str) -> str:
+    """``frame timeout: <detail>``: a frame took too long to arrive whole."""
+    return f"{PREFIX_FRAME_TIMEOUT} {detail}"
+
+
+# Each whole message and the type a client raises for it.
 _SERVER_MESSAGES: dict[str, type[PulsyfluxError]] = {
-    "peer disappeared": NoProviderError,
-    "request timed out": RequestTimeout,
-    "server overloaded": ServerOverloaded,
-    "invalid start frame payload length": ProtocolError,
-    "invalid client role": ProtocolError,
-    "invalid message type": ProtocolError,
-    "response routing does not match the request": ProtocolError,  # to a provider
-    "client id does not match the connection's registration": ProtocolError,  # one client id per connection
+    MSG_PEER_DISAPPEARED: NoProviderError,
+    MSG_TIMED_OUT: RequestTimeout,
+    MSG_OVERLOADED: ServerOverloaded,
+    MSG_BAD_START_LENGTH: ProtocolError,
+    MSG_BAD_ROLE: ProtocolError,
+    MSG_BAD_TYPE: ProtocolError,
+    MSG_BAD_ROUTING: ProtocolError,  # to a provider
+    MSG_CLIENT_MISMATCH: ProtocolError,  # one client id per connection
 }
 
 
@@ -95,16 +151,16 @@ def error_from_message(message: str) -> PulsyfluxError:
     return kind(message)
 
 
-# Server messages that carry details after a fixed prefix (limits, bad input).
+# Each prefix and the type a client raises for it (see the table above).
 _SERVER_PREFIXES: tuple[tuple[str, type[PulsyfluxError]], ...] = (
-    ("server overloaded:", ServerOverloaded),
-    ("request too large", ServerOverloaded),
-    ("response too large", ServerOverloaded),
-    ("duplicate request id", ProtocolError),
-    ("bad response:", ProtocolError),  # the provider's response broke the protocol; the request failed
-    ("channel reserved", PermissionDenied),
-    ("register timeout:", ProtocolError),  # no START soon enough after connecting: closed (guard.py)
-    ("frame timeout:", ProtocolError),  # a frame took too long to arrive whole: closed (guard.py)
+    (PREFIX_OVERLOADED, ServerOverloaded),
+    (PREFIX_REQUEST_TOO_LARGE, ServerOverloaded),
+    (PREFIX_RESPONSE_TOO_LARGE, ServerOverloaded),
+    (MSG_DUPLICATE_ID, ProtocolError),
+    (PREFIX_BAD_RESPONSE, ProtocolError),  # the provider's response broke the protocol; the request failed
+    (PREFIX_CHANNEL_RESERVED, PermissionDenied),
+    (PREFIX_REGISTER_TIMEOUT, ProtocolError),  # no START soon enough after connecting: closed (guard.py)
+    (PREFIX_FRAME_TIMEOUT, ProtocolError),  # a frame took too long to arrive whole: closed (guard.py)
 )
 
 

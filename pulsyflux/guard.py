@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from . import codec
+from . import codec, errors
 from ._twisted_compat import tls_handshake_pending
 from .codec import ERROR, FrameDecoder
 from .ratelimit import LogLimiter, shorten
@@ -93,7 +93,7 @@ class ConnectionGuard:
             grace = min(EVICT_AFTER, self.register_timeout / 2)
             if oldest is None or self._unregistered[oldest] + grace > self.clock.seconds():
                 return False
-            self.close(oldest, f"server overloaded: more than {max_connections} connections")
+            self.close(oldest, errors.overloaded(f"more than {max_connections} connections"))
         self.counted.add(conn)
         self._unregistered[conn] = self.clock.seconds()
         self._arm()
@@ -121,7 +121,7 @@ class ConnectionGuard:
             while self.partial_bytes > self.max_partial_bytes and partial:
                 self.close(
                     next(iter(partial)),
-                    f"server overloaded: incomplete frames hold more than {self.max_partial_bytes} bytes",
+                    errors.overloaded(f"incomplete frames hold more than {self.max_partial_bytes} bytes"),
                 )
 
     def registered(self, conn: ServerProtocol) -> None:
@@ -213,7 +213,7 @@ class ConnectionGuard:
             if conn.key is not None:
                 del waiting[conn]
             elif since + self.register_timeout <= now:
-                self.close(conn, f"register timeout: no START within {self.register_timeout:g} s of connecting")
+                self.close(conn, errors.register_timeout(f"no START within {self.register_timeout:g} s of connecting"))
             else:
                 break
         partial = self._partial
@@ -226,7 +226,7 @@ class ConnectionGuard:
             if flow is not None and flow.reading_paused:
                 partial[conn] = now  # the server stopped reading it (flow control): not the peer's delay
             else:
-                self.close(conn, f"frame timeout: a frame stayed incomplete for {self.frame_timeout:g} s")
+                self.close(conn, errors.frame_timeout(f"a frame stayed incomplete for {self.frame_timeout:g} s"))
         closing = self._closing
         while closing:
             conn, since = next(iter(closing.items()))

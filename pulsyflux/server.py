@@ -27,7 +27,7 @@ from twisted.internet.protocol import ServerFactory as _TwistedServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import codec
+from . import codec, errors
 from ._types import IStreamTransport
 from .backpressure import DEFAULT_MAX_UNSENT, DEFAULT_MAX_UNSENT_TOTAL, Backpressure, FlowControl
 from .codec import (
@@ -47,7 +47,7 @@ from .codec import (
     FrameDecoder,
 )
 from .deadlines import Deadlines
-from .errors import ProtocolError, error_kind
+from .errors import MSG_CHANNEL_RESERVED, MSG_CLIENT_MISMATCH, ProtocolError, error_kind
 from .guard import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_PARTIAL_BYTES, DEFAULT_REGISTER_TIMEOUT, ConnectionGuard
 from .ratelimit import LogLimiter, shorten, summary_to
 from .writer import coalesce, immediate_writer
@@ -77,10 +77,6 @@ DEFAULT_MAX_CONNECTIONS = 10_000  # client connections at once (the fd limit app
 DEFAULT_GRACE = 10.0  # seconds a shutdown waits for the requests in flight
 
 # What a foreign provider registering on a reserved channel (the broker's) gets.
-MSG_CHANNEL_RESERVED = "channel reserved: the server's own broker serves it"
-# What a request naming another client id than its connection registered with gets:
-# a client id is then one connection's, so a provider (the broker) can count per client.
-MSG_CLIENT_MISMATCH = "client id does not match the connection's registration"
 
 _encode_header = codec.HEADER.pack
 _VERSION = codec.VERSION
@@ -305,12 +301,12 @@ class Router:
             if entry is not None and entry.consumer is conn:
                 self._finish(entry)
                 if entry.provider is not conn:  # so it frees the partial body and may stop working
-                    self._tell_provider(entry, codec.MSG_PEER_DISAPPEARED)
+                    self._tell_provider(entry, errors.MSG_PEER_DISAPPEARED)
         for request_id in list(conn.assigned):
             entry = self.requests.get(request_id)
             if entry is not None and entry.provider is conn:
                 self._finish(entry)
-                self._server_error(entry.consumer, request_id, codec.MSG_PEER_DISAPPEARED, entry.routing)
+                self._server_error(entry.consumer, request_id, errors.MSG_PEER_DISAPPEARED, entry.routing)
 
     # -- frames ---------------------------------------------------------------
 
@@ -352,17 +348,17 @@ class Router:
             self._response_frame(conn, ftype, request_id, frame)
         elif ftype == codec.PROBE and len(frame) == _HEADER:
             # A client's registration probe: the usual answer, not counted as an error.
-            self.send(conn, codec.encode_frame(ERROR, request_id, codec.error_payload(codec.MSG_BAD_TYPE)))
+            self.send(conn, codec.encode_frame(ERROR, request_id, codec.error_payload(errors.MSG_BAD_TYPE)))
         else:
-            self._server_error(conn, request_id, codec.MSG_BAD_TYPE)
+            self._server_error(conn, request_id, errors.MSG_BAD_TYPE)
 
     def _start(self, conn: "ServerProtocol", flags: int, request_id: bytes, frame: bytes) -> None:
         if len(frame) != _START_SIZE:
-            self._server_error(conn, request_id, codec.MSG_BAD_START_LENGTH)
+            self._server_error(conn, request_id, errors.MSG_BAD_START_LENGTH)
             return
         role, timeout_ms, client_id, channel = _unpack_metadata_from(frame, _HEADER)
         if role != ROLE_CONSUMER and role != ROLE_PROVIDER:
-            self._server_error(conn, request_id, codec.MSG_BAD_ROLE)
+            self._server_error(conn, request_id, errors.MSG_BAD_ROLE)
             return
         if conn.key is None:
             if role == ROLE_PROVIDER and channel in self.reserved and not conn.trusted:
@@ -376,18 +372,18 @@ class Router:
             self._server_error(conn, request_id, MSG_CLIENT_MISMATCH, routing)
             return
         if request_id in self.requests:
-            self._server_error(conn, request_id, "duplicate request id", routing)
+            self._server_error(conn, request_id, errors.MSG_DUPLICATE_ID, routing)
             return
         if len(conn.started) >= self.max_in_flight:  # a shutdown sets the limit to 0
             if self.draining:
-                message = "server overloaded: shutting down"
+                message = errors.MSG_SHUTTING_DOWN
             else:
-                message = f"server overloaded: more than {self.max_in_flight} requests in flight on one connection"
+                message = errors.overloaded(f"more than {self.max_in_flight} requests in flight on one connection")
             self._server_error(conn, request_id, message, routing)
             return
         provider = self.pick_provider(channel)
         if provider is None or (channel in self.guarded and not conn.trusted):
-            self._server_error(conn, request_id, codec.MSG_PEER_DISAPPEARED, routing)
+            self._server_error(conn, request_id, errors.MSG_PEER_DISAPPEARED, routing)
             return
         entry = _InFlight(request_id, conn, provider, routing)
         self.requests[request_id] = entry
@@ -429,7 +425,7 @@ class Router:
             return
         if ftype == RESPONSE_CHUNK:
             if not entry.responding:
-                self._bad_response(entry, "bad response: a response chunk came before its start")
+                self._bad_response(entry, errors.bad_response("a response chunk came before its start"))
                 return
             entry.response_size += len(frame) - _HEADER
             if entry.response_size > self.max_body:
@@ -437,12 +433,12 @@ class Router:
                 return
         elif ftype == RESPONSE_END:
             if not entry.responding:
-                self._bad_response(entry, "bad response: a response end came before its start")
+                self._bad_response(entry, errors.bad_response("a response end came before its start"))
                 return
         elif frame[_HEADER : _HEADER + ROUTING_SIZE] != entry.routing:
             # Frames that carry routing must name the consumer that asked. The
             # request fails: nothing of this response reaches the consumer.
-            self._bad_response(entry, "bad response: the provider's routing does not match the request")
+            self._bad_response(entry, errors.bad_response("the provider's routing does not match the request"))
             return
         elif ftype == RESPONSE_START:
             entry.responding = True
@@ -475,7 +471,7 @@ class Router:
 
     def _too_large(self, entry: _InFlight, which: str) -> None:
         """Fail a request whose body passed ``max_body``: both sides drop it, its later frames are ignored."""
-        self._fail(entry, f"{which} too large: its body exceeds the server's {self.max_body}-byte limit")
+        self._fail(entry, errors.too_large(which, f"its body exceeds the server's {self.max_body}-byte limit"))
 
     def _bad_response(self, entry: _InFlight, message: str) -> None:
         """Fail a request whose provider broke the protocol: none of the rest of its response is forwarded."""
@@ -484,7 +480,7 @@ class Router:
 
     def _expire(self, request_id: bytes, entry: _InFlight) -> None:
         """The deadline passed before the response was complete, whatever was sent of it."""
-        self._fail(entry, codec.MSG_TIMED_OUT)
+        self._fail(entry, errors.MSG_TIMED_OUT)
 
     def _fail(self, entry: _InFlight, message: str) -> None:
         """End a request with ``message`` to both sides; its later frames are dropped."""
@@ -558,7 +554,7 @@ class ServerProtocol(Protocol):
         transport = self.transport
         router = self.router
         if not self.trusted and not router.connection_guard.admit(self, router.max_connections):
-            message = f"server overloaded: more than {router.max_connections} connections"
+            message = errors.overloaded(f"more than {router.max_connections} connections")
             router.stats.error(message)
             transport.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(message)))
             transport.loseConnection()
@@ -716,7 +712,7 @@ class ServerFactory(_TwistedServerFactory):
         router = self.router
         for entry in list(router.requests.values()):  # the grace period is over: say so
             router._finish(entry)
-            router._server_error(entry.consumer, entry.request_id, "server overloaded: shutting down", entry.routing)
+            router._server_error(entry.consumer, entry.request_id, errors.MSG_SHUTTING_DOWN, entry.routing)
         connections = list(router.connections)
         gone = DeferredList([conn.closed() for conn in connections])
         for conn in connections:
