@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import struct
 import uuid
 from typing import Any, Awaitable, Callable, Iterator, Optional, Union
 
@@ -29,10 +28,8 @@ from . import codec, errors
 from ._types import IStreamTransport
 from .codec import (
     CHUNK,
-    DEFAULT_TIMEOUT_MS,
     END,
     ERROR,
-    FLAG_REGISTRATION,
     RESPONSE,
     RESPONSE_CHUNK,
     RESPONSE_END,
@@ -65,12 +62,8 @@ Reconnect = Union[bool, Callable[[int], float]]
 # 0.1 s doubling to 5 s, plus up to 0.25 s of jitter so a restarted server is not hit by all at once.
 DEFAULT_BACKOFF = backoffPolicy(initialDelay=0.1, maxDelay=5.0, factor=2.0, jitter=lambda: random.uniform(0, 0.25))
 
-_pack_header = codec.HEADER.pack
-_VERSION = codec.VERSION
-_START_HEADER_LEN = codec.METADATA_SIZE
-# A request's START header and metadata, then its CHUNK header: one pack for the common case.
-_START = struct.Struct(codec.HEADER.format + codec.METADATA.format[1:])
-_START_CHUNK = struct.Struct(_START.format + codec.HEADER.format[1:])
+_write_request = codec.write_request
+_write_response = codec.write_response
 _ZERO_ID = bytes(16)
 
 # A Provider's backstop for requests whose END never comes (a server that does
@@ -300,9 +293,8 @@ class _Client:
     def _attach(self, proto: _ClientProtocol) -> Optional["Deferred[None]"]:
         self._protocol = proto
         self._write = proto.writer.write
-        meta = codec.pack_metadata(self.role, DEFAULT_TIMEOUT_MS, self._client, self._channel)
         request_id = _new_id()
-        frames = codec.encode_frame(START, request_id, meta, FLAG_REGISTRATION) + codec.encode_frame(END, request_id)
+        frames = codec.encode_registration(self.role, self._client, self._channel, request_id)
         if not self.confirm_registration:
             self._write(frames)
             return None
@@ -477,27 +469,8 @@ class Consumer(_Client):
         pending = _Pending(d)
         self._pending[request_id] = pending
         timeout_ms = max(int(timeout * 1000), 1) if timeout else 0
-        client, channel = self._client, self._channel
-        tail = _pack_header(_VERSION, END, 0, request_id, 0)
-        size = len(payload)
-        if 0 < size <= 65536:
-            head = _START_CHUNK.pack(
-                _VERSION, START, 0, request_id, _START_HEADER_LEN, ROLE_CONSUMER, timeout_ms, client, channel,
-                _VERSION, CHUNK, 0, request_id, size,
-            )  # fmt: skip
-            self._write(head + payload + tail)
-        else:
-            head = _START.pack(
-                _VERSION, START, 0, request_id, _START_HEADER_LEN, ROLE_CONSUMER, timeout_ms, client, channel
-            )
-            if size:
-                write = self._write  # piece by piece: a large chunk is never copied to join it
-                write(head)
-                for piece in codec.chunk_frames(CHUNK, request_id, bytes(payload)):
-                    write(piece)
-                write(tail)
-            else:
-                self._write(head + tail)
+        # One write for a small request; a large one piece by piece (never copied to join it).
+        _write_request(self._write, request_id, timeout_ms, self._client, self._channel, payload)
         if timeout:
             self._deadlines.add(request_id, pending, timeout)
         return d
@@ -704,19 +677,8 @@ class Provider(_Client):
             # error_payload bounds the text: an error of any size fits one frame and keeps the connection.
             self._write(codec.encode_frame(ERROR, raw, codec.error_payload(message, routing)))
             return
-        head = _pack_header(_VERSION, RESPONSE_START, 0, raw, ROUTING_SIZE) + routing
-        tail = _pack_header(_VERSION, RESPONSE_END, 0, raw, 0)
-        size = len(payload)
-        if size <= 65536:
-            if size:
-                head += _pack_header(_VERSION, RESPONSE_CHUNK, 0, raw, size) + payload
-            self._write(head + tail)
-        else:
-            write = self._write  # piece by piece: a large chunk is never copied to join it
-            write(head)
-            for piece in codec.chunk_frames(RESPONSE_CHUNK, raw, bytes(payload)):
-                write(piece)
-            write(tail)
+        # One write for a small response; a large one piece by piece (never copied to join it).
+        _write_response(self._write, raw, routing, payload)
 
     def _frame_received(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
         if ftype == CHUNK:

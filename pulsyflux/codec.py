@@ -11,7 +11,7 @@ the clients, the fuzzers and the benchmarks all share one codec.
 from __future__ import annotations
 
 import struct
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from . import errors as _errors
 from .errors import ProtocolError
@@ -35,25 +35,29 @@ FRAME_TYPES = frozenset(range(RESPONSE, RESPONSE_END + 1))
 # with an ERROR on the same request id, in order. A client sends PROBE right
 # after registering to learn that the server has processed its registration.
 PROBE = 0x00
-TYPE_NAMES = {
-    RESPONSE: "RESPONSE",
-    ERROR: "ERROR",
-    START: "START",
-    CHUNK: "CHUNK",
-    END: "END",
-    RESPONSE_START: "RESPONSE_START",
-    RESPONSE_CHUNK: "RESPONSE_CHUNK",
-    RESPONSE_END: "RESPONSE_END",
-}
 
 FLAG_REGISTRATION = 0x0001
 
 ROLE_CONSUMER = 0x01
 ROLE_PROVIDER = 0x02
 
+# A START's payload from a client (its metadata): role, timeout in ms, client
+# id, channel id. The last 32 bytes are the request's routing, which the
+# server forwards to the provider as the START payload it sends.
 METADATA = struct.Struct(">BQ16s16s")
 METADATA_SIZE = METADATA.size  # 41
 ROUTING_SIZE = 32
+METADATA_ROUTING_OFFSET = METADATA_SIZE - ROUTING_SIZE  # 9: where the routing starts in the metadata
+# A whole START frame from a client: its header, then its metadata.
+START_FRAME = struct.Struct(HEADER.format + METADATA.format[1:])
+START_FRAME_SIZE = START_FRAME.size  # 65
+START_ROUTING_OFFSET = HEADER_SIZE + METADATA_ROUTING_OFFSET  # where the routing starts in a START frame
+# A START frame and the header of the CHUNK after it: a small request in one pack.
+_START_AND_CHUNK = struct.Struct(START_FRAME.format + HEADER.format[1:])
+# Payloads up to this size are copied to join their frames into one write;
+# larger ones are written as they are (copying a megabyte costs more than a
+# second write). The client, the provider and the writer all use it.
+JOIN_LIMIT = 64 * 1024
 ZERO_ROUTING = bytes(ROUTING_SIZE)
 DEFAULT_TIMEOUT_MS = 5000
 
@@ -71,6 +75,8 @@ MAX_ERROR_TEXT = 4096
 
 _pack_header = HEADER.pack
 _unpack_header_from = HEADER.unpack_from
+_pack_start = START_FRAME.pack
+_pack_start_and_chunk = _START_AND_CHUNK.pack
 
 
 class Frame(NamedTuple):
@@ -104,6 +110,80 @@ def encode_header(ftype: int, request_id: bytes, length: int, flags: int = 0) ->
     return _pack_header(VERSION, ftype, flags, request_id, length)
 
 
+def encode_registration(role: int, client_id: bytes, channel_id: bytes, request_id: bytes) -> bytes:
+    """The START (flagged registration only) and END a client sends first on a connection."""
+    return START_FRAME.pack(
+        VERSION, START, FLAG_REGISTRATION, request_id, METADATA_SIZE, role, DEFAULT_TIMEOUT_MS, client_id, channel_id
+    ) + _pack_header(VERSION, END, 0, request_id, 0)
+
+
+def write_request(
+    write: Callable[[bytes], object],
+    request_id: bytes,
+    timeout_ms: int,
+    client_id: bytes,
+    channel_id: bytes,
+    payload: bytes,
+) -> None:
+    """Hand a consumer's whole request (START, CHUNKs, END) to ``write``, in order.
+
+    A payload up to :data:`JOIN_LIMIT` is one call (one pack, one join: the
+    hot path); a larger one is written piece by piece, never copied.
+    ``write`` is any callable (a transport's, a list's ``append``): no I/O here.
+    """
+    size = len(payload)
+    tail = _pack_header(VERSION, END, 0, request_id, 0)
+    if 0 < size <= JOIN_LIMIT:
+        write(
+            _pack_start_and_chunk(
+                VERSION,
+                START,
+                0,
+                request_id,
+                METADATA_SIZE,
+                ROLE_CONSUMER,
+                timeout_ms,
+                client_id,
+                channel_id,
+                VERSION,
+                CHUNK,
+                0,
+                request_id,
+                size,
+            )  # fmt: skip
+            + payload
+            + tail
+        )
+        return
+    head = _pack_start(VERSION, START, 0, request_id, METADATA_SIZE, ROLE_CONSUMER, timeout_ms, client_id, channel_id)
+    if not size:
+        write(head + tail)
+        return
+    write(head)
+    for piece in chunk_frames(CHUNK, request_id, bytes(payload)):
+        write(piece)
+    write(tail)
+
+
+def write_response(write: Callable[[bytes], object], request_id: bytes, routing: bytes, payload: bytes) -> None:
+    """Hand a provider's whole response (RESPONSE_START with ``routing``, chunks, RESPONSE_END) to ``write``.
+
+    One call up to :data:`JOIN_LIMIT`, pieces past it (as :func:`write_request`).
+    """
+    head = _pack_header(VERSION, RESPONSE_START, 0, request_id, ROUTING_SIZE) + routing
+    tail = _pack_header(VERSION, RESPONSE_END, 0, request_id, 0)
+    size = len(payload)
+    if size <= JOIN_LIMIT:
+        if size:
+            head += _pack_header(VERSION, RESPONSE_CHUNK, 0, request_id, size) + payload
+        write(head + tail)
+        return
+    write(head)
+    for piece in chunk_frames(RESPONSE_CHUNK, request_id, bytes(payload)):
+        write(piece)
+    write(tail)
+
+
 def pack_metadata(role: int, timeout_ms: int, client_id: bytes, channel_id: bytes) -> bytes:
     return METADATA.pack(role, timeout_ms, client_id, channel_id)
 
@@ -124,17 +204,6 @@ def unpack_metadata(payload: bytes) -> Metadata:
     if meta.role != ROLE_CONSUMER and meta.role != ROLE_PROVIDER:
         raise MetadataError(MSG_BAD_ROLE)
     return meta
-
-
-def pack_routing(client_id: bytes, channel_id: bytes) -> bytes:
-    return client_id + channel_id
-
-
-def unpack_routing(payload: bytes) -> tuple[bytes, bytes]:
-    """(consumer client id, channel id) from the first 32 bytes of a payload."""
-    if len(payload) < ROUTING_SIZE:
-        raise ProtocolError(f"routing needs {ROUTING_SIZE} bytes, got {len(payload)}")
-    return payload[:16], payload[16:32]
 
 
 def bound_error_text(message: str, limit: int = MAX_ERROR_TEXT) -> bytes:

@@ -81,7 +81,8 @@ DEFAULT_GRACE = 10.0  # seconds a shutdown waits for the requests in flight
 _encode_header = codec.HEADER.pack
 _VERSION = codec.VERSION
 _HEADER = codec.HEADER_SIZE
-_START_SIZE = codec.HEADER_SIZE + codec.METADATA_SIZE
+_START_SIZE = codec.START_FRAME_SIZE
+_START_ROUTING = codec.START_ROUTING_OFFSET
 _unpack_metadata_from = codec.METADATA.unpack_from
 
 RegistryKey = tuple[int, bytes, bytes]  # (role, channel id, client id)
@@ -367,7 +368,7 @@ class Router:
             self.register(conn, role, channel, client_id)
         if flags & FLAG_REGISTRATION or role != ROLE_CONSUMER:
             return  # registration only: the server answers nothing
-        routing = frame[_HEADER + 9 :]  # the metadata's client id and channel id, as one slice
+        routing = frame[_START_ROUTING:]  # the metadata's client id and channel id, as one slice
         if client_id != conn.key[2]:  # type: ignore[index]  # registered just above if it was not
             self._server_error(conn, request_id, MSG_CLIENT_MISMATCH, routing)
             return

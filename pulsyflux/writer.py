@@ -20,11 +20,11 @@ from typing import Callable
 
 from ._twisted_compat import immediate_send
 from ._types import IStreamTransport
+from .codec import JOIN_LIMIT
 
 __all__ = ["immediate_writer", "ImmediateWriter", "coalesce"]
 
-# Pieces larger than this are written on their own, never copied to be joined.
-JOIN_LIMIT = 64 * 1024
+# Pieces larger than JOIN_LIMIT (codec's) are written on their own, never copied to be joined.
 
 
 def coalesce(pieces: list[bytes]) -> list[bytes]:

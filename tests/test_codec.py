@@ -94,11 +94,62 @@ def test_request_frames_decode_from_go_capture():
 
 def test_forwarded_start_and_response_routing():
     start = next(FrameDecoder().feed(FWD_START))
-    client_id, channel = codec.unpack_routing(start.payload)
-    assert codec.pack_routing(client_id, channel) == start.payload
-    assert codec.encode_frame(codec.START, start.request_id, codec.pack_routing(client_id, channel)) == FWD_START
+    request = next(FrameDecoder().feed(REQ_START))
+    # The server forwards the metadata's last 32 bytes (client id, channel id) as the routing.
+    assert start.payload == request.payload[codec.METADATA_ROUTING_OFFSET :]
+    assert REQ_START[codec.START_ROUTING_OFFSET :] == start.payload and len(REQ_START) == codec.START_FRAME_SIZE
+    assert codec.encode_frame(codec.START, start.request_id, start.payload) == FWD_START
     frames = list(FrameDecoder().feed(RESP_START + RESP_CHUNK + RESP_END))
     assert frames[0].payload == start.payload and frames[1].payload == b"echo:hello"
+
+
+def _written(encoder, *args) -> list:
+    pieces: list = []
+    encoder(pieces.append, *args)
+    return pieces
+
+
+def test_the_client_encoders_write_what_go_writes():
+    registration = next(FrameDecoder().feed(REG_START))
+    meta = codec.unpack_metadata(registration.payload)
+    assert (
+        codec.encode_registration(meta.role, meta.client_id, meta.channel_id, registration.request_id)
+        == REG_START + REG_END
+    )
+    start = next(FrameDecoder().feed(REQ_START))
+    meta = codec.unpack_metadata(start.payload)
+    [request] = _written(
+        codec.write_request, start.request_id, meta.timeout_ms, meta.client_id, meta.channel_id, b"hello"
+    )
+    assert request == REQ_START + REQ_CHUNK + REQ_END
+    routing = next(FrameDecoder().feed(FWD_START)).payload
+    [response] = _written(
+        codec.write_response, next(FrameDecoder().feed(RESP_START)).request_id, routing, b"echo:hello"
+    )
+    assert response == RESP_START + RESP_CHUNK + RESP_END
+
+
+@pytest.mark.parametrize("size", [0, 1, codec.JOIN_LIMIT, codec.JOIN_LIMIT + 1, codec.MAX_PAYLOAD + 5])
+def test_the_client_encoders_join_small_payloads_and_never_copy_large_ones(size):
+    payload = bytes(size)
+    rid, client, channel = bytes(range(16)), bytes(16), bytes([7]) * 16
+    pieces = _written(codec.write_request, rid, 250, client, channel, payload)
+    expected = (
+        codec.encode_frame(codec.START, rid, codec.pack_metadata(codec.ROLE_CONSUMER, 250, client, channel))
+        + b"".join(codec.chunk_frames(codec.CHUNK, rid, payload))
+        + codec.encode_frame(codec.END, rid)
+    )
+    assert b"".join(pieces) == expected
+    assert len(pieces) == (1 if size <= codec.JOIN_LIMIT else 2 + len(codec.chunk_frames(codec.CHUNK, rid, payload)))
+    routing = client + channel
+    pieces = _written(codec.write_response, rid, routing, payload)
+    expected = (
+        codec.encode_frame(codec.RESPONSE_START, rid, routing)
+        + b"".join(codec.chunk_frames(codec.RESPONSE_CHUNK, rid, payload))
+        + codec.encode_frame(codec.RESPONSE_END, rid)
+    )
+    assert b"".join(pieces) == expected
+    assert len(pieces) == 1 if size <= codec.JOIN_LIMIT else len(pieces) > 2
 
 
 def test_error_prefix_rule_reads_provider_and_bare_go_errors():
