@@ -26,10 +26,8 @@ from collections import Counter
 from typing import Any, BinaryIO, Callable, Iterable, Optional, cast
 from urllib.parse import unquote
 
-from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.iweb import IAccessLogFormatter
 from twisted.web.resource import Resource
@@ -38,7 +36,8 @@ from zope.interface import provider
 
 from ._twisted_compat import http_channel_transport
 from .codec import ROLE_CONSUMER, ROLE_PROVIDER
-from .endpoints import describe_address, server_description, server_endpoint
+from .endpoints import describe_address
+from .listening import ListeningService
 from .printable import printable, printable_bytes
 from .ratelimit import DEFAULT_TEXT, LogLimiter, summary_to
 from .server import ServerFactory
@@ -760,58 +759,24 @@ class PulsyfluxSite(Site):
         return DeferredList(waits)
 
 
-class HTTPService(service.Service):
+class HTTPService(ListeningService):
     """Serves a :func:`make_site` site on an endpoint (a bare port means
     127.0.0.1); stopping closes the port and every open HTTP connection."""
 
     log = Logger()
+    _what = "pulsyflux HTTP API"
 
     def __init__(self, listen: str | int, site: Site, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.reactor = reactor
-        self.description = server_description(listen)
+        super().__init__(listen, reactor)
         self.site = site
-        self.port: Any = None
-        self._listening: Optional[Deferred[Any]] = None
-        self._waiting: list[Deferred[Any]] = []
-        self._failure: Optional[Failure] = None
 
     def startService(self) -> Any:
         super().startService()
-        d = server_endpoint(self.reactor, self.description).listen(self.site)
+        # A failure is logged, and told to whoever waits in whenListening; not raised.
+        return self._listen(self.site).addErrback(lambda _: None)
 
-        def listening(port: Any) -> Any:
-            self.port = port
-            address = describe_address(port.getHost())
-            self.log.info("pulsyflux HTTP API on http://{address}/", address=address)
-            waiting, self._waiting = self._waiting, []
-            for waiter in waiting:
-                waiter.callback(port)
-            return port
-
-        def failed(failure: Any) -> Any:
-            self.log.failure("pulsyflux HTTP API could not listen on {d}", failure, d=self.description)
-            self._failure = failure
-            waiting, self._waiting = self._waiting, []
-            for waiter in waiting:
-                waiter.errback(failure)
-            return None
-
-        self._listening = d.addCallbacks(listening, failed)
-        return self._listening
-
-    def whenListening(self) -> "Deferred[Any]":
-        """Fires with the listening port (for ephemeral ports in tests)."""
-        if self.port is not None:
-            return succeed(self.port)
-        if self._failure is not None:
-            return fail(self._failure)
-        d: Deferred[Any] = Deferred()
-        self._waiting.append(d)
-        return d
+    def _listening(self, port: Any) -> None:
+        self.log.info("pulsyflux HTTP API on http://{address}/", address=describe_address(port.getHost()))
 
     def stopService(self) -> Any:
         super().stopService()

@@ -18,10 +18,11 @@ from twisted.python.failure import Failure
 
 from .broker import DEFAULT_BROKER_CHANNEL, Broker, Subscription
 from .client import DEFAULT_BACKOFF, ChannelId
-from .endpoints import DEFAULT_PORT, describe_address, server_description, server_endpoint
+from .endpoints import DEFAULT_PORT, describe_address
 from .endpoints import client_address as client_address  # its old home: still importable from here
 from .errors import ConnectionLostError, RequestTimeout
 from .inproc import InProcessEndpoint
+from .listening import ListeningService
 from .server import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_GRACE,
@@ -38,7 +39,7 @@ from .server import (
 __all__ = ["ServerService", "BrokerService", "Options", "makeService"]
 
 
-class ServerService(service.Service):
+class ServerService(ListeningService):
     """Listens on an endpoint with a :class:`ServerFactory`.
 
     ``stopService`` is graceful and means "all gone": it stops accepting,
@@ -47,6 +48,7 @@ class ServerService(service.Service):
     """
 
     log = Logger()
+    _what = "pulsyflux server"
 
     def __init__(
         self,
@@ -55,54 +57,20 @@ class ServerService(service.Service):
         factory: ServerFactory | None = None,
         grace: float = DEFAULT_GRACE,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.reactor = reactor
-        self.description = server_description(listen)
-        self.factory = factory or ServerFactory(reactor)
+        super().__init__(listen, reactor)
+        self.factory = factory or ServerFactory(self.reactor)
         self.grace = grace
-        self.port: Any = None
-        self._listening: Any = None
 
     def startService(self) -> Any:
         super().startService()
-        self._listening = server_endpoint(self.reactor, self.description).listen(self.factory)
+        return self._listen(self.factory)
 
-        def listening(port: Any) -> Any:
-            self.port = port
-            # Logged once the reactor runs: twistd starts services before it
-            # installs its signal handlers, and this line tells a supervisor
-            # (or a test) that the server is up and a SIGTERM stops it cleanly.
-            address = describe_address(port.getHost())
-            self.reactor.callWhenRunning(self.log.info, "pulsyflux server listening on {address}", address=address)
-            return port
-
-        def failed(failure: Any) -> Any:
-            self.log.failure("pulsyflux server could not listen on {d}", failure, d=self.description)
-            return failure
-
-        self._listening.addCallbacks(listening, failed)
-        return self._listening
-
-    def whenListening(self) -> Any:
-        """Deferred firing with the listening port (for ephemeral ports in tests)."""
-        if self.port is not None:
-            return succeed(self.port)
-        if self._listening is None:
-            return fail(RuntimeError("the server service is not started"))
-        result: Deferred[Any] = Deferred()
-
-        def passed(outcome: Any) -> Any:
-            if isinstance(outcome, Failure):
-                result.errback(outcome)
-                return None  # handled: logged once by startService
-            result.callback(outcome)
-            return outcome
-
-        self._listening.addBoth(passed)
-        return result
+    def _listening(self, port: Any) -> None:
+        # Logged once the reactor runs: twistd starts services before it
+        # installs its signal handlers, and this line tells a supervisor
+        # (or a test) that the server is up and a SIGTERM stops it cleanly.
+        address = describe_address(port.getHost())
+        self.reactor.callWhenRunning(self.log.info, "pulsyflux server listening on {address}", address=address)
 
     def stopService(self) -> Any:
         super().stopService()

@@ -1,0 +1,84 @@
+"""A Twisted service that listens on one endpoint: the server's and the HTTP API's.
+
+One owner for what both need: the endpoint from what the user typed, the
+port once listening, a failure logged once, and ``whenListening`` for
+whoever waits (tests with ephemeral ports, ``twistd``'s startup check).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .endpoints import server_description, server_endpoint
+
+__all__ = ["ListeningService"]
+
+
+class ListeningService(service.Service):
+    """Listens on ``listen`` (a bare port means 127.0.0.1, else an endpoint description).
+
+    Subclasses call :meth:`_listen` from ``startService`` and say what they
+    are in ``_what`` (for the failure's log line).
+    """
+
+    log = Logger()
+    _what = "listener"
+
+    def __init__(self, listen: str | int, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.description = server_description(listen)
+        self.port: Any = None
+        self._started = False
+        self._failure: Optional[Failure] = None
+        self._waiting: list[Deferred[Any]] = []
+
+    def _listen(self, factory: Any) -> "Deferred[Any]":
+        """Listen with ``factory``: fires with the port, or fails (logged here, once).
+
+        The failure is also given to every :meth:`whenListening` waiting; then
+        it is handled, and the Deferred returned here fires with None.
+        """
+        self._started = True
+        self._failure = None
+
+        def listening(port: Any) -> Any:
+            self.port = port
+            self._listening(port)
+            waiting, self._waiting = self._waiting, []
+            for waiter in waiting:
+                waiter.callback(port)
+            return port
+
+        def failed(failure: Failure) -> Optional[Failure]:
+            self.log.failure("{what} could not listen on {d}", failure, what=self._what, d=self.description)
+            self._failure = failure
+            waiting, self._waiting = self._waiting, []
+            for waiter in waiting:
+                waiter.errback(failure)
+            return None if waiting else failure  # handled once someone was told
+
+        return server_endpoint(self.reactor, self.description).listen(factory).addCallbacks(listening, failed)
+
+    def _listening(self, port: Any) -> None:
+        """Called once listening (a log line saying where)."""
+
+    def whenListening(self) -> "Deferred[Any]":
+        """Fires with the listening port (for ephemeral ports in tests), or the failure to listen."""
+        if self.port is not None:
+            return succeed(self.port)
+        if self._failure is not None:
+            return fail(self._failure)
+        if not self._started:
+            return fail(RuntimeError(f"the {self._what} service is not started"))
+        d: Deferred[Any] = Deferred()
+        self._waiting.append(d)
+        return d
