@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -14,6 +17,44 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # A copy of shared/wire-vectors.txt (frames captured from the Go implementation),
 # kept in the repo so golden tests run wherever the suite does.
 WIRE_VECTORS = Path(__file__).resolve().parent / "data" / "wire-vectors.txt"
+
+
+_wheel_build: dict = {}
+
+
+def pytest_collection_finish(session):
+    """Start building the wheel's virtualenv now, in a thread, if test_install runs.
+
+    It takes seconds of pip (build, then install with dependencies), mostly
+    waiting on child processes: done beside the other tests, not before
+    test_install's first one. The ``wheel_bin`` fixture waits for it.
+    """
+    if any(item.nodeid.startswith("tests/test_install.py") for item in session.items):
+        from .twistd_process import build_wheel_venv
+
+        root = Path(tempfile.mkdtemp(prefix="pulsyflux-wheel-"))
+        _wheel_build["root"] = root
+        _wheel_build["future"] = concurrent.futures.ThreadPoolExecutor(1).submit(build_wheel_venv, root)
+
+
+def pytest_sessionfinish(session):
+    root = _wheel_build.pop("root", None)
+    future = _wheel_build.pop("future", None)
+    if future is not None:
+        future.exception()  # let the build end before its folder goes
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def wheel_bin(tmp_path_factory):
+    """The bin directory of a fresh virtualenv with the project's wheel installed (see twistd_process)."""
+    future = _wheel_build.get("future")
+    if future is None:  # test_install was not collected at first (e.g. selected by -k later)
+        from .twistd_process import build_wheel_venv
+
+        return build_wheel_venv(tmp_path_factory.mktemp("wheel"))
+    return future.result()
 
 
 @pytest.fixture

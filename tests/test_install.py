@@ -15,12 +15,7 @@ from twisted.internet import defer
 
 from pulsyflux import Consumer, Provider
 
-from .twistd_process import build_wheel_venv, spawn_twistd
-
-
-@pytest.fixture(scope="session")
-def wheel_bin(tmp_path_factory):
-    return build_wheel_venv(tmp_path_factory.mktemp("wheel"))
+from .twistd_process import spawn_twistd
 
 
 def test_plugin_is_listed_after_install(wheel_bin, tmp_path):
