@@ -7,6 +7,10 @@ Installed with pulsyflux (entry point ``pytest11``), so any test can ask for
     async def test_echo(pulsyflux_server):
         consumer = await Consumer.connect(pulsyflux_server.address, channel)
 
+``pulsyflux_memory_server`` is the same server in memory, on a clock
+(:class:`pulsyflux.testing.MemoryServer`), for plain ``def`` tests that
+need neither pytest-twisted nor a socket.
+
 Imports stay inside the fixtures: this module is loaded by every pytest run
 where pulsyflux is installed, and must not install a reactor or need
 pytest-twisted when nobody uses the fixtures.

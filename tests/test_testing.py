@@ -71,7 +71,7 @@ async def test_the_plugin_is_registered_for_users():
     """A user's own test file gets the fixture without importing anything."""
     return_code, output = await threads.deferToThread(_run_user_suite)
     assert return_code == 0, output
-    assert "2 passed" in output
+    assert "3 passed" in output
 
 
 def _run_user_suite() -> tuple[int, str]:
@@ -93,6 +93,12 @@ def _run_user_suite() -> tuple[int, str]:
 
         def test_fresh_server_each_time(pulsyflux_server):
             assert pulsyflux_server.broker.published == 0
+
+        def test_in_memory(pulsyflux_memory_server, pulsyflux_channel):
+            server = pulsyflux_memory_server
+            server.run(server.connect(Provider, pulsyflux_channel, handler=bytes.upper))
+            consumer = server.run(server.connect(Consumer, pulsyflux_channel))
+            assert server.run(consumer.send(b"hi")) == b"HI"
         """
     )
     with tempfile.TemporaryDirectory() as tmp:
