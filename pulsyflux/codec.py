@@ -134,35 +134,17 @@ def write_request(
     size = len(payload)
     tail = _pack_header(VERSION, END, 0, request_id, 0)
     if 0 < size <= JOIN_LIMIT:
-        write(
-            _pack_start_and_chunk(
-                VERSION,
-                START,
-                0,
-                request_id,
-                METADATA_SIZE,
-                ROLE_CONSUMER,
-                timeout_ms,
-                client_id,
-                channel_id,
-                VERSION,
-                CHUNK,
-                0,
-                request_id,
-                size,
-            )  # fmt: skip
-            + payload
-            + tail
-        )
+        head = _pack_start_and_chunk(
+            VERSION, START, 0, request_id, METADATA_SIZE, ROLE_CONSUMER, timeout_ms, client_id, channel_id,
+            VERSION, CHUNK, 0, request_id, size,
+        )  # fmt: skip
+        write(head + payload + tail)
         return
     head = _pack_start(VERSION, START, 0, request_id, METADATA_SIZE, ROLE_CONSUMER, timeout_ms, client_id, channel_id)
     if not size:
         write(head + tail)
         return
-    write(head)
-    for piece in chunk_frames(CHUNK, request_id, bytes(payload)):
-        write(piece)
-    write(tail)
+    _write_pieces(write, head, CHUNK, request_id, payload, tail)
 
 
 def write_response(write: Callable[[bytes], object], request_id: bytes, routing: bytes, payload: bytes) -> None:
@@ -178,8 +160,15 @@ def write_response(write: Callable[[bytes], object], request_id: bytes, routing:
             head += _pack_header(VERSION, RESPONSE_CHUNK, 0, request_id, size) + payload
         write(head + tail)
         return
+    _write_pieces(write, head, RESPONSE_CHUNK, request_id, payload, tail)
+
+
+def _write_pieces(
+    write: Callable[[bytes], object], head: bytes, ftype: int, request_id: bytes, payload: bytes, tail: bytes
+) -> None:
+    """A large message piece by piece: its head, its chunks (the payload never copied to join), its tail."""
     write(head)
-    for piece in chunk_frames(RESPONSE_CHUNK, request_id, bytes(payload)):
+    for piece in chunk_frames(ftype, request_id, bytes(payload)):
         write(piece)
     write(tail)
 
