@@ -1,0 +1,90 @@
+"""The sans-I/O core imports and works with Twisted made unimportable.
+
+``pulsyflux/__init__.py`` imports its public names lazily (PEP 562), so
+``import pulsyflux.codec`` runs no server, client or reactor code. The check
+runs in a fresh interpreter whose import system refuses ``twisted`` and
+``zope``, which is what "Twisted not installed" looks like to the code.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pulsyflux
+
+CORE = ("codec", "messages", "errors", "printable", "ratelimit", "deadlines")
+
+_BLOCK = """
+import sys
+
+class _NoTwisted:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("twisted", "zope"):
+            raise ImportError(f"blocked for this test: {name}")
+        return None
+
+for _name in list(sys.modules):
+    if _name.split(".")[0] in ("twisted", "zope"):
+        del sys.modules[_name]
+sys.meta_path.insert(0, _NoTwisted())
+"""
+
+
+def _run(body: str) -> subprocess.CompletedProcess[str]:
+    code = _BLOCK + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_blocker_really_blocks_twisted() -> None:
+    # The harness itself: without this, the test below could pass vacuously.
+    done = _run("""
+        try:
+            import twisted.internet
+        except ImportError:
+            print("blocked")
+        try:
+            import pulsyflux.server
+        except ImportError:
+            print("server needs twisted")
+    """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["blocked", "server", "needs", "twisted"]
+
+
+def test_sans_io_core_imports_and_works_without_twisted() -> None:
+    done = _run(f"""
+        import pulsyflux
+        from pulsyflux import {", ".join(CORE)}
+        from pulsyflux import Message, MessageError, PulsyfluxError  # the lazy names from the core
+
+        rid = bytes(range(16))
+        frame = codec.encode_frame(codec.RESPONSE, rid, b"hello")
+        decoded = list(codec.FrameDecoder().feed(frame))
+        assert decoded == [codec.Frame(codec.RESPONSE, 0, rid, b"hello")], decoded
+
+        body = messages.encode("news", b"\\x00payload", {{"k": "v"}})
+        assert messages.decode(body) == Message("news", b"\\x00payload", {{"k": "v"}})
+        assert issubclass(MessageError, PulsyfluxError)
+        assert printable.printable("a\\x00b") != "a\\x00b"
+
+        loaded = sorted(n for n in sys.modules if n.split(".")[0] in ("twisted", "zope"))
+        assert not loaded, loaded
+        print("ok")
+    """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_lazy_public_names_match_all() -> None:
+    # Every name in __all__ resolves, dir() lists it, and an unknown name is still an AttributeError.
+    for name in pulsyflux.__all__:
+        assert getattr(pulsyflux, name).__name__ == name
+    assert set(pulsyflux.__all__) <= set(dir(pulsyflux))
+    try:
+        pulsyflux.NoSuchThing  # type: ignore[attr-defined]  # noqa: B018
+    except AttributeError as e:
+        assert "NoSuchThing" in str(e)
+    else:
+        raise AssertionError("pulsyflux.NoSuchThing resolved")
