@@ -350,14 +350,14 @@ class _Outlet:
     not fit in the window waits in the backlog, whose oldest entries are
     dropped (and counted) past ``limit`` messages or ``limit_bytes`` (the
     newest message always stays), and when all backlogs together pass the
-    router's ``total_backlog_bytes``. While a reconnecting Consumer is
+    fanout's ``total_backlog_bytes``. While a reconnecting Consumer is
     down the outlet is not ``ready``: the backlog waits until a probe has
     reached the subscriber again (:meth:`rejoin`).
     """
 
     def __init__(
         self,
-        router: "_Router",
+        fanout: "_Fanout",
         topic: str,
         consumer: Consumer,
         local: Optional[Subscription],
@@ -365,7 +365,7 @@ class _Outlet:
         limit_bytes: int = DEFAULT_BACKLOG_BYTES,
         label: str = "",
     ) -> None:
-        self.router = router
+        self.fanout = fanout
         self.topic = topic
         self.consumer = consumer
         self.channel = consumer.channel_id  # a secret of the subscriber's: never in stats or logs
@@ -386,10 +386,10 @@ class _Outlet:
         self.ready = True
         self._rejoining = False
         self._rejoin_waiters: list[Deferred[None]] = []
-        self.unguard: Callable[[], None] = _nothing  # ends the router's guard on the channel (inproc)
+        self.unguard: Callable[[], None] = _nothing  # ends the server's guard on the channel (inproc)
 
     def push(self, text: str) -> None:
-        """Queue one message; the caller adds it to the router's ``backlog_size`` (once per publish)."""
+        """Queue one message; the caller adds it to the fanout's ``backlog_size`` (once per publish)."""
         backlog = self.backlog
         backlog.append(text)
         size = self.size + len(text)
@@ -411,19 +411,19 @@ class _Outlet:
             dropped += 1
         if dropped:
             self.size -= freed
-            self.router.backlog_size -= freed
+            self.fanout.backlog_size -= freed
             self.dropped += dropped
-            self.router.dropped += dropped
+            self.fanout.dropped += dropped
             if self.local is not None:
                 self.local._dropped = self.dropped
         return freed
 
     def flush(self) -> None:
         backlog = self.backlog
-        router = self.router
+        fanout = self.fanout
         if self.consumer.reconnecting:
             self.ready = False  # the line is down: keep the backlog for rejoin()
-        while backlog and self.open and self.ready and self.requests < router.window:
+        while backlog and self.open and self.ready and self.requests < fanout.window:
             texts: list[str] = []
             if self.dropped != self.notified:
                 self.notified = self.dropped
@@ -431,14 +431,14 @@ class _Outlet:
             popleft = backlog.popleft
             size = 0
             count = 0
-            limit = router.batch
+            limit = fanout.batch
             while backlog and count < limit and size < _BATCH_CHARS:
                 text = popleft()
                 texts.append(text)
                 size += len(text)
                 count += 1
             self.size -= size
-            router.backlog_size -= size
+            fanout.backlog_size -= size
             self.requests += 1
             self.in_flight += count
             d = self.consumer.send(messages.encode_batch(texts), timeout=0)
@@ -448,7 +448,7 @@ class _Outlet:
         self.requests -= 1
         self.in_flight -= count
         self.delivered += count
-        self.router.delivered += count
+        self.fanout.delivered += count
         self.flush()
 
     def _failed(self, failure: Failure, count: int) -> None:
@@ -463,7 +463,7 @@ class _Outlet:
         if isinstance(error, ConnectionLostError) and self.consumer.reconnecting:
             # At most once: these may or may not have arrived; the rest waits for rejoin().
             self.lost += count
-            self.router.lost += count
+            self.fanout.lost += count
             self.ready = False
             return
         if isinstance(error, NoProviderError):
@@ -472,7 +472,7 @@ class _Outlet:
             reason = "connection to the server lost"
         else:
             reason = f"subscriber refused a message: {_clip(str(error))}"
-        if self.router.log_limiter.allow("dropping subscription"):
+        if self.fanout.log_limiter.allow("dropping subscription"):
             log.info(
                 "dropping subscription {label} to {topic!r}: {reason}",
                 label=self.label,
@@ -480,8 +480,8 @@ class _Outlet:
                 reason=reason,
             )
         self.lost += count
-        self.router.lost += count  # the backlog is counted by close()
-        self.router._remove(self, reason)
+        self.fanout.lost += count  # the backlog is counted by close()
+        self.fanout._remove(self, reason)
 
     def rejoin(self) -> "Deferred[None]":
         """Probe the subscriber once the Consumer is connected, then forward again.
@@ -499,19 +499,19 @@ class _Outlet:
         return d
 
     async def _rejoin(self) -> None:
-        router = self.router
+        fanout = self.fanout
         await self.consumer.when_connected()
         try:
-            await _send_until_registered(self.consumer, _PROBE, router.reactor, patience=router.rejoin_patience)
+            await _send_until_registered(self.consumer, _PROBE, fanout.reactor, patience=fanout.rejoin_patience)
         except ConnectionLostError:
             raise  # down again: the next reconnect rejoins
         except PulsyfluxError as error:
             if self.open:
                 reason = "subscriber did not come back" if isinstance(error, NoProviderError) else _clip(str(error))
-                if router.log_limiter.allow("dropping subscription"):
+                if fanout.log_limiter.allow("dropping subscription"):
                     log.info("dropping subscription {label} to {topic!r}: {reason}", label=self.label,
                              topic=self.topic, reason=reason)  # fmt: skip
-                router._remove(self, reason)  # close() counts the backlog as lost
+                fanout._remove(self, reason)  # close() counts the backlog as lost
             raise
         if not self.open:
             raise ConnectionLostError("the subscription was closed")
@@ -534,8 +534,8 @@ class _Outlet:
         """Stop forwarding; tell a remote subscriber (``notify``), close the Consumer."""
         self.open = False
         self.lost += len(self.backlog)  # never forwarded: the subscription ended first
-        self.router.lost += len(self.backlog)
-        self.router.backlog_size -= self.size
+        self.fanout.lost += len(self.backlog)
+        self.fanout.backlog_size -= self.size
         self.size = 0
         self.backlog.clear()
         if notify and self.consumer.connected:
@@ -569,8 +569,13 @@ class _Setup:
         self.waiters: list[Deferred[_Outlet]] = []
 
 
-class _Router:
-    """The broker Provider's handler: who subscribes to what, and fan-out."""
+class _Fanout:
+    """The broker Provider's handler: who subscribes to what, and fan-out.
+
+    Not a router: the server's :class:`~pulsyflux.server.Router` routes frames
+    between connections; this fans each published message out to the outlets
+    of its topic.
+    """
 
     def __init__(
         self,
@@ -981,7 +986,7 @@ class Broker:
         self.reactor = reactor
         self.buffer = buffer
         self.reconnect = reconnect
-        self._router = _Router(
+        self._fanout = _Fanout(
             address,
             reactor,
             backlog,
@@ -1026,9 +1031,9 @@ class Broker:
         return Deferred.fromCoroutine(broker._start())
 
     async def _start(self) -> "Broker":
-        # Made before it connects, so the router can ask whose announcement it handles from the first one.
-        provider = Provider(self.channel, self.reactor, handler=self._router.handle)
-        self._router.provider = provider
+        # Made before it connects, so the fanout can ask whose announcement it handles from the first one.
+        provider = Provider(self.channel, self.reactor, handler=self._fanout.handle)
+        self._fanout.provider = provider
         self._provider = await Provider._connect(self.address, provider, self.reconnect)
         try:
             consumer = await Consumer.connect(
@@ -1050,21 +1055,21 @@ class Broker:
     @property
     def published(self) -> int:
         """Messages accepted from any publisher (also Go ones)."""
-        return self._router.published
+        return self._fanout.published
 
     @property
     def delivered(self) -> int:
         """Messages subscribers have accepted (one per subscriber)."""
-        return self._router.delivered
+        return self._fanout.delivered
 
     @property
     def dropped(self) -> int:
         """Messages dropped because a subscriber's backlog was full."""
-        return self._router.dropped
+        return self._fanout.dropped
 
     def stats(self) -> dict[str, Any]:
         """Counters, topics with their subscriber counts, and per-subscription backlog/drops."""
-        stats = self._router.stats()
+        stats = self._fanout.stats()
         stats["channel"] = str(self.channel)
         stats["reconnects"] = self._provider.reconnects if self._provider is not None else 0
         return stats
@@ -1093,24 +1098,24 @@ class Broker:
     async def _subscribe(self, topic: str, buffer: int) -> Subscription:
         sub, provider = await _open_subscription(self.address, topic, buffer, self.reactor, self.reconnect)
         try:
-            outlet = await self._router.setup(topic, sub.channel, sub)
+            outlet = await self._fanout.setup(topic, sub.channel, sub)
         except BaseException:
             sub._close("subscribe failed")
             await provider.close()
             raise
-        provider.when_lost().addCallback(lambda _: self._router._remove(outlet, "connection to the server lost"))
+        provider.when_lost().addCallback(lambda _: self._fanout._remove(outlet, "connection to the server lost"))
         return sub
 
     def unsubscribe(self, topic: str) -> "Deferred[Any]":
         """End every subscription of ``topic`` (here and remote); fires when their connections are closed."""
-        return self._router.remove_topic(topic, "unsubscribed")
+        return self._fanout.remove_topic(topic, "unsubscribed")
 
     def close(self) -> "Deferred[None]":
         """End every subscription and close every connection of the broker."""
         if self._closing is None:
             self._closed = self._closed or ConnectionLostError("the broker is closed")
-            self._router.closing = True
-            waits = [self._router.remove_all("the broker closed")]
+            self._fanout.closing = True
+            waits = [self._fanout.remove_all("the broker closed")]
             if self._publisher is not None:
                 waits.append(self._publisher.close(self._closed))
             if self._provider is not None:

@@ -314,7 +314,7 @@ async def test_attack_one_client_flooding_dead_subscribes_does_not_starve_honest
     slots = [defer.ensureDeferred(slot()) for _ in range(80)]
     honest = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
     try:
-        await eventually(lambda: len(broker._router.opening) >= 8)  # the flood is on
+        await eventually(lambda: len(broker._fanout.opening) >= 8)  # the flood is on
         subscribed = 0
         for i in range(20):
             await honest.subscribe(f"honest-{i}")  # on main: "too many subscriptions being set up"
@@ -324,7 +324,7 @@ async def test_attack_one_client_flooding_dead_subscribes_does_not_starve_honest
     finally:
         flooding[0] = False
         await defer.DeferredList(slots, consumeErrors=True)
-    assert broker._router.setups_by_client == {}  # every count went back to nothing
+    assert broker._fanout.setups_by_client == {}  # every count went back to nothing
     await honest.close()
     await attacker.close()
     await broker.close()

@@ -38,7 +38,7 @@ def resumed(sub) -> Deferred:
 
 async def kill(memory, broker: Broker) -> None:
     """Reset every connection of ``broker``: its forwarding ones first, so no closing notice gets out."""
-    clients = [outlet.consumer for outlet in broker._router.outlets.values()]
+    clients = [outlet.consumer for outlet in broker._fanout.outlets.values()]
     clients += [broker._publisher.consumer, broker._provider]
     gone = DeferredList([client.when_lost() for client in clients])
     memory.drop(*clients)
@@ -48,8 +48,8 @@ async def kill(memory, broker: Broker) -> None:
 
 def count_announces(broker: Broker, wanted: int) -> Deferred:
     """Fires once ``broker`` has handled ``wanted`` more ``$pulsyflux/subscribe`` messages."""
-    router = broker._router
-    control = router._control
+    fanout = broker._fanout
+    control = fanout._control
     seen = []
     d: Deferred = Deferred()
 
@@ -57,11 +57,11 @@ def count_announces(broker: Broker, wanted: int) -> Deferred:
         result = control(kind, headers)
         seen.append(kind)
         if len(seen) >= wanted and not d.called:
-            router._control = control
+            fanout._control = control
             d.callback(len(seen))
         return result
 
-    router._control = counting
+    fanout._control = counting
     return d
 
 
