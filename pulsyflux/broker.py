@@ -221,7 +221,34 @@ class Subscription:
         except SubscriptionClosed:
             raise StopAsyncIteration from None
 
-    # -- called by the Provider and the owner ------------------------------
+    # -- the owner's side: Broker, BrokerClient and the fan-out call these, applications do not.
+    # Each change another class makes to a subscription goes through one of them.
+
+    def _attach(self, provider: Provider, reconnect: Reconnect) -> None:
+        """``provider`` receives for this subscription: count its reconnects as gaps, end with it."""
+        self._provider = provider
+        if reconnect:
+            provider.on_reconnect(lambda _: self._count_gap())  # first: later hooks see the count
+        provider.when_lost().addCallback(lambda _: self._close("connection to the server lost"))
+
+    def _count_gap(self) -> None:
+        """Messages published from now until :meth:`_resumed` may be missing."""
+        self._gaps += 1
+
+    def _set_dropped(self, count: int) -> None:
+        """The broker's count of messages dropped for us, told in process (no notice needed)."""
+        self._dropped = count
+
+    def _on_closed_by_broker(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` when the broker's closing notice arrives (a remote broker)."""
+        self._on_remote_close = callback
+
+    def _end(self, reason: str) -> "Deferred[None]":
+        """End the stream and close its Provider; fires once the connection is gone."""
+        self._close(reason)
+        return self._provider.close() if self._provider is not None else succeed(None)
+
+    # -- called by the Provider ----------------------------------------------
 
     def _deliver(self, body: bytes) -> Union[bytes, "Deferred[bytes]"]:
         """The Provider's handler: queue, answer ``ok`` once within the buffer."""
@@ -312,10 +339,7 @@ async def _open_subscription(
     channel = uuid.uuid4()
     sub = Subscription(topic, channel, buffer)
     provider = await Provider.connect(address, channel, handler=sub._deliver, reactor=reactor, reconnect=reconnect)
-    sub._provider = provider
-    if reconnect:
-        provider.on_reconnect(lambda _: setattr(sub, "_gaps", sub._gaps + 1))  # first: later hooks see the count
-    provider.when_lost().addCallback(lambda _: sub._close("connection to the server lost"))
+    sub._attach(provider, reconnect)
     return sub, provider
 
 
@@ -415,7 +439,7 @@ class _Outlet:
             self.dropped += dropped
             self.fanout.dropped += dropped
             if self.local is not None:
-                self.local._dropped = self.dropped
+                self.local._set_dropped(self.dropped)
         return freed
 
     def flush(self) -> None:
@@ -481,7 +505,7 @@ class _Outlet:
             )
         self.lost += count
         self.fanout.lost += count  # the backlog is counted by close()
-        self.fanout._remove(self, reason)
+        self.fanout.remove(self, reason)
 
     def rejoin(self) -> "Deferred[None]":
         """Probe the subscriber once the Consumer is connected, then forward again.
@@ -511,7 +535,7 @@ class _Outlet:
                 if fanout.log_limiter.allow("dropping subscription"):
                     log.info("dropping subscription {label} to {topic!r}: {reason}", label=self.label,
                              topic=self.topic, reason=reason)  # fmt: skip
-                fanout._remove(self, reason)  # close() counts the backlog as lost
+                fanout.remove(self, reason)  # close() counts the backlog as lost
             raise
         if not self.open:
             raise ConnectionLostError("the subscription was closed")
@@ -683,7 +707,7 @@ class _Fanout:
         if kind == messages.UNSUBSCRIBE:
             outlet = self.outlets.get(channel)
             if outlet is not None and outlet.topic == topic:
-                self._remove(outlet, "unsubscribed", notify=False)
+                self.remove(outlet, "unsubscribed", notify=False)
             return _OK
         outlet = self.outlets.get(channel)
         d: Deferred[Any]
@@ -803,10 +827,10 @@ class _Fanout:
         self.outlets[channel] = outlet
         if self.reconnect:
             consumer.on_reconnect(lambda _: outlet.rejoin().addErrback(_ignore))
-        consumer.when_lost().addCallback(lambda _: self._remove(outlet, "connection to the server lost"))
+        consumer.when_lost().addCallback(lambda _: self.remove(outlet, "connection to the server lost"))
         return outlet
 
-    def _remove(self, outlet: _Outlet, reason: str, notify: bool = True) -> "Deferred[Any]":
+    def remove(self, outlet: _Outlet, reason: str, notify: bool = True) -> "Deferred[Any]":
         """Forget a subscription and close its connections (and a local stream)."""
         if self.outlets.get(outlet.channel) is not outlet:
             return succeed(None)
@@ -820,9 +844,7 @@ class _Fanout:
         waits = [outlet.close(reason, notify=notify and outlet.local is None)]
         sub = outlet.local
         if sub is not None:
-            sub._close(reason)
-            if sub._provider is not None:
-                waits.append(sub._provider.close())
+            waits.append(sub._end(reason))
         return DeferredList(waits, consumeErrors=True)
 
     def trim_backlogs(self) -> None:
@@ -837,10 +859,10 @@ class _Fanout:
             excess -= outlet.trim(outlet.limit, max(outlet.size - excess, 0))
 
     def remove_topic(self, topic: str, reason: str) -> "Deferred[Any]":
-        return DeferredList([self._remove(o, reason) for o in list(self.topics.get(topic, ()))], consumeErrors=True)
+        return DeferredList([self.remove(o, reason) for o in list(self.topics.get(topic, ()))], consumeErrors=True)
 
     def remove_all(self, reason: str) -> "Deferred[Any]":
-        return DeferredList([self._remove(o, reason) for o in list(self.outlets.values())], consumeErrors=True)
+        return DeferredList([self.remove(o, reason) for o in list(self.outlets.values())], consumeErrors=True)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -1103,7 +1125,7 @@ class Broker:
             sub._close("subscribe failed")
             await provider.close()
             raise
-        provider.when_lost().addCallback(lambda _: self._fanout._remove(outlet, "connection to the server lost"))
+        provider.when_lost().addCallback(lambda _: self._fanout.remove(outlet, "connection to the server lost"))
         return sub
 
     def unsubscribe(self, topic: str) -> "Deferred[Any]":
@@ -1276,7 +1298,7 @@ class BrokerClient:
             self._forget(sub)
             self.reactor.callLater(0, provider.close)
 
-        sub._on_remote_close = ended_by_broker
+        sub._on_closed_by_broker(ended_by_broker)
         provider.when_lost().addCallback(lambda _: self._forget(sub))
         try:
             await self._consumer.send(_announcement(sub), timeout=10.0)
@@ -1341,7 +1363,7 @@ class BrokerClient:
                     # A broker that had forgotten it (restarted) took it as new: messages may be missing.
                     log.warn("the broker on channel {c} had lost the subscription to {t!r}; subscribed again",
                              c=self.channel, t=sub.topic)  # fmt: skip
-                    sub._gaps += 1
+                    sub._count_gap()
                     sub._resumed()
                 continue
             failure = cast(Failure, result)  # not ok: DeferredList gives the Failure (its stub says bytes)
@@ -1372,14 +1394,12 @@ class BrokerClient:
                 continue
             if self.reconnect:
                 log.warn("{r} ({e}); waiting for a broker to take {t!r} back", r=reason, e=error, t=sub.topic)
-                sub._gaps += 1
+                sub._count_gap()
                 self._resubscribe(sub)
             else:
                 log.warn("subscription to {t!r} ended: {r} ({e})", t=sub.topic, r=reason, e=error)
                 self._forget(sub)
-                sub._close(reason)
-                if sub._provider is not None:
-                    sub._provider.close().addErrback(_ignore)
+                sub._end(reason).addErrback(_ignore)
 
     def _resubscribe(self, sub: Subscription) -> None:
         """The subscription's Provider is back: ask the broker to forward to it again.
@@ -1426,8 +1446,7 @@ class BrokerClient:
                 reason = f"resubscribe failed: {error}"
                 log.warn("subscription to {t!r} ended: {r}", t=sub.topic, r=reason)
                 self._forget(sub)
-                sub._close(reason)
-                await sub._provider.close()
+                await sub._end(reason)
                 return
             pause = deferLater(self.reactor, delay, lambda: None)
             self._pauses.add(pause)
