@@ -188,14 +188,6 @@ class Subscription:
         """
         self._resume_hooks.append(callback)
 
-    def _resumed(self) -> None:
-        log.info("subscription to {topic!r} resumed", topic=self.topic)
-        for hook in list(self._resume_hooks):
-            try:
-                hook(self)
-            except Exception:
-                log.failure("on_resume callback failed")
-
     @property
     def closed(self) -> bool:
         return self._closed is not None
@@ -243,10 +235,42 @@ class Subscription:
         """Call ``callback(reason)`` when the broker's closing notice arrives (a remote broker)."""
         self._on_remote_close = callback
 
+    def _resumed(self) -> None:
+        """The broker forwards to us again after a gap: tell the on_resume callbacks."""
+        log.info("subscription to {topic!r} resumed", topic=self.topic)
+        for hook in list(self._resume_hooks):
+            try:
+                hook(self)
+            except Exception:
+                log.failure("on_resume callback failed")
+
+    def _close(self, reason: str) -> None:
+        """End the stream; already received messages stay readable."""
+        if self._closed is not None:
+            return
+        self.closed_reason = reason
+        self._closed = SubscriptionClosed(f"subscription to {self.topic!r} closed: {reason}")
+        held, self._held = self._held, deque()
+        for _, answer in held:
+            answer.callback(_OK)  # the connection is going; nobody waits for these
+        waiting = list(self._queue.waiting)
+        del self._queue.waiting[:]  # in place: _deliver may be walking this list
+        for d in waiting:
+            d.errback(self._closed)
+
     def _end(self, reason: str) -> "Deferred[None]":
         """End the stream and close its Provider; fires once the connection is gone."""
         self._close(reason)
         return self._provider.close() if self._provider is not None else succeed(None)
+
+    def _connected(self) -> bool:
+        """Our Provider's line is up (a reconnecting one may be down for a while)."""
+        return self._provider is not None and self._provider.connected
+
+    def _when_connected(self) -> "Deferred[Any]":
+        """Fires once our Provider's line is up; fails if it closed for good."""
+        assert self._provider is not None
+        return self._provider.when_connected()
 
     # -- called by the Provider ----------------------------------------------
 
@@ -317,20 +341,6 @@ class Subscription:
                 return
             held.popleft()
             answer.callback(_OK)
-
-    def _close(self, reason: str) -> None:
-        """End the stream; already received messages stay readable."""
-        if self._closed is not None:
-            return
-        self.closed_reason = reason
-        self._closed = SubscriptionClosed(f"subscription to {self.topic!r} closed: {reason}")
-        held, self._held = self._held, deque()
-        for _, answer in held:
-            answer.callback(_OK)  # the connection is going; nobody waits for these
-        waiting = list(self._queue.waiting)
-        del self._queue.waiting[:]  # in place: _deliver may be walking this list
-        for d in waiting:
-            d.errback(self._closed)
 
 
 async def _open_subscription(
@@ -1345,7 +1355,7 @@ class BrokerClient:
         consumer = self._consumer
         if consumer is None or self._closed is not None or not consumer.connected:
             return  # our own line is down: the reconnect path has this in hand
-        subs = [s for s in self._subscriptions.values() if self._steady(s) and s._provider and s._provider.connected]
+        subs = [s for s in self._subscriptions.values() if self._steady(s) and s._connected()]
         if not subs:
             return
         timeout = max(self.heartbeat or 0.0, 1.0)  # a busy broker is not a dead one
@@ -1415,16 +1425,16 @@ class BrokerClient:
         d.addBoth(lambda _: self._resubscribing.discard(sub.channel))
 
     async def _announce_again(self, sub: Subscription) -> None:
-        assert self._consumer is not None and sub._provider is not None
+        assert self._consumer is not None
         body = _announcement(sub)
         deadline = None
         delay = 0.05
         error: Exception = ConnectionLostError("not connected")
         while not sub.closed and self._closed is None and sub.channel in self._subscriptions:
-            if not (sub._provider.connected and self._consumer.connected):
+            if not (sub._connected() and self._consumer.connected):
                 deadline = None  # patience counts while both lines are up
                 try:
-                    await sub._provider.when_connected()
+                    await sub._when_connected()
                     await self._consumer.when_connected()
                 except ConnectionLostError:
                     return  # closed for good
@@ -1472,8 +1482,7 @@ class BrokerClient:
                 await self._consumer.send(body, timeout=2.0)
             except (PulsyfluxError, CancelledError) as error:
                 log.debug("unsubscribe not confirmed by the broker: {e}", e=error)
-        if sub._provider is not None:
-            await sub._provider.close()
+        await sub._end(reason)  # closed above: this closes its Provider
 
     def close(self) -> "Deferred[Any]":
         """Unsubscribe everything and close every connection."""
