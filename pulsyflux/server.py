@@ -184,7 +184,19 @@ class Router:
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        max_body: int = DEFAULT_MAX_BODY,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_unsent: int = DEFAULT_MAX_UNSENT,
+        max_unsent_total: int = DEFAULT_MAX_UNSENT_TOTAL,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
+        register_timeout: float = DEFAULT_REGISTER_TIMEOUT,
+        max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
+    ) -> None:
         self.clock = clock
         self.registry: dict[RegistryKey, ServerProtocol] = {}
         self.providers: dict[bytes, list[ServerProtocol]] = {}
@@ -194,12 +206,15 @@ class Router:
         self.connections: set[ServerProtocol] = set()
         self.stats = ServerStats()
         self.reading: Optional[ServerProtocol] = None  # whose frames are being routed now (backpressure)
-        self.flow_control = FlowControl(self)
+        self.flow_control = FlowControl(self, max_unsent, max_unsent_total)
         self._dirty: list[ServerProtocol] = []  # connections with frames queued during this read
-        self.max_body = DEFAULT_MAX_BODY
-        self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
-        self.max_connections = DEFAULT_MAX_CONNECTIONS
-        self.draining = False  # shutting down: new requests are refused
+        self.max_body = max_body
+        self.max_connections = max_connections
+        self._max_in_flight = max_in_flight
+        self._draining = False
+        # What _start compares a connection's requests in flight with: max_in_flight, or 0 while
+        # draining, so that one test on the START path covers both (draining is its own state).
+        self._start_limit = max_in_flight
         self._idle_waiters: list[Deferred[None]] = []
         # Channels only trusted connections (the server's own broker) may provide on.
         self.reserved: set[bytes] = set()
@@ -207,7 +222,33 @@ class Router:
         self.guarded: dict[bytes, int] = {}
         # Log lines a peer can trigger are rate-limited; idle and stalled peers are closed.
         self.log_limiter = LogLimiter(clock, summary_to(self.log))
-        self.connection_guard = ConnectionGuard(clock, self.stats, self.log_limiter)
+        self.connection_guard = ConnectionGuard(
+            clock, self.stats, self.log_limiter, frame_timeout, register_timeout, max_partial_bytes
+        )
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests one connection may have in flight; past it a START gets ``server overloaded: ...``."""
+        return self._max_in_flight
+
+    @max_in_flight.setter
+    def max_in_flight(self, value: int) -> None:
+        self._max_in_flight = value
+        if not self._draining:
+            self._start_limit = value
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down: every new request is refused with ``server overloaded: shutting down``.
+
+        The in-process endpoint (:mod:`pulsyflux.inproc`) refuses new connections meanwhile.
+        """
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = bool(value)
+        self._start_limit = 0 if value else self._max_in_flight
 
     # -- the server's own channels ---------------------------------------------
 
@@ -375,11 +416,11 @@ class Router:
         if request_id in self.requests:
             self._server_error(conn, request_id, errors.MSG_DUPLICATE_ID, routing)
             return
-        if len(conn.started) >= self.max_in_flight:  # a shutdown sets the limit to 0
-            if self.draining:
+        if len(conn.started) >= self._start_limit:  # max_in_flight, or 0 while draining
+            if self._draining:
                 message = errors.MSG_SHUTTING_DOWN
             else:
-                message = errors.overloaded(f"more than {self.max_in_flight} requests in flight on one connection")
+                message = errors.overloaded(f"more than {self._max_in_flight} requests in flight on one connection")
             self._server_error(conn, request_id, message, routing)
             return
         provider = self.pick_provider(channel)
@@ -669,16 +710,17 @@ class ServerFactory(_TwistedServerFactory):
 
             reactor = default_reactor
         self.reactor = reactor
-        self.router = Router(reactor)
-        self.router.max_body = max_body
-        self.router.max_in_flight = max_in_flight
-        self.router.max_connections = max_connections
-        self.router.flow_control.max_unsent = max_unsent
-        self.router.flow_control.max_unsent_total = max_unsent_total
-        guard = self.router.connection_guard
-        guard.frame_timeout = frame_timeout
-        guard.register_timeout = register_timeout
-        guard.max_partial_bytes = max_partial_bytes
+        self.router = Router(
+            reactor,
+            max_body=max_body,
+            max_in_flight=max_in_flight,
+            max_connections=max_connections,
+            max_unsent=max_unsent,
+            max_unsent_total=max_unsent_total,
+            frame_timeout=frame_timeout,
+            register_timeout=register_timeout,
+            max_partial_bytes=max_partial_bytes,
+        )
 
     @property
     def registry(self) -> dict[RegistryKey, ServerProtocol]:
@@ -704,7 +746,6 @@ class ServerFactory(_TwistedServerFactory):
         router = self.router
         clock = self.reactor
         router.draining = True
-        router.max_in_flight = 0
         drained = router.when_idle().addTimeout(grace, clock)
         drained.addErrback(lambda failure: failure.trap(defer.TimeoutError))  # grace is over: close anyway
         return drained.addCallback(lambda _: self._close_all(linger))

@@ -10,7 +10,7 @@ from twisted.internet.testing import StringTransport
 
 from pulsyflux import codec
 from pulsyflux.codec import FrameDecoder
-from pulsyflux.server import ServerFactory
+from pulsyflux.server import Router, ServerFactory
 
 from .wire import register_frames, request_frames
 
@@ -98,3 +98,41 @@ def test_no_timeout_when_metadata_says_zero():
     assert clock.getDelayedCalls() == [] and len(factory.router.requests) == 1
     provider.connectionLost(None)
     assert factory.router.requests == {}
+
+
+def test_the_router_takes_its_limits_in_its_constructor():
+    router = Router(
+        FakeReactor(),
+        max_body=1000,
+        max_in_flight=3,
+        max_connections=4,
+        max_unsent=5000,
+        max_unsent_total=6000,
+        frame_timeout=7.0,
+        register_timeout=8.0,
+        max_partial_bytes=9000,
+    )
+    assert (router.max_body, router.max_in_flight, router.max_connections) == (1000, 3, 4)
+    assert (router.flow_control.max_unsent, router.flow_control.max_unsent_total) == (5000, 6000)
+    guard = router.connection_guard
+    assert (guard.frame_timeout, guard.register_timeout, guard.max_partial_bytes) == (7.0, 8.0, 9000)
+
+
+def test_draining_refuses_requests_without_touching_the_in_flight_limit():
+    clock = FakeReactor()
+    factory = ServerFactory(clock, max_in_flight=2)
+    router = factory.router
+    channel, client_id = os.urandom(16), os.urandom(16)
+    provider, _ = connect(factory)
+    provider.dataReceived(register_frames(codec.ROLE_PROVIDER, os.urandom(16), channel))
+    consumer, consumer_wire = connect(factory)
+    factory.shutdown(grace=60)
+    assert router.draining and router.max_in_flight == 2  # shutting down is its own state
+    consumer.dataReceived(request_frames(os.urandom(16), client_id, channel, b"x"))
+    [refused] = frames_written(consumer_wire)
+    assert codec.error_message(refused.payload) == "server overloaded: shutting down"
+    router.draining = False  # back to the limit it was built with
+    for _ in range(3):
+        consumer.dataReceived(request_frames(os.urandom(16), client_id, channel, b"x"))
+    [overloaded] = frames_written(consumer_wire)
+    assert codec.error_message(overloaded.payload).startswith("server overloaded: more than 2 requests in flight")
