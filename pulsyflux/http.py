@@ -35,7 +35,6 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import provider
 
 from ._twisted_compat import http_channel_transport
-from .codec import ROLE_CONSUMER, ROLE_PROVIDER
 from .endpoints import describe_address
 from .listening import ListeningService
 from .printable import printable, printable_bytes
@@ -64,8 +63,6 @@ DEFAULT_MAX_PUBLISH_BODY = 1 << 20
 # with them.
 DEFAULT_MAX_TOPICS = 50
 
-_ROLE_NAMES = {ROLE_CONSUMER: "consumer", ROLE_PROVIDER: "provider"}
-
 
 # -- the stats document ---------------------------------------------------------
 
@@ -78,32 +75,21 @@ def server_stats(factory: ServerFactory, now: Optional[float] = None) -> dict[st
     subscription), so whoever reads the stats must not learn one.
     """
     stats = factory.stats
-    router = factory.router
-    roles: Counter[str] = Counter({"consumer": 0, "provider": 0, "unregistered": 0})
-    consumers: set[bytes] = set()
-    providers: set[bytes] = set()
-    for conn in router.connections:
-        key = conn.key
-        if key is None:
-            roles["unregistered"] += 1
-            continue
-        role, channel, _ = key
-        roles[_ROLE_NAMES.get(role, "unknown")] += 1
-        (providers if role == ROLE_PROVIDER else consumers).add(channel)
+    census = factory.router.census()
     now = time.time() if now is None else now
     return {
         "started": stats.started,
         "uptime_seconds": round(max(now - stats.started, 0.0), 3),
-        "connections": {"open": len(router.connections), "total": stats.connections_total, "by_role": dict(roles)},
+        "connections": {"open": census.open, "total": stats.connections_total, "by_role": census.by_role},
         "channels": {
-            "count": len(consumers | providers),
-            "with_providers": len(providers),
-            "without_provider": len(consumers - providers),
+            "count": census.channels,
+            "with_providers": census.with_providers,
+            "without_provider": census.without_provider,
         },
         "requests": {
             "routed": stats.requests_routed,
             "responses_routed": stats.responses_routed,
-            "in_flight": len(router.requests),
+            "in_flight": census.in_flight,
         },
         "frames_dropped": stats.frames_dropped,
         "protocol_errors": stats.protocol_errors,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter, deque
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -86,6 +86,19 @@ _START_ROUTING = codec.START_ROUTING_OFFSET
 _unpack_metadata_from = codec.METADATA.unpack_from
 
 RegistryKey = tuple[int, bytes, bytes]  # (role, channel id, client id)
+
+ROLE_NAMES = {ROLE_CONSUMER: "consumer", ROLE_PROVIDER: "provider"}
+
+
+class Census(NamedTuple):
+    """What :meth:`Router.census` counts: connections by role, channels, requests (never a channel id)."""
+
+    open: int  # connections open now
+    by_role: dict[str, int]  # "consumer", "provider", "unregistered" -> connections
+    channels: int  # channels some connection registered on
+    with_providers: int  # of those, channels with a provider
+    without_provider: int  # channels with consumers only
+    in_flight: int  # requests between their START and the end of their response
 
 
 # What ServerStats keeps of error texts: a few recent ones, each short.
@@ -349,6 +362,51 @@ class Router:
             if entry is not None and entry.provider is conn:
                 self._finish(entry)
                 self._server_error(entry.consumer, request_id, errors.MSG_PEER_DISAPPEARED, entry.routing)
+
+    def census(self) -> Census:
+        """Count the connections by role and the channels they use, for stats (no id leaves here)."""
+        roles = {"consumer": 0, "provider": 0, "unregistered": 0}
+        consumers: set[bytes] = set()
+        providers: set[bytes] = set()
+        for conn in self.connections:
+            key = conn.key
+            if key is None:
+                roles["unregistered"] += 1
+                continue
+            role, channel, _ = key
+            name = ROLE_NAMES.get(role, "unknown")
+            roles[name] = roles.get(name, 0) + 1
+            (providers if role == ROLE_PROVIDER else consumers).add(channel)
+        return Census(
+            open=len(self.connections),
+            by_role=roles,
+            channels=len(consumers | providers),
+            with_providers=len(providers),
+            without_provider=len(consumers - providers),
+            in_flight=len(self.requests),
+        )
+
+    def fail_all(self, message: str) -> None:
+        """End every request in flight: its consumer gets ``message`` (a shutdown whose grace is over)."""
+        for entry in list(self.requests.values()):
+            self._finish(entry)
+            self._server_error(entry.consumer, entry.request_id, message, entry.routing)
+
+    def close_all(self, abort: bool = True) -> "Deferred[Any]":
+        """Close every connection open now; fires once all of them are gone.
+
+        ``abort`` resets them at once (a crash, a test's teardown); otherwise
+        each is closed once it has written what it has queued (a shutdown,
+        which aborts what is left later).
+        """
+        connections = list(self.connections)
+        gone = DeferredList([conn.closed() for conn in connections], consumeErrors=True)
+        for conn in connections:
+            if abort:
+                conn.transport.abortConnection()
+            else:
+                conn.transport.loseConnection()
+        return gone
 
     # -- frames ---------------------------------------------------------------
 
@@ -752,20 +810,9 @@ class ServerFactory(_TwistedServerFactory):
 
     def _close_all(self, linger: float) -> "Deferred[None]":
         router = self.router
-        for entry in list(router.requests.values()):  # the grace period is over: say so
-            router._finish(entry)
-            router._server_error(entry.consumer, entry.request_id, errors.MSG_SHUTTING_DOWN, entry.routing)
-        connections = list(router.connections)
-        gone = DeferredList([conn.closed() for conn in connections])
-        for conn in connections:
-            conn.transport.loseConnection()
-
-        def abort() -> None:
-            for conn in connections:
-                if not conn._lost:
-                    conn.transport.abortConnection()
-
-        timer = self.reactor.callLater(linger, abort)
+        router.fail_all(errors.MSG_SHUTTING_DOWN)  # the grace period is over: say so
+        gone = router.close_all(abort=False)
+        timer = self.reactor.callLater(linger, router.close_all)  # those that could not flush in time
 
         def all_gone(_: Any) -> None:
             if timer.active():

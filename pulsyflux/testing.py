@@ -178,11 +178,8 @@ class RunningServer:
             waits.append(maybeDeferred(self.broker.close))
         waits.append(maybeDeferred(self._port.stopListening))
         await DeferredList(waits, consumeErrors=True)
-        connections = list(self.factory.router.connections)
-        closed = [conn.closed() for conn in connections]
-        for conn in connections:
-            conn.transport.abortConnection()
-        await DeferredList(closed, consumeErrors=True)
+        connections = bool(self.factory.router.connections)
+        await self.factory.router.close_all()
         if had_connections or connections:
             # The client ends of those connections live in this reactor too:
             # give them a few turns to read the close, so a test that forgot
@@ -326,9 +323,7 @@ class MemoryServer:
         :meth:`advance`). With a broker, a new one starts beside the new
         server: the old one died with its process.
         """
-        ends = self.connections
-        for conn in ends:
-            conn.transport.abortConnection()
+        self.factory.router.close_all()
         self.flush()
         self.factory = ServerFactory(self.clock, **self._options)
         self._endpoint.factory = self.factory

@@ -151,8 +151,7 @@ async def test_attack_deaf_consumer_does_not_freeze_a_shared_provider(channel, b
         assert await honest.send(b"still here", timeout=2.0) == b"still here"
     finally:
         sampler.stop()
-        for conn in list(router.connections):  # first: a stalled provider must not delay closing
-            conn.transport.abortConnection()
+        router.close_all()  # first: a stalled provider must not delay closing
         await honest.close()
         await provider.close()
         await maybeDeferred(port.stopListening)

@@ -305,10 +305,7 @@ async def test_subscriptions_end_when_the_server_goes_away(server):
     await broker.publish("t", b"last words")
     assert (await sub.get()).payload == b"last words"
     pending = sub.get()
-    closed = server.all_closed()
-    for conn in list(server.factory.router.connections):
-        conn.transport.abortConnection()  # the server goes away
-    await closed
+    await server.factory.router.close_all()  # the server goes away
     with pytest.raises(SubscriptionClosed, match="connection to the server lost"):
         await pending
     with pytest.raises(ConnectionLostError):

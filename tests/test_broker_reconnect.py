@@ -40,11 +40,8 @@ def resumed(sub) -> Deferred:
 
 async def crash(factory: ServerFactory, port) -> None:
     """Stop listening and reset every connection, as when the server's process dies."""
-    gone = DeferredList([conn.closed() for conn in list(factory.router.connections)])
     await port.stopListening()
-    for conn in list(factory.router.connections):
-        conn.transport.abortConnection()
-    await within(gone)
+    await within(factory.router.close_all())
 
 
 async def assert_fails_at_once_on_the_clock(memory, d: Deferred, error: type = ConnectionLostError) -> None:

@@ -287,8 +287,7 @@ async def test_ctrl_c_interrupts_a_waiting_request(server, channel):
 async def test_reply_exits_when_the_server_goes_away(server, channel):
     process = spawn("reply", "--server", server.address, str(channel), "--echo")
     await _ready(process)
-    for conn in list(server.factory.router.connections):
-        conn.transport.abortConnection()
+    server.factory.router.close_all()
     code, _, err = await _finished(process)
     assert code == 1
     assert err.decode().splitlines()[-1] == f"pulsyflux reply: error: lost the connection to {server.address}"

@@ -10,6 +10,7 @@ from twisted.internet.testing import StringTransport
 
 from pulsyflux import codec
 from pulsyflux.codec import FrameDecoder
+from pulsyflux.http import server_stats
 from pulsyflux.server import Router, ServerFactory
 
 from .wire import register_frames, request_frames
@@ -136,3 +137,43 @@ def test_draining_refuses_requests_without_touching_the_in_flight_limit():
         consumer.dataReceived(request_frames(os.urandom(16), client_id, channel, b"x"))
     [overloaded] = frames_written(consumer_wire)
     assert codec.error_message(overloaded.payload).startswith("server overloaded: more than 2 requests in flight")
+
+
+def test_census_counts_connections_by_role_and_channels_without_naming_them():
+    clock = FakeReactor()
+    factory = ServerFactory(clock)
+    router = factory.router
+    served, unserved = os.urandom(16), os.urandom(16)
+    provider, _ = connect(factory)
+    provider.dataReceived(register_frames(codec.ROLE_PROVIDER, os.urandom(16), served))
+    for channel in (served, unserved):
+        consumer, _ = connect(factory)
+        consumer.dataReceived(register_frames(codec.ROLE_CONSUMER, os.urandom(16), channel))
+    consumer.dataReceived(request_frames(os.urandom(16), os.urandom(16), served, b"x"))
+    connect(factory)  # says nothing yet
+    census = router.census()
+    assert census == (4, {"consumer": 2, "provider": 1, "unregistered": 1}, 2, 1, 1, 0)
+    assert census.by_role == server_stats(factory)["connections"]["by_role"]
+
+
+def test_fail_all_and_close_all_end_every_request_and_connection():
+    clock = FakeReactor()
+    factory = ServerFactory(clock)
+    router = factory.router
+    channel, client_id = os.urandom(16), os.urandom(16)
+    provider, provider_wire = connect(factory)
+    provider.dataReceived(register_frames(codec.ROLE_PROVIDER, os.urandom(16), channel))
+    consumer, consumer_wire = connect(factory)
+    request_id = os.urandom(16)
+    consumer.dataReceived(request_frames(request_id, client_id, channel, b"x", timeout_ms=1000))
+    frames_written(consumer_wire)
+    router.fail_all("server overloaded: shutting down")
+    [failed] = frames_written(consumer_wire)
+    assert (failed.request_id, codec.error_message(failed.payload)) == (request_id, "server overloaded: shutting down")
+    assert router.requests == {} and router.census().in_flight == 0 and clock.getDelayedCalls() == []
+    gone = router.close_all()
+    assert not gone.called  # StringTransport only notes the abort: the connections are not lost yet
+    assert provider_wire.disconnecting and consumer_wire.disconnecting
+    for conn in (provider, consumer):
+        conn.connectionLost(None)
+    assert gone.called and router.connections == set()
