@@ -421,6 +421,8 @@ class _Outlet:
         self._rejoining = False
         self._rejoin_waiters: list[Deferred[None]] = []
         self.unguard: Callable[[], None] = _nothing  # ends the server's guard on the channel (inproc)
+        # The client that announced it (a client id names one connection): only it may end it.
+        self.owner: Optional[uuid.UUID] = None
 
     def push(self, text: str) -> None:
         """Queue one message; the caller adds it to the fanout's ``backlog_size`` (once per publish)."""
@@ -716,9 +718,9 @@ class _Fanout:
             raise MessageError(f"{kind} needs a 'channel' header holding a UUID") from None
         if kind == messages.UNSUBSCRIBE:
             outlet = self.outlets.get(channel)
-            if outlet is not None and outlet.topic == topic:
+            if outlet is not None and outlet.topic == topic and self._may_end(outlet):
                 self.remove(outlet, "unsubscribed", notify=False)
-            return _OK
+            return _OK  # also to a stranger: whether the subscription exists is not told
         outlet = self.outlets.get(channel)
         d: Deferred[Any]
         if outlet is not None:
@@ -799,9 +801,18 @@ class _Fanout:
             raise
         del self.opening[channel]
         self._setup_done(client)
+        outlet.owner = client
         for d in setup.waiters:
             d.callback(outlet)
         return outlet
+
+    def _may_end(self, outlet: _Outlet) -> bool:
+        """Only the client that announced a subscription may unsubscribe it (knowing its channel is not enough)."""
+        if outlet.owner is None:
+            return True
+        if self.provider is None:
+            return False
+        return self.provider.current_client_id == outlet.owner
 
     def _setup_done(self, client: Optional[uuid.UUID]) -> None:
         if client is not None:

@@ -364,3 +364,28 @@ def _reactor():
     from twisted.internet import reactor
 
     return reactor
+
+
+# -- item 15: a stranger who learnt a subscriber's channel cannot end it ------------------
+
+
+@ensure
+async def test_attack_stranger_cannot_unsubscribe_someone_elses_subscription():
+    running = await start_server()
+    victim = await BrokerClient.connect(running.address, heartbeat=None)
+    stranger = await Consumer.connect(running.address, DEFAULT_BROKER_CHANNEL)
+    try:
+        sub = await victim.subscribe("orders")
+        # The stranger knows the channel (leaked somehow) and asks the broker to end it.
+        assert await stranger.send(_announce("orders", sub.channel, messages.UNSUBSCRIBE)) == b"ok"
+        await victim.publish("orders", b"still mine")
+        assert (await sub.get().addTimeout(5, running.reactor)).payload == b"still mine"
+        assert not sub.closed
+        assert len(running.broker.stats()["subscriptions"]) == 1
+        # The subscriber's own client still can.
+        await victim.unsubscribe("orders")
+        await eventually(lambda: not running.broker.stats()["subscriptions"])
+    finally:
+        await stranger.close()
+        await victim.close()
+        await running.stop()
