@@ -31,11 +31,11 @@ works. While nothing is paused the hot path pays one attribute test per
 destination per read.
 
 The state of a connection lives in its :class:`Backpressure`, which refers
-back to the connection only weakly: a closed connection is freed at once,
-not by the cycle collector.
+back to the router's :class:`~pulsyflux.server.Peer` only weakly: a closed
+connection is freed at once, not by the cycle collector.
 
-    flow = router.flow_control.attach(conn)
-    conn.transport.registerProducer(flow, True)
+    peer = router.connect(write, transport)  # peer.flow = flow_control.attach(peer)
+    transport.registerProducer(peer.flow, True)
 """
 
 from __future__ import annotations

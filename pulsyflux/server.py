@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import time
+import weakref
 from collections import Counter, deque
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -54,6 +55,7 @@ from .writer import coalesce, immediate_writer
 
 __all__ = [
     "Router",
+    "Peer",
     "ServerProtocol",
     "ServerFactory",
     "ServerStats",
@@ -169,14 +171,60 @@ class ServerStats:
         self.recent_errors.append(_PROVIDER_PREFIX + short_error_text(text, RECENT_ERROR_CHARS - len(_PROVIDER_PREFIX)))
 
 
+class Peer:
+    """What the router keeps of one connection, and owns: :meth:`Router.connect` makes it.
+
+    ``key`` is the (role, channel id, client id) it registered with, or None;
+    ``outbox`` the frames routed to it during the current read; ``started``
+    the requests it sent as a consumer, ``assigned`` those given to it as a
+    provider; ``flow`` its flow-control state. ``write`` and ``transport``
+    are all the router needs of the I/O side (``transport`` for flow control
+    and for closing), so a router can be driven with no Protocol at all:
+
+        peer = router.connect(output.append, transport)
+        router.frame_received(peer, ftype, flags, request_id, frame)
+        router.flush()
+
+    ``conn`` is the adapter (a :class:`ServerProtocol`), held weakly, or None.
+    """
+
+    __slots__ = (
+        "key",
+        "outbox",
+        "started",
+        "assigned",
+        "flow",
+        "trusted",
+        "write",
+        "transport",
+        "_conn",
+        "__weakref__",
+    )
+
+    def __init__(self, write: Callable[[bytes], None], transport: Any, trusted: bool = False, conn: Any = None) -> None:
+        self.write = write
+        self.transport = transport
+        self.trusted = trusted
+        self.key: Optional[RegistryKey] = None
+        self.outbox: list[bytes] = []
+        self.started: set[bytes] = set()
+        self.assigned: set[bytes] = set()
+        self.flow: Backpressure  # set by Router.connect, before any frame is routed
+        self._conn = None if conn is None else weakref.ref(conn)
+
+    @property
+    def conn(self) -> Any:
+        """The adapter this peer belongs to (a :class:`ServerProtocol`), or None."""
+        ref = self._conn
+        return None if ref is None else ref()
+
+
 class _InFlight:
     """One request between its START and the end of its response."""
 
     __slots__ = ("request_id", "consumer", "provider", "routing", "responding", "request_size", "response_size")
 
-    def __init__(
-        self, request_id: bytes, consumer: "ServerProtocol", provider: "ServerProtocol", routing: bytes
-    ) -> None:
+    def __init__(self, request_id: bytes, consumer: Peer, provider: Peer, routing: bytes) -> None:
         self.request_id = request_id
         self.consumer = consumer
         self.provider = provider
@@ -211,16 +259,16 @@ class Router:
         max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
     ) -> None:
         self.clock = clock
-        self.registry: dict[RegistryKey, ServerProtocol] = {}
-        self.providers: dict[bytes, list[ServerProtocol]] = {}
+        self.registry: dict[RegistryKey, Peer] = {}
+        self.providers: dict[bytes, list[Peer]] = {}
         self._next_provider: dict[bytes, int] = {}
         self.requests: dict[bytes, _InFlight] = {}
         self.deadlines = Deadlines(clock, self.requests, self._expire)  # one timer, not one per request
-        self.connections: set[ServerProtocol] = set()
+        self.peers: set[Peer] = set()  # every connected peer
         self.stats = ServerStats()
-        self.reading: Optional[ServerProtocol] = None  # whose frames are being routed now (backpressure)
+        self.reading: Optional[Peer] = None  # whose frames are being routed now (backpressure)
         self.flow_control = FlowControl(self, max_unsent, max_unsent_total)
-        self._dirty: list[ServerProtocol] = []  # connections with frames queued during this read
+        self._dirty: list[Peer] = []  # peers with frames queued during this read
         self.max_body = max_body
         self.max_connections = max_connections
         self._max_in_flight = max_in_flight
@@ -302,17 +350,19 @@ class Router:
 
     # -- registry -----------------------------------------------------------
 
-    def register(self, conn: "ServerProtocol", role: int, channel: bytes, client_id: bytes) -> None:
+    def register(self, conn: Peer, role: int, channel: bytes, client_id: bytes) -> None:
         if conn.key is not None:
             return  # a connection keeps the one role and channel it first named
         key = (role, channel, client_id)
         conn.key = key
         self.registry[key] = conn
-        self.connection_guard.registered(conn)
+        adapter = conn.conn
+        if adapter is not None:
+            self.connection_guard.registered(adapter)
         if role == ROLE_PROVIDER:
             self.providers.setdefault(channel, []).append(conn)
 
-    def unregister(self, conn: "ServerProtocol") -> None:
+    def unregister(self, conn: Peer) -> None:
         key = conn.key
         if key is None:
             return
@@ -328,7 +378,7 @@ class Router:
                     del self.providers[channel]
                     self._next_provider.pop(channel, None)
 
-    def pick_provider(self, channel: bytes) -> Optional["ServerProtocol"]:
+    def pick_provider(self, channel: bytes) -> Optional[Peer]:
         providers = self.providers.get(channel)
         if not providers:
             return None
@@ -340,15 +390,30 @@ class Router:
 
     # -- connections ----------------------------------------------------------
 
-    def connected(self, conn: "ServerProtocol") -> None:
-        self.connections.add(conn)
-        self.stats.connections_total += 1
+    def connect(self, write: Callable[[bytes], None], transport: Any, trusted: bool = False, conn: Any = None) -> Peer:
+        """A new peer: its record, with its flow state (register ``peer.flow`` as the transport's producer).
 
-    def disconnected(self, conn: "ServerProtocol") -> None:
-        self.connections.discard(conn)
+        ``write`` sends bytes to it; ``transport`` is paused, resumed and
+        closed by flow control and :meth:`close_all`; ``conn`` is its adapter, if any.
+        """
+        peer = Peer(write, transport, trusted, conn)
+        peer.flow = self.flow_control.attach(peer)
+        self.peers.add(peer)
+        self.stats.connections_total += 1
+        return peer
+
+    def disconnected(self, conn: Peer) -> None:
+        """``conn`` is gone: route nothing more to or from it, and free its flow state."""
+        self.peers.discard(conn)
+        conn.flow.stopProducing()
         self.forget(conn)
 
-    def forget(self, conn: "ServerProtocol") -> None:
+    @property
+    def connections(self) -> set[Any]:
+        """The adapter (:class:`ServerProtocol`) of every connected peer that has one."""
+        return {conn for conn in (peer.conn for peer in self.peers) if conn is not None}
+
+    def forget(self, conn: Peer) -> None:
         """Route nothing more to or from ``conn``: unregister it, end its requests (a disconnect, a slow reader)."""
         self.unregister(conn)
         for request_id in list(conn.started):
@@ -368,7 +433,7 @@ class Router:
         roles = {"consumer": 0, "provider": 0, "unregistered": 0}
         consumers: set[bytes] = set()
         providers: set[bytes] = set()
-        for conn in self.connections:
+        for conn in self.peers:
             key = conn.key
             if key is None:
                 roles["unregistered"] += 1
@@ -378,7 +443,7 @@ class Router:
             roles[name] = roles.get(name, 0) + 1
             (providers if role == ROLE_PROVIDER else consumers).add(channel)
         return Census(
-            open=len(self.connections),
+            open=len(self.peers),
             by_role=roles,
             channels=len(consumers | providers),
             with_providers=len(providers),
@@ -399,23 +464,23 @@ class Router:
         each is closed once it has written what it has queued (a shutdown,
         which aborts what is left later).
         """
-        connections = list(self.connections)
-        gone = DeferredList([conn.closed() for conn in connections], consumeErrors=True)
-        for conn in connections:
+        peers = list(self.peers)
+        adapters = [conn for conn in (peer.conn for peer in peers) if conn is not None]
+        gone = DeferredList([conn.closed() for conn in adapters], consumeErrors=True)
+        for peer in peers:
             if abort:
-                conn.transport.abortConnection()
+                peer.transport.abortConnection()
             else:
-                conn.transport.loseConnection()
+                peer.transport.loseConnection()
         return gone
 
     # -- frames ---------------------------------------------------------------
 
-    def send(self, conn: "ServerProtocol", data: bytes) -> None:
+    def send(self, conn: Peer, data: bytes) -> None:
         """Write to ``conn``; while a read is being routed, queue it: one write per destination and read."""
         if self.reading is None:
             conn.write(data)  # a timer or a disconnect
-            flow = conn.flow
-            if flow is not None and flow.paused:
+            if conn.flow.paused:
                 self.flow_control.wrote(conn, len(data))
             return
         outbox = conn.outbox
@@ -430,13 +495,12 @@ class Router:
             outbox = conn.outbox
             for data in coalesce(outbox):
                 conn.write(data)
-            # a routed connection always has its flow (set before Router.connected): no check on this path
-            if conn.flow.paused:  # type: ignore[union-attr]  # its send buffer is over the high-water mark
+            if conn.flow.paused:  # its send buffer is over the high-water mark
                 self.flow_control.wrote(conn, sum(map(len, outbox)))
             outbox.clear()
         dirty.clear()
 
-    def frame_received(self, conn: "ServerProtocol", ftype: int, flags: int, request_id: bytes, frame: bytes) -> None:
+    def frame_received(self, conn: Peer, ftype: int, flags: int, request_id: bytes, frame: bytes) -> None:
         """Route one frame; ``frame`` is the whole frame as it came, header included."""
         if ftype == CHUNK or ftype == END:
             self._request_frame(conn, request_id, frame)
@@ -452,7 +516,7 @@ class Router:
         else:
             self._server_error(conn, request_id, errors.MSG_BAD_TYPE)
 
-    def _start(self, conn: "ServerProtocol", flags: int, request_id: bytes, frame: bytes) -> None:
+    def _start(self, conn: Peer, flags: int, request_id: bytes, frame: bytes) -> None:
         if len(frame) != _START_SIZE:
             self._server_error(conn, request_id, errors.MSG_BAD_START_LENGTH)
             return
@@ -460,15 +524,17 @@ class Router:
         if role != ROLE_CONSUMER and role != ROLE_PROVIDER:
             self._server_error(conn, request_id, errors.MSG_BAD_ROLE)
             return
-        if conn.key is None:
+        key = conn.key  # read once: this path is per request
+        if key is None:
             if role == ROLE_PROVIDER and channel in self.reserved and not conn.trusted:
                 self._server_error(conn, request_id, MSG_CHANNEL_RESERVED)
                 raise _Refused(MSG_CHANNEL_RESERVED)
             self.register(conn, role, channel, client_id)
+            key = conn.key
         if flags & FLAG_REGISTRATION or role != ROLE_CONSUMER:
             return  # registration only: the server answers nothing
         routing = frame[_START_ROUTING:]  # the metadata's client id and channel id, as one slice
-        if client_id != conn.key[2]:  # type: ignore[index]  # registered just above if it was not
+        if client_id != key[2]:  # type: ignore[index]  # registered just above if it was not
             self._server_error(conn, request_id, MSG_CLIENT_MISMATCH, routing)
             return
         if request_id in self.requests:
@@ -489,15 +555,14 @@ class Router:
         self.requests[request_id] = entry
         conn.started.add(request_id)
         provider.assigned.add(request_id)
-        # a routed connection always has its flow (set before Router.connected): no check on this path
-        if provider.flow.blocked_by:  # type: ignore[union-attr]  # a slow consumer keeps it unread
+        if provider.flow.blocked_by:  # a slow consumer keeps it unread
             self.flow_control.serving(provider, conn)
         if timeout_ms:  # it holds until the response is complete
             self.deadlines.add(request_id, entry, timeout_ms / 1000.0)
         self.stats.requests_routed += 1
         self.send(provider, _encode_header(_VERSION, START, flags, request_id, ROUTING_SIZE) + routing)
 
-    def _request_frame(self, conn: "ServerProtocol", request_id: bytes, frame: bytes) -> None:
+    def _request_frame(self, conn: Peer, request_id: bytes, frame: bytes) -> None:
         entry = self.requests.get(request_id)
         if entry is None or entry.consumer is not conn:
             # The registration END, or the tail of a request that already
@@ -510,7 +575,7 @@ class Router:
         entry.request_size = size
         self.send(entry.provider, frame)  # unchanged: forwarded as it came
 
-    def _response_frame(self, conn: "ServerProtocol", ftype: int, request_id: bytes, frame: bytes) -> None:
+    def _response_frame(self, conn: Peer, ftype: int, request_id: bytes, frame: bytes) -> None:
         entry = self.requests.get(request_id)
         if entry is None or entry.provider is not conn:
             if ftype == ERROR:
@@ -599,9 +664,7 @@ class Router:
             entry.provider, codec.encode_frame(ERROR, entry.request_id, codec.error_payload(message, entry.routing))
         )
 
-    def _server_error(
-        self, conn: "ServerProtocol", request_id: bytes, message: str, routing: bytes = ZERO_ROUTING
-    ) -> None:
+    def _server_error(self, conn: Peer, request_id: bytes, message: str, routing: bytes = ZERO_ROUTING) -> None:
         self.stats.error(message)
         self.send(conn, codec.encode_frame(ERROR, request_id, codec.error_payload(message, routing)))
 
@@ -619,7 +682,9 @@ class ServerProtocol(Protocol):
 
     ``trusted`` marks the server's own connections (the broker beside it,
     over :mod:`pulsyflux.inproc`): set before ``connectionMade``, it lets
-    them provide on reserved channels and send on guarded ones.
+    them provide on reserved channels and send on guarded ones. What the
+    router knows of the connection is its :class:`Peer` (``peer``, set once
+    by ``connectionMade``; None for a connection refused there).
     """
 
     trusted: bool = False
@@ -628,11 +693,7 @@ class ServerProtocol(Protocol):
     def __init__(self, router: Router) -> None:
         self.router = router
         self.decoder = FrameDecoder(with_header=True)  # frames are forwarded as they came
-        self.outbox: list[bytes] = []  # frames routed here during the current read (Router.send)
-        self.key: Optional[RegistryKey] = None
-        self.started: set[bytes] = set()  # requests this connection sent as a consumer
-        self.assigned: set[bytes] = set()  # requests routed to this connection as a provider
-        self.flow: Optional[Backpressure] = None
+        self.peer: Optional[Peer] = None  # the router's record of this connection
         self._lost = False
         self._lost_waiters: list[Deferred[None]] = []
         self.held = 0  # bytes of an incomplete frame in the decoder, as ConnectionGuard last saw
@@ -646,9 +707,17 @@ class ServerProtocol(Protocol):
         self._lost_waiters.append(d)
         return d
 
-    def write(self, data: bytes) -> None:
-        """Replaced by connectionMade (a function, not a bound method: no reference cycle)."""
-        raise RuntimeError("not connected")
+    @property
+    def key(self) -> Optional[RegistryKey]:
+        """(role, channel id, client id) once registered, else None."""
+        peer = self.peer
+        return None if peer is None else peer.key
+
+    @property
+    def flow(self) -> Optional[Backpressure]:
+        """Its flow-control state (None if refused)."""
+        peer = self.peer
+        return None if peer is None else peer.flow
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -671,22 +740,21 @@ class ServerProtocol(Protocol):
             stats.bytes_out += len(data)
             raw_write(data)
 
-        # An instance attribute shadowing the method: the router calls conn.write per flush, with
-        # no bound-method object or state check on the way (a function, so no reference cycle).
-        self.write = write  # type: ignore[method-assign]  # see above: for speed
-        self.flow = router.flow_control.attach(self)
-        transport.registerProducer(self.flow, True)
-        self.router.connected(self)
+        # A function, not a bound method: the router calls peer.write per flush with no
+        # bound-method object or state check on the way, and it holds no reference to this protocol.
+        peer = self.peer = router.connect(write, transport, self.trusted, self)
+        transport.registerProducer(peer.flow, True)
 
     def dataReceived(self, data: bytes) -> None:
         router = self.router
         router.stats.bytes_in += len(data)
         frame_received = router.frame_received
-        router.reading = self
+        peer: Peer = self.peer  # type: ignore[assignment]  # a refused connection reads nothing (stop_reading)
+        router.reading = peer
         try:
             decoder = self.decoder
             for ftype, flags, request_id, frame in decoder.frames(data):
-                frame_received(self, ftype, flags, request_id, frame)
+                frame_received(peer, ftype, flags, request_id, frame)
             if self.held or decoder.partials != self.frame_serial:  # an incomplete frame: timed and budgeted
                 router.connection_guard.holding(self, decoder.buffered)
         except ProtocolError as error:
@@ -694,7 +762,7 @@ class ServerProtocol(Protocol):
             router.stats.protocol_errors += 1
             if router.log_limiter.allow("closing"):
                 router.log.info("closing {peer}: {error}", peer=self.transport.getPeer(), error=shorten(error))
-            router.send(self, codec.encode_frame(ERROR, bytes(16), codec.error_payload(str(error))))
+            router.send(peer, codec.encode_frame(ERROR, bytes(16), codec.error_payload(str(error))))
             router.flush()
             self.transport.loseConnection()
         except _Refused:
@@ -717,9 +785,8 @@ class ServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
-        if self.flow is not None:
-            self.flow.stopProducing()
-        self.router.disconnected(self)
+        if self.peer is not None:  # None: refused by connectionMade, never routed
+            self.router.disconnected(self.peer)
         # Its partial frame goes now, even while a pending deadline still refers to this connection.
         self.decoder = FrameDecoder(with_header=True)
         self.router.connection_guard.disconnected(self)
@@ -782,8 +849,8 @@ class ServerFactory(_TwistedServerFactory):
 
     @property
     def registry(self) -> dict[RegistryKey, ServerProtocol]:
-        """(role, channel id, client id) -> connection, for every registered client."""
-        return self.router.registry
+        """(role, channel id, client id) -> connection (:class:`ServerProtocol`), for every registered client."""
+        return {key: peer.conn for key, peer in self.router.registry.items()}
 
     @property
     def stats(self) -> ServerStats:

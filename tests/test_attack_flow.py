@@ -62,7 +62,7 @@ async def server_side(router, role: int, channel: bytes, client_id: bytes):
     a slow network in effect, so its transport's own buffer fills after a few KiB, not megabytes."""
     key = (role, channel, client_id)
     await eventually(lambda: key in router.registry)
-    conn = router.registry[key]
+    conn = router.registry[key].conn  # the router's Peer -> its ServerProtocol
     conn.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     return conn
 

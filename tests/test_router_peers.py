@@ -1,0 +1,119 @@
+"""The Router driven with no Protocol and no transport of Twisted's: each peer
+is a write callable and a stub transport, as h2's connection is driven with no
+socket. What these tests show is the router's policy alone."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.task import Clock
+
+from pulsyflux import codec
+from pulsyflux.codec import FrameDecoder
+from pulsyflux.server import Peer, Router
+
+from .wire import register_frames, request_frames
+
+
+class StubTransport:
+    """What the router asks of a transport: pause and resume reading, close."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.closed = ""
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def loseConnection(self) -> None:
+        self.closed = "lost"
+
+    def abortConnection(self) -> None:
+        self.closed = "aborted"
+
+    def getPeer(self) -> str:
+        return "stub"
+
+
+def connect(router: Router) -> tuple[Peer, list[bytes]]:
+    written: list[bytes] = []
+    return router.connect(written.append, StubTransport()), written
+
+
+def receive(router: Router, peer: Peer, data: bytes) -> None:
+    """What ServerProtocol.dataReceived does with a read: route its frames, then flush."""
+    router.reading = peer
+    try:
+        for ftype, flags, request_id, frame in FrameDecoder(with_header=True).frames(data):
+            router.frame_received(peer, ftype, flags, request_id, frame)
+    finally:
+        router.flush()
+        router.reading = None
+
+
+def frames(written: list[bytes]) -> list[codec.Frame]:
+    out = list(FrameDecoder().feed(b"".join(written)))
+    written.clear()
+    return out
+
+
+def test_a_request_and_its_response_are_routed_between_two_peers():
+    router = Router(Clock())
+    channel, client_id, request_id = os.urandom(16), os.urandom(16), os.urandom(16)
+    provider, to_provider = connect(router)
+    receive(router, provider, register_frames(codec.ROLE_PROVIDER, os.urandom(16), channel))
+    consumer, to_consumer = connect(router)
+    receive(router, consumer, request_frames(request_id, client_id, channel, b"ping"))
+    assert len(to_provider) == 1  # START, CHUNK and END of one read: one write
+    start, chunk, end = frames(to_provider)
+    assert (start.type, start.payload, chunk.payload, end.type) == (
+        codec.START,
+        client_id + channel,
+        b"ping",
+        codec.END,
+    )
+    assert consumer.started == {request_id} and provider.assigned == {request_id}
+    routing = client_id + channel
+    receive(router, provider, codec.encode_frame(codec.RESPONSE, request_id, routing + b"pong"))
+    [response] = frames(to_consumer)
+    assert (response.type, response.payload) == (codec.RESPONSE, routing + b"pong")
+    assert router.requests == {} and consumer.started == set() and provider.assigned == set()
+    assert router.census() == (2, {"consumer": 1, "provider": 1, "unregistered": 0}, 1, 1, 0, 0)
+
+
+def test_a_provider_that_goes_away_fails_its_requests_and_deadlines_run_on_the_clock():
+    clock = Clock()
+    router = Router(clock)
+    channel, client_id = os.urandom(16), os.urandom(16)
+    provider, _ = connect(router)
+    receive(router, provider, register_frames(codec.ROLE_PROVIDER, os.urandom(16), channel))
+    consumer, to_consumer = connect(router)
+    lost, timed = os.urandom(16), os.urandom(16)
+    receive(router, consumer, request_frames(lost, client_id, channel, b"a"))
+    router.disconnected(provider)
+    [error] = frames(to_consumer)
+    assert (error.request_id, codec.error_message(error.payload)) == (lost, "peer disappeared")
+    assert router.census().by_role == {"consumer": 1, "provider": 0, "unregistered": 0}
+    other, _ = connect(router)
+    receive(router, other, register_frames(codec.ROLE_PROVIDER, os.urandom(16), channel))
+    receive(router, consumer, request_frames(timed, client_id, channel, b"b", timeout_ms=500))
+    clock.advance(0.5)
+    [error] = frames(to_consumer)
+    assert (error.request_id, codec.error_message(error.payload)) == (timed, "request timed out")
+    assert router.requests == {} and clock.getDelayedCalls() == []
+
+
+def test_close_all_closes_every_peer_through_its_transport():
+    router = Router(Clock())
+    peers = [connect(router)[0] for _ in range(3)]
+    router.close_all(abort=False)
+    assert [peer.transport.closed for peer in peers] == ["lost"] * 3
+    router.close_all()
+    assert [peer.transport.closed for peer in peers] == ["aborted"] * 3
+    assert router.connections == set()  # no Protocol: no adapter to show
+    for peer in peers:
+        router.disconnected(peer)
+    assert router.census().open == 0
