@@ -102,7 +102,28 @@ def _drop(factory: ServerFactory, connections: tuple[Any, ...]) -> "Deferred[Any
     return gone
 
 
-class RunningServer:
+class _ServerView:
+    """What both test servers show of their :class:`ServerFactory` (``self.factory``)."""
+
+    factory: ServerFactory
+
+    @property
+    def stats(self) -> ServerStats:
+        """The server's counters (requests routed, bytes, errors...)."""
+        return self.factory.stats
+
+    @property
+    def registry(self) -> dict:
+        """(role, channel id, client id) -> connection, for every registered client."""
+        return self.factory.registry
+
+    @property
+    def connections(self) -> list[ServerProtocol]:
+        """The server's end of every open connection (the broker's link included)."""
+        return list(self.factory.router.connections)
+
+
+class RunningServer(_ServerView):
     """A pulsyflux server listening on 127.0.0.1 for the length of a test.
 
     ``address`` is what clients connect to (``"127.0.0.1:PORT"``);
@@ -123,21 +144,6 @@ class RunningServer:
         self._http_listener: Any = None
         self.site: Any = None
         self._stopped: Optional[Deferred[None]] = None
-
-    @property
-    def stats(self) -> ServerStats:
-        """The server's counters (requests routed, bytes, errors...)."""
-        return self.factory.stats
-
-    @property
-    def registry(self) -> dict:
-        """(role, channel id, client id) -> connection, for every registered client."""
-        return self.factory.registry
-
-    @property
-    def connections(self) -> list[ServerProtocol]:
-        """The server's end of every open connection (the broker's link included)."""
-        return list(self.factory.router.connections)
 
     def drop(self, *connections: Any) -> "Deferred[Any]":
         """Cut each connection as a TCP reset would, all at once; fires once the server has let go.
@@ -270,7 +276,7 @@ class _StrangerEndpoint:
         return f"<MemoryServer endpoint {self._endpoint.label}>"
 
 
-class MemoryServer:
+class MemoryServer(_ServerView):
     """A pulsyflux server and its clients in memory, on a clock that moves only when told.
 
     ``address`` is what clients connect to (an endpoint; every client takes
@@ -333,19 +339,6 @@ class MemoryServer:
     def reactor(self) -> MemoryReactorClock:
         """The clock, under the name constructors take it by (``reactor=server.reactor``)."""
         return self.clock
-
-    @property
-    def stats(self) -> ServerStats:
-        return self.factory.stats
-
-    @property
-    def registry(self) -> dict:
-        return self.factory.registry
-
-    @property
-    def connections(self) -> list[ServerProtocol]:
-        """The server's end of every open connection (the broker's link included)."""
-        return list(self.factory.router.connections)
 
     def connect(self, client: Any, *args: Any, **options: Any) -> "Deferred[Any]":
         """``client.connect(server.address, *args, reactor=server.clock, **options)``.
