@@ -332,7 +332,15 @@ async def test_attack_burst_of_requests_to_a_slow_provider_does_not_cut_the_prov
         for d in sends:
             d.addErrback(lambda _: None)  # never answered: the provider only counts
         await eventually(lambda: provider_conn.flow.paused)  # its send buffer is full
-        await later(0.2)  # let every consumer push what it can
+
+        def pushed_all_it_can() -> bool:
+            # Every consumer's request is in, and each is either paused or sent in full.
+            entries = list(router.requests.values())
+            return len(entries) == len(consumers) and all(
+                e.request_size >= len(body) or e.consumer.flow.blocked_by for e in entries
+            )
+
+        await eventually(pushed_all_it_can)
         assert factory.stats.slow_consumers == 0
         slow.transport.resumeProducing()  # the provider reads again: every request reaches it, whole
         await eventually(lambda: slow.ends == len(consumers))
