@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from .printable import printable
+
 if TYPE_CHECKING:  # only for the annotations: this module runs without Twisted
     from twisted.internet.interfaces import IReactorTime
 
@@ -30,11 +32,10 @@ DEFAULT_TEXT = 200  # characters of a peer's text a log line repeats
 
 
 def shorten(text: object, limit: int = DEFAULT_TEXT) -> str:
-    """``text`` cut to ``limit`` characters (marked), for log lines that repeat what a peer sent."""
-    text = str(text)
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+    """``text`` as :func:`~pulsyflux.printable.printable` shows it, cut to
+    ``limit`` characters: for log lines that repeat what a peer sent (one
+    owner for cutting and escaping peer text)."""
+    return printable(str(text), limit)
 
 
 def summary_to(logger: Any) -> Callable[[str, int, float], None]:

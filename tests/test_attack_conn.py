@@ -426,3 +426,14 @@ def test_guard_timer_fires_for_whichever_entry_is_due_first():
         "frame timeout: a frame stayed incomplete for 1 s",
         "register timeout: no START within 10 s of connecting",
     ]
+
+
+def test_shorten_cuts_and_escapes_like_printable() -> None:
+    """A log line repeating a peer's text is one bounded line, whatever it sent."""
+    from pulsyflux.printable import printable
+    from pulsyflux.ratelimit import shorten
+
+    assert shorten("fine") == "fine"
+    assert shorten(ValueError("bad\n\x1b[2J")) == "bad\\n\\x1b[2J"
+    line = shorten("x" * 1000 + "\r\n", 10)
+    assert line == printable("x" * 1000 + "\r\n", 10) == "x" * 10 + "... (992 chars more)"
