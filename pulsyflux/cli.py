@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from . import __version__
 from ._twisted_compat import exit_signal
 from .endpoints import DEFAULT_ADDRESS, DEFAULT_HTTP_PORT, http_address
-from .printable import printable, printable_block, printable_bytes
+from .printable import UNSAFE_BEYOND_C0, printable, printable_block, printable_bytes
 
 __all__ = ["main", "build_parser", "CLIError"]
 
@@ -468,12 +468,9 @@ def message_json(message: Any) -> str:
     # JSON escapes C0 controls but lets DEL, C1 controls, line separators and
     # bidi overrides through raw: a terminal may act on them. Outside strings
     # the text is ASCII, so escaping them as \uXXXX keeps the very same JSON.
-    if _JSON_UNSAFE.search(text) is not None:
-        text = _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    if UNSAFE_BEYOND_C0.search(text) is not None:
+        text = UNSAFE_BEYOND_C0.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return text
-
-
-_JSON_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:

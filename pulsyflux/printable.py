@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ECHO_LIMIT", "printable", "printable_block", "printable_bytes"]
+__all__ = ["ECHO_LIMIT", "UNSAFE_BEYOND_C0", "printable", "printable_block", "printable_bytes"]
 
 # What one echoed value may show (characters of text, bytes of a payload);
 # the rest is summarised as "... (N more)".
@@ -27,7 +27,10 @@ ECHO_LIMIT = 4096
 # right-to-left marks, the line and paragraph separators, the bidi embeddings,
 # overrides and isolates (Trojan Source), and lone surrogates (no encoding can
 # write them).
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+_BEYOND_C0 = "\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff"
+_UNSAFE = re.compile(f"[\x00-\x1f{_BEYOND_C0}]")
+# The same, less the C0 controls: for JSON text, which escapes those itself.
+UNSAFE_BEYOND_C0 = re.compile(f"[{_BEYOND_C0}]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -71,7 +74,7 @@ def printable_bytes(data: bytes, limit: int = ECHO_LIMIT) -> str:
 
 
 # As _UNSAFE, less the line feed and the tab: for text shown as a block.
-_UNSAFE_IN_BLOCK = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+_UNSAFE_IN_BLOCK = re.compile(f"[\x00-\x08\x0b-\x1f{_BEYOND_C0}]")
 
 
 def printable_block(data: bytes) -> str:
