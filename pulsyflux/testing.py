@@ -122,6 +122,10 @@ class _ServerView:
         """The server's end of every open connection (the broker's link included)."""
         return list(self.factory.router.connections)
 
+    def all_closed(self) -> "Deferred[Any]":
+        """Fires once every connection open now is gone."""
+        return DeferredList([conn.closed() for conn in self.connections])
+
 
 class RunningServer(_ServerView):
     """A pulsyflux server listening on 127.0.0.1 for the length of a test.
@@ -152,10 +156,6 @@ class RunningServer(_ServerView):
         client (``Consumer``, ``Provider``); the client sees its connection lost.
         """
         return _drop(self.factory, connections)
-
-    def all_closed(self) -> "Deferred[Any]":
-        """Fires once every connection open now is gone."""
-        return DeferredList([conn.closed() for conn in self.connections])
 
     def stop(self) -> "Deferred[None]":
         """Stop listening, close every connection, and let the peers notice.
@@ -347,10 +347,6 @@ class MemoryServer(_ServerView):
         ``server.run(server.connect(Consumer, channel))``.
         """
         return client.connect(self.address, *args, reactor=self.clock, **options)
-
-    def all_closed(self) -> "Deferred[Any]":
-        """Fires once every connection open now is gone."""
-        return DeferredList([conn.closed() for conn in self.connections])
 
     def now(self) -> float:
         """Seconds on the clock (it starts at 0)."""
