@@ -617,17 +617,19 @@ class _Fanout:
         self,
         address: Address,
         reactor: Any,
+        *,
         backlog: int,
         batch: int,
         window: int,
-        reconnect: Reconnect = False,
-        rejoin_patience: float = _REJOIN_PATIENCE,
-        backlog_bytes: int = DEFAULT_BACKLOG_BYTES,
-        total_backlog_bytes: int = DEFAULT_TOTAL_BACKLOG_BYTES,
-        max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
-        max_setups: int = DEFAULT_MAX_SETUPS,
-        max_setups_per_client: int = DEFAULT_MAX_SETUPS_PER_CLIENT,
+        reconnect: Reconnect,
+        rejoin_patience: float,
+        backlog_bytes: int,
+        total_backlog_bytes: int,
+        max_subscriptions: int,
+        max_setups: int,
+        max_setups_per_client: int,
     ) -> None:
+        """Only :class:`Broker` makes one, by keyword: its arguments (and their defaults) are the Broker's."""
         self.address = address
         self.reactor = reactor
         self.log_limiter = LogLimiter(reactor, summary_to(log))  # subscribers decide how often these happen
@@ -1032,16 +1034,16 @@ class Broker:
         self._fanout = _Fanout(
             address,
             reactor,
-            backlog,
-            batch,
-            window,
-            reconnect,
-            rejoin_patience,
-            backlog_bytes,
-            total_backlog_bytes,
-            max_subscriptions,
-            max_setups,
-            max_setups_per_client,
+            backlog=backlog,
+            batch=batch,
+            window=window,
+            reconnect=reconnect,
+            rejoin_patience=rejoin_patience,
+            backlog_bytes=backlog_bytes,
+            total_backlog_bytes=total_backlog_bytes,
+            max_subscriptions=max_subscriptions,
+            max_setups=max_setups,
+            max_setups_per_client=max_setups_per_client,
         )
         self._provider: Optional[Provider] = None
         self._publisher: Optional[_Publisher] = None
