@@ -797,13 +797,11 @@ class _Fanout:
             outlet = await self.open_outlet(topic, channel, local)
         except BaseException:
             failure = Failure()
-            del self.opening[channel]
-            self._setup_done(client)
+            self._setup_done(channel, client)
             for d in setup.waiters:
                 d.errback(failure)
             raise
-        del self.opening[channel]
-        self._setup_done(client)
+        self._setup_done(channel, client)
         outlet.owner = client
         for d in setup.waiters:
             d.callback(outlet)
@@ -817,7 +815,9 @@ class _Fanout:
             return False
         return self.provider.current_client_id == outlet.owner
 
-    def _setup_done(self, client: Optional[uuid.UUID]) -> None:
+    def _setup_done(self, channel: uuid.UUID, client: Optional[uuid.UUID]) -> None:
+        """Undo what :meth:`setup` recorded while ``channel`` was being set up, however that ended."""
+        del self.opening[channel]
         if client is not None:
             left = self.setups_by_client.pop(client, 1) - 1
             if left > 0:
