@@ -829,21 +829,17 @@ class _Fanout:
             raise ConnectionLostError("the broker is closing")
         # Beside the server (pulsyflux.inproc), only the broker may deliver on this channel.
         unguard = _guard(self.address, channel)
+        consumer: Optional[Consumer] = None
         try:
             consumer = await Consumer.connect(self.address, channel, reactor=self.reactor, reconnect=self.reconnect)
-        except BaseException:
-            unguard()
-            raise
-        try:
             await _send_until_registered(consumer, _PROBE, self.reactor)
+            if self.closing:
+                raise ConnectionLostError("the broker is closing")
         except BaseException:
             unguard()
-            await consumer.close()
+            if consumer is not None:
+                await consumer.close()
             raise
-        if self.closing:
-            unguard()
-            await consumer.close()
-            raise ConnectionLostError("the broker is closing")
         self._serial += 1
         outlet = _Outlet(self, topic, consumer, local, self.backlog, self.backlog_bytes, f"sub-{self._serial}")
         outlet.unguard = unguard
