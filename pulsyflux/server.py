@@ -493,8 +493,11 @@ class Router:
         dirty = self._dirty
         for conn in dirty:  # a slow reader's cut may add a connection: it is flushed too
             outbox = conn.outbox
-            for data in coalesce(outbox):
-                conn.write(data)
+            if len(outbox) == 1:  # the usual case (one frame routed there this read): no call, no list
+                conn.write(outbox[0])
+            else:
+                for data in coalesce(outbox):
+                    conn.write(data)
             if conn.flow.paused:  # its send buffer is over the high-water mark
                 self.flow_control.wrote(conn, sum(map(len, outbox)))
             outbox.clear()
