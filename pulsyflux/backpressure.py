@@ -206,7 +206,7 @@ class FlowControl:
             # service). The server's own broker (pulsyflux.inproc) also takes all it
             # is sent on the next reactor turn.
             source = self.router.reading
-            if source is not None and source is not conn and source.flow is not None:
+            if source is not None and source is not conn:
                 self._consider(flow, conn, source)
             return
         flow.unsent += size
@@ -214,7 +214,7 @@ class FlowControl:
         self.backlogged.add(flow)
         self._consider(flow, conn, conn)  # a consumer that reads nothing may send nothing
         source = self.router.reading
-        if source is not None and source is not conn and source.flow is not None:
+        if source is not None and source is not conn:
             self._consider(flow, conn, source)
         if flow.unsent > self.max_unsent:
             self._cut(flow, conn, f"more than {self.max_unsent} bytes waiting for it to read")
