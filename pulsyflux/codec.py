@@ -54,6 +54,8 @@ START_FRAME_SIZE = START_FRAME.size  # 65
 START_ROUTING_OFFSET = HEADER_SIZE + METADATA_ROUTING_OFFSET  # where the routing starts in a START frame
 # A START frame and the header of the CHUNK after it: a small request in one pack.
 _START_AND_CHUNK = struct.Struct(START_FRAME.format + HEADER.format[1:])
+# A RESPONSE_START with its routing and the header of the RESPONSE_CHUNK after it: a small response in one pack.
+_RESPONSE_START_AND_CHUNK = struct.Struct(HEADER.format + f"{ROUTING_SIZE}s" + HEADER.format[1:])
 # Payloads up to this size are copied to join their frames into one write;
 # larger ones are written as they are (copying a megabyte costs more than a
 # second write). The client, the provider and the writer all use it.
@@ -77,6 +79,7 @@ _pack_header = HEADER.pack
 _unpack_header_from = HEADER.unpack_from
 _pack_start = START_FRAME.pack
 _pack_start_and_chunk = _START_AND_CHUNK.pack
+_pack_response_start_and_chunk = _RESPONSE_START_AND_CHUNK.pack
 
 
 class Frame(NamedTuple):
@@ -150,14 +153,21 @@ def write_request(
 def write_response(write: Callable[[bytes], object], request_id: bytes, routing: bytes, payload: bytes) -> None:
     """Hand a provider's whole response (RESPONSE_START with ``routing``, chunks, RESPONSE_END) to ``write``.
 
-    One call up to :data:`JOIN_LIMIT`, pieces past it (as :func:`write_request`).
+    One call up to :data:`JOIN_LIMIT` (one pack for the headers before the
+    payload: the hot path), pieces past it (as :func:`write_request`).
+    ``routing`` is the ROUTING_SIZE bytes its START carried.
     """
-    head = _pack_header(VERSION, RESPONSE_START, 0, request_id, ROUTING_SIZE) + routing
     tail = _pack_header(VERSION, RESPONSE_END, 0, request_id, 0)
     size = len(payload)
-    if size <= JOIN_LIMIT:
-        if size:
-            head += _pack_header(VERSION, RESPONSE_CHUNK, 0, request_id, size) + payload
+    if 0 < size <= JOIN_LIMIT:
+        head = _pack_response_start_and_chunk(
+            VERSION, RESPONSE_START, 0, request_id, ROUTING_SIZE, routing,
+            VERSION, RESPONSE_CHUNK, 0, request_id, size,
+        )  # fmt: skip
+        write(head + payload + tail)
+        return
+    head = _pack_header(VERSION, RESPONSE_START, 0, request_id, ROUTING_SIZE) + routing
+    if not size:
         write(head + tail)
         return
     _write_pieces(write, head, RESPONSE_CHUNK, request_id, payload, tail)
