@@ -110,6 +110,15 @@ def _id_source() -> Callable[[], bytes]:
     return _random_ids().__next__
 
 
+def _when(done: bool, value: Any, waiters: list[Deferred[Any]]) -> "Deferred[Any]":
+    """Fires with ``value``: at once if ``done``, else when the owner fires ``waiters``."""
+    if done:
+        return succeed(value)
+    d: Deferred[Any] = Deferred()
+    waiters.append(d)
+    return d
+
+
 class _ClientProtocol(Protocol):
     """Frames in, frames out; the owning client decides what they mean."""
 
@@ -211,11 +220,7 @@ class _Client:
 
     def when_connected(self) -> "Deferred[Any]":
         """Fires with this client once it is connected (at once if it is)."""
-        if self.connected:
-            return succeed(self)
-        d: Deferred[Any] = Deferred()
-        self._connected_waiters.append(d)
-        return d
+        return _when(self.connected, self, self._connected_waiters)
 
     def _lost_and_retrying(self, reason: Failure) -> bool:
         """The line dropped: fail what was in flight at once, then reconnect with backoff."""
@@ -349,11 +354,7 @@ class _Client:
 
     def when_lost(self) -> "Deferred[None]":
         """Fires once the connection is gone, whoever closed it (used by the broker)."""
-        if self._lost:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._lost_waiters.append(d)
-        return d
+        return _when(self._lost, None, self._lost_waiters)
 
     def close(self) -> "Deferred[None]":
         """Close the connection; fires once it is gone. Pending calls fail."""
@@ -363,8 +364,7 @@ class _Client:
             return succeed(None)
         if self._protocol is None or self._lost:
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._lost_waiters.append(d)
+        d = self.when_lost()
         if self._closed is None:
             self._closed = ConnectionLostError("connection closed by the client")
             self._fail_pending(self._closed)
