@@ -670,6 +670,12 @@ class Provider(_Client):
             if raw in self._lost_ids:
                 return  # its connection dropped; the consumer was told
             raise KeyError(f"no unanswered request {uuid.UUID(bytes=raw)}")
+        self._send_answer(raw, routing, payload, error)
+
+    def _send_answer(
+        self, raw: bytes, routing: Optional[bytes], payload: bytes, error: Union[str, BaseException, None]
+    ) -> None:
+        """Answer request ``raw``, whose entry was just taken from ``_routing`` (``routing``: its value)."""
         if routing is None or self._closed is not None:
             return  # the server gave up on it, or the line is dead: the consumer was told
         if error is not None:
@@ -794,12 +800,14 @@ class Provider(_Client):
                 self._answer_error(Failure(error), request_id)
                 return
             result = bytes(result)
-        if request_id in self._routing:
-            self.respond(request_id, result)
+        routing = self._routing.pop(request_id, _UNKNOWN)  # unknown: answered already, or its line dropped
+        if routing is not _UNKNOWN:
+            self._send_answer(request_id, routing, result, None)
 
     def _answer_error(self, failure: Failure, request_id: bytes) -> None:
-        if request_id in self._routing:
-            self.respond(request_id, error=failure.value)
+        routing = self._routing.pop(request_id, _UNKNOWN)
+        if routing is not _UNKNOWN:
+            self._send_answer(request_id, routing, b"", failure.value)
 
     def _fail_pending(self, error: Exception) -> None:
         self._incoming.clear()
