@@ -199,21 +199,27 @@ class FlowControl:
         if flow.cut or flow._gone:
             return
         key = conn.key
-        if conn.trusted or (key is not None and key[0] == codec.ROLE_PROVIDER):
+        source = self.router.reading
+        provider = key is not None and key[0] == codec.ROLE_PROVIDER
+        if conn.trusted or (provider and source is not conn):
             # A provider is sent requests, and whoever sends them is paused below, so
             # what waits for it is bounded by its feeders' reads: it is never closed
             # as a slow reader (a burst from a few dozen consumers would then end any
             # service). The server's own broker (pulsyflux.inproc) also takes all it
             # is sent on the next reactor turn.
-            source = self.router.reading
             if source is not None and source is not conn:
                 self._consider(flow, conn, source)
             return
         flow.unsent += size
         self.unsent_total += size
         self.backlogged.add(flow)
-        self._consider(flow, conn, conn)  # a consumer that reads nothing may send nothing
-        source = self.router.reading
+        if provider:
+            # Answers to a provider's own frames (its unroutable ERRORs, bad types)
+            # that it does not read: it stops being read, and is counted and cut
+            # like any slow reader, whoever else it serves.
+            flow._hold(flow)
+        else:
+            self._consider(flow, conn, conn)  # a consumer that reads nothing may send nothing
         if source is not None and source is not conn:
             self._consider(flow, conn, source)
         if flow.unsent > self.max_unsent:

@@ -352,3 +352,33 @@ async def test_attack_burst_of_requests_to_a_slow_provider_does_not_cut_the_prov
         for c in consumers:
             await c.close()
         await maybeDeferred(port.stopListening)
+
+
+@ensure
+async def test_attack_provider_that_never_reads_its_own_bounced_errors_is_bounded(channel):
+    """A provider may not make the server hold without bound what answers its own frames (here the
+    unroutable ERRORs it sends, which go back to it): it stops being read, like any slow reader."""
+    factory = ServerFactory(reactor, max_unsent=256 * KiB)
+    factory.router.flow_control.linger = 0.05
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    router = factory.router
+    slow = SlowProvider()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port.getHost().port))
+    sock.setblocking(False)
+    reactor.adoptStreamConnection(sock.fileno(), socket.AF_INET, Factory.forProtocol(lambda: slow))
+    sock.close()
+    provider_id = os.urandom(16)
+    slow.transport.write(register_frames(codec.ROLE_PROVIDER, provider_id, channel.bytes))
+    provider_conn = await server_side(router, codec.ROLE_PROVIDER, channel.bytes, provider_id)
+    try:
+        bounce = codec.encode_frame(codec.ERROR, os.urandom(16), b"x" * (512 * KiB))  # names no request of its
+        for _ in range(32):  # 16 MiB it will never read back
+            slow.transport.write(bounce)
+        await eventually(lambda: provider_conn.flow.reading_paused or provider_conn.flow.cut)
+        assert buffered(provider_conn) < 256 * KiB + 64 * KiB + 2 * 1024 * KiB
+    finally:
+        for conn in list(router.connections):
+            conn.transport.abortConnection()
+        await maybeDeferred(port.stopListening)
