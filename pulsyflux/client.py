@@ -43,6 +43,7 @@ from .codec import (
 from .deadlines import Deadlines
 from .endpoints import Address, client_endpoint
 from .errors import ConnectionLostError, PermissionDenied, ProtocolError, RequestTimeout, error_from_message
+from .printable import printable
 from .writer import ImmediateWriter
 
 __all__ = [
@@ -70,6 +71,11 @@ _ZERO_ID = bytes(16)
 # not say it gave up on them, or a consumer that stalls with no deadline):
 DEFAULT_MAX_INCOMPLETE = 64 << 20  # bytes held across all incomplete requests
 DEFAULT_INCOMPLETE_TIMEOUT = 60.0  # seconds an incomplete request may go without a frame
+
+
+def _worth_logging(count: int) -> bool:
+    """Log the 1st, 2nd, 4th, 8th... occurrence: what a peer can repeat costs log2(N) lines, with no timer."""
+    return count & (count - 1) == 0
 
 
 def channel_bytes(channel: ChannelId) -> bytes:
@@ -187,6 +193,7 @@ class _Client:
         self._connected_waiters: list[Deferred[Any]] = []
         self.reconnects = 0
         self._server_said = ""  # the server's last word (an ERROR on the zero id) before it closes the line
+        self._unmatched = 0  # ERRORs no call waited for (logged at powers of two)
 
     @classmethod
     def _connect(cls, address: Address, client: "_Client", reconnect: Reconnect = False) -> "Deferred[Any]":
@@ -382,7 +389,10 @@ class _Client:
         message = codec.error_message(payload)
         if request_id == _ZERO_ID:
             self._server_said = message
-        self.log.info("server error for request {r}: {m}", r=uuid.UUID(bytes=request_id), m=message)
+        self._unmatched += 1
+        if _worth_logging(self._unmatched):  # the network decides how many: a bounded number of lines
+            self.log.info("server error for request {r}: {m} ({n} such errors so far)",
+                          r=uuid.UUID(bytes=request_id), m=printable(message, 200), n=self._unmatched)  # fmt: skip
 
     def _connection_lost(self, reason: Failure) -> None:
         if self._lost_and_retrying(reason):
@@ -756,12 +766,14 @@ class Provider(_Client):
         del self._incoming[request_id]
         self._incomplete_bytes -= held.size
         self.incomplete_dropped += 1
-        self.log.warn(
-            "dropped incomplete request {r} ({n} bytes held): {m}",
-            r=uuid.UUID(bytes=request_id),
-            n=held.size,
-            m=message,
-        )
+        if _worth_logging(self.incomplete_dropped):  # consumers decide how many: a bounded number of lines
+            self.log.warn(
+                "dropped incomplete request {r} ({n} bytes held): {m} ({d} dropped so far)",
+                r=uuid.UUID(bytes=request_id),
+                n=held.size,
+                m=message,
+                d=self.incomplete_dropped,
+            )
         if self._closed is None:
             self._write(codec.encode_frame(ERROR, request_id, codec.error_payload(message, held.routing)))
 
