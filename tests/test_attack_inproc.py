@@ -272,7 +272,8 @@ async def test_attack_broker_link_drop_is_recovered_by_the_service(broker_servic
             break
         await task.deferLater(reactor, 0.02, lambda: None)
     assert accepted
-    assert svc.broker is not first and not svc.broker.closed
+    broker = await svc.whenReady()  # publishes reach its Provider a moment before connect() is done
+    assert broker is not first and not broker.closed
     assert svc.broker_restarts == 1
     response = await treq.get(url, persistent=False)
     assert response.code == 200
