@@ -3,20 +3,25 @@
 from pulsyflux import Consumer, Provider, ServerFactory
 
 The public names below are imported on first use (PEP 562), not here: the
-sans-I/O core (``pulsyflux.codec``, ``messages``, ``errors``, ``printable``,
-``ratelimit``, ``deadlines``) imports without Twisted, and importing one of
-them must not drag in the server, the clients and the reactor with it.
+sans-I/O core (``pulsyflux.wire``: ``codec``, ``messages``, ``errors``,
+``printable``, ``ratelimit``, ``deadlines``) imports without Twisted, and
+importing one of them must not drag in the server, the clients and the
+reactor with it. The packages show the layers: ``wire`` (bytes and rules),
+``server``, ``client``, ``broker``, then ``service``, ``http`` and ``cli``.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getattr__
     from .broker import Broker, BrokerClient, Subscription, SubscriptionClosed
     from .client import Consumer, Provider, Request
-    from .errors import (
+    from .server.router import ServerFactory
+    from .service import BrokerService
+    from .wire.errors import (
         ConnectionLostError,
         NoProviderError,
         PermissionDenied,
@@ -26,9 +31,7 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getatt
         RequestTimeout,
         ServerOverloaded,
     )
-    from .messages import Message, MessageError
-    from .server import ServerFactory
-    from .service import BrokerService
+    from .wire.messages import Message, MessageError
 
 __version__ = "0.1.0"
 
@@ -41,17 +44,17 @@ _LAZY = {
     "Consumer": "client",
     "Provider": "client",
     "Request": "client",
-    "ConnectionLostError": "errors",
-    "NoProviderError": "errors",
-    "PermissionDenied": "errors",
-    "ProtocolError": "errors",
-    "PulsyfluxError": "errors",
-    "RemoteError": "errors",
-    "RequestTimeout": "errors",
-    "ServerOverloaded": "errors",
-    "Message": "messages",
-    "MessageError": "messages",
-    "ServerFactory": "server",
+    "ConnectionLostError": "wire.errors",
+    "NoProviderError": "wire.errors",
+    "PermissionDenied": "wire.errors",
+    "ProtocolError": "wire.errors",
+    "PulsyfluxError": "wire.errors",
+    "RemoteError": "wire.errors",
+    "RequestTimeout": "wire.errors",
+    "ServerOverloaded": "wire.errors",
+    "Message": "wire.messages",
+    "MessageError": "wire.messages",
+    "ServerFactory": "server.router",
     "BrokerService": "service",
 }
 
@@ -78,15 +81,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import the submodule that defines a public name on first use, then cache it here."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later lookups are plain module attributes
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -31,11 +31,11 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import messages
 from .client import ChannelId, Consumer, Provider, Reconnect, channel_bytes
 from .endpoints import Address
-from .errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
-from .messages import (
+from .wire import messages
+from .wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
+from .wire.messages import (
     CONTROL_PREFIX,
     Message,
     MessageError,
@@ -44,7 +44,7 @@ from .messages import (
     is_control,
     topic_problem,
 )
-from .ratelimit import LogLimiter, summary_to
+from .wire.ratelimit import LogLimiter, summary_to
 
 __all__ = [
     "Broker",
@@ -126,7 +126,7 @@ class Subscription:
         async for msg in sub:
             print(msg.topic, msg.payload, msg.headers)
 
-    ``get()`` fires with the next :class:`~pulsyflux.messages.Message`, or
+    ``get()`` fires with the next :class:`~pulsyflux.wire.messages.Message`, or
     fails with :class:`SubscriptionClosed` once the subscription has ended
     and every message received before that has been read. Up to ``buffer``
     messages wait here; past that the subscriber holds its answers, so the
@@ -827,7 +827,7 @@ class _Fanout:
         """Connect a forwarding Consumer to ``channel``, check the subscriber answers, start forwarding."""
         if self.closing:
             raise ConnectionLostError("the broker is closing")
-        # Beside the server (pulsyflux.inproc), only the broker may deliver on this channel.
+        # Beside the server (pulsyflux.server.inproc), only the broker may deliver on this channel.
         unguard = _guard(self.address, channel)
         consumer: Optional[Consumer] = None
         try:

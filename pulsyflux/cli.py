@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from . import __version__
 from ._twisted_compat import exit_signal
 from .endpoints import DEFAULT_ADDRESS, DEFAULT_HTTP_PORT, http_address
-from .printable import UNSAFE_BEYOND_C0, printable, printable_block, printable_bytes
+from .wire.printable import UNSAFE_BEYOND_C0, printable, printable_block, printable_bytes
 
 __all__ = ["main", "build_parser", "CLIError"]
 
@@ -153,7 +153,7 @@ def _report(failure: Failure, args: argparse.Namespace) -> int:
 def _describe(error: BaseException, args: argparse.Namespace) -> str:
     from twisted.internet import error as net_error
 
-    from .errors import (
+    from .wire.errors import (
         ConnectionLostError,
         NoProviderError,
         RemoteError,
@@ -254,7 +254,7 @@ def _positive_int(text: str) -> int:
 
 def _topic(text: str, subscribing: bool = False) -> str:
     """A topic to publish to, checked by the broker's own rule, so the CLI never disagrees with it."""
-    from .messages import topic_problem
+    from .wire.messages import topic_problem
 
     problem = topic_problem(text, subscribing)
     if problem is not None:
@@ -429,7 +429,7 @@ async def _first(*deferreds: "Deferred[Any]") -> int:
 
 async def _broker_client(reactor: Any, args: argparse.Namespace, reconnect: bool = False) -> Any:
     from .broker import DEFAULT_BROKER_CHANNEL, BrokerClient
-    from .errors import NoProviderError
+    from .wire.errors import NoProviderError
 
     channel = args.broker_channel or DEFAULT_BROKER_CHANNEL
     try:

@@ -24,9 +24,10 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import codec, errors
 from ._types import IStreamTransport
-from .codec import (
+from .endpoints import Address, client_endpoint
+from .wire import codec, errors
+from .wire.codec import (
     CHUNK,
     END,
     ERROR,
@@ -40,10 +41,9 @@ from .codec import (
     START,
     FrameDecoder,
 )
-from .deadlines import Deadlines
-from .endpoints import Address, client_endpoint
-from .errors import ConnectionLostError, PermissionDenied, ProtocolError, RequestTimeout, error_from_message
-from .printable import printable
+from .wire.deadlines import Deadlines
+from .wire.errors import ConnectionLostError, PermissionDenied, ProtocolError, RequestTimeout, error_from_message
+from .wire.printable import printable
 from .writer import ImmediateWriter
 
 __all__ = [
@@ -461,10 +461,10 @@ class Consumer(_Client):
     def send(self, payload: bytes = b"", timeout: float = 5.0) -> "Deferred[bytes]":
         """Send one request; fires with the response body.
 
-        Fails with :class:`~pulsyflux.errors.NoProviderError`,
-        :class:`~pulsyflux.errors.RemoteError`,
-        :class:`~pulsyflux.errors.RequestTimeout` (nothing complete within
-        ``timeout`` seconds) or :class:`~pulsyflux.errors.ConnectionLostError`.
+        Fails with :class:`~pulsyflux.wire.errors.NoProviderError`,
+        :class:`~pulsyflux.wire.errors.RemoteError`,
+        :class:`~pulsyflux.wire.errors.RequestTimeout` (nothing complete within
+        ``timeout`` seconds) or :class:`~pulsyflux.wire.errors.ConnectionLostError`.
         """
         if self._closed is not None or self._protocol is None:
             return fail(self._closed or ConnectionLostError("not connected"))

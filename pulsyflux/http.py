@@ -36,10 +36,10 @@ from zope.interface import provider
 
 from ._twisted_compat import http_channel_transport
 from .endpoints import describe_address
-from .listening import ListeningService
-from .printable import printable, printable_bytes
-from .ratelimit import DEFAULT_TEXT, LogLimiter, summary_to
-from .server import ServerFactory
+from .server.listening import ListeningService
+from .server.router import ServerFactory
+from .wire.printable import printable, printable_bytes
+from .wire.ratelimit import DEFAULT_TEXT, LogLimiter, summary_to
 
 __all__ = [
     "HEADER_PREFIX",
@@ -147,7 +147,7 @@ def _bounded_broker_stats(stats: dict[str, Any], max_topics: int) -> dict[str, A
     (the others summed in ``other_topics``), the ``max_topics`` slowest
     subscriptions, topic names cut and made encodable, and no subscription's
     channel id (nor any other text of it but its topic)."""
-    from .messages import is_control
+    from .wire.messages import is_control
 
     out = {key: value for key, value in stats.items() if key not in ("topics", "subscriptions")}
     topics: Counter[str] = Counter()
@@ -555,7 +555,7 @@ class Publish(_Leaf):
 
 def _topic_problem(topic: str) -> Optional[str]:
     """The broker's topic rule (:func:`messages.topic_problem`), with how to name a topic in a URL."""
-    from .messages import topic_problem
+    from .wire.messages import topic_problem
 
     problem = topic_problem(topic)
     if problem is not None and not topic:
@@ -661,7 +661,7 @@ def make_site(
 
 def _access_field(value: Optional[bytes]) -> str:
     """A peer's bytes in an access log line: escaped, cut after
-    :data:`~pulsyflux.ratelimit.DEFAULT_TEXT` bytes, quotes escaped (the
+    :data:`~pulsyflux.wire.ratelimit.DEFAULT_TEXT` bytes, quotes escaped (the
     line's fields are quoted)."""
     if not value:
         return "-"
@@ -693,7 +693,7 @@ class PulsyfluxSite(Site):
 
     Its access log is bounded like every line a peer can trigger: per status
     class (``http 2xx``, ``http 4xx``...) the first ``burst`` requests of each
-    interval are logged (:class:`~pulsyflux.ratelimit.LogLimiter`, 10 per 10 s
+    interval are logged (:class:`~pulsyflux.wire.ratelimit.LogLimiter`, 10 per 10 s
     by default), the rest counted in one summary line, and each line is
     :func:`access_log_line` (peer text escaped and cut)."""
 

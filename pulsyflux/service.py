@@ -20,10 +20,9 @@ from .broker import DEFAULT_BROKER_CHANNEL, Broker, Subscription
 from .client import DEFAULT_BACKOFF, ChannelId
 from .endpoints import DEFAULT_PORT, describe_address
 from .endpoints import client_address as client_address  # its old home: still importable from here
-from .errors import ConnectionLostError, RequestTimeout
-from .inproc import InProcessEndpoint
-from .listening import ListeningService
-from .server import (
+from .server.inproc import InProcessEndpoint
+from .server.listening import ListeningService
+from .server.router import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_GRACE,
     DEFAULT_MAX_BODY,
@@ -35,6 +34,7 @@ from .server import (
     DEFAULT_REGISTER_TIMEOUT,
     ServerFactory,
 )
+from .wire.errors import ConnectionLostError, RequestTimeout
 
 __all__ = ["ServerService", "BrokerService", "Options", "makeService"]
 
@@ -91,7 +91,7 @@ class BrokerService(service.MultiService):
         await svc.publish("orders", b"new order")
 
     Starts the server, then connects the broker to it in-process
-    (:mod:`pulsyflux.inproc`: no socket, so it works whatever the endpoint,
+    (:mod:`pulsyflux.server.inproc`: no socket, so it works whatever the endpoint,
     TLS included); ``stopService`` closes the broker, then the server and
     every connection, and fires once they are all gone.
     ``broker_channel=None`` runs the server alone. Other services (HTTP,

@@ -19,7 +19,7 @@ pytest-twisted users get the ``pulsyflux_server`` fixture (registered by
         return d.addCallback(lambda server: setattr(self, "server", server))
 
 :class:`MemoryServer` is the same server with no socket and no real time:
-clients reach it through in-memory transports (:mod:`pulsyflux.inproc`)
+clients reach it through in-memory transports (:mod:`pulsyflux.server.inproc`)
 and every timer runs on a :class:`~twisted.internet.testing.MemoryReactorClock`,
 so a test of a timeout, a heartbeat or a reconnect runs in microseconds
 and never flakes on a loaded machine (as treq's ``StubTreq`` does for
@@ -43,8 +43,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .endpoints import client_address
-from .inproc import InProcessEndpoint
-from .server import ServerFactory, ServerProtocol, ServerStats
+from .server.inproc import InProcessEndpoint
+from .server.router import ServerFactory, ServerProtocol, ServerStats
 
 __all__ = ["MemoryServer", "RunningServer", "hang", "reset", "start_server"]
 
@@ -233,7 +233,7 @@ async def _start(
     try:
         if broker:
             from .broker import DEFAULT_BROKER_CHANNEL, Broker
-            from .inproc import InProcessEndpoint
+            from .server.inproc import InProcessEndpoint
 
             # As BrokerService does: the broker's channel is the server's own, linked in-process.
             factory.router.reserve(DEFAULT_BROKER_CHANNEL.bytes)
@@ -258,7 +258,7 @@ async def _start(
 class _StrangerEndpoint:
     """An in-memory endpoint that is not the server's own: a Broker over it is an outside broker.
 
-    (:class:`~pulsyflux.inproc.InProcessEndpoint` offers ``guard_channel``,
+    (:class:`~pulsyflux.server.inproc.InProcessEndpoint` offers ``guard_channel``,
     which makes a Broker act as the server's own and guard its subscribers'
     channels for trusted connections only.)
     """
@@ -286,7 +286,7 @@ class MemoryServer(_ServerView):
     jumping the clock from timer to timer while nothing else is due;
     :meth:`flush` delivers everything due now; :meth:`advance` lets time
     pass. Connections behave like TCP's where the server relies on it
-    (asynchronous delivery, flow control, resets), see :mod:`pulsyflux.inproc`.
+    (asynchronous delivery, flow control, resets), see :mod:`pulsyflux.server.inproc`.
 
         server = MemoryServer()
         provider = server.run(Provider.connect(server.address, channel, handler=bytes.upper, reactor=server.clock))

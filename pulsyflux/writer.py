@@ -20,7 +20,7 @@ from typing import Callable
 
 from ._twisted_compat import immediate_send
 from ._types import IStreamTransport
-from .codec import JOIN_LIMIT
+from .wire.codec import JOIN_LIMIT
 
 __all__ = ["immediate_writer", "ImmediateWriter", "coalesce"]
 

@@ -9,9 +9,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
-from pulsyflux import Broker, BrokerClient, Consumer, Provider, RemoteError, codec, messages
+from pulsyflux import Broker, BrokerClient, Consumer, Provider, RemoteError
 from pulsyflux.broker import DEFAULT_BROKER_CHANNEL
 from pulsyflux.testing import start_server
+from pulsyflux.wire import codec, messages
 
 from .helpers import eventually
 
@@ -346,7 +347,7 @@ async def test_attack_request_with_another_client_id_than_registered_is_refused(
     assert error.type == codec.ERROR and error.request_id == forged
     message = codec.error_message(error.payload)
     assert message == "client id does not match the connection's registration"
-    from pulsyflux.errors import ProtocolError, error_from_message
+    from pulsyflux.wire.errors import ProtocolError, error_from_message
 
     assert isinstance(error_from_message(message), ProtocolError)
     # Its own id still works on that connection, and the forged request never reached the provider.

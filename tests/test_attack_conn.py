@@ -17,10 +17,11 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import DeferredList
 from twisted.logger import globalLogPublisher
 
-from pulsyflux import Consumer, Provider, codec
+from pulsyflux import Consumer, Provider
 from pulsyflux.server import ServerFactory
 from pulsyflux.service import ServerService
 from pulsyflux.testing import hang
+from pulsyflux.wire import codec
 
 from .helpers import eventually
 from .wire import connect_raw, register_frames
@@ -294,7 +295,7 @@ async def test_log_lines_repeat_at_most_a_bounded_part_of_a_peers_text(limited, 
 
 
 def test_log_limiter_writes_a_burst_then_one_summary_per_interval():
-    from pulsyflux.ratelimit import LogLimiter
+    from pulsyflux.wire.ratelimit import LogLimiter
 
     clock = task.Clock()
     summaries = []
@@ -430,8 +431,8 @@ def test_guard_timer_fires_for_whichever_entry_is_due_first():
 
 def test_shorten_cuts_and_escapes_like_printable() -> None:
     """A log line repeating a peer's text is one bounded line, whatever it sent."""
-    from pulsyflux.printable import printable
-    from pulsyflux.ratelimit import shorten
+    from pulsyflux.wire.printable import printable
+    from pulsyflux.wire.ratelimit import shorten
 
     assert shorten("fine") == "fine"
     assert shorten(ValueError("bad\n\x1b[2J")) == "bad\\n\\x1b[2J"

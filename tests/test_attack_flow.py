@@ -19,9 +19,10 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
 
-from pulsyflux import BrokerClient, Consumer, Provider, codec, messages
+from pulsyflux import BrokerClient, Consumer, Provider
 from pulsyflux.server import ServerFactory
 from pulsyflux.testing import start_server
+from pulsyflux.wire import codec, messages
 
 from .helpers import eventually, later
 from .wire import connect_raw, register_frames, request_frames

@@ -1,6 +1,6 @@
 """Issue 8, items 16, 14, 15 (server side) and 1 (recovery): the broker beside the server.
 
-Its link is in-process (:mod:`pulsyflux.inproc`), so it works behind TLS;
+Its link is in-process (:mod:`pulsyflux.server.inproc`), so it works behind TLS;
 the server owns its channel (a foreign provider there is refused); only it
 may deliver on a subscriber's channel; and it comes back if its link drops.
 Attacks run over real TCP (or TLS) on 127.0.0.1; the transport itself is
@@ -30,12 +30,11 @@ from pulsyflux import (
     NoProviderError,
     PermissionDenied,
     Provider,
-    codec,
-    messages,
 )
 from pulsyflux.broker import DEFAULT_BROKER_CHANNEL
-from pulsyflux.inproc import InProcessAddress, InProcessEndpoint, InProcessTransport, connect_in_process
 from pulsyflux.server import MSG_CHANNEL_RESERVED
+from pulsyflux.server.inproc import InProcessAddress, InProcessEndpoint, InProcessTransport, connect_in_process
+from pulsyflux.wire import codec, messages
 
 from .helpers import eventually, within_turns
 from .test_tls import PKI, client

@@ -18,9 +18,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from pulsyflux import Broker, Consumer, Provider, RemoteError, RequestTimeout, ServerOverloaded, codec, messages
-from pulsyflux.errors import ProtocolError
+from pulsyflux import Broker, Consumer, Provider, RemoteError, RequestTimeout, ServerOverloaded
 from pulsyflux.testing import start_server
+from pulsyflux.wire import codec, messages
+from pulsyflux.wire.errors import ProtocolError
 
 from .helpers import eventually
 from .wire import RawClient, connect_raw, register_frames, request_frames

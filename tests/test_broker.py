@@ -21,10 +21,9 @@ from pulsyflux import (
     RemoteError,
     RequestTimeout,
     SubscriptionClosed,
-    codec,
-    messages,
 )
 from pulsyflux.testing import hang, reset
+from pulsyflux.wire import codec, messages
 
 from .helpers import clocked
 from .test_messages import FULL

@@ -7,8 +7,8 @@ import uuid
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from pulsyflux import codec
 from pulsyflux.client import Provider, _ClientProtocol
+from pulsyflux.wire import codec
 
 
 def test_frames_after_the_probe_answer_in_the_same_read_are_handled_as_usual():

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pulsyflux import codec
-from pulsyflux.codec import FrameDecoder
-from pulsyflux.errors import NoProviderError, ProtocolError, RemoteError, RequestTimeout, error_from_message
+from pulsyflux.wire import codec
+from pulsyflux.wire.codec import FrameDecoder
+from pulsyflux.wire.errors import NoProviderError, ProtocolError, RemoteError, RequestTimeout, error_from_message
 
 from .conftest import SHARED, WIRE_VECTORS
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pulsyflux import codec
-from pulsyflux.codec import FrameDecoder
+from pulsyflux.wire import codec
+from pulsyflux.wire.codec import FrameDecoder
 
 frames_strategy = st.lists(
     st.tuples(

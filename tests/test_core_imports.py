@@ -1,18 +1,20 @@
 """The sans-I/O core imports and works with Twisted made unimportable.
 
-``pulsyflux/__init__.py`` imports its public names lazily (PEP 562), so
-``import pulsyflux.codec`` runs no server, client or reactor code. The check
+``pulsyflux/__init__.py`` and the package ``__init__``s import their public
+names lazily (PEP 562), so ``import pulsyflux.wire.codec`` runs no server,
+client or reactor code. The check
 runs in a fresh interpreter whose import system refuses ``twisted`` and
 ``zope``, which is what "Twisted not installed" looks like to the code.
 """
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import textwrap
 
-import pulsyflux
+import pytest
 
 CORE = ("codec", "messages", "errors", "printable", "ratelimit", "deadlines")
 
@@ -45,7 +47,7 @@ def test_blocker_really_blocks_twisted() -> None:
         except ImportError:
             print("blocked")
         try:
-            import pulsyflux.server
+            import pulsyflux.server.router
         except ImportError:
             print("server needs twisted")
     """)
@@ -56,7 +58,7 @@ def test_blocker_really_blocks_twisted() -> None:
 def test_sans_io_core_imports_and_works_without_twisted() -> None:
     done = _run(f"""
         import pulsyflux
-        from pulsyflux import {", ".join(CORE)}
+        from pulsyflux.wire import {", ".join(CORE)}
         from pulsyflux import Message, MessageError, PulsyfluxError  # the lazy names from the core
 
         rid = bytes(range(16))
@@ -77,14 +79,35 @@ def test_sans_io_core_imports_and_works_without_twisted() -> None:
     assert done.stdout.strip() == "ok"
 
 
-def test_lazy_public_names_match_all() -> None:
+PACKAGES = ("pulsyflux", "pulsyflux.server")
+
+
+def test_packages_import_without_twisted() -> None:
+    # A package __init__ re-exports lazily: importing it (on the way to a Twisted-free
+    # submodule of its own) must not import Twisted.
+    done = _run(f"""
+        import importlib
+        for name in {PACKAGES!r}:
+            importlib.import_module(name)
+        loaded = sorted(n for n in sys.modules if n.split(".")[0] in ("twisted", "zope"))
+        assert not loaded, loaded
+        print("ok")
+    """)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_lazy_public_names_match_all(package: str) -> None:
     # Every name in __all__ resolves, dir() lists it, and an unknown name is still an AttributeError.
-    for name in pulsyflux.__all__:
-        assert getattr(pulsyflux, name).__name__ == name
-    assert set(pulsyflux.__all__) <= set(dir(pulsyflux))
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        value = getattr(module, name)
+        assert getattr(value, "__name__", name) == name
+    assert set(module.__all__) <= set(dir(module))
     try:
-        pulsyflux.NoSuchThing  # type: ignore[attr-defined]  # noqa: B018
+        module.NoSuchThing  # noqa: B018
     except AttributeError as e:
         assert "NoSuchThing" in str(e)
     else:
-        raise AssertionError("pulsyflux.NoSuchThing resolved")
+        raise AssertionError(f"{package}.NoSuchThing resolved")

@@ -1,10 +1,10 @@
-"""Request deadlines on one timer (pulsyflux.deadlines), driven by task.Clock."""
+"""Request deadlines on one timer (pulsyflux.wire.deadlines), driven by task.Clock."""
 
 from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from pulsyflux.deadlines import Deadlines
+from pulsyflux.wire.deadlines import Deadlines
 
 
 def make():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pulsyflux import errors
-from pulsyflux.errors import (
+from pulsyflux.wire import errors
+from pulsyflux.wire.errors import (
     NoProviderError,
     PermissionDenied,
     ProtocolError,

@@ -24,7 +24,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import LogLevel, globalLogPublisher
 
-from pulsyflux import Consumer, Provider, codec
+from pulsyflux import Consumer, Provider
+from pulsyflux.wire import codec
 
 from .helpers import eventually
 

@@ -1,4 +1,4 @@
-"""ServerService and HTTPService share one way to listen and to say so (pulsyflux.listening)."""
+"""ServerService and HTTPService share one way to listen and to say so (pulsyflux.server.listening)."""
 
 from __future__ import annotations
 

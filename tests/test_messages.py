@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pulsyflux import Message, MessageError, messages
-from pulsyflux.messages import decode, decode_body, encode, split_body
+from pulsyflux import Message, MessageError
+from pulsyflux.wire import messages
+from pulsyflux.wire.messages import decode, decode_body, encode, split_body
 
 from .conftest import WIRE_VECTORS
 
@@ -129,7 +130,7 @@ def test_round_trip(topic, payload, headers):
 
 def test_the_topic_rule():
     """One rule for every caller (CLI, HTTP, clients, broker): they never disagree."""
-    from pulsyflux.messages import MAX_TOPIC_CHARS, check_topic, topic_problem
+    from pulsyflux.wire.messages import MAX_TOPIC_CHARS, check_topic, topic_problem
 
     assert topic_problem("orders") is None
     assert topic_problem("") == "topic must not be empty"

@@ -13,11 +13,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 
-from pulsyflux import ConnectionLostError, Consumer, NoProviderError, Provider, ServerOverloaded, codec
-from pulsyflux.codec import FrameDecoder
+from pulsyflux import ConnectionLostError, Consumer, NoProviderError, Provider, ServerOverloaded
 from pulsyflux.server import ServerFactory
 from pulsyflux.service import ServerService
 from pulsyflux.testing import hang, reset
+from pulsyflux.wire import codec
+from pulsyflux.wire.codec import FrameDecoder
 
 from .helpers import clocked, eventually, later, within_turns
 from .wire import register_frames, request_frames

@@ -8,9 +8,9 @@ import os
 
 from twisted.internet.task import Clock
 
-from pulsyflux import codec
-from pulsyflux.codec import FrameDecoder
 from pulsyflux.server import Peer, Router
+from pulsyflux.wire import codec
+from pulsyflux.wire.codec import FrameDecoder
 
 from .wire import register_frames, request_frames
 

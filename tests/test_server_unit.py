@@ -8,10 +8,10 @@ import os
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from pulsyflux import codec
-from pulsyflux.codec import FrameDecoder
 from pulsyflux.http import server_stats
 from pulsyflux.server import Router, ServerFactory
+from pulsyflux.wire import codec
+from pulsyflux.wire.codec import FrameDecoder
 
 from .wire import register_frames, request_frames
 

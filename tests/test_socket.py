@@ -17,8 +17,8 @@ from pulsyflux import (
     Provider,
     RemoteError,
     RequestTimeout,
-    codec,
 )
+from pulsyflux.wire import codec
 
 from .helpers import clocked, later
 from .wire import connect_raw, register_frames, request_frames
@@ -451,7 +451,7 @@ async def test_provider_connects_even_if_the_server_never_answers_its_probe(memo
     """A server that ignores unknown frame types still lets connect() finish."""
     from twisted.internet.protocol import Factory, Protocol
 
-    from pulsyflux.inproc import InProcessEndpoint
+    from pulsyflux.server.inproc import InProcessEndpoint
 
     class Silent(Protocol):
         def dataReceived(self, data):

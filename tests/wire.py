@@ -8,8 +8,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from pulsyflux import codec
-from pulsyflux.codec import FrameDecoder
+from pulsyflux.wire import codec
+from pulsyflux.wire.codec import FrameDecoder
 
 
 class RawClient(Protocol):

@@ -15,7 +15,7 @@ buffered and reach the peer on a later reactor turn (never inside
 ``write``), everything buffered in one ``dataReceived``; a registered
 streaming producer is paused while more than :attr:`~InProcessTransport.bufferSize`
 bytes wait and resumed once they have been read (the server's flow control,
-:mod:`pulsyflux.backpressure`); ``pauseProducing`` stops delivering the
+:mod:`pulsyflux.server.backpressure`); ``pauseProducing`` stops delivering the
 peer's bytes; ``loseConnection`` closes once the buffer has drained,
 ``abortConnection`` drops it. Server protocols built here are *trusted*
 (``ServerProtocol.trusted``): the server's own broker, exempt from limits

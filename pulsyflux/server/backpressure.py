@@ -48,7 +48,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from . import codec, errors
+from ..wire import codec, errors
 
 __all__ = [
     "Backpressure",
@@ -205,7 +205,7 @@ class FlowControl:
             # A provider is sent requests, and whoever sends them is paused below, so
             # what waits for it is bounded by its feeders' reads: it is never closed
             # as a slow reader (a burst from a few dozen consumers would then end any
-            # service). The server's own broker (pulsyflux.inproc) also takes all it
+            # service). The server's own broker (pulsyflux.server.inproc) also takes all it
             # is sent on the next reactor turn.
             if source is not None and source is not conn:
                 self._consider(flow, conn, source)

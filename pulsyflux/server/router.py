@@ -2,7 +2,7 @@
 
 Three pieces, each with one job (compare Twisted's AMP):
 
-* the codec (:mod:`pulsyflux.codec`) turns bytes into frames;
+* the codec (:mod:`pulsyflux.wire.codec`) turns bytes into frames;
 * :class:`Router` holds the registry and the requests in flight and decides
   where every frame goes (PROTOCOL.md sections 3, 4 and 7);
 * :class:`ServerProtocol` is the thin adapter between a TCP connection and
@@ -28,10 +28,9 @@ from twisted.internet.protocol import ServerFactory as _TwistedServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import codec, errors
-from ._types import IStreamTransport
-from .backpressure import DEFAULT_MAX_UNSENT, DEFAULT_MAX_UNSENT_TOTAL, Backpressure, FlowControl
-from .codec import (
+from .._types import IStreamTransport
+from ..wire import codec, errors
+from ..wire.codec import (
     CHUNK,
     END,
     ERROR,
@@ -47,11 +46,12 @@ from .codec import (
     ZERO_ROUTING,
     FrameDecoder,
 )
-from .deadlines import Deadlines
-from .errors import MSG_CHANNEL_RESERVED, MSG_CLIENT_MISMATCH, ProtocolError, error_kind
+from ..wire.deadlines import Deadlines
+from ..wire.errors import MSG_CHANNEL_RESERVED, MSG_CLIENT_MISMATCH, ProtocolError, error_kind
+from ..wire.ratelimit import LogLimiter, shorten, summary_to
+from ..writer import coalesce, immediate_writer
+from .backpressure import DEFAULT_MAX_UNSENT, DEFAULT_MAX_UNSENT_TOTAL, Backpressure, FlowControl
 from .guard import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_PARTIAL_BYTES, DEFAULT_REGISTER_TIMEOUT, ConnectionGuard
-from .ratelimit import LogLimiter, shorten, summary_to
-from .writer import coalesce, immediate_writer
 
 __all__ = [
     "Router",
@@ -140,7 +140,7 @@ def short_error_text(text: "str | bytes", limit: int = RECENT_ERROR_CHARS) -> st
 class ServerStats:
     """Counters an operator reads (``/stats``, ``/metrics``).
 
-    ``errors`` counts ERROR frames by kind (:func:`pulsyflux.errors.error_kind`
+    ``errors`` counts ERROR frames by kind (:func:`pulsyflux.wire.errors.error_kind`
     of the server's own messages, ``"provider error"`` for any a provider
     sends): a small, fixed vocabulary whatever texts go by.
     ``recent_errors`` holds the last :data:`RECENT_ERRORS` texts, each cut to
@@ -302,7 +302,7 @@ class Router:
     def draining(self) -> bool:
         """Shutting down: every new request is refused with ``server overloaded: shutting down``.
 
-        The in-process endpoint (:mod:`pulsyflux.inproc`) refuses new connections meanwhile.
+        The in-process endpoint (:mod:`pulsyflux.server.inproc`) refuses new connections meanwhile.
         """
         return self._draining
 
@@ -684,7 +684,7 @@ class ServerProtocol(Protocol):
     """One client connection: bytes in, frames to the router, bytes out.
 
     ``trusted`` marks the server's own connections (the broker beside it,
-    over :mod:`pulsyflux.inproc`): set before ``connectionMade``, it lets
+    over :mod:`pulsyflux.server.inproc`): set before ``connectionMade``, it lets
     them provide on reserved channels and send on guarded ones. What the
     router knows of the connection is its :class:`Peer` (``peer``, set once
     by ``connectionMade``; None for a connection refused there).
@@ -810,7 +810,7 @@ class ServerFactory(_TwistedServerFactory):
     them together: ``max_unsent_total``, 256 MiB). Past a limit the request
     or connection gets a ``server overloaded: ...`` / ``... too large ...`` ERROR.
     Peers that hold resources without using them are closed
-    (:mod:`pulsyflux.guard`): ``register_timeout`` seconds to send a first
+    (:mod:`pulsyflux.server.guard`): ``register_timeout`` seconds to send a first
     START (10), ``frame_timeout`` seconds for a frame to arrive whole (30),
     and ``max_partial_bytes`` held in incomplete frames, all connections
     together (256 MiB).

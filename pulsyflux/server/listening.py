@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .endpoints import server_description, server_endpoint
+from ..endpoints import server_description, server_endpoint
 
 __all__ = ["ListeningService"]
 

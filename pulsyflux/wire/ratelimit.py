@@ -32,7 +32,7 @@ DEFAULT_TEXT = 200  # characters of a peer's text a log line repeats
 
 
 def shorten(text: object, limit: int = DEFAULT_TEXT) -> str:
-    """``text`` as :func:`~pulsyflux.printable.printable` shows it, cut to
+    """``text`` as :func:`~pulsyflux.wire.printable.printable` shows it, cut to
     ``limit`` characters: for log lines that repeat what a peer sent (one
     owner for cutting and escaping peer text)."""
     return printable(str(text), limit)

@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from . import codec, errors
-from ._twisted_compat import tls_handshake_pending
-from .codec import ERROR, FrameDecoder
-from .ratelimit import LogLimiter, shorten
+from .._twisted_compat import tls_handshake_pending
+from ..wire import codec, errors
+from ..wire.codec import ERROR, FrameDecoder
+from ..wire.ratelimit import LogLimiter, shorten
 
 if TYPE_CHECKING:  # the server imports this module
-    from .server import ServerProtocol
+    from .router import ServerProtocol
 
 __all__ = [
     "ConnectionGuard",

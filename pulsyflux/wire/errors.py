@@ -69,7 +69,7 @@ class PermissionDenied(PulsyfluxError):
 
 # -- the server's error texts -------------------------------------------------
 #
-# One table: the server (server.py, guard.py, backpressure.py) and the clients
+# One table: the server (server/router.py, guard.py, backpressure.py) and the clients
 # write these texts, and error_from_message / error_kind read them, so writer
 # and reader never disagree. The texts are wire bytes: Go clients and the Go
 # server use the same ones (PROTOCOL.md section 5); never reword one.
