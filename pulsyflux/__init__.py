@@ -19,7 +19,7 @@ from ._lazy import lazy_exports
 if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getattr__
     from .broker import Broker, BrokerClient, Subscription, SubscriptionClosed
     from .client import Consumer, Provider, Request
-    from .server.router import ServerFactory
+    from .server.protocol import ServerFactory
     from .service import BrokerService
     from .wire.errors import (
         ConnectionLostError,
@@ -54,7 +54,7 @@ _LAZY = {
     "ServerOverloaded": "wire.errors",
     "Message": "wire.messages",
     "MessageError": "wire.messages",
-    "ServerFactory": "server.router",
+    "ServerFactory": "server.protocol",
     "BrokerService": "service",
 }
 

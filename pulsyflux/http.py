@@ -37,7 +37,7 @@ from zope.interface import provider
 from ._twisted_compat import http_channel_transport
 from .endpoints import describe_address
 from .server.listening import ListeningService
-from .server.router import ServerFactory
+from .server.protocol import ServerFactory
 from .wire.printable import printable, printable_bytes
 from .wire.ratelimit import DEFAULT_TEXT, LogLimiter, summary_to
 

@@ -22,6 +22,7 @@ from .endpoints import DEFAULT_PORT, describe_address
 from .endpoints import client_address as client_address  # its old home: still importable from here
 from .server.inproc import InProcessEndpoint
 from .server.listening import ListeningService
+from .server.protocol import ServerFactory
 from .server.router import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_GRACE,
@@ -32,7 +33,6 @@ from .server.router import (
     DEFAULT_MAX_UNSENT,
     DEFAULT_MAX_UNSENT_TOTAL,
     DEFAULT_REGISTER_TIMEOUT,
-    ServerFactory,
 )
 from .wire.errors import ConnectionLostError, RequestTimeout
 

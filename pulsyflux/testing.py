@@ -44,7 +44,8 @@ from zope.interface import implementer
 
 from .endpoints import client_address
 from .server.inproc import InProcessEndpoint
-from .server.router import ServerFactory, ServerProtocol, ServerStats
+from .server.protocol import ServerFactory, ServerProtocol
+from .server.router import ServerStats
 
 __all__ = ["MemoryServer", "RunningServer", "hang", "reset", "start_server"]
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getattr__
+    from .protocol import ServerFactory, ServerProtocol
     from .router import (
         DEFAULT_FRAME_TIMEOUT,
         DEFAULT_GRACE,
@@ -32,8 +33,6 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getatt
         MSG_CLIENT_MISMATCH,
         Peer,
         Router,
-        ServerFactory,
-        ServerProtocol,
         ServerStats,
     )
 
@@ -42,8 +41,8 @@ _LAZY = {
     "Router": "router",
     "Peer": "router",
     "ServerStats": "router",
-    "ServerProtocol": "router",
-    "ServerFactory": "router",
+    "ServerProtocol": "protocol",
+    "ServerFactory": "protocol",
     "DEFAULT_MAX_BODY": "router",
     "DEFAULT_MAX_IN_FLIGHT": "router",
     "DEFAULT_MAX_CONNECTIONS": "router",

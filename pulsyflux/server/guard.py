@@ -40,7 +40,7 @@ from ..wire.codec import ERROR, FrameDecoder
 from ..wire.ratelimit import LogLimiter, shorten
 
 if TYPE_CHECKING:  # the server imports this module
-    from .router import ServerProtocol
+    from .protocol import ServerProtocol
 
 __all__ = [
     "ConnectionGuard",

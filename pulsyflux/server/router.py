@@ -1,15 +1,13 @@
-"""The pulsyflux router: a Twisted server that routes requests to providers.
+"""The pulsyflux router: decides where every frame goes.
 
 Three pieces, each with one job (compare Twisted's AMP):
 
 * the codec (:mod:`pulsyflux.wire.codec`) turns bytes into frames;
-* :class:`Router` holds the registry and the requests in flight and decides
-  where every frame goes (PROTOCOL.md sections 3, 4 and 7);
-* :class:`ServerProtocol` is the thin adapter between a TCP connection and
-  the router.
-
-    factory = ServerFactory()
-    port = reactor.listenTCP(9090, factory, interface="127.0.0.1")
+* :class:`Router` (here) holds the registry and the requests in flight and
+  decides where every frame goes (PROTOCOL.md sections 3, 4 and 7); it is
+  driven through :class:`Peer` records, with no Protocol needed;
+* :class:`~pulsyflux.server.protocol.ServerProtocol` is the thin adapter
+  between a TCP connection and the router.
 """
 
 from __future__ import annotations
@@ -20,15 +18,10 @@ import weakref
 from collections import Counter, deque
 from typing import Any, Callable, NamedTuple, Optional
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.protocol import ServerFactory as _TwistedServerFactory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from .._types import IStreamTransport
 from ..wire import codec, errors
 from ..wire.codec import (
     CHUNK,
@@ -44,20 +37,17 @@ from ..wire.codec import (
     ROUTING_SIZE,
     START,
     ZERO_ROUTING,
-    FrameDecoder,
 )
 from ..wire.deadlines import Deadlines
-from ..wire.errors import MSG_CHANNEL_RESERVED, MSG_CLIENT_MISMATCH, ProtocolError, error_kind
-from ..wire.ratelimit import LogLimiter, shorten, summary_to
-from ..writer import coalesce, immediate_writer
+from ..wire.errors import MSG_CHANNEL_RESERVED, MSG_CLIENT_MISMATCH, error_kind
+from ..wire.ratelimit import LogLimiter, summary_to
+from ..writer import coalesce
 from .backpressure import DEFAULT_MAX_UNSENT, DEFAULT_MAX_UNSENT_TOTAL, Backpressure, FlowControl
 from .guard import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_PARTIAL_BYTES, DEFAULT_REGISTER_TIMEOUT, ConnectionGuard
 
 __all__ = [
     "Router",
     "Peer",
-    "ServerProtocol",
-    "ServerFactory",
     "ServerStats",
     "DEFAULT_MAX_BODY",
     "DEFAULT_MAX_IN_FLIGHT",
@@ -531,7 +521,7 @@ class Router:
         if key is None:
             if role == ROLE_PROVIDER and channel in self.reserved and not conn.trusted:
                 self._server_error(conn, request_id, MSG_CHANNEL_RESERVED)
-                raise _Refused(MSG_CHANNEL_RESERVED)
+                raise Refused(MSG_CHANNEL_RESERVED)
             self.register(conn, role, channel, client_id)
             key = conn.key
         if flags & FLAG_REGISTRATION or role != ROLE_CONSUMER:
@@ -672,227 +662,5 @@ class Router:
         self.send(conn, codec.encode_frame(ERROR, request_id, codec.error_payload(message, routing)))
 
 
-def _ignore(data: bytes) -> None:
-    pass
-
-
-class _Refused(Exception):
+class Refused(Exception):
     """Raised by the router to stop reading a connection it refused (the ERROR is queued)."""
-
-
-class ServerProtocol(Protocol):
-    """One client connection: bytes in, frames to the router, bytes out.
-
-    ``trusted`` marks the server's own connections (the broker beside it,
-    over :mod:`pulsyflux.server.inproc`): set before ``connectionMade``, it lets
-    them provide on reserved channels and send on guarded ones. What the
-    router knows of the connection is its :class:`Peer` (``peer``, set once
-    by ``connectionMade``; None for a connection refused there).
-    """
-
-    trusted: bool = False
-    transport: IStreamTransport  # set before connectionMade, never None after
-
-    def __init__(self, router: Router) -> None:
-        self.router = router
-        self.decoder = FrameDecoder(with_header=True)  # frames are forwarded as they came
-        self.peer: Optional[Peer] = None  # the router's record of this connection
-        self._lost = False
-        self._lost_waiters: list[Deferred[None]] = []
-        self.held = 0  # bytes of an incomplete frame in the decoder, as ConnectionGuard last saw
-        self.frame_serial = 0  # the decoder's ``partials`` for that frame
-
-    def closed(self) -> "Deferred[None]":
-        """Fires once this connection is gone."""
-        if self._lost:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._lost_waiters.append(d)
-        return d
-
-    @property
-    def key(self) -> Optional[RegistryKey]:
-        """(role, channel id, client id) once registered, else None."""
-        peer = self.peer
-        return None if peer is None else peer.key
-
-    @property
-    def flow(self) -> Optional[Backpressure]:
-        """Its flow-control state (None if refused)."""
-        peer = self.peer
-        return None if peer is None else peer.flow
-
-    def connectionMade(self) -> None:
-        transport = self.transport
-        router = self.router
-        if not self.trusted and not router.connection_guard.admit(self, router.max_connections):
-            message = errors.overloaded(f"more than {router.max_connections} connections")
-            router.stats.error(message)
-            transport.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(message)))
-            transport.loseConnection()
-            self.stop_reading()  # refused: never routed
-            return
-        for option in ("setTcpNoDelay", "setTcpKeepAlive"):
-            setter = getattr(transport, option, None)
-            if setter is not None:
-                setter(True)  # low latency; idle connections live (PROTOCOL.md 7)
-        stats = self.router.stats
-        raw_write = immediate_writer(transport)
-
-        def write(data: bytes) -> None:
-            stats.bytes_out += len(data)
-            raw_write(data)
-
-        # A function, not a bound method: the router calls peer.write per flush with no
-        # bound-method object or state check on the way, and it holds no reference to this protocol.
-        peer = self.peer = router.connect(write, transport, self.trusted, self)
-        transport.registerProducer(peer.flow, True)
-
-    def dataReceived(self, data: bytes) -> None:
-        router = self.router
-        router.stats.bytes_in += len(data)
-        frame_received = router.frame_received
-        peer: Peer = self.peer  # type: ignore[assignment]  # a refused connection reads nothing (stop_reading)
-        router.reading = peer
-        try:
-            decoder = self.decoder
-            for ftype, flags, request_id, frame in decoder.frames(data):
-                frame_received(peer, ftype, flags, request_id, frame)
-            if self.held or decoder.partials != self.frame_serial:  # an incomplete frame: timed and budgeted
-                router.connection_guard.holding(self, decoder.buffered)
-        except ProtocolError as error:
-            # Bad version or oversized length: this stream cannot be resynced.
-            router.stats.protocol_errors += 1
-            if router.log_limiter.allow("closing"):
-                router.log.info("closing {peer}: {error}", peer=self.transport.getPeer(), error=shorten(error))
-            router.send(peer, codec.encode_frame(ERROR, bytes(16), codec.error_payload(str(error))))
-            router.flush()
-            self.transport.loseConnection()
-        except _Refused:
-            # Refused (a foreign provider on a reserved channel): its ERROR
-            # leaves first, the rest of what it sent is never routed.
-            self.stop_reading()
-            router.flush()
-            self.transport.loseConnection()
-        finally:
-            router.flush()
-            router.reading = None
-
-    def stop_reading(self) -> None:
-        """Drop, unread, whatever more the peer sends (a refused connection, or one the guard closes).
-
-        An instance attribute shadows :meth:`dataReceived` instead of a flag
-        that it tests: the read path of every other connection carries no check.
-        """
-        self.dataReceived = _ignore  # type: ignore[method-assign]  # see the docstring: for speed
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._lost = True
-        if self.peer is not None:  # None: refused by connectionMade, never routed
-            self.router.disconnected(self.peer)
-        # Its partial frame goes now, even while a pending deadline still refers to this connection.
-        self.decoder = FrameDecoder(with_header=True)
-        self.router.connection_guard.disconnected(self)
-        waiters, self._lost_waiters = self._lost_waiters, []
-        for d in waiters:
-            d.callback(None)
-
-
-class ServerFactory(_TwistedServerFactory):
-    """Builds :class:`ServerProtocol` connections sharing one :class:`Router`.
-
-    ``reactor`` is also the clock for request deadlines, so tests can pass a
-    ``task.Clock``-driven reactor. The limits (docs/reliability.md):
-    ``max_body`` bytes in one request or response body (64 MiB),
-    ``max_in_flight`` requests per connection (10,000),
-    ``max_connections`` client connections (10,000), and ``max_unsent``
-    bytes queued for one connection that reads too slowly (4 MiB; all of
-    them together: ``max_unsent_total``, 256 MiB). Past a limit the request
-    or connection gets a ``server overloaded: ...`` / ``... too large ...`` ERROR.
-    Peers that hold resources without using them are closed
-    (:mod:`pulsyflux.server.guard`): ``register_timeout`` seconds to send a first
-    START (10), ``frame_timeout`` seconds for a frame to arrive whole (30),
-    and ``max_partial_bytes`` held in incomplete frames, all connections
-    together (256 MiB).
-
-        factory = ServerFactory(max_body=8 << 20, max_connections=500)
-    """
-
-    protocol = ServerProtocol
-
-    def __init__(
-        self,
-        reactor: Any = None,
-        *,
-        max_body: int = DEFAULT_MAX_BODY,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        max_unsent: int = DEFAULT_MAX_UNSENT,
-        max_unsent_total: int = DEFAULT_MAX_UNSENT_TOTAL,
-        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
-        register_timeout: float = DEFAULT_REGISTER_TIMEOUT,
-        max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
-    ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.reactor = reactor
-        self.router = Router(
-            reactor,
-            max_body=max_body,
-            max_in_flight=max_in_flight,
-            max_connections=max_connections,
-            max_unsent=max_unsent,
-            max_unsent_total=max_unsent_total,
-            frame_timeout=frame_timeout,
-            register_timeout=register_timeout,
-            max_partial_bytes=max_partial_bytes,
-        )
-
-    @property
-    def registry(self) -> dict[RegistryKey, ServerProtocol]:
-        """(role, channel id, client id) -> connection (:class:`ServerProtocol`), for every registered client."""
-        return {key: peer.conn for key, peer in self.router.registry.items()}
-
-    @property
-    def stats(self) -> ServerStats:
-        return self.router.stats
-
-    def shutdown(self, grace: float = DEFAULT_GRACE, linger: float = 1.0) -> "Deferred[None]":
-        """Drain, then close every connection; fires once all are gone.
-
-        New requests are refused (``server overloaded: shutting down``), those
-        in flight get up to ``grace`` seconds to finish (then fail with that
-        same error), then every connection
-        is closed after flushing what it has to send; one that cannot flush
-        within ``linger`` seconds more is aborted. Stop listening first.
-
-            await port.stopListening()
-            await factory.shutdown(grace=5.0)
-        """
-        router = self.router
-        clock = self.reactor
-        router.draining = True
-        drained = router.when_idle().addTimeout(grace, clock)
-        drained.addErrback(lambda failure: failure.trap(defer.TimeoutError))  # grace is over: close anyway
-        return drained.addCallback(lambda _: self._close_all(linger))
-
-    def _close_all(self, linger: float) -> "Deferred[None]":
-        router = self.router
-        router.fail_all(errors.MSG_SHUTTING_DOWN)  # the grace period is over: say so
-        gone = router.close_all(abort=False)
-        timer = self.reactor.callLater(linger, router.close_all)  # those that could not flush in time
-
-        def all_gone(_: Any) -> None:
-            if timer.active():
-                timer.cancel()
-            router.connection_guard.stop()
-            router.log_limiter.stop()  # write pending summaries now; no timer outlives the server
-
-        return gone.addCallback(all_gone)
-
-    def buildProtocol(self, addr: Any) -> ServerProtocol:
-        proto = ServerProtocol(self.router)
-        proto.factory = self
-        return proto
