@@ -679,6 +679,10 @@ class _Fanout:
                 except MessageError:
                     self.rejected += 1
                     raise
+            problem = topic_problem(item[0])  # the rest of the rule (a Go publisher's "orders.*", "a..b")
+            if problem is not None:
+                self.rejected += 1
+                raise MessageError(f"publish refused: {problem}")
         topics = self.topics
         self.published += len(items)
         if len(items) == 1:

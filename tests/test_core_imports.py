@@ -59,6 +59,7 @@ def test_sans_io_core_imports_and_works_without_twisted() -> None:
     done = _run(f"""
         import pulsyflux
         from pulsyflux.wire import {", ".join(CORE)}
+        from pulsyflux import subjects  # the broker's matcher (pulsyflux/broker/subjects.py once that package exists)
         from pulsyflux import Message, MessageError, PulsyfluxError  # the lazy names from the core
 
         rid = bytes(range(16))
@@ -70,6 +71,9 @@ def test_sans_io_core_imports_and_works_without_twisted() -> None:
         assert messages.decode(body) == Message("news", b"\\x00payload", {{"k": "v"}})
         assert issubclass(MessageError, PulsyfluxError)
         assert printable.printable("a\\x00b") != "a\\x00b"
+        index = subjects.Sublist()
+        index.add("news.*", "sub")
+        assert index.match("news.eu") == ["sub"], index.match("news.eu")
 
         loaded = sorted(n for n in sys.modules if n.split(".")[0] in ("twisted", "zope"))
         assert not loaded, loaded

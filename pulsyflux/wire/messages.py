@@ -51,6 +51,9 @@ __all__ = [
     "topic_problem",
     "check_topic",
     "MAX_TOPIC_CHARS",
+    "MAX_PATTERN_TOKENS",
+    "WILDCARDS",
+    "is_pattern",
     "excerpt",
     "EXCERPT_CHARS",
 ]
@@ -67,9 +70,18 @@ CLOSED = CONTROL_PREFIX + "closed"  # headers: reason; the stream ends
 
 Body = Union[bytes, bytearray, memoryview]
 
+# A subscription's wildcard tokens (NATS subject syntax): "*" is any one
+# token, a last ">" one or more.
+WILDCARDS = ("*", ">")
+
+# The most tokens a pattern may have: each is a node of the broker's pattern
+# trie, which a subscriber must not make arbitrarily deep. Plain topics are
+# not bounded in tokens (they are looked up whole).
+MAX_PATTERN_TOKENS = 32
+
 # The longest topic one can subscribe to: the broker keeps each subscribed
 # topic (and shows it in stats), so its size is bounded. A publish is bounded
-# only by the body size; a longer topic simply has no subscriber.
+# only by the body size; a longer topic reaches only patterns ending in ">".
 MAX_TOPIC_CHARS = 1024
 
 # Error texts quote client input at most this long: an answer that repeated a
@@ -401,15 +413,20 @@ def topic_problem(topic: str, subscribing: bool = False) -> Optional[str]:
     """Why ``topic`` may not be published to (or subscribed to), or None if it may.
 
     The one rule for topics: the CLI, the HTTP publish API, the clients and
-    the broker all ask here, so they never disagree. A topic is any
-    non-empty text not starting with :data:`CONTROL_PREFIX`; one subscribed
-    to is also at most :data:`MAX_TOPIC_CHARS` characters with no control
-    character or lone surrogate. ``topic`` must be a str.
+    the broker all ask here, so they never disagree. A topic is non-empty
+    text not starting with :data:`CONTROL_PREFIX`, made of ``.``-separated
+    tokens, none of them empty and none holding ``*`` or ``>`` (spaces and
+    any other character are fine, as they always were). A subscription may
+    also be a pattern (NATS subject syntax, docs/broker.md): a token that is
+    ``*`` matches any one token, a last token ``>`` one or more. One
+    subscribed to is at most :data:`MAX_TOPIC_CHARS` characters (a pattern
+    at most :data:`MAX_PATTERN_TOKENS` tokens) with no control character or
+    lone surrogate. ``topic`` must be a str.
 
-        >>> topic_problem("orders") is None
+        >>> topic_problem("orders.eu") is None and topic_problem("orders.*", subscribing=True) is None
         True
-        >>> topic_problem("")
-        'topic must not be empty'
+        >>> topic_problem("orders.*")
+        "token 2 is the wildcard '*': wildcards are for subscribing; publish to a concrete topic"
     """
     if not topic:
         return "topic must not be empty"
@@ -423,7 +440,42 @@ def topic_problem(topic: str, subscribing: bool = False) -> Optional[str]:
             return (
                 f"a topic holds no control character or lone surrogate, found U+{ord(bad.group()):04X} at {bad.start()}"
             )
+    # Four scans in C: the common topic (and every publish) costs no more.
+    if "*" in topic or ">" in topic or ".." in topic or topic[0] == "." or topic[-1] == ".":
+        return _token_problem(topic, subscribing)
     return None
+
+
+def _token_problem(topic: str, subscribing: bool) -> Optional[str]:
+    """:func:`topic_problem` for a topic with an empty token or a wildcard character."""
+    tokens = topic.split(".")
+    last = len(tokens)
+    for number, token in enumerate(tokens, 1):
+        if not token:
+            return f"token {number} is empty: a topic is '.'-separated tokens, none empty"
+        if token in WILDCARDS:
+            if not subscribing:
+                return (
+                    f"token {number} is the wildcard {token!r}: wildcards are for subscribing;"
+                    " publish to a concrete topic"
+                )
+            if token == "*" or number == last:
+                continue
+            return f"token {number} is '>', which matches the rest of a topic: it can only be the last token"
+        if "*" in token or ">" in token:
+            return f"token {number} ({excerpt(token)}) mixes '*' or '>' with other text: a wildcard is a whole token"
+    if last > MAX_PATTERN_TOKENS:  # only patterns: a plain topic of any depth stays what it was
+        return f"a pattern is at most {MAX_PATTERN_TOKENS} tokens, not {last}"
+    return None
+
+
+def is_pattern(topic: str) -> bool:
+    """Whether a (valid) subscribed ``topic`` holds a wildcard token, so it may match other topics.
+
+    >>> is_pattern("orders.*"), is_pattern("orders.eu")
+    (True, False)
+    """
+    return "*" in topic or ">" in topic
 
 
 def check_topic(topic: str, subscribing: bool = False) -> None:
