@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Coroutine, Optional, Sequence
+from typing import Any, Awaitable, Callable, Coroutine, Optional, Sequence, Union
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProcessTransport
@@ -30,7 +30,7 @@ from ._twisted_compat import exit_signal
 from .endpoints import DEFAULT_ADDRESS, DEFAULT_HTTP_PORT, http_address
 from .wire.printable import UNSAFE_BEYOND_C0, printable, printable_block, printable_bytes
 
-__all__ = ["main", "build_parser", "CLIError"]
+__all__ = ["main", "run_command", "build_parser", "CLIError"]
 
 SERVER_ENV = "PULSYFLUX_SERVER"
 BROKER_CHANNEL_ENV = "PULSYFLUX_BROKER_CHANNEL"
@@ -903,8 +903,11 @@ class _ProgressBar:
             pass
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``pulsyflux`` console script and ``python -m pulsyflux``."""
+def _parse(argv: Optional[Sequence[str]]) -> Union[argparse.Namespace, int]:
+    """The command line as arguments, or the exit status when there is nothing to run.
+
+    A usage error exits (SystemExit 2) with argparse's message, as ``main`` must.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -914,7 +917,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _finish_args(args)
     except CLIError as error:
         parser.exit(error.code, f"pulsyflux {args.command}: error: {error.message}\n")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``pulsyflux`` console script and ``python -m pulsyflux``."""
+    args = _parse(argv)
+    if isinstance(args, int):
+        return args
     return _run(args.func, args)
+
+
+async def run_command(reactor: Any, argv: Sequence[str]) -> int:
+    """Run one command on a reactor that is already running; return its exit status.
+
+    ``main`` without the process around it: the same parsing, output on
+    ``sys.stdout``/``sys.stderr`` and one-line errors, but no ``reactor.run``
+    and no signal handling (Ctrl-C is the process's). For tests and for
+    programs that embed the commands; a usage error returns 2 instead of exiting.
+    """
+    try:
+        args = _parse(argv)
+    except SystemExit as exited:
+        return exited.code if isinstance(exited.code, int) else EXIT_ERROR if exited.code else 0
+    if isinstance(args, int):
+        return args
+    try:
+        result = await args.func(reactor, args)
+    except Exception:
+        return _report(Failure(), args)
+    return int(result or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

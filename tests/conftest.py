@@ -92,3 +92,13 @@ def memory():
 @pytest.fixture
 def channel():
     return uuid.uuid4()
+
+
+@pytest.fixture
+def cli():
+    """Runs ``pulsyflux`` commands in this reactor (tests/console.py): ``await cli("request", ...)``."""
+    from .console import InProcessCLI
+
+    runner = InProcessCLI()
+    yield runner
+    runner.close()

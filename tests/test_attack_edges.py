@@ -2,22 +2,20 @@
 
 Everything here goes over real TCP on 127.0.0.1: a server with its broker
 and HTTP API (pulsyflux.testing), clients from this reactor, and the
-``pulsyflux`` command as a separate process, as a user runs it.
+``pulsyflux`` command run in this reactor too (the ``cli`` fixture,
+tests/console.py), with stdout a pipe or a terminal as the test says.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import uuid
 
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import reactor, threads
+from twisted.internet import reactor
 from twisted.logger import formatEvent, globalLogPublisher
 
 from pulsyflux import BrokerClient, Consumer, Provider, RemoteError
@@ -40,56 +38,6 @@ def brokered():
     running = pytest_twisted.blockon(start_server(http=True))
     yield running
     pytest_twisted.blockon(running.stop())
-
-
-def _env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PULSYFLUX_")}
-
-
-def cli(*args: str, timeout: float = 30) -> "subprocess.CompletedProcess[bytes]":
-    """``python -m pulsyflux ARGS`` off the reactor thread (the server runs in this reactor)."""
-    return threads.deferToThread(
-        subprocess.run,
-        [sys.executable, "-m", "pulsyflux", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        env=_env(),
-        timeout=timeout,
-    )
-
-
-_spawned: list[subprocess.Popen] = []
-
-
-def spawn(*args: str) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pulsyflux", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=_env(),
-    )
-    _spawned.append(process)
-    return process
-
-
-@pytest.fixture(autouse=True)
-def _no_leftovers():
-    yield
-    while _spawned:
-        process = _spawned.pop()
-        if process.poll() is None:
-            process.kill()
-        process.communicate()
-
-
-async def _ready(process: subprocess.Popen) -> str:
-    return (await threads.deferToThread(process.stderr.readline)).decode()
-
-
-async def _finished(process: subprocess.Popen, timeout: float = 15) -> tuple[int, bytes, bytes]:
-    out, err = await threads.deferToThread(process.communicate, timeout=timeout)
-    return process.returncode, out, err
 
 
 async def get(url: str) -> tuple[int, bytes]:
@@ -136,7 +84,7 @@ async def raw_subscribe(address: str, topic_json: str) -> Provider:
 
 
 @ensure
-async def test_attack_lone_surrogate_topic_does_not_break_metrics_or_stats(brokered):
+async def test_attack_lone_surrogate_topic_does_not_break_metrics_or_stats(brokered, cli):
     # JSON "\ud800" decodes to a str no encoder can write, and Go's decoder
     # reads as U+FFFD: the broker refuses such a topic at subscribe (the
     # rendering of any topic text is tested below with a stub broker).
@@ -225,7 +173,7 @@ async def test_attack_many_topics_do_not_grow_metrics_without_bound(brokered):
 
 
 @ensure
-async def test_attack_stats_and_metrics_do_not_reveal_private_channel_ids(brokered, tmp_path):
+async def test_attack_stats_and_metrics_do_not_reveal_private_channel_ids(brokered, cli):
     client = await BrokerClient.connect(brokered.address)
     remote = await client.subscribe("orders")
     local = await brokered.broker.subscribe("orders")
@@ -264,13 +212,13 @@ async def test_attack_stats_and_metrics_do_not_reveal_private_channel_ids(broker
 
 
 @ensure
-async def test_attack_sub_does_not_print_terminal_escapes(brokered):
-    process = spawn("sub", "--server", brokered.address, "news", "--count", "3")
-    assert "subscribed to 'news'" in await _ready(process)
+async def test_attack_sub_does_not_print_terminal_escapes(brokered, cli):
+    sub = cli.start("sub", "--server", brokered.address, "news", "--count", "3")
+    assert "subscribed to 'news'" in await sub.stderr.line("subscribed to")
     await brokered.broker.publish("news", b"\x1b[2J\x1b[31mFAKE\vsecond line\rthird")
     await brokered.broker.publish("news", "bidi \u202egnp.exe \u2028 next \x9b31m".encode())
     await brokered.broker.publish("news", b"\xff" * 10_000)
-    code, out, err = await _finished(process)
+    code, out, err = await sub.finished()
     assert code == 0, err
     assert not TERMINAL_CONTROLS.search(out), out[:200]
     lines = out.split(b"\n")
@@ -281,12 +229,12 @@ async def test_attack_sub_does_not_print_terminal_escapes(brokered):
 
 
 @ensure
-async def test_attack_sub_json_is_exact_and_has_no_raw_controls(brokered):
-    process = spawn("sub", "--server", brokered.address, "news", "--count", "1", "--json")
-    await _ready(process)
+async def test_attack_sub_json_is_exact_and_has_no_raw_controls(brokered, cli):
+    sub = cli.start("sub", "--server", brokered.address, "news", "--count", "1", "--json")
+    await sub.stderr.line("subscribed to")
     payload = "\x1b[2J \x9b \u2028 \u202e \x7f é"
     await brokered.broker.publish("news", payload.encode(), {"h\x1b": "v\u2029"})
-    code, out, err = await _finished(process)
+    code, out, err = await sub.finished()
     assert code == 0, err
     assert not TERMINAL_CONTROLS.search(out), out
     assert out.count(b"\n") == 1
@@ -294,17 +242,17 @@ async def test_attack_sub_json_is_exact_and_has_no_raw_controls(brokered):
 
 
 @ensure
-async def test_attack_reply_does_not_log_a_huge_binary_body_as_one_line(brokered):
+async def test_attack_reply_does_not_log_a_huge_binary_body_as_one_line(brokered, cli):
     channel = uuid.uuid4()
-    process = spawn("reply", "--server", brokered.address, str(channel), "--echo", "--count", "1")
-    assert "replying on channel" in await _ready(process)
+    reply = cli.start("reply", "--server", brokered.address, str(channel), "--echo", "--count", "1")
+    assert "replying on channel" in await reply.stderr.line("replying")
     body = bytes(range(256)) * 256  # 64 KiB of binary, every control byte in it
     consumer = await Consumer.connect(brokered.address, channel)
     try:
         assert await consumer.send(body, timeout=10) == body
     finally:
         await consumer.close()
-    code, out, err = await _finished(process)
+    code, out, err = await reply.finished()
     assert code == 0, err
     assert not TERMINAL_CONTROLS.search(out)
     assert out.count(b"\n") == 1 and out.startswith(b"#1 ")
@@ -313,7 +261,7 @@ async def test_attack_reply_does_not_log_a_huge_binary_body_as_one_line(brokered
 
 
 @ensure
-async def test_attack_provider_error_text_is_escaped_and_bounded_on_stderr(brokered):
+async def test_attack_provider_error_text_is_escaped_and_bounded_on_stderr(brokered, cli):
     channel = uuid.uuid4()
 
     def handler(data: bytes) -> bytes:
@@ -334,53 +282,19 @@ async def test_attack_provider_error_text_is_escaped_and_bounded_on_stderr(broke
     assert len(result.stderr) < 5 * 4096
 
 
-def _run_on_a_terminal(*args: str) -> tuple[int, bytes]:
-    """Run the CLI with its stdout on a pseudo-terminal; its exit status and what the terminal got."""
-    import pty
-
-    master, slave = pty.openpty()
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pulsyflux", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=slave,
-            stderr=subprocess.PIPE,
-            env=_env(),
-        )
-        os.close(slave)
-        slave = -1
-        shown = b""
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the last writer is gone
-                break
-            if not data:
-                break
-            shown += data
-        process.communicate(timeout=15)
-        return process.returncode, shown
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
-
-
 @ensure
-async def test_attack_request_on_a_terminal_shows_the_providers_escapes(brokered):
+async def test_attack_request_on_a_terminal_shows_the_providers_escapes(brokered, cli):
     channel = uuid.uuid4()
     answer = b"\x1b[2J\x1b[31mFAKE\x9b\r" + "\u202e".encode() + b"\nline two\tok"
     provider = await Provider.connect(brokered.address, channel, handler=lambda data: answer)
     try:
-        code, shown = await threads.deferToThread(
-            _run_on_a_terminal, "request", "--server", brokered.address, str(channel), "x"
-        )
+        terminal = await cli("request", "--server", brokered.address, str(channel), "x", tty=True)
         piped = await cli("request", "--server", brokered.address, str(channel), "x")
     finally:
         await provider.close()
-    assert code == 0
-    # The terminal turns "\n" into "\r\n" itself; nothing else it would act on arrives.
-    assert shown == b"\\x1b[2J\\x1b[31mFAKE\\x9b\\r\\u202e\r\nline two\tok\r\n"
+    assert terminal.returncode == 0
+    # Escapes shown as text, line breaks kept, and the line ended: nothing a terminal would act on.
+    assert terminal.stdout == b"\\x1b[2J\\x1b[31mFAKE\\x9b\\r\\u202e\nline two\tok\n"
     assert piped.stdout == answer  # piped or redirected: byte for byte, as documented
 
 

@@ -1,5 +1,11 @@
-"""The ``pulsyflux`` command, run as a user runs it: a separate process
-talking over TCP to a real server on 127.0.0.1."""
+"""The ``pulsyflux`` command against a real server on 127.0.0.1 over TCP.
+
+Most tests run the command in this reactor (the ``cli`` fixture,
+tests/console.py: same parsing, output and exit status as the process);
+a few run it as a separate process, as a user does, where that is what is
+tested: ``python -m``, exit statuses of a real process, Ctrl-C, a stdin
+pipe, a stdout pipe that fills up.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def cli(*args: str, stdin: bytes = b"", env: dict | None = None, timeout: float = 30) -> defer.Deferred:
+def process(*args: str, stdin: bytes = b"", env: dict | None = None, timeout: float = 30) -> defer.Deferred:
     """Run ``python -m pulsyflux ARGS`` off the reactor thread, so the server
     in this reactor keeps serving it; fires with the CompletedProcess."""
     return threads.deferToThread(
@@ -141,7 +147,7 @@ def test_console_script_points_at_main():
 
 @ensure
 async def test_python_dash_m_runs_the_cli():
-    result = await cli("--version")
+    result = await process("--version")
     assert result.returncode == 0
     assert result.stdout.decode().startswith("pulsyflux ")
 
@@ -150,7 +156,7 @@ async def test_python_dash_m_runs_the_cli():
 
 
 @ensure
-async def test_request_prints_the_response_bytes(server, channel):
+async def test_request_prints_the_response_bytes(server, channel, cli):
     provider = await Provider.connect(server.address, channel, handler=lambda data: b"echo:" + data)
     result = await cli("request", "--server", server.address, str(channel), "hello")
     assert result.returncode == 0, result.stderr
@@ -163,7 +169,7 @@ async def test_request_prints_the_response_bytes(server, channel):
 async def test_request_reads_stdin_and_server_from_env(server, channel):
     provider = await Provider.connect(server.address, channel, handler=lambda data: data[::-1])
     body = bytes(range(256)) * 4
-    result = await cli("request", str(channel), stdin=body, env=_env(PULSYFLUX_SERVER=server.address))
+    result = await process("request", str(channel), stdin=body, env=_env(PULSYFLUX_SERVER=server.address))
     assert result.returncode == 0, result.stderr
     assert result.stdout == body[::-1]
     await provider.close()
@@ -174,20 +180,20 @@ async def test_request_when_the_server_is_down(server):
     port = reactor.listenTCP(0, server.factory, interface="127.0.0.1")
     closed_address = f"127.0.0.1:{port.getHost().port}"
     await port.stopListening()
-    result = await cli("request", "--server", closed_address, str(uuid.uuid4()), "x")
+    result = await process("request", "--server", closed_address, str(uuid.uuid4()), "x")
     err = one_line_error(result, "request")
     assert f"cannot connect to {closed_address}: connection refused (is the server running?)" in err
     assert result.stdout == b""
 
 
 @ensure
-async def test_request_without_a_provider(server, channel):
+async def test_request_without_a_provider(server, channel, cli):
     result = await cli("request", "--server", server.address, str(channel), "x")
     assert "no provider answered (peer disappeared)" in one_line_error(result, "request")
 
 
 @ensure
-async def test_request_times_out(server, channel):
+async def test_request_times_out(server, channel, cli):
     provider = await Provider.connect(server.address, channel)  # receives, never answers
     result = await cli("request", "--server", server.address, "--timeout", "0.2", str(channel), "x")
     assert "request timed out after 0.2 s" in one_line_error(result, "request")
@@ -195,7 +201,7 @@ async def test_request_times_out(server, channel):
 
 
 @ensure
-async def test_request_reports_the_providers_error(server, channel):
+async def test_request_reports_the_providers_error(server, channel, cli):
     def refuse(data: bytes) -> bytes:
         raise ValueError("no such order")
 
@@ -219,37 +225,38 @@ async def _finished(process: subprocess.Popen, timeout: float = 15) -> tuple[int
 
 
 @ensure
-async def test_reply_echo_answers_and_prints_each_request(server, channel):
-    process = spawn("reply", "--server", server.address, str(channel), "--echo", "--count", "2")
-    assert f"replying on channel {channel}" in await _ready(process)
+async def test_reply_echo_answers_and_prints_each_request(server, channel, cli):
+    reply = cli.start("reply", "--server", server.address, str(channel), "--echo", "--count", "2")
+    assert f"replying on channel {channel}" in await reply.stderr.line("replying")
     consumer = await Consumer.connect(server.address, channel)
     assert await consumer.send(b"first") == b"first"
     assert await consumer.send(b"line\nbreak") == b"line\nbreak"
-    code, out, err = await _finished(process)
+    code, out, err = await reply.finished()
     assert code == 0, err
     assert out == b"#1 first\n#2 line\\nbreak\n"
     await consumer.close()
 
 
 @ensure
-async def test_reply_command_answers_with_its_output(server, channel):
-    process = spawn("reply", "-s", server.address, str(channel), "--command", "tr a-z A-Z", "--count", "1", "-q")
-    await _ready(process)
+async def test_reply_command_answers_with_its_output(server, channel, cli):
+    reply = cli.start("reply", "-s", server.address, str(channel), "--command", "tr a-z A-Z", "--count", "1", "-q")
+    await reply.stderr.line("replying")
     consumer = await Consumer.connect(server.address, channel)
     assert await consumer.send(b"shout") == b"SHOUT"
-    code, out, err = await _finished(process)
+    code, out, err = await reply.finished()
     assert (code, out) == (0, b""), err
     await consumer.close()
 
 
 @ensure
-async def test_reply_command_failure_becomes_the_request_error(server, channel):
-    process = spawn("reply", "-s", server.address, str(channel), "-c", "echo 'bad input' >&2; exit 3", "-n", "1")
-    await _ready(process)
+async def test_reply_command_failure_becomes_the_request_error(server, channel, cli):
+    reply = cli.start("reply", "-s", server.address, str(channel), "-c", "echo 'bad input' >&2; exit 3", "-n", "1")
+    await reply.stderr.line("replying")
     consumer = await Consumer.connect(server.address, channel)
-    result = await cli("request", "--server", server.address, str(channel), "x")
+    # The requester is a process: one in-process command at a time.
+    result = await process("request", "--server", server.address, str(channel), "x")
     assert "command exited with status 3: bad input" in one_line_error(result, "request")
-    code, _, err = await _finished(process)
+    code, _, err = await reply.finished()
     assert code == 0, err
     await consumer.close()
 
@@ -284,11 +291,11 @@ async def test_ctrl_c_interrupts_a_waiting_request(server, channel):
 
 
 @ensure
-async def test_reply_exits_when_the_server_goes_away(server, channel):
-    process = spawn("reply", "--server", server.address, str(channel), "--echo")
-    await _ready(process)
+async def test_reply_exits_when_the_server_goes_away(server, channel, cli):
+    reply = cli.start("reply", "--server", server.address, str(channel), "--echo")
+    await reply.stderr.line("replying")
     server.factory.router.close_all()
-    code, _, err = await _finished(process)
+    code, _, err = await reply.finished()
     assert code == 1
     assert err.decode().splitlines()[-1] == f"pulsyflux reply: error: lost the connection to {server.address}"
 
@@ -306,7 +313,7 @@ def served():
 
 
 @ensure
-async def test_stats_summarises_the_http_stats(served, channel):
+async def test_stats_summarises_the_http_stats(served, channel, cli):
     provider = await Provider.connect(served.address, channel, handler=lambda data: data)
     consumer = await Consumer.connect(served.address, channel)
     await consumer.send(b"x")
@@ -318,7 +325,7 @@ async def test_stats_summarises_the_http_stats(served, channel):
     assert "requests        1 routed, 1 answered, 0 in flight" in lines
     assert "errors          none" in lines
 
-    result = await cli("stats", "--json", env=_env(PULSYFLUX_HTTP=served.http_url))
+    result = await cli("stats", "--json", env={"PULSYFLUX_HTTP": served.http_url})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["server"]["requests"]["routed"] == 1
     await consumer.close()
@@ -326,7 +333,7 @@ async def test_stats_summarises_the_http_stats(served, channel):
 
 
 @ensure
-async def test_stats_shows_topics_and_each_subscription():
+async def test_stats_shows_topics_and_each_subscription(cli):
     from pulsyflux.testing import start_server
 
     running = await start_server(http=True)
@@ -382,7 +389,7 @@ def test_stats_finds_the_http_api_beside_any_server_address(monkeypatch, server,
 
 
 @ensure
-async def test_stats_when_the_http_api_is_down(served):
+async def test_stats_when_the_http_api_is_down(served, cli):
     port = reactor.listenTCP(0, served.site, interface="127.0.0.1")
     closed = f"127.0.0.1:{port.getHost().port}"
     await port.stopListening()
@@ -404,16 +411,17 @@ def brokered():
 
 
 @ensure
-async def test_pub_then_sub_json_lines(brokered):
-    process = spawn("sub", "--server", brokered.address, "orders", "--count", "3", "--json")
-    assert "subscribed to 'orders'" in await _ready(process)
+async def test_pub_then_sub_json_lines(brokered, cli):
+    # The subscriber is the process here: one in-process command at a time, and pub runs three.
+    sub = spawn("sub", "--server", brokered.address, "orders", "--count", "3", "--json")
+    assert "subscribed to 'orders'" in await _ready(sub)
     result = await cli("pub", "--server", brokered.address, "orders", "new order", "-H", "priority=high", "-H", "a=b=c")
     assert result.returncode == 0, result.stderr
     assert result.stderr == b"published 9 bytes to 'orders'\n"
     result = await cli("pub", "-s", brokered.address, "-q", "orders", stdin=b"two\nlines")
     assert (result.returncode, result.stderr) == (0, b"")
     await cli("pub", "-s", brokered.address, "-q", "orders", stdin=b"\xff\x00")
-    code, out, err = await _finished(process)
+    code, out, err = await _finished(sub)
     assert code == 0, err
     assert [json.loads(line) for line in out.splitlines()] == [
         {"topic": "orders", "payload": "new order", "headers": {"priority": "high", "a": "b=c"}},
@@ -423,12 +431,12 @@ async def test_pub_then_sub_json_lines(brokered):
 
 
 @ensure
-async def test_sub_prints_one_line_per_message(brokered):
-    process = spawn("sub", "--server", brokered.address, "news", "-n", "2")
-    await _ready(process)
+async def test_sub_prints_one_line_per_message(brokered, cli):
+    sub = cli.start("sub", "--server", brokered.address, "news", "-n", "2")
+    await sub.stderr.line("subscribed to")
     await brokered.broker.publish("news", b"first\nsecond")
     await brokered.broker.publish("news", b"\xffdone")
-    code, out, err = await _finished(process)
+    code, out, err = await sub.finished()
     assert code == 0, err
     assert out == b"first\\nsecond\n\\xffdone\n"
 
@@ -448,14 +456,14 @@ async def test_ctrl_c_stops_sub_and_unsubscribes(brokered):
 
 
 @ensure
-async def test_pub_without_a_broker(server):
+async def test_pub_without_a_broker(server, cli):
     result = await cli("pub", "--server", server.address, "orders", "x")
     err = one_line_error(result, "pub")
     assert f"no broker answers on channel 4cf5ad4a-c843-56c7-921e-35cba21980e2 at {server.address}" in err
 
 
 @ensure
-async def test_pub_refuses_reserved_and_empty_topics(brokered):
+async def test_pub_refuses_reserved_and_empty_topics(brokered, cli):
     for topic in ("$pulsyflux/subscribe", ""):
         result = await cli("pub", "--server", brokered.address, topic, "x")
         assert result.returncode == 2
@@ -464,11 +472,11 @@ async def test_pub_refuses_reserved_and_empty_topics(brokered):
 
 
 @ensure
-async def test_sub_ends_with_an_error_when_the_server_goes_away(brokered):
-    process = spawn("sub", "--server", brokered.address, "news")
-    await _ready(process)
+async def test_sub_ends_with_an_error_when_the_server_goes_away(brokered, cli):
+    sub = cli.start("sub", "--server", brokered.address, "news")
+    await sub.stderr.line("subscribed to")
     await brokered.stop()
-    code, _, err = await _finished(process)
+    code, _, err = await sub.finished()
     assert code == 1
     assert err.decode().splitlines()[-1].startswith("pulsyflux sub: error: subscription to 'news' closed: ")
 
@@ -587,7 +595,7 @@ def test_bench_draws_a_progress_bar_on_a_terminal(capsys, monkeypatch):
 
 
 @ensure
-async def test_sub_with_reconnect_survives_a_server_restart():
+async def test_sub_with_reconnect_survives_a_server_restart(cli):
     from pulsyflux import BrokerService
 
     from .test_broker_reconnect import crash, within
@@ -597,46 +605,44 @@ async def test_sub_with_reconnect_survives_a_server_restart():
     await within(old.whenReady())
     number = old.server.port.getHost().port
     address = f"127.0.0.1:{number}"
-    process = spawn("sub", "-s", address, "--broker-channel", str(old.broker_channel), "news", "-n", "2", "--reconnect")
-    assert "subscribed to 'news'" in await _ready(process)
+    sub = cli.start("sub", "-s", address, "--broker-channel", str(old.broker_channel), "news", "-n", "2", "--reconnect")
+    assert "subscribed to 'news'" in await sub.stderr.line("subscribed to")
     await old.publish("news", b"before")
-    assert await threads.deferToThread(process.stdout.readline) == b"before\n"
+    assert await sub.stdout.line("before") == "before\n"
 
     await crash(old.factory, old.server.port)  # the server's process dies...
     old.server.port = None
     fresh = BrokerService(f"tcp:{number}:interface=127.0.0.1", broker_channel=old.broker_channel)
     fresh.startService()  # ...and a new one starts on the same port
     await within(fresh.whenReady())
-    assert "subscribed again after a gap (lost connection or broker restart)" in await within(
-        defer.Deferred.fromCoroutine(_ready(process)), 20
-    )
+    assert "(lost connection or broker restart)" in await sub.stderr.line("subscribed again after a gap")
     await fresh.publish("news", b"after")
-    code, out, err = await _finished(process)
-    assert (code, out) == (0, b"after\n"), err
+    code, out, err = await sub.finished()
+    assert (code, out) == (0, b"before\nafter\n"), err
     await fresh.stopService()
     await old.stopService()
 
 
 @ensure
-async def test_reply_with_reconnect_survives_a_server_restart(channel):
+async def test_reply_with_reconnect_survives_a_server_restart(channel, cli):
     from pulsyflux import ServerFactory
 
-    from .test_broker_reconnect import crash, within
+    from .test_broker_reconnect import crash
 
     factory = ServerFactory(reactor)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     number = port.getHost().port
     address = f"127.0.0.1:{number}"
-    process = spawn("reply", "-s", address, str(channel), "--echo", "-n", "1", "--reconnect")
-    assert "replying on channel" in await _ready(process)
+    reply = cli.start("reply", "-s", address, str(channel), "--echo", "-n", "1", "--reconnect")
+    assert "replying on channel" in await reply.stderr.line("replying")
 
     await crash(factory, port)
     factory = ServerFactory(reactor)
     port = reactor.listenTCP(number, factory, interface="127.0.0.1")
-    assert f"reconnected to {address}" in await within(defer.Deferred.fromCoroutine(_ready(process)), 20)
+    assert address in await reply.stderr.line("reconnected to")
     consumer = await Consumer.connect(address, channel)
     assert await consumer.send(b"still here") == b"still here"
-    code, out, err = await _finished(process)
+    code, out, err = await reply.finished()
     assert code == 0, err
     await consumer.close()
     await port.stopListening()
