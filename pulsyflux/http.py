@@ -20,6 +20,7 @@ import heapq
 import json
 import math
 import re
+import sys
 import time
 import uuid
 from collections import Counter
@@ -38,6 +39,7 @@ from ._twisted_compat import http_channel_transport
 from .endpoints import describe_address
 from .server.listening import ListeningService
 from .server.protocol import ServerFactory
+from .wire.codec import MAX_PAYLOAD
 from .wire.printable import printable, printable_bytes
 from .wire.ratelimit import DEFAULT_TEXT, LogLimiter, summary_to
 
@@ -63,24 +65,107 @@ DEFAULT_MAX_PUBLISH_BODY = 1 << 20
 # with them.
 DEFAULT_MAX_TOPICS = 50
 
+# Connections listed one by one in /stats (the busiest; the rest are counted in
+# ``connections.omitted``): a scrape must not grow with the clients.
+DEFAULT_MAX_CONNECTIONS_LISTED = 100
+
 
 # -- the stats document ---------------------------------------------------------
 
 
-def server_stats(factory: ServerFactory, now: Optional[float] = None) -> dict[str, Any]:
+def process_stats() -> dict[str, Any]:
+    """This process as an operator's first look sees it: version, pid, memory, files, CPU.
+
+    Read at scrape time (no counter on any hot path); a number the platform
+    cannot give is None.
+    """
+    import os
+    import resource
+
+    from . import __version__
+
+    times = os.times()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss: Optional[int] = None
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            rss = int(statm.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        rss = None
+    fds: Optional[int] = None
+    for fd_dir in ("/proc/self/fd", "/dev/fd"):
+        try:
+            fds = len(os.listdir(fd_dir)) - 1  # listing the directory opens one
+            break
+        except OSError:
+            continue
+    try:
+        fd_limit: Optional[int] = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        fd_limit = None
+    return {
+        "version": __version__,
+        "pid": os.getpid(),
+        "rss_bytes": rss,
+        # ru_maxrss is KiB on Linux and bytes on macOS
+        "max_rss_bytes": usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024,
+        "open_fds": fds,
+        "max_fds": fd_limit if fd_limit is not None and fd_limit >= 0 else None,
+        "cpu_seconds": round(times.user + times.system, 3),
+    }
+
+
+def server_limits(factory: ServerFactory) -> dict[str, Any]:
+    """The limits this server enforces (docs/reliability.md), as configured."""
+    router = factory.router
+    guard = router.connection_guard
+    return {
+        "max_body": router.max_body,
+        "max_in_flight": router.max_in_flight,
+        "max_connections": router.max_connections,
+        "max_unsent": router.flow_control.max_unsent,
+        "max_unsent_total": router.flow_control.max_unsent_total,
+        "frame_timeout": guard.frame_timeout,
+        "register_timeout": guard.register_timeout,
+        "max_partial_bytes": guard.max_partial_bytes,
+        "max_frame_payload": MAX_PAYLOAD,
+    }
+
+
+def latency_stats(histogram: Any) -> dict[str, Any]:
+    """The request latency histogram: cumulative counts per upper bound in seconds, as Prometheus has them."""
+    buckets = {("+Inf" if math.isinf(bound) else f"{bound:g}"): count for bound, count in histogram.cumulative()}
+    return {"count": histogram.count, "sum_seconds": round(histogram.sum, 6), "buckets": buckets}
+
+
+def server_stats(
+    factory: ServerFactory, now: Optional[float] = None, max_connections: int = DEFAULT_MAX_CONNECTIONS_LISTED
+) -> dict[str, Any]:
     """The router's counters and a census of its connections.
 
     Channels are counted, never named: a channel id is the capability to use
     that channel (a subscriber's id lets anyone inject into or end its
-    subscription), so whoever reads the stats must not learn one.
+    subscription), so whoever reads the stats must not learn one. The
+    server's own broker's connections and requests are counted apart from
+    the clients' (role ``broker``, ``requests.broker_routed``).
     """
     stats = factory.stats
-    census = factory.router.census()
+    router = factory.router
+    census = router.census()
+    listed, omitted = router.connection_list(max_connections)
     now = time.time() if now is None else now
     return {
+        **process_stats(),
         "started": stats.started,
         "uptime_seconds": round(max(now - stats.started, 0.0), 3),
-        "connections": {"open": census.open, "total": stats.connections_total, "by_role": census.by_role},
+        "limits": server_limits(factory),
+        "connections": {
+            "open": census.open,
+            "total": stats.connections_total,
+            "by_role": census.by_role,
+            "list": listed,
+            "omitted": omitted,
+        },
         "channels": {
             "count": census.channels,
             "with_providers": census.with_providers,
@@ -88,8 +173,10 @@ def server_stats(factory: ServerFactory, now: Optional[float] = None) -> dict[st
         },
         "requests": {
             "routed": stats.requests_routed,
+            "broker_routed": stats.broker_requests_routed,
             "responses_routed": stats.responses_routed,
             "in_flight": census.in_flight,
+            "latency": latency_stats(stats.latency),
         },
         "frames_dropped": stats.frames_dropped,
         "protocol_errors": stats.protocol_errors,
@@ -149,18 +236,30 @@ def _bounded_broker_stats(stats: dict[str, Any], max_topics: int) -> dict[str, A
     channel id (nor any other text of it but its topic)."""
     from .wire.messages import is_control
 
-    out = {key: value for key, value in stats.items() if key not in ("topics", "subscriptions")}
+    out = {
+        key: value
+        for key, value in stats.items()
+        if key not in ("topics", "subscriptions", "topic_published", "topic_delivered")
+    }
+    published = stats.get("topic_published", {})
+    delivered = stats.get("topic_delivered", {})
+    traffic: dict[str, dict[str, int]] = {}
     topics: Counter[str] = Counter()
     other = {"topics": 0, "subscribers": 0}
     ranked = sorted(stats.get("topics", {}).items(), key=lambda item: (-item[1], str(item[0])))
     for topic, count in ranked:
         if len(topics) < max_topics and not is_control(str(topic)):
-            topics[_topic_text(topic)] += count  # two cut names may meet: add them up
+            shown = _topic_text(topic)
+            topics[shown] += count  # two cut names may meet: add them up
+            counts = traffic.setdefault(shown, {"published": 0, "delivered": 0})
+            counts["published"] += _int(published.get(topic))
+            counts["delivered"] += _int(delivered.get(topic))
         else:
             other["topics"] += 1
             other["subscribers"] += count
     out["topics_count"] = len(ranked)
     out["topics"] = dict(topics)
+    out["topic_traffic"] = traffic  # publish -> deliver per shown topic, since it last gained a subscriber
     out["other_topics"] = other
     subs = stats.get("subscriptions", [])
     out["subscriptions_count"] = len(subs)
@@ -269,11 +368,33 @@ def prometheus_text(document: dict[str, Any]) -> str:
     """Render a :func:`stats_document` in the Prometheus text exposition format."""
     m = _Metrics()
     s = document["server"]
+    m.family(
+        "pulsyflux_info",
+        "gauge",
+        "Always 1; the labels say which pulsyflux this is.",
+        [({"version": str(s.get("version", "")), "pid": str(s.get("pid", ""))}, 1)],
+    )
     m.one("pulsyflux_uptime_seconds", "gauge", "Seconds since the server started.", s["uptime_seconds"])
+    # The standard process metrics (names as the Prometheus client libraries use them).
+    for name, key, kind, help_text in (
+        ("process_resident_memory_bytes", "rss_bytes", "gauge", "Resident memory size in bytes."),
+        ("process_open_fds", "open_fds", "gauge", "Number of open file descriptors."),
+        ("process_max_fds", "max_fds", "gauge", "Maximum number of open file descriptors."),
+        ("process_cpu_seconds_total", "cpu_seconds", "counter", "Total user and system CPU time in seconds."),
+        ("process_start_time_seconds", "started", "gauge", "Start time of the process since the Unix epoch."),
+    ):
+        if s.get(key) is not None:
+            m.one(name, kind, help_text, s[key])
+    m.family(
+        "pulsyflux_limit",
+        "gauge",
+        "The limits the server enforces, as configured (bytes, seconds or counts; see docs/reliability.md).",
+        [({"limit": name}, value) for name, value in sorted(s.get("limits", {}).items())],
+    )
     m.family(
         "pulsyflux_connections",
         "gauge",
-        "Open client connections by role (unregistered = connected, not yet registered).",
+        "Open connections by role (unregistered = connected, not yet registered; broker = the server's own broker).",
         [({"role": role}, count) for role, count in sorted(s["connections"]["by_role"].items())],
     )
     m.one(
@@ -289,6 +410,21 @@ def prometheus_text(document: dict[str, Any]) -> str:
         "Requests handed to a provider.",
         s["requests"]["routed"],
     )
+    m.one(
+        "pulsyflux_broker_requests_routed_total",
+        "counter",
+        "Requests of the server's own broker (its forwards to subscribers) handed to a provider.",
+        s["requests"].get("broker_routed", 0),
+    )
+    latency = s["requests"].get("latency")
+    if latency is not None:
+        name = "pulsyflux_request_duration_seconds"
+        m.lines.append(f"# HELP {name} Clients' requests, from their START to the end of the response.")
+        m.lines.append(f"# TYPE {name} histogram")
+        for bound, count in latency["buckets"].items():
+            m.lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
+        m.lines.append(f"{name}_sum {_number(latency['sum_seconds'])}")
+        m.lines.append(f"{name}_count {latency['count']}")
     m.one(
         "pulsyflux_responses_routed_total",
         "counter",
@@ -377,6 +513,19 @@ def _broker_metrics(m: _Metrics, b: dict[str, Any]) -> None:
         "gauge",
         f"Subscriptions per topic (the most subscribed ones; {OTHER_TOPICS} sums the others).",
         samples,
+    )
+    traffic = b.get("topic_traffic", {})
+    m.family(
+        "pulsyflux_broker_topic_published_total",
+        "counter",
+        "Messages published to a topic while it had subscribers (the topics listed above).",
+        [({"topic": topic}, counts.get("published", 0)) for topic, counts in sorted(traffic.items())],
+    )
+    m.family(
+        "pulsyflux_broker_topic_delivered_total",
+        "counter",
+        "Messages of a topic its subscribers accepted (the topics listed above).",
+        [({"topic": topic}, counts.get("delivered", 0)) for topic, counts in sorted(traffic.items())],
     )
     subs = b.get("subscriptions", [])
     m.one(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import uuid
 
@@ -11,14 +12,17 @@ import pytest_twisted
 import treq
 from twisted.internet import reactor
 
-from pulsyflux import Consumer, NoProviderError, Provider
-from pulsyflux.http import HTTPService, make_site, prometheus_text, stats_document
+from pulsyflux import BrokerClient, Consumer, NoProviderError, Provider, __version__
+from pulsyflux.http import HTTPService, make_site, prometheus_text, server_stats, stats_document
+from pulsyflux.server.router import LatencyHistogram
 from pulsyflux.testing import start_server
+
+from .helpers import eventually
 
 ensure = pytest_twisted.ensureDeferred
 
 # One sample line of the Prometheus text format: name, optional labels, value.
-SAMPLE = re.compile(r'^[a-z_:][a-z0-9_:]*(\{([a-z_][a-z0-9_]*="([^"\\]|\\.)*",?)*\})? -?[0-9.e+]+(Inf|NaN)?$')
+SAMPLE = re.compile(r'^[a-z_:][a-z0-9_:]*(\{([a-z_][a-z0-9_]*="([^"\\]|\\.)*",?)*\})? -?[0-9.e+-]+(Inf|NaN)?$')
 
 
 @pytest.fixture
@@ -77,11 +81,12 @@ async def test_stats_counts_what_happened(served, channel):
     code, stats = await get_json(served.http_url + "/stats")
     assert code == 200
     server = stats["server"]
-    assert server["connections"]["by_role"] == {"consumer": 2, "provider": 1, "unregistered": 0}
+    assert server["connections"]["by_role"] == {"consumer": 2, "provider": 1, "unregistered": 0, "broker": 0}
     assert server["connections"]["open"] == 3
     assert server["channels"]["count"] == 2
     assert server["channels"] == {"count": 2, "with_providers": 1, "without_provider": 1}
-    assert server["requests"] == {"routed": 1, "responses_routed": 1, "in_flight": 0}
+    requests = {key: server["requests"][key] for key in ("routed", "broker_routed", "responses_routed", "in_flight")}
+    assert requests == {"routed": 1, "broker_routed": 0, "responses_routed": 1, "in_flight": 0}
     assert server["errors"] == {"peer disappeared": 1}
     assert server["bytes"]["in"] > len(b"hello") and server["bytes"]["out"] > len(b"hello!")
     assert 0 <= server["uptime_seconds"] < 60
@@ -111,7 +116,9 @@ async def test_metrics_in_prometheus_text_format(served, channel):
             families[name] = kind
         elif not line.startswith("# HELP "):
             assert SAMPLE.match(line), line
-            assert line.split("{")[0].split(" ")[0] in families, line
+            name = line.split("{")[0].split(" ")[0]
+            family = re.sub(r"_(bucket|sum|count)$", "", name)  # a histogram's samples
+            assert name in families or families.get(family) == "histogram", line
     lines = set(text.splitlines())
     assert "pulsyflux_requests_routed_total 1" in lines
     assert 'pulsyflux_connections{role="consumer"} 2' in lines
@@ -121,6 +128,118 @@ async def test_metrics_in_prometheus_text_format(served, channel):
     assert families["pulsyflux_connections"] == "gauge"
     for client in (consumer, nobody, provider):
         await client.close()
+
+
+@ensure
+async def test_stats_show_the_process_and_its_limits(served):
+    code, stats = await get_json(served.http_url + "/stats")
+    server = stats["server"]
+    assert server["version"] == __version__
+    assert server["pid"] == os.getpid()
+    assert server["rss_bytes"] > 1 << 20 and server["max_rss_bytes"] >= server["rss_bytes"] // 2
+    assert 3 <= server["open_fds"] <= server["max_fds"]
+    assert server["cpu_seconds"] > 0
+    router = served.factory.router
+    assert server["limits"]["max_body"] == router.max_body
+    assert server["limits"]["max_connections"] == router.max_connections
+    assert server["limits"]["frame_timeout"] == router.connection_guard.frame_timeout
+    assert server["limits"]["max_frame_payload"] == 1 << 20
+    response, body = await get(served.http_url + "/metrics")
+    lines = set(body.decode().splitlines())
+    assert f'pulsyflux_info{{version="{__version__}",pid="{os.getpid()}"}} 1' in lines
+    assert f'pulsyflux_limit{{limit="max_body"}} {router.max_body}' in lines
+    assert any(line.startswith("process_resident_memory_bytes ") for line in lines)
+    assert any(line.startswith("process_open_fds ") for line in lines)
+
+
+@ensure
+async def test_stats_list_connections_without_their_ids(served, channel):
+    provider = await Provider.connect(served.address, channel, handler=lambda data: data)
+    consumer = await Consumer.connect(served.address, channel)
+    for _ in range(3):
+        await consumer.send(b"x" * 1000)
+    response, body = await get(served.http_url + "/stats")
+    text = body.decode()
+    for secret in (channel, consumer.client_id, provider.client_id):
+        assert secret.hex not in text.replace("-", "") and str(secret) not in text
+    listed = json.loads(text)["server"]["connections"]
+    assert listed["omitted"] == 0
+    by_role = {conn["role"]: conn for conn in listed["list"]}
+    assert set(by_role) == {"consumer", "provider"}
+    sent = by_role["consumer"]
+    # Registration (START + END), then three requests of START, CHUNK, END; three responses back.
+    assert sent["frames_in"] == 2 + 3 * 3 and sent["frames_out"] == 3 * 3
+    assert sent["bytes_in"] > 3000 and sent["bytes_out"] > 3000
+    assert sent["remote"].startswith("127.0.0.1:") and sent["age_seconds"] >= 0
+    assert by_role["provider"]["frames_out"] == 1 + 3 * 3  # its registration probe's answer, three requests
+
+    # Bounded: the busiest first, the rest counted.
+    idle = await Consumer.connect(served.address, channel)
+    await eventually(lambda: len(served.factory.router.peers) == 3)
+    one = server_stats(served.factory, max_connections=1)["connections"]
+    busiest = max(listed["list"], key=lambda conn: conn["bytes_in"] + conn["bytes_out"])
+    assert len(one["list"]) == 1 and one["omitted"] == 2
+    assert (one["list"][0]["role"], one["list"][0]["bytes_in"]) == (busiest["role"], busiest["bytes_in"])
+    for client in (consumer, provider, idle):
+        await client.close()
+
+
+@ensure
+async def test_request_latency_histogram(served, channel):
+    provider = await Provider.connect(served.address, channel, handler=lambda data: data)
+    consumer = await Consumer.connect(served.address, channel)
+    await consumer.send(b"x")
+    await consumer.send(b"y")
+    code, stats = await get_json(served.http_url + "/stats")
+    latency = stats["server"]["requests"]["latency"]
+    assert latency["count"] == 2 and latency["buckets"]["+Inf"] == 2 and latency["sum_seconds"] >= 0
+    counts = list(latency["buckets"].values())
+    assert counts == sorted(counts)  # cumulative
+    response, body = await get(served.http_url + "/metrics")
+    lines = set(body.decode().splitlines())
+    assert 'pulsyflux_request_duration_seconds_bucket{le="+Inf"} 2' in lines
+    assert "pulsyflux_request_duration_seconds_count 2" in lines
+    for client in (consumer, provider):
+        await client.close()
+
+
+def test_latency_histogram_buckets():
+    histogram = LatencyHistogram()
+    for seconds in (0.0001, 0.0005, 0.003, 99.0):
+        histogram.observe(seconds)
+    cumulative = dict(histogram.cumulative())
+    assert (cumulative[0.0005], cumulative[0.001], cumulative[0.005], cumulative[10.0]) == (2, 2, 3, 3)
+    assert cumulative[float("inf")] == 4 and histogram.count == 4
+
+
+@ensure
+async def test_the_brokers_own_connections_are_shown_apart(brokered):
+    code, stats = await get_json(brokered.http_url + "/stats")
+    server = stats["server"]
+    assert server["connections"]["open"] == 0 and server["connections"]["total"] == 0
+    assert server["connections"]["by_role"]["broker"] >= 2
+    assert server["requests"]["routed"] == 0
+    assert {conn["role"] for conn in server["connections"]["list"]} == {"broker"}
+
+
+@ensure
+async def test_topic_publish_and_deliver_counters(brokered):
+    client = await BrokerClient.connect(brokered.address)
+    sub = await client.subscribe("orders")
+    for n in range(3):
+        await client.publish("orders", b"%d" % n)
+    await client.publish("nobody-listens", b"x")
+    for _ in range(3):
+        await sub.get()
+    await eventually(lambda: brokered.broker.delivered == 3)
+    code, stats = await get_json(brokered.http_url + "/stats")
+    assert stats["broker"]["topic_traffic"] == {"orders": {"published": 3, "delivered": 3}}
+    assert stats["server"]["requests"]["broker_routed"] >= 1  # the forwards to the subscriber
+    response, body = await get(brokered.http_url + "/metrics")
+    lines = set(body.decode().splitlines())
+    assert 'pulsyflux_broker_topic_published_total{topic="orders"} 3' in lines
+    assert 'pulsyflux_broker_topic_delivered_total{topic="orders"} 3' in lines
+    await client.close()
 
 
 def test_metric_label_values_are_escaped(server):

@@ -81,7 +81,7 @@ def test_a_request_and_its_response_are_routed_between_two_peers():
     [response] = frames(to_consumer)
     assert (response.type, response.payload) == (codec.RESPONSE, routing + b"pong")
     assert router.requests == {} and consumer.started == set() and provider.assigned == set()
-    assert router.census() == (2, {"consumer": 1, "provider": 1, "unregistered": 0}, 1, 1, 0, 0)
+    assert router.census() == (2, {"consumer": 1, "provider": 1, "unregistered": 0, "broker": 0}, 1, 1, 0, 0)
 
 
 def test_a_provider_that_goes_away_fails_its_requests_and_deadlines_run_on_the_clock():
@@ -96,7 +96,7 @@ def test_a_provider_that_goes_away_fails_its_requests_and_deadlines_run_on_the_c
     router.disconnected(provider)
     [error] = frames(to_consumer)
     assert (error.request_id, codec.error_message(error.payload)) == (lost, "peer disappeared")
-    assert router.census().by_role == {"consumer": 1, "provider": 0, "unregistered": 0}
+    assert router.census().by_role == {"consumer": 1, "provider": 0, "unregistered": 0, "broker": 0}
     other, _ = connect(router)
     receive(router, other, register_frames(codec.ROLE_PROVIDER, os.urandom(16), channel))
     receive(router, consumer, request_frames(timed, client_id, channel, b"b", timeout_ms=500))

@@ -104,7 +104,9 @@ class ServerProtocol(Protocol):
         raw_write = immediate_writer(transport)
 
         def write(data: bytes) -> None:
-            stats.bytes_out += len(data)
+            size = len(data)
+            stats.bytes_out += size
+            peer.bytes_out += size
             raw_write(data)
 
         # A function, not a bound method: the router calls peer.write per flush with no
@@ -117,10 +119,13 @@ class ServerProtocol(Protocol):
         router.stats.bytes_in += len(data)
         frame_received = router.frame_received
         peer: Peer = self.peer  # type: ignore[assignment]  # a refused connection reads nothing (stop_reading)
+        peer.bytes_in += len(data)
         router.reading = peer
+        frames = 0
         try:
             decoder = self.decoder
             for ftype, flags, request_id, frame in decoder.frames(data):
+                frames += 1
                 frame_received(peer, ftype, flags, request_id, frame)
             if self.held or decoder.partials != self.frame_serial:  # an incomplete frame: timed and budgeted
                 router.connection_guard.holding(self, decoder.buffered)
@@ -139,6 +144,7 @@ class ServerProtocol(Protocol):
             router.flush()
             self.transport.loseConnection()
         finally:
+            peer.frames_in += frames  # once per read, not per frame
             router.flush()
             router.reading = None
 

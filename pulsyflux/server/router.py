@@ -12,9 +12,11 @@ Three pieces, each with one job (compare Twisted's AMP):
 
 from __future__ import annotations
 
+import heapq
 import re
 import time
 import weakref
+from bisect import bisect_left
 from collections import Counter, deque
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -22,6 +24,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ..endpoints import describe_address
 from ..wire import codec, errors
 from ..wire.codec import (
     CHUNK,
@@ -85,8 +88,8 @@ ROLE_NAMES = {ROLE_CONSUMER: "consumer", ROLE_PROVIDER: "provider"}
 class Census(NamedTuple):
     """What :meth:`Router.census` counts: connections by role, channels, requests (never a channel id)."""
 
-    open: int  # connections open now
-    by_role: dict[str, int]  # "consumer", "provider", "unregistered" -> connections
+    open: int  # client connections open now (the server's own broker's are not counted: see by_role)
+    by_role: dict[str, int]  # "consumer", "provider", "unregistered", "broker" -> connections
     channels: int  # channels some connection registered on
     with_providers: int  # of those, channels with a provider
     without_provider: int  # channels with consumers only
@@ -127,6 +130,39 @@ def short_error_text(text: "str | bytes", limit: int = RECENT_ERROR_CHARS) -> st
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# Upper bounds (seconds) of the request latency histogram's buckets, START to the end of the response.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class LatencyHistogram:
+    """Request latencies in fixed buckets (Prometheus style): a few integers, whatever the traffic.
+
+    ``counts[i]`` holds the requests that took at most ``LATENCY_BUCKETS[i]``
+    seconds and more than the bucket before; the last count is the overflow.
+    """
+
+    __slots__ = ("counts", "sum", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, requests at most that long) per bucket, ending with (inf, all)."""
+        total = 0
+        out = []
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts):
+            total += count
+            out.append((bound, total))
+        return out
+
+
 class ServerStats:
     """Counters an operator reads (``/stats``, ``/metrics``).
 
@@ -139,8 +175,10 @@ class ServerStats:
 
     def __init__(self) -> None:
         self.started = time.time()
-        self.connections_total = 0
-        self.requests_routed = 0
+        self.connections_total = 0  # client connections accepted (not the server's own broker's)
+        self.requests_routed = 0  # requests from clients handed to a provider
+        self.broker_requests_routed = 0  # the same, from the server's own broker (its forwards to subscribers)
+        self.latency = LatencyHistogram()  # clients' requests, START to the end of the response
         self.responses_routed = 0
         self.frames_dropped = 0
         self.bytes_in = 0
@@ -176,10 +214,17 @@ class Peer:
         router.flush()
 
     ``conn`` is the adapter (a :class:`ServerProtocol`), held weakly, or None.
+    ``bytes_in``/``frames_in`` count what it sent (per read), ``bytes_out``/``frames_out``
+    what was written to it (per flush), ``since`` when it connected (the router's clock).
     """
 
     __slots__ = (
         "key",
+        "bytes_in",
+        "bytes_out",
+        "frames_in",
+        "frames_out",
+        "since",
         "outbox",
         "started",
         "assigned",
@@ -196,6 +241,8 @@ class Peer:
         self.transport = transport
         self.trusted = trusted
         self.key: Optional[RegistryKey] = None
+        self.bytes_in = self.bytes_out = self.frames_in = self.frames_out = 0
+        self.since = 0.0
         self.outbox: list[bytes] = []
         self.started: set[bytes] = set()
         self.assigned: set[bytes] = set()
@@ -212,10 +259,20 @@ class Peer:
 class _InFlight:
     """One request between its START and the end of its response."""
 
-    __slots__ = ("request_id", "consumer", "provider", "routing", "responding", "request_size", "response_size")
+    __slots__ = (
+        "request_id",
+        "consumer",
+        "provider",
+        "routing",
+        "responding",
+        "request_size",
+        "response_size",
+        "started",
+    )
 
-    def __init__(self, request_id: bytes, consumer: Peer, provider: Peer, routing: bytes) -> None:
+    def __init__(self, request_id: bytes, consumer: Peer, provider: Peer, routing: bytes, started: float) -> None:
         self.request_id = request_id
+        self.started = started  # the router's clock at its START: for the latency histogram
         self.consumer = consumer
         self.provider = provider
         self.routing = routing
@@ -387,9 +444,11 @@ class Router:
         closed by flow control and :meth:`close_all`; ``conn`` is its adapter, if any.
         """
         peer = Peer(write, transport, trusted, conn)
+        peer.since = self.clock.seconds()
         peer.flow = self.flow_control.attach(peer)
         self.peers.add(peer)
-        self.stats.connections_total += 1
+        if not trusted:
+            self.stats.connections_total += 1
         return peer
 
     def disconnected(self, conn: Peer) -> None:
@@ -420,11 +479,14 @@ class Router:
 
     def census(self) -> Census:
         """Count the connections by role and the channels they use, for stats (no id leaves here)."""
-        roles = {"consumer": 0, "provider": 0, "unregistered": 0}
+        roles = {"consumer": 0, "provider": 0, "unregistered": 0, "broker": 0}
         consumers: set[bytes] = set()
         providers: set[bytes] = set()
         for conn in self.peers:
             key = conn.key
+            if conn.trusted:
+                roles["broker"] += 1  # the server's own broker: not a client, and its channels are its own
+                continue
             if key is None:
                 roles["unregistered"] += 1
                 continue
@@ -433,13 +495,51 @@ class Router:
             roles[name] = roles.get(name, 0) + 1
             (providers if role == ROLE_PROVIDER else consumers).add(channel)
         return Census(
-            open=len(self.peers),
+            open=len(self.peers) - roles["broker"],
             by_role=roles,
             channels=len(consumers | providers),
             with_providers=len(providers),
             without_provider=len(consumers - providers),
             in_flight=len(self.requests),
         )
+
+    def connection_list(self, limit: int) -> tuple[list[dict[str, Any]], int]:
+        """The ``limit`` busiest connections (bytes in + out) as operators see them, and how many were left out.
+
+        Like NATS's ``/connz``: remote address, role, bytes and frames each
+        way, age. Never a channel or client id (a channel id is the
+        capability to use the channel).
+        """
+        now = self.clock.seconds()
+        peers = self.peers
+        shown = peers if len(peers) <= limit else heapq.nlargest(limit, peers, key=_traffic)
+        listed = []
+        for peer in sorted(shown, key=_traffic, reverse=True):
+            key = peer.key
+            if peer.trusted:
+                role = "broker"
+            elif key is None:
+                role = "unregistered"
+            else:
+                role = ROLE_NAMES.get(key[0], "unknown")
+            transport = peer.transport
+            try:
+                remote = describe_address(transport.getPeer())
+            except Exception:  # noqa: BLE001 - a transport closing meanwhile, or one without getPeer
+                remote = "?"
+            listed.append(
+                {
+                    "remote": remote,
+                    "role": role,
+                    "age_seconds": round(max(now - peer.since, 0.0), 3),
+                    "bytes_in": peer.bytes_in,
+                    "bytes_out": peer.bytes_out,
+                    "frames_in": peer.frames_in,
+                    "frames_out": peer.frames_out,
+                    "requests_in_flight": len(peer.started) + len(peer.assigned),
+                }
+            )
+        return listed, len(peers) - len(listed)
 
     def fail_all(self, message: str) -> None:
         """End every request in flight: its consumer gets ``message`` (a shutdown whose grace is over)."""
@@ -469,6 +569,7 @@ class Router:
     def send(self, conn: Peer, data: bytes) -> None:
         """Write to ``conn``; while a read is being routed, queue it: one write per destination and read."""
         if self.reading is None:
+            conn.frames_out += 1
             conn.write(data)  # a timer or a disconnect
             if conn.flow.paused:
                 self.flow_control.wrote(conn, len(data))
@@ -483,6 +584,7 @@ class Router:
         dirty = self._dirty
         for conn in dirty:  # a slow reader's cut may add a connection: it is flushed too
             outbox = conn.outbox
+            conn.frames_out += len(outbox)
             if len(outbox) == 1:  # the usual case (one frame routed there this read): no call, no list
                 conn.write(outbox[0])
             else:
@@ -544,7 +646,7 @@ class Router:
         if provider is None or (channel in self.guarded and not conn.trusted):
             self._server_error(conn, request_id, errors.MSG_PEER_DISAPPEARED, routing)
             return
-        entry = _InFlight(request_id, conn, provider, routing)
+        entry = _InFlight(request_id, conn, provider, routing, self.clock.seconds())
         self.requests[request_id] = entry
         conn.started.add(request_id)
         provider.assigned.add(request_id)
@@ -552,7 +654,10 @@ class Router:
             self.flow_control.serving(provider, conn)
         if timeout_ms:  # it holds until the response is complete
             self.deadlines.add(request_id, entry, timeout_ms / 1000.0)
-        self.stats.requests_routed += 1
+        if conn.trusted:
+            self.stats.broker_requests_routed += 1
+        else:
+            self.stats.requests_routed += 1
         self.send(provider, _encode_header(_VERSION, START, flags, request_id, ROUTING_SIZE) + routing)
 
     def _request_frame(self, conn: Peer, request_id: bytes, frame: bytes) -> None:
@@ -604,7 +709,10 @@ class Router:
             self.stats.provider_error(frame[_HEADER + ROUTING_SIZE :])
         if ftype != RESPONSE_START and ftype != RESPONSE_CHUNK:
             self._finish(entry)
-            self.stats.responses_routed += 1
+            stats = self.stats
+            stats.responses_routed += 1
+            if not entry.consumer.trusted:
+                stats.latency.observe(self.clock.seconds() - entry.started)
         self.send(entry.consumer, frame)
 
     def _finish(self, entry: _InFlight) -> None:
@@ -660,6 +768,10 @@ class Router:
     def _server_error(self, conn: Peer, request_id: bytes, message: str, routing: bytes = ZERO_ROUTING) -> None:
         self.stats.error(message)
         self.send(conn, codec.encode_frame(ERROR, request_id, codec.error_payload(message, routing)))
+
+
+def _traffic(peer: Peer) -> int:
+    return peer.bytes_in + peer.bytes_out
 
 
 class Refused(Exception):
