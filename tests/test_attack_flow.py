@@ -25,6 +25,7 @@ from pulsyflux.testing import start_server
 from pulsyflux.wire import codec, messages
 
 from .helpers import eventually, later
+from .test_reliability import other_channel_round_trips
 from .wire import connect_raw, register_frames, request_frames
 
 ensure = pytest_twisted.ensureDeferred
@@ -90,12 +91,15 @@ async def test_attack_deaf_publisher_does_not_freeze_other_publishers():
         channel = server.broker_channel.bytes
         deaf, deaf_id, deaf_conn = await deaf_consumer(router, server.port, channel)
         body = messages.encode_batch([messages.encode_text("news", b"x", None)])
+        sent = 0
         for _ in range(40):  # publish until the server cannot send the deaf one its acks
+            deaf.transport.write(b"".join(request_frames(os.urandom(16), deaf_id, channel, body) for _ in range(500)))
+            sent += 500
+            # Until the broker has them all, or the server stopped writing to the deaf one.
+            await eventually(lambda sent=sent: deaf_conn.flow.paused or server.broker.published >= sent)
             if deaf_conn.flow.paused:
                 break
-            deaf.transport.write(b"".join(request_frames(os.urandom(16), deaf_id, channel, body) for _ in range(500)))
-            await later(0.05)
-        await eventually(lambda: deaf_conn.flow.paused)
+        assert deaf_conn.flow.paused
 
         honest = await BrokerClient.connect(server.address, heartbeat=None)
         for n in range(50):
@@ -168,7 +172,9 @@ async def test_attack_slow_consumer_alone_still_pauses_its_provider(server, chan
     deaf.transport.write(request_frames(os.urandom(16), deaf_id, channel.bytes, b"big please", timeout_ms=30000))
     provider_conn = router.registry[(codec.ROLE_PROVIDER, channel.bytes, provider.client_id.bytes)]
     await eventually(lambda: provider_conn.flow.reading_paused)
-    await later(0.1)
+    # Its 4 MiB answer is written out on the provider's side: these round trips are the time
+    # it would take the server to read it all, were the provider not held.
+    await other_channel_round_trips(server)
     assert provider_conn.flow.reading_paused
     assert server.factory.stats.slow_consumers == 0
     assert router.flow_control.unsent_total < router.flow_control.max_unsent

@@ -20,7 +20,7 @@ from pulsyflux.testing import hang, reset
 from pulsyflux.wire import codec
 from pulsyflux.wire.codec import FrameDecoder
 
-from .helpers import clocked, eventually, later, within_turns
+from .helpers import clocked, eventually, within_turns
 from .wire import register_frames, request_frames
 
 ensure = pytest_twisted.ensureDeferred
@@ -101,8 +101,9 @@ async def test_consumer_that_stops_reading_pauses_its_provider_only(server, chan
     provider_conn = await registered(server, codec.ROLE_PROVIDER, channel, provider.client_id)
     await eventually(lambda: provider_conn.flow.reading_paused)
     peak = server_buffered(server)
-    await other_channel_round_trips(server)  # another channel is not held up
-    await later(0.2)  # time for the provider's response to pile up in the server, were it not paused
+    # Another channel is not held up; and these round trips are the time the provider's
+    # response (all written out on its side already) would pile up in the server, were it not paused.
+    await other_channel_round_trips(server)
     peak = max(peak, server_buffered(server))
     assert provider_conn.flow.reading_paused  # still held: the consumer reads nothing
     assert peak < 4 * MiB  # the 24 MiB response waits in the provider, not in the server
@@ -234,6 +235,9 @@ async def test_clients_reconnect_and_traffic_resumes_after_a_server_restart(chan
     back = [Deferred() for _ in providers + consumers]
     for client, d in zip(providers + consumers, back):
         client.on_reconnect(lambda c, d=d: d.callback(c))
+    a_provider_back: Deferred = Deferred()
+    for provider in providers:
+        provider.on_reconnect(lambda _: None if a_provider_back.called else a_provider_back.callback(None))
 
     # A request held by a provider that never answers, in flight when the server goes.
     stuck_channel = uuid.uuid4()
@@ -258,7 +262,7 @@ async def test_clients_reconnect_and_traffic_resumes_after_a_server_restart(chan
                 await consumer.when_connected()
             except NoProviderError:  # consumers may be back before providers
                 counts["no provider"] += 1
-                await later(0.01)
+                await a_provider_back
 
     loops = [Deferred.fromCoroutine(traffic(c)) for c in consumers]
     await eventually(lambda: counts["ok"] >= 30)
