@@ -74,6 +74,10 @@ def test_sans_io_core_imports_and_works_without_twisted() -> None:
         index = subjects.Sublist()
         index.add("news.*", "sub")
         assert index.match("news.eu") == ["sub"], index.match("news.eu")
+        from pulsyflux.auth import Authority, Grants, mint
+        from pulsyflux.auth.tokens import Key
+        key = Key.hs256("k", "s" * 32)
+        assert Authority([key]).verify(mint(key, {{"publish": ["a.>"]}}, 60)).grants.may_publish("a.b")
 
         loaded = sorted(n for n in sys.modules if n.split(".")[0] in ("twisted", "zope"))
         assert not loaded, loaded
@@ -83,7 +87,7 @@ def test_sans_io_core_imports_and_works_without_twisted() -> None:
     assert done.stdout.strip() == "ok"
 
 
-PACKAGES = ("pulsyflux", "pulsyflux.server")
+PACKAGES = ("pulsyflux", "pulsyflux.server", "pulsyflux.auth")
 
 
 def test_packages_import_without_twisted() -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "PermissionDenied",
     "error_from_message",
     "error_kind",
+    "permission_denied",
 ]
 
 
@@ -63,7 +64,10 @@ class PermissionDenied(PulsyfluxError):
     """The server refused what this client tried, and closed its connection.
 
     ``channel reserved: ...``: a Provider registering on the channel of the
-    broker the server runs itself.
+    broker the server runs itself. ``permission denied: ...``: a token the
+    server does not accept, or one (or anonymous rights) without the right
+    the client used (docs/security.md); a refused publish or subscribe fails
+    only that call.
     """
 
 
@@ -96,6 +100,7 @@ PREFIX_BAD_RESPONSE = "bad response:"
 PREFIX_CHANNEL_RESERVED = "channel reserved"
 PREFIX_REGISTER_TIMEOUT = "register timeout:"
 PREFIX_FRAME_TIMEOUT = "frame timeout:"
+PREFIX_PERMISSION_DENIED = "permission denied:"
 
 
 def overloaded(detail: str) -> str:
@@ -111,6 +116,11 @@ def too_large(which: str, detail: str) -> str:
 def bad_response(detail: str) -> str:
     """``bad response: <detail>``: the provider's response broke the protocol."""
     return f"{PREFIX_BAD_RESPONSE} {detail}"
+
+
+def permission_denied(detail: str) -> str:
+    """``permission denied: <detail>``: a refused token, or a missing right (:class:`PermissionDenied`)."""
+    return f"{PREFIX_PERMISSION_DENIED} {detail}"
 
 
 def register_timeout(detail: str) -> str:
@@ -159,6 +169,7 @@ _SERVER_PREFIXES: tuple[tuple[str, type[PulsyfluxError]], ...] = (
     (MSG_DUPLICATE_ID, ProtocolError),
     (PREFIX_BAD_RESPONSE, ProtocolError),  # the provider's response broke the protocol; the request failed
     (PREFIX_CHANNEL_RESERVED, PermissionDenied),
+    (PREFIX_PERMISSION_DENIED, PermissionDenied),  # a token refused, or a right missing (pulsyflux.auth)
     (PREFIX_REGISTER_TIMEOUT, ProtocolError),  # no START soon enough after connecting: closed (guard.py)
     (PREFIX_FRAME_TIMEOUT, ProtocolError),  # a frame took too long to arrive whole: closed (guard.py)
 )
