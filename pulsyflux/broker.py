@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 
 from .client import ChannelId, Consumer, Provider, Reconnect, channel_bytes
 from .endpoints import Address
+from .subjects import Interest, Sublist, matcher
 from .wire import messages
 from .wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
 from .wire.messages import (
@@ -41,7 +42,9 @@ from .wire.messages import (
     MessageError,
     check_topic,
     excerpt,
+    group_problem,
     is_control,
+    is_pattern,
     topic_problem,
 )
 from .wire.ratelimit import LogLimiter, summary_to
@@ -91,6 +94,15 @@ class SubscriptionClosed(PulsyfluxError):
     """The subscription ended: unsubscribed, broker closed, or connection lost."""
 
 
+def _check_subscription(topic: str, group: Optional[str]) -> None:
+    """The topic rule for subscribing, and the group's: TypeError/ValueError at once."""
+    check_topic(topic, subscribing=True)
+    if group is not None:
+        problem = group_problem(group)
+        if problem is not None:
+            raise (TypeError if type(group) is not str else ValueError)(problem)
+
+
 def _uuid(channel: ChannelId) -> uuid.UUID:
     return uuid.UUID(bytes=channel_bytes(channel))
 
@@ -120,11 +132,14 @@ def _guard(address: Address, channel: uuid.UUID) -> Callable[[], None]:
 
 
 class Subscription:
-    """The messages of one topic, in publish order; ends when closed.
+    """The messages of one topic or pattern, in publish order; ends when closed.
 
-        sub = await broker.subscribe("orders")
+        sub = await broker.subscribe("orders.*")
         async for msg in sub:
-            print(msg.topic, msg.payload, msg.headers)
+            print(msg.topic, msg.payload, msg.headers)  # msg.topic: "orders.eu", the topic published to
+
+    ``topic`` is what was subscribed to (a pattern, maybe); ``group`` the
+    queue group, or None (docs/broker.md).
 
     ``get()`` fires with the next :class:`~pulsyflux.wire.messages.Message`, or
     fails with :class:`SubscriptionClosed` once the subscription has ended
@@ -133,16 +148,21 @@ class Subscription:
     broker keeps the rest (and counts what it must drop: :attr:`dropped`).
 
     Only the broker should deliver here, so what it never sends is refused
-    and counted in :attr:`rejected`: a message of another topic, and a drop
+    and counted in :attr:`rejected`: a message of a topic not matching ours, and a drop
     notice that is not followed by a message of this topic in the same
     delivery (the broker places it right before the first message after a
     gap) or that comes in a delivery holding a message of another topic.
     """
 
-    def __init__(self, topic: str, channel: ChannelId, buffer: int = DEFAULT_BUFFER) -> None:
+    def __init__(
+        self, topic: str, channel: ChannelId, buffer: int = DEFAULT_BUFFER, group: Optional[str] = None
+    ) -> None:
         if buffer < 1:
             raise ValueError("buffer must be at least 1")
         self.topic = topic
+        self.group = group
+        # Which other topics are ours: None for a plain topic (only itself, tested with ==).
+        self._accepts: Optional[Callable[[str], bool]] = matcher(topic) if is_pattern(topic) else None
         self.channel = _uuid(channel)
         self.buffer = buffer
         self.closed_reason: Optional[str] = None
@@ -159,7 +179,8 @@ class Subscription:
 
     def __repr__(self) -> str:
         state = f"closed: {self.closed_reason}" if self._closed else f"{self.pending} pending"
-        return f"<Subscription topic={self.topic!r} channel={self.channel} {state}>"
+        group = f" group={self.group!r}" if self.group is not None else ""
+        return f"<Subscription topic={self.topic!r}{group} channel={self.channel} {state}>"
 
     @property
     def dropped(self) -> int:
@@ -282,6 +303,7 @@ class Subscription:
         queue = self._queue
         pending = queue.pending
         topic = self.topic
+        accepts = self._accepts
         count = 0
         foreign = 0
         notices: Optional[list[tuple[int, Message]]] = None
@@ -289,10 +311,13 @@ class Subscription:
             if msg.topic == topic:
                 pending.append(msg)
                 count += 1
-            elif is_control(msg.topic):
+            elif is_control(msg.topic):  # before the pattern: ">" would match "$pulsyflux/dropped"
                 if notices is None:
                     notices = []
                 notices.append((count, msg))  # with how many of ours came before it
+            elif accepts is not None and accepts(msg.topic):
+                pending.append(msg)
+                count += 1
             else:
                 foreign += 1  # never sent by the broker: forged, by someone who knows the channel
         closing: Optional[Message] = None
@@ -344,10 +369,10 @@ class Subscription:
 
 
 async def _open_subscription(
-    address: Address, topic: str, buffer: int, reactor: Any, reconnect: Reconnect = False
+    address: Address, topic: str, buffer: int, reactor: Any, reconnect: Reconnect = False, group: Optional[str] = None
 ) -> tuple[Subscription, Provider]:
     channel = uuid.uuid4()
-    sub = Subscription(topic, channel, buffer)
+    sub = Subscription(topic, channel, buffer, group)
     provider = await Provider.connect(address, channel, handler=sub._deliver, reactor=reactor, reconnect=reconnect)
     sub._attach(provider, reconnect)
     return sub, provider
@@ -398,9 +423,11 @@ class _Outlet:
         limit: int,
         limit_bytes: int = DEFAULT_BACKLOG_BYTES,
         label: str = "",
+        group: Optional[str] = None,
     ) -> None:
         self.fanout = fanout
-        self.topic = topic
+        self.topic = topic  # what was subscribed to: a topic or a pattern
+        self.group = group  # the queue group, or None: gets a copy of every message
         self.consumer = consumer
         self.channel = consumer.channel_id  # a secret of the subscriber's: never in stats or logs
         self.label = label  # what stats and logs call it instead
@@ -423,6 +450,10 @@ class _Outlet:
         self.unguard: Callable[[], None] = _nothing  # ends the server's guard on the channel (inproc)
         # The client that announced it (a client id names one connection): only it may end it.
         self.owner: Optional[uuid.UUID] = None
+
+    def has_room(self) -> bool:
+        """Whether a queue group should give this member the next message: up, and its backlog not full."""
+        return self.ready and len(self.backlog) < self.limit and self.size < self.limit_bytes
 
     def push(self, text: str) -> None:
         """Queue one message; the caller adds it to the fanout's ``backlog_size`` (once per publish)."""
@@ -584,6 +615,7 @@ class _Outlet:
         return {
             "id": self.label,  # not the channel: whoever knows that can write to the subscriber
             "topic": self.topic,
+            "group": self.group,
             "remote": self.local is None,
             "backlog": len(self.backlog),
             "backlog_bytes": self.size,
@@ -595,8 +627,9 @@ class _Outlet:
         }
 
 
-class _Subscribers(list):  # type: ignore[type-arg]  # of _Outlet; a list, for the fan-out's speed
-    """The outlets of one topic, and the topic's counters (as long as it has a subscriber).
+class _Subscribers(Interest[_Outlet]):
+    """The outlets of one topic or pattern (plain and in queue groups), and its counters
+    (as long as it has a subscriber).
 
     ``published`` counts the messages fanned out to it, ``delivered_before``
     what subscribers that left had accepted: the topic's publish -> deliver
@@ -610,14 +643,19 @@ class _Subscribers(list):  # type: ignore[type-arg]  # of _Outlet; a list, for t
         self.published = 0
         self.delivered_before = 0
 
+    def delivered(self) -> int:
+        members = self.plain + [member for group in self.groups.values() for member in group.members]
+        return self.delivered_before + sum(outlet.delivered for outlet in members)
+
 
 class _Setup:
-    """A subscription being set up: its topic, and later announcements of its channel waiting for it."""
+    """A subscription being set up: its topic and group, and later announcements of its channel waiting for it."""
 
-    __slots__ = ("topic", "waiters")
+    __slots__ = ("topic", "group", "waiters")
 
-    def __init__(self, topic: str) -> None:
+    def __init__(self, topic: str, group: Optional[str] = None) -> None:
         self.topic = topic
+        self.group = group
         self.waiters: list[Deferred[_Outlet]] = []
 
 
@@ -662,7 +700,8 @@ class _Fanout:
         self.provider: Optional[Provider] = None
         self.batch = batch
         self.window = window
-        self.topics: dict[str, _Subscribers] = {}
+        # Who wants what: pattern (or topic) -> its plain subscribers and queue groups (subjects.py).
+        self.index: Sublist[_Subscribers] = Sublist()
         self.outlets: dict[uuid.UUID, _Outlet] = {}
         # Channels being set up, recorded before the first await, so that two
         # announcements of one channel never open two forwarding Consumers.
@@ -699,12 +738,11 @@ class _Fanout:
             if problem is not None:
                 self.rejected += 1
                 raise MessageError(f"publish refused: {problem}")
-        topics = self.topics
+        recipients = self.recipients
         self.published += len(items)
         if len(items) == 1:
-            outlets = topics.get(items[0][0])
+            outlets = recipients(items[0][0])
             if outlets:
-                outlets.published += 1
                 text = items[0][1]
                 for outlet in outlets:
                     outlet.push(text)
@@ -716,9 +754,8 @@ class _Fanout:
             return _OK
         touched: dict[_Outlet, None] = {}
         for topic, text, _, _ in items:
-            outlets = topics.get(topic)
+            outlets = recipients(topic)
             if outlets:
-                outlets.published += 1
                 for outlet in outlets:
                     outlet.push(text)
                     touched[outlet] = None
@@ -729,6 +766,62 @@ class _Fanout:
             outlet.flush()
         return _OK
 
+    def recipients(self, topic: str) -> Optional[list[_Outlet]]:
+        """The outlets one message of ``topic`` goes to: each plain subscriber of every
+        matching pattern, and one member of each queue group (the round-robin turns).
+
+        Counts the message in each matching topic's ``published``. A plain
+        topic without groups is one dict lookup, as before patterns existed;
+        the list returned may be the index's own (not to be changed).
+        """
+        index = self.index
+        if not index.patterns:
+            interest = index.literal.get(topic)
+            if interest is None:
+                return None
+        else:
+            interests = index.match(topic)
+            if not interests:
+                return None
+            if len(interests) > 1:
+                out: list[_Outlet] = []
+                for interest in interests:
+                    interest.published += 1
+                    interest.recipients(_Outlet.has_room, out)
+                return out
+            interest = interests[0]
+        interest.published += 1
+        if not interest.groups:
+            return interest.plain
+        out = []
+        interest.recipients(_Outlet.has_room, out)
+        return out
+
+    def enlist(self, outlet: _Outlet) -> None:
+        """Add a new subscription to the index: its pattern, and its queue group if any."""
+        interest = self.index.get(outlet.topic)
+        if interest is None:
+            interest = _Subscribers()
+            self.index.add(outlet.topic, interest)
+        interest.add(outlet, outlet.group)
+
+    def delist(self, outlet: _Outlet) -> None:
+        """Take a subscription out of the index; a pattern nobody wants any more goes."""
+        interest = self.index.get(outlet.topic)
+        if interest is None:
+            return
+        interest.remove(outlet, outlet.group)
+        interest.delivered_before += outlet.delivered
+        if not interest.plain and not interest.groups:
+            self.index.remove(outlet.topic)
+
+    def subscribers(self, topic: str) -> list[_Outlet]:
+        """Every subscription to exactly ``topic`` (a pattern is one topic here), in groups or not."""
+        interest = self.index.get(topic)
+        if interest is None:
+            return []
+        return interest.plain + [member for group in interest.groups.values() for member in group.members]
+
     def _control(self, kind: str, headers: dict[str, str]) -> Union[bytes, "Deferred[bytes]"]:
         if kind not in (messages.SUBSCRIBE, messages.UNSUBSCRIBE):
             raise MessageError(
@@ -737,6 +830,7 @@ class _Fanout:
         topic = headers.get("topic")
         if topic is None:
             raise MessageError(f"{kind} needs a 'topic' header")
+        group = headers.get("group")  # absent: a plain subscription (what Go providers send)
         try:
             channel = uuid.UUID(headers.get("channel", ""))
         except ValueError:
@@ -749,8 +843,8 @@ class _Fanout:
         outlet = self.outlets.get(channel)
         d: Deferred[Any]
         if outlet is not None:
-            if outlet.topic != topic:
-                raise MessageError(f"channel {channel} is already subscribed to another topic")
+            if outlet.topic != topic or outlet.group != group:
+                raise MessageError(f"channel {channel} is already subscribed to another topic or group")
             # A subscriber back after a gap says so again: the subscription we kept resumes.
             if outlet.ready and outlet.consumer.connected:
                 return _RESUMED  # also every heartbeat: a dict lookup, nothing else
@@ -760,8 +854,8 @@ class _Fanout:
             # Announced again while its first announcement is being set up: wait
             # for that one and answer as to a re-announce (never a second outlet).
             setup = self.opening[channel]
-            if setup.topic != topic:
-                raise MessageError(f"channel {channel} is already being subscribed to another topic")
+            if setup.topic != topic or setup.group != group:
+                raise MessageError(f"channel {channel} is already being subscribed to another topic or group")
             if len(setup.waiters) >= _SETUP_WAITERS:
                 self.refused += 1
                 raise PulsyfluxError("subscribe refused: too many announcements of one channel being set up")
@@ -770,6 +864,8 @@ class _Fanout:
             answer = _RESUMED
         else:
             problem = topic_problem(topic, subscribing=True)
+            if problem is None and group is not None:
+                problem = group_problem(group)
             if problem is not None:
                 raise MessageError(f"subscribe refused: {problem}")
             if len(self.outlets) + len(self.opening) >= self.max_subscriptions:
@@ -789,7 +885,7 @@ class _Fanout:
                 raise PulsyfluxError(
                     f"subscribe refused: too many subscriptions being set up (at most {self.max_setups} at once); try again"
                 )
-            d = Deferred.fromCoroutine(self.setup(topic, channel, None, client))
+            d = Deferred.fromCoroutine(self.setup(topic, channel, None, client, group))
             answer = _OK
 
         def failed(failure: Failure) -> NoReturn:
@@ -802,7 +898,12 @@ class _Fanout:
         return d.addCallbacks(lambda _: answer, failed)
 
     async def setup(
-        self, topic: str, channel: uuid.UUID, local: Optional[Subscription], client: Optional[uuid.UUID] = None
+        self,
+        topic: str,
+        channel: uuid.UUID,
+        local: Optional[Subscription],
+        client: Optional[uuid.UUID] = None,
+        group: Optional[str] = None,
     ) -> _Outlet:
         """:meth:`open_outlet`, with ``channel`` marked as opening meanwhile (see :meth:`_control`).
 
@@ -811,12 +912,12 @@ class _Fanout:
         """
         if channel in self.opening or channel in self.outlets:
             raise PulsyfluxError(f"channel {channel} is already subscribed")
-        setup = _Setup(topic)
+        setup = _Setup(topic, group)
         self.opening[channel] = setup
         if client is not None:
             self.setups_by_client[client] = self.setups_by_client.get(client, 0) + 1
         try:
-            outlet = await self.open_outlet(topic, channel, local)
+            outlet = await self.open_outlet(topic, channel, local, group)
         except BaseException:
             failure = Failure()
             self._setup_done(channel, client)
@@ -845,7 +946,9 @@ class _Fanout:
             if left > 0:
                 self.setups_by_client[client] = left
 
-    async def open_outlet(self, topic: str, channel: uuid.UUID, local: Optional[Subscription]) -> _Outlet:
+    async def open_outlet(
+        self, topic: str, channel: uuid.UUID, local: Optional[Subscription], group: Optional[str] = None
+    ) -> _Outlet:
         """Connect a forwarding Consumer to ``channel``, check the subscriber answers, start forwarding."""
         if self.closing:
             raise ConnectionLostError("the broker is closing")
@@ -863,12 +966,9 @@ class _Fanout:
                 await consumer.close()
             raise
         self._serial += 1
-        outlet = _Outlet(self, topic, consumer, local, self.backlog, self.backlog_bytes, f"sub-{self._serial}")
+        outlet = _Outlet(self, topic, consumer, local, self.backlog, self.backlog_bytes, f"sub-{self._serial}", group)
         outlet.unguard = unguard
-        outlets = self.topics.get(topic)
-        if outlets is None:
-            outlets = self.topics[topic] = _Subscribers()
-        outlets.append(outlet)
+        self.enlist(outlet)
         self.outlets[channel] = outlet
         if self.reconnect:
             consumer.on_reconnect(lambda _: outlet.rejoin().addErrback(_ignore))
@@ -881,12 +981,7 @@ class _Fanout:
             return succeed(None)
         del self.outlets[outlet.channel]
         outlet.unguard()
-        outlets = self.topics.get(outlet.topic)
-        if outlets is not None:
-            outlets.remove(outlet)
-            outlets.delivered_before += outlet.delivered
-            if not outlets:
-                del self.topics[outlet.topic]
+        self.delist(outlet)
         waits = [outlet.close(reason, notify=notify and outlet.local is None)]
         sub = outlet.local
         if sub is not None:
@@ -905,7 +1000,7 @@ class _Fanout:
             excess -= outlet.trim(outlet.limit, max(outlet.size - excess, 0))
 
     def remove_topic(self, topic: str, reason: str) -> "Deferred[Any]":
-        return DeferredList([self.remove(o, reason) for o in list(self.topics.get(topic, ()))], consumeErrors=True)
+        return DeferredList([self.remove(o, reason) for o in self.subscribers(topic)], consumeErrors=True)
 
     def remove_all(self, reason: str) -> "Deferred[Any]":
         return DeferredList([self.remove(o, reason) for o in list(self.outlets.values())], consumeErrors=True)
@@ -919,13 +1014,15 @@ class _Fanout:
             "rejected": self.rejected,
             "refused": self.refused,
             "backlog_bytes": self.backlog_size,
-            "topics": {topic: len(outlets) for topic, outlets in self.topics.items()},
-            # Per topic while it has subscribers: messages fanned out to it, and accepted by them.
-            "topic_published": {topic: outlets.published for topic, outlets in self.topics.items()},
-            "topic_delivered": {
-                topic: outlets.delivered_before + sum(outlet.delivered for outlet in outlets)
-                for topic, outlets in self.topics.items()
-            },
+            "topics": {topic: len(interest) for topic, interest in self.index.items()},
+            # Per topic (or pattern) while it has subscribers: messages fanned out to it, and accepted by them.
+            "topic_published": {topic: interest.published for topic, interest in self.index.items()},
+            "topic_delivered": {topic: interest.delivered() for topic, interest in self.index.items()},
+            "groups": [
+                {"topic": topic, "group": group.name, "members": len(group)}
+                for topic, interest in self.index.items()
+                for group in interest.groups.values()
+            ],
             "subscriptions": [outlet.stats() for outlet in self.outlets.values()],
         }
 
@@ -1000,8 +1097,15 @@ class _Publisher:
 
 
 def _announcement(sub: Subscription) -> bytes:
-    """The ``$pulsyflux/subscribe`` for ``sub``: its first, every re-announce, and every heartbeat."""
-    return messages.control(messages.SUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
+    """The ``$pulsyflux/subscribe`` for ``sub``: its first, every re-announce, and every heartbeat.
+
+    The ``group`` header only for a queue group: a plain one is byte for byte what Go providers send.
+    """
+    if sub.group is None:
+        return messages.control(messages.SUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
+    return messages.control(messages.SUBSCRIBE, topic=sub.topic, channel=str(sub.channel), group=sub.group).encode(
+        "utf-8"
+    )
 
 
 # -- the public API -------------------------------------------------------------------
@@ -1162,17 +1266,24 @@ class Broker:
             return fail(self._closed or ConnectionLostError("the broker is not connected"))
         return self._publisher.publish(topic, payload, headers, timeout)
 
-    def subscribe(self, topic: str, buffer: Optional[int] = None) -> "Deferred[Subscription]":
-        """A new :class:`Subscription` to ``topic`` (2 more connections)."""
-        check_topic(topic, subscribing=True)
+    def subscribe(
+        self, topic: str, buffer: Optional[int] = None, group: Optional[str] = None
+    ) -> "Deferred[Subscription]":
+        """A new :class:`Subscription` to ``topic`` (2 more connections).
+
+        ``topic`` may be a pattern: ``orders.*`` (one token), ``orders.>``
+        (one or more). With ``group``, each message goes to one member of
+        that queue group (per pattern), round-robin (docs/broker.md).
+        """
+        _check_subscription(topic, group)
         if self._closed is not None:
             return fail(self._closed)
-        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer))
+        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer, group))
 
-    async def _subscribe(self, topic: str, buffer: int) -> Subscription:
-        sub, provider = await _open_subscription(self.address, topic, buffer, self.reactor, self.reconnect)
+    async def _subscribe(self, topic: str, buffer: int, group: Optional[str] = None) -> Subscription:
+        sub, provider = await _open_subscription(self.address, topic, buffer, self.reactor, self.reconnect, group)
         try:
-            outlet = await self._fanout.setup(topic, sub.channel, sub)
+            outlet = await self._fanout.setup(topic, sub.channel, sub, group=group)
         except BaseException:
             sub._close("subscribe failed")
             await provider.close()
@@ -1332,16 +1443,18 @@ class BrokerClient:
             return fail(self._closed or ConnectionLostError("not connected"))
         return self._publisher.publish(topic, payload, headers, timeout)
 
-    def subscribe(self, topic: str, buffer: Optional[int] = None) -> "Deferred[Subscription]":
+    def subscribe(
+        self, topic: str, buffer: Optional[int] = None, group: Optional[str] = None
+    ) -> "Deferred[Subscription]":
         """Same as :meth:`Broker.subscribe`, through the broker's control messages."""
-        check_topic(topic, subscribing=True)
+        _check_subscription(topic, group)
         if self._closed is not None or self._consumer is None:
             return fail(self._closed or ConnectionLostError("not connected"))
-        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer))
+        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer, group))
 
-    async def _subscribe(self, topic: str, buffer: int) -> Subscription:
+    async def _subscribe(self, topic: str, buffer: int, group: Optional[str] = None) -> Subscription:
         assert self._consumer is not None
-        sub, provider = await _open_subscription(self.address, topic, buffer, self.reactor, self.reconnect)
+        sub, provider = await _open_subscription(self.address, topic, buffer, self.reactor, self.reconnect, group)
         if self.reconnect:
             provider.on_reconnect(lambda _: self._resubscribe(sub))
 

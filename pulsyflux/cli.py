@@ -267,6 +267,16 @@ def _subscribed_topic(text: str) -> str:
     return _topic(text, subscribing=True)
 
 
+def _group(text: str) -> str:
+    """A queue group name, checked by the broker's own rule."""
+    from .wire.messages import group_problem
+
+    problem = group_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def _header(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -489,14 +499,15 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
 
     client = await _broker_client(reactor, args, reconnect=args.reconnect)
     try:
-        sub = await client.subscribe(args.topic)
+        sub = await client.subscribe(args.topic, group=args.group)
         sub.on_resume(
             lambda _: _print_err(
                 "pulsyflux sub: subscribed again after a gap (lost connection or broker restart); "
                 "messages published meanwhile may be missing"
             )
         )
-        _print_err(f"subscribed to {args.topic!r} at {args.server}; Ctrl-C to stop")
+        in_group = f" in queue group {args.group!r}" if args.group is not None else ""
+        _print_err(f"subscribed to {args.topic!r}{in_group} at {args.server}; Ctrl-C to stop")
         received = 0
         try:
             while not args.count or received < args.count:
@@ -583,6 +594,16 @@ def format_stats(document: dict[str, Any]) -> list[str]:
             lines.append(
                 f"  ({_count(other['topics'], 'more topic')}, {_count(other.get('subscribers', 0), 'subscriber')})"
             )
+    groups = b.get("groups") or []
+    if groups:
+        lines.append("queue groups")
+        for g in groups:
+            lines.append(
+                f"  {printable(str(g.get('topic', '')), _STATS_TEXT_LIMIT)}  "
+                f"{printable(str(g.get('group', '')), _STATS_TEXT_LIMIT)}  {_count(int(_number(g.get('members'))), 'member')}"
+            )
+        if b.get("groups_count", len(groups)) > len(groups):
+            lines.append(f"  ({_count(b['groups_count'] - len(groups), 'more group')})")
     subs = b.get("subscriptions") or []
     if subs:
         lines.append("subscriptions (slowest first)")
@@ -590,7 +611,8 @@ def format_stats(document: dict[str, Any]) -> list[str]:
             # Never a channel id: it is the subscriber's secret (older servers sent it).
             label = f"{printable(str(sub['id']), 32)}  " if "id" in sub else ""
             lines.append(
-                f"  {label}{printable(str(sub.get('topic', '')), _STATS_TEXT_LIMIT)}  backlog {sub.get('backlog', 0)}  "
+                f"  {label}{printable(str(sub.get('topic', '')), _STATS_TEXT_LIMIT)}{_in_group(sub)}  "
+                f"backlog {sub.get('backlog', 0)}  "
                 f"in flight {sub.get('in_flight', 0)}  delivered {sub.get('delivered', 0)}  "
                 f"dropped {sub.get('dropped', 0)}"
             )
@@ -598,6 +620,11 @@ def format_stats(document: dict[str, Any]) -> list[str]:
         if listed > len(subs):
             lines.append(f"  ({_count(listed - len(subs), 'more subscription')})")
     return lines
+
+
+def _in_group(sub: dict[str, Any]) -> str:
+    group = sub.get("group")
+    return f" (group {printable(str(group), _STATS_TEXT_LIMIT)})" if group is not None else ""
 
 
 def _channel_detail(channels: dict[str, Any]) -> str:
@@ -705,9 +732,20 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_sub,
         "print the messages published to a topic",
         "Subscribe to TOPIC and print each message as it arrives, one line each: the payload as text "
-        "(line breaks and invalid UTF-8 escaped), or with --json a JSON object with topic, payload and headers.",
+        "(line breaks and invalid UTF-8 escaped), or with --json a JSON object with topic, payload and headers. "
+        "TOPIC may be a pattern of '.'-separated tokens: '*' matches one token, a last '>' one or more "
+        "('orders.*' gets orders.eu, 'orders.>' also orders.eu.paris; quote it for the shell); --json shows "
+        "which topic each message was published to.",
     )
-    p.add_argument("topic", metavar="TOPIC", type=_subscribed_topic)
+    p.add_argument("topic", metavar="TOPIC", type=_subscribed_topic, help="a topic, or a pattern such as 'orders.*'")
+    p.add_argument(
+        "--group",
+        "-g",
+        type=_group,
+        metavar="NAME",
+        help="join queue group NAME: each message goes to one member of the group (round-robin), "
+        "not to every subscriber",
+    )
     p.add_argument("--count", "-n", type=_positive_int, metavar="N", help="exit after N messages")
     p.add_argument("--json", action="store_true", help="print JSON lines: {topic, payload, headers}")
     p.add_argument(

@@ -231,7 +231,8 @@ def _topic_text(topic: Any) -> str:
 
 def _bounded_broker_stats(stats: dict[str, Any], max_topics: int) -> dict[str, Any]:
     """The broker's stats as shown: the ``max_topics`` most subscribed topics
-    (the others summed in ``other_topics``), the ``max_topics`` slowest
+    (the others summed in ``other_topics``), the ``max_topics`` largest queue
+    groups (of ``groups_count``), the ``max_topics`` slowest
     subscriptions, topic names cut and made encodable, and no subscription's
     channel id (nor any other text of it but its topic)."""
     from .wire.messages import is_control
@@ -239,7 +240,7 @@ def _bounded_broker_stats(stats: dict[str, Any], max_topics: int) -> dict[str, A
     out = {
         key: value
         for key, value in stats.items()
-        if key not in ("topics", "subscriptions", "topic_published", "topic_delivered")
+        if key not in ("topics", "subscriptions", "topic_published", "topic_delivered", "groups")
     }
     published = stats.get("topic_published", {})
     delivered = stats.get("topic_delivered", {})
@@ -261,6 +262,19 @@ def _bounded_broker_stats(stats: dict[str, Any], max_topics: int) -> dict[str, A
     out["topics"] = dict(topics)
     out["topic_traffic"] = traffic  # publish -> deliver per shown topic, since it last gained a subscriber
     out["other_topics"] = other
+    groups = stats.get("groups", [])
+    out["groups_count"] = len(groups)
+    largest = heapq.nsmallest(
+        max_topics, groups, key=lambda g: (-_int(g.get("members")), str(g.get("topic")), str(g.get("group")))
+    )
+    out["groups"] = [
+        {
+            "topic": _topic_text(g.get("topic", "")),
+            "group": _topic_text(g.get("group", "")),
+            "members": _int(g.get("members")),
+        }
+        for g in largest
+    ]
     subs = stats.get("subscriptions", [])
     out["subscriptions_count"] = len(subs)
     slowest = heapq.nsmallest(
@@ -283,6 +297,8 @@ def _subscription(sub: dict[str, Any]) -> dict[str, Any]:
     if isinstance(label, str) and len(label) <= 32 and not _looks_like_a_channel(label):
         shown["id"] = label
     shown["topic"] = _topic_text(sub.get("topic", ""))
+    if isinstance(sub.get("group"), str):
+        shown["group"] = _topic_text(sub["group"])  # the queue group, when in one
     for key, value in sub.items():
         if isinstance(value, (bool, int, float)) and key not in ("channel", "id"):
             shown[key] = value

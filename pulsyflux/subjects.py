@@ -25,6 +25,7 @@ walk of a usual topic is a few dict lookups.
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Generic, Iterator, Optional, TypeVar
 
 from .wire.messages import MAX_PATTERN_TOKENS, check_topic, is_pattern
@@ -71,15 +72,20 @@ class Sublist(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         """Every pattern and plain topic held (plain topics first)."""
-        yield from self.literal
+        for pattern, _ in self.items():
+            yield pattern
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        """``(pattern, value)`` for everything held (plain topics first)."""
+        yield from self.literal.items()
         if self.patterns:
             yield from self._walk_patterns(self._root, [])
 
-    def _walk_patterns(self, node: _Node[T], path: list[str]) -> Iterator[str]:
+    def _walk_patterns(self, node: _Node[T], path: list[str]) -> Iterator[tuple[str, T]]:
         if node.value is not None:
-            yield _SEPARATOR.join(path)
+            yield _SEPARATOR.join(path), node.value
         if node.rest is not None:
-            yield _SEPARATOR.join([*path, ">"])
+            yield _SEPARATOR.join([*path, ">"]), node.rest
         if node.star is not None:
             yield from self._walk_patterns(node.star, [*path, "*"])
         for token, child in (node.literal or {}).items():
@@ -224,14 +230,27 @@ def matches(pattern: str, topic: str) -> bool:
 
 
 def matcher(pattern: str) -> Callable[[str], bool]:
-    """:func:`matches` for one pattern, made once: a plain topic's test is ``==``.
+    """:func:`matches` for one pattern, made once: ``==`` for a plain topic, a regex for a pattern.
+
+    A subscriber checks every message it receives with this (the broker
+    sends only what matches; anyone else who writes there is refused).
 
     >>> accepts = matcher("orders.*"); accepts("orders.eu"), accepts("orders")
     (True, False)
     """
     if not is_pattern(pattern):
         return pattern.__eq__  # type: ignore[return-value]  # str.__eq__(str) is a bool
-    return lambda topic: matches(pattern, topic)
+    parts = []
+    for token in pattern.split(_SEPARATOR):
+        if token == "*":
+            parts.append(r"[^.]+")
+        elif token == ">":
+            parts.append(r"[^.]+(?:\.[^.]+)*")  # "." never inside a token: no backtracking blow-up
+        else:
+            parts.append(re.escape(token))
+    compiled = re.compile(r"\.".join(parts))
+    fullmatch = compiled.fullmatch
+    return lambda topic: fullmatch(topic) is not None
 
 
 class Group(Generic[T]):

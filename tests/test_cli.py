@@ -431,6 +431,27 @@ async def test_pub_then_sub_json_lines(brokered, cli):
 
 
 @ensure
+async def test_sub_to_a_pattern_in_a_queue_group(brokered, cli):
+    other = await brokered.broker.subscribe("jobs.*", group="workers")  # the group's other member
+    sub = cli.start("sub", "-s", brokered.address, "jobs.*", "--group", "workers", "-n", "2", "--json")
+    assert "subscribed to 'jobs.*' in queue group 'workers'" in await sub.stderr.line("subscribed to")
+    for n in range(4):
+        await brokered.broker.publish(f"jobs.{n}", str(n).encode())
+    code, out, err = await sub.finished()
+    assert code == 0, err
+    got = [(m["topic"], m["payload"]) for m in map(json.loads, out.splitlines())]
+    theirs = [((await other.get()).topic) for _ in range(2)]
+    assert sorted([t for t, _ in got] + theirs) == ["jobs.0", "jobs.1", "jobs.2", "jobs.3"]  # each once
+    assert got in ([("jobs.0", "0"), ("jobs.2", "2")], [("jobs.1", "1"), ("jobs.3", "3")])  # round-robin
+    result = await cli("pub", "-s", brokered.address, "jobs.*", "x")
+    assert result.returncode == 2  # usage
+    assert result.stderr.decode().endswith(
+        "pulsyflux pub: error: argument TOPIC: token 2 is the wildcard '*': wildcards are for subscribing;"
+        " publish to a concrete topic\n"
+    )
+
+
+@ensure
 async def test_sub_prints_one_line_per_message(brokered, cli):
     sub = cli.start("sub", "--server", brokered.address, "news", "-n", "2")
     await sub.stderr.line("subscribed to")

@@ -54,6 +54,8 @@ __all__ = [
     "MAX_PATTERN_TOKENS",
     "WILDCARDS",
     "is_pattern",
+    "group_problem",
+    "MAX_GROUP_CHARS",
     "excerpt",
     "EXCERPT_CHARS",
 ]
@@ -78,6 +80,9 @@ WILDCARDS = ("*", ">")
 # trie, which a subscriber must not make arbitrarily deep. Plain topics are
 # not bounded in tokens (they are looked up whole).
 MAX_PATTERN_TOKENS = 32
+
+# The longest queue group name (the broker keeps each, and shows it in stats).
+MAX_GROUP_CHARS = 256
 
 # The longest topic one can subscribe to: the broker keeps each subscribed
 # topic (and shows it in stats), so its size is bounded. A publish is bounded
@@ -476,6 +481,28 @@ def is_pattern(topic: str) -> bool:
     (True, False)
     """
     return "*" in topic or ">" in topic
+
+
+def group_problem(group: str) -> Optional[str]:
+    """Why ``group`` may not name a queue group, or None if it may.
+
+    Like a subscribed topic's text (the broker keeps it and shows it in
+    stats): non-empty, at most :data:`MAX_GROUP_CHARS` characters, no
+    control character or lone surrogate.
+
+        >>> group_problem("workers") is None, group_problem("")
+        (True, 'a queue group name must not be empty')
+    """
+    if type(group) is not str:
+        return f"a queue group name is a str, not {type(group).__name__}"
+    if not group:
+        return "a queue group name must not be empty"
+    if len(group) > MAX_GROUP_CHARS:
+        return f"a queue group name is at most {MAX_GROUP_CHARS} characters, not {len(group)}"
+    bad = _UNSUBSCRIBABLE.search(group)
+    if bad is not None:
+        return f"a queue group name holds no control character or lone surrogate, found U+{ord(bad.group()):04X}"
+    return None
 
 
 def check_topic(topic: str, subscribing: bool = False) -> None:
