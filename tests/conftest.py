@@ -25,7 +25,7 @@ _wheel_build: dict = {}
 def pytest_collection_finish(session):
     """Start building the wheel's virtualenv now, in a thread, if test_install runs.
 
-    It takes seconds of pip (build, then install with dependencies), mostly
+    It takes seconds (build the sdist, the wheel from it, install that offline), mostly
     waiting on child processes: done beside the other tests, not before
     test_install's first one. The ``wheel_bin`` fixture waits for it.
     """
@@ -53,8 +53,20 @@ def wheel_bin(tmp_path_factory):
     if future is None:  # test_install was not collected at first (e.g. selected by -k later)
         from .twistd_process import build_wheel_venv
 
-        return build_wheel_venv(tmp_path_factory.mktemp("wheel"))
+        root = tmp_path_factory.mktemp("wheel")
+        _wheel_build["root"] = root
+        _wheel_build["future"] = future = concurrent.futures.Future()
+        future.set_result(build_wheel_venv(root))
     return future.result()
+
+
+@pytest.fixture(scope="session")
+def dists(wheel_bin):
+    """``(sdist, wheel)``: the files ``wheel_bin`` was made from (the wheel was built from the sdist)."""
+    dist = _wheel_build["root"] / "dist"
+    [sdist] = dist.glob("pulsyflux-*.tar.gz")
+    [wheel] = dist.glob("pulsyflux-*.whl")
+    return sdist, wheel
 
 
 @pytest.fixture

@@ -1,13 +1,17 @@
-"""What a user gets from ``pip install`` of the wheel: ``twistd pulsyflux`` works.
+"""What a user gets from ``pip install``: ``twistd pulsyflux`` works, the sdist is a testable tree.
 
 The wheel is installed into an empty virtualenv (not the source tree), and
-twistd runs as a separate process, as it would on a server.
+twistd runs as a separate process, as it would on a server. Everything here
+works offline (``PIP_NO_INDEX=1``): one sdist and one wheel are built per
+session and installed with what this virtualenv already has.
 """
 
 from __future__ import annotations
 
 import subprocess
+import tarfile
 import uuid
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -15,14 +19,10 @@ from twisted.internet import defer
 
 from pulsyflux import Consumer, Provider
 
-from .twistd_process import spawn_twistd
+from .twistd_process import REPO, bare_venv, pip_install, spawn_twistd
 
 
-def test_plugin_is_listed_after_install(wheel_bin, tmp_path):
-    result = subprocess.run(
-        [str(wheel_bin / "twistd"), "--help"], capture_output=True, text=True, cwd=tmp_path, check=True
-    )
-    assert "pulsyflux" in result.stdout
+def test_plugin_is_known_after_install(wheel_bin, tmp_path):
     result = subprocess.run(
         [str(wheel_bin / "twistd"), "pulsyflux", "--help"], capture_output=True, text=True, cwd=tmp_path, check=True
     )
@@ -169,3 +169,88 @@ def test_twistd_exits_with_a_clear_error_when_its_port_is_taken(wheel_bin, tmp_p
     assert result.returncode != 0
     assert f"pulsyflux: cannot listen on tcp:{port}:interface=127.0.0.1" in result.stdout + result.stderr
     assert "Address already in use" in result.stdout + result.stderr
+
+
+def _plugin_and_package(bindir: Path, cwd: Path) -> tuple[str, str]:
+    """Where that virtualenv's twistd finds the pulsyflux plugin and package, run from ``cwd``.
+
+    Parses ``twistd pulsyflux`` as twistd does ("Unknown command: pulsyflux" if
+    it is not found), in one process rather than one per question.
+    """
+    script = (
+        "from twisted.scripts.twistd import ServerOptions; ServerOptions().parseOptions(['pulsyflux']);"
+        " import pulsyflux, twisted.plugins.pulsyflux_plugin as p; print(p.__file__); print(pulsyflux.__file__)"
+    )
+    where = subprocess.run([str(bindir / "python"), "-c", script], capture_output=True, text=True, cwd=cwd)
+    assert where.returncode == 0, where.stdout + where.stderr
+    plugin, package = where.stdout.split()
+    return plugin, package
+
+
+@pytest_twisted.ensureDeferred
+async def test_readme_install_commands_work_in_either_order(dists, tmp_path):
+    """``pip install -e .`` and ``pip install .`` (the README's two commands): twistd knows
+    pulsyflux after each, whichever came first, run from another directory."""
+    sdist, wheel = dists
+    with tarfile.open(sdist) as archive:
+        archive.extractall(tmp_path, filter="data")
+    [clone] = tmp_path.glob("pulsyflux-*")
+    bindir = bare_venv(tmp_path / "venv")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    site = str(tmp_path / "venv" / "lib")
+
+    pip_install(bindir, "-e", str(clone))  # the second command first
+    plugin, package = _plugin_and_package(bindir, elsewhere)
+    assert plugin.startswith(str(clone)) and package.startswith(str(clone))
+    pip_install(bindir, str(wheel))  # then the first
+    plugin, package = _plugin_and_package(bindir, elsewhere)
+    assert plugin.startswith(site) and package.startswith(site)
+    pip_install(bindir, "-e", str(clone))  # and the second after the first
+    plugin, package = _plugin_and_package(bindir, elsewhere)
+    assert plugin.startswith(str(clone)) and package.startswith(str(clone))
+
+    proc = spawn_twistd(bindir, elsewhere, "--port", "tcp:0:interface=127.0.0.1")
+    try:
+        assert (await proc.listening).startswith("127.0.0.1:")
+    finally:
+        assert await proc.terminate(), proc.output
+
+
+# What an unpacked sdist must hold for its tests to run (besides the package itself).
+_SOURCE_TREE = ("tests", "docs", "benchmarks")
+_SOURCE_FILES = ("LICENSE", "README.md", "setup.cfg", "pyproject.toml", "tox.ini", "MANIFEST.in")
+_NOT_SOURCE = ("__pycache__", ".hypothesis", "_trial_temp", ".pytest_cache")
+
+
+def test_sdist_holds_the_tests_docs_and_license(dists):
+    """Everything the suite needs is in the sdist, so ``pytest`` in an unpacked one runs it
+    (collecting all of it here would cost seconds of CPU: this checks the cause instead)."""
+    sdist, _ = dists
+    with tarfile.open(sdist) as archive:
+        shipped = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    expected = set(_SOURCE_FILES)
+    for top in _SOURCE_TREE:
+        for path in (REPO / top).rglob("*"):
+            if path.is_file() and not any(part in _NOT_SOURCE or part.startswith("_trial_temp") for part in path.parts):
+                if path.suffix not in (".pyc", ".pyo"):
+                    expected.add(path.relative_to(REPO).as_posix())
+    assert expected - shipped == set()
+    assert "tests/conftest.py" in shipped and "tests/data/wire-vectors.txt" in shipped  # what the issue found missing
+
+
+def test_metadata_names_the_license_and_its_file(wheel_bin):
+    shown = subprocess.run(
+        [
+            str(wheel_bin / "python"),
+            "-c",
+            "from importlib.metadata import metadata as m; d = m('pulsyflux');"
+            " print(d['License-Expression'] or d['License']); print(d.get_all('License-File')); print(d['Author'])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    license_name, files, author = shown.stdout.splitlines()
+    assert license_name == "MIT" and "LICENSE" in files and author
+    assert "MIT License" in (REPO / "LICENSE").read_text()

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
 
@@ -22,24 +23,81 @@ REPO = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"pulsyflux server listening on (\S+)")
 
 
-def build_wheel_venv(root: Path) -> Path:
-    """Build the project's wheel and install it into a new, empty virtualenv.
+def _run(argv: list[str]) -> None:
+    """Run a set-up step; if it fails, the error says what it printed."""
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
 
-    Returns the virtualenv's bin directory.
+
+def build_dists(root: Path) -> tuple[Path, Path]:
+    """The project's sdist, and its wheel built from that sdist (as ``python -m build`` does).
+
+    Offline (``PIP_NO_INDEX=1`` works): no build isolation, with the
+    setuptools that the ``test`` extra installs.
     """
     dist = root / "dist"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(REPO)],
-        check=True,
-    )
+    _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(REPO)])
+    [sdist] = dist.glob("pulsyflux-*.tar.gz")
     [wheel] = dist.glob("pulsyflux-*.whl")
-    env_dir = root / "venv"
-    # No pip inside (ensurepip costs seconds): our pip installs into it (``--python``), deps and all.
+    return sdist, wheel
+
+
+def bare_venv(env_dir: Path) -> Path:
+    """A new virtualenv that sees this one's packages, except pulsyflux and its twistd plugin.
+
+    No ensurepip (it costs seconds) and no downloads: the dependencies,
+    pip and setuptools included, are links to the ones installed here, so
+    pulsyflux comes only from what the test installs.
+    Returns the virtualenv's bin directory.
+    """
     venv.create(env_dir, with_pip=False)
-    bindir = env_dir / "bin"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(bindir / "python"), "install", "-q", str(wheel)], check=True
+    [site] = (env_dir / "lib").glob("python*/site-packages")
+    deps = env_dir / "deps"
+    deps.mkdir()
+    here = Path(sysconfig.get_paths()["purelib"])
+    for entry in here.iterdir():
+        name = entry.name
+        if name.startswith(("pulsyflux", "__editable__", "_pulsyflux")) or name.endswith(".pth") or name == "twisted":
+            continue
+        (deps / name).symlink_to(entry)
+    # Twisted itself, minus any pulsyflux plugin an install here put among its plugins.
+    (deps / "twisted").mkdir()
+    for entry in (here / "twisted").iterdir():
+        if entry.name != "plugins":
+            (deps / "twisted" / entry.name).symlink_to(entry)
+    (deps / "twisted" / "plugins").mkdir()
+    for entry in (here / "twisted" / "plugins").iterdir():
+        if entry.suffix == ".py":
+            (deps / "twisted" / "plugins" / entry.name).symlink_to(entry)
+    (site / "_test_dependencies.pth").write_text(f"{deps}\n")
+    # Twisted's own command, as installing Twisted there would have made it.
+    twistd = env_dir / "bin" / "twistd"
+    twistd.write_text(
+        f"#!{env_dir / 'bin' / 'python'}\nimport sys\nfrom twisted.scripts.twistd import run\nsys.exit(run())\n"
     )
+    twistd.chmod(0o755)
+    return env_dir / "bin"
+
+
+def pip_install(bindir: Path, *args: str) -> None:
+    """``pip install`` into the virtualenv of ``bindir``: offline, dependencies already there."""
+    pip = [str(bindir / "python"), "-m", "pip", "install", "-q"]  # this virtualenv's pip, linked in there
+    _run([*pip, "--no-index", "--no-deps", "--no-build-isolation", *args])
+
+
+def build_wheel_venv(root: Path) -> Path:
+    """Build the project's sdist and wheel and install the wheel into a new virtualenv.
+
+    The wheel's Twisted plugin cache cannot be written there (as for a user
+    running twistd from a root-owned install). Returns the virtualenv's bin
+    directory; the sdist and wheel are left in ``root / "dist"``.
+    """
+    _, wheel = build_dists(root)
+    bindir = bare_venv(root / "venv")
+    pip_install(bindir, str(wheel))
+    [plugins] = (root / "venv" / "lib").glob("python*/site-packages/twisted/plugins")
+    (plugins / "dropin.cache").mkdir()  # unwritable, even for root: renaming a file over it fails
     return bindir
 
 
