@@ -461,7 +461,7 @@ def test_each_waiting_publish_keeps_its_own_timeout():
     """A publish queued behind others is sent with its own deadline, not an earlier one's."""
     from twisted.internet.task import Clock
 
-    from pulsyflux.broker import _Publisher
+    from pulsyflux.broker.broker import _Publisher
 
     class FakeConsumer:
         def __init__(self):

@@ -31,12 +31,12 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .client import ChannelId, Consumer, Provider, Reconnect, channel_bytes
-from .endpoints import Address
-from .subjects import Interest, Sublist, matcher
-from .wire import messages
-from .wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
-from .wire.messages import (
+from ..client import ChannelId, Consumer, Provider, Reconnect, channel_bytes
+from ..endpoints import Address
+from ..subjects import Interest, Sublist, matcher
+from ..wire import messages
+from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
+from ..wire.messages import (
     CONTROL_PREFIX,
     Message,
     MessageError,
@@ -47,7 +47,7 @@ from .wire.messages import (
     is_pattern,
     topic_problem,
 )
-from .wire.ratelimit import LogLimiter, summary_to
+from ..wire.ratelimit import LogLimiter, summary_to
 
 __all__ = [
     "Broker",

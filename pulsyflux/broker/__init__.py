@@ -1,0 +1,36 @@
+"""Topic pub/sub made of ordinary Consumers and Providers (PROTOCOL.md 6, 7).
+
+    broker = await Broker.connect("127.0.0.1:9090")
+    sub = await broker.subscribe("orders")
+
+The public names below are imported on first use (PEP 562), so a
+Twisted-free module of this package imports without Twisted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getattr__
+    from .broker import DEFAULT_BROKER_CHANNEL, Broker, BrokerClient, Subscription, SubscriptionClosed
+
+# Public name -> the submodule that defines it.
+_LAZY = {
+    "Broker": "broker",
+    "BrokerClient": "broker",
+    "Subscription": "broker",
+    "SubscriptionClosed": "broker",
+    "DEFAULT_BROKER_CHANNEL": "broker",
+}
+
+__all__ = [
+    "Broker",
+    "BrokerClient",
+    "Subscription",
+    "SubscriptionClosed",
+    "DEFAULT_BROKER_CHANNEL",
+]
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
