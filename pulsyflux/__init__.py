@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 from ._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getattr__
-    from .broker import Broker, BrokerClient, Subscription, SubscriptionClosed
+    from .broker.broker import Broker
+    from .broker.client import BrokerClient
+    from .broker.subscription import Subscription, SubscriptionClosed
     from .client import Consumer, Provider, Request
     from .server.protocol import ServerFactory
     from .service import BrokerService
@@ -37,10 +39,10 @@ __version__ = "0.1.0"
 
 # Public name -> the submodule that defines it.
 _LAZY = {
-    "Broker": "broker",
-    "BrokerClient": "broker",
-    "Subscription": "broker",
-    "SubscriptionClosed": "broker",
+    "Broker": "broker.broker",
+    "BrokerClient": "broker.client",
+    "Subscription": "broker.subscription",
+    "SubscriptionClosed": "broker.subscription",
     "Consumer": "client",
     "Provider": "client",
     "Request": "client",

@@ -438,7 +438,8 @@ async def _first(*deferreds: "Deferred[Any]") -> int:
 
 
 async def _broker_client(reactor: Any, args: argparse.Namespace, reconnect: bool = False) -> Any:
-    from .broker import DEFAULT_BROKER_CHANNEL, BrokerClient
+    from .broker.client import BrokerClient
+    from .broker.link import DEFAULT_BROKER_CHANNEL
     from .wire.errors import NoProviderError
 
     channel = args.broker_channel or DEFAULT_BROKER_CHANNEL
@@ -484,7 +485,7 @@ def message_json(message: Any) -> str:
 
 
 async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
-    from .broker import SubscriptionClosed
+    from .broker.subscription import SubscriptionClosed
 
     out = _Output()
     reported = 0

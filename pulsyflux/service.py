@@ -16,7 +16,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from .broker import DEFAULT_BROKER_CHANNEL, Broker, Subscription
+from .broker.broker import Broker
+from .broker.link import DEFAULT_BROKER_CHANNEL
+from .broker.subscription import Subscription
 from .client import DEFAULT_BACKOFF, ChannelId
 from .endpoints import DEFAULT_PORT, describe_address
 from .endpoints import client_address as client_address  # its old home: still importable from here

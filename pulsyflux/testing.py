@@ -233,7 +233,8 @@ async def _start(
         cleanup(server.stop)
     try:
         if broker:
-            from .broker import DEFAULT_BROKER_CHANNEL, Broker
+            from .broker.broker import Broker
+            from .broker.link import DEFAULT_BROKER_CHANNEL
             from .server.inproc import InProcessEndpoint
 
             # As BrokerService does: the broker's channel is the server's own, linked in-process.
@@ -314,7 +315,8 @@ class MemoryServer(_ServerView):
 
     def _start_broker(self) -> None:
         if self._with_broker:
-            from .broker import DEFAULT_BROKER_CHANNEL, Broker
+            from .broker.broker import Broker
+            from .broker.link import DEFAULT_BROKER_CHANNEL
 
             self.factory.router.reserve(DEFAULT_BROKER_CHANNEL.bytes)
             link = InProcessEndpoint(self.factory, self.clock, label="broker")

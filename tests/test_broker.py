@@ -461,7 +461,7 @@ def test_each_waiting_publish_keeps_its_own_timeout():
     """A publish queued behind others is sent with its own deadline, not an earlier one's."""
     from twisted.internet.task import Clock
 
-    from pulsyflux.broker.broker import _Publisher
+    from pulsyflux.broker.publisher import Publisher
 
     class FakeConsumer:
         def __init__(self):
@@ -474,7 +474,7 @@ def test_each_waiting_publish_keeps_its_own_timeout():
             return d
 
     consumer = FakeConsumer()
-    publisher = _Publisher(consumer, window=1, batch=1)
+    publisher = Publisher(consumer, window=1, batch=1)
     first = publisher.publish("t", b"a", None, timeout=1.0)
     second = publisher.publish("t", b"b", None, timeout=10.0)
     assert [timeout for timeout, _ in consumer.sent] == [1.0]  # the second waits for its turn

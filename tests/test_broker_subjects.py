@@ -155,7 +155,8 @@ async def test_bad_patterns_and_groups_are_refused_at_once_and_by_the_broker(mem
 
 
 def test_a_plain_announcement_is_byte_for_byte_what_go_providers_send():
-    from pulsyflux.broker import Subscription, _announcement
+    from pulsyflux.broker import Subscription
+    from pulsyflux.broker.client import _announcement
 
     channel = uuid.UUID(int=1)
     plain = _announcement(Subscription("orders", channel))

@@ -3,6 +3,13 @@
     broker = await Broker.connect("127.0.0.1:9090")
     sub = await broker.subscribe("orders")
 
+One idea per module: ``subscription`` (the subscriber's queue), ``outlet``
+(one subscription as the broker forwards to it), ``fanout`` (the broker
+Provider's handler: who subscribes to what), ``publisher`` (batched
+publishing), ``broker`` (:class:`Broker`, in this process), ``client``
+(:class:`BrokerClient`, through a broker elsewhere) and ``link`` (what they
+share about talking through a server).
+
 The public names below are imported on first use (PEP 562), so a
 Twisted-free module of this package imports without Twisted.
 """
@@ -14,15 +21,18 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getattr__
-    from .broker import DEFAULT_BROKER_CHANNEL, Broker, BrokerClient, Subscription, SubscriptionClosed
+    from .broker import Broker
+    from .client import BrokerClient
+    from .link import DEFAULT_BROKER_CHANNEL
+    from .subscription import Subscription, SubscriptionClosed
 
 # Public name -> the submodule that defines it.
 _LAZY = {
     "Broker": "broker",
-    "BrokerClient": "broker",
-    "Subscription": "broker",
-    "SubscriptionClosed": "broker",
-    "DEFAULT_BROKER_CHANNEL": "broker",
+    "BrokerClient": "client",
+    "Subscription": "subscription",
+    "SubscriptionClosed": "subscription",
+    "DEFAULT_BROKER_CHANNEL": "link",
 }
 
 __all__ = [

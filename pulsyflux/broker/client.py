@@ -1,0 +1,364 @@
+"""Publish and subscribe through a broker running in another process."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Optional, cast
+
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..client import ChannelId, Consumer, Reconnect
+from ..endpoints import Address
+from ..wire import messages
+from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
+from ..wire.messages import check_topic
+from .link import DEFAULT_BROKER_CHANNEL, OK, channel_uuid, ignore, send_until_registered
+from .publisher import Publisher
+from .subscription import DEFAULT_BUFFER, Subscription, check_subscription, open_subscription
+
+__all__ = ["BrokerClient", "DEFAULT_HEARTBEAT"]
+
+log = Logger()
+
+
+# A BrokerClient re-announces its subscriptions this often (seconds), so a
+# broker that died while the server runs is noticed, and a restarted one
+# learns them again; the broker is gone after this many missed beats in a row.
+DEFAULT_HEARTBEAT = 5.0
+_HEARTBEAT_MISSES = 2
+
+
+def _announcement(sub: Subscription) -> bytes:
+    """The ``$pulsyflux/subscribe`` for ``sub``: its first, every re-announce, and every heartbeat.
+
+    The ``group`` header only for a queue group: a plain one is byte for byte what Go providers send.
+    """
+    if sub.group is None:
+        return messages.control(messages.SUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
+    return messages.control(messages.SUBSCRIBE, topic=sub.topic, channel=str(sub.channel), group=sub.group).encode(
+        "utf-8"
+    )
+
+
+class BrokerClient:
+    """Publish and subscribe through a broker running in another process.
+
+        client = await BrokerClient.connect("127.0.0.1:9090")
+        sub = await client.subscribe("orders")
+        await client.publish("orders", b"new order")
+
+    One publishing Consumer, plus one Provider per subscription; the
+    broker opens the forwarding Consumer when asked (docs/broker.md).
+
+    With ``reconnect`` (default False; True or a backoff policy, as for
+    Consumers) its connections come back after a drop, and each
+    subscription asks the broker again to forward to it, for up to
+    ``resubscribe_patience`` seconds once its own line is back; past that
+    it ends with ``resubscribe failed: ...``.
+
+    Every ``heartbeat`` seconds (default 5; None or 0: never) it re-announces
+    its subscriptions, which a live broker answers at once and a restarted
+    one takes as new ones. A broker that misses two beats in a row is gone:
+    its subscriptions end with ``the broker on channel ... disappeared``, or
+    with ``reconnect`` wait for a broker to take them back, as above.
+    """
+
+    resubscribe_patience = 30.0
+
+    def __init__(
+        self,
+        address: Address,
+        broker_channel_id: ChannelId = DEFAULT_BROKER_CHANNEL,
+        reactor: Any = None,
+        buffer: int = DEFAULT_BUFFER,
+        reconnect: Reconnect = False,
+        heartbeat: Optional[float] = DEFAULT_HEARTBEAT,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        if heartbeat is not None and heartbeat < 0:
+            raise ValueError("heartbeat must be >= 0 (0 or None: no heartbeat)")
+        self.address = address
+        self.channel = channel_uuid(broker_channel_id)
+        self.reactor = reactor
+        self.buffer = buffer
+        self.reconnect = reconnect
+        self.heartbeat = heartbeat or None
+        self._beat: Any = None  # the next heartbeat's DelayedCall, while one is due
+        self._beating = False
+        self._misses = 0  # heartbeats in a row the broker did not answer
+        self._consumer: Optional[Consumer] = None
+        self._publisher: Optional[Publisher] = None
+        self._subscriptions: dict[uuid.UUID, Subscription] = {}
+        self._resubscribing: set[uuid.UUID] = set()
+        self._pauses: set[Deferred[None]] = set()  # resubscribe retries waiting; cancelled by close()
+        self._closed: Optional[Exception] = None
+
+    @classmethod
+    def connect(
+        cls,
+        address: Address,
+        broker_channel_id: ChannelId = DEFAULT_BROKER_CHANNEL,
+        reactor: Any = None,
+        **options: Any,
+    ) -> "Deferred[BrokerClient]":
+        """Connect and check a broker answers on the channel (NoProviderError if none).
+
+        ``options``: ``buffer``, ``reconnect`` (default False) and ``heartbeat``
+        (default 5 s) as for the class.
+        """
+        client = cls(address, broker_channel_id, reactor, **options)
+        return Deferred.fromCoroutine(client._start())
+
+    async def _start(self) -> "BrokerClient":
+        self._consumer = await Consumer.connect(
+            self.address, self.channel, reactor=self.reactor, reconnect=self.reconnect
+        )
+        self._publisher = Publisher(self._consumer)
+        try:
+            await send_until_registered(self._consumer, b"[]", self.reactor)
+        except NoProviderError:
+            await self._consumer.close()
+            raise NoProviderError(f"no broker on channel {self.channel} at {self.address}") from None
+        except BaseException:
+            await self._consumer.close()
+            raise
+        self._consumer.when_lost().addCallback(lambda _: self._stop_heartbeat())
+        return self
+
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        return list(self._subscriptions.values())
+
+    def when_connected(self) -> "Deferred[BrokerClient]":
+        """Fires with this client once its publishing connection is up (at once if it is)."""
+        if self._consumer is None:
+            return fail(self._closed or ConnectionLostError("not connected"))
+        return self._consumer.when_connected().addCallback(lambda _: self)
+
+    def publish(
+        self, topic: str, payload: bytes = b"", headers: Optional[dict[str, str]] = None, timeout: float = 5.0
+    ) -> "Deferred[None]":
+        """Same as :meth:`Broker.publish`."""
+        check_topic(topic)
+        if self._publisher is None:
+            return fail(self._closed or ConnectionLostError("not connected"))
+        return self._publisher.publish(topic, payload, headers, timeout)
+
+    def subscribe(
+        self, topic: str, buffer: Optional[int] = None, group: Optional[str] = None
+    ) -> "Deferred[Subscription]":
+        """Same as :meth:`Broker.subscribe`, through the broker's control messages."""
+        check_subscription(topic, group)
+        if self._closed is not None or self._consumer is None:
+            return fail(self._closed or ConnectionLostError("not connected"))
+        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer, group))
+
+    async def _subscribe(self, topic: str, buffer: int, group: Optional[str] = None) -> Subscription:
+        assert self._consumer is not None
+        sub, provider = await open_subscription(self.address, topic, buffer, self.reactor, self.reconnect, group)
+        if self.reconnect:
+            provider.on_reconnect(lambda _: self._resubscribe(sub))
+
+        def ended_by_broker(reason: str) -> None:
+            sub._close(reason)
+            self._forget(sub)
+            self.reactor.callLater(0, provider.close)
+
+        sub._on_closed_by_broker(ended_by_broker)
+        provider.when_lost().addCallback(lambda _: self._forget(sub))
+        try:
+            await self._consumer.send(_announcement(sub), timeout=10.0)
+        except BaseException:
+            sub._close("subscribe failed")
+            await provider.close()
+            raise
+        self._subscriptions[sub.channel] = sub
+        self._schedule_heartbeat()
+        return sub
+
+    def _forget(self, sub: Subscription) -> None:
+        if self._subscriptions.get(sub.channel) is sub:
+            del self._subscriptions[sub.channel]
+        if not self._subscriptions:
+            self._stop_heartbeat()  # nothing to keep alive: no timer left behind
+
+    # -- the heartbeat: one timer per client ----------------------------------
+
+    def _schedule_heartbeat(self) -> None:
+        if self.heartbeat and self._beat is None and not self._beating and self._closed is None and self._subscriptions:
+            self._beat = self.reactor.callLater(self.heartbeat, self._heartbeat)
+
+    def _stop_heartbeat(self) -> None:
+        if self._beat is not None:
+            if self._beat.active():
+                self._beat.cancel()
+            self._beat = None
+
+    def _heartbeat(self) -> None:
+        self._beat = None
+        self._beating = True
+
+        def done(_: Any) -> None:
+            self._beating = False
+            self._schedule_heartbeat()
+
+        d = Deferred.fromCoroutine(self._check_broker())
+        d.addErrback(lambda failure: log.failure("broker heartbeat failed", failure))
+        d.addBoth(done)
+
+    async def _check_broker(self) -> None:
+        """Re-announce every steady subscription; act on a broker that stays silent."""
+        consumer = self._consumer
+        if consumer is None or self._closed is not None or not consumer.connected:
+            return  # our own line is down: the reconnect path has this in hand
+        subs = [s for s in self._subscriptions.values() if self._steady(s) and s._connected()]
+        if not subs:
+            return
+        timeout = max(self.heartbeat or 0.0, 1.0)  # a busy broker is not a dead one
+        results = await DeferredList(
+            [consumer.send(_announcement(sub), timeout=timeout) for sub in subs], consumeErrors=True
+        )
+        if self._closed is not None:
+            return
+        answered = False
+        silent: Optional[Exception] = None
+        for sub, (ok, result) in zip(subs, results):
+            if ok:
+                answered = True
+                if result == OK and self._steady(sub):
+                    # A broker that had forgotten it (restarted) took it as new: messages may be missing.
+                    log.warn("the broker on channel {c} had lost the subscription to {t!r}; subscribed again",
+                             c=self.channel, t=sub.topic)  # fmt: skip
+                    sub._count_gap()
+                    sub._resumed()
+                continue
+            failure = cast(Failure, result)  # not ok: DeferredList gives the Failure (its stub says bytes)
+            if failure.check(NoProviderError, RequestTimeout):
+                silent = failure.value
+            elif not failure.check(ConnectionLostError):  # our line dropped: says nothing about the broker
+                answered = True  # it refused, so it is there
+                log.debug("heartbeat for {t!r} not accepted: {e}", t=sub.topic, e=failure.value)
+        if answered:
+            self._misses = 0
+            return
+        if silent is None:
+            return
+        self._misses += 1
+        if self._misses < _HEARTBEAT_MISSES:
+            return
+        self._misses = 0
+        self._broker_gone(subs, silent)
+
+    def _steady(self, sub: Subscription) -> bool:
+        """Still ours, open, and not being re-announced by the reconnect path."""
+        return self._subscriptions.get(sub.channel) is sub and not sub.closed and sub.channel not in self._resubscribing
+
+    def _broker_gone(self, subs: list[Subscription], error: Exception) -> None:
+        reason = f"the broker on channel {self.channel} disappeared"
+        for sub in subs:
+            if not self._steady(sub):
+                continue
+            if self.reconnect:
+                log.warn("{r} ({e}); waiting for a broker to take {t!r} back", r=reason, e=error, t=sub.topic)
+                sub._count_gap()
+                self._resubscribe(sub)
+            else:
+                log.warn("subscription to {t!r} ended: {r} ({e})", t=sub.topic, r=reason, e=error)
+                self._forget(sub)
+                sub._end(reason).addErrback(ignore)
+
+    def _resubscribe(self, sub: Subscription) -> None:
+        """The subscription's Provider is back: ask the broker to forward to it again.
+
+        A broker that kept running kept the subscription and just resumes it;
+        a restarted one has forgotten it and subscribes the channel afresh.
+        """
+        if sub.channel in self._resubscribing:
+            return  # the running attempt waits for the line and sends again
+        self._resubscribing.add(sub.channel)
+        d = Deferred.fromCoroutine(self._announce_again(sub))
+        d.addErrback(lambda failure: log.failure("resubscribing to {t!r} failed", failure, t=sub.topic))
+        d.addBoth(lambda _: self._resubscribing.discard(sub.channel))
+
+    async def _announce_again(self, sub: Subscription) -> None:
+        assert self._consumer is not None
+        body = _announcement(sub)
+        deadline = None
+        delay = 0.05
+        error: Exception = ConnectionLostError("not connected")
+        while not sub.closed and self._closed is None and sub.channel in self._subscriptions:
+            if not (sub._connected() and self._consumer.connected):
+                deadline = None  # patience counts while both lines are up
+                try:
+                    await sub._when_connected()
+                    await self._consumer.when_connected()
+                except ConnectionLostError:
+                    return  # closed for good
+                continue
+            if deadline is None:
+                deadline = self.reactor.seconds() + self.resubscribe_patience
+            try:
+                await self._consumer.send(body, timeout=min(10.0, self.resubscribe_patience))
+            except NoProviderError:
+                error = NoProviderError(f"no broker on channel {self.channel}")
+            except PulsyfluxError as failure:  # the broker could not reach our Provider yet, ...
+                error = failure
+                log.debug("resubscribe to {t!r} not accepted yet: {e}", t=sub.topic, e=failure)
+            else:
+                if not sub.closed:
+                    sub._resumed()
+                return
+            if self.reactor.seconds() >= deadline:
+                reason = f"resubscribe failed: {error}"
+                log.warn("subscription to {t!r} ended: {r}", t=sub.topic, r=reason)
+                self._forget(sub)
+                await sub._end(reason)
+                return
+            pause = deferLater(self.reactor, delay, lambda: None)
+            self._pauses.add(pause)
+            try:
+                await pause
+            except CancelledError:
+                return  # the client closed
+            finally:
+                self._pauses.discard(pause)
+            delay = min(delay * 2, 1.0)
+
+    def unsubscribe(self, topic: str) -> "Deferred[Any]":
+        """End this client's subscriptions to ``topic``; fires when their connections are closed."""
+        subs = [sub for sub in self._subscriptions.values() if sub.topic == topic]
+        return DeferredList([Deferred.fromCoroutine(self._unsubscribe(sub, "unsubscribed")) for sub in subs])
+
+    async def _unsubscribe(self, sub: Subscription, reason: str) -> None:
+        self._forget(sub)
+        sub._close(reason)
+        if self._consumer is not None and self._consumer.connected:
+            body = messages.control(messages.UNSUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
+            try:
+                await self._consumer.send(body, timeout=2.0)
+            except (PulsyfluxError, CancelledError) as error:
+                log.debug("unsubscribe not confirmed by the broker: {e}", e=error)
+        await sub._end(reason)  # closed above: this closes its Provider
+
+    def close(self) -> "Deferred[Any]":
+        """Unsubscribe everything and close every connection."""
+        if self._closed is None:
+            self._closed = ConnectionLostError("the broker client is closed")
+        error = self._closed
+        self._stop_heartbeat()
+        for pause in list(self._pauses):
+            pause.cancel()
+        subs = list(self._subscriptions.values())
+
+        async def closing() -> None:
+            await DeferredList([Deferred.fromCoroutine(self._unsubscribe(s, "the client closed")) for s in subs])
+            if self._publisher is not None:
+                await self._publisher.close(error)
+
+        return Deferred.fromCoroutine(closing())

@@ -1,0 +1,444 @@
+"""The broker Provider's handler: who subscribes to what, and the fan-out of each message."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, NoReturn, Optional, Union
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..client import Consumer, Provider, Reconnect
+from ..endpoints import Address
+from ..subjects import Interest, Sublist
+from ..wire import messages
+from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError
+from ..wire.messages import CONTROL_PREFIX, MessageError, excerpt, group_problem, topic_problem
+from ..wire.ratelimit import LogLimiter, summary_to
+from .link import OK, PROBE, RESUMED, clip, ignore, send_until_registered
+from .outlet import Outlet, guard_channel
+from .subscription import Subscription
+
+__all__ = [
+    "Fanout",
+    "Setup",
+    "Subscribers",
+    "DEFAULT_TOTAL_BACKLOG_BYTES",
+    "DEFAULT_MAX_SUBSCRIPTIONS",
+    "DEFAULT_MAX_SETUPS",
+    "DEFAULT_MAX_SETUPS_PER_CLIENT",
+    "DEFAULT_BATCH",
+    "DEFAULT_WINDOW",
+]
+
+log = Logger()
+
+
+DEFAULT_TOTAL_BACKLOG_BYTES = 256 << 20  # bytes (JSON characters) in all backlogs together
+DEFAULT_MAX_SUBSCRIPTIONS = 10_000  # subscriptions a broker keeps; more are refused
+DEFAULT_MAX_SETUPS = 64  # remote subscriptions being set up at once; more are refused
+DEFAULT_MAX_SETUPS_PER_CLIENT = 8  # of those, from one client (one connection: the server checks its id)
+_SETUP_WAITERS = 16  # announcements of one channel waiting for its setup; more are refused
+DEFAULT_BATCH = 256  # messages per forward request, at most
+DEFAULT_WINDOW = 4  # forward requests in flight per subscriber
+
+
+class Subscribers(Interest[Outlet]):
+    """The outlets of one topic or pattern (plain and in queue groups), and its counters
+    (as long as it has a subscriber).
+
+    ``published`` counts the messages fanned out to it, ``delivered_before``
+    what subscribers that left had accepted: the topic's publish -> deliver
+    numbers in the stats cost one attribute increment per message.
+    """
+
+    __slots__ = ("published", "delivered_before")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.published = 0
+        self.delivered_before = 0
+
+    def delivered(self) -> int:
+        members = self.plain + [member for group in self.groups.values() for member in group.members]
+        return self.delivered_before + sum(outlet.delivered for outlet in members)
+
+
+class Setup:
+    """A subscription being set up: its topic and group, and later announcements of its channel waiting for it."""
+
+    __slots__ = ("topic", "group", "waiters")
+
+    def __init__(self, topic: str, group: Optional[str] = None) -> None:
+        self.topic = topic
+        self.group = group
+        self.waiters: list[Deferred[Outlet]] = []
+
+
+class Fanout:
+    """The broker Provider's handler: who subscribes to what, and fan-out.
+
+    Not a router: the server's :class:`~pulsyflux.server.Router` routes frames
+    between connections; this fans each published message out to the outlets
+    of its topic.
+    """
+
+    def __init__(
+        self,
+        address: Address,
+        reactor: Any,
+        *,
+        backlog: int,
+        batch: int,
+        window: int,
+        reconnect: Reconnect,
+        rejoin_patience: float,
+        backlog_bytes: int,
+        total_backlog_bytes: int,
+        max_subscriptions: int,
+        max_setups: int,
+        max_setups_per_client: int,
+    ) -> None:
+        """Only :class:`Broker` makes one, by keyword: its arguments (and their defaults) are the Broker's."""
+        self.address = address
+        self.reactor = reactor
+        self.log_limiter = LogLimiter(reactor, summary_to(log))  # subscribers decide how often these happen
+        self.reconnect = reconnect
+        self.rejoin_patience = rejoin_patience
+        self.backlog = backlog
+        self.backlog_bytes = backlog_bytes
+        self.total_backlog_bytes = total_backlog_bytes
+        self.max_subscriptions = max_subscriptions
+        self.max_setups = max_setups
+        self.max_setups_per_client = max_setups_per_client
+        # Remote setups in progress per announcing client id; the broker's Provider tells who asks.
+        self.setups_by_client: dict[uuid.UUID, int] = {}
+        self.provider: Optional[Provider] = None
+        self.batch = batch
+        self.window = window
+        # Who wants what: pattern (or topic) -> its plain subscribers and queue groups (subjects.py).
+        self.index: Sublist[Subscribers] = Sublist()
+        self.outlets: dict[uuid.UUID, Outlet] = {}
+        # Channels being set up, recorded before the first await, so that two
+        # announcements of one channel never open two forwarding Consumers.
+        self.opening: dict[uuid.UUID, Setup] = {}
+        self.backlog_size = 0  # characters of JSON waiting in all backlogs
+        self.published = 0
+        self.delivered = 0
+        self.dropped = 0
+        self.lost = 0  # backlog and in-flight messages of subscribers that vanished
+        self.rejected = 0
+        self.refused = 0  # subscribe announcements refused by the caps
+        self.closing = False
+        self._serial = 0  # labels subscriptions in stats and logs: "sub-1", "sub-2", ...
+
+    def handle(self, body: bytes) -> Union[bytes, "Deferred[bytes]"]:
+        try:
+            items = messages.split_body(body)
+        except MessageError:
+            self.rejected += 1
+            raise
+        for item in items:
+            # is_control(), inline: this runs once per published message.
+            if not item[0] or item[0].startswith(CONTROL_PREFIX):
+                try:
+                    if not item[0]:
+                        raise MessageError(topic_problem(""))  # the topic rule: nobody can subscribe to it
+                    if len(items) == 1:
+                        return self._control(item[0], item[3] or {})
+                    raise MessageError("control messages cannot be sent in a batch")
+                except MessageError:
+                    self.rejected += 1
+                    raise
+            problem = topic_problem(item[0])  # the rest of the rule (a Go publisher's "orders.*", "a..b")
+            if problem is not None:
+                self.rejected += 1
+                raise MessageError(f"publish refused: {problem}")
+        recipients = self.recipients
+        self.published += len(items)
+        if len(items) == 1:
+            outlets = recipients(items[0][0])
+            if outlets:
+                text = items[0][1]
+                for outlet in outlets:
+                    outlet.push(text)
+                self.backlog_size += len(text) * len(outlets)
+                if self.backlog_size > self.total_backlog_bytes:
+                    self.trim_backlogs()
+                for outlet in list(outlets):
+                    outlet.flush()
+            return OK
+        touched: dict[Outlet, None] = {}
+        for topic, text, _, _ in items:
+            outlets = recipients(topic)
+            if outlets:
+                for outlet in outlets:
+                    outlet.push(text)
+                    touched[outlet] = None
+                self.backlog_size += len(text) * len(outlets)
+                if self.backlog_size > self.total_backlog_bytes:
+                    self.trim_backlogs()
+        for outlet in touched:
+            outlet.flush()
+        return OK
+
+    def recipients(self, topic: str) -> Optional[list[Outlet]]:
+        """The outlets one message of ``topic`` goes to: each plain subscriber of every
+        matching pattern, and one member of each queue group (the round-robin turns).
+
+        Counts the message in each matching topic's ``published``. A plain
+        topic without groups is one dict lookup, as before patterns existed;
+        the list returned may be the index's own (not to be changed).
+        """
+        index = self.index
+        if not index.patterns:
+            interest = index.literal.get(topic)
+            if interest is None:
+                return None
+        else:
+            interests = index.match(topic)
+            if not interests:
+                return None
+            if len(interests) > 1:
+                out: list[Outlet] = []
+                for interest in interests:
+                    interest.published += 1
+                    interest.recipients(Outlet.has_room, out)
+                return out
+            interest = interests[0]
+        interest.published += 1
+        if not interest.groups:
+            return interest.plain
+        out = []
+        interest.recipients(Outlet.has_room, out)
+        return out
+
+    def enlist(self, outlet: Outlet) -> None:
+        """Add a new subscription to the index: its pattern, and its queue group if any."""
+        interest = self.index.get(outlet.topic)
+        if interest is None:
+            interest = Subscribers()
+            self.index.add(outlet.topic, interest)
+        interest.add(outlet, outlet.group)
+
+    def delist(self, outlet: Outlet) -> None:
+        """Take a subscription out of the index; a pattern nobody wants any more goes."""
+        interest = self.index.get(outlet.topic)
+        if interest is None:
+            return
+        interest.remove(outlet, outlet.group)
+        interest.delivered_before += outlet.delivered
+        if not interest.plain and not interest.groups:
+            self.index.remove(outlet.topic)
+
+    def subscribers(self, topic: str) -> list[Outlet]:
+        """Every subscription to exactly ``topic`` (a pattern is one topic here), in groups or not."""
+        interest = self.index.get(topic)
+        if interest is None:
+            return []
+        return interest.plain + [member for group in interest.groups.values() for member in group.members]
+
+    def _control(self, kind: str, headers: dict[str, str]) -> Union[bytes, "Deferred[bytes]"]:
+        if kind not in (messages.SUBSCRIBE, messages.UNSUBSCRIBE):
+            raise MessageError(
+                f"unknown control message {excerpt(kind)}; topics starting with {CONTROL_PREFIX!r} are reserved"
+            )
+        topic = headers.get("topic")
+        if topic is None:
+            raise MessageError(f"{kind} needs a 'topic' header")
+        group = headers.get("group")  # absent: a plain subscription (what Go providers send)
+        try:
+            channel = uuid.UUID(headers.get("channel", ""))
+        except ValueError:
+            raise MessageError(f"{kind} needs a 'channel' header holding a UUID") from None
+        if kind == messages.UNSUBSCRIBE:
+            outlet = self.outlets.get(channel)
+            if outlet is not None and outlet.topic == topic and self._may_end(outlet):
+                self.remove(outlet, "unsubscribed", notify=False)
+            return OK  # also to a stranger: whether the subscription exists is not told
+        outlet = self.outlets.get(channel)
+        d: Deferred[Any]
+        if outlet is not None:
+            if outlet.topic != topic or outlet.group != group:
+                raise MessageError(f"channel {channel} is already subscribed to another topic or group")
+            # A subscriber back after a gap says so again: the subscription we kept resumes.
+            if outlet.ready and outlet.consumer.connected:
+                return RESUMED  # also every heartbeat: a dict lookup, nothing else
+            d = outlet.rejoin()
+            answer = RESUMED
+        elif channel in self.opening:
+            # Announced again while its first announcement is being set up: wait
+            # for that one and answer as to a re-announce (never a second outlet).
+            setup = self.opening[channel]
+            if setup.topic != topic or setup.group != group:
+                raise MessageError(f"channel {channel} is already being subscribed to another topic or group")
+            if len(setup.waiters) >= _SETUP_WAITERS:
+                self.refused += 1
+                raise PulsyfluxError("subscribe refused: too many announcements of one channel being set up")
+            d = Deferred()
+            setup.waiters.append(d)
+            answer = RESUMED
+        else:
+            problem = topic_problem(topic, subscribing=True)
+            if problem is None and group is not None:
+                problem = group_problem(group)
+            if problem is not None:
+                raise MessageError(f"subscribe refused: {problem}")
+            if len(self.outlets) + len(self.opening) >= self.max_subscriptions:
+                self.refused += 1
+                raise PulsyfluxError(
+                    f"subscribe refused: the broker has its maximum of {self.max_subscriptions} subscriptions"
+                )
+            client = self.provider.current_client_id if self.provider is not None else None
+            if client is not None and self.setups_by_client.get(client, 0) >= self.max_setups_per_client:
+                self.refused += 1
+                raise PulsyfluxError(
+                    "subscribe refused: too many subscriptions being set up by this client"
+                    f" (at most {self.max_setups_per_client} at once); try again"
+                )
+            if len(self.opening) >= self.max_setups:
+                self.refused += 1
+                raise PulsyfluxError(
+                    f"subscribe refused: too many subscriptions being set up (at most {self.max_setups} at once); try again"
+                )
+            d = Deferred.fromCoroutine(self.setup(topic, channel, None, client, group))
+            answer = OK
+
+        def failed(failure: Failure) -> NoReturn:
+            # Said plainly, so the client does not take it for "no broker".
+            if failure.check(NoProviderError):
+                raise PulsyfluxError(f"subscribe failed: no subscriber answers on channel {channel}")
+            # Never the whole text: it may be the (hostile) provider's on that channel.
+            raise PulsyfluxError(f"subscribe failed: {clip(failure.getErrorMessage())}")
+
+        return d.addCallbacks(lambda _: answer, failed)
+
+    async def setup(
+        self,
+        topic: str,
+        channel: uuid.UUID,
+        local: Optional[Subscription],
+        client: Optional[uuid.UUID] = None,
+        group: Optional[str] = None,
+    ) -> Outlet:
+        """:meth:`open_outlet`, with ``channel`` marked as opening meanwhile (see :meth:`_control`).
+
+        ``client``: the announcing client of a remote subscription, counted in
+        ``setups_by_client`` while it is set up.
+        """
+        if channel in self.opening or channel in self.outlets:
+            raise PulsyfluxError(f"channel {channel} is already subscribed")
+        setup = Setup(topic, group)
+        self.opening[channel] = setup
+        if client is not None:
+            self.setups_by_client[client] = self.setups_by_client.get(client, 0) + 1
+        try:
+            outlet = await self.open_outlet(topic, channel, local, group)
+        except BaseException:
+            failure = Failure()
+            self._setup_done(channel, client)
+            for d in setup.waiters:
+                d.errback(failure)
+            raise
+        self._setup_done(channel, client)
+        outlet.owner = client
+        for d in setup.waiters:
+            d.callback(outlet)
+        return outlet
+
+    def _may_end(self, outlet: Outlet) -> bool:
+        """Only the client that announced a subscription may unsubscribe it (knowing its channel is not enough)."""
+        if outlet.owner is None:
+            return True
+        if self.provider is None:
+            return False
+        return self.provider.current_client_id == outlet.owner
+
+    def _setup_done(self, channel: uuid.UUID, client: Optional[uuid.UUID]) -> None:
+        """Undo what :meth:`setup` recorded while ``channel`` was being set up, however that ended."""
+        del self.opening[channel]
+        if client is not None:
+            left = self.setups_by_client.pop(client, 1) - 1
+            if left > 0:
+                self.setups_by_client[client] = left
+
+    async def open_outlet(
+        self, topic: str, channel: uuid.UUID, local: Optional[Subscription], group: Optional[str] = None
+    ) -> Outlet:
+        """Connect a forwarding Consumer to ``channel``, check the subscriber answers, start forwarding."""
+        if self.closing:
+            raise ConnectionLostError("the broker is closing")
+        # Beside the server (pulsyflux.server.inproc), only the broker may deliver on this channel.
+        unguard = guard_channel(self.address, channel)
+        consumer: Optional[Consumer] = None
+        try:
+            consumer = await Consumer.connect(self.address, channel, reactor=self.reactor, reconnect=self.reconnect)
+            await send_until_registered(consumer, PROBE, self.reactor)
+            if self.closing:
+                raise ConnectionLostError("the broker is closing")
+        except BaseException:
+            unguard()
+            if consumer is not None:
+                await consumer.close()
+            raise
+        self._serial += 1
+        outlet = Outlet(self, topic, consumer, local, self.backlog, self.backlog_bytes, f"sub-{self._serial}", group)
+        outlet.unguard = unguard
+        self.enlist(outlet)
+        self.outlets[channel] = outlet
+        if self.reconnect:
+            consumer.on_reconnect(lambda _: outlet.rejoin().addErrback(ignore))
+        consumer.when_lost().addCallback(lambda _: self.remove(outlet, "connection to the server lost"))
+        return outlet
+
+    def remove(self, outlet: Outlet, reason: str, notify: bool = True) -> "Deferred[Any]":
+        """Forget a subscription and close its connections (and a local stream)."""
+        if self.outlets.get(outlet.channel) is not outlet:
+            return succeed(None)
+        del self.outlets[outlet.channel]
+        outlet.unguard()
+        self.delist(outlet)
+        waits = [outlet.close(reason, notify=notify and outlet.local is None)]
+        sub = outlet.local
+        if sub is not None:
+            waits.append(sub._end(reason))
+        return DeferredList(waits, consumeErrors=True)
+
+    def trim_backlogs(self) -> None:
+        """All backlogs together are over the bound: drop the oldest messages of the largest.
+
+        Down to 15/16 of the bound, so the sort is paid once per 1/16 of it.
+        """
+        excess = self.backlog_size - (self.total_backlog_bytes - self.total_backlog_bytes // 16)
+        for outlet in sorted(self.outlets.values(), key=lambda o: o.size, reverse=True):
+            if excess <= 0 or not outlet.size:
+                return
+            excess -= outlet.trim(outlet.limit, max(outlet.size - excess, 0))
+
+    def remove_topic(self, topic: str, reason: str) -> "Deferred[Any]":
+        return DeferredList([self.remove(o, reason) for o in self.subscribers(topic)], consumeErrors=True)
+
+    def remove_all(self, reason: str) -> "Deferred[Any]":
+        return DeferredList([self.remove(o, reason) for o in list(self.outlets.values())], consumeErrors=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "published": self.published,
+            "delivered": self.delivered,
+            "dropped": self.dropped,
+            "lost": self.lost,
+            "rejected": self.rejected,
+            "refused": self.refused,
+            "backlog_bytes": self.backlog_size,
+            "topics": {topic: len(interest) for topic, interest in self.index.items()},
+            # Per topic (or pattern) while it has subscribers: messages fanned out to it, and accepted by them.
+            "topic_published": {topic: interest.published for topic, interest in self.index.items()},
+            "topic_delivered": {topic: interest.delivered() for topic, interest in self.index.items()},
+            "groups": [
+                {"topic": topic, "group": group.name, "members": len(group)}
+                for topic, interest in self.index.items()
+                for group in interest.groups.values()
+            ],
+            "subscriptions": [outlet.stats() for outlet in self.outlets.values()],
+        }

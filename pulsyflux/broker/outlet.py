@@ -1,0 +1,265 @@
+"""One subscription as the broker sees it: its forwarding Consumer, backlog and window."""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..client import Consumer
+from ..endpoints import Address
+from ..wire import messages
+from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError
+from .link import PROBE, clip, ignore, send_until_registered
+from .subscription import Subscription
+
+if TYPE_CHECKING:
+    from .fanout import Fanout
+
+__all__ = ["Outlet", "DEFAULT_BACKLOG", "DEFAULT_BACKLOG_BYTES", "guard_channel", "nothing"]
+
+log = Logger()
+
+
+DEFAULT_BACKLOG = 10_000  # messages the broker keeps per slow subscriber
+DEFAULT_BACKLOG_BYTES = 8 << 20  # and bytes (JSON characters) per slow subscriber
+_BATCH_CHARS = 256 * 1024  # a forward stops growing past this much JSON
+
+
+def nothing() -> None:
+    return None
+
+
+def guard_channel(address: Address, channel: uuid.UUID) -> Callable[[], None]:
+    """Ask the server to let only the broker send on ``channel``, when the address can (in-process)."""
+    guard = getattr(address, "guard_channel", None)
+    return guard(channel.bytes) if guard is not None else nothing
+
+
+class Outlet:
+    """One subscription as the broker sees it: forwarding Consumer, backlog, window.
+
+    Forwards go in order over one connection, several in flight; what does
+    not fit in the window waits in the backlog, whose oldest entries are
+    dropped (and counted) past ``limit`` messages or ``limit_bytes`` (the
+    newest message always stays), and when all backlogs together pass the
+    fanout's ``total_backlog_bytes``. While a reconnecting Consumer is
+    down the outlet is not ``ready``: the backlog waits until a probe has
+    reached the subscriber again (:meth:`rejoin`).
+    """
+
+    def __init__(
+        self,
+        fanout: "Fanout",
+        topic: str,
+        consumer: Consumer,
+        local: Optional[Subscription],
+        limit: int,
+        limit_bytes: int = DEFAULT_BACKLOG_BYTES,
+        label: str = "",
+        group: Optional[str] = None,
+    ) -> None:
+        self.fanout = fanout
+        self.topic = topic  # what was subscribed to: a topic or a pattern
+        self.group = group  # the queue group, or None: gets a copy of every message
+        self.consumer = consumer
+        self.channel = consumer.channel_id  # a secret of the subscriber's: never in stats or logs
+        self.label = label  # what stats and logs call it instead
+        self.local = local
+        self.limit = limit
+        self.limit_bytes = limit_bytes
+        self.backlog: deque[str] = deque()
+        self.size = 0  # characters of JSON in the backlog
+        self.requests = 0
+        self.in_flight = 0
+        self.delivered = 0
+        self.dropped = 0
+        self.notified = 0  # drop total last told to the subscriber
+        self.lost = 0  # in forwards in flight when the line dropped
+        self.gaps = 0
+        self.open = True
+        self.ready = True
+        self._rejoining = False
+        self._rejoin_waiters: list[Deferred[None]] = []
+        self.unguard: Callable[[], None] = nothing  # ends the server's guard on the channel (inproc)
+        # The client that announced it (a client id names one connection): only it may end it.
+        self.owner: Optional[uuid.UUID] = None
+
+    def has_room(self) -> bool:
+        """Whether a queue group should give this member the next message: up, and its backlog not full."""
+        return self.ready and len(self.backlog) < self.limit and self.size < self.limit_bytes
+
+    def push(self, text: str) -> None:
+        """Queue one message; the caller adds it to the fanout's ``backlog_size`` (once per publish)."""
+        backlog = self.backlog
+        backlog.append(text)
+        size = self.size + len(text)
+        self.size = size
+        if size > self.limit_bytes or len(backlog) > self.limit:
+            self.trim(self.limit, self.limit_bytes)
+
+    def trim(self, limit: int, limit_bytes: int) -> int:
+        """Drop (and count) the oldest waiting messages down to the bounds; the newest stays."""
+        backlog = self.backlog
+        popleft = backlog.popleft
+        freed = 0
+        dropped = 0
+        while len(backlog) > 1 and (len(backlog) > limit or self.size - freed > limit_bytes):
+            freed += len(popleft())
+            dropped += 1
+        if len(backlog) > limit:  # limit 0: nothing waits, not even the newest
+            freed += len(popleft())
+            dropped += 1
+        if dropped:
+            self.size -= freed
+            self.fanout.backlog_size -= freed
+            self.dropped += dropped
+            self.fanout.dropped += dropped
+            if self.local is not None:
+                self.local._set_dropped(self.dropped)
+        return freed
+
+    def flush(self) -> None:
+        backlog = self.backlog
+        fanout = self.fanout
+        if self.consumer.reconnecting:
+            self.ready = False  # the line is down: keep the backlog for rejoin()
+        while backlog and self.open and self.ready and self.requests < fanout.window:
+            texts: list[str] = []
+            if self.dropped != self.notified:
+                self.notified = self.dropped
+                texts.append(messages.control(messages.DROPPED, dropped=str(self.dropped)))
+            popleft = backlog.popleft
+            size = 0
+            count = 0
+            limit = fanout.batch
+            while backlog and count < limit and size < _BATCH_CHARS:
+                text = popleft()
+                texts.append(text)
+                size += len(text)
+                count += 1
+            self.size -= size
+            fanout.backlog_size -= size
+            self.requests += 1
+            self.in_flight += count
+            d = self.consumer.send(messages.encode_batch(texts), timeout=0)
+            d.addCallbacks(self._answered, self._failed, callbackArgs=(count,), errbackArgs=(count,))
+
+    def _answered(self, result: bytes, count: int) -> None:
+        self.requests -= 1
+        self.in_flight -= count
+        self.delivered += count
+        self.fanout.delivered += count
+        self.flush()
+
+    def _failed(self, failure: Failure, count: int) -> None:
+        self.requests -= 1
+        self.in_flight -= count
+        if not self.open:
+            # Ended while these were on their way (unsubscribed, closed): a
+            # subscriber holds its answer while its buffer is full, so they
+            # are most likely readable there; they are not counted as lost.
+            return
+        error = failure.value
+        if isinstance(error, ConnectionLostError) and self.consumer.reconnecting:
+            # At most once: these may or may not have arrived; the rest waits for rejoin().
+            self.lost += count
+            self.fanout.lost += count
+            self.ready = False
+            return
+        if isinstance(error, NoProviderError):
+            reason = "subscriber disappeared"
+        elif isinstance(error, ConnectionLostError):
+            reason = "connection to the server lost"
+        else:
+            reason = f"subscriber refused a message: {clip(str(error))}"
+        if self.fanout.log_limiter.allow("dropping subscription"):
+            log.info(
+                "dropping subscription {label} to {topic!r}: {reason}",
+                label=self.label,
+                topic=self.topic,
+                reason=reason,
+            )
+        self.lost += count
+        self.fanout.lost += count  # the backlog is counted by close()
+        self.fanout.remove(self, reason)
+
+    def rejoin(self) -> "Deferred[None]":
+        """Probe the subscriber once the Consumer is connected, then forward again.
+
+        Fires when forwarding resumed; fails if the line is down again, or
+        if the subscriber is not back within the patience (the subscription
+        is then removed: ``subscriber did not come back``).
+        """
+        self.ready = False
+        d: Deferred[None] = Deferred()
+        self._rejoin_waiters.append(d)
+        if not self._rejoining:
+            self._rejoining = True
+            Deferred.fromCoroutine(self._rejoin()).addBoth(self._rejoined)
+        return d
+
+    async def _rejoin(self) -> None:
+        fanout = self.fanout
+        await self.consumer.when_connected()
+        try:
+            await send_until_registered(self.consumer, PROBE, fanout.reactor, patience=fanout.rejoin_patience)
+        except ConnectionLostError:
+            raise  # down again: the next reconnect rejoins
+        except PulsyfluxError as error:
+            if self.open:
+                reason = "subscriber did not come back" if isinstance(error, NoProviderError) else clip(str(error))
+                if fanout.log_limiter.allow("dropping subscription"):
+                    log.info("dropping subscription {label} to {topic!r}: {reason}", label=self.label,
+                             topic=self.topic, reason=reason)  # fmt: skip
+                fanout.remove(self, reason)  # close() counts the backlog as lost
+            raise
+        if not self.open:
+            raise ConnectionLostError("the subscription was closed")
+        self.gaps += 1
+        self.ready = True
+        self.flush()
+        if self.local is not None:
+            self.local._resumed()
+
+    def _rejoined(self, result: Any) -> None:
+        self._rejoining = False
+        waiters, self._rejoin_waiters = self._rejoin_waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(None)
+
+    def close(self, reason: str, notify: bool) -> "Deferred[None]":
+        """Stop forwarding; tell a remote subscriber (``notify``), close the Consumer."""
+        self.open = False
+        self.lost += len(self.backlog)  # never forwarded: the subscription ended first
+        self.fanout.lost += len(self.backlog)
+        self.fanout.backlog_size -= self.size
+        self.size = 0
+        self.backlog.clear()
+        if notify and self.consumer.connected:
+            self.consumer.send(
+                messages.control(messages.CLOSED, reason=reason).encode("utf-8"), timeout=1.0
+            ).addErrback(ignore)
+        return self.consumer.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "id": self.label,  # not the channel: whoever knows that can write to the subscriber
+            "topic": self.topic,
+            "group": self.group,
+            "remote": self.local is None,
+            "backlog": len(self.backlog),
+            "backlog_bytes": self.size,
+            "in_flight": self.in_flight,
+            "delivered": self.delivered,
+            "dropped": self.dropped,
+            "lost": self.lost,
+            "gaps": self.gaps,
+        }

@@ -1,0 +1,84 @@
+"""Publishing over one Consumer, several requests in flight, batched while busy."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
+
+from ..client import Consumer
+from ..wire import messages
+
+__all__ = ["Publisher"]
+
+
+_PUBLISH_BATCH = 512
+_PUBLISH_WINDOW = 4
+_NEVER = float("inf")
+
+
+class Publisher:
+    """Publishes over one Consumer, many requests in flight.
+
+    A publish goes out at once while fewer than ``window`` requests are in
+    flight; otherwise it waits and leaves with the others in one batch when
+    an answer comes back, so a busy publisher sends few large requests and
+    an idle one adds no delay. A publish's timeout counts from the call,
+    also while it waits for its turn.
+    """
+
+    def __init__(self, consumer: Consumer, window: int = _PUBLISH_WINDOW, batch: int = _PUBLISH_BATCH) -> None:
+        self.consumer = consumer
+        self.window = window
+        self.batch = batch
+        self.requests = 0
+        self._texts: list[str] = []
+        self._waiters: list[Deferred[None]] = []
+        self._deadlines: list[float] = []  # when each waiting publish times out
+        self._closed: Optional[Exception] = None
+
+    def publish(
+        self, topic: str, payload: bytes, headers: Optional[dict[str, str]], timeout: float
+    ) -> "Deferred[None]":
+        if self._closed is not None:
+            return fail(self._closed)
+        text = messages.encode_text(topic, payload, headers)
+        d: Deferred[None] = Deferred()
+        self._deadlines.append(self.consumer.reactor.seconds() + timeout if timeout and timeout > 0 else _NEVER)
+        self._texts.append(text)
+        self._waiters.append(d)
+        if self.requests < self.window:
+            self._flush()
+        return d
+
+    def _flush(self) -> None:
+        while self._texts and self.requests < self.window:
+            batch = self.batch
+            texts, waiters, deadline = self._texts[:batch], self._waiters[:batch], min(self._deadlines[:batch])
+            del self._texts[:batch], self._waiters[:batch], self._deadlines[:batch]
+            self.requests += 1
+            timeout = 0.0  # the batch's request times out with its earliest publish
+            if deadline != _NEVER:
+                timeout = max(deadline - self.consumer.reactor.seconds(), 0.001)
+            d = self.consumer.send(messages.encode_batch(texts), timeout=timeout)
+            d.addCallbacks(self._answered, self._failed, callbackArgs=(waiters,), errbackArgs=(waiters,))
+
+    def _answered(self, result: bytes, waiters: list[Deferred[None]]) -> None:
+        self.requests -= 1
+        for d in waiters:
+            d.callback(None)
+        self._flush()
+
+    def _failed(self, failure: Failure, waiters: list[Deferred[None]]) -> None:
+        self.requests -= 1
+        for d in waiters:
+            d.errback(failure.value)
+        self._flush()
+
+    def close(self, error: Exception) -> "Deferred[None]":
+        self._closed = error
+        waiters, self._waiters, self._texts, self._deadlines = self._waiters, [], [], []
+        for d in waiters:
+            d.errback(error)
+        return self.consumer.close()

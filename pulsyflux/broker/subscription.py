@@ -1,0 +1,290 @@
+"""The subscriber's end: a :class:`Subscription` queues the messages of one topic.
+
+Only the broker should deliver to it; its owners (:class:`~pulsyflux.broker.broker.Broker`,
+:class:`~pulsyflux.broker.client.BrokerClient` and the fan-out) change it
+through the underscored methods of its "owner's side", never its attributes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from typing import Any, Callable, Optional, Union
+
+from twisted.internet.defer import Deferred, DeferredQueue, fail, succeed
+from twisted.logger import Logger
+
+from ..client import ChannelId, Provider, Reconnect
+from ..endpoints import Address
+from ..subjects import matcher
+from ..wire import messages
+from ..wire.errors import PulsyfluxError
+from ..wire.messages import Message, check_topic, group_problem, is_control, is_pattern
+from .link import OK, channel_uuid
+
+__all__ = ["Subscription", "SubscriptionClosed", "DEFAULT_BUFFER", "check_subscription", "open_subscription"]
+
+log = Logger()
+
+
+DEFAULT_BUFFER = 100  # messages a Subscription queues before it holds answers
+
+
+class SubscriptionClosed(PulsyfluxError):
+    """The subscription ended: unsubscribed, broker closed, or connection lost."""
+
+
+def check_subscription(topic: str, group: Optional[str]) -> None:
+    """The topic rule for subscribing, and the group's: TypeError/ValueError at once."""
+    check_topic(topic, subscribing=True)
+    if group is not None:
+        problem = group_problem(group)
+        if problem is not None:
+            raise (TypeError if type(group) is not str else ValueError)(problem)
+
+
+class Subscription:
+    """The messages of one topic or pattern, in publish order; ends when closed.
+
+        sub = await broker.subscribe("orders.*")
+        async for msg in sub:
+            print(msg.topic, msg.payload, msg.headers)  # msg.topic: "orders.eu", the topic published to
+
+    ``topic`` is what was subscribed to (a pattern, maybe); ``group`` the
+    queue group, or None (docs/broker.md).
+
+    ``get()`` fires with the next :class:`~pulsyflux.wire.messages.Message`, or
+    fails with :class:`SubscriptionClosed` once the subscription has ended
+    and every message received before that has been read. Up to ``buffer``
+    messages wait here; past that the subscriber holds its answers, so the
+    broker keeps the rest (and counts what it must drop: :attr:`dropped`).
+
+    Only the broker should deliver here, so what it never sends is refused
+    and counted in :attr:`rejected`: a message of a topic not matching ours, and a drop
+    notice that is not followed by a message of this topic in the same
+    delivery (the broker places it right before the first message after a
+    gap) or that comes in a delivery holding a message of another topic.
+    """
+
+    def __init__(
+        self, topic: str, channel: ChannelId, buffer: int = DEFAULT_BUFFER, group: Optional[str] = None
+    ) -> None:
+        if buffer < 1:
+            raise ValueError("buffer must be at least 1")
+        self.topic = topic
+        self.group = group
+        # Which other topics are ours: None for a plain topic (only itself, tested with ==).
+        self._accepts: Optional[Callable[[str], bool]] = matcher(topic) if is_pattern(topic) else None
+        self.channel = channel_uuid(channel)
+        self.buffer = buffer
+        self.closed_reason: Optional[str] = None
+        self._queue: DeferredQueue[Message] = DeferredQueue()
+        self._received = 0  # messages ever put in the queue
+        self._held: deque[tuple[int, Deferred[bytes]]] = deque()  # (received mark, answer)
+        self._dropped = 0
+        self._rejected = 0
+        self._closed: Optional[SubscriptionClosed] = None
+        self._provider: Optional[Provider] = None
+        self._on_remote_close: Optional[Callable[[str], None]] = None
+        self._gaps = 0
+        self._resume_hooks: list[Callable[["Subscription"], Any]] = []
+
+    def __repr__(self) -> str:
+        state = f"closed: {self.closed_reason}" if self._closed else f"{self.pending} pending"
+        group = f" group={self.group!r}" if self.group is not None else ""
+        return f"<Subscription topic={self.topic!r}{group} channel={self.channel} {state}>"
+
+    @property
+    def dropped(self) -> int:
+        """Messages the broker dropped for this subscription (it read too slowly)."""
+        return self._dropped
+
+    @property
+    def rejected(self) -> int:
+        """Messages refused as not the broker's: another topic, or an implausible drop notice."""
+        return self._rejected
+
+    @property
+    def pending(self) -> int:
+        """Messages received and not read yet."""
+        return len(self._queue.pending)
+
+    @property
+    def gaps(self) -> int:
+        """Times the connection dropped and came back (reconnect=True); messages published meanwhile may be missing."""
+        return self._gaps
+
+    def on_resume(self, callback: Callable[["Subscription"], Any]) -> None:
+        """Call ``callback(subscription)`` each time the broker forwards to it again after a gap.
+
+        sub.on_resume(lambda s: log.info("{t} resumed after {n} gaps", t=s.topic, n=s.gaps))
+        """
+        self._resume_hooks.append(callback)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def get(self) -> "Deferred[Message]":
+        """The next message; fails with :class:`SubscriptionClosed` at the end."""
+        queue = self._queue
+        if queue.pending:
+            d = queue.get()
+            if self._held:
+                self._release()
+            return d
+        if self._closed is not None:
+            return fail(self._closed)
+        return queue.get()
+
+    def __aiter__(self) -> "Subscription":
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.get()
+        except SubscriptionClosed:
+            raise StopAsyncIteration from None
+
+    # -- the owner's side: Broker, BrokerClient and the fan-out call these, applications do not.
+    # Each change another class makes to a subscription goes through one of them.
+
+    def _attach(self, provider: Provider, reconnect: Reconnect) -> None:
+        """``provider`` receives for this subscription: count its reconnects as gaps, end with it."""
+        self._provider = provider
+        if reconnect:
+            provider.on_reconnect(lambda _: self._count_gap())  # first: later hooks see the count
+        provider.when_lost().addCallback(lambda _: self._close("connection to the server lost"))
+
+    def _count_gap(self) -> None:
+        """Messages published from now until :meth:`_resumed` may be missing."""
+        self._gaps += 1
+
+    def _set_dropped(self, count: int) -> None:
+        """The broker's count of messages dropped for us, told in process (no notice needed)."""
+        self._dropped = count
+
+    def _on_closed_by_broker(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` when the broker's closing notice arrives (a remote broker)."""
+        self._on_remote_close = callback
+
+    def _resumed(self) -> None:
+        """The broker forwards to us again after a gap: tell the on_resume callbacks."""
+        log.info("subscription to {topic!r} resumed", topic=self.topic)
+        for hook in list(self._resume_hooks):
+            try:
+                hook(self)
+            except Exception:
+                log.failure("on_resume callback failed")
+
+    def _close(self, reason: str) -> None:
+        """End the stream; already received messages stay readable."""
+        if self._closed is not None:
+            return
+        self.closed_reason = reason
+        self._closed = SubscriptionClosed(f"subscription to {self.topic!r} closed: {reason}")
+        held, self._held = self._held, deque()
+        for _, answer in held:
+            answer.callback(OK)  # the connection is going; nobody waits for these
+        waiting = list(self._queue.waiting)
+        del self._queue.waiting[:]  # in place: _deliver may be walking this list
+        for d in waiting:
+            d.errback(self._closed)
+
+    def _end(self, reason: str) -> "Deferred[None]":
+        """End the stream and close its Provider; fires once the connection is gone."""
+        self._close(reason)
+        return self._provider.close() if self._provider is not None else succeed(None)
+
+    def _connected(self) -> bool:
+        """Our Provider's line is up (a reconnecting one may be down for a while)."""
+        return self._provider is not None and self._provider.connected
+
+    def _when_connected(self) -> "Deferred[Any]":
+        """Fires once our Provider's line is up; fails if it closed for good."""
+        assert self._provider is not None
+        return self._provider.when_connected()
+
+    # -- called by the Provider ----------------------------------------------
+
+    def _deliver(self, body: bytes) -> Union[bytes, "Deferred[bytes]"]:
+        """The Provider's handler: queue, answer ``ok`` once within the buffer."""
+        if self._closed is not None:
+            raise self._closed
+        batch = messages.decode_body(body)
+        queue = self._queue
+        pending = queue.pending
+        topic = self.topic
+        accepts = self._accepts
+        count = 0
+        foreign = 0
+        notices: Optional[list[tuple[int, Message]]] = None
+        for msg in batch:
+            if msg.topic == topic:
+                pending.append(msg)
+                count += 1
+            elif is_control(msg.topic):  # before the pattern: ">" would match "$pulsyflux/dropped"
+                if notices is None:
+                    notices = []
+                notices.append((count, msg))  # with how many of ours came before it
+            elif accepts is not None and accepts(msg.topic):
+                pending.append(msg)
+                count += 1
+            else:
+                foreign += 1  # never sent by the broker: forged, by someone who knows the channel
+        closing: Optional[Message] = None
+        if foreign or notices is not None:
+            self._rejected += foreign
+            for before, msg in notices or ():
+                if foreign or (msg.topic == messages.DROPPED and before == count):
+                    self._rejected += 1  # not where the broker puts it
+                elif msg.topic == messages.CLOSED:
+                    closing = msg  # after the wake-up: the messages before it stay readable
+                else:
+                    self._control(msg)
+        self._received += count
+        # Queue the whole batch before waking a reader: its loop then reads
+        # the rest without suspending once per message.
+        waiting = queue.waiting
+        while waiting and pending:
+            waiting.pop(0).callback(pending.pop(0))
+        if closing is not None:
+            self._control(closing)
+            if self._closed is not None:
+                return OK
+        if not count or (not self._held and len(pending) <= self.buffer):
+            return OK  # a notice alone (a probe after a gap) is never held behind a full buffer
+        answer: Deferred[bytes] = Deferred()
+        self._held.append((self._received, answer))
+        return answer
+
+    def _control(self, msg: Message) -> None:
+        if msg.topic == messages.DROPPED:
+            try:
+                self._dropped = max(self._dropped, int(msg.headers.get("dropped", "0")))
+            except ValueError:
+                self._rejected += 1
+        elif msg.topic == messages.CLOSED and self._on_remote_close is not None:
+            self._on_remote_close(msg.headers.get("reason", "closed by the broker"))
+        # PROBE and anything unknown: answered, never queued.
+
+    def _release(self) -> None:
+        """Answer held batches whose last message is now within the buffer."""
+        held = self._held
+        pending = len(self._queue.pending)
+        while held:
+            mark, answer = held[0]
+            if pending - (self._received - mark) > self.buffer:
+                return
+            held.popleft()
+            answer.callback(OK)
+
+
+async def open_subscription(
+    address: Address, topic: str, buffer: int, reactor: Any, reconnect: Reconnect = False, group: Optional[str] = None
+) -> tuple[Subscription, Provider]:
+    channel = uuid.uuid4()
+    sub = Subscription(topic, channel, buffer, group)
+    provider = await Provider.connect(address, channel, handler=sub._deliver, reactor=reactor, reconnect=reconnect)
+    sub._attach(provider, reconnect)
+    return sub, provider
