@@ -57,6 +57,47 @@ def server_endpoint(reactor: Any, listen: str | int) -> IStreamServerEndpoint:
     return serverFromString(reactor, description)
 
 
+# Server endpoint kinds that need pyOpenSSL (the ``tls`` extra).
+_TLS_KINDS = {"ssl", "ssl6", "mtls"}
+
+
+class _ParseOnly:
+    """Stands in for the reactor while a description is only checked: nothing may use it."""
+
+
+def check_server_description(listen: str | int) -> str:
+    """The description ``listen`` means, or ValueError with one line saying what is wrong.
+
+    Checks what can be known before listening (the syntax, the port's range,
+    the files a TLS description names, pyOpenSSL for TLS), so ``twistd`` can
+    refuse a bad option before it starts anything. Listening may still fail
+    (a port in use).
+    """
+    description = server_description(listen)
+    kind = description.partition(":")[0].strip().lower()
+    if kind in _TLS_KINDS:
+        try:
+            import OpenSSL  # noqa: F401
+        except ImportError:
+            raise ValueError(f"{kind}: needs pyOpenSSL: pip install 'pulsyflux[tls]'") from None
+    try:
+        endpoint = server_endpoint(_ParseOnly(), description)
+    except ImportError as error:
+        raise ValueError(f"{description!r} needs a module that is not installed: {error}") from None
+    except OSError as error:  # a file it names (a TLS key or certificate)
+        raise ValueError(f"{description!r}: {error.strerror or error}: {error.filename}") from None
+    except Exception as error:  # Twisted's parsers raise ValueError, TypeError, KeyError, OSError...
+        reason = str(error) or type(error).__name__
+        example = "e.g. 9090, tcp:9090:interface=0.0.0.0 or unix:/run/pulsyflux.sock"
+        raise ValueError(
+            f"{description!r} is not a port or a server endpoint description ({reason}; {example})"
+        ) from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ValueError(f"{description!r}: the port must be 0-65535, not {port}")
+    return description
+
+
 # Client endpoint kinds whose description names a host (first positional or host=).
 _HOSTED_KINDS = {"tcp", "tcp6", "tls", "ssl", "ssl6"}
 

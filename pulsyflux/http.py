@@ -916,6 +916,7 @@ class HTTPService(ListeningService):
 
     log = Logger()
     _what = "pulsyflux HTTP API"
+    _exposes = "any host that reaches it can publish (POST /publish/..., no authentication) and read /stats"
 
     def __init__(self, listen: str | int, site: Site, reactor: Any = None) -> None:
         super().__init__(listen, reactor)

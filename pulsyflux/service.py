@@ -20,7 +20,7 @@ from .broker.broker import Broker
 from .broker.link import DEFAULT_BROKER_CHANNEL
 from .broker.subscription import Subscription
 from .client import DEFAULT_BACKOFF, ChannelId
-from .endpoints import DEFAULT_PORT, describe_address
+from .endpoints import DEFAULT_PORT, check_server_description, describe_address
 from .endpoints import client_address as client_address  # its old home: still importable from here
 from .server.inproc import InProcessEndpoint
 from .server.listening import ListeningService
@@ -51,6 +51,7 @@ class ServerService(ListeningService):
 
     log = Logger()
     _what = "pulsyflux server"
+    _exposes = "any host that reaches it can send requests, serve channels and publish"
 
     def __init__(
         self,
@@ -65,7 +66,8 @@ class ServerService(ListeningService):
 
     def startService(self) -> Any:
         super().startService()
-        return self._listen(self.factory)
+        # A failure is logged, and told to whoever waits in whenListening; not raised.
+        return self._listen(self.factory).addErrback(lambda _: None)
 
     def _listening(self, port: Any) -> None:
         # Logged once the reactor runs: twistd starts services before it
@@ -300,7 +302,7 @@ class Options(usage.Options):
         ["port", "p", str(DEFAULT_PORT), "Where the server listens: a port (on 127.0.0.1) or an endpoint description."],
         ["broker-channel", None, str(DEFAULT_BROKER_CHANNEL), "The broker's channel id (a UUID)."],
         ["http", None, None, "Serve the HTTP monitoring/publish API here: a port (on 127.0.0.1) or a description."],
-        ["grace", None, DEFAULT_GRACE, "Seconds a shutdown lets requests in flight finish before closing.", float],
+        ["grace", None, DEFAULT_GRACE, "Seconds a shutdown lets requests in flight finish before closing (0: none)."],
         [
             "max-connections",
             None,
@@ -339,11 +341,33 @@ class Options(usage.Options):
         ["no-broker", None, "Run the request/response server only, without the pub/sub broker."],
     ]
 
+    def parseOptions(self, options: Any = None) -> None:
+        """Under twistd, a bad option is one line on stderr and exit status 1 (not the whole usage)."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            if getattr(self, "parent", None) is None:
+                raise  # parsed on its own (tests, tools): the caller decides
+            raise SystemExit(f"twistd pulsyflux: {error}") from None
+
     def postOptions(self) -> None:
         try:
             uuid.UUID(self["broker-channel"])
         except ValueError:
             raise usage.UsageError(f"--broker-channel must be a UUID, not {self['broker-channel']!r}") from None
+        for name in ("port", "http"):
+            if self[name] is not None:
+                try:
+                    check_server_description(self[name])
+                except ValueError as error:
+                    raise usage.UsageError(f"--{name}: {error}") from None
+        try:
+            grace = float(self["grace"])
+        except (TypeError, ValueError):
+            grace = float("nan")
+        if not 0 <= grace < float("inf"):  # NaN too
+            raise usage.UsageError(f"--grace must be a number of seconds, 0 or more, not {self['grace']!r}")
+        self["grace"] = grace
         for name, kind in _LIMITS.items():
             self[name] = _positive(name, self[name], kind)
 
@@ -402,8 +426,7 @@ class _ExitIfNotListening(service.Service):
         listener.whenListening().addErrback(failed)
         checking = False
         if failed_now:
-            reason = failed_now[0].getErrorMessage()
-            raise SystemExit(f"pulsyflux: cannot listen on {listener.description}: {reason}")
+            raise SystemExit(1)  # the listener logged the one line saying why
 
 
 def makeService(options: Options) -> service.IService:

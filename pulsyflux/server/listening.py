@@ -7,14 +7,16 @@ whoever waits (tests with ephemeral ports, ``twistd``'s startup check).
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Optional
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..endpoints import server_description, server_endpoint
+from ..endpoints import describe_address, server_description, server_endpoint
 
 __all__ = ["ListeningService"]
 
@@ -28,6 +30,7 @@ class ListeningService(service.Service):
 
     log = Logger()
     _what = "listener"
+    _exposes = "other hosts can connect to it"  # what a listener not on loopback lets them do
 
     def __init__(self, listen: str | int, reactor: Any = None) -> None:
         if reactor is None:
@@ -53,13 +56,17 @@ class ListeningService(service.Service):
         def listening(port: Any) -> Any:
             self.port = port
             self._listening(port)
+            self._warn_if_exposed(port.getHost())
             waiting, self._waiting = self._waiting, []
             for waiter in waiting:
                 waiter.callback(port)
             return port
 
         def failed(failure: Failure) -> Optional[Failure]:
-            self.log.failure("{what} could not listen on {d}", failure, what=self._what, d=self.description)
+            # One line: a port in use or a bad interface is the operator's to fix, not a bug.
+            self.log.error(
+                "{what} cannot listen on {d}: {reason}", what=self._what, d=self.description, reason=_reason(failure)
+            )
             self._failure = failure
             waiting, self._waiting = self._waiting, []
             for waiter in waiting:
@@ -70,6 +77,22 @@ class ListeningService(service.Service):
 
     def _listening(self, port: Any) -> None:
         """Called once listening (a log line saying where)."""
+
+    def _warn_if_exposed(self, address: Any) -> None:
+        """A warning naming what other hosts can reach, when not listening on loopback only."""
+        host = getattr(address, "host", None)
+        if host is None or _is_loopback(host):
+            return  # a Unix socket, or loopback
+        where = describe_address(address)
+        everywhere = " (all interfaces)" if host in ("0.0.0.0", "::", "") else ""
+        self.reactor.callWhenRunning(
+            self.log.warn,
+            "{what} listens on {where}{everywhere}, not loopback: {exposed}",
+            what=self._what,
+            where=where,
+            everywhere=everywhere,
+            exposed=self._exposes,
+        )
 
     def whenListening(self) -> "Deferred[Any]":
         """Fires with the listening port (for ephemeral ports in tests), or the failure to listen."""
@@ -82,3 +105,20 @@ class ListeningService(service.Service):
         d: Deferred[Any] = Deferred()
         self._waiting.append(d)
         return d
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def _reason(failure: Failure) -> str:
+    """Why listening failed, in a few words: "Address already in use", not the whole exception."""
+    error = failure.value
+    if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
+        return error.socketError.strerror or str(error.socketError)
+    return failure.getErrorMessage()
