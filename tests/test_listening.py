@@ -7,6 +7,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from pulsyflux.http import HTTPService, make_site
 from pulsyflux.server import ServerFactory
@@ -31,11 +32,15 @@ async def test_a_port_in_use_is_told_to_whoever_waits():
     taken = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
     try:
         for svc in _services(f"tcp:{taken.getHost().port}:interface=127.0.0.1"):
-            # A TCP endpoint fails at once: the server's startService says so
-            # (twistd exits), the HTTP API's only logs it; both tell every waiter.
+            # A TCP endpoint fails at once: each logs one line (no traceback, nothing
+            # left unhandled) and tells every waiter (twistd's check exits on it).
             failures: list = []
-            svc.startService().addErrback(failures.append)
-            assert len(failures) == (1 if isinstance(svc, ServerService) else 0)
+            with capturedLogs() as events:
+                svc.startService().addErrback(failures.append)
+            assert failures == []
+            [line] = [formatEvent(event) for event in events if event["log_level"] == LogLevel.error]
+            assert line.endswith(f"cannot listen on {svc.description}: Address already in use")
+            assert not any(event.get("log_failure") for event in events)
             for _ in range(2):
                 with pytest.raises(CannotListenError):
                     await svc.whenListening()
