@@ -11,6 +11,7 @@ Both return Deferreds, so they work with callbacks, ``inlineCallbacks`` and
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import uuid
@@ -42,7 +43,14 @@ from .wire.codec import (
     FrameDecoder,
 )
 from .wire.deadlines import Deadlines
-from .wire.errors import ConnectionLostError, PermissionDenied, ProtocolError, RequestTimeout, error_from_message
+from .wire.errors import (
+    PREFIX_PERMISSION_DENIED,
+    ConnectionLostError,
+    PermissionDenied,
+    ProtocolError,
+    RequestTimeout,
+    error_from_message,
+)
 from .wire.printable import printable
 from .writer import ImmediateWriter
 
@@ -87,6 +95,14 @@ def channel_bytes(channel: ChannelId) -> bytes:
     if isinstance(channel, str):
         return uuid.UUID(channel).bytes
     raise TypeError(f"channel id must be a UUID, a UUID string or 16 bytes, not {channel!r}")
+
+
+def _check_token(token: str) -> str:
+    """A token as it goes on the wire: ASCII (a JWT is), at most 8 KiB, no surrounding space."""
+    token = token.strip()
+    if not token or len(token) > 8192 or not token.isascii() or not token.isprintable():
+        raise ValueError("a token is a JWT: 1 to 8192 printable ASCII characters")
+    return token
 
 
 def _new_id() -> bytes:
@@ -194,9 +210,19 @@ class _Client:
         self.reconnects = 0
         self._server_said = ""  # the server's last word (an ERROR on the zero id) before it closes the line
         self._unmatched = 0  # ERRORs no call waited for (logged at powers of two)
+        # Tokens (docs/security.md): presented in an AUTH frame before registering, on every (re)connect.
+        self.token: Optional[str] = None
+        self.token_subject: Optional[str] = None  # as the server read it (None: not checked)
+        self.token_expires: Optional[float] = None
+        self._auth_pending: Optional[bytes] = None  # the first AUTH's id until the server answers it
+        self._auth_waiters: dict[bytes, Deferred[None]] = {}  # refresh() calls waiting for their answer
 
     @classmethod
-    def _connect(cls, address: Address, client: "_Client", reconnect: Reconnect = False) -> "Deferred[Any]":
+    def _connect(
+        cls, address: Address, client: "_Client", reconnect: Reconnect = False, token: Optional[str] = None
+    ) -> "Deferred[Any]":
+        if token is not None:
+            client.token = _check_token(token)
         if reconnect:
             client._address = address
             client._backoff = DEFAULT_BACKOFF if reconnect is True else reconnect
@@ -233,6 +259,8 @@ class _Client:
         """The line dropped: fail what was in flight at once, then reconnect with backoff."""
         if self._backoff is None or self._given_up:
             return False
+        if self._server_said.startswith(PREFIX_PERMISSION_DENIED):
+            return False  # refused, not lost: the same token would be refused again (no reconnect storm)
         why = self._server_said or reason.getErrorMessage()
         self._server_said = ""
         error = ConnectionLostError(f"connection to the server lost: {why} (reconnecting)")
@@ -307,7 +335,11 @@ class _Client:
         self._write = proto.writer.write
         request_id = _new_id()
         frames = codec.encode_registration(self.role, self._client, self._channel, request_id)
-        if not self.confirm_registration:
+        if self.token is not None:
+            # The token first, on the registration's id: a refusal answers there and fails connect().
+            frames = codec.encode_frame(codec.AUTH, request_id, self.token.encode("ascii")) + frames
+            self._auth_pending = request_id
+        elif not self.confirm_registration:
             self._write(frames)
             return None
         registered: Deferred[None] = Deferred()
@@ -321,11 +353,18 @@ class _Client:
         if registration is not None and ftype == ERROR and request_id == registration[0]:
             # The probe's answer (``invalid message type``): registered. A
             # refusal comes first with the same id, and the server closes the line.
-            error = error_from_message(codec.error_message(payload))
+            message = codec.error_message(payload)
+            error = error_from_message(message)
             if isinstance(error, PermissionDenied):
                 self._refused(error)
+            elif self._auth_pending == request_id and message == errors.MSG_BAD_TYPE:
+                # The answer to the AUTH from a server that does not check tokens: the probe's follows.
+                self._auth_pending = None
             else:
                 self._registered(None)
+        elif registration is not None and ftype == codec.AUTH and request_id == registration[0]:
+            self._auth_pending = None
+            self._token_accepted(payload)
         else:
             self._frame_received(ftype, flags, request_id, payload)
 
@@ -387,7 +426,14 @@ class _Client:
     def _unmatched_error(self, request_id: bytes, payload: bytes) -> None:
         """An ERROR no call waits for; one on the zero request id says why the server closes the line."""
         message = codec.error_message(payload)
-        if request_id == _ZERO_ID:
+        waiter = self._auth_waiters.pop(request_id, None)
+        if waiter is not None:
+            if message == errors.MSG_BAD_TYPE:
+                waiter.callback(None)  # a server that does not check tokens: nothing to refresh
+            else:
+                waiter.errback(error_from_message(message))  # refused: the connection keeps the rights it had
+            return
+        if request_id == _ZERO_ID or message.startswith(PREFIX_PERMISSION_DENIED):
             self._server_said = message
         self._unmatched += 1
         if _worth_logging(self._unmatched):  # the network decides how many: a bounded number of lines
@@ -400,7 +446,13 @@ class _Client:
         self._lost = True
         if self._closed is None:
             why = self._server_said or reason.getErrorMessage()
-            self._closed = ConnectionLostError(f"connection to the server lost: {why}")
+            if why.startswith(PREFIX_PERMISSION_DENIED):
+                self._closed = PermissionDenied(why)  # refused, not lost (and not reconnected)
+            else:
+                self._closed = ConnectionLostError(f"connection to the server lost: {why}")
+        for waiter in list(self._auth_waiters.values()):
+            waiter.errback(self._closed)
+        self._auth_waiters.clear()
         self._write = self._write_closed
         self._registered(self._closed)
         self._fail_pending(self._closed)
@@ -413,6 +465,46 @@ class _Client:
 
     def _fail_pending(self, error: Exception) -> None:
         raise NotImplementedError
+
+    # -- tokens ------------------------------------------------------------------
+
+    def refresh(self, token: str) -> "Deferred[None]":
+        """Present a new token on the live connection (and on every reconnect from now on).
+
+        Fires once the server accepted it; fails with
+        :class:`~pulsyflux.errors.PermissionDenied` if it refused it (the
+        connection keeps the rights of the token it had, until that one
+        expires). Rights the new token no longer grants end now.
+        """
+        token = _check_token(token)
+        if self._protocol is None or self._closed is not None:
+            self.token = token
+            return succeed(None)  # presented when the line is back
+        request_id = _new_id()
+        d: Deferred[None] = Deferred()
+
+        def accepted(_: None) -> None:
+            self.token = token  # also what a reconnect presents from now on
+
+        self._auth_waiters[request_id] = d
+        self._write(codec.encode_frame(codec.AUTH, request_id, token.encode("ascii")))
+        return d.addCallback(accepted)
+
+    def _token_accepted(self, payload: bytes) -> None:
+        try:
+            answer = json.loads(payload)
+            self.token_subject = str(answer.get("subject"))
+            expires = answer.get("expires")
+            self.token_expires = float(expires) if expires is not None else None
+        except (ValueError, TypeError, AttributeError):
+            self.token_subject = self.token_expires = None
+
+    def _auth_frame(self, request_id: bytes, payload: bytes) -> None:
+        """An AUTH answer outside registration: a refresh() accepted."""
+        waiter = self._auth_waiters.pop(request_id, None)
+        if waiter is not None:
+            self._token_accepted(payload)
+            waiter.callback(None)
 
     def _frame_received(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
         raise NotImplementedError
@@ -443,15 +535,24 @@ class Consumer(_Client):
 
     @classmethod
     def connect(
-        cls, address: Address, channel_id: ChannelId, reactor: Any = None, *, reconnect: Reconnect = False
+        cls,
+        address: Address,
+        channel_id: ChannelId,
+        reactor: Any = None,
+        *,
+        reconnect: Reconnect = False,
+        token: Optional[str] = None,
     ) -> "Deferred[Consumer]":
         """Connect to the server at ``address`` and register on ``channel_id``.
 
         With ``reconnect`` (True or a backoff policy) a lost connection is
         re-established and re-registered; requests in flight when it drops,
         and sends while it is down, fail at once with ConnectionLostError.
+        With ``token`` (a JWT, docs/security.md) the connection presents it
+        first and ``connect`` waits for the server's answer: a refused token
+        or a missing right fails it with PermissionDenied.
         """
-        return cls._connect(address, cls(channel_id, reactor), reconnect)
+        return cls._connect(address, cls(channel_id, reactor), reconnect, token)
 
     @property
     def pending(self) -> int:
@@ -514,6 +615,8 @@ class Consumer(_Client):
             pending = self._drop(request_id)
             if pending is not None:
                 pending.deferred.callback(payload[ROUTING_SIZE:])
+        elif ftype == codec.AUTH:
+            self._auth_frame(request_id, payload)
         # Anything else is not for a consumer: ignore it, as Go clients do.
 
     def _fail_pending(self, error: Exception) -> None:
@@ -617,6 +720,7 @@ class Provider(_Client):
         reconnect: Reconnect = False,
         max_incomplete: int = DEFAULT_MAX_INCOMPLETE,
         incomplete_timeout: Optional[float] = DEFAULT_INCOMPLETE_TIMEOUT,
+        token: Optional[str] = None,
     ) -> "Deferred[Provider]":
         """Connect to the server at ``address`` and register on ``channel_id``.
 
@@ -624,11 +728,12 @@ class Provider(_Client):
         re-established and re-registered; requests it was answering are
         dropped (their consumers were told), ``receive()`` keeps waiting.
         ``max_incomplete`` and ``incomplete_timeout``: see :class:`Provider`.
+        ``token``: presented before registering, as for :meth:`Consumer.connect`.
         """
         provider = cls(
             channel_id, reactor, handler, max_incomplete=max_incomplete, incomplete_timeout=incomplete_timeout
         )
-        return cls._connect(address, provider, reconnect)
+        return cls._connect(address, provider, reconnect, token)
 
     def receive(self) -> "Deferred[Request]":
         """The next complete request (fails with ConnectionLostError once closed)."""
@@ -656,6 +761,14 @@ class Provider(_Client):
             return None
         routing = self._routing.get(request_id)
         return None if routing is None else uuid.UUID(bytes=routing[:16])
+
+    @property
+    def current_request_id(self) -> Optional[bytes]:
+        """The raw id of the request the ``handler`` is being called with (during that call only); else None.
+
+        The broker beside the server asks the server who sent it (pulsyflux.auth).
+        """
+        return self._handling
 
     @property
     def incomplete_bytes(self) -> int:
@@ -744,6 +857,8 @@ class Provider(_Client):
             self.log.debug(
                 "server gave up on request {r}: {m}", r=uuid.UUID(bytes=request_id), m=codec.error_message(payload)
             )
+        elif ftype == codec.AUTH:
+            self._auth_frame(request_id, payload)
 
     def _sweep(self) -> None:
         """Every ``incomplete_timeout / 2`` s while requests are incomplete: drop those idle for 3 sweeps.

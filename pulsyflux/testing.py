@@ -201,6 +201,7 @@ def start_server(
     broker: bool = True,
     http: bool = False,
     cleanup: Optional[Callable[..., Any]] = None,
+    auth: Any = None,
     **options: Any,
 ) -> "Deferred[RunningServer]":
     """Start a server on 127.0.0.1 with an ephemeral port, and its broker.
@@ -213,6 +214,8 @@ def start_server(
     ``TestCase.addCleanup``, or anything that takes a function returning a
     Deferred) is given :meth:`RunningServer.stop`. ``options`` go to
     :class:`~pulsyflux.server.ServerFactory` (``max_body=...`` and the other limits).
+    ``auth`` (a :class:`~pulsyflux.auth.tokens.Authority`) makes it check
+    tokens and grants, as ``twistd pulsyflux --auth FILE`` does.
 
         server = await start_server(http=True)
     """
@@ -220,13 +223,20 @@ def start_server(
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return Deferred.fromCoroutine(_start(reactor, broker, http, cleanup, options))
+    return Deferred.fromCoroutine(_start(reactor, broker, http, cleanup, options, auth))
 
 
 async def _start(
-    reactor: Any, broker: bool, http: bool, cleanup: Optional[Callable[..., Any]], options: dict[str, Any]
+    reactor: Any,
+    broker: bool,
+    http: bool,
+    cleanup: Optional[Callable[..., Any]],
+    options: dict[str, Any],
+    auth: Any = None,
 ) -> RunningServer:
     factory = ServerFactory(reactor, **options)
+    if auth is not None:
+        factory.router.enable_auth(auth)  # before the first connection
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     server = RunningServer(reactor, factory, port)
     if cleanup is not None:

@@ -147,6 +147,10 @@ class Identity:
     def anonymous(self) -> bool:
         return self.kid is None
 
+    def copy(self) -> "Identity":
+        """The same rights under a new object: each connection holds its own (its refresh is its own)."""
+        return Identity(self.subject, self.grants, self.expires, self.jti, self.kid)
+
     def __repr__(self) -> str:
         return f"Identity({self.subject!r}, expires={self.expires!r}, kid={self.kid!r})"
 
@@ -181,7 +185,7 @@ class Authority:
         self._cache: OrderedDict[str, Identity] = OrderedDict()
 
     def verify(self, token: "str | bytes") -> Identity:
-        """The identity a token proves, or :class:`TokenError` saying why not."""
+        """The identity a token proves (a new object each time), or :class:`TokenError` saying why not."""
         if isinstance(token, bytes):
             if len(token) > MAX_TOKEN_BYTES:
                 raise TokenError("too large", f"a token is at most {MAX_TOKEN_BYTES} bytes")
@@ -199,7 +203,7 @@ class Authority:
                 self._cache.popitem(last=False)
             self._cache[token] = identity
         self.check(identity)
-        return identity
+        return identity.copy()
 
     def check(self, identity: Identity) -> None:
         """Raise :class:`TokenError` if ``identity`` has expired or been revoked since it was verified."""

@@ -85,6 +85,7 @@ class Broker:
         max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
         max_setups: int = DEFAULT_MAX_SETUPS,
         max_setups_per_client: int = DEFAULT_MAX_SETUPS_PER_CLIENT,
+        token: Optional[str] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -101,6 +102,7 @@ class Broker:
         self.reactor = reactor
         self.buffer = buffer
         self.reconnect = reconnect
+        self.token = token  # presented by each of its connections (a server that checks tokens)
         self._fanout = Fanout(
             address,
             reactor,
@@ -114,6 +116,7 @@ class Broker:
             max_subscriptions=max_subscriptions,
             max_setups=max_setups,
             max_setups_per_client=max_setups_per_client,
+            token=token,
         )
         self._provider: Optional[Provider] = None
         self._publisher: Optional[Publisher] = None
@@ -139,8 +142,9 @@ class Broker:
 
         ``options``: ``buffer``, ``backlog``, ``backlog_bytes``,
         ``total_backlog_bytes``, ``max_subscriptions``, ``max_setups``, ``max_setups_per_client``,
-        ``batch``, ``window``, ``reconnect`` (default False) and
-        ``rejoin_patience`` as for the class.
+        ``batch``, ``window``, ``reconnect`` (default False),
+        ``rejoin_patience`` and ``token`` (a JWT its connections present to
+        a server that checks tokens; docs/security.md) as for the class.
         """
         broker = cls(address, broker_channel_id, reactor, **options)
         return Deferred.fromCoroutine(broker._start())
@@ -149,10 +153,10 @@ class Broker:
         # Made before it connects, so the fanout can ask whose announcement it handles from the first one.
         provider = Provider(self.channel, self.reactor, handler=self._fanout.handle)
         self._fanout.provider = provider
-        self._provider = await Provider._connect(self.address, provider, self.reconnect)
+        self._provider = await Provider._connect(self.address, provider, self.reconnect, self.token)
         try:
             consumer = await Consumer.connect(
-                self.address, self.channel, reactor=self.reactor, reconnect=self.reconnect
+                self.address, self.channel, reactor=self.reactor, reconnect=self.reconnect, token=self.token
             )
         except BaseException:
             await self._provider.close()
@@ -218,7 +222,9 @@ class Broker:
         return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer, group))
 
     async def _subscribe(self, topic: str, buffer: int, group: Optional[str] = None) -> Subscription:
-        sub, provider = await open_subscription(self.address, topic, buffer, self.reactor, self.reconnect, group)
+        sub, provider = await open_subscription(
+            self.address, topic, buffer, self.reactor, self.reconnect, group, self.token
+        )
         try:
             outlet = await self._fanout.setup(topic, sub.channel, sub, group=group)
         except BaseException:

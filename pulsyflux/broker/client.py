@@ -76,6 +76,7 @@ class BrokerClient:
         buffer: int = DEFAULT_BUFFER,
         reconnect: Reconnect = False,
         heartbeat: Optional[float] = DEFAULT_HEARTBEAT,
+        token: Optional[str] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -89,6 +90,7 @@ class BrokerClient:
         self.buffer = buffer
         self.reconnect = reconnect
         self.heartbeat = heartbeat or None
+        self.token = token  # presented by its publishing connection and each subscription's
         self._beat: Any = None  # the next heartbeat's DelayedCall, while one is due
         self._beating = False
         self._misses = 0  # heartbeats in a row the broker did not answer
@@ -109,15 +111,15 @@ class BrokerClient:
     ) -> "Deferred[BrokerClient]":
         """Connect and check a broker answers on the channel (NoProviderError if none).
 
-        ``options``: ``buffer``, ``reconnect`` (default False) and ``heartbeat``
-        (default 5 s) as for the class.
+        ``options``: ``buffer``, ``reconnect`` (default False), ``heartbeat``
+        (default 5 s) and ``token`` (a JWT; docs/security.md) as for the class.
         """
         client = cls(address, broker_channel_id, reactor, **options)
         return Deferred.fromCoroutine(client._start())
 
     async def _start(self) -> "BrokerClient":
         self._consumer = await Consumer.connect(
-            self.address, self.channel, reactor=self.reactor, reconnect=self.reconnect
+            self.address, self.channel, reactor=self.reactor, reconnect=self.reconnect, token=self.token
         )
         self._publisher = Publisher(self._consumer)
         try:
@@ -161,7 +163,9 @@ class BrokerClient:
 
     async def _subscribe(self, topic: str, buffer: int, group: Optional[str] = None) -> Subscription:
         assert self._consumer is not None
-        sub, provider = await open_subscription(self.address, topic, buffer, self.reactor, self.reconnect, group)
+        sub, provider = await open_subscription(
+            self.address, topic, buffer, self.reactor, self.reconnect, group, self.token
+        )
         if self.reconnect:
             provider.on_reconnect(lambda _: self._resubscribe(sub))
 
@@ -181,6 +185,25 @@ class BrokerClient:
         self._subscriptions[sub.channel] = sub
         self._schedule_heartbeat()
         return sub
+
+    def refresh(self, token: str) -> "Deferred[Any]":
+        """Present a new token on every connection of this client (publishing and each subscription's).
+
+        Fires once the server accepted it on all of them; fails with
+        PermissionDenied if it refused it. Subscriptions the new token no
+        longer covers are ended by the broker (``permission denied: ...``).
+        """
+        connections: list[Any] = [self._consumer] + [
+            sub._provider for sub in self._subscriptions.values() if sub._provider is not None
+        ]
+        waits = [c.refresh(token) for c in connections if c is not None]
+
+        def accepted(_: Any) -> None:
+            self.token = token  # what new subscriptions present
+
+        return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+            accepted, lambda failure: failure.value.subFailure
+        )
 
     def _forget(self, sub: Subscription) -> None:
         if self._subscriptions.get(sub.channel) is sub:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, NoReturn, Optional, Union
+from typing import Any, Callable, NoReturn, Optional, Union
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
@@ -13,11 +13,12 @@ from ..client import Consumer, Provider, Reconnect
 from ..endpoints import Address
 from ..subjects import Interest, Sublist
 from ..wire import messages
-from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError
+from ..wire.errors import ConnectionLostError, NoProviderError, PermissionDenied, PulsyfluxError
 from ..wire.messages import CONTROL_PREFIX, MessageError, excerpt, group_problem, topic_problem
 from ..wire.ratelimit import LogLimiter, summary_to
 from .link import OK, PROBE, RESUMED, clip, ignore, send_until_registered
 from .outlet import Outlet, guard_channel
+from .rights import Rights, auth_link
 from .subscription import Subscription
 
 __all__ = [
@@ -99,9 +100,11 @@ class Fanout:
         max_subscriptions: int,
         max_setups: int,
         max_setups_per_client: int,
+        token: Optional[str] = None,
     ) -> None:
         """Only :class:`Broker` makes one, by keyword: its arguments (and their defaults) are the Broker's."""
         self.address = address
+        self.token = token  # what its forwarding Consumers present to a server that checks tokens
         self.reactor = reactor
         self.log_limiter = LogLimiter(reactor, summary_to(log))  # subscribers decide how often these happen
         self.reconnect = reconnect
@@ -115,6 +118,13 @@ class Fanout:
         # Remote setups in progress per announcing client id; the broker's Provider tells who asks.
         self.setups_by_client: dict[uuid.UUID, int] = {}
         self.provider: Optional[Provider] = None
+        # Beside a server that checks tokens: who may publish and subscribe (None: no checks; rights.py).
+        link = auth_link(address)
+        self.rights: Optional[Rights] = (
+            None
+            if link is None
+            else Rights(link, reactor, lambda outlet, why: self.remove(outlet, why), self.log_limiter)
+        )
         self.batch = batch
         self.window = window
         # Who wants what: pattern (or topic) -> its plain subscribers and queue groups (subjects.py).
@@ -155,6 +165,8 @@ class Fanout:
             if problem is not None:
                 self.rejected += 1
                 raise MessageError(f"publish refused: {problem}")
+        if self.rights is not None:
+            self.rights.may_publish(self._request_id(), items)
         recipients = self.recipients
         self.published += len(items)
         if len(items) == 1:
@@ -257,11 +269,15 @@ class Fanout:
             if outlet is not None and outlet.topic == topic and self._may_end(outlet):
                 self.remove(outlet, "unsubscribed", notify=False)
             return OK  # also to a stranger: whether the subscription exists is not told
+        rights = self.rights
+        identity = rights.may_subscribe(self._request_id(), topic) if rights is not None else None
         outlet = self.outlets.get(channel)
         d: Deferred[Any]
         if outlet is not None:
             if outlet.topic != topic or outlet.group != group:
                 raise MessageError(f"channel {channel} is already subscribed to another topic or group")
+            if rights is not None:
+                rights.keep(outlet, identity)  # heartbeats carry the announcer's latest (refreshed) token
             # A subscriber back after a gap says so again: the subscription we kept resumes.
             if outlet.ready and outlet.consumer.connected:
                 return RESUMED  # also every heartbeat: a dict lookup, nothing else
@@ -302,11 +318,13 @@ class Fanout:
                 raise PulsyfluxError(
                     f"subscribe refused: too many subscriptions being set up (at most {self.max_setups} at once); try again"
                 )
-            d = Deferred.fromCoroutine(self.setup(topic, channel, None, client, group))
+            d = Deferred.fromCoroutine(self.setup(topic, channel, None, client, group, identity))
             answer = OK
 
         def failed(failure: Failure) -> NoReturn:
             # Said plainly, so the client does not take it for "no broker".
+            if failure.check(PermissionDenied):
+                failure.raiseException()  # its own clear line (the channel is someone else's)
             if failure.check(NoProviderError):
                 raise PulsyfluxError(f"subscribe failed: no subscriber answers on channel {channel}")
             # Never the whole text: it may be the (hostile) provider's on that channel.
@@ -321,6 +339,7 @@ class Fanout:
         local: Optional[Subscription],
         client: Optional[uuid.UUID] = None,
         group: Optional[str] = None,
+        identity: Any = None,
     ) -> Outlet:
         """:meth:`open_outlet`, with ``channel`` marked as opening meanwhile (see :meth:`_control`).
 
@@ -334,7 +353,7 @@ class Fanout:
         if client is not None:
             self.setups_by_client[client] = self.setups_by_client.get(client, 0) + 1
         try:
-            outlet = await self.open_outlet(topic, channel, local, group)
+            outlet = await self.open_outlet(topic, channel, local, group, identity)
         except BaseException:
             failure = Failure()
             self._setup_done(channel, client)
@@ -364,16 +383,30 @@ class Fanout:
                 self.setups_by_client[client] = left
 
     async def open_outlet(
-        self, topic: str, channel: uuid.UUID, local: Optional[Subscription], group: Optional[str] = None
+        self,
+        topic: str,
+        channel: uuid.UUID,
+        local: Optional[Subscription],
+        group: Optional[str] = None,
+        identity: Any = None,
     ) -> Outlet:
         """Connect a forwarding Consumer to ``channel``, check the subscriber answers, start forwarding."""
         if self.closing:
             raise ConnectionLostError("the broker is closing")
         # Beside the server (pulsyflux.server.inproc), only the broker may deliver on this channel.
         unguard = guard_channel(self.address, channel)
+        if identity is not None and self.rights is not None:
+            try:
+                release = self.rights.claim(channel, identity)
+            except PermissionDenied:
+                unguard()
+                raise
+            unguard = _both(unguard, release)
         consumer: Optional[Consumer] = None
         try:
-            consumer = await Consumer.connect(self.address, channel, reactor=self.reactor, reconnect=self.reconnect)
+            consumer = await Consumer.connect(
+                self.address, channel, reactor=self.reactor, reconnect=self.reconnect, token=self.token
+            )
             await send_until_registered(consumer, PROBE, self.reactor)
             if self.closing:
                 raise ConnectionLostError("the broker is closing")
@@ -385,6 +418,8 @@ class Fanout:
         self._serial += 1
         outlet = Outlet(self, topic, consumer, local, self.backlog, self.backlog_bytes, f"sub-{self._serial}", group)
         outlet.unguard = unguard
+        if identity is not None and self.rights is not None:
+            self.rights.keep(outlet, identity)
         self.enlist(outlet)
         self.outlets[channel] = outlet
         if self.reconnect:
@@ -398,12 +433,19 @@ class Fanout:
             return succeed(None)
         del self.outlets[outlet.channel]
         outlet.unguard()
+        if outlet.identity is not None and self.rights is not None:
+            self.rights.unkeep(outlet)
         self.delist(outlet)
         waits = [outlet.close(reason, notify=notify and outlet.local is None)]
         sub = outlet.local
         if sub is not None:
             waits.append(sub._end(reason))
         return DeferredList(waits, consumeErrors=True)
+
+    def _request_id(self) -> Optional[bytes]:
+        """The id of the request being handled (who sent it: the server knows, rights.py asks)."""
+        provider = self.provider
+        return provider.current_request_id if provider is not None else None
 
     def trim_backlogs(self) -> None:
         """All backlogs together are over the bound: drop the oldest messages of the largest.
@@ -442,3 +484,11 @@ class Fanout:
             ],
             "subscriptions": [outlet.stats() for outlet in self.outlets.values()],
         }
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        second()
+
+    return both

@@ -88,6 +88,7 @@ class Outlet:
         self.unguard: Callable[[], None] = nothing  # ends the server's guard on the channel (inproc)
         # The client that announced it (a client id names one connection): only it may end it.
         self.owner: Optional[uuid.UUID] = None
+        self.identity: Any = None  # whose rights keep it (rights.py), when the server checks tokens
 
     def has_room(self) -> bool:
         """Whether a queue group should give this member the next message: up, and its backlog not full."""

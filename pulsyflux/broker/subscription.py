@@ -281,10 +281,18 @@ class Subscription:
 
 
 async def open_subscription(
-    address: Address, topic: str, buffer: int, reactor: Any, reconnect: Reconnect = False, group: Optional[str] = None
+    address: Address,
+    topic: str,
+    buffer: int,
+    reactor: Any,
+    reconnect: Reconnect = False,
+    group: Optional[str] = None,
+    token: Optional[str] = None,
 ) -> tuple[Subscription, Provider]:
     channel = uuid.uuid4()
     sub = Subscription(topic, channel, buffer, group)
-    provider = await Provider.connect(address, channel, handler=sub._deliver, reactor=reactor, reconnect=reconnect)
+    provider = await Provider.connect(
+        address, channel, handler=sub._deliver, reactor=reactor, reconnect=reconnect, token=token
+    )
     sub._attach(provider, reconnect)
     return sub, provider

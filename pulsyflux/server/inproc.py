@@ -319,3 +319,15 @@ class InProcessEndpoint:
     def guard_channel(self, channel: bytes) -> Callable[[], None]:
         """Only trusted connections may send requests on ``channel`` until the returned call."""
         return self.factory.router.guard(channel)
+
+    def auth_link(self) -> Any:
+        """How the broker beside the server learns who sent a publish or subscribe; None without ``--auth``.
+
+        (:class:`pulsyflux.auth.gate.BrokerLink`: the router's identity of each request's sender.)
+        """
+        gate = getattr(getattr(self.factory, "router", None), "gate", None)
+        if gate is None or not self.trusted:
+            return None
+        from ..auth.gate import BrokerLink
+
+        return BrokerLink(gate)

@@ -138,7 +138,7 @@ class ServerProtocol(Protocol):
             router.flush()
             self.transport.loseConnection()
         except Refused:
-            # Refused (a foreign provider on a reserved channel): its ERROR
+            # Refused (a foreign provider on a reserved channel, a token or a right refused): its ERROR
             # leaves first, the rest of what it sent is never routed.
             self.stop_reading()
             router.flush()

@@ -230,6 +230,7 @@ class Peer:
         "assigned",
         "flow",
         "trusted",
+        "identity",
         "write",
         "transport",
         "_conn",
@@ -240,6 +241,7 @@ class Peer:
         self.write = write
         self.transport = transport
         self.trusted = trusted
+        self.identity: Any = None  # the verified token's Identity (pulsyflux.auth.gate); None: anonymous
         self.key: Optional[RegistryKey] = None
         self.bytes_in = self.bytes_out = self.frames_in = self.frames_out = 0
         self.since = 0.0
@@ -333,6 +335,15 @@ class Router:
         self.connection_guard = ConnectionGuard(
             clock, self.stats, self.log_limiter, frame_timeout, register_timeout, max_partial_bytes
         )
+        # Tokens and grants (pulsyflux.auth.gate.Gate), set by enable_auth; None: everyone may do everything.
+        self.gate: Any = None
+
+    def enable_auth(self, authority: Any) -> Any:
+        """Check tokens and grants from now on (``--auth``); returns the :class:`~pulsyflux.auth.gate.Gate`."""
+        from ..auth.gate import Gate
+
+        self.gate = Gate(authority, self)
+        return self.gate
 
     @property
     def max_in_flight(self) -> int:
@@ -455,6 +466,8 @@ class Router:
         """``conn`` is gone: route nothing more to or from it, and free its flow state."""
         self.peers.discard(conn)
         conn.flow.stopProducing()
+        if self.gate is not None:
+            self.gate.disconnected(conn)
         self.forget(conn)
 
     @property
@@ -608,6 +621,9 @@ class Router:
         elif ftype == codec.PROBE and len(frame) == _HEADER:
             # A client's registration probe: the usual answer, not counted as an error.
             self.send(conn, codec.encode_frame(ERROR, request_id, codec.error_payload(errors.MSG_BAD_TYPE)))
+        elif ftype == codec.AUTH and self.gate is not None:
+            if not self.gate.authenticate(conn, request_id, frame[_HEADER:]):
+                raise Refused(errors.PREFIX_PERMISSION_DENIED)
         else:
             self._server_error(conn, request_id, errors.MSG_BAD_TYPE)
 
@@ -624,6 +640,13 @@ class Router:
             if role == ROLE_PROVIDER and channel in self.reserved and not conn.trusted:
                 self._server_error(conn, request_id, MSG_CHANNEL_RESERVED)
                 raise Refused(MSG_CHANNEL_RESERVED)
+            gate = self.gate
+            if gate is not None and not conn.trusted:
+                verdict = gate.admit(conn, role, channel, client_id, request_id)
+                if verdict is not None:
+                    if verdict:
+                        raise Refused(errors.PREFIX_PERMISSION_DENIED)
+                    return  # held until the broker claims the channel for a subscription (gate.py)
             self.register(conn, role, channel, client_id)
             key = conn.key
         if flags & FLAG_REGISTRATION or role != ROLE_CONSUMER:

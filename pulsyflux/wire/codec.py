@@ -35,6 +35,10 @@ FRAME_TYPES = frozenset(range(RESPONSE, RESPONSE_END + 1))
 # with an ERROR on the same request id, in order. A client sends PROBE right
 # after registering to learn that the server has processed its registration.
 PROBE = 0x00
+# Not a Go type either: a client presents (or refreshes) its token in an AUTH frame, payload the
+# token; a server with --auth answers AUTH (JSON: subject, expires) or ERROR ``permission denied: ...``
+# on the same id, one without answers ``invalid message type`` (docs/protocol.md, "Tokens").
+AUTH = 0x0A
 
 FLAG_REGISTRATION = 0x0001
 
