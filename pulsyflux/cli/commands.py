@@ -25,10 +25,10 @@ from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from . import __version__
-from ._twisted_compat import exit_signal
-from .endpoints import DEFAULT_ADDRESS, DEFAULT_HTTP_PORT, http_address
-from .wire.printable import UNSAFE_BEYOND_C0, printable, printable_block, printable_bytes
+from .. import __version__
+from .._twisted_compat import exit_signal
+from ..endpoints import DEFAULT_ADDRESS, DEFAULT_HTTP_PORT, http_address
+from ..wire.printable import UNSAFE_BEYOND_C0, printable, printable_block, printable_bytes
 
 __all__ = ["main", "run_command", "build_parser", "CLIError"]
 
@@ -153,7 +153,7 @@ def _report(failure: Failure, args: argparse.Namespace) -> int:
 def _describe(error: BaseException, args: argparse.Namespace) -> str:
     from twisted.internet import error as net_error
 
-    from .wire.errors import (
+    from ..wire.errors import (
         ConnectionLostError,
         NoProviderError,
         RemoteError,
@@ -254,7 +254,7 @@ def _positive_int(text: str) -> int:
 
 def _topic(text: str, subscribing: bool = False) -> str:
     """A topic to publish to, checked by the broker's own rule, so the CLI never disagrees with it."""
-    from .wire.messages import topic_problem
+    from ..wire.messages import topic_problem
 
     problem = topic_problem(text, subscribing)
     if problem is not None:
@@ -269,7 +269,7 @@ def _subscribed_topic(text: str) -> str:
 
 def _group(text: str) -> str:
     """A queue group name, checked by the broker's own rule."""
-    from .wire.messages import group_problem
+    from ..wire.messages import group_problem
 
     problem = group_problem(text)
     if problem is not None:
@@ -304,7 +304,7 @@ def _text(payload: bytes) -> str:
 
 
 async def cmd_request(reactor: Any, args: argparse.Namespace) -> int:
-    from .client import Consumer
+    from ..client import Consumer
 
     payload = _data(args.data, "request data")
     consumer = await Consumer.connect(args.server, args.channel, reactor=reactor)
@@ -384,7 +384,7 @@ def _command_runner(reactor: Any, command: str, timeout: float) -> Callable[[byt
 
 
 async def cmd_reply(reactor: Any, args: argparse.Namespace) -> int:
-    from .client import Provider
+    from ..client import Provider
 
     out = _Output()
     answered = 0
@@ -438,9 +438,9 @@ async def _first(*deferreds: "Deferred[Any]") -> int:
 
 
 async def _broker_client(reactor: Any, args: argparse.Namespace, reconnect: bool = False) -> Any:
-    from .broker.client import BrokerClient
-    from .broker.link import DEFAULT_BROKER_CHANNEL
-    from .wire.errors import NoProviderError
+    from ..broker.client import BrokerClient
+    from ..broker.link import DEFAULT_BROKER_CHANNEL
+    from ..wire.errors import NoProviderError
 
     channel = args.broker_channel or DEFAULT_BROKER_CHANNEL
     try:
@@ -485,7 +485,7 @@ def message_json(message: Any) -> str:
 
 
 async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
-    from .broker.subscription import SubscriptionClosed
+    from ..broker.subscription import SubscriptionClosed
 
     out = _Output()
     reported = 0
@@ -868,7 +868,7 @@ def _bench_module(kind: str) -> Any:
 
 
 async def cmd_bench(reactor: Any, args: argparse.Namespace) -> int:
-    from .bench.common import failures
+    from ..bench.common import failures
 
     module = args.bench_module
     options = module.options_from_args(args)

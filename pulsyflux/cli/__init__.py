@@ -1,0 +1,37 @@
+"""The ``pulsyflux`` command: talk to a running server from a shell.
+
+    $ pulsyflux request 6f1c...-... 'hello' --timeout 2
+    $ pulsyflux sub orders --count 1 --json
+
+One idea per module: ``runner`` (a command on the reactor, failures as one
+line), ``arguments`` (argument types), ``commands`` (the subcommands),
+``stats`` (the stats formatter), ``progress`` (the bench progress bar),
+``parser`` (the argument parser) and ``program`` (``main``, ``run_command``).
+The names below are imported on first use (PEP 562).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getattr__
+    from .commands import CLIError, build_parser, main, run_command
+
+# Public name -> the submodule that defines it.
+_LAZY = {
+    "main": "commands",
+    "run_command": "commands",
+    "build_parser": "commands",
+    "CLIError": "commands",
+}
+
+__all__ = [
+    "main",
+    "run_command",
+    "build_parser",
+    "CLIError",
+]
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
