@@ -354,15 +354,15 @@ async def test_stats_shows_topics_and_each_subscription(cli):
 
 
 def test_stats_looks_for_the_http_api_next_to_the_server(monkeypatch):
-    from pulsyflux.cli import _finish_args
+    from pulsyflux.cli.parser import finish_args
 
     monkeypatch.delenv("PULSYFLUX_HTTP", raising=False)
     args = build_parser().parse_args(["stats", "--server", "10.1.2.3:9090"])
-    _finish_args(args)
+    finish_args(args)
     assert args.http_url == "http://10.1.2.3:8222"
     monkeypatch.setenv("PULSYFLUX_HTTP", "http://127.0.0.1:9999/")
     args = build_parser().parse_args(["stats"])
-    _finish_args(args)
+    finish_args(args)
     assert args.http_url == "http://127.0.0.1:9999"
 
 
@@ -380,11 +380,11 @@ def test_stats_looks_for_the_http_api_next_to_the_server(monkeypatch):
     ],
 )
 def test_stats_finds_the_http_api_beside_any_server_address(monkeypatch, server, http_url):
-    from pulsyflux.cli import _finish_args
+    from pulsyflux.cli.parser import finish_args
 
     monkeypatch.delenv("PULSYFLUX_HTTP", raising=False)
     args = build_parser().parse_args(["stats", "--server", server])
-    _finish_args(args)
+    finish_args(args)
     assert args.http_url == http_url
 
 
@@ -574,7 +574,7 @@ def _bench_args(module, json_output=False):
 
 
 def _run_bench(clock, args):
-    from pulsyflux.cli import cmd_bench
+    from pulsyflux.cli.commands import cmd_bench
 
     d = defer.Deferred.fromCoroutine(cmd_bench(clock, args))
     for _ in range(10):

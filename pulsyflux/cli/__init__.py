@@ -17,14 +17,16 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getattr__
-    from .commands import CLIError, build_parser, main, run_command
+    from .parser import build_parser
+    from .program import main, run_command
+    from .runner import CLIError
 
 # Public name -> the submodule that defines it.
 _LAZY = {
-    "main": "commands",
-    "run_command": "commands",
-    "build_parser": "commands",
-    "CLIError": "commands",
+    "main": "program",
+    "run_command": "program",
+    "build_parser": "parser",
+    "CLIError": "runner",
 }
 
 __all__ = [

@@ -1,0 +1,120 @@
+"""The /stats document as a short human-readable report (``pulsyflux stats``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..wire.printable import printable
+
+__all__ = ["format_stats", "plural"]
+
+
+# Topics and error texts in `pulsyflux stats`: at most this many characters each.
+_STATS_TEXT_LIMIT = 200
+
+
+def format_stats(document: dict[str, Any]) -> list[str]:
+    """The /stats document as a short human-readable report."""
+    s = document["server"]
+    roles = s["connections"]["by_role"]
+    lines = [
+        f"uptime          {_duration(s['uptime_seconds'])}",
+        f"connections     {s['connections']['open']} open ({plural(roles.get('consumer', 0), 'consumer')}, "
+        f"{plural(roles.get('provider', 0), 'provider')}, {roles.get('unregistered', 0)} unregistered), "
+        f"{s['connections']['total']} since start",
+        f"channels        {s['channels']['count']}{_channel_detail(s['channels'])}",
+        f"requests        {s['requests']['routed']} routed, {s['requests']['responses_routed']} answered, "
+        f"{s['requests']['in_flight']} in flight",
+        f"bytes           {_size(s['bytes']['in'])} in, {_size(s['bytes']['out'])} out",
+        f"dropped frames  {s['frames_dropped']}",
+    ]
+    errors = s.get("errors") or {}
+    if errors:
+        lines.append("errors")
+        for message, count in sorted(errors.items(), key=lambda item: -_number(item[1])):
+            lines.append(f"  {str(count):>8}  {printable(str(message), _STATS_TEXT_LIMIT)}")
+    else:
+        lines.append("errors          none")
+    b = document.get("broker")
+    if b is None:
+        lines.append("broker          not running in this server")
+        return lines
+    lines.append(f"broker          {b['published']} published, {b['delivered']} delivered, {b['dropped']} dropped")
+    topics = b.get("topics") or {}
+    other = b.get("other_topics") or {}
+    if topics:
+        lines.append("topics")
+        for topic, count in sorted(topics.items()):
+            lines.append(f"  {printable(str(topic), _STATS_TEXT_LIMIT)}  {plural(count, 'subscriber')}")
+        if other.get("topics"):
+            lines.append(
+                f"  ({plural(other['topics'], 'more topic')}, {plural(other.get('subscribers', 0), 'subscriber')})"
+            )
+    groups = b.get("groups") or []
+    if groups:
+        lines.append("queue groups")
+        for g in groups:
+            lines.append(
+                f"  {printable(str(g.get('topic', '')), _STATS_TEXT_LIMIT)}  "
+                f"{printable(str(g.get('group', '')), _STATS_TEXT_LIMIT)}  {plural(int(_number(g.get('members'))), 'member')}"
+            )
+        if b.get("groups_count", len(groups)) > len(groups):
+            lines.append(f"  ({plural(b['groups_count'] - len(groups), 'more group')})")
+    subs = b.get("subscriptions") or []
+    if subs:
+        lines.append("subscriptions (slowest first)")
+        for sub in sorted(subs, key=lambda sub: -_number(sub.get("backlog")) - _number(sub.get("in_flight"))):
+            # Never a channel id: it is the subscriber's secret (older servers sent it).
+            label = f"{printable(str(sub['id']), 32)}  " if "id" in sub else ""
+            lines.append(
+                f"  {label}{printable(str(sub.get('topic', '')), _STATS_TEXT_LIMIT)}{_in_group(sub)}  "
+                f"backlog {sub.get('backlog', 0)}  "
+                f"in flight {sub.get('in_flight', 0)}  delivered {sub.get('delivered', 0)}  "
+                f"dropped {sub.get('dropped', 0)}"
+            )
+        listed = b.get("subscriptions_count", len(subs))
+        if listed > len(subs):
+            lines.append(f"  ({plural(listed - len(subs), 'more subscription')})")
+    return lines
+
+
+def _in_group(sub: dict[str, Any]) -> str:
+    group = sub.get("group")
+    return f" (group {printable(str(group), _STATS_TEXT_LIMIT)})" if group is not None else ""
+
+
+def _channel_detail(channels: dict[str, Any]) -> str:
+    if "with_providers" not in channels:
+        return ""
+    return f" ({channels['with_providers']} with a provider, {channels.get('without_provider', 0)} without)"
+
+
+def _number(value: Any) -> float:
+    return value if isinstance(value, (int, float)) else 0
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h {minutes}m"
+    if hours:
+        return f"{hours}h {minutes}m {secs}s"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
