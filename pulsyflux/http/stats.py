@@ -35,13 +35,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import provider
 
-from ._twisted_compat import http_channel_transport
-from .endpoints import describe_address
-from .server.listening import ListeningService
-from .server.protocol import ServerFactory
-from .wire.codec import MAX_PAYLOAD
-from .wire.printable import printable, printable_bytes
-from .wire.ratelimit import DEFAULT_TEXT, LogLimiter, summary_to
+from .._twisted_compat import http_channel_transport
+from ..endpoints import describe_address
+from ..server.listening import ListeningService
+from ..server.protocol import ServerFactory
+from ..wire.codec import MAX_PAYLOAD
+from ..wire.printable import printable, printable_bytes
+from ..wire.ratelimit import DEFAULT_TEXT, LogLimiter, summary_to
 
 __all__ = [
     "HEADER_PREFIX",
@@ -82,7 +82,7 @@ def process_stats() -> dict[str, Any]:
     import os
     import resource
 
-    from . import __version__
+    from .. import __version__
 
     times = os.times()
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -235,7 +235,7 @@ def _bounded_broker_stats(stats: dict[str, Any], max_topics: int) -> dict[str, A
     groups (of ``groups_count``), the ``max_topics`` slowest
     subscriptions, topic names cut and made encodable, and no subscription's
     channel id (nor any other text of it but its topic)."""
-    from .wire.messages import is_control
+    from ..wire.messages import is_control
 
     out = {
         key: value
@@ -720,7 +720,7 @@ class Publish(_Leaf):
 
 def _topic_problem(topic: str) -> Optional[str]:
     """The broker's topic rule (:func:`messages.topic_problem`), with how to name a topic in a URL."""
-    from .wire.messages import topic_problem
+    from ..wire.messages import topic_problem
 
     problem = topic_problem(topic)
     if problem is not None and not topic:
