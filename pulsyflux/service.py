@@ -436,7 +436,7 @@ def makeService(options: Options) -> service.IService:
     )
     listeners: list[Any] = [top.server]
     if options["http"]:
-        from .http import http_service
+        from .http.site import http_service
 
         web = http_service(options["http"], top)
         web.setServiceParent(top)

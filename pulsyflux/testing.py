@@ -253,7 +253,7 @@ async def _start(
             server.broker = await Broker.connect(link, DEFAULT_BROKER_CHANNEL, reactor=reactor)
             server.broker_channel = DEFAULT_BROKER_CHANNEL
         if http:
-            from .http import make_site
+            from .http.site import make_site
 
             server.site = make_site(factory, broker=server.broker)
             server._http_listener = reactor.listenTCP(0, server.site, interface="127.0.0.1")

@@ -1,0 +1,213 @@
+"""The twisted.web resources: /healthz, /stats, /metrics and POST /publish/{topic}."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, BinaryIO, Callable, Optional, cast
+from urllib.parse import unquote
+
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from ..wire.printable import printable
+from ..wire.ratelimit import LogLimiter, summary_to
+from .prometheus import prometheus_text
+from .stats import TOPIC_TEXT_LIMIT
+
+__all__ = [
+    "HEADER_PREFIX",
+    "JSON_TYPE",
+    "PROMETHEUS_TYPE",
+    "DEFAULT_MAX_PUBLISH_BODY",
+    "Healthz",
+    "Stats",
+    "Metrics",
+    "Publish",
+    "Root",
+]
+
+log = Logger()
+
+
+HEADER_PREFIX = "x-pulsyflux-header-"
+JSON_TYPE = b"application/json"
+PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+# What a published body may weigh (like NATS's max_payload): what one wire
+# frame carries; larger bodies are refused with 413 before they are read.
+DEFAULT_MAX_PUBLISH_BODY = 1 << 20
+
+
+def _json(request: Request, code: int, body: Any) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", JSON_TYPE)
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body, indent=2).encode() + b"\n"
+
+
+class _Leaf(Resource):
+    """An endpoint: JSON 405 for other methods, 404 below it unless it takes a path."""
+
+    isLeaf = True
+    takes_path = False
+
+    def render(self, request: Request) -> bytes:
+        if request.postpath and request.postpath != [b""] and not self.takes_path:
+            return _not_found(request)
+        method = request.method.decode("ascii", "replace")
+        handler = getattr(self, "render_" + method, None)
+        if handler is None:
+            allowed = [name[len("render_") :].encode() for name in dir(self) if name.startswith("render_")]
+            request.setHeader(b"allow", b", ".join(allowed))
+            return _json(request, http.NOT_ALLOWED, {"error": f"method {method} not allowed"})
+        return handler(request)
+
+
+class Healthz(_Leaf):
+    """200 once every part runs; 503 with what is missing otherwise."""
+
+    def __init__(self, ready: Callable[[], list[str]]) -> None:
+        super().__init__()
+        self.ready = ready
+
+    def render_GET(self, request: Request) -> bytes:
+        missing = self.ready()
+        if missing:
+            return _json(request, http.SERVICE_UNAVAILABLE, {"status": "unavailable", "not_running": missing})
+        return _json(request, http.OK, {"status": "ok"})
+
+    render_HEAD = render_GET
+
+
+class Stats(_Leaf):
+    def __init__(self, document: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self.document = document
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, http.OK, self.document())
+
+
+class Metrics(_Leaf):
+    def __init__(self, document: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self.document = document
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", PROMETHEUS_TYPE)
+        # Every label is printable() already; "replace" is the last safety net.
+        return prometheus_text(self.document()).encode("utf-8", "replace")
+
+
+class Publish(_Leaf):
+    """``POST /publish/{topic}``: the body is the payload; headers come from
+    ``X-Pulsyflux-Header-<name>`` (names lowercased, as HTTP ignores case)."""
+
+    log = Logger()
+    takes_path = True
+
+    def __init__(self, broker: Any, max_body: int = DEFAULT_MAX_PUBLISH_BODY, timeout: float = 5.0) -> None:
+        super().__init__()
+        self.broker = broker
+        self.max_body = max_body
+        self.timeout = timeout
+        from twisted.internet import reactor
+
+        self.log_limiter = LogLimiter(reactor, summary_to(self.log))  # clients decide how often publishes fail
+
+    def render_POST(self, request: Request) -> Any:
+        path = request.path.decode("utf-8", "replace")
+        raw_topic = path[len("/publish") :].lstrip("/")
+        topic = unquote(raw_topic)
+        if getattr(request, "body_too_large", False):
+            return self._too_large(request)
+        problem = _topic_problem(topic)
+        if problem:
+            return _json(request, http.BAD_REQUEST, {"error": problem})
+        content = cast(BinaryIO, request.content)  # Twisted's stub says None: it is the buffered body
+        content.seek(0)
+        payload = content.read()
+        if len(payload) > self.max_body:
+            return self._too_large(request)
+        if self.broker is None:
+            return _json(request, http.SERVICE_UNAVAILABLE, {"error": "this server runs no broker"})
+        headers = {}
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            lower = name.decode("latin-1").lower()
+            if lower.startswith(HEADER_PREFIX) and len(lower) > len(HEADER_PREFIX):
+                headers[lower[len(HEADER_PREFIX) :]] = values[-1].decode("utf-8", "replace")
+        d = maybeDeferred(self.broker.publish, topic, payload, headers or None, timeout=self.timeout)
+        gone: list[Any] = []  # the client hung up: the message is still published, nobody to tell
+        request.notifyFinish().addErrback(gone.append)
+
+        def answer(code: int, body: dict[str, Any]) -> None:
+            if not gone and not request.finished:
+                request.write(_json(request, code, body))
+                request.finish()
+
+        def failed(failure: Any) -> None:
+            code, message = _publish_error(failure.value)
+            if code >= 500 and self.log_limiter.allow("publish failed"):
+                self.log.warn(
+                    "publish to {topic} failed: {error}",
+                    topic=printable(repr(topic), TOPIC_TEXT_LIMIT),
+                    error=printable(str(failure.value)),
+                )
+            answer(code, {"error": message})
+
+        d.addCallbacks(
+            lambda _: answer(http.ACCEPTED, {"status": "accepted", "topic": topic, "bytes": len(payload)}), failed
+        )
+        return NOT_DONE_YET
+
+    def _too_large(self, request: Request) -> bytes:
+        return _json(
+            request,
+            http.REQUEST_ENTITY_TOO_LARGE,
+            {"error": f"body larger than {self.max_body} bytes", "limit": self.max_body},
+        )
+
+
+def _topic_problem(topic: str) -> Optional[str]:
+    """The broker's topic rule (:func:`messages.topic_problem`), with how to name a topic in a URL."""
+    from ..wire.messages import topic_problem
+
+    problem = topic_problem(topic)
+    if problem is not None and not topic:
+        return problem + ": POST /publish/{topic}"
+    return problem
+
+
+def _publish_error(error: BaseException) -> tuple[int, str]:
+    text = printable(str(error))  # may repeat what a client sent: bounded
+    if isinstance(error, (ValueError, TypeError)):
+        return http.BAD_REQUEST, text
+    if isinstance(error, TimeoutError):
+        return http.GATEWAY_TIMEOUT, f"broker did not accept the message in time: {text}"
+    return http.SERVICE_UNAVAILABLE, f"broker did not accept the message: {text}"
+
+
+class Root(Resource):
+    def render_GET(self, request: Request) -> bytes:
+        return _json(
+            request,
+            http.OK,
+            {"endpoints": ["GET /healthz", "GET /stats", "GET /metrics", "POST /publish/{topic}"]},
+        )
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return self
+        return _NotFound()
+
+
+def _not_found(request: Request) -> bytes:
+    path = printable(request.path.decode("utf-8", "replace"), TOPIC_TEXT_LIMIT)
+    return _json(request, http.NOT_FOUND, {"error": f"no such endpoint: {path}"})
+
+
+class _NotFound(_Leaf):
+    def render(self, request: Request) -> bytes:
+        return _not_found(request)
