@@ -87,7 +87,7 @@ def test_sans_io_core_imports_and_works_without_twisted() -> None:
     assert done.stdout.strip() == "ok"
 
 
-PACKAGES = ("pulsyflux", "pulsyflux.server", "pulsyflux.broker", "pulsyflux.auth")
+PACKAGES = ("pulsyflux", "pulsyflux.server", "pulsyflux.broker", "pulsyflux.auth", "pulsyflux.cli", "pulsyflux.http")
 
 
 def test_packages_import_without_twisted() -> None:
