@@ -114,3 +114,14 @@ def cli():
     runner = InProcessCLI()
     yield runner
     runner.close()
+
+
+@pytest.fixture
+def redis_server():
+    """A redis-server of the test's own on a free loopback port (skipped outside CI if Redis is missing)."""
+    from .redis_process import RedisServer
+
+    redis = RedisServer()
+    redis.start()
+    yield redis
+    redis.stop()

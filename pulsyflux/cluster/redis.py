@@ -1,0 +1,284 @@
+"""A Redis client: a thin Twisted protocol over hiredis, the Redis project's own parser.
+
+Why not a Redis library: measured on this kind of machine (docs/cluster.md),
+a Protocol on ``hiredis.Reader`` and ``hiredis.pack_command`` costs about
+21 µs a round trip and 4-5 µs per pub/sub message; txredisapi costs 2-4 times
+that and has no sharded pub/sub; redis-py's asyncio client needs the asyncio
+reactor, which slows every pulsyflux frame. What pulsyflux needs of Redis is
+small (a few commands, SSUBSCRIBE), so the parser is borrowed and the rest,
+a reply queue, is ours.
+
+Two kinds of connection, as in RESP2: a command connection (one reply per
+command, in order) and a subscriber connection (sharded pub/sub; every reply
+is a push). A cancelled command keeps its place in the reply queue, so its
+reply can never be handed to the next command (redis-py#2624).
+"""
+
+from __future__ import annotations
+
+import collections
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import hiredis
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+__all__ = [
+    "RedisAddress",
+    "RedisCommands",
+    "RedisError",
+    "RedisLost",
+    "RedisSubscriber",
+    "parse_redis_url",
+]
+
+# The most bytes of replies the reader may hold before a complete one: a
+# misbehaving or hostile server must not make us buffer without bound.
+MAX_PENDING_BYTES = 64 << 20
+
+
+class RedisError(Exception):
+    """Redis answered a command with an error (``-ERR ...``), or the URL is wrong."""
+
+
+class RedisLost(RedisError):
+    """The connection to Redis ended before the command was answered."""
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where Redis is, from a ``redis://`` or ``rediss://`` URL."""
+
+    host: str
+    port: int = 6379
+    db: int = 0
+    username: Optional[str] = None
+    password: Optional[str] = None
+    tls: bool = False
+
+    def __str__(self) -> str:
+        """The URL without its password: safe to log and to show in /stats."""
+        scheme = "rediss" if self.tls else "redis"
+        user = f"{self.username}@" if self.username else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{user}{host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """``redis://[[user]:password@]host[:port][/db]``, or ``rediss://`` for TLS."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise RedisError(f"not a Redis URL (want redis://HOST:PORT[/DB] or rediss://...): {url[:100]!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise RedisError(f"bad port in Redis URL {url[:100]!r}") from None
+    if not parts.hostname:
+        raise RedisError(f"no host in Redis URL {url[:100]!r}")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise RedisError(f"the database in a Redis URL is a number: {path[:20]!r}")
+    return RedisAddress(
+        host=parts.hostname,
+        port=port,
+        db=int(path or 0),
+        username=urllib.parse.unquote(parts.username) if parts.username else None,
+        password=urllib.parse.unquote(parts.password) if parts.password is not None else None,
+        tls=parts.scheme == "rediss",
+    )
+
+
+def login_commands(address: RedisAddress) -> list[tuple[Any, ...]]:
+    """What a new connection sends first: AUTH if there is a password, SELECT if not db 0."""
+    commands: list[tuple[Any, ...]] = []
+    if address.password is not None:
+        if address.username:
+            commands.append((b"AUTH", address.username, address.password))
+        else:
+            commands.append((b"AUTH", address.password))
+    if address.db:
+        commands.append((b"SELECT", address.db))
+    return commands
+
+
+class _Base(Protocol):
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader(replyError=RedisError)
+        self._buffered = 0
+        self.lost = Deferred[None]()
+        self.connected = False
+
+    def connectionMade(self) -> None:
+        self.connected = True
+
+    def dataReceived(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        self._buffered += len(data)
+        while True:
+            try:
+                reply = reader.gets()
+            except hiredis.ProtocolError as e:
+                self._fatal(f"Redis sent a malformed reply: {e}")
+                return
+            if reply is False:
+                break
+            self._buffered = 0
+            self._reply(reply)
+        if self._buffered > MAX_PENDING_BYTES:
+            self._fatal("Redis sent a reply larger than the client accepts")
+
+    def _fatal(self, why: str) -> None:
+        self._why = why
+        transport: Any = self.transport  # a TCP or TLS transport: both can abort
+        if transport is not None:
+            transport.abortConnection()
+
+    def _reply(self, reply: Any) -> None:
+        raise NotImplementedError
+
+    def connectionLost(self, reason: Failure = Failure(RedisLost("closed"))) -> None:
+        self.connected = False
+        if not self.lost.called:
+            self.lost.callback(None)
+
+
+class RedisCommands(_Base):
+    """One command at a time or pipelined; each answer goes to its own Deferred, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiting: collections.deque[Deferred[Any]] = collections.deque()
+        self._why = "the connection to Redis was lost"
+
+    def execute(self, *args: Any) -> Deferred[Any]:
+        """Send one command; the Deferred fires with its reply or fails with :class:`RedisError`."""
+        if not self.connected or self.transport is None:
+            return fail(RedisLost("not connected to Redis"))
+        d: Deferred[Any] = Deferred()
+        self._waiting.append(d)
+        self.transport.write(hiredis.pack_command(args))
+        return d
+
+    def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Deferred[Any]]:
+        """Send several commands in one write; one Deferred per command."""
+        if not self.connected or self.transport is None:
+            return [fail(RedisLost("not connected to Redis")) for _ in commands]
+        waiters: list[Deferred[Any]] = [Deferred() for _ in commands]
+        self._waiting.extend(waiters)
+        self.transport.write(b"".join(hiredis.pack_command(tuple(c)) for c in commands))
+        return waiters
+
+    @property
+    def pending(self) -> int:
+        """Commands sent and not yet answered (a hung Redis shows here)."""
+        return len(self._waiting)
+
+    def _reply(self, reply: Any) -> None:
+        if not self._waiting:
+            self._fatal("Redis sent a reply nobody asked for")
+            return
+        d = self._waiting.popleft()
+        if d.called:  # cancelled: its reply is dropped here, in step with the queue
+            return
+        if isinstance(reply, RedisError):
+            d.errback(reply)
+        else:
+            d.callback(reply)
+
+    def connectionLost(self, reason: Failure = Failure(RedisLost("closed"))) -> None:
+        waiting, self._waiting = self._waiting, collections.deque()
+        for d in waiting:
+            if not d.called:
+                d.errback(RedisLost(self._why))
+        super().connectionLost(reason)
+
+
+class RedisSubscriber(_Base):
+    """A connection in sharded pub/sub mode: ``on_message(channel, data)`` per message.
+
+    It keeps the set of channels it should be subscribed to; whoever
+    reconnects it replays that set (:meth:`resubscribe`), because a
+    subscription lost silently after a reconnect is the classic failure of
+    pub/sub over Redis.
+    """
+
+    def __init__(self, on_message: Callable[[bytes, bytes], None]) -> None:
+        super().__init__()
+        self.on_message = on_message
+        self.channels: set[bytes] = set()
+        self.confirmed: set[bytes] = set()
+        self._pings: collections.deque[Deferred[None]] = collections.deque()
+        self._why = "the connection to Redis was lost"
+
+    def _send(self, *args: Any) -> None:
+        if self.connected and self.transport is not None:
+            self.transport.write(hiredis.pack_command(args))
+
+    def login(self, address: RedisAddress) -> None:
+        """AUTH/SELECT before subscribing (their replies are plain, answered in order)."""
+        for command in login_commands(address):
+            self._pings.append(Deferred())  # their "OK" replies are consumed like pongs
+            self._send(*command)
+
+    def subscribe(self, channel: bytes) -> None:
+        """SSUBSCRIBE one channel (one per command: channels in different slots must not share one)."""
+        if channel not in self.channels:
+            self.channels.add(channel)
+            self._send(b"SSUBSCRIBE", channel)
+
+    def unsubscribe(self, channel: bytes) -> None:
+        if channel in self.channels:
+            self.channels.discard(channel)
+            self._send(b"SUNSUBSCRIBE", channel)
+
+    def resubscribe(self) -> None:
+        """Subscribe again to every channel (after a reconnect)."""
+        self.confirmed.clear()
+        for channel in self.channels:
+            self._send(b"SSUBSCRIBE", channel)
+
+    def ping(self) -> Deferred[None]:
+        """Fires when Redis has answered everything sent before it (a liveness probe)."""
+        d: Deferred[None] = Deferred()
+        if not self.connected:
+            d.errback(RedisLost("not connected to Redis"))
+            return d
+        self._pings.append(d)
+        self._send(b"PING")
+        return d
+
+    def _reply(self, reply: Any) -> None:
+        if isinstance(reply, list) and len(reply) == 3:
+            kind = reply[0]
+            if kind == b"smessage":
+                self.on_message(reply[1], reply[2])
+                return
+            if kind == b"ssubscribe":
+                self.confirmed.add(reply[1])
+                return
+            if kind == b"sunsubscribe":
+                self.confirmed.discard(reply[1])
+                return
+        # A pong (["pong", ""] in subscribed mode, "PONG" before), an AUTH/SELECT OK, or an error.
+        if self._pings:
+            d = self._pings.popleft()
+            if d.called:
+                return
+            if isinstance(reply, RedisError):
+                d.errback(reply)
+            else:
+                d.callback(None)
+        elif isinstance(reply, RedisError):
+            self._fatal(f"Redis refused a subscription: {str(reply)[:200]}")
+
+    def connectionLost(self, reason: Failure = Failure(RedisLost("closed"))) -> None:
+        self.confirmed.clear()
+        pings, self._pings = self._pings, collections.deque()
+        for d in pings:
+            if not d.called:
+                d.errback(RedisLost(self._why))
+        super().connectionLost(reason)

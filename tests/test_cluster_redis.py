@@ -1,0 +1,123 @@
+"""The Redis client under the cluster: replies in order, pushes apart, nothing handed to the wrong waiter."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.testing import StringTransport
+
+from pulsyflux.cluster.redis import (
+    RedisCommands,
+    RedisError,
+    RedisLost,
+    RedisSubscriber,
+    parse_redis_url,
+)
+
+
+async def _connect(redis_server, protocol):
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", redis_server.port)
+    return await connectProtocol(endpoint, protocol)
+
+
+@pytest_twisted.ensureDeferred
+async def test_commands_are_answered_in_order_and_errors_fail_only_their_own(redis_server):
+    redis = await _connect(redis_server, RedisCommands())
+    try:
+        assert await redis.execute("SET", "k", b"v\x00\xff") == b"OK"
+        waiters = redis.pipeline([("INCR", "n"), ("LPUSH", "k", "x"), ("INCR", "n"), ("GET", "k")])
+        results = await defer.DeferredList(waiters, consumeErrors=True)
+        assert results[0] == (True, 1)
+        assert results[1][0] is False and results[1][1].check(RedisError)
+        assert "WRONGTYPE" in str(results[1][1].value)
+        assert results[2] == (True, 2)
+        assert results[3] == (True, b"v\x00\xff")
+    finally:
+        redis.transport.loseConnection()
+        await redis.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_command_keeps_its_place_so_the_next_gets_its_own_reply(redis_server):
+    redis = await _connect(redis_server, RedisCommands())
+    try:
+        await redis.execute("SET", "a", "1")
+        await redis.execute("SET", "b", "2")
+        first = redis.execute("GET", "a")
+        second = redis.execute("GET", "b")
+        first.cancel()
+        with pytest.raises(defer.CancelledError):
+            await first
+        assert await second == b"2"
+        assert redis.pending == 0
+    finally:
+        redis.transport.loseConnection()
+        await redis.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_sharded_pubsub_delivers_to_the_subscriber_and_survives_nothing_silently(redis_server):
+    got = []
+    sub = await _connect(redis_server, RedisSubscriber(lambda channel, data: got.append((channel, data))))
+    pub = await _connect(redis_server, RedisCommands())
+    try:
+        sub.subscribe(b"pf:t:orders")
+        await sub.ping()  # everything before the ping is answered: the subscription is in place
+        assert sub.confirmed == {b"pf:t:orders"}
+        assert await pub.execute("SPUBLISH", "pf:t:orders", b"one") == 1
+        assert await pub.execute("SPUBLISH", "pf:t:other", b"two") == 0
+        await sub.ping()
+        assert got == [(b"pf:t:orders", b"one")]
+        sub.unsubscribe(b"pf:t:orders")
+        await sub.ping()
+        assert await pub.execute("SPUBLISH", "pf:t:orders", b"three") == 0
+        assert sub.confirmed == set()
+    finally:
+        for p in (sub, pub):
+            p.transport.loseConnection()
+            await p.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiters_fail_with_a_clear_error_when_redis_dies(redis_server):
+    redis = await _connect(redis_server, RedisCommands())
+    redis_server.pause()
+    waiting = redis.execute("GET", "k")
+    redis_server.kill()
+    with pytest.raises(RedisLost, match="lost"):
+        await waiting
+    await redis.lost
+    with pytest.raises(RedisLost, match="not connected"):
+        await redis.execute("GET", "k")
+
+
+def test_a_reply_nobody_asked_for_or_garbage_closes_the_connection():
+    redis = RedisCommands()
+    transport = StringTransport()
+    redis.makeConnection(transport)
+    redis.dataReceived(b"+OK\r\n")
+    assert transport.disconnecting or getattr(transport, "aborting", False) or not transport.connected
+    redis = RedisCommands()
+    transport = StringTransport()
+    redis.makeConnection(transport)
+    waiting = redis.execute("GET", "k")
+    redis.dataReceived(b"!garbage\r\n")
+    assert transport.disconnecting or not transport.connected
+    redis.connectionLost()
+    failure = []
+    waiting.addErrback(failure.append)
+    assert failure and "malformed" in str(failure[0].value)
+
+
+def test_redis_urls():
+    a = parse_redis_url("redis://127.0.0.1:6380/2")
+    assert (a.host, a.port, a.db, a.password, a.tls) == ("127.0.0.1", 6380, 2, None, False)
+    b = parse_redis_url("rediss://user:s%40cret@redis.example:7000")
+    assert (b.username, b.password, b.tls, b.port) == ("user", "s@cret", True, 7000)
+    assert "s@cret" not in str(b) and str(b) == "rediss://user@redis.example:7000/0"
+    assert parse_redis_url("redis://:pw@h").password == "pw"
+    for bad in ("http://h", "redis://h:99999", "redis://h/x", "redis://", "h:6379"):
+        with pytest.raises(RedisError):
+            parse_redis_url(bad)
