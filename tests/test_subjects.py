@@ -1,4 +1,4 @@
-"""Topic patterns and queue groups, without the network (pulsyflux.subjects)."""
+"""Topic patterns and queue groups, without the network (pulsyflux.broker.subjects)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pulsyflux.subjects import Group, Interest, Sublist, matcher, matches
+from pulsyflux.broker.subjects import Group, Interest, Sublist, matcher, matches
 from pulsyflux.wire.messages import MAX_PATTERN_TOKENS, MAX_TOPIC_CHARS, check_topic, topic_problem
 
 # -- the topic rule -----------------------------------------------------------

@@ -12,7 +12,13 @@ Each run measures, for 100-byte payloads:
 * ``flood 1->N`` for each fan-out N (1 and 10 by default): the publisher
   keeps ``window`` messages ahead of the slowest subscriber (so nothing is
   dropped) and the subscribers read with ``async for``; deliveries/s summed
-  over the subscribers, and publish -> receive latency under that load.
+  over the subscribers, and publish -> receive latency under that load;
+* with ``modes`` (``--modes plain,wildcard,group``), the same flood through
+  a pattern (``wildcard``: N subscribers to ``PREFIX.*``, publishing to
+  ``PREFIX.eu``) and through one queue group of N members (``group``: each
+  message delivered once), measured in turn within each run so the report
+  can give each as a ratio of plain publishing (wildcard 1->N against plain
+  1->N, a group of N against plain 1->1: one delivery per message each).
 
     results = run(Options(runs=3), progress=print)
     print(format_report(results))
@@ -70,6 +76,7 @@ class Options:
     payload: int = 100  # bytes per message
     fanouts: list[int] = field(default_factory=lambda: [1, 10])  # subscribers per flood
     window: int = 2000  # messages the publisher may be ahead of the slowest subscriber
+    modes: list[str] = field(default_factory=lambda: ["plain"])  # plain, wildcard, group (see the module doc)
     python: str = sys.executable  # the interpreter for the server process
 
 
@@ -100,6 +107,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"messages the publisher runs ahead of the slowest subscriber (default {d.window})",
     )
 
+    parser.add_argument(
+        "--modes",
+        type=_modes,
+        default=["plain"],
+        help="comma-separated floods to run: plain, wildcard (subscribers to a pattern), group (one queue group "
+        "of N members); each is also reported as a ratio of plain (default plain)",
+    )
+
+
+MODES = ("plain", "wildcard", "group")
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mode {', '.join(unknown)}: choose from {', '.join(MODES)}")
+    if "plain" not in modes:
+        modes.insert(0, "plain")  # the others are ratios of it
+    return modes
+
+
+def _key(mode: str, n: int) -> str:
+    """The result's name: ``flood_N`` for plain (as before modes existed), ``wildcard_N``, ``group_N``."""
+    return f"flood_{n}" if mode == "plain" else f"{mode}_{n}"
+
 
 def options_from_args(args: argparse.Namespace) -> Options:
     return Options(
@@ -110,6 +143,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         payload=max(_STAMP.size, args.payload),
         fanouts=[max(1, int(n)) for n in str(args.fanouts).split(",") if n.strip()],
         window=max(1, args.window),
+        modes=list(getattr(args, "modes", ["plain"])),
     )
 
 
@@ -136,8 +170,11 @@ async def _latency(publisher: BrokerClient, sub: Subscription, topic: str, optio
 class _Flood:
     """The publisher stays ``window`` messages ahead of the slowest subscriber."""
 
-    def __init__(self, publisher: BrokerClient, topic: str, subs: list[Subscription], options: Options) -> None:
+    def __init__(
+        self, publisher: BrokerClient, topic: str, subs: list[Subscription], options: Options, grouped: bool = False
+    ) -> None:
         self.publisher = publisher
+        self.grouped = grouped  # one queue group: a message reaches one subscriber, so count them all
         self.topic = topic
         self.subs = subs
         self.options = options
@@ -158,7 +195,7 @@ class _Flood:
     def _top_up(self) -> None:
         if self.stopping:
             return
-        limit = min(self.received) + self.options.window
+        limit = (sum(self.received) if self.grouped else min(self.received)) + self.options.window
         publish, topic, size = self.publisher.publish, self.topic, self.options.payload
         while self.published < limit:
             publish(topic, _payload(size)).addErrback(self._failed)
@@ -184,11 +221,22 @@ class _Flood:
 
 
 async def _flood(
-    reactor: Any, publisher: BrokerClient, subscriber: BrokerClient, n: int, options: Options, server_pid: int
+    reactor: Any,
+    publisher: BrokerClient,
+    subscriber: BrokerClient,
+    n: int,
+    options: Options,
+    server_pid: int,
+    mode: str = "plain",
 ) -> dict:
     topic = f"flood-{n}-{uuid.uuid4()}"
-    subs = [await subscriber.subscribe(topic, buffer=1000) for _ in range(n)]
-    flood = _Flood(publisher, topic, subs, options)
+    subscribed, group = topic, None
+    if mode == "wildcard":
+        subscribed, topic = topic + ".*", topic + ".eu"
+    elif mode == "group":
+        group = "bench"
+    subs = [await subscriber.subscribe(subscribed, buffer=1000, group=group) for _ in range(n)]
+    flood = _Flood(publisher, topic, subs, options, grouped=group is not None)
     flood.start()
     await sleep(reactor, options.warmup)
     cpu0 = {"bench": cpu_seconds(os.getpid()), "server": cpu_seconds(server_pid)}
@@ -201,14 +249,15 @@ async def _flood(
     cpu1 = {"bench": cpu_seconds(os.getpid()), "server": cpu_seconds(server_pid)}
     wait1 = {"bench": waiting_seconds(os.getpid()), "server": waiting_seconds(server_pid)}
     flood.stopping = True
-    await subscriber.unsubscribe(topic)
+    await subscriber.unsubscribe(subscribed)
     await DeferredList(flood.readers)
     elapsed = t1 - t0
     samples = sorted(flood.samples)
     return {
+        "mode": mode,
         "subscribers": n,
         "deliveries_per_s": (delivered1 - delivered0) / elapsed,
-        "msgs_per_s": (delivered1 - delivered0) / elapsed / n,
+        "msgs_per_s": (delivered1 - delivered0) / elapsed / (1 if group is not None else n),
         "p50_us": percentile(samples, 0.5) * 1e6,
         "p99_us": percentile(samples, 0.99) * 1e6,
         "cpu_percent": {name: (cpu1[name] - cpu0[name]) / elapsed * 100 for name in cpu0},
@@ -226,7 +275,10 @@ async def _run_once(reactor: Any, clients: dict, options: Options) -> dict:
     result: dict[str, Any] = {"latency": await _latency(publisher, sub, topic, options)}
     await subscriber.unsubscribe(topic)
     for n in options.fanouts:
-        result[f"flood_{n}"] = await _flood(reactor, publisher, subscriber, n, options, clients["server_pid"])
+        for mode in options.modes:
+            result[_key(mode, n)] = await _flood(
+                reactor, publisher, subscriber, n, options, clients["server_pid"], mode
+            )
     return result
 
 
@@ -236,28 +288,40 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
         "latency_p99_us": median(runs, "latency", "p99_us"),
     }
     for n in options.fanouts:
-        for key in ("deliveries_per_s", "msgs_per_s", "p50_us", "p99_us"):
-            medians[f"flood_{n}_{key}"] = median(runs, f"flood_{n}", key)
-        for name in ("bench", "server"):
-            medians[f"flood_{n}_cpu_{name}_percent"] = median(runs, f"flood_{n}", "cpu_percent", name)
-            medians[f"flood_{n}_wait_{name}_percent"] = median(runs, f"flood_{n}", "cpu_wait_percent", name)
+        for mode in options.modes:
+            key = _key(mode, n)
+            for name in ("deliveries_per_s", "msgs_per_s", "p50_us", "p99_us"):
+                medians[f"{key}_{name}"] = median(runs, key, name)
+            for name in ("bench", "server"):
+                medians[f"{key}_cpu_{name}_percent"] = median(runs, key, "cpu_percent", name)
+                medians[f"{key}_wait_{name}_percent"] = median(runs, key, "cpu_wait_percent", name)
+            if mode != "plain":
+                # Within each run, against the plain flood with as many deliveries per message.
+                base = _key("plain", n if mode == "wildcard" else 1)
+                ratios = [
+                    {"ratio": r[key]["msgs_per_s"] / r[base]["msgs_per_s"]}
+                    for r in runs
+                    if base in r and r[base]["msgs_per_s"]
+                ]
+                medians[f"{key}_ratio"] = median(ratios, "ratio") if ratios else None
     return {
         "options": public_options(options),
         "machine": machine(),
         "medians": medians,
         "runs": runs,
         "targets": dict(TARGETS),
-        "dropped": sum(r[k]["dropped"] for r in runs for k in r if k.startswith("flood_")),
-        "failed": sum(r[k]["failed"] for r in runs for k in r if k.startswith("flood_")),
+        "dropped": sum(r[k]["dropped"] for r in runs for k in r if k != "latency"),
+        "failed": sum(r[k]["failed"] for r in runs for k in r if k != "latency"),
     }
 
 
 def _one_line(result: dict) -> str:
     parts = [f"latency p50 {result['latency']['p50_us']:.0f} us p99 {result['latency']['p99_us']:.0f} us"]
     for key, value in result.items():
-        if key.startswith("flood_"):
+        if key != "latency":
+            mode = "" if value.get("mode", "plain") == "plain" else f"{value['mode']} "
             parts.append(
-                f"1->{value['subscribers']} {value['deliveries_per_s']:,.0f} deliveries/s "
+                f"{mode}1->{value['subscribers']} {value['deliveries_per_s']:,.0f} deliveries/s "
                 f"(p50 {value['p50_us']:,.0f} us, p99 {value['p99_us']:,.0f} us)"
             )
             if value["dropped"] or value["failed"]:
@@ -321,8 +385,24 @@ def format_report(results: dict) -> str:
             f"(waiting for a CPU: {fmt(m[f'flood_{n}_wait_bench_percent'])}% / "
             f"{fmt(m[f'flood_{n}_wait_server_percent'])}%)" + (f"   ({target[n]})" if n in target else "")
         )
+    for n in o["fanouts"]:
+        for mode in o.get("modes", ["plain"]):
+            if mode == "plain":
+                continue
+            key = _key(mode, n)
+            what = f"wildcard 1->{n:<3}" if mode == "wildcard" else f"group of {n:<3}"
+            base = f"plain 1->{n}" if mode == "wildcard" else "plain 1->1"
+            lines.append(
+                f"  {what} {fmt(m[f'{key}_msgs_per_s']):>9} msgs/s ({fmt(m[f'{key}_deliveries_per_s'])} deliveries/s)  "
+                f"p50 {fmt(m[f'{key}_p50_us'])} us  p99 {fmt(m[f'{key}_p99_us'])} us  "
+                f"= {_ratio(m.get(f'{key}_ratio'))} of {base} (median of the runs' ratios)"
+            )
     lines.append(f"  dropped {results['dropped']}, failed publishes {results['failed']}")
     return "\n".join(lines)
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -11,7 +11,6 @@ from twisted.python.failure import Failure
 
 from ..client import Consumer, Provider, Reconnect
 from ..endpoints import Address
-from ..subjects import Interest, Sublist
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError, PermissionDenied, PulsyfluxError
 from ..wire.messages import CONTROL_PREFIX, MessageError, excerpt, group_problem, topic_problem
@@ -19,6 +18,7 @@ from ..wire.ratelimit import LogLimiter, summary_to
 from .link import OK, PROBE, RESUMED, clip, ignore, send_until_registered
 from .outlet import Outlet, guard_channel
 from .rights import Rights, auth_link
+from .subjects import Interest, Sublist
 from .subscription import Subscription
 
 __all__ = [

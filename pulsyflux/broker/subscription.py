@@ -16,11 +16,11 @@ from twisted.logger import Logger
 
 from ..client import ChannelId, Provider, Reconnect
 from ..endpoints import Address
-from ..subjects import matcher
 from ..wire import messages
 from ..wire.errors import PulsyfluxError
 from ..wire.messages import Message, check_topic, group_problem, is_control, is_pattern
 from .link import OK, channel_uuid
+from .subjects import matcher
 
 __all__ = ["Subscription", "SubscriptionClosed", "DEFAULT_BUFFER", "check_subscription", "open_subscription"]
 
@@ -28,6 +28,7 @@ log = Logger()
 
 
 DEFAULT_BUFFER = 100  # messages a Subscription queues before it holds answers
+_MATCHED_TOPICS = 1024  # topics a pattern Subscription remembers as matching (then it starts over)
 
 
 class SubscriptionClosed(PulsyfluxError):
@@ -75,6 +76,8 @@ class Subscription:
         self.group = group
         # Which other topics are ours: None for a plain topic (only itself, tested with ==).
         self._accepts: Optional[Callable[[str], bool]] = matcher(topic) if is_pattern(topic) else None
+        # Topics the pattern matched lately: a set lookup per message instead of a regex (bounded).
+        self._matched: set[str] = set()
         self.channel = channel_uuid(channel)
         self.buffer = buffer
         self.closed_reason: Optional[str] = None
@@ -216,11 +219,12 @@ class Subscription:
         pending = queue.pending
         topic = self.topic
         accepts = self._accepts
+        matched = self._matched
         count = 0
         foreign = 0
         notices: Optional[list[tuple[int, Message]]] = None
         for msg in batch:
-            if msg.topic == topic:
+            if msg.topic == topic or msg.topic in matched:
                 pending.append(msg)
                 count += 1
             elif is_control(msg.topic):  # before the pattern: ">" would match "$pulsyflux/dropped"
@@ -228,6 +232,9 @@ class Subscription:
                     notices = []
                 notices.append((count, msg))  # with how many of ours came before it
             elif accepts is not None and accepts(msg.topic):
+                if len(matched) >= _MATCHED_TOPICS:
+                    matched.clear()  # many topics: start over rather than grow
+                matched.add(msg.topic)
                 pending.append(msg)
                 count += 1
             else:

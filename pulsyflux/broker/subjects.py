@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Generic, Iterator, Optional, TypeVar
 
-from .wire.messages import MAX_PATTERN_TOKENS, check_topic, is_pattern
+from ..wire.messages import MAX_PATTERN_TOKENS, check_topic, is_pattern
 
 __all__ = ["Sublist", "Group", "Interest", "matcher", "matches"]
 
@@ -189,24 +189,35 @@ class Sublist(Generic[T]):
         # Past MAX_PATTERN_TOKENS the trie has no node: the tail stays one
         # piece, so a topic of a million tokens is not split a million times.
         tokens = topic.split(_SEPARATOR, MAX_PATTERN_TOKENS)
-        count = len(tokens)
-        stack = [(self._root, 0)]
-        pop = stack.pop
-        push = stack.append
-        while stack:
-            node, depth = pop()
-            if depth == count:
-                if node.value is not None:
-                    found.append(node.value)
-                continue
-            if node.rest is not None:
-                found.append(node.rest)  # ">" takes the one or more tokens left
-            if node.star is not None:
-                push((node.star, depth + 1))
-            if node.literal is not None:
-                child = node.literal.get(tokens[depth])
-                if child is not None:
-                    push((child, depth + 1))
+        _walk(self._root, tokens, 0, len(tokens), found)
+
+
+def _walk(node: _Node[T], tokens: list[str], depth: int, count: int, found: list[T]) -> None:
+    """Collect the values under ``node`` matching ``tokens[depth:]``.
+
+    A loop down one path, recursing only where ``*`` and a literal both
+    match (so the recursion is at most the trie's depth); each node is
+    reached by one path only, so it is visited at most once.
+    """
+    while True:
+        if depth == count:
+            if node.value is not None:
+                found.append(node.value)
+            return
+        if node.rest is not None:
+            found.append(node.rest)  # ">" takes the one or more tokens left
+        literal = node.literal
+        child = literal.get(tokens[depth]) if literal is not None else None
+        star = node.star
+        depth += 1
+        if star is None:
+            if child is None:
+                return
+            node = child
+        else:
+            if child is not None:
+                _walk(child, tokens, depth, count, found)
+            node = star
 
 
 def matches(pattern: str, topic: str) -> bool:
