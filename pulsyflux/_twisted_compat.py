@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.abstract import FileDescriptor
 
-__all__ = ["immediate_send", "exit_signal", "tls_handshake_pending", "http_channel_transport"]
+__all__ = ["immediate_send", "unsent_bytes", "exit_signal", "tls_handshake_pending", "http_channel_transport"]
 
 
 def immediate_send(transport: object) -> Optional[Callable[[bytes], None]]:
@@ -51,6 +51,16 @@ def immediate_send(transport: object) -> Optional[Callable[[bytes], None]]:
             buffered_write(data[sent:] if sent else data)
 
     return write
+
+
+def unsent_bytes(transport: Any) -> int:
+    """Bytes a TCP transport holds that the kernel has not taken yet (what a peer left unread piles up as).
+
+    For tests and diagnostics of flow control: Twisted keeps them in
+    ``dataBuffer`` past ``offset``, and in the private ``_tempDataBuffer``
+    (counted by the private ``_tempDataLen``) until its next write loop.
+    """
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[no-any-return]
 
 
 def exit_signal(reactor: object) -> Optional[int]:

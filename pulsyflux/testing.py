@@ -71,6 +71,32 @@ def _server_side(factory: ServerFactory, connection: Any) -> ServerProtocol:
     raise ValueError(f"{connection!r} has no connection to this server")
 
 
+def _clients(thing: Any) -> list[Any]:
+    """The connections (Consumers, Providers) behind ``thing``, for :func:`hang`, :func:`reset` and ``drop``.
+
+    The one place that knows how the broker's objects hold theirs, so
+    tests never reach into them: a Subscription has the Provider the
+    broker forwards to; a BrokerClient, its publishing Consumer
+    and each subscription's; a Broker, its forwarding Consumers (first: cut
+    first, they send no closing notice), its publishing Consumer and the
+    Provider that answers publishes. Anything else is taken as a connection.
+    """
+    from .broker import Broker, BrokerClient, Subscription
+
+    if isinstance(thing, Subscription):
+        if thing._provider is None:
+            raise ValueError(f"{thing!r} is not connected")
+        return [thing._provider]
+    if isinstance(thing, BrokerClient):
+        found = [thing._consumer] + [sub._provider for sub in thing.subscriptions]
+    elif isinstance(thing, Broker):
+        found = [outlet.consumer for outlet in thing._fanout.outlets.values()]
+        found += [thing._publisher.consumer if thing._publisher is not None else None, thing._provider]
+    else:
+        return [thing]
+    return [client for client in found if client is not None]
+
+
 def _transport(client: Any) -> Any:
     protocol = getattr(client, "_protocol", None)  # the one place tests reach into a client's connection
     if protocol is None or protocol.transport is None or not getattr(client, "connected", True):
@@ -78,25 +104,54 @@ def _transport(client: Any) -> Any:
     return protocol.transport
 
 
+def _transports(thing: Any) -> list[Any]:
+    """The transports of ``thing``'s open connections: at least one, or ValueError."""
+    clients = _clients(thing)
+    if len(clients) == 1:
+        return [_transport(clients[0])]
+    found = []
+    for client in clients:  # some may be down already (a subscription reset on its own)
+        try:
+            found.append(_transport(client))
+        except ValueError:
+            pass
+    if not found:
+        raise ValueError(f"{thing!r} is not connected")
+    return found
+
+
 def hang(client: Any) -> Callable[[], None]:
-    """``client`` (a Consumer or Provider) stops reading its connection until the returned call.
+    """``client`` stops reading its connections until the returned call.
 
     It stays connected and answers nothing, as a hung process does; the
     server's flow control and the peers' timeouts see what they would.
+    A Consumer or Provider, or one of the broker's objects (a Broker, a
+    BrokerClient, a Subscription: every connection it holds).
     Over TCP or in memory.
     """
-    transport = _transport(client)
-    transport.pauseProducing()
-    return transport.resumeProducing  # type: ignore[no-any-return]
+    transports = _transports(client)
+    for transport in transports:
+        transport.pauseProducing()
+
+    def resume() -> None:
+        for transport in transports:
+            transport.resumeProducing()
+
+    return resume
 
 
 def reset(client: Any) -> None:
-    """``client``'s connection is reset from its own end, as when its process dies."""
-    _transport(client).abortConnection()
+    """``client``'s connections are reset from its own end, as when its process dies.
+
+    A Consumer or Provider, or one of the broker's objects as for :func:`hang`.
+    """
+    for transport in _transports(client):  # all found before any is cut
+        transport.abortConnection()
 
 
 def _drop(factory: ServerFactory, connections: tuple[Any, ...]) -> "Deferred[Any]":
-    ends = [_server_side(factory, connection) for connection in connections]  # all found before any is cut
+    clients = [client for connection in connections for client in _clients(connection)]
+    ends = [_server_side(factory, client) for client in clients]  # all found before any is cut
     gone = DeferredList([conn.closed() for conn in ends])
     for conn in ends:
         conn.transport.abortConnection()
@@ -154,7 +209,8 @@ class RunningServer(_ServerView):
         """Cut each connection as a TCP reset would, all at once; fires once the server has let go.
 
         A connection is the server's end (from :attr:`connections`) or a
-        client (``Consumer``, ``Provider``); the client sees its connection lost.
+        client (``Consumer``, ``Provider``, or a Broker, BrokerClient or
+        Subscription: every connection it holds); the client sees its connection lost.
         """
         return _drop(self.factory, connections)
 
@@ -321,6 +377,7 @@ class MemoryServer(_ServerView):
         self.broker_channel: Optional[uuid.UUID] = None
         self._with_broker = broker
         self._quiet: list[Deferred[None]] = []
+        self._until: list[tuple[Callable[[], Any], Deferred[None]]] = []
         self._start_broker()
 
     def _start_broker(self) -> None:
@@ -368,11 +425,40 @@ class MemoryServer(_ServerView):
     def flush(self) -> None:
         """Run everything due now, and whatever that makes due now, until nothing is."""
         self.clock.advance(0)
-        while self._quiet:
+        while self._quiet or self._settle():
             waiters, self._quiet = self._quiet, []
             for d in waiters:
                 d.callback(None)
             self.clock.advance(0)
+
+    def until(self, condition: Callable[[], Any]) -> "Deferred[None]":
+        """Fires once ``condition()`` is true, checked each time the clock has run what was due.
+
+        For a state no Deferred announces (a counter in the stats, a
+        registry entry): waits in clock time, as long as timers keep coming,
+        without polling real time; under :meth:`run`, a condition that can no
+        longer come true fails as a deadlock instead of hanging.
+
+            await server.until(lambda: server.stats.requests_routed >= 6)
+        """
+        d: Deferred[None] = Deferred()
+        if condition():
+            d.callback(None)
+        else:
+            self._until.append((condition, d))
+        return d
+
+    def _settle(self) -> bool:
+        """Fire the ``until`` waiters whose condition now holds; whether any did."""
+        if not self._until:
+            return False
+        met = [(condition, d) for condition, d in self._until if condition()]
+        if not met:
+            return False
+        self._until = [entry for entry in self._until if entry not in met]
+        for _, d in met:
+            d.callback(None)
+        return True
 
     def quiet(self) -> "Deferred[None]":
         """Fires once everything due now has run (every byte delivered), before the clock moves.
@@ -429,7 +515,9 @@ class MemoryServer(_ServerView):
         """Cut each connection as a TCP reset would, all at once, and let both ends notice.
 
         A connection is the server's end (from :attr:`connections`) or a
-        client (``Consumer``, ``Provider``). The Deferred has fired on return.
+        client (``Consumer``, ``Provider``, or a Broker, BrokerClient or
+        Subscription: every connection it holds, as when its process dies).
+        The Deferred has fired on return.
         """
         gone = _drop(self.factory, connections)
         self.flush()

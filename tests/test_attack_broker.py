@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import pytest
@@ -15,6 +16,7 @@ from pulsyflux.testing import start_server
 from pulsyflux.wire import codec, messages
 
 from .helpers import eventually
+from .wire import connect_raw, register_frames
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -31,6 +33,16 @@ def _announce(topic: str, channel: uuid.UUID, kind: str = messages.SUBSCRIBE) ->
 
 def _consumers_on(server, channel: uuid.UUID) -> list:
     return [key for key in server.registry if key[0] == codec.ROLE_CONSUMER and key[1] == channel.bytes]
+
+
+async def _first_request(raw):
+    """The START of the first request ``raw`` (a provider on the wire) receives."""
+    count = 1
+    while True:
+        frames = await raw.wait_frames(count)
+        if frames[-1].type == codec.START and not frames[-1].flags & codec.FLAG_REGISTRATION:
+            return frames[-1]
+        count += 1
 
 
 async def _still_works(address, broker_channel=DEFAULT_BROKER_CHANNEL) -> None:
@@ -75,20 +87,22 @@ async def test_attack_probe_answered_with_a_huge_error_does_not_kill_the_broker(
     running = await start_server()
     try:
         channel = uuid.uuid4()
-        liar = await Provider.connect(running.address, channel)
+        # A provider on the wire (Provider.respond cuts error texts to 4 KiB).
+        liar = await connect_raw(running)
+        liar.send(register_frames(codec.ROLE_PROVIDER, os.urandom(16), channel.bytes))
         attacker = await Consumer.connect(running.address, DEFAULT_BROKER_CHANNEL)
         announced = attacker.send(_announce("t", channel), timeout=10)
-        probe = await liar.receive()
-        # A raw ERROR frame (Provider.respond cuts error texts to 4 KiB): fits a frame alone;
-        # "subscribe failed: " + it did not.
-        routing = liar._routing.pop(probe._raw_id)
-        liar._write(codec.encode_frame(codec.ERROR, probe._raw_id, routing + b"E" * ((1 << 20) - 40)))
+        probe = await _first_request(liar)
+        # An ERROR that fits a frame alone; "subscribe failed: " + it did not.
+        routing = probe.payload  # a START's payload routes the answer back
+        liar.send(codec.encode_frame(codec.ERROR, probe.request_id, routing + b"E" * ((1 << 20) - 40)))
         with pytest.raises(RemoteError, match=r"^subscribe failed: 'E+'\.\.\. \(1048536 chars\)$"):
             await announced
         assert not running.broker.closed
         await _still_works(running.address)
         await attacker.close()
-        await liar.close()
+        liar.transport.loseConnection()
+        await liar.lost
     finally:
         await running.stop()
 
@@ -205,8 +219,10 @@ async def test_attack_subscriptions_past_the_cap_are_refused(server):
     # A topic longer than the limit cannot be subscribed to, even on a live channel.
     channel = uuid.uuid4()
     provider = await Provider.connect(server.address, channel, handler=lambda body: b"ok")
+    announcer = await Consumer.connect(server.address, broker.channel)  # as any client can
     with pytest.raises(RemoteError, match="at most 1024 characters, not 5000"):
-        await client._consumer.send(_announce("t" * 5000, channel))
+        await announcer.send(_announce("t" * 5000, channel))
+    await announcer.close()
     await client.unsubscribe("a")
     await client.subscribe("c")  # room again
     await provider.close()

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
 
 from pulsyflux import BrokerClient, Consumer, Provider
+from pulsyflux._twisted_compat import unsent_bytes
 from pulsyflux.server import ServerFactory
 from pulsyflux.testing import start_server
 from pulsyflux.wire import codec, messages
@@ -79,8 +80,7 @@ async def deaf_consumer(router, port: int, channel: bytes):
 
 def buffered(conn) -> int:
     """Bytes the server's transport holds for ``conn`` (its unsent output)."""
-    t = conn.transport
-    return len(t.dataBuffer) - t.offset + t._tempDataLen
+    return unsent_bytes(conn.transport)
 
 
 @ensure

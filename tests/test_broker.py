@@ -233,8 +233,8 @@ async def test_vanished_remote_subscriber_is_dropped_and_its_connections_freed(m
     sub = await client.subscribe("t")
     keeper = await broker.subscribe("t")
     forwarding = [conn for conn in _server_side(server, sub.channel) if conn.key[0] == codec.ROLE_CONSUMER]
-    reset(sub._provider)  # the subscriber process "dies"
-    await sub._provider.when_lost()
+    reset(sub)  # the subscriber process "dies"
+    await memory.quiet()  # both ends have seen it
     await broker.publish("t", b"anyone?")
     assert (await keeper.get()).payload == b"anyone?"
     await forwarding[0].closed()  # the broker let go of its forwarding connection
@@ -412,7 +412,7 @@ async def test_bad_control_messages_are_refused(memory):
 async def test_publish_times_out_from_the_call_when_the_broker_hangs(memory):
     broker = await memory.connect(Broker, uuid.uuid4())
     client = await memory.connect(BrokerClient, broker.channel)
-    resume = hang(broker._provider)  # the broker stops reading: nothing is answered
+    resume = hang(broker)  # the broker stops reading: nothing is answered
     started = memory.now()
     outcomes = await defer.DeferredList(
         [client.publish("t", b"%d" % i, timeout=1.0) for i in range(10)], consumeErrors=True

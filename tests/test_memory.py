@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from twisted.internet.defer import Deferred
 
-from pulsyflux import BrokerClient, ConnectionLostError, Consumer, Provider, RequestTimeout, ServerOverloaded
+from pulsyflux import Broker, BrokerClient, ConnectionLostError, Consumer, Provider, RequestTimeout, ServerOverloaded
 from pulsyflux.testing import MemoryServer, hang, reset
+from pulsyflux.wire import codec
 
 from .helpers import clocked, later
 
@@ -185,3 +186,49 @@ async def test_hang_and_reset_inject_a_clients_faults(memory, channel):
     with pytest.raises(ValueError, match="not connected"):
         reset(provider)
     await consumer.close()
+
+
+@clocked
+async def test_until_waits_for_a_state_in_clock_time(memory, channel):
+    provider = await memory.connect(Provider, channel, handler=bytes.upper)
+    consumer = await memory.connect(Consumer, channel)
+    for n in range(3):  # a request every 2 s, on the clock
+        memory.clock.callLater(2.0 * (n + 1), consumer.send, b"x")
+    await memory.until(lambda: memory.stats.requests_routed == 3)
+    assert memory.now() == 6.0  # checked as each timer ran: not before, not after
+    assert memory.until(lambda: True).called  # already true: at once
+    never = memory.until(lambda: False)
+    with pytest.raises(AssertionError, match="never comes"):
+        memory.run(never)  # nothing left that could make it true: a deadlock, not a hang
+    await consumer.close()
+    await provider.close()
+
+
+def test_faults_of_the_brokers_objects_reach_every_connection_they_hold(channel):
+    server = MemoryServer(broker=False)
+    broker = server.run(server.connect(Broker, channel))
+    client = server.run(server.connect(BrokerClient, channel, heartbeat=None))
+    sub = server.run(client.subscribe("news"))
+    assert len(server.connections) == 5  # broker: provider, publisher, forwarder; client: consumer, subscription
+
+    resume = hang(broker)  # the broker's process hangs: nothing is answered
+    with pytest.raises(RequestTimeout):
+        server.run(client.publish("news", b"lost?", timeout=1.0))
+    resume()
+    server.run(client.publish("news", b"back"))
+    while server.run(sub.get()).payload != b"back":  # (the timed-out one may arrive too: read once resumed)
+        pass
+
+    reset(sub)  # the subscriber's own connection, and no other
+    server.flush()
+    assert not [key for key in server.registry if key[1] == sub.channel.bytes and key[0] == codec.ROLE_PROVIDER]
+    assert not broker.closed and server.run(client.publish("news", b"still here")) is None
+
+    server.drop(broker)  # the broker's process dies: every connection it held, at once
+    assert broker.closed
+    reset(client)
+    server.flush()
+    assert server.connections == []
+    with pytest.raises(ValueError, match="not connected"):
+        hang(sub)
+    server.close()

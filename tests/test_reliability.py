@@ -14,6 +14,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 
 from pulsyflux import ConnectionLostError, Consumer, NoProviderError, Provider, ServerOverloaded
+from pulsyflux._twisted_compat import unsent_bytes
 from pulsyflux.server import ServerFactory
 from pulsyflux.service import ServerService
 from pulsyflux.testing import hang, reset
@@ -39,8 +40,7 @@ def server_buffered(server) -> int:
     """Bytes the server process holds for its connections: unsent output and partial input frames."""
     total = 0
     for conn in server.factory.router.connections:
-        t = conn.transport
-        total += len(t.dataBuffer) - t.offset + t._tempDataLen + conn.decoder.buffered
+        total += unsent_bytes(conn.transport) + conn.decoder.buffered
     return total
 
 

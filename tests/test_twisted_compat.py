@@ -21,7 +21,13 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from pulsyflux._twisted_compat import exit_signal, http_channel_transport, immediate_send, tls_handshake_pending
+from pulsyflux._twisted_compat import (
+    exit_signal,
+    http_channel_transport,
+    immediate_send,
+    tls_handshake_pending,
+    unsent_bytes,
+)
 
 
 @pytest_twisted.ensureDeferred
@@ -35,8 +41,10 @@ async def test_a_tcp_transport_still_has_the_buffers_and_flags_the_immediate_sen
         assert transport.dataBuffer == b"" and transport._tempDataBuffer == []
         assert transport._aborting is False and transport.connected and not transport.disconnecting
         assert immediate_send(transport) is not None, "the immediate send no longer applies to plain TCP"
+        assert unsent_bytes(transport) == 0
         transport.write(b"x" * 10)
         assert transport._tempDataBuffer == [b"x" * 10]  # Twisted's write buffers here first
+        assert transport._tempDataLen == 10 and unsent_bytes(transport) == 10
         lost: Deferred[None] = Deferred()
         proto.connectionLost = lambda reason: lost.callback(None)  # type: ignore[method-assign]  # a test probe
         transport.abortConnection()
