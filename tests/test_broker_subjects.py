@@ -7,7 +7,7 @@ import uuid
 import pytest
 import pytest_twisted
 
-from pulsyflux import Broker, BrokerClient, Consumer, Message, RemoteError
+from pulsyflux import Broker, BrokerClient, Consumer, Message, Provider, RemoteError
 from pulsyflux.testing import start_server
 from pulsyflux.wire import messages
 
@@ -55,7 +55,8 @@ async def test_wildcards_deliver_the_concrete_topic(memory):
     middle = await broker.subscribe("*.eu.*")
     for topic in ("orders.eu", "orders.eu.paris", "orders", "billing.eu.x", "ordersx.eu"):
         await broker.publish(topic, topic.encode())
-    await eventually(lambda: everything.pending == 5)
+    await memory.quiet()
+    assert everything.pending == 5
     assert [m.topic for m in await _drain(one)] == ["orders.eu"]
     assert [m.topic for m in await _drain(rest)] == ["orders.eu", "orders.eu.paris"]
     assert [m.topic for m in await _drain(exact)] == ["orders.eu"]
@@ -79,7 +80,8 @@ async def test_queue_group_gives_each_message_to_one_member_and_plain_subscriber
     plain = await broker.subscribe("jobs.*")
     for n in range(30):
         await broker.publish(f"jobs.{n % 4}", str(n).encode())
-    await eventually(lambda: plain.pending == 30)
+    await memory.quiet()
+    assert plain.pending == 30
     got = [[m.payload for m in await _drain(s)] for s in workers]
     assert [len(g) for g in got] == [10, 10, 10]  # round-robin
     assert sorted(int(p) for g in got for p in g) == list(range(30))  # each exactly once
@@ -213,5 +215,94 @@ async def test_remote_wildcard_and_group_subscriptions_over_tcp():
             publisher.publish("sensors.*.temp", b"")
         await client.close()
         await publisher.close()
+    finally:
+        await server.stop()
+
+
+@clocked
+async def test_a_vanished_group_member_hands_its_messages_to_the_others(memory):
+    """A worker killed without unsubscribing: forwards the server cannot route to it go to another member."""
+    channel = uuid.uuid4()
+    broker = await memory.connect(Broker, channel)
+    live = await broker.subscribe("jobs.*", group="workers")
+    # A remote member, announced by hand (as a BrokerClient does), that then dies without a word.
+    dead_channel = uuid.uuid4()
+    dead = await memory.connect(Provider, dead_channel)
+    announcer = await memory.connect(Consumer, channel)
+    answer = announcer.send(
+        messages.encode(messages.SUBSCRIBE, None, {"topic": "jobs.*", "channel": str(dead_channel), "group": "workers"})
+    )
+    probe = await dead.receive()
+    dead.respond(probe, b"ok")
+    assert await answer == b"ok"
+    await dead.close()
+    for n in range(10):
+        await broker.publish(f"jobs.{n}", str(n).encode())
+    got = sorted([int((await live.get()).payload) for _ in range(10)])
+    assert got == list(range(10))  # every one, none twice
+    stats = broker.stats()
+    assert stats["lost"] == 0 and stats["requeued"] >= 1
+    assert stats["groups"] == [{"topic": "jobs.*", "group": "workers", "members": 1}]
+    await announcer.close()
+    await broker.close()
+
+
+@clocked
+async def test_a_leaving_group_member_hands_over_its_backlog(memory):
+    channel = uuid.uuid4()
+    broker = await memory.connect(Broker, channel, backlog=100, window=1, batch=1)
+    worker = await memory.connect(BrokerClient, channel)
+    slow = await worker.subscribe("jobs", group="g", buffer=1)  # never read: its backlog grows
+    fast = await broker.subscribe("jobs", group="g")
+    for n in range(20):
+        await broker.publish("jobs", str(n).encode())
+    await memory.quiet()
+    assert fast.pending == 10 and slow.pending == 2  # slow: one answered, one held, 8 in the broker's backlog
+    await worker.unsubscribe("jobs")  # a worker that stops: what waited for it goes to the other member
+    await memory.quiet()
+    kept = [int(m.payload) for m in await _drain(slow)]  # what it had received before it left
+    taken = [int(m.payload) for m in await _drain(fast)]
+    assert sorted(kept + taken) == list(range(20))
+    stats = broker.stats()
+    assert (stats["lost"], stats["requeued"], stats["delivered"]) == (0, 8, 20)
+    await worker.close()
+    await broker.close()
+
+
+@clocked
+async def test_worst_inputs_many_patterns_and_a_large_group(memory):
+    """One subscriber's many patterns and a group of many members, through the broker."""
+    broker = await memory.connect(Broker, uuid.uuid4())
+    patterns = [await broker.subscribe(f"p{n}.*.>") for n in range(200)]
+    members = [await broker.subscribe("jobs.>", group="many") for _ in range(100)]
+    for n in range(200):
+        await broker.publish(f"p{n}.x.y", b"")
+        await broker.publish(f"jobs.{n}", b"")
+    await memory.quiet()
+    assert sum(m.pending for m in members) == 200
+    assert all(s.pending == 1 for s in patterns)
+    assert [m.pending for m in members] == [2] * 100  # round-robin over all of them
+    assert broker.stats()["groups"] == [{"topic": "jobs.>", "group": "many", "members": 100}]
+    await broker.close()
+
+
+@ensure
+async def test_a_killed_worker_loses_no_job_over_tcp():
+    server = await start_server()
+    try:
+        boss = await BrokerClient.connect(server.address)
+        survivor = await BrokerClient.connect(server.address)
+        doomed = await BrokerClient.connect(server.address)
+        alive = await survivor.subscribe("jobs.*", group="workers")
+        dying = await doomed.subscribe("jobs.*", group="workers")
+        await dying._provider.close()  # its process dies: no unsubscribe, its channel simply goes quiet
+        for n in range(20):
+            await boss.publish(f"jobs.{n}", str(n).encode())
+        got = sorted([int((await alive.get()).payload) for _ in range(20)])
+        assert got == list(range(20))
+        stats = server.broker.stats()
+        assert stats["lost"] == 0 and stats["requeued"] >= 1
+        for client in (boss, survivor, doomed):
+            await client.close()
     finally:
         await server.stop()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, NoReturn, Optional, Union
+from typing import Any, Callable, NoReturn, Optional, Sequence, Union
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
@@ -138,6 +138,7 @@ class Fanout:
         self.delivered = 0
         self.dropped = 0
         self.lost = 0  # backlog and in-flight messages of subscribers that vanished
+        self.requeued = 0  # messages a queue group member left behind, given to another member
         self.rejected = 0
         self.refused = 0  # subscribe announcements refused by the caps
         self.closing = False
@@ -427,8 +428,15 @@ class Fanout:
         consumer.when_lost().addCallback(lambda _: self.remove(outlet, "connection to the server lost"))
         return outlet
 
-    def remove(self, outlet: Outlet, reason: str, notify: bool = True) -> "Deferred[Any]":
-        """Forget a subscription and close its connections (and a local stream)."""
+    def remove(
+        self, outlet: Outlet, reason: str, notify: bool = True, orphans: Sequence[str] = (), hand_over: bool = True
+    ) -> "Deferred[Any]":
+        """Forget a subscription and close its connections (and a local stream).
+
+        A queue group member's waiting messages, and ``orphans`` (forwards its
+        subscriber never got), go to the group's other members (``hand_over``;
+        not when the whole topic or broker goes).
+        """
         if self.outlets.get(outlet.channel) is not outlet:
             return succeed(None)
         del self.outlets[outlet.channel]
@@ -436,6 +444,11 @@ class Fanout:
         if outlet.identity is not None and self.rights is not None:
             self.rights.unkeep(outlet)
         self.delist(outlet)
+        if outlet.group is not None and hand_over and not self.closing:
+            self.hand_over(outlet, orphans)
+        elif orphans:
+            outlet.lost += len(orphans)
+            self.lost += len(orphans)
         waits = [outlet.close(reason, notify=notify and outlet.local is None)]
         sub = outlet.local
         if sub is not None:
@@ -458,11 +471,48 @@ class Fanout:
                 return
             excess -= outlet.trim(outlet.limit, max(outlet.size - excess, 0))
 
+    def hand_over(self, outlet: Outlet, orphans: Sequence[str]) -> None:
+        """A queue group member left (already out of the index): its ``orphans``
+        and backlog go to the group's other members, one each, by the usual turns.
+
+        Never a duplicate: orphans are forwards the server could not route to
+        the member (NoProviderError), and the backlog was never sent. With no
+        member left, they are counted lost (``close()`` counts the backlog).
+        """
+        if self.closing:
+            return  # every member is going: close() counts what waits
+        interest = self.index.get(outlet.topic)
+        group = interest.groups.get(outlet.group) if interest is not None and outlet.group is not None else None
+        if group is None:
+            if orphans:
+                outlet.lost += len(orphans)
+                self.lost += len(orphans)
+            return
+        texts = [*orphans, *outlet.backlog]
+        self.backlog_size -= outlet.size
+        outlet.size = 0
+        outlet.backlog.clear()
+        touched: dict[Outlet, None] = {}
+        for text in texts:
+            member = group.pick(Outlet.has_room)
+            member.push(text)
+            self.backlog_size += len(text)
+            touched[member] = None
+        self.requeued += len(texts)
+        if self.backlog_size > self.total_backlog_bytes:
+            self.trim_backlogs()
+        for member in touched:
+            member.flush()
+
     def remove_topic(self, topic: str, reason: str) -> "Deferred[Any]":
-        return DeferredList([self.remove(o, reason) for o in self.subscribers(topic)], consumeErrors=True)
+        return DeferredList(
+            [self.remove(o, reason, hand_over=False) for o in self.subscribers(topic)], consumeErrors=True
+        )
 
     def remove_all(self, reason: str) -> "Deferred[Any]":
-        return DeferredList([self.remove(o, reason) for o in list(self.outlets.values())], consumeErrors=True)
+        return DeferredList(
+            [self.remove(o, reason, hand_over=False) for o in list(self.outlets.values())], consumeErrors=True
+        )
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -470,6 +520,7 @@ class Fanout:
             "delivered": self.delivered,
             "dropped": self.dropped,
             "lost": self.lost,
+            "requeued": self.requeued,
             "rejected": self.rejected,
             "refused": self.refused,
             "backlog_bytes": self.backlog_size,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from ..client import Consumer
 from ..endpoints import Address
 from ..wire import messages
-from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError
+from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RemoteError
 from .link import PROBE, clip, ignore, send_until_registered
 from .subscription import Subscription
 
@@ -28,6 +28,7 @@ log = Logger()
 DEFAULT_BACKLOG = 10_000  # messages the broker keeps per slow subscriber
 DEFAULT_BACKLOG_BYTES = 8 << 20  # and bytes (JSON characters) per slow subscriber
 _BATCH_CHARS = 256 * 1024  # a forward stops growing past this much JSON
+_DRAIN_PATIENCE = 2.0  # seconds a closing queue group member waits for answers to its forwards in flight
 
 
 def nothing() -> None:
@@ -85,6 +86,7 @@ class Outlet:
         self.ready = True
         self._rejoining = False
         self._rejoin_waiters: list[Deferred[None]] = []
+        self._drained: Optional[Deferred[None]] = None  # a closing group member: fires when no forward is in flight
         self.unguard: Callable[[], None] = nothing  # ends the server's guard on the channel (inproc)
         # The client that announced it (a client id names one connection): only it may end it.
         self.owner: Optional[uuid.UUID] = None
@@ -148,24 +150,32 @@ class Outlet:
             self.requests += 1
             self.in_flight += count
             d = self.consumer.send(messages.encode_batch(texts), timeout=0)
-            d.addCallbacks(self._answered, self._failed, callbackArgs=(count,), errbackArgs=(count,))
+            d.addCallbacks(self._answered, self._failed, callbackArgs=(count,), errbackArgs=(count, texts))
 
     def _answered(self, result: bytes, count: int) -> None:
         self.requests -= 1
         self.in_flight -= count
         self.delivered += count
         self.fanout.delivered += count
+        if self._drained is not None and not self.requests:
+            self._drained.callback(None)
         self.flush()
 
-    def _failed(self, failure: Failure, count: int) -> None:
+    def _failed(self, failure: Failure, count: int, texts: Sequence[str] = ()) -> None:
         self.requests -= 1
         self.in_flight -= count
+        if self._drained is not None and not self.requests:
+            self._drained.callback(None)
+        error = failure.value
         if not self.open:
             # Ended while these were on their way (unsubscribed, closed): a
             # subscriber holds its answer while its buffer is full, so they
             # are most likely readable there; they are not counted as lost.
+            # A queue group member's that it never took (not routed, or refused
+            # by its closed subscription) go to another member.
+            if self.group is not None and isinstance(error, (NoProviderError, RemoteError)):
+                self.fanout.hand_over(self, texts[len(texts) - count :])
             return
-        error = failure.value
         if isinstance(error, ConnectionLostError) and self.consumer.reconnecting:
             # At most once: these may or may not have arrived; the rest waits for rejoin().
             self.lost += count
@@ -185,6 +195,11 @@ class Outlet:
                 topic=self.topic,
                 reason=reason,
             )
+        if self.group is not None and isinstance(error, NoProviderError):
+            # Never routed to the subscriber: another member of the group takes them (the last count of texts
+            # are the messages; a drop notice may come first).
+            self.fanout.remove(self, reason, orphans=texts[len(texts) - count :])
+            return
         self.lost += count
         self.fanout.lost += count  # the backlog is counted by close()
         self.fanout.remove(self, reason)
@@ -248,7 +263,25 @@ class Outlet:
             self.consumer.send(
                 messages.control(messages.CLOSED, reason=reason).encode("utf-8"), timeout=1.0
             ).addErrback(ignore)
+        if self.group is not None and self.requests:
+            return self._close_when_answered()
         return self.consumer.close()
+
+    def _close_when_answered(self) -> "Deferred[None]":
+        """A queue group member: let its forwards in flight be answered (for at most
+        ``_DRAIN_PATIENCE`` s) before the line closes, so those its subscriber
+        refused go to another member instead of vanishing with the line."""
+        drained: Deferred[None] = Deferred()
+        self._drained = drained
+        timer = self.fanout.reactor.callLater(_DRAIN_PATIENCE, drained.callback, None)
+
+        def close(_: object) -> "Deferred[None]":
+            self._drained = None
+            if timer.active():
+                timer.cancel()
+            return self.consumer.close()
+
+        return drained.addCallback(close)
 
     def stats(self) -> dict[str, Any]:
         return {
