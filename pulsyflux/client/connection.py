@@ -25,10 +25,10 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._types import IStreamTransport
-from .endpoints import Address, client_endpoint
-from .wire import codec, errors
-from .wire.codec import (
+from .._types import IStreamTransport
+from ..endpoints import Address, client_endpoint
+from ..wire import codec, errors
+from ..wire.codec import (
     CHUNK,
     END,
     ERROR,
@@ -42,8 +42,8 @@ from .wire.codec import (
     START,
     FrameDecoder,
 )
-from .wire.deadlines import Deadlines
-from .wire.errors import (
+from ..wire.deadlines import Deadlines
+from ..wire.errors import (
     PREFIX_PERMISSION_DENIED,
     ConnectionLostError,
     PermissionDenied,
@@ -51,8 +51,8 @@ from .wire.errors import (
     RequestTimeout,
     error_from_message,
 )
-from .wire.printable import printable
-from .writer import ImmediateWriter
+from ..wire.printable import printable
+from ..writer import ImmediateWriter
 
 __all__ = [
     "Consumer",
