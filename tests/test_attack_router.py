@@ -374,6 +374,6 @@ async def test_attack_server_error_details_are_counted_by_kind(limited, channel)
 def test_attack_repeated_unmatched_errors_and_dropped_requests_log_a_bounded_number_of_lines():
     """What a peer can repeat at will (ERRORs nobody waits for, requests past the provider's
     backstop) costs log2(N) lines, not N."""
-    from pulsyflux.client import _worth_logging
+    from pulsyflux.client.connection import worth_logging
 
-    assert sum(_worth_logging(n) for n in range(1, 100_001)) == 17  # 1, 2, 4, ... 65,536
+    assert sum(worth_logging(n) for n in range(1, 100_001)) == 17  # 1, 2, 4, ... 65,536

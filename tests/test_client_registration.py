@@ -7,7 +7,8 @@ import uuid
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from pulsyflux.client import Provider, _ClientProtocol
+from pulsyflux.client import Provider
+from pulsyflux.client.connection import _ClientProtocol
 from pulsyflux.wire import codec
 
 

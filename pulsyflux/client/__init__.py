@@ -20,31 +20,31 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getattr__
-    from .connection import (
-        DEFAULT_BACKOFF,
-        DEFAULT_INCOMPLETE_TIMEOUT,
-        DEFAULT_MAX_INCOMPLETE,
-        ChannelId,
-        Consumer,
-        Provider,
-        Request,
-    )
-    from .connection import Handler as Handler
+    from .connection import DEFAULT_BACKOFF, ChannelId
+    from .connection import Client as Client
     from .connection import Reconnect as Reconnect
     from .connection import channel_bytes as channel_bytes
+    from .connection import worth_logging as worth_logging
+    from .consumer import Consumer
+    from .provider import DEFAULT_INCOMPLETE_TIMEOUT, DEFAULT_MAX_INCOMPLETE, Provider, Request
+    from .provider import Handler as Handler
+    from .provider import log as log
 
 # Public name -> the submodule that defines it.
 _LAZY = {
+    "log": "provider",
     "ChannelId": "connection",
-    "Handler": "connection",
     "Reconnect": "connection",
     "DEFAULT_BACKOFF": "connection",
-    "DEFAULT_MAX_INCOMPLETE": "connection",
-    "DEFAULT_INCOMPLETE_TIMEOUT": "connection",
+    "worth_logging": "connection",
     "channel_bytes": "connection",
-    "Consumer": "connection",
-    "Request": "connection",
-    "Provider": "connection",
+    "Client": "connection",
+    "Consumer": "consumer",
+    "Handler": "provider",
+    "DEFAULT_MAX_INCOMPLETE": "provider",
+    "DEFAULT_INCOMPLETE_TIMEOUT": "provider",
+    "Request": "provider",
+    "Provider": "provider",
 }
 
 __all__ = [

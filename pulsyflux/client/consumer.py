@@ -1,0 +1,156 @@
+"""The caller's side: a :class:`Consumer` sends requests and waits for their responses."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterator, Optional
+
+from twisted.internet.defer import Deferred, fail
+
+from ..endpoints import Address
+from ..wire import codec, errors
+from ..wire.codec import ERROR, RESPONSE, RESPONSE_CHUNK, RESPONSE_END, RESPONSE_START, ROLE_CONSUMER, ROUTING_SIZE
+from ..wire.deadlines import Deadlines
+from ..wire.errors import ConnectionLostError, RequestTimeout, error_from_message
+from .connection import ChannelId, Client, Reconnect
+
+__all__ = ["Consumer"]
+
+
+_write_request = codec.write_request
+
+
+def _random_ids(batch: int = 256) -> Iterator[bytes]:
+    """Unpredictable 16-byte request ids, read from the OS a batch at a time.
+
+    Random, not a counter: providers see a consumer's ids, and must not be
+    able to guess (and claim first) the ones it will use next. One system
+    call per ``batch`` requests keeps that cheap.
+    """
+    size = 16 * batch
+    while True:
+        block = os.urandom(size)
+        for offset in range(0, size, 16):
+            yield block[offset : offset + 16]
+
+
+def _id_source() -> Callable[[], bytes]:
+    """The request id generator of one client."""
+    return _random_ids().__next__
+
+
+class _Pending:
+    __slots__ = ("deferred", "chunks")
+
+    def __init__(self, deferred: "Deferred[bytes]") -> None:
+        self.deferred = deferred
+        self.chunks: list[bytes] = []
+
+
+class Consumer(Client):
+    """Sends requests on one channel; any number may be in flight.
+
+    consumer = await Consumer.connect("127.0.0.1:9090", channel)
+    reply = await consumer.send(b"ping")
+    """
+
+    role = ROLE_CONSUMER
+
+    def __init__(self, channel_id: ChannelId, reactor: Any = None) -> None:
+        super().__init__(channel_id, reactor)
+        self._pending: dict[bytes, _Pending] = {}
+        self._deadlines = Deadlines(self.reactor, self._pending, self._expire)
+        self._next_id = _id_source()
+
+    @classmethod
+    def connect(
+        cls,
+        address: Address,
+        channel_id: ChannelId,
+        reactor: Any = None,
+        *,
+        reconnect: Reconnect = False,
+        token: Optional[str] = None,
+    ) -> "Deferred[Consumer]":
+        """Connect to the server at ``address`` and register on ``channel_id``.
+
+        With ``reconnect`` (True or a backoff policy) a lost connection is
+        re-established and re-registered; requests in flight when it drops,
+        and sends while it is down, fail at once with ConnectionLostError.
+        With ``token`` (a JWT, docs/security.md) the connection presents it
+        first and ``connect`` waits for the server's answer: a refused token
+        or a missing right fails it with PermissionDenied.
+        """
+        return cls._connect(address, cls(channel_id, reactor), reconnect, token)
+
+    @property
+    def pending(self) -> int:
+        """Requests sent whose response has not arrived."""
+        return len(self._pending)
+
+    def send(self, payload: bytes = b"", timeout: float = 5.0) -> "Deferred[bytes]":
+        """Send one request; fires with the response body.
+
+        Fails with :class:`~pulsyflux.wire.errors.NoProviderError`,
+        :class:`~pulsyflux.wire.errors.RemoteError`,
+        :class:`~pulsyflux.wire.errors.RequestTimeout` (nothing complete within
+        ``timeout`` seconds) or :class:`~pulsyflux.wire.errors.ConnectionLostError`.
+        """
+        if self._closed is not None or self._protocol is None:
+            return fail(self._closed or ConnectionLostError("not connected"))
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        request_id = self._next_id()
+
+        def cancel(_: object) -> None:
+            self._drop(request_id)  # a late answer is ignored
+
+        d: Deferred[bytes] = Deferred(cancel)
+        pending = _Pending(d)
+        self._pending[request_id] = pending
+        timeout_ms = max(int(timeout * 1000), 1) if timeout else 0
+        # One write for a small request; a large one piece by piece (never copied to join it).
+        _write_request(self._write, request_id, timeout_ms, self._client, self._channel, payload)
+        if timeout:
+            self._deadlines.add(request_id, pending, timeout)
+        return d
+
+    def _drop(self, request_id: bytes) -> Optional[_Pending]:
+        return self._pending.pop(request_id, None)  # its deadline, if any, is skipped when due
+
+    def _expire(self, request_id: bytes, pending: _Pending) -> None:
+        del self._pending[request_id]
+        pending.deferred.errback(RequestTimeout(errors.MSG_TIMED_OUT))
+
+    def _frame_received(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
+        if ftype == RESPONSE_CHUNK:
+            pending = self._pending.get(request_id)
+            if pending is not None:
+                pending.chunks.append(payload)
+        elif ftype == RESPONSE_END:
+            pending = self._pending.pop(request_id, None)
+            if pending is not None:
+                chunks = pending.chunks
+                pending.deferred.callback(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        elif ftype == RESPONSE_START:
+            pass  # routing only; the body follows
+        elif ftype == ERROR:
+            pending = self._drop(request_id)
+            if pending is not None:
+                pending.deferred.errback(error_from_message(codec.error_message(payload)))
+            else:
+                self._unmatched_error(request_id, payload)
+        elif ftype == RESPONSE:
+            pending = self._drop(request_id)
+            if pending is not None:
+                pending.deferred.callback(payload[ROUTING_SIZE:])
+        elif ftype == codec.AUTH:
+            self._auth_frame(request_id, payload)
+        # Anything else is not for a consumer: ignore it, as Go clients do.
+
+    def _fail_pending(self, error: Exception) -> None:
+        self._deadlines.clear()
+        for request_id in list(self._pending):
+            pending = self._drop(request_id)
+            if pending is not None:
+                pending.deferred.errback(error)
