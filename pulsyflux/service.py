@@ -119,8 +119,11 @@ class BrokerService(service.MultiService):
         reactor: Any = None,
         grace: float = DEFAULT_GRACE,
         factory: Optional[ServerFactory] = None,
+        cluster: Optional[str] = None,
+        node_name: Optional[str] = None,
         **broker_options: Any,
     ) -> None:
+        """``cluster``: a ``redis://`` URL to share pub/sub with other servers through (docs/cluster.md)."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -142,6 +145,12 @@ class BrokerService(service.MultiService):
         self._started_at = 0.0
         self._outage = False  # the broker is down and being restarted (logged once)
         self._stopping = False
+        self.cluster: Any = None  # pulsyflux.cluster.pubsub.ClusterPubSub, with --cluster
+        if cluster is not None:
+            from .cluster.pubsub import ClusterPubSub
+            from .cluster.url import parse_redis_url
+
+            self.cluster = ClusterPubSub(parse_redis_url(cluster), node_name or "", reactor)
 
     @property
     def factory(self) -> ServerFactory:
@@ -154,8 +163,19 @@ class BrokerService(service.MultiService):
         super().startService()
         if self.broker_channel is None:
             return
-        self._ready = self.server.whenListening().addCallback(self._connect_broker)
+        self._ready = self.server.whenListening().addCallback(self._join_cluster).addCallback(self._connect_broker)
         self._ready.addErrback(self._broker_failed)
+
+    def _join_cluster(self, port: Any) -> Any:
+        """Link to the cluster's Redis once listening (the node's default name has the port in it)."""
+        if self.cluster is not None:
+            if not self.cluster.node:
+                import os
+                import socket
+
+                self.cluster.node = f"{socket.gethostname()}:{port.getHost().port}:{os.getpid()}"
+            self.cluster.start()
+        return port
 
     def _connect_broker(self, port: Any = None) -> Any:
         assert self.broker_channel is not None  # startService connects a broker only when there is a channel
@@ -173,6 +193,8 @@ class BrokerService(service.MultiService):
                 self.log.info("pulsyflux broker is back on channel {channel}", channel=str(self.broker_channel))
             else:
                 self.log.info("pulsyflux broker on channel {channel}", channel=str(self.broker_channel))
+            if self.cluster is not None:
+                broker.join_cluster(self.cluster)
             broker.when_closed().addCallback(lambda _: self._broker_closed(broker))
             waiting, self._waiting = self._waiting, []
             for waiter in waiting:
@@ -269,6 +291,9 @@ class BrokerService(service.MultiService):
         for waiter in waiting:
             waiter.errback(ConnectionLostError("the broker service stopped"))
 
+        if self.cluster is not None:
+            first.addBoth(lambda _: self.cluster.stop())
+
         def stop_children(_: Any) -> Any:
             return maybeDeferred(service.MultiService.stopService, self)
 
@@ -302,6 +327,13 @@ class Options(usage.Options):
         ["port", "p", str(DEFAULT_PORT), "Where the server listens: a port (on 127.0.0.1) or an endpoint description."],
         ["broker-channel", None, str(DEFAULT_BROKER_CHANNEL), "The broker's channel id (a UUID)."],
         ["http", None, None, "Serve the HTTP monitoring/publish API here: a port (on 127.0.0.1) or a description."],
+        [
+            "cluster",
+            None,
+            None,
+            "Share pub/sub with other servers through Redis: redis://[:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS.",
+        ],
+        ["node-name", None, None, "This server's name in the cluster (default HOST:PORT:PID)."],
         ["grace", None, DEFAULT_GRACE, "Seconds a shutdown lets requests in flight finish before closing (0: none)."],
         [
             "max-connections",
@@ -368,6 +400,10 @@ class Options(usage.Options):
         if not 0 <= grace < float("inf"):  # NaN too
             raise usage.UsageError(f"--grace must be a number of seconds, 0 or more, not {self['grace']!r}")
         self["grace"] = grace
+        if self["cluster"] is not None:
+            _check_cluster(self["cluster"], self["node-name"])
+        elif self["node-name"] is not None:
+            raise usage.UsageError("--node-name is for a server in a cluster: give --cluster as well")
         for name, kind in _LIMITS.items():
             self[name] = _positive(name, self[name], kind)
 
@@ -387,6 +423,26 @@ _LIMITS = {
     "frame-timeout": float,
     "register-timeout": float,
 }
+
+
+def _check_cluster(url: str, node_name: Optional[str]) -> None:
+    """A Redis URL that parses, hiredis installed, a usable node name: else one usage line."""
+    from .cluster.shape import check_node_name
+    from .cluster.url import RedisError, parse_redis_url
+
+    try:
+        parse_redis_url(url)
+    except RedisError as error:
+        raise usage.UsageError(f"--cluster: {error}") from None
+    try:
+        import hiredis  # noqa: F401
+    except ImportError:
+        raise usage.UsageError("--cluster needs hiredis: pip install 'pulsyflux[cluster]'") from None
+    if node_name is not None:
+        try:
+            check_node_name(node_name)
+        except ValueError as error:
+            raise usage.UsageError(f"--node-name: {error}") from None
 
 
 def _positive(name: str, value: Any, kind: type) -> Any:
@@ -432,7 +488,12 @@ class _ExitIfNotListening(service.Service):
 def makeService(options: Options) -> service.IService:
     channel = None if options["no-broker"] else options["broker-channel"]
     top = BrokerService(
-        options["port"], broker_channel=channel, grace=options["grace"], factory=options.server_factory()
+        options["port"],
+        broker_channel=channel,
+        grace=options["grace"],
+        factory=options.server_factory(),
+        cluster=options["cluster"],
+        node_name=options["node-name"],
     )
     listeners: list[Any] = [top.server]
     if options["http"]:

@@ -80,6 +80,10 @@ def test_sans_io_core_imports_and_works_without_twisted() -> None:
         key = Key.hs256("k", "s" * 32)
         assert Authority([key]).verify(mint(key, {{"publish": ["a.>"]}}, 60)).grants.may_publish("a.b")
 
+        from pulsyflux.cluster import shape, url  # how pub/sub is laid out on Redis, and where Redis is
+        assert shape.channel_of("pulsyflux:", "orders.eu") == b"pulsyflux:m:orders"
+        assert url.parse_redis_url("redis://h:1/2").db == 2
+
         loaded = sorted(n for n in sys.modules if n.split(".")[0] in ("twisted", "zope"))
         assert not loaded, loaded
         print("ok")
@@ -96,6 +100,7 @@ PACKAGES = (
     "pulsyflux.cli",
     "pulsyflux.http",
     "pulsyflux.client",
+    "pulsyflux.cluster",
 )
 
 

@@ -193,6 +193,12 @@ class Broker:
         stats["reconnects"] = self._provider.reconnects if self._provider is not None else 0
         return stats
 
+    def join_cluster(self, cluster: Any) -> None:
+        """Share pub/sub with the other servers of a cluster (:class:`~pulsyflux.cluster.pubsub.ClusterPubSub`)."""
+        self._fanout.cluster = cluster
+        cluster.attach(self._fanout)
+        self.when_closed().addCallback(lambda _: cluster.detach(self._fanout))
+
     def publish(
         self, topic: str, payload: bytes = b"", headers: Optional[dict[str, str]] = None, timeout: float = 5.0
     ) -> "Deferred[None]":

@@ -142,6 +142,8 @@ class Fanout:
         self.rejected = 0
         self.refused = 0  # subscribe announcements refused by the caps
         self.closing = False
+        # Pub/sub across servers (pulsyflux.cluster.pubsub), when the server has --cluster.
+        self.cluster: Optional[Any] = None
         self._serial = 0  # labels subscriptions in stats and logs: "sub-1", "sub-2", ...
 
     def handle(self, body: bytes) -> Union[bytes, "Deferred[bytes]"]:
@@ -181,7 +183,17 @@ class Fanout:
                     self.trim_backlogs()
                 for outlet in list(outlets):
                     outlet.flush()
+            if self.cluster is not None:
+                self.cluster.publish(items)
             return OK
+        self._fan(items)
+        if self.cluster is not None:
+            self.cluster.publish(items)
+        return OK
+
+    def _fan(self, items: list[tuple[str, str, Any, Any]]) -> None:
+        """Deliver a batch of checked messages to their outlets, each outlet flushed once."""
+        recipients = self.recipients
         touched: dict[Outlet, None] = {}
         for topic, text, _, _ in items:
             outlets = recipients(topic)
@@ -194,7 +206,30 @@ class Fanout:
                     self.trim_backlogs()
         for outlet in touched:
             outlet.flush()
-        return OK
+
+    def deliver_from_cluster(self, body: bytes) -> int:
+        """Fan out a batch another server of the cluster accepted; returns how many messages.
+
+        Its publish rights were checked where it entered the cluster; the
+        topic rule is checked again (one server's rule could be older).
+        """
+        items = messages.split_body(body)
+        for item in items:
+            problem = topic_problem(item[0]) if item[0] else "empty topic"
+            if problem is not None or item[0].startswith(CONTROL_PREFIX):
+                raise MessageError(f"not a publishable topic: {problem or 'reserved'}")
+        self.published += len(items)
+        self._fan(items)
+        return len(items)
+
+    def patterns(self) -> list[str]:
+        """Every topic and pattern someone here subscribes to."""
+        return list(self.index)
+
+    def count_gaps(self) -> None:
+        """Messages may have been missed by every subscription here (the cluster link was down)."""
+        for outlet in self.outlets.values():
+            outlet.gaps += 1
 
     def recipients(self, topic: str) -> Optional[list[Outlet]]:
         """The outlets one message of ``topic`` goes to: each plain subscriber of every
@@ -233,6 +268,8 @@ class Fanout:
         if interest is None:
             interest = Subscribers()
             self.index.add(outlet.topic, interest)
+            if self.cluster is not None:
+                self.cluster.want(outlet.topic)
         interest.add(outlet, outlet.group)
 
     def delist(self, outlet: Outlet) -> None:
@@ -244,6 +281,8 @@ class Fanout:
         interest.delivered_before += outlet.delivered
         if not interest.plain and not interest.groups:
             self.index.remove(outlet.topic)
+            if self.cluster is not None:
+                self.cluster.unwant(outlet.topic)
 
     def subscribers(self, topic: str) -> list[Outlet]:
         """Every subscription to exactly ``topic`` (a pattern is one topic here), in groups or not."""

@@ -173,7 +173,26 @@ def prometheus_text(document: dict[str, Any]) -> str:
     b = document.get("broker")
     if b is not None:
         _broker_metrics(m, b)
+    c = document.get("cluster")
+    if c is not None:
+        _cluster_metrics(m, c)
     return m.text()
+
+
+def _cluster_metrics(m: _Metrics, c: dict[str, Any]) -> None:
+    """The link to the cluster's Redis (docs/cluster.md)."""
+    m.one("pulsyflux_cluster_up", "gauge", "1 while the link to the cluster's Redis is up.", 1 if c["up"] else 0)
+    if c.get("rtt_ms") is not None:
+        m.one("pulsyflux_cluster_redis_rtt_seconds", "gauge", "The last PING round trip to Redis.", c["rtt_ms"] / 1000)
+    for key, help_text in (
+        ("sent", "Messages published here and shared through Redis."),
+        ("received", "Messages other servers published, delivered here."),
+        ("unshared", "Messages published here while the cluster link was down."),
+        ("bad", "Messages on a cluster channel that were refused."),
+        ("failed", "Publishes to Redis that the link lost."),
+        ("reconnects", "Times the cluster link came back."),
+    ):
+        m.one(f"pulsyflux_cluster_{key}_total", "counter", help_text, c[key])
 
 
 def _broker_metrics(m: _Metrics, b: dict[str, Any]) -> None:

@@ -66,16 +66,21 @@ class _Leaf(Resource):
 
 
 class Healthz(_Leaf):
-    """200 once every part runs; 503 with what is missing otherwise."""
+    """200 once every part runs (``degraded`` if the cluster link is down); 503 with what is missing otherwise."""
 
-    def __init__(self, ready: Callable[[], list[str]]) -> None:
+    def __init__(self, ready: Callable[[], list[str]], degraded: Optional[Callable[[], list[str]]] = None) -> None:
         super().__init__()
         self.ready = ready
+        self.degraded = degraded
 
     def render_GET(self, request: Request) -> bytes:
         missing = self.ready()
         if missing:
             return _json(request, http.SERVICE_UNAVAILABLE, {"status": "unavailable", "not_running": missing})
+        # Degraded still serves its own clients: 200, so a balancer keeps sending them.
+        degraded = self.degraded() if self.degraded is not None else []
+        if degraded:
+            return _json(request, http.OK, {"status": "degraded", "degraded": degraded})
         return _json(request, http.OK, {"status": "ok"})
 
     render_HEAD = render_GET

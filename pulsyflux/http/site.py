@@ -62,10 +62,12 @@ def make_site(
     ready: Optional[Callable[[], list[str]]] = None,
     max_body: int = DEFAULT_MAX_PUBLISH_BODY,
     max_topics: int = DEFAULT_MAX_TOPICS,
+    degraded: Optional[Callable[[], list[str]]] = None,
 ) -> Site:
     """A twisted.web Site serving the monitoring and publish endpoints.
 
-    ``ready`` returns the names of parts not running yet (empty = healthy).
+    ``ready`` returns the names of parts not running yet (empty = healthy);
+    ``degraded`` those running with less than they should (the cluster link).
     ``max_topics`` bounds the topics (and the subscriptions) /stats and
     /metrics list one by one.
 
@@ -76,7 +78,7 @@ def make_site(
         return stats_document(server_factory, broker, max_topics=max_topics)
 
     root = Root()
-    root.putChild(b"healthz", Healthz(ready or (lambda: [])))
+    root.putChild(b"healthz", Healthz(ready or (lambda: []), degraded))
     root.putChild(b"stats", Stats(document))
     root.putChild(b"metrics", Metrics(document))
     root.putChild(b"publish", Publish(broker, max_body=max_body))
@@ -224,5 +226,11 @@ def http_service(listen: str | int, broker_service: Any, reactor: Any = None) ->
             missing.append("broker")
         return missing
 
-    site = make_site(broker_service.factory, broker=broker_service if runs_broker else None, ready=not_running)
+    def degraded() -> list[str]:
+        cluster = broker_service.cluster
+        return ["cluster"] if cluster is not None and not cluster.link.up else []
+
+    site = make_site(
+        broker_service.factory, broker=broker_service if runs_broker else None, ready=not_running, degraded=degraded
+    )
     return HTTPService(listen, site, reactor or broker_service.reactor)

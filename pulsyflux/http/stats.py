@@ -183,7 +183,11 @@ def stats_document(
     factory: ServerFactory, broker: Any = None, now: Optional[float] = None, max_topics: int = DEFAULT_MAX_TOPICS
 ) -> dict[str, Any]:
     """What ``GET /stats`` returns: ``{"server": {...}, "broker": {...} or None}``."""
-    return {"server": server_stats(factory, now), "broker": broker_stats(broker, max_topics)}
+    document = {"server": server_stats(factory, now), "broker": broker_stats(broker, max_topics)}
+    cluster = getattr(broker, "cluster", None)  # a BrokerService with --cluster
+    if cluster is not None:
+        document["cluster"] = cluster.stats()
+    return document
 
 
 def _topic_text(topic: Any) -> str:
