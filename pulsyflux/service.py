@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from . import logs
 from .broker.broker import Broker
 from .broker.link import DEFAULT_BROKER_CHANNEL
 from .broker.subscription import Subscription
@@ -372,6 +373,10 @@ class Options(usage.Options):
     optFlags = [
         ["no-broker", None, "Run the request/response server only, without the pub/sub broker."],
     ]
+    optParameters += [
+        ["log-level", None, "info", "Log events of this level and above: debug, info, warn, error, critical."],
+        ["log-format", None, "text", "text (twistd's lines) or json (one JSON object per line)."],
+    ]
 
     def parseOptions(self, options: Any = None) -> None:
         """Under twistd, a bad option is one line on stderr and exit status 1 (not the whole usage)."""
@@ -406,6 +411,10 @@ class Options(usage.Options):
             raise usage.UsageError("--node-name is for a server in a cluster: give --cluster as well")
         for name, kind in _LIMITS.items():
             self[name] = _positive(name, self[name], kind)
+        logs.check_options(self["log-level"], self["log-format"])
+        parent = getattr(self, "parent", None)
+        if parent is not None:  # under twistd: its log observer gets the level and format
+            logs.configure(parent, self["log-level"], self["log-format"])
 
     def server_factory(self, reactor: Any = None) -> ServerFactory:
         """A :class:`ServerFactory` with the limits these options give."""

@@ -112,3 +112,199 @@ async def test_loopback_and_unix_listeners_are_not_warned_about(tmp_path):
             finally:
                 await top.stopService()
     assert _warnings(events) == []
+
+
+# -- logs ----------------------------------------------------------------------------
+
+
+def _lines(events: list, needle: str) -> list[str]:
+    return [line for line in (formatEvent(event) for event in events) if needle in line]
+
+
+@pytest_twisted.ensureDeferred
+async def test_clients_connecting_and_leaving_are_logged_without_their_channel():
+    import uuid
+
+    from pulsyflux import Consumer, Provider
+    from pulsyflux.testing import start_server
+
+    server = await start_server(broker=False)
+    channel = uuid.uuid4()
+    try:
+        with capturedLogs() as events:
+            provider = await Provider.connect(server.address, channel, handler=lambda data: data)
+            consumer = await Consumer.connect(server.address, channel)
+            assert await consumer.send(b"x") == b"x"
+            await consumer.close()
+            await provider.close()
+            await server.stop()
+    finally:
+        await server.stop()
+    connected = _lines(events, "connected")
+    left = _lines(events, ") left after")
+    assert len(connected) == 2 and all(line.startswith("client 127.0.0.1:") for line in connected)
+    assert sorted(line.split("(")[1].split(")")[0] for line in left) == ["consumer", "provider"]
+    everything = " ".join(formatEvent(event) for event in events)
+    assert str(channel) not in everything and channel.hex not in everything
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_lines_are_rate_limited():
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Protocol
+
+    from pulsyflux.testing import start_server
+
+    server = await start_server(broker=False)
+    limiter = server.factory.router.log_limiter
+    limiter.interval = 3600.0  # one interval for the whole test, however slow the machine
+    port = int(server.address.rsplit(":", 1)[1])
+    try:
+        with capturedLogs() as events:
+            protos = [
+                await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Protocol()) for _ in range(25)
+            ]
+            for proto in protos:
+                proto.transport.loseConnection()
+            await eventually_gone(server)
+            limiter.stop()  # the summaries, now
+    finally:
+        await server.stop()
+    assert len([line for line in _lines(events, "connected") if line.startswith("client ")]) == limiter.burst
+    assert len(_lines(events, "(unregistered) left after")) == limiter.burst
+    assert len(_lines(events, "15 more 'client connected' lines")) == 1
+    assert len(_lines(events, "15 more 'client left' lines")) == 1
+
+
+async def eventually_gone(server) -> None:
+    from .helpers import eventually
+
+    await eventually(lambda: not server.factory.router.peers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_subscriptions_do_not_log_starting_factory_lines():
+    from pulsyflux.service import BrokerService
+
+    top = BrokerService("tcp:0:interface=127.0.0.1")
+    with capturedLogs() as events:
+        top.startService()
+        try:
+            broker = await top.whenReady()
+            subs = [await broker.subscribe(f"t{n}") for n in range(3)]
+            await broker.publish("t0", b"x")
+            assert (await subs[0].get()).payload == b"x"
+        finally:
+            await top.stopService()
+    assert _lines(events, "Starting factory") == [] and _lines(events, "Stopping factory") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_monitoring_probes_write_no_access_log_lines():
+    import treq
+
+    from pulsyflux.testing import start_server
+
+    server = await start_server(http=True, broker=False)
+    try:
+        with capturedLogs() as events:
+            for path in ("/metrics", "/healthz", "/metrics", "/no-such-page"):
+                response = await treq.get(server.http_url + path, persistent=False)
+                await response.content()
+    finally:
+        await server.stop()
+    assert _lines(events, "GET /metrics") == [] and _lines(events, "GET /healthz") == []
+    assert len(_lines(events, "GET /no-such-page")) == 1  # everything else still is
+
+
+def _observer(level: str, log_format: str):
+    """What twistd -n (no --logfile: stdout) logs to with these pulsyflux options."""
+    from pulsyflux import logs
+
+    options = {"nodaemon": True, "logfile": None, "logger": None}
+    logs.configure(options, level, log_format)
+    assert options["logger"] == "pulsyflux.logs.twistd_observer"  # what twistd will import and call
+    return logs.twistd_observer()
+
+
+def _emit(observer, level: LogLevel, text: str, **fields) -> None:
+    import time
+
+    observer({"log_level": level, "log_format": text, "log_time": time.time(), "log_namespace": "test", **fields})
+
+
+def _plugin_cache_event(observer) -> None:
+    """What twisted.plugin logs (through the legacy log.msg) when it cannot write dropin.cache."""
+    text = "Unable to write to plugin cache /site/twisted/plugins/dropin.cache: error number 13"
+    fmt = "Unable to write to plugin cache %(path)s: error number %(errno)d"
+    _emit(observer, LogLevel.info, "{log_text}", format=fmt, log_text=text)
+
+
+def test_log_level_and_plugin_cache_noise(capsys):
+    observer = _observer("warn", "text")
+    _emit(observer, LogLevel.info, "an info line")
+    _emit(observer, LogLevel.warn, "a warning")
+    shown = capsys.readouterr().out
+    assert "a warning" in shown and "an info line" not in shown
+
+    _plugin_cache_event(_observer("info", "text"))
+    assert capsys.readouterr().out == ""
+    _plugin_cache_event(_observer("debug", "text"))  # debug shows it
+    assert "Unable to write to plugin cache /site/" in capsys.readouterr().out
+
+
+def test_json_lines(capsys):
+    import json
+
+    _emit(_observer("info", "json"), LogLevel.info, "hello {who}", who="operator")
+    [line] = capsys.readouterr().out.splitlines()
+    record = json.loads(line)
+    assert (record["level"], record["logger"], record["message"]) == ("info", "test", "hello operator")
+    assert record["time"].endswith("+00:00")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--log-level", "loud"], "twistd pulsyflux: --log-level must be one of debug, info, warn, error, critical"),
+        (["--log-format", "xml"], "twistd pulsyflux: --log-format must be one of text, json, not 'xml'"),
+    ],
+)
+def test_a_bad_log_option_is_one_line(tmp_path, args, says):
+    assert one_line(twistd(tmp_path, *args)).startswith(says)
+
+
+def test_json_and_a_logger_of_ones_own_are_one_choice_too_many(tmp_path):
+    done = subprocess.run(
+        [
+            str(TWISTD),
+            "-n",
+            "--pidfile=",
+            "--logger=pulsyflux.logs.twistd_observer",
+            "pulsyflux",
+            "--log-format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert one_line(done) == "twistd pulsyflux: --log-format and twistd's --logger both choose how to log: give one"
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_logs_json_lines(tmp_path):
+    import json
+
+    from .twistd_process import spawn_twistd
+
+    proc = spawn_twistd(TWISTD.parent, tmp_path, "--port", "tcp:0:interface=127.0.0.1", "--log-format", "json")
+    try:
+        await proc.listening
+    finally:
+        assert await proc.terminate(), proc.output
+    records = [json.loads(line) for line in proc.output.splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    assert any(record["message"] == "Server Shut Down." for record in records)

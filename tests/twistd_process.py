@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 
 REPO = Path(__file__).resolve().parents[1]
-LISTENING = re.compile(r"pulsyflux server listening on (\S+)")
+LISTENING = re.compile(r'pulsyflux server listening on ([^\s"]+)')  # in a text or a JSON line
 
 
 def _run(argv: list[str]) -> None:

@@ -17,9 +17,8 @@ from typing import Any, Callable, Optional, Union
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -89,6 +88,23 @@ def _when(done: bool, value: Any, waiters: list[Deferred[Any]]) -> "Deferred[Any
     d: Deferred[Any] = Deferred()
     waiters.append(d)
     return d
+
+
+class _OneConnection(Factory):
+    """Hands out one protocol (as ``connectProtocol`` does) without logging
+    "Starting factory ..." for every connection: a broker makes one per subscription."""
+
+    noisy = False
+
+    def __init__(self, proto: Any) -> None:
+        self._proto = proto
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self._proto
+
+
+def _connect_protocol(endpoint: Any, proto: Any) -> "Deferred[Any]":
+    return endpoint.connect(_OneConnection(proto))
 
 
 class _ClientProtocol(Protocol):
@@ -177,7 +193,7 @@ class Client:
             client._address = address
             client._backoff = DEFAULT_BACKOFF if reconnect is True else reconnect
         endpoint = client_endpoint(client.reactor, address)
-        d = connectProtocol(endpoint, _ClientProtocol(client))
+        d = _connect_protocol(endpoint, _ClientProtocol(client))
 
         def connected(proto: _ClientProtocol) -> Any:
             registered = client._attach(proto)
@@ -232,7 +248,7 @@ class Client:
     def _reconnect(self) -> None:
         assert self._address is not None  # reconnecting is on: connect(..., reconnect=...) set both
         endpoint = client_endpoint(self.reactor, self._address)
-        self._retry = attempt = connectProtocol(endpoint, _ClientProtocol(self))
+        self._retry = attempt = _connect_protocol(endpoint, _ClientProtocol(self))
 
         def connected(proto: _ClientProtocol) -> Any:
             self._retry = None

@@ -117,6 +117,10 @@ def access_log_line(timestamp: str, request: Any) -> str:
     )
 
 
+# Paths monitors poll: their successful requests get no access-log line.
+_QUIET_PATHS = frozenset({b"/metrics", b"/healthz"})
+
+
 class PulsyfluxSite(Site):
     """A Site that knows its open connections, so stopping can close them
     (keep-alive clients would otherwise hold the reactor open).
@@ -138,7 +142,13 @@ class PulsyfluxSite(Site):
         self.access_limiter = LogLimiter(self.reactor, summary_to(self.access_log))
 
     def log(self, request: Any) -> None:
-        """One access-log line, unless this status class had its burst this interval."""
+        """One access-log line, unless this status class had its burst this interval.
+
+        A monitor's successful ``/metrics`` scrape or ``/healthz`` probe is
+        not logged: every few seconds, forever, it would bury the rest.
+        """
+        if request.code < 400 and request.path in _QUIET_PATHS:
+            return
         if self.access_limiter.allow(f"http {request.code // 100}xx"):
             super().log(request)
 

@@ -189,6 +189,7 @@ class ServerFactory(_TwistedServerFactory):
     """
 
     protocol = ServerProtocol
+    noisy = False  # "pulsyflux server listening on ..." says it; not "Starting factory <... at 0x...>"
 
     def __init__(
         self,

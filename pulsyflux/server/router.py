@@ -460,6 +460,8 @@ class Router:
         self.peers.add(peer)
         if not trusted:
             self.stats.connections_total += 1
+            if self.log_limiter.allow("client connected"):
+                self.log.info("client {peer} connected", peer=_peer_address(transport))
         return peer
 
     def disconnected(self, conn: Peer) -> None:
@@ -468,6 +470,16 @@ class Router:
         conn.flow.stopProducing()
         if self.gate is not None:
             self.gate.disconnected(conn)
+        if not conn.trusted and self.log_limiter.allow("client left"):
+            # The role, never the channel: a subscriber's channel id is its only secret.
+            self.log.info(
+                "client {peer} ({role}) left after {age:.1f} s: {frames_in} frames in, {frames_out} out",
+                peer=_peer_address(conn.transport),
+                role=ROLE_NAMES.get(conn.key[0], "?") if conn.key is not None else "unregistered",
+                age=self.clock.seconds() - conn.since,
+                frames_in=conn.frames_in,
+                frames_out=conn.frames_out,
+            )
         self.forget(conn)
 
     @property
@@ -799,3 +811,9 @@ def _traffic(peer: Peer) -> int:
 
 class Refused(Exception):
     """Raised by the router to stop reading a connection it refused (the ERROR is queued)."""
+
+
+def _peer_address(transport: Any) -> str:
+    """Where a connection comes from, as text (``host:port``, ``unix:...``), for a log line."""
+    get_peer = getattr(transport, "getPeer", None)
+    return describe_address(get_peer()) if get_peer is not None else "?"
