@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from twisted.logger import (
     FileLogObserver,
@@ -126,7 +126,7 @@ def _log_file(name: str, nodaemon: bool) -> Any:
         def rotate(signum: int, frame: Any) -> None:
             from twisted.internet import reactor
 
-            reactor.callFromThread(log_file.rotate)
+            cast(Any, reactor).callFromThread(log_file.rotate)  # the installed reactor: it has threads
 
         signal.signal(usr1, rotate)
     return log_file
