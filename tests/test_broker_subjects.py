@@ -306,3 +306,23 @@ async def test_a_killed_worker_loses_no_job_over_tcp():
             await client.close()
     finally:
         await server.stop()
+
+
+@clocked
+async def test_groups_in_the_stats_document_and_metrics_are_bounded(memory):
+    from pulsyflux.http.prometheus import _broker_metrics, _Metrics
+    from pulsyflux.http.stats import broker_stats
+
+    broker = await memory.connect(Broker, uuid.uuid4())
+    for n in range(5):
+        for _ in range(n + 1):
+            await broker.subscribe(f"t{n}.*", group=f'g"{n}\\')  # a name that needs escaping
+    shown = broker_stats(broker, max_topics=3)
+    assert shown is not None and shown["groups_count"] == 5
+    assert [(g["topic"], g["members"]) for g in shown["groups"]] == [("t4.*", 5), ("t3.*", 4), ("t2.*", 3)]
+    metrics = _Metrics()
+    _broker_metrics(metrics, shown)
+    text = metrics.text()
+    assert 'pulsyflux_broker_group_members{topic="t4.*",group="g\\"4\\\\"} 5' in text
+    assert text.count("pulsyflux_broker_group_members{") == 3
+    await broker.close()

@@ -336,6 +336,18 @@ async def test_publish_refuses_reserved_topics(brokered):
 
 
 @ensure
+async def test_publish_refuses_wildcards_and_empty_tokens(brokered):
+    for topic, error in (
+        ("orders.*", "token 2 is the wildcard '*': wildcards are for subscribing; publish to a concrete topic"),
+        ("orders..eu", "token 2 is empty: a topic is '.'-separated tokens, none empty"),
+    ):
+        response = await treq.post(brokered.http_url + "/publish/" + topic, b"x", persistent=False)
+        assert response.code == 400
+        assert json.loads(await response.content()) == {"error": error}
+    assert brokered.broker.published == 0
+
+
+@ensure
 async def test_stats_and_metrics_show_which_subscriber_is_slow(brokered):
     from pulsyflux import Broker
 

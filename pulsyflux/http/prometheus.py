@@ -253,6 +253,21 @@ def _broker_metrics(m: _Metrics, b: dict[str, Any]) -> None:
         "Messages of a topic its subscribers accepted (the topics listed above).",
         [({"topic": topic}, counts.get("delivered", 0)) for topic, counts in sorted(traffic.items())],
     )
+    m.one(
+        "pulsyflux_broker_requeued_total",
+        "counter",
+        "Messages a leaving queue group member had not taken, given to another member.",
+        b.get("requeued", 0),
+    )
+    m.family(
+        "pulsyflux_broker_group_members",
+        "gauge",
+        "Members per queue group (the largest groups, as in /stats).",
+        [
+            ({"topic": str(g.get("topic", "")), "group": str(g.get("group", ""))}, g.get("members", 0))
+            for g in sorted(b.get("groups", []), key=lambda g: (str(g.get("topic")), str(g.get("group"))))
+        ],
+    )
     subs = b.get("subscriptions", [])
     m.one(
         "pulsyflux_broker_subscriptions",
