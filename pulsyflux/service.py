@@ -122,6 +122,7 @@ class BrokerService(service.MultiService):
         factory: Optional[ServerFactory] = None,
         cluster: Optional[str] = None,
         node_name: Optional[str] = None,
+        cluster_lease: float = 3.0,
         **broker_options: Any,
     ) -> None:
         """``cluster``: a ``redis://`` URL to share pub/sub with other servers through (docs/cluster.md)."""
@@ -146,12 +147,14 @@ class BrokerService(service.MultiService):
         self._started_at = 0.0
         self._outage = False  # the broker is down and being restarted (logged once)
         self._stopping = False
-        self.cluster: Any = None  # pulsyflux.cluster.pubsub.ClusterPubSub, with --cluster
+        self.cluster: Any = None  # pulsyflux.cluster.node.Cluster, with --cluster
         if cluster is not None:
-            from .cluster.pubsub import ClusterPubSub
+            from .cluster.node import Cluster
             from .cluster.url import parse_redis_url
 
-            self.cluster = ClusterPubSub(parse_redis_url(cluster), node_name or "", reactor)
+            self.cluster = Cluster(
+                parse_redis_url(cluster), node_name or "", reactor, self.server.factory, lease=cluster_lease
+            )
 
     @property
     def factory(self) -> ServerFactory:
@@ -195,7 +198,7 @@ class BrokerService(service.MultiService):
             else:
                 self.log.info("pulsyflux broker on channel {channel}", channel=str(self.broker_channel))
             if self.cluster is not None:
-                broker.join_cluster(self.cluster)
+                broker.join_cluster(self.cluster.pubsub)
             broker.when_closed().addCallback(lambda _: self._broker_closed(broker))
             waiting, self._waiting = self._waiting, []
             for waiter in waiting:
@@ -293,7 +296,7 @@ class BrokerService(service.MultiService):
             waiter.errback(ConnectionLostError("the broker service stopped"))
 
         if self.cluster is not None:
-            first.addBoth(lambda _: self.cluster.stop())
+            first.addBoth(lambda _: defer.ensureDeferred(self.cluster.stop()))
 
         def stop_children(_: Any) -> Any:
             return maybeDeferred(service.MultiService.stopService, self)
@@ -335,6 +338,12 @@ class Options(usage.Options):
             "Share pub/sub with other servers through Redis: redis://[:PASSWORD@]HOST:PORT[/DB], rediss:// for TLS.",
         ],
         ["node-name", None, None, "This server's name in the cluster (default HOST:PORT:PID)."],
+        [
+            "cluster-lease",
+            None,
+            3.0,
+            "Seconds after which the cluster forgets a server that stopped renewing its lease (killed, cut off).",
+        ],
         ["grace", None, DEFAULT_GRACE, "Seconds a shutdown lets requests in flight finish before closing (0: none)."],
         [
             "max-connections",
@@ -405,6 +414,7 @@ class Options(usage.Options):
         if not 0 <= grace < float("inf"):  # NaN too
             raise usage.UsageError(f"--grace must be a number of seconds, 0 or more, not {self['grace']!r}")
         self["grace"] = grace
+        self["cluster-lease"] = _positive("cluster-lease", self["cluster-lease"], float)
         if self["cluster"] is not None:
             _check_cluster(self["cluster"], self["node-name"])
         elif self["node-name"] is not None:
@@ -503,6 +513,7 @@ def makeService(options: Options) -> service.IService:
         factory=options.server_factory(),
         cluster=options["cluster"],
         node_name=options["node-name"],
+        cluster_lease=options["cluster-lease"],
     )
     listeners: list[Any] = [top.server]
     if options["http"]:

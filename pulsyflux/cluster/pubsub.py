@@ -24,7 +24,6 @@ from twisted.python.failure import Failure
 
 from ..wire.ratelimit import LogLimiter, summary_to
 from .link import RedisLink
-from .redis import RedisAddress
 from .shape import (
     DEFAULT_PREFIX,
     EnvelopeError,
@@ -57,22 +56,16 @@ class FanoutLike(Protocol):
 class ClusterPubSub:
     """One server's pub/sub presence in the cluster."""
 
-    def __init__(
-        self,
-        address: RedisAddress,
-        node: str,
-        reactor: Any,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        ping_timeout: float = 3.0,
-    ) -> None:
+    def __init__(self, link: RedisLink, node: str, reactor: Any, *, prefix: str = DEFAULT_PREFIX) -> None:
+        """``link``: the server's link to Redis, which hands this the messages of its channels."""
         self.node = node
         self.reactor = reactor
         self.prefix = prefix
         self.interest = Interest(prefix)
-        self.link = RedisLink(address, reactor, self._message, self._state, ping_timeout=ping_timeout)
+        self.link = link
         self.fanout: Optional[FanoutLike] = None
         self.firehose_channel = firehose(prefix)
+        self._topic_prefix = (prefix + "m:").encode("utf-8")
         self.firehose_on = False  # some server wants the firehose: publishes are copied there
         self.sent = 0  # messages published to Redis
         self.received = 0  # messages from other servers delivered here (before fan-out)
@@ -87,13 +80,15 @@ class ClusterPubSub:
     # -- life -----------------------------------------------------------------
 
     def start(self) -> None:
-        self.link.start()
         self._flag_loop.start(1.0, now=False)
 
-    def stop(self) -> Any:
+    def stop(self) -> None:
         if self._flag_loop.running:
             self._flag_loop.stop()
-        return self.link.stop()
+
+    def owns(self, channel: bytes) -> bool:
+        """Whether a message on ``channel`` is pub/sub's (a topic channel or the firehose)."""
+        return channel.startswith(self._topic_prefix) or channel == self.firehose_channel
 
     def attach(self, fanout: FanoutLike) -> None:
         """Serve ``fanout`` (a new broker after a restart gets the same cluster presence)."""
@@ -144,7 +139,7 @@ class ClusterPubSub:
 
     # -- what Redis tells us --------------------------------------------------
 
-    def _message(self, channel: bytes, data: bytes) -> None:
+    def message(self, channel: bytes, data: bytes) -> None:
         try:
             envelope = decode_envelope(data)
         except EnvelopeError as error:
@@ -168,7 +163,7 @@ class ClusterPubSub:
                     "cluster: a message from {node} was refused here: {e}", node=envelope.node[:100], e=str(error)[:200]
                 )
 
-    def _state(self, up: bool) -> None:
+    def state(self, up: bool) -> None:
         if not up:
             self._was_down = True
             return
@@ -204,8 +199,6 @@ class ClusterPubSub:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "node": self.node,
-            **self.link.stats(),
             "firehose": self.firehose_on,
             "sent": self.sent,
             "received": self.received,

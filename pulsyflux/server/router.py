@@ -311,6 +311,13 @@ class Router:
         self.registry: dict[RegistryKey, Peer] = {}
         self.providers: dict[bytes, list[Peer]] = {}
         self._next_provider: dict[bytes, int] = {}
+        # Told when a channel gains its first provider from outside, or loses its last
+        # (the cluster advertises the channels this server holds: pulsyflux.cluster.requests).
+        self.on_channel: Optional[Callable[[bytes, bool], None]] = None
+        self._held: dict[bytes, int] = {}  # such providers per channel, counted while on_channel is set
+        # Channels with providers on other servers of the cluster (relays, in-process): a request a
+        # relay brought from elsewhere is served by this server's own providers only, never sent on.
+        self.relayed: set[bytes] = set()
         self.requests: dict[bytes, _InFlight] = {}
         self.deadlines = Deadlines(clock, self.requests, self._expire)  # one timer, not one per request
         self.peers: set[Peer] = set()  # every connected peer
@@ -419,6 +426,11 @@ class Router:
             self.connection_guard.registered(adapter)
         if role == ROLE_PROVIDER:
             self.providers.setdefault(channel, []).append(conn)
+            if self.on_channel is not None and not conn.trusted:
+                held = self._held.get(channel, 0)
+                self._held[channel] = held + 1
+                if not held:
+                    self.on_channel(channel, True)
 
     def unregister(self, conn: Peer) -> None:
         key = conn.key
@@ -435,6 +447,32 @@ class Router:
                 if not providers:
                     del self.providers[channel]
                     self._next_provider.pop(channel, None)
+            if self.on_channel is not None and not conn.trusted and channel in self._held:
+                held = self._held[channel] - 1
+                if held:
+                    self._held[channel] = held
+                else:
+                    del self._held[channel]
+                    self.on_channel(channel, False)
+
+    def _pick_outside(self, channel: bytes) -> Optional[Peer]:
+        """The next provider of ``channel`` that is not the server's own (not a cluster relay)."""
+        for _ in range(len(self.providers.get(channel, ()))):
+            provider = self.pick_provider(channel)
+            if provider is not None and not provider.trusted:
+                return provider
+        return None
+
+    def watch_channels(self, callback: Optional[Callable[[bytes, bool], None]]) -> list[bytes]:
+        """Call ``callback(channel, held)`` when a channel gains its first provider from
+        outside the server, or loses its last; returns the channels held now (None: stop)."""
+        self.on_channel = callback
+        self._held = {}
+        if callback is not None:
+            for (role, channel, _), peer in self.registry.items():
+                if role == ROLE_PROVIDER and not peer.trusted:
+                    self._held[channel] = self._held.get(channel, 0) + 1
+        return list(self._held)
 
     def pick_provider(self, channel: bytes) -> Optional[Peer]:
         providers = self.providers.get(channel)
@@ -678,6 +716,8 @@ class Router:
             self._server_error(conn, request_id, message, routing)
             return
         provider = self.pick_provider(channel)
+        if provider is not None and provider.trusted and conn.trusted and channel in self.relayed:
+            provider = self._pick_outside(channel)  # a request relayed from another server stays here
         if provider is None or (channel in self.guarded and not conn.trusted):
             self._server_error(conn, request_id, errors.MSG_PEER_DISAPPEARED, routing)
             return

@@ -1,0 +1,103 @@
+"""One server's presence in the cluster: its link to Redis, pub/sub, the channel registry and request relays."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from .link import RedisLink
+from .pubsub import ClusterPubSub
+from .registry import DEFAULT_LEASE, Registry
+from .requests import ClusterRequests
+from .shape import DEFAULT_PREFIX
+from .url import RedisAddress
+
+__all__ = ["Cluster"]
+
+log = Logger()
+
+
+class Cluster:
+    """What ``twistd pulsyflux --cluster`` adds to a server (docs/cluster.md).
+
+    The link hands each message to its owner by channel: topic channels and
+    the firehose to pub/sub, registry announcements to the registry, this
+    server's inbox to the request relays.
+    """
+
+    def __init__(
+        self,
+        address: RedisAddress,
+        node: str,
+        reactor: Any,
+        factory: Any,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        lease: float = DEFAULT_LEASE,
+    ) -> None:
+        self.node = node
+        self.reactor = reactor
+        self.factory = factory
+        self.prefix = prefix
+        self.lease = lease
+        self.link = RedisLink(address, reactor, self._message, self._state, ping_timeout=max(lease, 1.0))
+        self.pubsub = ClusterPubSub(self.link, node, reactor, prefix=prefix)
+        self.requests: Any = None
+        self.registry: Any = None
+        self._inbox = b""
+
+    def start(self) -> None:
+        """Start once the node has its name (the default one has the listening port in it)."""
+        self.pubsub.node = self.node
+        self.requests = ClusterRequests(self.link, self.node, self.factory, self.reactor, prefix=self.prefix)
+        self.registry = Registry(
+            self.link, self.node, self.reactor, self.requests.gain, self.requests.lose, prefix=self.prefix,
+            lease=self.lease,
+        )  # fmt: skip
+        self._inbox = self.requests.inbox(self.node)
+        self.link.subscribe(self._inbox)
+        router = self.factory.router
+        for channel in router.watch_channels(self._channel):
+            self.registry.hold(channel)
+        self.registry.start()
+        self.pubsub.start()
+        self.link.start()
+
+    def _channel(self, channel: bytes, held: bool) -> None:
+        if held:
+            self.registry.hold(channel)
+        else:
+            self.registry.release(channel)
+            self.requests.release(channel)
+
+    def _message(self, channel: bytes, data: bytes) -> None:
+        if channel == self._inbox:
+            self.requests.message(data)
+        elif self.pubsub.owns(channel):
+            self.pubsub.message(channel, data)
+        elif self.registry is not None and channel == self.registry.announcements:
+            self.registry.message(data)
+
+    def _state(self, up: bool) -> None:
+        self.pubsub.state(up)
+        if self.registry is not None:
+            self.registry.state(up)
+
+    async def stop(self) -> None:
+        self.factory.router.watch_channels(None)
+        self.pubsub.stop()
+        if self.requests is not None:
+            self.requests.stop()
+        if self.registry is not None:
+            leaving = self.registry.stop()
+            if leaving is not None:
+                await leaving
+        await self.link.stop()
+
+    def stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {"node": self.node, **self.link.stats(), **self.pubsub.stats()}
+        if self.requests is not None:
+            stats.update(self.requests.stats())
+            stats.update(self.registry.stats())
+        return stats

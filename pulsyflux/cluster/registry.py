@@ -1,0 +1,207 @@
+"""Which server holds which channel, kept in Redis under a lease per server.
+
+Each server writes the channels its own providers are registered on to a
+set of its own (``<prefix>chans:<node>``) and keeps a key alive
+(``<prefix>node:<node>``, renewed every ``lease / 3`` s, expiring after
+``lease``). Every ``lease / 3`` s each server reads every live server's set
+and tells the request forwarder what appeared and what went; a change is
+also announced on ``<prefix>registry`` so that the others hear it at once
+rather than at their next read. A server whose key expired (killed, hung,
+cut off) is gone for everyone within ``lease`` plus one read, its channels
+with it. Channel ids are stored in Redis: Redis is part of the cluster, to
+be protected like the servers (a password, TLS, a private network).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import DeferredList
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from .link import RedisLink
+
+__all__ = ["Registry"]
+
+log = Logger()
+
+DEFAULT_LEASE = 3.0
+MAX_REMOTE_CHANNELS = 100_000  # channels of other servers one server keeps track of
+
+
+class Registry:
+    """This server's channels in Redis, and a copy of everyone else's."""
+
+    def __init__(
+        self,
+        link: RedisLink,
+        node: str,
+        reactor: Any,
+        on_gain: Callable[[str, bytes], None],
+        on_lose: Callable[[str, bytes], None],
+        *,
+        prefix: str,
+        lease: float = DEFAULT_LEASE,
+    ) -> None:
+        self.link = link
+        self.node = node
+        self.reactor = reactor
+        self.on_gain = on_gain
+        self.on_lose = on_lose
+        self.prefix = prefix
+        self.lease = lease
+        self.held: set[bytes] = set()
+        self.remote: dict[str, set[bytes]] = {}  # live server -> the channels it holds
+        self.announcements = (prefix + "registry").encode("utf-8")
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = reactor
+        self._reading = False
+
+    def _key(self, kind: str, node: str) -> bytes:
+        return f"{self.prefix}{kind}:{node}".encode()
+
+    # -- ours -----------------------------------------------------------------
+
+    def hold(self, channel: bytes) -> None:
+        self.held.add(channel)
+        if self.link.up:
+            self.link.execute(b"SADD", self._key("chans", self.node), channel).addErrback(lambda _: None)
+            self._announce(b"+", channel)
+
+    def release(self, channel: bytes) -> None:
+        self.held.discard(channel)
+        if self.link.up:
+            self.link.execute(b"SREM", self._key("chans", self.node), channel).addErrback(lambda _: None)
+            self._announce(b"-", channel)
+
+    def _announce(self, sign: bytes, channel: bytes) -> None:
+        data = sign + self.node.encode("utf-8") + b"\n" + channel
+        self.link.execute(b"SPUBLISH", self.announcements, data).addErrback(lambda _: None)
+
+    def _publish_all(self) -> None:
+        """Our whole state again (after a (re)connect: Redis may have lost it, or restarted empty)."""
+        chans = self._key("chans", self.node)
+        commands: list[tuple[Any, ...]] = [(b"DEL", chans)]
+        if self.held:
+            commands.append((b"SADD", chans, *self.held))
+        for command in commands:
+            self.link.execute(*command).addErrback(lambda _: None)
+        self._heartbeat()
+        self._announce(b"!", b"")
+
+    def _heartbeat(self) -> None:
+        lease_ms = int(self.lease * 1000)
+        self.link.execute(b"SET", self._key("node", self.node), b"1", b"PX", lease_ms).addErrback(lambda _: None)
+        self.link.execute(b"SADD", (self.prefix + "nodes").encode("utf-8"), self.node).addErrback(lambda _: None)
+
+    # -- life -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.link.subscribe(self.announcements)
+        self._loop.start(self.lease / 3, now=False)
+
+    def stop(self) -> Any:
+        if self._loop.running:
+            self._loop.stop()
+        if not self.link.up:
+            return None
+        # Leave at once rather than after the lease: the others stop routing here now.
+        done = [
+            self.link.execute(b"DEL", self._key("node", self.node), self._key("chans", self.node)),
+            self.link.execute(b"SREM", (self.prefix + "nodes").encode("utf-8"), self.node),
+        ]
+        self._announce(b"!", b"")
+        return DeferredList(done, consumeErrors=True)
+
+    def state(self, up: bool) -> None:
+        if up:
+            self._publish_all()
+            self.tick()
+        else:
+            for node in list(self.remote):
+                self._forget(node)  # cross-server requests fail fast while the link is down
+
+    def message(self, data: bytes) -> None:
+        """An announcement: read everything again soon (now), rather than trust its details."""
+        newline = data.find(b"\n")
+        if newline <= 1:
+            return
+        if data[1:newline].decode("utf-8", "replace") == self.node:
+            return
+        self.tick()
+
+    # -- theirs ---------------------------------------------------------------
+
+    def tick(self) -> None:
+        if not self.link.up:
+            return
+        self._heartbeat()
+        if self._reading:
+            return
+        self._reading = True
+        d = self.link.execute(b"SMEMBERS", (self.prefix + "nodes").encode("utf-8"))
+        d.addCallback(self._read_nodes)
+        d.addErrback(lambda _: None)
+        d.addBoth(self._done_reading)
+
+    def _done_reading(self, _: Any) -> None:
+        self._reading = False
+
+    def _read_nodes(self, members: Any) -> Any:
+        nodes = [m.decode("utf-8", "replace") for m in members or []]
+        others = [n for n in nodes if n != self.node]
+        if not others:
+            self._update({})
+            return None
+        alive = [self.link.execute(b"EXISTS", self._key("node", n)) for n in others]
+        chans = [self.link.execute(b"SMEMBERS", self._key("chans", n)) for n in others]
+
+        def read(results: Any) -> None:
+            count = len(others)
+            state: dict[str, set[bytes]] = {}
+            gone: list[str] = []
+            for i, node in enumerate(others):
+                ok_alive, is_alive = results[i]
+                ok_chans, members = results[count + i]
+                if not (ok_alive and ok_chans):
+                    return  # a failed read changes nothing; the next one will tell
+                if is_alive:
+                    state[node] = set(members or ())
+                else:
+                    gone.append(node)
+            self._update(state)
+            for node in gone:  # expired: tidy up for everyone
+                self.link.execute(b"SREM", (self.prefix + "nodes").encode("utf-8"), node).addErrback(lambda _: None)
+
+        return DeferredList(alive + chans, consumeErrors=True).addCallback(read)
+
+    def _update(self, state: dict[str, set[bytes]]) -> None:
+        for node in list(self.remote):
+            if node not in state:
+                self._forget(node)
+        total = sum(len(c) for c in self.remote.values())
+        for node, channels in state.items():
+            known = self.remote.setdefault(node, set())
+            for channel in known - channels:
+                known.discard(channel)
+                total -= 1
+                self.on_lose(node, channel)
+            for channel in channels - known:
+                if total >= MAX_REMOTE_CHANNELS or len(channel) != 16:
+                    continue
+                known.add(channel)
+                total += 1
+                self.on_gain(node, channel)
+
+    def _forget(self, node: str) -> None:
+        for channel in self.remote.pop(node, set()):
+            self.on_lose(node, channel)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "nodes": sorted(self.remote)[:100],
+            "nodes_count": len(self.remote) + 1,
+            "channels_held": len(self.held),
+            "channels_elsewhere": sum(len(c) for c in self.remote.values()),
+        }

@@ -1,0 +1,313 @@
+"""Requests across servers: a consumer here reaches providers on other servers.
+
+For every channel another server holds (registry.py), this server runs a
+*relay*: an in-process Provider registered on that channel, so the router
+takes it in its round-robin beside the local providers (one turn per
+other server holding the channel). A request the relay receives goes to
+that server's inbox channel on Redis (``<prefix>n:<node>``) in chunks of
+at most 512 KiB; there an in-process Consumer sends it to a local provider
+(never to a relay: the router keeps relayed requests on their server), and
+the answer comes back the same way. The deadline stays where the request
+entered: the router there answers the consumer when it expires.
+
+Memory is bounded on both sides: requests in flight per server, bytes
+being forwarded out and bytes being reassembled in (past either, a clear
+``server overloaded`` error), and no body larger than the server's
+``--max-body``. A server that leaves the registry (its lease expired,
+its link to Redis down) takes its relays with it, and its requests in
+flight fail with ``peer disappeared``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..client import Consumer, Provider
+from ..server.inproc import InProcessEndpoint
+from ..wire import errors
+from ..wire.ratelimit import LogLimiter, summary_to
+from .link import ClusterDown, RedisLink
+
+__all__ = ["ClusterRequests", "Relayed"]
+
+log = Logger()
+
+CHUNK = 512 * 1024  # bytes of a body per Redis message
+MAX_IN_FLIGHT = 10_000  # requests this server forwards at once
+MAX_OUT_BYTES = 256 << 20  # bytes of bodies being forwarded at once
+MAX_IN_BYTES = 256 << 20  # bytes of other servers' requests and answers being reassembled here
+RELAY_TIMEOUT = 300.0  # seconds a relayed request may wait for its answer (the real deadline is the consumer's)
+ERROR_CHARS = 4096
+
+
+class Relayed(Exception):
+    """An answer from another server's router or provider, repeated word for word here."""
+
+
+class _Out:
+    __slots__ = ("deferred", "node", "size", "parts", "received", "timer")
+
+    def __init__(self, deferred: Deferred[bytes], node: str, size: int, timer: Any) -> None:
+        self.deferred = deferred
+        self.node = node
+        self.size = size
+        self.parts: list[bytes] = []
+        self.received = 0
+        self.timer = timer
+
+
+class ClusterRequests:
+    """Relays for the channels other servers hold; this server's inbox for theirs."""
+
+    def __init__(self, link: RedisLink, node: str, factory: Any, reactor: Any, *, prefix: str) -> None:
+        self.link = link
+        self.node = node
+        self.factory = factory
+        self.router = factory.router
+        self.reactor = reactor
+        self.prefix = prefix
+        self.max_body = getattr(self.router, "max_body", 64 << 20)
+        self.relays: dict[tuple[str, bytes], Deferred[Provider]] = {}
+        self.relayed_by_channel: dict[bytes, int] = {}
+        self.consumers: dict[bytes, Deferred[Consumer]] = {}
+        self.out: dict[bytes, _Out] = {}
+        self.out_bytes = 0
+        self.incoming: dict[tuple[str, bytes], list[bytes]] = {}
+        self.in_bytes = 0
+        self.forwarded = 0  # requests sent to other servers
+        self.served = 0  # requests other servers sent here, answered
+        self.failed = 0  # forwarded requests that failed here (link down, overloaded, server gone)
+        self.bad = 0  # inbox messages that were not ours to read
+        self._limiter = LogLimiter(reactor, summary_to(log))
+        self._endpoint = InProcessEndpoint(factory, reactor, label="cluster")
+
+    def inbox(self, node: str) -> bytes:
+        return f"{self.prefix}n:{node}".encode()
+
+    # -- relays (registry callbacks) ------------------------------------------
+
+    def gain(self, node: str, channel: bytes) -> None:
+        """``node`` holds ``channel``: relay to it from here."""
+        key = (node, channel)
+        if key in self.relays:
+            return
+        count = self.relayed_by_channel.get(channel, 0)
+        self.relayed_by_channel[channel] = count + 1
+        self.router.relayed.add(channel)
+
+        def handler(body: bytes) -> Deferred[bytes]:
+            return self.forward(node, channel, body)
+
+        d = Provider.connect(self._endpoint, channel, handler=handler, reactor=self.reactor)
+        d.addErrback(self._relay_failed, key)
+        self.relays[key] = d
+
+    def _relay_failed(self, failure: Any, key: tuple[str, bytes]) -> None:
+        if self.relays.get(key) is not None:
+            self._drop_relay(key)
+        if self._limiter.allow("relay failed"):
+            log.warn("cluster: cannot relay a channel to {node}: {e}", node=key[0][:100], e=failure.getErrorMessage())
+
+    def lose(self, node: str, channel: bytes) -> None:
+        """``node`` holds ``channel`` no more (or is gone): its relay goes, its requests fail."""
+        if (node, channel) in self.relays:
+            self._drop_relay((node, channel))
+        for rid, entry in list(self.out.items()):
+            if entry.node == node and node not in self._nodes_with_relays():
+                self._finish(rid, Relayed(errors.MSG_PEER_DISAPPEARED))
+
+    def _nodes_with_relays(self) -> set[str]:
+        return {node for node, _ in self.relays}
+
+    def _drop_relay(self, key: tuple[str, bytes]) -> None:
+        d = self.relays.pop(key)
+        channel = key[1]
+        count = self.relayed_by_channel.get(channel, 1) - 1
+        if count:
+            self.relayed_by_channel[channel] = count
+        else:
+            self.relayed_by_channel.pop(channel, None)
+            self.router.relayed.discard(channel)
+        d.addCallback(lambda provider: provider.close()).addErrback(lambda _: None)
+
+    # -- forwarding out -------------------------------------------------------
+
+    def forward(self, node: str, channel: bytes, body: bytes) -> Deferred[bytes]:
+        """Send one request to ``node``; fires with its answer, or fails with the error to repeat."""
+        if not self.link.up:
+            self.failed += 1
+            return fail(ClusterDown(errors.MSG_PEER_DISAPPEARED))  # the link is down: as if the server went
+        if len(self.out) >= MAX_IN_FLIGHT or self.out_bytes + len(body) > MAX_OUT_BYTES:
+            self.failed += 1
+            return fail(Relayed(errors.overloaded("too many requests in flight to other servers")))
+        rid = os.urandom(8).hex().encode("ascii")
+        d: Deferred[bytes] = Deferred()
+        timer = self.reactor.callLater(RELAY_TIMEOUT, self._finish, rid, Relayed(errors.MSG_TIMED_OUT))
+        self.out[rid] = _Out(d, node, len(body), timer)
+        self.out_bytes += len(body)
+        head = b"q " + self.node.encode("utf-8") + b" " + rid + b" " + channel.hex().encode("ascii")
+        self._send_chunks(node, head, body)
+        self.forwarded += 1
+        return d
+
+    def _send_chunks(self, node: str, head: bytes, body: bytes) -> None:
+        inbox = self.inbox(node)
+        view = memoryview(body)
+        end = len(body)
+        start = 0
+        while True:
+            stop = min(start + CHUNK, end)
+            more = b" 1\n" if stop < end else b" 0\n"
+            self.link.execute(b"SPUBLISH", inbox, head + more + view[start:stop]).addErrback(lambda _: None)
+            if stop >= end:
+                return
+            start = stop
+
+    def _finish(self, rid: bytes, result: Any) -> None:
+        entry = self.out.pop(rid, None)
+        if entry is None:
+            return
+        self.out_bytes -= entry.size
+        self.in_bytes -= entry.received
+        if entry.timer.active():
+            entry.timer.cancel()
+        if isinstance(result, BaseException):
+            self.failed += 1
+            entry.deferred.errback(result)
+        else:
+            entry.deferred.callback(result)
+
+    # -- the inbox ------------------------------------------------------------
+
+    def message(self, data: bytes) -> None:
+        newline = data.find(b"\n", 0, 512)
+        fields = data[:newline].split(b" ") if newline > 0 else []
+        if len(fields) != 5 or fields[0] not in (b"q", b"r") or fields[4] not in (b"0", b"1"):
+            self.bad += 1
+            return
+        kind, origin, rid, arg, more = fields
+        chunk = data[newline + 1 :]
+        if kind == b"r":
+            self._answer_chunk(rid, arg, more == b"1", chunk)
+        else:
+            self._request_chunk(origin.decode("utf-8", "replace"), rid, arg, more == b"1", chunk)
+
+    def _answer_chunk(self, rid: bytes, status: bytes, more: bool, chunk: bytes) -> None:
+        entry = self.out.get(rid)
+        if entry is None:
+            return  # timed out, or the server went: dropped
+        entry.parts.append(chunk)
+        entry.received += len(chunk)
+        self.in_bytes += len(chunk)
+        if entry.received > self.max_body or self.in_bytes > MAX_IN_BYTES:
+            self._finish(rid, Relayed(errors.too_large("response", "larger than this server accepts")))
+            return
+        if more:
+            return
+        answer = b"".join(entry.parts)
+        if status == b"ok":
+            self._finish(rid, answer)
+        else:
+            self._finish(rid, Relayed(answer[:ERROR_CHARS].decode("utf-8", "replace")))
+
+    def _request_chunk(self, origin: str, rid: bytes, channel_hex: bytes, more: bool, chunk: bytes) -> None:
+        key = (origin, rid)
+        parts = self.incoming.get(key)
+        if parts is None:
+            if len(self.incoming) >= MAX_IN_FLIGHT:
+                self._reply(origin, rid, False, errors.overloaded("too many requests from other servers"))
+                return
+            parts = self.incoming[key] = []
+        parts.append(chunk)
+        self.in_bytes += len(chunk)
+        size = sum(len(p) for p in parts) if more or len(parts) > 1 else len(chunk)
+        if size > self.max_body or self.in_bytes > MAX_IN_BYTES:
+            self._drop_incoming(key)
+            self._reply(origin, rid, False, errors.too_large("request", "larger than this server accepts"))
+            return
+        if more:
+            return
+        body = b"".join(parts)
+        self._drop_incoming(key)
+        try:
+            channel = bytes.fromhex(channel_hex.decode("ascii"))
+        except ValueError:
+            self.bad += 1
+            return
+        if len(channel) != 16:
+            self.bad += 1
+            return
+        d = self._consumer(channel).addCallback(lambda consumer: consumer.send(body, timeout=RELAY_TIMEOUT))
+        d.addCallbacks(
+            lambda answer: self._reply(origin, rid, True, answer),
+            lambda failure: self._reply(origin, rid, False, str(failure.value) or type(failure.value).__name__),
+        )
+
+    def _drop_incoming(self, key: tuple[str, bytes]) -> None:
+        parts = self.incoming.pop(key, None)
+        if parts:
+            self.in_bytes -= sum(len(p) for p in parts)
+
+    def _consumer(self, channel: bytes) -> Deferred[Consumer]:
+        """The relay Consumer for ``channel`` (one per channel, opened on first use)."""
+        d = self.consumers.get(channel)
+        if d is None:
+            d = Consumer.connect(self._endpoint, channel, reactor=self.reactor)
+
+            def failed(failure: Any) -> Any:
+                self.consumers.pop(channel, None)
+                return failure
+
+            d.addErrback(failed)
+            self.consumers[channel] = d
+        out: Deferred[Consumer] = Deferred()  # each caller its own: d's result stays the Consumer
+
+        def passed(result: Any) -> Any:
+            if isinstance(result, Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+            return result
+
+        d.addBoth(passed)
+        return out
+
+    def _reply(self, origin: str, rid: bytes, ok: bool, answer: Any) -> None:
+        if ok:
+            self.served += 1
+            body = bytes(answer)
+        else:
+            body = str(answer)[:ERROR_CHARS].encode("utf-8", "replace")
+        if not self.link.up:
+            return  # the asking server fails it by its own timer or when we leave its registry
+        head = b"r " + self.node.encode("utf-8") + b" " + rid + (b" ok" if ok else b" err")
+        self._send_chunks(origin, head, body)
+
+    def release(self, channel: bytes) -> None:
+        """No provider here holds ``channel`` any more: its relay Consumer goes."""
+        d = self.consumers.pop(channel, None)
+        if d is not None:
+            d.addCallback(lambda consumer: consumer.close()).addErrback(lambda _: None)
+
+    def stop(self) -> None:
+        for key in list(self.relays):
+            self._drop_relay(key)
+        for channel in list(self.consumers):
+            self.release(channel)
+        for rid in list(self.out):
+            self._finish(rid, Relayed(errors.MSG_PEER_DISAPPEARED))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "relays": len(self.relays),
+            "requests_forwarded": self.forwarded,
+            "requests_served": self.served,
+            "requests_failed": self.failed,
+            "requests_in_flight": len(self.out),
+            "bad_inbox": self.bad,
+        }

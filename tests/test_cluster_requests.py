@@ -1,0 +1,218 @@
+"""Requests across servers through Redis (docs/cluster.md): relays, the registry's lease, bounded bodies."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from pulsyflux import Consumer, NoProviderError, Provider
+from pulsyflux.service import BrokerService
+
+from .helpers import eventually
+
+
+async def _node(redis_server, name: str, lease: float = 3.0) -> BrokerService:
+    node = BrokerService("tcp:0:interface=127.0.0.1", cluster=redis_server.url, node_name=name)
+    node.cluster.lease = lease
+    node.startService()
+    await node.whenReady()
+    await node.cluster.link.when_up()
+    return node
+
+
+def _address(node: BrokerService) -> str:
+    return f"127.0.0.1:{node.server.port.getHost().port}"
+
+
+def _relays_to(node: BrokerService, other: str, channel: uuid.UUID) -> bool:
+    requests = node.cluster.requests
+    return (other, channel.bytes) in requests.relays and requests.relays[(other, channel.bytes)].called
+
+
+@pytest.fixture
+def pair(redis_server):
+    nodes = pytest_twisted.blockon(defer.ensureDeferred(_pair(redis_server)))
+    yield nodes
+    for node in nodes:
+        pytest_twisted.blockon(node.stopService())
+
+
+async def _pair(redis_server):
+    return await _node(redis_server, "a"), await _node(redis_server, "b")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_consumer_on_one_server_reaches_a_provider_on_another(pair):
+    a, b = pair
+    channel = uuid.uuid4()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: b"b says " + body)
+    consumer = await Consumer.connect(_address(a), channel)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        assert await consumer.send(b"hello") == b"b says hello"
+        assert a.cluster.requests.forwarded == 1 and b.cluster.requests.served == 1
+    finally:
+        await consumer.close()
+        await provider.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_providers_on_two_servers_share_a_channel_and_relayed_requests_stay_put(pair):
+    a, b = pair
+    channel = uuid.uuid4()
+    seen = {"a": 0, "b": 0}
+
+    def handler(name):
+        def handle(body: bytes) -> bytes:
+            seen[name] += 1
+            return name.encode()
+
+        return handle
+
+    on_a = await Provider.connect(_address(a), channel, handler=handler("a"))
+    on_b = await Provider.connect(_address(b), channel, handler=handler("b"))
+    consumer = await Consumer.connect(_address(a), channel)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel) and _relays_to(b, "a", channel))
+        answers = [await consumer.send(b"x") for _ in range(20)]
+        assert sorted(set(answers)) == [b"a", b"b"]
+        assert seen == {"a": 10, "b": 10}  # round-robin: a's provider, then b's through its relay
+        # b's relay consumer was served by b's own provider, never sent back to a (no ping-pong)
+        assert b.cluster.requests.forwarded == 0 and b.cluster.requests.served == 10
+    finally:
+        await consumer.close()
+        await on_a.close()
+        await on_b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_16_mib_body_crosses_servers_both_ways(pair):
+    a, b = pair
+    channel = uuid.uuid4()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: body[::-1])
+    consumer = await Consumer.connect(_address(a), channel)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        body = bytes(range(256)) * (16 * 4096)
+        assert len(body) == 16 << 20
+        assert await consumer.send(body, timeout=30) == body[::-1]
+        assert a.cluster.requests.out_bytes == 0 and a.cluster.requests.in_bytes == 0  # nothing held after
+    finally:
+        await consumer.close()
+        await provider.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_provider_anywhere_answers_at_once(pair):
+    a, _ = pair
+    consumer = await Consumer.connect(_address(a), uuid.uuid4())
+    try:
+        with pytest.raises(NoProviderError):
+            await consumer.send(b"anyone?")
+    finally:
+        await consumer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_that_stops_takes_its_channels_with_it_at_once(pair):
+    a, b = pair
+    channel = uuid.uuid4()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: body)
+    consumer = await Consumer.connect(_address(a), channel)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        await provider.close()
+        await eventually(lambda: ("b", channel.bytes) not in a.cluster.requests.relays)
+        with pytest.raises(NoProviderError):
+            await consumer.send(b"gone")
+    finally:
+        await consumer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_cut_off_disappears_within_its_lease_and_its_requests_fail(redis_server):
+    a = await _node(redis_server, "a", lease=0.6)
+    b = await _node(redis_server, "b", lease=0.6)
+    channel = uuid.uuid4()
+    stuck = defer.Deferred()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: stuck)
+    consumer = await Consumer.connect(_address(a), channel)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        waiting = consumer.send(b"never answered", timeout=30)
+        await eventually(lambda: b.cluster.requests.incoming == {} and len(a.cluster.requests.out) == 1)
+        # b loses Redis without a word (as if killed): no goodbye, only its lease runs out
+        b.cluster.registry._loop.stop()
+        await b.cluster.link.stop()
+        with pytest.raises(NoProviderError):
+            await waiting
+        assert ("b", channel.bytes) not in a.cluster.requests.relays
+    finally:
+        stuck.callback(b"")
+        await consumer.close()
+        await provider.close()
+        await a.stopService()
+        await b.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_garbage_in_a_servers_inbox_is_counted_and_harms_nobody(pair):
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from pulsyflux.cluster.redis import RedisCommands
+
+    a, b = pair
+    channel = uuid.uuid4()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: body)
+    consumer = await Consumer.connect(_address(a), channel)
+    intruder = await connectProtocol(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", a.cluster.link.address.port), RedisCommands()
+    )
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        for junk in (b"", b"x" * 100_000, b"q a b zz 0\nbody", b"r a nosuch ok 0\nanswer", b"q a 1 " + b"0" * 32):
+            await intruder.execute("SPUBLISH", "pulsyflux:n:b", junk)
+        assert await consumer.send(b"still fine") == b"still fine"
+        assert b.cluster.requests.bad >= 3
+    finally:
+        intruder.transport.loseConnection()
+        await consumer.close()
+        await provider.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_twistd_server_killed_with_sigkill_is_gone_within_the_lease(redis_server, tmp_path):
+    import signal
+    import sys
+    from pathlib import Path
+
+    from .twistd_process import spawn_twistd
+
+    a = await _node(redis_server, "a", lease=1.0)
+    b = spawn_twistd(
+        Path(sys.executable).parent, tmp_path, "--port", "tcp:0:interface=127.0.0.1",
+        "--cluster", redis_server.url, "--node-name", "b", "--cluster-lease", "1",
+    )  # fmt: skip
+    channel = uuid.uuid4()
+    try:
+        address_b = await b.listening
+        provider = await Provider.connect(address_b, channel, handler=lambda body: b"from b")
+        consumer = await Consumer.connect(_address(a), channel)
+        await eventually(lambda: _relays_to(a, "b", channel))
+        assert await consumer.send(b"hi") == b"from b"
+        b.transport.signalProcess(signal.SIGKILL)
+        await b.ended
+        # b's lease (1 s) runs out, and a's next read of the registry (every 1/3 s) sees it
+        await eventually(lambda: ("b", channel.bytes) not in a.cluster.requests.relays, timeout=10)
+        with pytest.raises(NoProviderError):
+            await consumer.send(b"anyone?")
+        await consumer.close()
+        await provider.close()
+    finally:
+        if not b.ended.called:
+            b.transport.signalProcess(signal.SIGKILL)
+        await a.stopService()
