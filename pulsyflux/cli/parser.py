@@ -41,6 +41,12 @@ _BENCHES = {
         "publish -> receive latency one message at a time, and deliveries per second with one publisher "
         "flooding 1 and 10 subscribers.",
     ),
+    "cluster": (
+        "pub/sub and requests across two servers sharing a Redis",
+        "Start a redis-server and two servers with --cluster in child processes (--server is not used), then "
+        "measure publish -> receive latency and a 1->1 flood from one server to the other, requests in flight "
+        "from one to a provider on the other, and the CPU each process spends per message and per request.",
+    ),
 }
 
 
