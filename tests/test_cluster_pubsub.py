@@ -278,3 +278,51 @@ async def test_two_twistd_servers_share_pubsub_in_order_exactly_once(redis_serve
         for server in servers:
             assert await server.terminate(), server.output[-3000:]
     assert "cluster: linked to Redis" in servers[0].output
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_killed_and_restarted_under_load_loses_nothing_locally_and_never_reorders(redis_server):
+    a = await _node(redis_server, "a")
+    b = await _node(redis_server, "b")
+    on_a = await BrokerClient.connect(_address(a))
+    on_b = await BrokerClient.connect(_address(b))
+    try:
+        local = await on_a.subscribe("load", buffer=100_000)
+        remote = await on_b.subscribe("load", buffer=100_000)
+        await _settled(a, b)
+        sent = 0
+
+        async def burst(count: int) -> None:
+            nonlocal sent
+            for _ in range(count):
+                await on_a.publish("load", str(sent).encode())
+                sent += 1
+
+        await burst(200)
+        redis_server.kill()
+        await burst(200)  # published while Redis dies and is down
+        await eventually(lambda: not a.cluster.link.up)
+        await burst(200)
+        redis_server.start()
+        await burst(200)  # published while the link comes back
+        await a.cluster.link.when_up()
+        await b.cluster.link.when_up()
+        await _settled(a, b)
+        await on_a.publish("load", b"end")
+        got_local = [int(m.payload) for m in await _drain(local, sent)]
+        assert got_local == list(range(sent))  # local subscribers never notice Redis
+        assert (await local.get()).payload == b"end"
+        got_remote = []
+        while True:
+            message = await remote.get()
+            if message.payload == b"end":
+                break
+            got_remote.append(int(message.payload))
+        assert got_remote == sorted(set(got_remote))  # at most once, in order
+        assert got_remote[:200] == list(range(200))  # everything before the kill crossed
+        assert a.cluster.pubsub.unshared > 0 and a.cluster.pubsub.sent + a.cluster.pubsub.unshared >= sent
+    finally:
+        await on_a.close()
+        await on_b.close()
+        await a.stopService()
+        await b.stopService()

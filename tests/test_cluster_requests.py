@@ -216,3 +216,55 @@ async def test_a_twistd_server_killed_with_sigkill_is_gone_within_the_lease(redi
         if not b.ended.called:
             b.transport.signalProcess(signal.SIGKILL)
         await a.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_killed_under_load_fails_only_its_own_requests_and_the_rest_go_on(redis_server, tmp_path):
+    import signal
+    import sys
+    from pathlib import Path
+
+    from pulsyflux import ConnectionLostError
+
+    from .twistd_process import spawn_twistd
+
+    a = await _node(redis_server, "a", lease=1.0)
+    b = spawn_twistd(
+        Path(sys.executable).parent, tmp_path, "--port", "tcp:0:interface=127.0.0.1",
+        "--cluster", redis_server.url, "--node-name", "b", "--cluster-lease", "1",
+    )  # fmt: skip
+    channel = uuid.uuid4()
+    answered = {"a": 0, "b": 0}
+    try:
+        local = await Provider.connect(_address(a), channel, handler=lambda body: b"a")
+        remote = await Provider.connect(await b.listening, channel, handler=lambda body: b"b")
+        consumer = await Consumer.connect(_address(a), channel)
+        await eventually(lambda: _relays_to(a, "b", channel))
+        failures = []
+
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                try:
+                    answered[(await consumer.send(b"x", timeout=20)).decode()] += 1
+                except NoProviderError as error:
+                    failures.append(error)
+
+        workers = [defer.ensureDeferred(worker(150)) for _ in range(20)]
+        await eventually(lambda: answered["b"] >= 50)
+        b.transport.signalProcess(signal.SIGKILL)
+        await defer.gatherResults(workers)
+        assert answered["a"] + answered["b"] + len(failures) == 3000  # every request ended, none hung
+        assert answered["b"] >= 50 and answered["a"] > answered["b"]  # a's own provider took over
+        assert ("b", channel.bytes) not in a.cluster.requests.relays
+        assert await consumer.send(b"after") == b"a"
+        await consumer.close()
+        await local.close()
+        try:
+            await remote.close()
+        except ConnectionLostError:
+            pass
+    finally:
+        if not b.ended.called:
+            b.transport.signalProcess(signal.SIGKILL)
+        await b.ended
+        await a.stopService()
