@@ -39,7 +39,7 @@ from .server.router import (
 )
 from .wire.errors import ConnectionLostError, RequestTimeout
 
-__all__ = ["ServerService", "BrokerService", "Options", "makeService"]
+__all__ = ["ServerService", "BrokerService", "Options", "makeService", "connect_own_broker"]
 
 
 class ServerService(ListeningService):
@@ -86,6 +86,23 @@ class ServerService(ListeningService):
 
 # Subscription setups a BrokerService's broker runs at once (a Broker over TCP: 64).
 INPROC_MAX_SETUPS = 256
+
+
+def connect_own_broker(
+    factory: ServerFactory, reactor: Any, channel: uuid.UUID = DEFAULT_BROKER_CHANNEL, **broker_options: Any
+) -> "Deferred[Broker]":
+    """The server's own broker: on its reserved ``channel``, linked in-process.
+
+    One place for what BrokerService and pulsyflux.testing both run: the
+    channel is reserved (a foreign provider there is refused), the link
+    needs no socket, so it works whatever the endpoint, and its setups
+    need no file descriptor, so more run at once (``max_setups``,
+    :data:`INPROC_MAX_SETUPS` unless given).
+    """
+    factory.router.reserve(channel.bytes)
+    broker_options.setdefault("max_setups", INPROC_MAX_SETUPS)
+    endpoint = InProcessEndpoint(factory, reactor, label="broker")
+    return Broker.connect(endpoint, channel, reactor=reactor, **broker_options)
 
 
 class BrokerService(service.MultiService):
@@ -135,8 +152,6 @@ class BrokerService(service.MultiService):
         self.server = ServerService(listen, reactor, factory=factory, grace=grace)
         self.server.setServiceParent(self)
         self.broker_channel = None if broker_channel is None else uuid.UUID(str(broker_channel))
-        # Its setups link in-process (no file descriptor, no connection slot): more may run at once.
-        broker_options.setdefault("max_setups", INPROC_MAX_SETUPS)
         self.broker_options = broker_options
         self.broker: Optional[Broker] = None
         self.broker_restarts = 0  # times the broker was started again after losing its link
@@ -183,8 +198,7 @@ class BrokerService(service.MultiService):
 
     def _connect_broker(self, port: Any = None) -> Any:
         assert self.broker_channel is not None  # startService connects a broker only when there is a channel
-        endpoint = InProcessEndpoint(self.factory, self.reactor, label="broker")
-        d = Broker.connect(endpoint, self.broker_channel, reactor=self.reactor, **self.broker_options)
+        d = connect_own_broker(self.factory, self.reactor, self.broker_channel, **self.broker_options)
 
         def connected(broker: Broker) -> Any:
             if self._stopping or not self.running:

@@ -299,14 +299,11 @@ async def _start(
         cleanup(server.stop)
     try:
         if broker:
-            from .broker.broker import Broker
             from .broker.link import DEFAULT_BROKER_CHANNEL
-            from .server.inproc import InProcessEndpoint
+            from .service import connect_own_broker
 
             # As BrokerService does: the broker's channel is the server's own, linked in-process.
-            factory.router.reserve(DEFAULT_BROKER_CHANNEL.bytes)
-            link = InProcessEndpoint(factory, reactor, label="broker")
-            server.broker = await Broker.connect(link, DEFAULT_BROKER_CHANNEL, reactor=reactor)
+            server.broker = await connect_own_broker(factory, reactor)
             server.broker_channel = DEFAULT_BROKER_CHANNEL
         if http:
             from .http.site import make_site
@@ -382,12 +379,10 @@ class MemoryServer(_ServerView):
 
     def _start_broker(self) -> None:
         if self._with_broker:
-            from .broker.broker import Broker
             from .broker.link import DEFAULT_BROKER_CHANNEL
+            from .service import connect_own_broker
 
-            self.factory.router.reserve(DEFAULT_BROKER_CHANNEL.bytes)
-            link = InProcessEndpoint(self.factory, self.clock, label="broker")
-            self.broker = self.run(Broker.connect(link, DEFAULT_BROKER_CHANNEL, reactor=self.clock))
+            self.broker = self.run(connect_own_broker(self.factory, self.clock))
             self.broker_channel = DEFAULT_BROKER_CHANNEL
 
     def restart(self) -> None:

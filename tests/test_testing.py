@@ -111,3 +111,26 @@ def _run_user_suite() -> tuple[int, str]:
             timeout=60,
         )
     return result.returncode, result.stdout.decode() + result.stderr.decode()
+
+
+@ensure
+async def test_the_servers_own_broker_is_the_same_everywhere():
+    # BrokerService, start_server and MemoryServer run their server's own broker through one
+    # function: the channel reserved, linked in-process, the in-process setup cap (once 64 in two of them).
+    from pulsyflux.broker import DEFAULT_BROKER_CHANNEL
+    from pulsyflux.service import INPROC_MAX_SETUPS, BrokerService
+    from pulsyflux.testing import MemoryServer
+
+    memory = MemoryServer()
+    tcp = await start_server()
+    service = BrokerService("tcp:0:interface=127.0.0.1", reactor=reactor)
+    service.startService()
+    try:
+        own = await service.whenReady()
+        for server, broker in ((memory, memory.broker), (tcp, tcp.broker), (service, own)):
+            assert DEFAULT_BROKER_CHANNEL.bytes in server.factory.router.reserved
+            assert broker._fanout.max_setups == INPROC_MAX_SETUPS
+    finally:
+        await service.stopService()
+        await tcp.stop()
+        memory.close()
