@@ -520,7 +520,9 @@ async def test_the_empty_topic_is_refused_everywhere(server):
 
 @ensure
 @pytest.mark.parametrize(
-    "bad", ["\x00", "\x1b", "\x1f", "\x7f", "\x85", "\x9f", "\u2028", "\u2029", "\ud800", "\udfff"]
+    "bad",
+    ["\x00", "\x1b", "\x1f", "\x7f", "\x85", "\x9f", "\u2028", "\u2029", "\ud800", "\udfff"]
+    + ["\u061c", "\u200e", "\u200f", "\u202a", "\u202e", "\u2066", "\u2069"],  # bidi controls (Trojan Source)
 )
 async def test_a_topic_with_a_control_character_or_lone_surrogate_is_refused_at_subscribe(server, bad):
     """Go's JSON decoder reads a lone surrogate as U+FFFD, so Go and Python would

@@ -130,7 +130,7 @@ def test_round_trip(topic, payload, headers):
 
 def test_the_topic_rule():
     """One rule for every caller (CLI, HTTP, clients, broker): they never disagree."""
-    from pulsyflux.wire.messages import MAX_TOPIC_CHARS, check_topic, topic_problem
+    from pulsyflux.wire.messages import MAX_TOPIC_CHARS, check_topic, group_problem, topic_problem
 
     assert topic_problem("orders") is None
     assert topic_problem("") == "topic must not be empty"
@@ -140,6 +140,10 @@ def test_the_topic_rule():
         assert topic_problem(topic) is None
         assert topic_problem(topic, subscribing=True) is not None
     assert topic_problem("t" * MAX_TOPIC_CHARS, subscribing=True) is None
+    # A bidi override would show a subscribed topic reversed in stats, logs and terminals.
+    for bidi in ("\u202e", "\u2066", "\u200f", "\u061c"):
+        assert topic_problem(f"orders{bidi}.eu", subscribing=True) is not None
+        assert group_problem(f"workers{bidi}") is not None
     assert topic_problem("é ü 中 😀 \t", subscribing=False) is None
     assert topic_problem("é ü 中 😀", subscribing=True) is None
     with pytest.raises(TypeError, match="topic must be str, not bytes"):

@@ -13,9 +13,10 @@ from ..client import Consumer, Provider, Reconnect
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError, PermissionDenied, PulsyfluxError
-from ..wire.messages import CONTROL_PREFIX, MessageError, excerpt, group_problem, topic_problem
+from ..wire.messages import CONTROL_PREFIX, MessageError, group_problem, topic_problem
+from ..wire.printable import error_excerpt, excerpt
 from ..wire.ratelimit import LogLimiter, summary_to
-from .link import OK, PROBE, RESUMED, clip, ignore, send_until_registered
+from .link import OK, PROBE, RESUMED, ignore, send_until_registered
 from .outlet import Outlet, guard_channel
 from .rights import Rights, auth_link
 from .subjects import Interest, Sublist
@@ -368,7 +369,7 @@ class Fanout:
             if failure.check(NoProviderError):
                 raise PulsyfluxError(f"subscribe failed: no subscriber answers on channel {channel}")
             # Never the whole text: it may be the (hostile) provider's on that channel.
-            raise PulsyfluxError(f"subscribe failed: {clip(failure.getErrorMessage())}")
+            raise PulsyfluxError(f"subscribe failed: {error_excerpt(failure.getErrorMessage())}")
 
         return d.addCallbacks(lambda _: answer, failed)
 

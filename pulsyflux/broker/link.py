@@ -16,7 +16,6 @@ from twisted.python.failure import Failure
 from ..client import ChannelId, Consumer, channel_bytes
 from ..wire import messages
 from ..wire.errors import NoProviderError
-from ..wire.messages import excerpt
 
 __all__ = [
     "DEFAULT_BROKER_CHANNEL",
@@ -25,14 +24,12 @@ __all__ = [
     "PROBE",
     "channel_uuid",
     "ignore",
-    "clip",
     "send_until_registered",
 ]
 
 
 # uuid5(NAMESPACE_DNS, "broker.pulsyflux"): the channel everyone assumes.
 DEFAULT_BROKER_CHANNEL = uuid.UUID("4cf5ad4a-c843-56c7-921e-35cba21980e2")
-_ERROR_CHARS = 256  # the longest text of someone else's error the broker repeats
 OK = b"ok"
 RESUMED = b"resumed"  # the answer to a re-announce of a subscription the broker still has
 PROBE = messages.control(messages.PROBE).encode("utf-8")
@@ -44,13 +41,6 @@ def channel_uuid(channel: ChannelId) -> uuid.UUID:
 
 def ignore(failure: Failure) -> None:
     return None
-
-
-def clip(text: str, limit: int = _ERROR_CHARS) -> str:
-    """Someone else's error text, safe to repeat: short and printable, or an escaped excerpt."""
-    if len(text) <= limit and text.isprintable():
-        return text
-    return excerpt(text, limit)
 
 
 async def send_until_registered(

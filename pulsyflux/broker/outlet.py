@@ -14,7 +14,8 @@ from ..client import Consumer
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RemoteError
-from .link import PROBE, clip, ignore, send_until_registered
+from ..wire.printable import error_excerpt
+from .link import PROBE, ignore, send_until_registered
 from .subscription import Subscription
 
 if TYPE_CHECKING:
@@ -187,7 +188,7 @@ class Outlet:
         elif isinstance(error, ConnectionLostError):
             reason = "connection to the server lost"
         else:
-            reason = f"subscriber refused a message: {clip(str(error))}"
+            reason = f"subscriber refused a message: {error_excerpt(str(error))}"
         if self.fanout.log_limiter.allow("dropping subscription"):
             log.info(
                 "dropping subscription {label} to {topic!r}: {reason}",
@@ -228,7 +229,9 @@ class Outlet:
             raise  # down again: the next reconnect rejoins
         except PulsyfluxError as error:
             if self.open:
-                reason = "subscriber did not come back" if isinstance(error, NoProviderError) else clip(str(error))
+                reason = (
+                    "subscriber did not come back" if isinstance(error, NoProviderError) else error_excerpt(str(error))
+                )
                 if fanout.log_limiter.allow("dropping subscription"):
                     log.info("dropping subscription {label} to {topic!r}: {reason}", label=self.label,
                              topic=self.topic, reason=reason)  # fmt: skip

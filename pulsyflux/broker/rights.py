@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from twisted.logger import Logger
 
 from ..wire.errors import PermissionDenied, permission_denied
-from ..wire.messages import excerpt
+from ..wire.printable import excerpt
 
 if TYPE_CHECKING:
     from .outlet import Outlet

@@ -13,7 +13,6 @@ Three pieces, each with one job (compare Twisted's AMP):
 from __future__ import annotations
 
 import heapq
-import re
 import time
 import weakref
 from bisect import bisect_left
@@ -43,6 +42,7 @@ from ..wire.codec import (
 )
 from ..wire.deadlines import Deadlines
 from ..wire.errors import MSG_CHANNEL_RESERVED, MSG_CLIENT_MISMATCH, error_kind
+from ..wire.printable import short_error_text
 from ..wire.ratelimit import LogLimiter, summary_to
 from ..writer import coalesce
 from .backpressure import DEFAULT_MAX_UNSENT, DEFAULT_MAX_UNSENT_TOTAL, Backpressure, FlowControl
@@ -101,34 +101,6 @@ RECENT_ERRORS = 20
 RECENT_ERROR_CHARS = 200
 PROVIDER_ERROR = "provider error"  # the kind every ERROR a provider sends is counted under
 _PROVIDER_PREFIX = PROVIDER_ERROR + ": "
-
-# A UUID in text, dashed or not: never shown in stats (a channel id is a bearer secret).
-_UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
-
-
-def _printable(char: str) -> str:
-    if char.isprintable():
-        return char
-    code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
-def short_error_text(text: "str | bytes", limit: int = RECENT_ERROR_CHARS) -> str:
-    """At most ``limit`` printable characters of an error text, ids masked, for operators to read.
-
-    Control and other unprintable characters are escaped (no terminal
-    tricks, no lone surrogates in JSON); UUIDs become ``<id>``.
-    """
-    if isinstance(text, bytes):
-        # limit chars of output come from at most 4 * limit bytes; the margin lets a UUID there be seen whole.
-        text = text[: 4 * limit + 40].decode("utf-8", "replace")
-    else:
-        text = text[: 4 * limit + 40]
-    text = _UUID_TEXT.sub("<id>", text)
-    if not text.isprintable():
-        text = "".join(map(_printable, text))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
 
 # Upper bounds (seconds) of the request latency histogram's buckets, START to the end of the response.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -191,7 +163,9 @@ class ServerStats:
     def error(self, message: str) -> None:
         """Count one of the server's own error messages (by kind) and keep its text as a recent one."""
         self.errors[error_kind(message)] += 1
-        self.recent_errors.append(message if len(message) <= RECENT_ERROR_CHARS else short_error_text(message))
+        self.recent_errors.append(
+            message if len(message) <= RECENT_ERROR_CHARS else short_error_text(message, RECENT_ERROR_CHARS)
+        )
 
     def provider_error(self, text: bytes) -> None:
         """Count an ERROR a provider sent (``text``: its message bytes, of any size)."""

@@ -30,6 +30,7 @@ import sys
 from typing import Any, Mapping, Optional, Union
 
 from .errors import PulsyfluxError
+from .printable import UNSAFE, excerpt
 
 __all__ = [
     "Message",
@@ -56,8 +57,6 @@ __all__ = [
     "is_pattern",
     "group_problem",
     "MAX_GROUP_CHARS",
-    "excerpt",
-    "EXCERPT_CHARS",
 ]
 
 # Topics starting with this are the broker's own; publish refuses them.
@@ -88,21 +87,6 @@ MAX_GROUP_CHARS = 256
 # topic (and shows it in stats), so its size is bounded. A publish is bounded
 # only by the body size; a longer topic reaches only patterns ending in ">".
 MAX_TOPIC_CHARS = 1024
-
-# Error texts quote client input at most this long: an answer that repeated a
-# sender's megabyte would itself be too large a frame (and fill logs).
-EXCERPT_CHARS = 64
-
-
-def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
-    """``text`` quoted for an error message: repr-escaped, at most ``limit`` chars of it.
-
-    >>> excerpt("x" * 100, 4)
-    "'xxxx'... (100 chars)"
-    """
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} chars)"
 
 
 class MessageError(PulsyfluxError, ValueError):
@@ -402,12 +386,14 @@ def is_control(topic: str) -> bool:
 
 # -- the topic rule ------------------------------------------------------------
 
-# Characters a subscribed topic may not hold: C0 and C1 controls, DEL, the JS
-# line separators, and lone surrogates. Go's JSON decoder turns a lone
-# surrogate into U+FFFD, so a Go peer and we would not agree on such a topic;
-# controls would reach logs, stats and terminals. Checked at subscribe only:
-# publish is the hot path, and a publish to such a topic reaches no one.
-_UNSUBSCRIBABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# Characters a subscribed topic (or a group name) may not hold: printable's
+# unsafe class, the one list of what must not be echoed as it is (C0 and C1
+# controls, DEL, the line separators, the bidi marks, embeddings, overrides
+# and isolates, lone surrogates). Go's JSON decoder turns a lone surrogate
+# into U+FFFD, so a Go peer and we would not agree on such a topic; the others
+# would reach logs, stats and terminals. Checked at subscribe only: publish is
+# the hot path, and a publish to such a topic reaches no one.
+_UNSUBSCRIBABLE = UNSAFE
 
 
 def _topic_type_error(topic: object) -> None:
