@@ -10,12 +10,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
-from pulsyflux import Broker, BrokerClient, Consumer, Provider, RemoteError
+from pulsyflux import Broker, BrokerClient, Consumer, Provider, RemoteError, SubscriptionClosed
 from pulsyflux.broker import DEFAULT_BROKER_CHANNEL
 from pulsyflux.testing import start_server
 from pulsyflux.wire import codec, messages
 
-from .helpers import eventually
+from .helpers import clocked, eventually
 from .wire import connect_raw, register_frames
 
 ensure = pytest_twisted.ensureDeferred
@@ -406,3 +406,29 @@ async def test_attack_stranger_cannot_unsubscribe_someone_elses_subscription():
         await stranger.close()
         await victim.close()
         await running.stop()
+
+
+@clocked
+async def test_a_closing_notice_from_the_broker_is_kept_as_one_bounded_line(memory):
+    # A broker that is not ours (or anyone who learnt the channel) ends a subscription with
+    # a megabyte of terminal escapes as its reason: the subscriber keeps, raises and logs
+    # at most CLOSED_REASON_CHARS of it, escaped.
+    from pulsyflux.broker.subscription import CLOSED_REASON_CHARS
+
+    broker_channel = uuid.uuid4()
+    fake_broker = await memory.connect(Provider, broker_channel, handler=lambda body: b"ok")
+    client = await memory.connect(BrokerClient, broker_channel, heartbeat=None)
+    sub = await client.subscribe("news")
+    forger = await memory.connect(Consumer, sub.channel)
+    reason = "\x1b[2J\u202e" + "x" * 1_000_000
+    await forger.send(messages.control(messages.CLOSED, reason=reason).encode("utf-8"))
+
+    with pytest.raises(SubscriptionClosed) as closed:
+        await sub.get()
+    assert sub.closed_reason is not None
+    assert sub.closed_reason.startswith("\\x1b[2J\\u202e" + "x" * 100)
+    assert sub.closed_reason.endswith(f"... ({len(reason) - CLOSED_REASON_CHARS} chars more)")
+    assert len(str(closed.value)) < CLOSED_REASON_CHARS + 100
+    await forger.close()
+    await client.close()
+    await fake_broker.close()

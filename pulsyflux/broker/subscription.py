@@ -19,6 +19,7 @@ from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import PulsyfluxError
 from ..wire.messages import Message, check_topic, group_problem, is_control, is_pattern
+from ..wire.printable import printable
 from .link import OK, channel_uuid
 from .subjects import matcher
 
@@ -28,6 +29,7 @@ log = Logger()
 
 
 DEFAULT_BUFFER = 100  # messages a Subscription queues before it holds answers
+CLOSED_REASON_CHARS = 512  # of a closing notice's reason, kept (escaped) in closed_reason
 _MATCHED_TOPICS = 1024  # topics a pattern Subscription remembers as matching (then it starts over)
 
 
@@ -272,7 +274,8 @@ class Subscription:
             except ValueError:
                 self._rejected += 1
         elif msg.topic == messages.CLOSED and self._on_remote_close is not None:
-            self._on_remote_close(msg.headers.get("reason", "closed by the broker"))
+            # Whoever sent it chose the text: it is kept, raised and logged, so one bounded line.
+            self._on_remote_close(printable(msg.headers.get("reason", "closed by the broker"), CLOSED_REASON_CHARS))
         # PROBE and anything unknown: answered, never queued.
 
     def _release(self) -> None:
