@@ -151,7 +151,7 @@ async def test_redis_down_keeps_local_pubsub_then_everything_comes_back(redis_se
         assert (await remote.get()).payload == b"back"  # "while down" was not shared: at most once
         stats = await treq.get(f"http://127.0.0.1:{web.port.getHost().port}/stats")
         document = json.loads(await stats.text())
-        assert document["cluster"]["up"] is True and document["cluster"]["reconnects"] == 1
+        assert document["cluster"]["up"] is True and document["cluster"]["reconnects"] >= 1
         assert document["cluster"]["redis"] == redis_server.url
         metrics = await (await treq.get(f"http://127.0.0.1:{web.port.getHost().port}/metrics")).text()
         assert "pulsyflux_cluster_up 1" in metrics and "pulsyflux_cluster_unshared_total 1" in metrics
@@ -299,6 +299,7 @@ async def test_redis_killed_and_restarted_under_load_loses_nothing_locally_and_n
                 sent += 1
 
         await burst(200)
+        await eventually(lambda: b.cluster.pubsub.received >= 200)  # acknowledged here is not yet through Redis
         redis_server.kill()
         await burst(200)  # published while Redis dies and is down
         await eventually(lambda: not a.cluster.link.up)
