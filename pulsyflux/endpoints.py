@@ -40,6 +40,66 @@ def client_endpoint(reactor: Any, address: Address) -> IStreamClientEndpoint:
     return clientFromString(reactor, address)
 
 
+_ADDRESS_FORMS = "give host:port (e.g. 127.0.0.1:9090) or a Twisted endpoint (tcp:host=H:port=P, unix:path=P)"
+_CLIENT_TLS_KINDS = {"tls", "ssl", "ssl6"}  # client endpoint kinds that need pyOpenSSL
+
+
+def address_problem(address: Address, reactor: Any = None) -> Optional[str]:
+    """What is wrong with a client address, in one line that says what to do; None if it is usable.
+
+    Checks what can be checked without connecting: the form, the port's
+    range, and that TLS has pyOpenSSL. What only connecting tells (refused,
+    no such socket file) is the caller's to report.
+
+        address_problem("localhost")  # "'localhost' has no port: give host:port (e.g. ...) or ..."
+    """
+    if not isinstance(address, str):
+        return None
+    text = address.strip()
+    if not text:
+        return f"the address is empty: {_ADDRESS_FORMS}"
+    match = _HOST_PORT.match(text)
+    if match and (match.group("v6") or match.group("host").lower() not in _ENDPOINT_KINDS):
+        port = int(match.group("port"))
+        return None if 0 < port < 65536 else f"port {port} is out of range: ports are 1 to 65535"
+    kind, given, kwargs = _description_fields(text)
+    kind = kind.lower()
+    args = [arg for arg in given if arg]
+    if ":" not in text:
+        return f"{text!r} has no port: {_ADDRESS_FORMS}"
+    if kind in _CLIENT_TLS_KINDS:
+        import importlib.util
+
+        if importlib.util.find_spec("OpenSSL") is None:
+            return "TLS needs pyOpenSSL, which is not installed: pip install 'pulsyflux[tls]'"
+    if kind in _HOSTED_KINDS:
+        port_text = kwargs.get("port") or (args[1] if len(args) > 1 else "")
+        if not (kwargs.get("host") or args):
+            return f"{kind}: needs a host and a port: {kind}:host=H:port=P (or H:P)"
+        if not port_text:
+            return f"{kind}: needs a port: {kind}:host=H:port=P (or H:P)"
+        if not port_text.isdigit():
+            return f"port {port_text!r} is not a number"
+        if not 0 < int(port_text) < 65536:
+            return f"port {port_text} is out of range: ports are 1 to 65535"
+    if kind == "unix" and not (kwargs.get("path") or args):
+        return "unix: needs a path: unix:path=/run/pulsyflux.sock"
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    try:
+        clientFromString(reactor, text)
+    except ValueError as error:
+        if "Unknown endpoint type" in str(error):
+            return f"unknown address kind {kind!r}: {_ADDRESS_FORMS}"
+        return f"{error}: {_ADDRESS_FORMS}"
+    except Exception as error:  # noqa: BLE001 - a parser's TypeError, a missing certificate file, ...
+        detail = str(error) or type(error).__name__
+        return f"cannot use {text!r} as an address ({detail}): {_ADDRESS_FORMS}"
+    return None
+
+
 def server_description(listen: str | int) -> str:
     """A bare port listens on 127.0.0.1 (like the Go server); anything else is a description."""
     text = str(listen).strip()

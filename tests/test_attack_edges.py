@@ -224,8 +224,8 @@ async def test_attack_sub_does_not_print_terminal_escapes(brokered, cli):
     assert not TERMINAL_CONTROLS.search(out), out[:200]
     lines = out.split(b"\n")
     assert lines[-1] == b"" and len(lines) == 4, lines
-    assert lines[0] == b"\\x1b[2J\\x1b[31mFAKE\\x0bsecond line\\rthird"
-    assert lines[1] == b"bidi \\u202egnp.exe \\u2028 next \\x9b31m"
+    assert lines[0] == b"news: \\x1b[2J\\x1b[31mFAKE\\x0bsecond line\\rthird"
+    assert lines[1] == b"news: bidi \\u202egnp.exe \\u2028 next \\x9b31m"
     assert lines[2].endswith(b"... (5904 bytes more)") and len(lines[2]) < 20_000
 
 

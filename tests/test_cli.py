@@ -25,7 +25,10 @@ from pulsyflux.cli import build_parser, main
 
 ensure = pytest_twisted.ensureDeferred
 
-COMMANDS = ["pub", "sub", "request", "reply", "stats", "bench", "bench rpc"]
+COMMANDS = ["pub", "sub", "request", "reply", "ping", "info", "stats", "bench", "bench rpc"]
+# Each option is offered only by the commands that use it.
+USES_SERVER = {"pub", "sub", "request", "reply", "ping", "info", "stats"}
+USES_BROKER_CHANNEL = {"pub", "sub"}
 
 
 def _env(**extra: str) -> dict:
@@ -92,7 +95,8 @@ def test_every_command_has_help(command, capsys):
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: pulsyflux {command}")
-    assert "--server ADDRESS" in out and "--broker-channel UUID" in out
+    assert ("--server ADDRESS" in out) == (command in USES_SERVER)
+    assert ("--broker-channel UUID" in out) == (command in USES_BROKER_CHANNEL)
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -456,10 +460,33 @@ async def test_sub_prints_one_line_per_message(brokered, cli):
     sub = cli.start("sub", "--server", brokered.address, "news", "-n", "2")
     await sub.stderr.line("subscribed to")
     await brokered.broker.publish("news", b"first\nsecond")
-    await brokered.broker.publish("news", b"\xffdone")
+    await brokered.broker.publish("news", b"\xffdone", {"priority": "high", "id": "7"})
     code, out, err = await sub.finished()
     assert code == 0, err
-    assert out == b"first\\nsecond\n\\xffdone\n"
+    assert out == b"news: first\\nsecond\nnews [id=7 priority=high]: \\xffdone\n"
+
+
+@ensure
+async def test_sub_raw_prints_only_payloads(brokered, cli):
+    sub = cli.start("sub", "--server", brokered.address, "news", "-n", "1", "--raw")
+    await sub.stderr.line("subscribed to")
+    await brokered.broker.publish("news", b"first\nsecond", {"k": "v"})
+    code, out, err = await sub.finished()
+    assert (code, out) == (0, b"first\\nsecond\n"), err
+
+
+@ensure
+async def test_sub_on_several_topics_at_once(brokered, cli):
+    sub = cli.start("sub", "--server", brokered.address, "orders", "news", "-n", "3")
+    assert "subscribed to 'orders', 'news'" in await sub.stderr.line("subscribed to")
+    await brokered.broker.publish("news", b"1")
+    await sub.stdout.line("news: 1")
+    await brokered.broker.publish("orders", b"2")
+    await sub.stdout.line("orders: 2")
+    await brokered.broker.publish("elsewhere", b"not for us")
+    await brokered.broker.publish("news", b"3")
+    code, out, err = await sub.finished()
+    assert (code, out) == (0, b"news: 1\norders: 2\nnews: 3\n"), err
 
 
 @ensure
@@ -468,7 +495,7 @@ async def test_ctrl_c_stops_sub_and_unsubscribes(brokered):
     await _ready(process)
     assert brokered.broker.stats()["topics"] == {"news": 1}
     await brokered.broker.publish("news", b"one")
-    assert await threads.deferToThread(process.stdout.readline) == b"one\n"
+    assert await threads.deferToThread(process.stdout.readline) == b"news: one\n"
     process.send_signal(signal.SIGINT)
     code, out, err = await _finished(process)
     assert (code, out, err) == (130, b"", b"")
@@ -509,7 +536,7 @@ async def test_sub_says_when_the_broker_dropped_messages_for_it(brokered):
     channel = uuid.uuid4()
     tight = await Broker.connect(brokered.address, channel, backlog=5)  # keeps little for a slow reader
     try:
-        process = spawn("sub", "--server", brokered.address, "--broker-channel", str(channel), "flood")
+        process = spawn("sub", "--server", brokered.address, "--broker-channel", str(channel), "flood", "--raw")
         await _ready(process)
         # Nobody reads its stdout yet: once the pipe is full, `sub` blocks, and the broker must drop.
         payload = b"x" * 4000
@@ -629,17 +656,19 @@ async def test_sub_with_reconnect_survives_a_server_restart(cli):
     sub = cli.start("sub", "-s", address, "--broker-channel", str(old.broker_channel), "news", "-n", "2", "--reconnect")
     assert "subscribed to 'news'" in await sub.stderr.line("subscribed to")
     await old.publish("news", b"before")
-    assert await sub.stdout.line("before") == "before\n"
+    assert await sub.stdout.line("before") == "news: before\n"
 
     await crash(old.factory, old.server.port)  # the server's process dies...
     old.server.port = None
     fresh = BrokerService(f"tcp:{number}:interface=127.0.0.1", broker_channel=old.broker_channel)
     fresh.startService()  # ...and a new one starts on the same port
     await within(fresh.whenReady())
-    assert "(lost connection or broker restart)" in await sub.stderr.line("subscribed again after a gap")
+    assert "lost the broker for 'news'" in await sub.stderr.line("lost the broker")
+    back = await sub.stderr.line("again after")
+    assert "subscribed to 'news' again after" in back and "messages published meanwhile were missed" in back
     await fresh.publish("news", b"after")
     code, out, err = await sub.finished()
-    assert (code, out) == (0, b"before\nafter\n"), err
+    assert (code, out) == (0, b"news: before\nnews: after\n"), err
     await fresh.stopService()
     await old.stopService()
 

@@ -33,7 +33,7 @@ from .fanout import (
     DEFAULT_WINDOW,
     Fanout,
 )
-from .link import DEFAULT_BROKER_CHANNEL, channel_uuid, ignore, send_until_registered
+from .link import BROKER_CLOSED, DEFAULT_BROKER_CHANNEL, channel_uuid, ignore, send_until_registered
 from .outlet import DEFAULT_BACKLOG, DEFAULT_BACKLOG_BYTES
 from .publisher import Publisher
 from .subscription import DEFAULT_BUFFER, Subscription, check_subscription, open_subscription
@@ -249,7 +249,7 @@ class Broker:
         if self._closing is None:
             self._closed = self._closed or ConnectionLostError("the broker is closed")
             self._fanout.closing = True
-            waits = [self._fanout.remove_all("the broker closed")]
+            waits = [self._fanout.remove_all(BROKER_CLOSED)]
             if self._publisher is not None:
                 waits.append(self._publisher.close(self._closed))
             if self._provider is not None:

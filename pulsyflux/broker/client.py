@@ -15,7 +15,7 @@ from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
 from ..wire.messages import check_topic
-from .link import DEFAULT_BROKER_CHANNEL, OK, channel_uuid, ignore, send_until_registered
+from .link import BROKER_CLOSED, DEFAULT_BROKER_CHANNEL, OK, RESUMED, channel_uuid, ignore, send_until_registered
 from .publisher import Publisher
 from .subscription import DEFAULT_BUFFER, Subscription, check_subscription, open_subscription
 
@@ -170,6 +170,13 @@ class BrokerClient:
             provider.on_reconnect(lambda _: self._resubscribe(sub))
 
         def ended_by_broker(reason: str) -> None:
+            if self.reconnect and reason == BROKER_CLOSED and self._closed is None:
+                # A broker shutting down (twistd stopped, to be started again):
+                # keep the subscription and wait for a broker to take it back.
+                log.info("the broker closed; waiting for a broker to take {t!r} back", t=sub.topic)
+                sub._lost(reason)
+                self._resubscribe(sub)
+                return
             sub._close(reason)
             self._forget(sub)
             self.reactor.callLater(0, provider.close)
@@ -259,7 +266,7 @@ class BrokerClient:
                     log.warn("the broker on channel {c} had lost the subscription to {t!r}; subscribed again",
                              c=self.channel, t=sub.topic)  # fmt: skip
                     sub._count_gap()
-                    sub._resumed()
+                    sub._resumed(kept=False)
                 continue
             failure = cast(Failure, result)  # not ok: DeferredList gives the Failure (its stub says bytes)
             if failure.check(NoProviderError, RequestTimeout):
@@ -327,7 +334,7 @@ class BrokerClient:
             if deadline is None:
                 deadline = self.reactor.seconds() + self.resubscribe_patience
             try:
-                await self._consumer.send(body, timeout=min(10.0, self.resubscribe_patience))
+                answer = await self._consumer.send(body, timeout=min(10.0, self.resubscribe_patience))
             except NoProviderError:
                 error = NoProviderError(f"no broker on channel {self.channel}")
             except PulsyfluxError as failure:  # the broker could not reach our Provider yet, ...
@@ -335,7 +342,7 @@ class BrokerClient:
                 log.debug("resubscribe to {t!r} not accepted yet: {e}", t=sub.topic, e=failure)
             else:
                 if not sub.closed:
-                    sub._resumed()
+                    sub._resumed(kept=answer == RESUMED)
                 return
             if self.reactor.seconds() >= deadline:
                 reason = f"resubscribe failed: {error}"

@@ -18,6 +18,7 @@ from ..wire import messages
 from ..wire.errors import NoProviderError
 
 __all__ = [
+    "BROKER_CLOSED",
     "DEFAULT_BROKER_CHANNEL",
     "OK",
     "RESUMED",
@@ -31,6 +32,9 @@ __all__ = [
 # uuid5(NAMESPACE_DNS, "broker.pulsyflux"): the channel everyone assumes.
 DEFAULT_BROKER_CHANNEL = uuid.UUID("4cf5ad4a-c843-56c7-921e-35cba21980e2")
 OK = b"ok"
+# The reason a broker gives its subscribers when it shuts down (a restart, most
+# often): a reconnecting BrokerClient waits for a broker to take them back.
+BROKER_CLOSED = "the broker closed"
 RESUMED = b"resumed"  # the answer to a re-announce of a subscription the broker still has
 PROBE = messages.control(messages.PROBE).encode("utf-8")
 

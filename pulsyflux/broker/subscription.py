@@ -93,6 +93,10 @@ class Subscription:
         self._on_remote_close: Optional[Callable[[str], None]] = None
         self._gaps = 0
         self._resume_hooks: list[Callable[["Subscription"], Any]] = []
+        self._lost_hooks: list[Callable[["Subscription", str], Any]] = []
+        # After a gap: True if the broker kept the subscription (messages meanwhile
+        # waited in its backlog), False if a broker took it as new (they are missing).
+        self.kept = True
 
     def __repr__(self) -> str:
         state = f"closed: {self.closed_reason}" if self._closed else f"{self.pending} pending"
@@ -125,6 +129,14 @@ class Subscription:
         sub.on_resume(lambda s: log.info("{t} resumed after {n} gaps", t=s.topic, n=s.gaps))
         """
         self._resume_hooks.append(callback)
+
+    def on_lost(self, callback: Callable[["Subscription", str], Any]) -> None:
+        """Call ``callback(subscription, why)`` each time a reconnecting subscription loses the broker.
+
+        Its connection dropped, or the broker shut down (a restart); messages
+        published from then until the :meth:`on_resume` callbacks run may be missing.
+        """
+        self._lost_hooks.append(callback)
 
     @property
     def closed(self) -> bool:
@@ -159,11 +171,20 @@ class Subscription:
         self._provider = provider
         if reconnect:
             provider.on_reconnect(lambda _: self._count_gap())  # first: later hooks see the count
+            provider.on_disconnect(self._lost)
         provider.when_lost().addCallback(lambda _: self._close("connection to the server lost"))
 
     def _count_gap(self) -> None:
         """Messages published from now until :meth:`_resumed` may be missing."""
         self._gaps += 1
+
+    def _lost(self, why: str) -> None:
+        """The broker is out of reach for now (reconnect=True): tell the on_lost callbacks."""
+        for hook in list(self._lost_hooks):
+            try:
+                hook(self, why)
+            except Exception:
+                log.failure("on_lost callback failed")
 
     def _set_dropped(self, count: int) -> None:
         """The broker's count of messages dropped for us, told in process (no notice needed)."""
@@ -173,8 +194,13 @@ class Subscription:
         """Call ``callback(reason)`` when the broker's closing notice arrives (a remote broker)."""
         self._on_remote_close = callback
 
-    def _resumed(self) -> None:
-        """The broker forwards to us again after a gap: tell the on_resume callbacks."""
+    def _resumed(self, kept: bool = True) -> None:
+        """The broker forwards to us again after a gap: tell the on_resume callbacks.
+
+        ``kept``: the broker had kept the subscription (and its backlog) through
+        the gap; False when a broker took it as new (it had restarted).
+        """
+        self.kept = kept
         log.info("subscription to {topic!r} resumed", topic=self.topic)
         for hook in list(self._resume_hooks):
             try:

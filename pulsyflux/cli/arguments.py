@@ -13,6 +13,7 @@ from .runner import EXIT_USAGE, CLIError
 
 __all__ = [
     "parse_channel",
+    "headers_from",
     "positive_float",
     "positive_int",
     "parse_topic",
@@ -83,6 +84,20 @@ def parse_header(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"header {text!r} is not key=value")
     return key, value
+
+
+def headers_from(pairs: list[tuple[str, str]]) -> Optional[dict[str, str]]:
+    """-H options as message headers; a key given twice is a usage error (a header holds one value)."""
+    headers: dict[str, str] = {}
+    for key, value in pairs:
+        if key in headers:
+            raise CLIError(
+                f"header {key!r} given twice: a message header has one value (the broker's message format, "
+                "like Go's map[string]string); join the values, e.g. -H 'k=1,2'",
+                EXIT_USAGE,
+            )
+        headers[key] = value
+    return headers or None
 
 
 def read_data(value: Optional[str], what: str) -> bytes:

@@ -1,13 +1,15 @@
-"""The subcommands: request, reply, pub, sub, stats and bench, each a coroutine over the public API."""
+"""The subcommands: request, reply, pub, sub, ping, info, stats and bench, each a coroutine over the public API."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 import time
-from typing import Any, Awaitable, Callable
+import uuid
+from typing import Any, Awaitable, Callable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProcessTransport
@@ -15,12 +17,23 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from ..wire.printable import UNSAFE_BEYOND_C0, printable, printable_block
-from .arguments import payload_text, read_data
+from .arguments import headers_from, payload_text, read_data
 from .progress import ProgressBar
-from .runner import EXIT_ERROR, CLIError, Output, print_err
-from .stats import format_stats, plural
+from .runner import EXIT_ERROR, EXIT_USAGE, CLIError, Output, describe, print_err
+from .stats import format_info, format_stats, plural
 
-__all__ = ["cmd_request", "cmd_reply", "cmd_pub", "message_json", "cmd_sub", "cmd_stats", "cmd_bench"]
+__all__ = [
+    "cmd_request",
+    "cmd_reply",
+    "cmd_pub",
+    "message_json",
+    "message_text",
+    "cmd_sub",
+    "cmd_ping",
+    "cmd_info",
+    "cmd_stats",
+    "cmd_bench",
+]
 
 
 async def cmd_request(reactor: Any, args: argparse.Namespace) -> int:
@@ -42,7 +55,7 @@ async def cmd_request(reactor: Any, args: argparse.Namespace) -> int:
     else:
         out.write(reply)  # byte for byte
     if args.verbose:
-        print_err(f"{len(reply)} bytes in {elapsed * 1000:.2f} ms")
+        print_err(f"{plural(len(reply), 'byte')} in {elapsed * 1000:.2f} ms")
     return 0
 
 
@@ -85,7 +98,14 @@ def _command_runner(reactor: Any, command: str, timeout: float) -> Callable[[byt
             except Exception:  # noqa: BLE001 - it may have exited meanwhile
                 pass
 
-        timer = reactor.callLater(timeout, kill)
+        timed_out = False
+
+        def too_late() -> None:
+            nonlocal timed_out
+            timed_out = True
+            kill()
+
+        timer = reactor.callLater(timeout, too_late)
         try:
             out, err, ended = await done
         finally:
@@ -95,12 +115,50 @@ def _command_runner(reactor: Any, command: str, timeout: float) -> Callable[[byt
         if code == 0:
             return out
         if code is None:
-            raise RuntimeError(f"command killed after {timeout:g} s" if not timer.active() else "command was killed")
+            if timed_out:
+                raise RuntimeError(f"command killed after {timeout:g} s (--command-timeout)")
+            raise RuntimeError(f"command killed by {_signal_name(getattr(ended, 'signal', None))}")
         lines = err.decode("utf-8", "replace").strip().splitlines()
         detail = f": {printable(lines[-1])}" if lines else ""
         raise RuntimeError(f"command exited with status {code}{detail}")
 
     return handle
+
+
+def _signal_name(number: Optional[int]) -> str:
+    try:
+        return signal.Signals(number).name if number is not None else "a signal"
+    except ValueError:
+        return f"signal {number}"
+
+
+async def _patiently(reactor: Any, args: argparse.Namespace, connect: Callable[[], Awaitable[Any]]) -> Any:
+    """``connect()``; with --reconnect, wait (saying so once) while the server or its broker is not up yet."""
+    from twisted.internet import error as net_error
+    from twisted.internet.task import deferLater
+
+    from ..client.connection import NOT_PULSYFLUX
+    from ..wire.errors import ConnectionLostError, NoProviderError
+
+    delay = 0.1
+    waiting = False
+    while True:
+        try:
+            result = await connect()
+        except (net_error.ConnectError, NoProviderError, ConnectionLostError, CLIError) as error:
+            permanent = isinstance(error, net_error.DNSLookupError) or str(error).startswith(NOT_PULSYFLUX)
+            if not getattr(args, "reconnect", False) or permanent:
+                raise
+            if not waiting:
+                why = error.message if isinstance(error, CLIError) else describe(error, args)
+                print_err(f"pulsyflux {args.command}: {why}; waiting for it (--reconnect; Ctrl-C to stop)")
+                waiting = True
+            await deferLater(reactor, delay, lambda: None)
+            delay = min(delay * 2, 2.0)
+            continue
+        if waiting:
+            print_err(f"pulsyflux {args.command}: connected to {args.server}")
+        return result
 
 
 async def cmd_reply(reactor: Any, args: argparse.Namespace) -> int:
@@ -122,11 +180,28 @@ async def cmd_reply(reactor: Any, args: argparse.Namespace) -> int:
             if args.count and answered >= args.count and not all_answered.called:
                 reactor.callLater(0, all_answered.callback, None)  # after this answer is written
 
-    provider = await Provider.connect(
-        args.server, args.channel, handler=handler, reactor=reactor, reconnect=args.reconnect
+    provider = await _patiently(
+        reactor,
+        args,
+        lambda: Provider.connect(args.server, args.channel, handler=handler, reactor=reactor, reconnect=args.reconnect),
     )
     if args.reconnect:
-        provider.on_reconnect(lambda _: print_err(f"pulsyflux reply: reconnected to {args.server}"))
+        lost_at = [0.0]
+
+        def lost(why: str) -> None:
+            lost_at[0] = reactor.seconds()
+            print_err(
+                f"pulsyflux reply: lost the connection to {args.server} ({printable(why, 200)}); reconnecting. "
+                "Requests sent meanwhile get 'peer disappeared' (or another provider)"
+            )
+
+        provider.on_disconnect(lost)
+        provider.on_reconnect(
+            lambda _: print_err(
+                f"pulsyflux reply: reconnected to {args.server} after {reactor.seconds() - lost_at[0]:.1f} s; "
+                "answering again"
+            )
+        )
     mode = "echo" if inner is None else f"sh -c {args.command_line!r}"
     print_err(f"replying on channel {args.channel} at {args.server} ({mode}); Ctrl-C to stop")
     closed = provider.when_lost()
@@ -163,25 +238,55 @@ async def _broker_client(reactor: Any, args: argparse.Namespace, reconnect: bool
     from ..wire.errors import NoProviderError
 
     channel = args.broker_channel or DEFAULT_BROKER_CHANNEL
-    try:
-        return await BrokerClient.connect(args.server, channel, reactor=reactor, reconnect=reconnect)
-    except NoProviderError:
-        raise CLIError(
-            f"no broker answers on channel {channel} at {args.server} "
-            "(started with --no-broker, or on another --broker-channel?)"
-        ) from None
+
+    async def connect() -> Any:
+        try:
+            return await BrokerClient.connect(args.server, channel, reactor=reactor, reconnect=reconnect)
+        except NoProviderError:
+            raise CLIError(
+                f"no broker answers on channel {channel} at {args.server} "
+                "(started with --no-broker, or on another --broker-channel?)"
+            ) from None
+
+    return await _patiently(reactor, args, connect)
 
 
 async def cmd_pub(reactor: Any, args: argparse.Namespace) -> int:
-    payload = read_data(args.message, "message")
-    headers = dict(args.headers) or None
+    headers = headers_from(args.headers)
+    if args.lines and args.message not in (None, "-"):
+        raise CLIError("--lines publishes the lines of stdin: give no MESSAGE with it", EXIT_USAGE)
+    payload = b"" if args.lines else read_data(args.message, "message")
+    if args.lines and (sys.stdin is None or sys.stdin.isatty()):
+        print_err("pulsyflux pub: publishing each line typed (Ctrl-D to end)")
     client = await _broker_client(reactor, args)
+    sent = size = 0
     try:
-        await client.publish(args.topic, payload, headers, timeout=args.timeout)
+        if args.lines:
+            from twisted.internet.threads import deferToThreadPool
+
+            read = sys.stdin.buffer.readline
+            pool = reactor.getThreadPool()
+            while True:
+                line = await deferToThreadPool(reactor, pool, read)  # the reactor keeps running meanwhile
+                if not line:
+                    break
+                line = line[:-1] if line.endswith(b"\n") else line
+                for _ in range(args.count):
+                    await client.publish(args.topic, line, headers, timeout=args.timeout)
+                    sent += 1
+                    size += len(line)
+        else:
+            for _ in range(args.count):
+                await client.publish(args.topic, payload, headers, timeout=args.timeout)
+                sent += 1
+                size += len(payload)
     finally:
         await client.close()
     if not args.quiet:
-        print_err(f"published {len(payload)} bytes to {args.topic!r}")
+        if sent == 1:
+            print_err(f"published {plural(size, 'byte')} to {args.topic!r}")
+        else:
+            print_err(f"published {plural(sent, 'message')} ({plural(size, 'byte')}) to {args.topic!r}")
     return 0
 
 
@@ -204,45 +309,141 @@ def message_json(message: Any) -> str:
     return text
 
 
+def message_text(message: Any) -> str:
+    """One message as a line of text: ``topic [k=v ...]: payload``, each part escaped and bounded."""
+    headers = message.headers or {}
+    shown = " ".join(f"{printable(str(k), 100)}={printable(str(v), 200)}" for k, v in sorted(headers.items()))
+    label = printable(message.topic, 200) + (f" [{shown}]" if shown else "")
+    return f"{label}: {payload_text(message.payload)}"
+
+
 async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
+    from twisted.internet.defer import CancelledError, DeferredQueue
+
     from ..broker.subscription import SubscriptionClosed
 
     out = Output()
-    reported = 0
+    reported: dict[str, int] = {}
+    subs: list[Any] = []
+    lost_at: dict[str, float] = {}
+    topics = list(dict.fromkeys(args.topics))  # each once, in the order given
 
-    def report_drops() -> None:
+    def report_drops(sub: Any) -> None:
         # Never lose messages without a trace: say so as soon as we know.
-        nonlocal reported
-        if sub.dropped > reported:
-            count = sub.dropped - reported
-            print_err(f"pulsyflux sub: the broker dropped {plural(count, 'message')} for us (reading too slowly)")
-            reported = sub.dropped
+        done = reported.get(sub.topic, 0)
+        if sub.dropped > done:
+            count = sub.dropped - done
+            print_err(
+                f"pulsyflux sub: the broker dropped {plural(count, 'message')} of {sub.topic!r} for us "
+                "(reading too slowly)"
+            )
+            reported[sub.topic] = sub.dropped
+
+    def lost(sub: Any, why: str) -> None:
+        lost_at[sub.topic] = reactor.seconds()
+        print_err(
+            f"pulsyflux sub: lost the broker for {sub.topic!r} ({printable(why, 200)}); reconnecting. "
+            "Messages published until it is back may be missed"
+        )
+
+    def back(sub: Any) -> None:
+        since = lost_at.pop(sub.topic, None)
+        after = f" after {reactor.seconds() - since:.1f} s" if since is not None else ""
+        missed = (
+            "the broker kept what was published meanwhile"
+            if sub.kept
+            else "it had restarted: messages published meanwhile were missed"
+        )
+        print_err(f"pulsyflux sub: subscribed to {sub.topic!r} again{after}; {missed} (gap {sub.gaps})")
 
     client = await _broker_client(reactor, args, reconnect=args.reconnect)
     try:
-        sub = await client.subscribe(args.topic, group=args.group)
-        sub.on_resume(
-            lambda _: print_err(
-                "pulsyflux sub: subscribed again after a gap (lost connection or broker restart); "
-                "messages published meanwhile may be missing"
-            )
-        )
+        for topic in topics:
+            sub = await client.subscribe(topic, group=args.group)
+            sub.on_lost(lost)
+            sub.on_resume(back)
+            subs.append(sub)
+        shown = ", ".join(repr(topic) for topic in topics)
         in_group = f" in queue group {args.group!r}" if args.group is not None else ""
-        print_err(f"subscribed to {args.topic!r}{in_group} at {args.server}; Ctrl-C to stop")
-        received = 0
-        try:
-            while not args.count or received < args.count:
+        print_err(f"subscribed to {shown}{in_group} at {args.server}; Ctrl-C to stop")
+        queue: DeferredQueue[Any] = DeferredQueue()
+
+        async def pump(sub: Any) -> None:
+            while True:
                 try:
                     message = await sub.get()
                 except SubscriptionClosed as error:
-                    raise CLIError(str(error)) from None
+                    queue.put(error)
+                    return
+                queue.put((sub, message))
+
+        pumps = [Deferred.fromCoroutine(pump(sub)).addErrback(lambda f: f.trap(CancelledError)) for sub in subs]
+        received = 0
+        try:
+            while not args.count or received < args.count:
+                item = await queue.get()
+                if isinstance(item, SubscriptionClosed):
+                    raise CLIError(str(item))
+                sub, message = item
                 received += 1
-                report_drops()
-                out.line(message_json(message) if args.json else payload_text(message.payload))
+                report_drops(sub)
+                if args.json:
+                    out.line(message_json(message))
+                elif args.raw:
+                    out.line(payload_text(message.payload))
+                else:
+                    out.line(message_text(message))
         finally:
-            report_drops()
+            for sub in subs:
+                report_drops(sub)
+            for d in pumps:
+                d.cancel()
     finally:
         await client.close()
+    return 0
+
+
+async def cmd_ping(reactor: Any, args: argparse.Namespace) -> int:
+    """Round trips to the server itself over its pulsyflux port (no provider, no HTTP)."""
+    from twisted.internet.task import deferLater
+
+    from ..client import Consumer
+
+    started = reactor.seconds()
+    # A fresh random channel: registering there reveals and touches nothing.
+    consumer = await Consumer.connect(args.server, uuid.uuid4(), reactor=reactor)
+    out = Output()
+    times: list[float] = []
+    try:
+        for n in range(args.count):
+            if n:
+                await deferLater(reactor, args.interval, lambda: None)
+            seconds = await consumer.ping(timeout=args.timeout)
+            times.append(seconds)
+            extra = f" (connected in {(reactor.seconds() - started - seconds) * 1000:.2f} ms)" if n == 0 else ""
+            out.line(f"PONG from {args.server}: seq={n + 1} time={seconds * 1000:.3f} ms{extra}")
+    finally:
+        await consumer.close()
+    if len(times) > 1:
+        ms = sorted(t * 1000 for t in times)
+        out.line(
+            f"{plural(len(ms), 'ping')}, round trip min/avg/max = {ms[0]:.3f}/{sum(ms) / len(ms):.3f}/{ms[-1]:.3f} ms"
+        )
+    return 0
+
+
+async def cmd_info(reactor: Any, args: argparse.Namespace) -> int:
+    document = await _get_json(reactor, args.http_url + "/stats", args.http)
+    out = Output()
+    if args.json:
+        server = document.get("server", {})
+        keys = ("version", "pid", "started", "uptime_seconds", "rss_bytes", "open_fds", "cpu_seconds", "limits")
+        summary = {key: server.get(key) for key in keys}
+        summary["connections"] = {k: v for k, v in server.get("connections", {}).items() if k != "list"}
+        out.line(json.dumps(summary, indent=2))
+    else:
+        for line in format_info(document):
+            out.line(line)
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence, Union
 
 from .. import __version__
 from ..endpoints import DEFAULT_ADDRESS, DEFAULT_HTTP_PORT, http_address
+from ..wire.printable import printable
 from .arguments import (
     parse_channel,
     parse_group,
@@ -19,7 +20,7 @@ from .arguments import (
     positive_float,
     positive_int,
 )
-from .commands import cmd_bench, cmd_pub, cmd_reply, cmd_request, cmd_stats, cmd_sub
+from .commands import cmd_bench, cmd_info, cmd_ping, cmd_pub, cmd_reply, cmd_request, cmd_stats, cmd_sub
 from .runner import EXIT_USAGE, CLIError, Command
 
 __all__ = ["SERVER_ENV", "BROKER_CHANNEL_ENV", "HTTP_ENV", "build_parser", "finish_args", "parse_args"]
@@ -50,6 +51,29 @@ _BENCHES = {
 }
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: options go anywhere, also between positionals.
+
+    ``pulsyflux pub orders -H k=v 'new order'`` and ``request CH -t 1 hello``
+    parse as users mean them (argparse's intermixed parsing); what is left
+    over is this command's error, shown with this command's usage.
+    """
+
+    _inner = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._inner or any(isinstance(action, argparse._SubParsersAction) for action in self._actions):
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            namespace, extras = self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection")
@@ -60,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get(SERVER_ENV) or DEFAULT_ADDRESS,
         help=f"the server as host:port or a Twisted client endpoint (default: ${SERVER_ENV} or {DEFAULT_ADDRESS})",
     )
+    brokered = argparse.ArgumentParser(add_help=False)
+    group = brokered.add_argument_group("broker")
     group.add_argument(
         "--broker-channel",
         metavar="UUID",
@@ -72,15 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pulsyflux",
         description="Talk to a pulsyflux server: publish, subscribe, send requests, answer them, "
-        "read its stats, run benchmarks.",
+        "ping it, read its info and stats, run benchmarks.",
         epilog="Run 'pulsyflux COMMAND --help' for a command's options. Exit status: 0 ok, 1 failed, "
         "2 bad usage, 130 interrupted (Ctrl-C).",
     )
     parser.add_argument("--version", action="version", version=f"pulsyflux {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
 
-    def add(name: str, func: Command, summary: str, description: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, parents=[common], help=summary, description=description)
+    def add(
+        name: str, func: Command, summary: str, description: str, parents: Sequence[argparse.ArgumentParser] = ()
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=list(parents), help=summary, description=description)  # type: ignore[arg-type]
         sub.set_defaults(func=func)
         return sub
 
@@ -88,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         "pub",
         cmd_pub,
         "publish a message to a topic",
-        "Publish one message to TOPIC through the broker. The message is MESSAGE, or stdin when MESSAGE "
-        "is missing or '-'. Returns once the broker accepted it.",
+        "Publish MESSAGE to TOPIC through the broker (stdin when MESSAGE is missing or '-'; with --lines, each "
+        "line of stdin as its own message). Returns once the broker accepted every message.",
+        [common, brokered],
     )
     p.add_argument("topic", metavar="TOPIC", type=parse_topic)
     p.add_argument("message", metavar="MESSAGE", nargs="?", help="the payload (default: read stdin)")
@@ -101,23 +130,30 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_header,
         action="append",
         default=[],
-        help="a message header; repeat for more",
+        help="a message header; repeat for more (each key once: a header has one value)",
     )
+    p.add_argument("--count", "-n", type=positive_int, default=1, metavar="N", help="publish the message N times (1)")
+    p.add_argument("--lines", action="store_true", help="publish each line of stdin as one message, as it is read")
     p.add_argument("--timeout", type=positive_float, default=5.0, metavar="S", help="give up after S seconds (5)")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
 
     p = add(
         "sub",
         cmd_sub,
-        "print the messages published to a topic",
-        "Subscribe to TOPIC and print each message as it arrives, one line each: the payload as text "
-        "(line breaks and invalid UTF-8 escaped), or with --json a JSON object with topic, payload and headers. "
-        "TOPIC may be a pattern of '.'-separated tokens: '*' matches one token, a last '>' one or more "
-        "('orders.*' gets orders.eu, 'orders.>' also orders.eu.paris; quote it for the shell); --json shows "
-        "which topic each message was published to.",
+        "print the messages published to one or more topics",
+        "Subscribe to each TOPIC and print every message as it arrives, one line each: 'topic [k=v ...]: "
+        "payload' (line breaks and invalid UTF-8 escaped), only the payload with --raw, or with --json a JSON "
+        "object with topic, payload and headers. A TOPIC may be a pattern of '.'-separated tokens: '*' matches "
+        "one token, a last '>' one or more ('orders.*' gets orders.eu, 'orders.>' also orders.eu.paris; quote "
+        "it for the shell); each line shows which topic a message was published to.",
+        [common, brokered],
     )
     p.add_argument(
-        "topic", metavar="TOPIC", type=parse_subscribed_topic, help="a topic, or a pattern such as 'orders.*'"
+        "topics",
+        metavar="TOPIC",
+        nargs="+",
+        type=parse_subscribed_topic,
+        help="a topic, or a pattern such as 'orders.*'; give several to subscribe to each",
     )
     p.add_argument(
         "--group",
@@ -127,12 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="join queue group NAME: each message goes to one member of the group (round-robin), "
         "not to every subscriber",
     )
-    p.add_argument("--count", "-n", type=positive_int, metavar="N", help="exit after N messages")
-    p.add_argument("--json", action="store_true", help="print JSON lines: {topic, payload, headers}")
+    p.add_argument("--count", "-n", type=positive_int, metavar="N", help="exit after N messages (all topics)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print JSON lines: {topic, payload, headers}")
+    shape.add_argument("--raw", action="store_true", help="print only each payload (as text)")
     p.add_argument(
         "--reconnect",
         action="store_true",
-        help="when the connection to the server is lost, reconnect with backoff and subscribe again",
+        help="wait for the server if it is down, survive its restarts (reconnect and subscribe again), "
+        "and say on stderr when it is lost and back",
     )
 
     p = add(
@@ -141,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "send one request on a channel and print the response",
         "Send DATA (or stdin, when DATA is missing or '-') as one request on CHANNEL and write the response "
         "body to stdout, byte for byte (plus a newline on a terminal).",
+        [common],
     )
     p.add_argument("channel", metavar="CHANNEL", type=parse_channel, help="the channel id (a UUID)")
     p.add_argument("data", metavar="DATA", nargs="?", help="the request body (default: read stdin)")
@@ -154,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Register a provider on CHANNEL and answer every request: --echo sends the body back; --command runs "
         "'sh -c CMD' with the body on stdin and answers with its stdout (a non-zero exit answers with an "
         "error carrying the last line of its stderr). Prints one line per request answered.",
+        [common],
     )
     p.add_argument("channel", metavar="CHANNEL", type=parse_channel, help="the channel id (a UUID)")
     how = p.add_mutually_exclusive_group(required=True)
@@ -169,22 +210,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing per request")
     p.add_argument(
-        "--reconnect", action="store_true", help="when the connection to the server is lost, reconnect with backoff"
+        "--reconnect",
+        action="store_true",
+        help="wait for the server if it is down, reconnect when the connection drops, and say so on stderr",
     )
 
     p = add(
-        "stats",
-        cmd_stats,
-        "show a server's counters (needs its HTTP API)",
-        "Read GET /stats from the server's HTTP API (twistd pulsyflux --http PORT) and print a summary.",
+        "ping",
+        cmd_ping,
+        "measure round trips to the server (its pulsyflux port; no HTTP needed)",
+        "Connect to the server and time round trips to the server itself (no provider involved): each "
+        "ping is a frame the server answers at once, after everything sent before it (docs/protocol.md).",
+        [common],
     )
-    p.add_argument(
-        "--http",
-        metavar="HOST:PORT",
-        default=None,
-        help=f"the HTTP API address (default: ${HTTP_ENV}, or the --server host on port {DEFAULT_HTTP_PORT})",
-    )
-    p.add_argument("--json", action="store_true", help="print the raw JSON document")
+    p.add_argument("--count", "-c", type=positive_int, default=1, metavar="N", help="send N pings (1)")
+    p.add_argument("--interval", "-i", type=positive_float, default=1.0, metavar="S", help="seconds between pings (1)")
+    p.add_argument("--timeout", "-t", type=positive_float, default=5.0, metavar="S", help="seconds to wait (5)")
+
+    for name, func, summary, description, json_help in (
+        (
+            "info",
+            cmd_info,
+            "show who a server is: version, uptime, limits, connections (needs its HTTP API)",
+            "Read GET /stats from the server's HTTP API (twistd pulsyflux --http PORT) and print the server's "
+            "version, pid, uptime, memory and open files, its configured limits and its busiest connections.",
+            "print those fields as JSON",
+        ),
+        (
+            "stats",
+            cmd_stats,
+            "show a server's counters (needs its HTTP API)",
+            "Read GET /stats from the server's HTTP API (twistd pulsyflux --http PORT) and print a summary.",
+            "print the raw JSON document",
+        ),
+    ):
+        p = add(name, func, summary, description, [common])
+        p.add_argument(
+            "--http",
+            metavar="HOST:PORT",
+            default=None,
+            help=f"the HTTP API address (default: ${HTTP_ENV}, or the --server host on port {DEFAULT_HTTP_PORT})",
+        )
+        p.add_argument("--json", action="store_true", help=json_help)
 
     p = add(
         "bench",
@@ -199,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = _bench_module(kind)
         if module is None:
             continue
-        bench = kinds.add_parser(kind, parents=[common], help=summary, description=description)
+        bench = kinds.add_parser(kind, help=summary, description=description)
         module.add_arguments(bench)
         bench.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
         bench.set_defaults(bench_module=module)
@@ -216,10 +283,22 @@ def finish_args(args: argparse.Namespace) -> None:
                 raise CLIError(f"${BROKER_CHANNEL_ENV}={env!r} is not a UUID", EXIT_USAGE) from None
     if args.command == "bench" and not getattr(args, "bench_module", None):
         raise CLIError("say which benchmark: pulsyflux bench rpc (or pubsub); see pulsyflux bench --help", EXIT_USAGE)
-    if args.command == "stats":
-        http = args.http or os.environ.get(HTTP_ENV) or http_address(args.server)
+    if args.command in ("stats", "info"):
+        http = args.http or os.environ.get(HTTP_ENV) or http_address(args.server)  # only its host is used
         args.http = http
         args.http_url = http.rstrip("/") if "://" in http else f"http://{http}"
+    elif hasattr(args, "server"):
+        _check_server(args)
+
+
+def _check_server(args: argparse.Namespace) -> None:
+    """A --server that cannot work is a usage error, said in one line before anything connects."""
+    from ..endpoints import address_problem
+
+    problem = address_problem(args.server)
+    if problem is not None:
+        source = "--server" if os.environ.get(SERVER_ENV) != args.server else f"${SERVER_ENV}"
+        raise CLIError(f"{source} {printable(args.server, 200)!r}: {problem}", EXIT_USAGE)
 
 
 def _bench_module(kind: str) -> Any:

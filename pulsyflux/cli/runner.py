@@ -8,6 +8,7 @@ on stderr and Ctrl-C into a clean stop (connections closed, exit status 130).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from ..wire.printable import printable
 
 __all__ = [
     "DEBUG_ENV",
+    "describe",
     "EXIT_ERROR",
     "EXIT_USAGE",
     "EXIT_INTERRUPTED",
@@ -140,13 +142,14 @@ def report(failure: Failure, args: argparse.Namespace) -> int:
     if isinstance(error, CLIError):
         message, code = error.message, error.code
     else:
-        message, code = _describe(error, args), EXIT_ERROR
+        message, code = describe(error, args), EXIT_ERROR
     # The message may carry network text (a provider's error, a close reason).
     print_err(f"{prog}: error: {printable(message)}")
     return code
 
 
-def _describe(error: BaseException, args: argparse.Namespace) -> str:
+def describe(error: BaseException, args: argparse.Namespace) -> str:
+    """A known failure in one line a user reads (where to connect, what was refused, ...)."""
     from twisted.internet import error as net_error
 
     from ..wire.errors import (
@@ -162,6 +165,10 @@ def _describe(error: BaseException, args: argparse.Namespace) -> str:
         return f"cannot connect to {server}: connection refused (is the server running?)"
     if isinstance(error, (net_error.ConnectError, net_error.DNSLookupError)):
         os_error = getattr(error, "osError", None)  # a ConnectError's; a DNSLookupError has none
+        if isinstance(os_error, int):  # a Unix socket's connect() gives the bare errno
+            if os_error == errno.ENOENT:
+                return f"cannot connect to {server}: no such socket file (is the server running, listening there?)"
+            os_error = os.strerror(os_error)
         text = os_error if os_error else (error.args[0] if error.args else "")
         detail = str(text or type(error).__name__).strip().rstrip(".")
         return f"cannot connect to {server}: {detail}"

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..wire.printable import printable
 
-__all__ = ["format_stats", "plural"]
+__all__ = ["format_stats", "format_info", "plural"]
 
 
 # Topics and error texts in `pulsyflux stats`: at most this many characters each.
@@ -21,7 +21,8 @@ def format_stats(document: dict[str, Any]) -> list[str]:
         f"uptime          {_duration(s['uptime_seconds'])}",
         f"connections     {s['connections']['open']} open ({plural(roles.get('consumer', 0), 'consumer')}, "
         f"{plural(roles.get('provider', 0), 'provider')}, {roles.get('unregistered', 0)} unregistered), "
-        f"{s['connections']['total']} since start",
+        f"{s['connections']['total']} since start"
+        f"{_broker_connections(roles)}",
         f"channels        {s['channels']['count']}{_channel_detail(s['channels'])}",
         f"requests        {s['requests']['routed']} routed, {s['requests']['responses_routed']} answered, "
         f"{s['requests']['in_flight']} in flight",
@@ -76,6 +77,64 @@ def format_stats(document: dict[str, Any]) -> list[str]:
         if listed > len(subs):
             lines.append(f"  ({plural(listed - len(subs), 'more subscription')})")
     return lines
+
+
+def _broker_connections(roles: dict[str, Any]) -> str:
+    count = roles.get("broker")
+    return f"; {plural(count, 'connection')} of the server's own broker" if count else ""
+
+
+def format_info(document: dict[str, Any]) -> list[str]:
+    """Who the server is, its limits and its busiest connections (``pulsyflux info``)."""
+    s = document["server"]
+    conns = s["connections"]
+    roles = conns.get("by_role", {})
+    lines = [
+        f"version         pulsyflux {printable(str(s.get('version', '?')), 40)}",
+        f"pid             {s.get('pid', '?')}",
+        f"uptime          {_duration(s['uptime_seconds'])}",
+    ]
+    if s.get("rss_bytes") is not None:
+        files = f" of {s['max_fds']}" if s.get("max_fds") else ""
+        lines.append(
+            f"process         {_size(s['rss_bytes'])} resident, {s.get('open_fds', '?')} open files{files}, "
+            f"{_number(s.get('cpu_seconds')):.2f} s CPU"
+        )
+    lines.append(
+        f"connections     {conns['open']} open ({plural(roles.get('consumer', 0), 'consumer')}, "
+        f"{plural(roles.get('provider', 0), 'provider')}, {roles.get('unregistered', 0)} unregistered), "
+        f"{conns['total']} since start{_broker_connections(roles)}"
+    )
+    limits = s.get("limits") or {}
+    if limits:
+        lines.append("limits")
+        for name, value in sorted(limits.items()):
+            if isinstance(value, int) and any(word in name for word in ("body", "bytes", "unsent", "payload")):
+                shown = _size(value)
+            elif "timeout" in name:
+                shown = f"{_number(value):.1f} s"
+            else:
+                shown = str(value)
+            lines.append(f"  {printable(str(name), 40):<20}{shown}")
+    listed = conns.get("list") or []
+    if listed:
+        lines.append("connections (busiest first)")
+        lines.append(f"  {'remote':<22}{'role':<14}{'age':>9}{'in':>11}{'out':>11}{'frames in':>11}{'frames out':>11}")
+        for conn in listed[:_INFO_CONNECTIONS]:
+            lines.append(
+                f"  {printable(str(conn.get('remote', '?')), 21):<22}{printable(str(conn.get('role', '?')), 13):<14}"
+                f"{_duration(_number(conn.get('age_seconds'))):>9}{_size(int(_number(conn.get('bytes_in')))):>11}"
+                f"{_size(int(_number(conn.get('bytes_out')))):>11}{int(_number(conn.get('frames_in'))):>11}"
+                f"{int(_number(conn.get('frames_out'))):>11}"
+            )
+        more = len(listed) - _INFO_CONNECTIONS + int(_number(conns.get("omitted")))
+        if more > 0:
+            lines.append(f"  ({plural(more, 'more connection')}; all listed ones in pulsyflux stats --json)")
+    return lines
+
+
+# Connections `pulsyflux info` lists (the busiest).
+_INFO_CONNECTIONS = 20
 
 
 def _in_group(sub: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ from ..wire.errors import (
 from ..wire.printable import printable
 from ..writer import ImmediateWriter
 
-__all__ = ["ChannelId", "Reconnect", "DEFAULT_BACKOFF", "worth_logging", "channel_bytes", "Client"]
+__all__ = ["ChannelId", "Reconnect", "DEFAULT_BACKOFF", "NOT_PULSYFLUX", "worth_logging", "channel_bytes", "Client"]
 
 log = Logger()
 
@@ -47,6 +47,20 @@ Reconnect = Union[bool, Callable[[int], float]]
 # 0.1 s doubling to 5 s, plus up to 0.25 s of jitter so a restarted server is not hit by all at once.
 DEFAULT_BACKOFF = backoffPolicy(initialDelay=0.1, maxDelay=5.0, factor=2.0, jitter=lambda: random.uniform(0, 0.25))
 _ZERO_ID = bytes(16)
+
+
+# What a client says when the other end answered in something else than
+# pulsyflux frames: most often the HTTP API's port given as the server.
+NOT_PULSYFLUX = "that port does not speak pulsyflux"
+
+
+def _not_pulsyflux(data: bytes) -> str:
+    """One line for a peer whose very first bytes are not a pulsyflux frame (an HTTP server, SSH, ...)."""
+    first = data.split(b"\n", 1)[0].strip()
+    said = printable(first[:60].decode("latin-1"), 80)
+    if first.startswith(b"HTTP/"):
+        return f"{NOT_PULSYFLUX}: it answered in HTTP ({said!r}); is that the HTTP API's port (--http)?"
+    return f"{NOT_PULSYFLUX}: it answered {said!r}"
 
 
 def worth_logging(count: int) -> bool:
@@ -134,7 +148,9 @@ class _ClientProtocol(Protocol):
             for ftype, flags, request_id, payload in self.decoder.frames(data):
                 frame_received(ftype, flags, request_id, payload)
         except ProtocolError as error:
-            self.owner._protocol_error(error)
+            # Not even a first frame (an HTTP server, say): tell what the other end is instead.
+            foreign = data[:1] != b"\x01" and not self.decoder.partials
+            self.owner._protocol_error(ProtocolError(_not_pulsyflux(data)) if foreign else error)
             self.transport.loseConnection()
         finally:
             writer.release()
@@ -172,6 +188,7 @@ class Client:
         self._retry: Union[IDelayedCall, Deferred[Any], None] = None  # the pending reconnect attempt
         self._given_up = False  # closed or refused: never reconnect again
         self._reconnect_hooks: list[Callable[[Any], Any]] = []
+        self._disconnect_hooks: list[Callable[[str], Any]] = []
         self._connected_waiters: list[Deferred[Any]] = []
         self.reconnects = 0
         self._server_said = ""  # the server's last word (an ERROR on the zero id) before it closes the line
@@ -221,6 +238,13 @@ class Client:
         """Fires with this client once it is connected (at once if it is)."""
         return _when(self.connected, self, self._connected_waiters)
 
+    def on_disconnect(self, callback: Callable[[str], Any]) -> None:
+        """Call ``callback(why)`` each time the connection drops and reconnecting begins (reconnect=True).
+
+        provider.on_disconnect(lambda why: print("lost the server:", why))
+        """
+        self._disconnect_hooks.append(callback)
+
     def _lost_and_retrying(self, reason: Failure) -> bool:
         """The line dropped: fail what was in flight at once, then reconnect with backoff."""
         if self._backoff is None or self._given_up:
@@ -237,6 +261,11 @@ class Client:
         self._schedule_reconnect()  # first: a callback below may close() for good
         self._registered(error)
         self._fail_pending(error)
+        for hook in list(self._disconnect_hooks):
+            try:
+                hook(why)
+            except Exception:
+                self.log.failure("on_disconnect callback failed")
         return True
 
     def _schedule_reconnect(self) -> None:
@@ -299,7 +328,10 @@ class Client:
     def _attach(self, proto: _ClientProtocol) -> Optional["Deferred[None]"]:
         self._protocol = proto
         self._write = proto.writer.write
-        request_id = _new_id()
+        # The registration's id ends in CR LF: an HTTP server (someone gave the
+        # HTTP API's port) reads the bytes before it as a bad request line and
+        # answers 400 at once, so the mistake is told at once, not by a timeout.
+        request_id = _new_id()[:14] + b"\r\n"
         frames = codec.encode_registration(self.role, self._client, self._channel, request_id)
         if self.token is not None:
             # The token first, on the registration's id: a refusal answers there and fails connect().
@@ -386,7 +418,10 @@ class Client:
     def _protocol_error(self, error: ProtocolError) -> None:
         self.log.error("protocol error from server: {error}", error=error)
         if self._closed is None:
-            self._closed = ConnectionLostError(f"protocol error from the server: {error}")
+            text = str(error)
+            self._closed = ConnectionLostError(
+                text if text.startswith(NOT_PULSYFLUX) else f"protocol error from the server: {text}"
+            )
             self._fail_pending(self._closed)
 
     def _unmatched_error(self, request_id: bytes, payload: bytes) -> None:

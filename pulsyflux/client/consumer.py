@@ -6,12 +6,13 @@ import os
 from typing import Any, Callable, Iterator, Optional
 
 from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
 
 from ..endpoints import Address
 from ..wire import codec, errors
 from ..wire.codec import ERROR, RESPONSE, RESPONSE_CHUNK, RESPONSE_END, RESPONSE_START, ROLE_CONSUMER, ROUTING_SIZE
 from ..wire.deadlines import Deadlines
-from ..wire.errors import ConnectionLostError, RequestTimeout, error_from_message
+from ..wire.errors import ConnectionLostError, ProtocolError, RequestTimeout, error_from_message
 from .connection import ChannelId, Client, Reconnect
 
 __all__ = ["Consumer"]
@@ -114,6 +115,36 @@ class Consumer(Client):
         if timeout:
             self._deadlines.add(request_id, pending, timeout)
         return d
+
+    def ping(self, timeout: float = 5.0) -> "Deferred[float]":
+        """One round trip to the server itself, no provider involved; fires with the seconds it took.
+
+        Sends one frame of type 0x00 (no such type exists), which every
+        server, Go's and ours, answers with an ERROR on the same request id
+        (``invalid message type``) after everything sent before it
+        (docs/protocol.md, "Ping"). Fails with RequestTimeout or ConnectionLostError.
+        """
+        if self._closed is not None or self._protocol is None:
+            return fail(self._closed or ConnectionLostError("not connected"))
+        request_id = self._next_id()
+
+        def cancel(_: object) -> None:
+            self._drop(request_id)
+
+        d: Deferred[bytes] = Deferred(cancel)
+        pending = _Pending(d)
+        self._pending[request_id] = pending
+        started = self.reactor.seconds()
+        self._write(codec.encode_frame(codec.PROBE, request_id))
+        if timeout:
+            self._deadlines.add(request_id, pending, timeout)
+
+        def answered(result: Any) -> float:
+            if isinstance(result, Failure):
+                result.trap(ProtocolError)  # "invalid message type": the answer a ping waits for
+            return self.reactor.seconds() - started
+
+        return d.addBoth(answered)
 
     def _drop(self, request_id: bytes) -> Optional[_Pending]:
         return self._pending.pop(request_id, None)  # its deadline, if any, is skipped when due
