@@ -15,7 +15,7 @@ from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
 from ..wire.messages import check_topic
-from .link import BROKER_CLOSED, DEFAULT_BROKER_CHANNEL, OK, RESUMED, channel_uuid, ignore, send_until_registered
+from .link import DEFAULT_BROKER_CHANNEL, OK, RESUMED, channel_uuid, ignore, send_until_registered
 from .publisher import Publisher
 from .subscription import DEFAULT_BUFFER, Subscription, check_subscription, open_subscription
 
@@ -170,13 +170,6 @@ class BrokerClient:
             provider.on_reconnect(lambda _: self._resubscribe(sub))
 
         def ended_by_broker(reason: str) -> None:
-            if self.reconnect and reason == BROKER_CLOSED and self._closed is None:
-                # A broker shutting down (twistd stopped, to be started again):
-                # keep the subscription and wait for a broker to take it back.
-                log.info("the broker closed; waiting for a broker to take {t!r} back", t=sub.topic)
-                sub._lost(reason)
-                self._resubscribe(sub)
-                return
             sub._close(reason)
             self._forget(sub)
             self.reactor.callLater(0, provider.close)

@@ -319,13 +319,18 @@ def message_text(message: Any) -> str:
 
 async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
     from twisted.internet.defer import CancelledError, DeferredQueue
+    from twisted.internet.error import ConnectError
+    from twisted.internet.task import deferLater
 
+    from ..broker.link import BROKER_CLOSED
     from ..broker.subscription import SubscriptionClosed
+    from ..wire.errors import PulsyfluxError
 
     out = Output()
     reported: dict[str, int] = {}
     subs: list[Any] = []
     lost_at: dict[str, float] = {}
+    gaps: dict[str, int] = {}  # times each topic's broker was lost
     topics = list(dict.fromkeys(args.topics))  # each once, in the order given
 
     def report_drops(sub: Any) -> None:
@@ -340,7 +345,10 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
             reported[sub.topic] = sub.dropped
 
     def lost(sub: Any, why: str) -> None:
+        if sub.topic in lost_at:
+            return  # told already (the broker's closing notice, then the line dropping)
         lost_at[sub.topic] = reactor.seconds()
+        gaps[sub.topic] = gaps.get(sub.topic, 0) + 1
         print_err(
             f"pulsyflux sub: lost the broker for {sub.topic!r} ({printable(why, 200)}); reconnecting. "
             "Messages published until it is back may be missed"
@@ -354,7 +362,7 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
             if sub.kept
             else "it had restarted: messages published meanwhile were missed"
         )
-        print_err(f"pulsyflux sub: subscribed to {sub.topic!r} again{after}; {missed} (gap {sub.gaps})")
+        print_err(f"pulsyflux sub: subscribed to {sub.topic!r} again{after}; {missed} (gap {gaps.get(sub.topic, 0)})")
 
     client = await _broker_client(reactor, args, reconnect=args.reconnect)
     try:
@@ -373,17 +381,46 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
                 try:
                     message = await sub.get()
                 except SubscriptionClosed as error:
+                    if args.reconnect and sub.closed_reason == BROKER_CLOSED:
+                        # The broker shut down (twistd stopped, to be started again): an
+                        # ordinary restart. Wait for a broker and subscribe afresh.
+                        lost(sub, BROKER_CLOSED)
+                        sub = await resubscribe(sub)
+                        continue
                     queue.put(error)
                     return
                 queue.put((sub, message))
 
-        pumps = [Deferred.fromCoroutine(pump(sub)).addErrback(lambda f: f.trap(CancelledError)) for sub in subs]
+        async def resubscribe(old: Any) -> Any:
+            delay = 0.1
+            while True:
+                try:
+                    sub = await client.subscribe(old.topic, group=args.group)
+                except (PulsyfluxError, ConnectError):  # the server or its broker is not back yet
+                    await deferLater(reactor, delay, lambda: None)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                sub.on_lost(lost)
+                sub.on_resume(back)
+                subs[subs.index(old)] = sub
+                reported[sub.topic] = 0
+                sub.kept = False  # a new subscription on a new broker: what was published meanwhile is gone
+                back(sub)
+                return sub
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(CancelledError):
+                queue.put(failure.value)  # the command ends with it, rather than wait forever
+
+        pumps = [Deferred.fromCoroutine(pump(sub)).addErrback(failed) for sub in subs]
         received = 0
         try:
             while not args.count or received < args.count:
                 item = await queue.get()
                 if isinstance(item, SubscriptionClosed):
                     raise CLIError(str(item))
+                if isinstance(item, BaseException):
+                    raise item
                 sub, message = item
                 received += 1
                 report_drops(sub)
