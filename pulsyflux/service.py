@@ -17,6 +17,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from . import logs
+from ._reactor import default_reactor
 from .broker.broker import Broker
 from .broker.link import DEFAULT_BROKER_CHANNEL
 from .broker.subscription import Subscription
@@ -144,10 +145,7 @@ class BrokerService(service.MultiService):
     ) -> None:
         """``cluster``: a ``redis://`` URL to share pub/sub with other servers through (docs/cluster.md)."""
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         self.reactor = reactor
         self.server = ServerService(listen, reactor, factory=factory, grace=grace)
         self.server.setServiceParent(self)

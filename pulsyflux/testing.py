@@ -42,6 +42,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._reactor import default_reactor
 from .endpoints import client_address
 from .server.inproc import InProcessEndpoint
 from .server.protocol import ServerFactory, ServerProtocol
@@ -275,10 +276,7 @@ def start_server(
 
         server = await start_server(http=True)
     """
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+    reactor = default_reactor(reactor)
     return Deferred.fromCoroutine(_start(reactor, broker, http, cleanup, options, auth))
 
 

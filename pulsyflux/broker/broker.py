@@ -20,6 +20,7 @@ from typing import Any, Optional
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 
+from .._reactor import default_reactor
 from ..client import ChannelId, Consumer, Provider, Reconnect
 from ..endpoints import Address
 from ..wire.errors import ConnectionLostError
@@ -87,10 +88,7 @@ class Broker:
         max_setups_per_client: int = DEFAULT_MAX_SETUPS_PER_CLIENT,
         token: Optional[str] = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         if backlog < 0 or batch < 1 or window < 1:
             raise ValueError("backlog must be >= 0, batch and window >= 1")
         if backlog_bytes < 0 or total_backlog_bytes < 0 or max_subscriptions < 0:

@@ -10,6 +10,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .._reactor import default_reactor
 from ..client import ChannelId, Consumer, Reconnect
 from ..endpoints import Address
 from ..wire import messages
@@ -78,10 +79,7 @@ class BrokerClient:
         heartbeat: Optional[float] = DEFAULT_HEARTBEAT,
         token: Optional[str] = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         if heartbeat is not None and heartbeat < 0:
             raise ValueError("heartbeat must be >= 0 (0 or None: no heartbeat)")
         self.address = address

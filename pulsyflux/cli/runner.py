@@ -17,6 +17,7 @@ from typing import Any, Callable, Coroutine, Optional
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from .._reactor import default_reactor
 from .._twisted_compat import exit_signal
 from ..endpoints import DEFAULT_ADDRESS
 from ..wire.printable import printable
@@ -69,10 +70,7 @@ def run(command: Command, args: argparse.Namespace, reactor: Any = None) -> int:
     cancelled and given a few seconds to close its connections, so the
     server sees a clean disconnect and nothing prints a traceback.
     """
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+    reactor = default_reactor(reactor)
     state = _Run()
 
     def finished(result: Any) -> None:

@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .._reactor import default_reactor
 from .._types import IStreamTransport
 from ..endpoints import Address, client_endpoint
 from ..wire import codec, errors
@@ -166,10 +167,7 @@ class Client:
     log = Logger()
 
     def __init__(self, channel_id: ChannelId, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         self.reactor = reactor
         self.channel_id = uuid.UUID(bytes=channel_bytes(channel_id))
         self._channel = self.channel_id.bytes

@@ -16,6 +16,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .._reactor import default_reactor
 from ..endpoints import describe_address, server_description, server_endpoint
 
 __all__ = ["ListeningService"]
@@ -33,10 +34,7 @@ class ListeningService(service.Service):
     _exposes = "other hosts can connect to it"  # what a listener not on loopback lets them do
 
     def __init__(self, listen: str | int, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         self.reactor = reactor
         self.description = server_description(listen)
         self.port: Any = None

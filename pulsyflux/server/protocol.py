@@ -17,6 +17,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.protocol import ServerFactory as _TwistedServerFactory
 from twisted.python.failure import Failure
 
+from .._reactor import default_reactor
 from .._types import IStreamTransport
 from ..wire import codec, errors
 from ..wire.codec import ERROR, FrameDecoder
@@ -204,10 +205,7 @@ class ServerFactory(_TwistedServerFactory):
         register_timeout: float = DEFAULT_REGISTER_TIMEOUT,
         max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         self.reactor = reactor
         self.router = Router(
             reactor,
