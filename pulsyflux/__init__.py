@@ -37,29 +37,6 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getatt
 
 __version__ = "0.1.0"
 
-# Public name -> the submodule that defines it.
-_LAZY = {
-    "Broker": "broker.broker",
-    "BrokerClient": "broker.client",
-    "Subscription": "broker.subscription",
-    "SubscriptionClosed": "broker.subscription",
-    "Consumer": "client",
-    "Provider": "client",
-    "Request": "client",
-    "ConnectionLostError": "wire.errors",
-    "NoProviderError": "wire.errors",
-    "PermissionDenied": "wire.errors",
-    "ProtocolError": "wire.errors",
-    "PulsyfluxError": "wire.errors",
-    "RemoteError": "wire.errors",
-    "RequestTimeout": "wire.errors",
-    "ServerOverloaded": "wire.errors",
-    "Message": "wire.messages",
-    "MessageError": "wire.messages",
-    "ServerFactory": "server.protocol",
-    "BrokerService": "service",
-}
-
 __all__ = [
     "Broker",
     "BrokerClient",
@@ -83,4 +60,17 @@ __all__ = [
 ]
 
 
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+# Submodule -> the public names it defines.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "broker.broker": "Broker",
+        "broker.client": "BrokerClient",
+        "broker.subscription": "Subscription SubscriptionClosed",
+        "client": "Consumer Provider Request",
+        "wire.errors": "ConnectionLostError NoProviderError PermissionDenied ProtocolError PulsyfluxError RemoteError RequestTimeout ServerOverloaded",
+        "wire.messages": "Message MessageError",
+        "server.protocol": "ServerFactory",
+        "service": "BrokerService",
+    },
+)

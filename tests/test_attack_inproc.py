@@ -32,9 +32,9 @@ from pulsyflux import (
     Provider,
 )
 from pulsyflux.broker import DEFAULT_BROKER_CHANNEL
-from pulsyflux.server import MSG_CHANNEL_RESERVED
 from pulsyflux.server.inproc import InProcessAddress, InProcessEndpoint, InProcessTransport, connect_in_process
 from pulsyflux.wire import codec, messages
+from pulsyflux.wire.errors import MSG_CHANNEL_RESERVED
 
 from .helpers import eventually, within_turns
 from .test_tls import PKI, client

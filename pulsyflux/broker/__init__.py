@@ -26,21 +26,15 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getatt
     from .link import DEFAULT_BROKER_CHANNEL
     from .subscription import Subscription, SubscriptionClosed
 
-# Public name -> the submodule that defines it.
-_LAZY = {
-    "Broker": "broker",
-    "BrokerClient": "client",
-    "Subscription": "subscription",
-    "SubscriptionClosed": "subscription",
-    "DEFAULT_BROKER_CHANNEL": "link",
-}
+__all__ = ["Broker", "BrokerClient", "Subscription", "SubscriptionClosed", "DEFAULT_BROKER_CHANNEL"]
 
-__all__ = [
-    "Broker",
-    "BrokerClient",
-    "Subscription",
-    "SubscriptionClosed",
-    "DEFAULT_BROKER_CHANNEL",
-]
-
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+# Submodule -> the public names it defines.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "broker": "Broker",
+        "client": "BrokerClient",
+        "subscription": "Subscription SubscriptionClosed",
+        "link": "DEFAULT_BROKER_CHANNEL",
+    },
+)

@@ -21,19 +21,9 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getatt
     from .program import main, run_command
     from .runner import CLIError
 
-# Public name -> the submodule that defines it.
-_LAZY = {
-    "main": "program",
-    "run_command": "program",
-    "build_parser": "parser",
-    "CLIError": "runner",
-}
+__all__ = ["main", "run_command", "build_parser", "CLIError"]
 
-__all__ = [
-    "main",
-    "run_command",
-    "build_parser",
-    "CLIError",
-]
-
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+# Submodule -> the public names it defines.
+__getattr__, __dir__ = lazy_exports(
+    __name__, {"program": "main run_command", "parser": "build_parser", "runner": "CLIError"}
+)

@@ -21,31 +21,11 @@ from .._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getattr__
     from .connection import DEFAULT_BACKOFF, ChannelId
-    from .connection import Client as Client
     from .connection import Reconnect as Reconnect
     from .connection import channel_bytes as channel_bytes
-    from .connection import worth_logging as worth_logging
     from .consumer import Consumer
     from .provider import DEFAULT_INCOMPLETE_TIMEOUT, DEFAULT_MAX_INCOMPLETE, Provider, Request
     from .provider import Handler as Handler
-    from .provider import log as log
-
-# Public name -> the submodule that defines it.
-_LAZY = {
-    "log": "provider",
-    "ChannelId": "connection",
-    "Reconnect": "connection",
-    "DEFAULT_BACKOFF": "connection",
-    "worth_logging": "connection",
-    "channel_bytes": "connection",
-    "Client": "connection",
-    "Consumer": "consumer",
-    "Handler": "provider",
-    "DEFAULT_MAX_INCOMPLETE": "provider",
-    "DEFAULT_INCOMPLETE_TIMEOUT": "provider",
-    "Request": "provider",
-    "Provider": "provider",
-}
 
 __all__ = [
     "Consumer",
@@ -57,4 +37,12 @@ __all__ = [
     "DEFAULT_INCOMPLETE_TIMEOUT",
 ]
 
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+# Submodule -> the public names it defines.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "connection": "ChannelId Reconnect DEFAULT_BACKOFF channel_bytes",
+        "consumer": "Consumer",
+        "provider": "Provider Request Handler DEFAULT_MAX_INCOMPLETE DEFAULT_INCOMPLETE_TIMEOUT",
+    },
+)

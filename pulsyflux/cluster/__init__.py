@@ -21,22 +21,10 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getatt
     from .pubsub import ClusterPubSub
     from .url import RedisAddress, RedisError, parse_redis_url
 
-_LAZY = {
-    "ClusterDown": "link",
-    "ClusterPubSub": "pubsub",
-    "RedisAddress": "url",
-    "RedisError": "url",
-    "RedisLink": "link",
-    "parse_redis_url": "url",
-}
+__all__ = ["ClusterDown", "ClusterPubSub", "RedisAddress", "RedisError", "RedisLink", "parse_redis_url"]
 
-__all__ = [
-    "ClusterDown",
-    "ClusterPubSub",
-    "RedisAddress",
-    "RedisError",
-    "RedisLink",
-    "parse_redis_url",
-]
-
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+# Submodule -> the public names it defines.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {"link": "ClusterDown RedisLink", "pubsub": "ClusterPubSub", "url": "RedisAddress RedisError parse_redis_url"},
+)

@@ -23,70 +23,21 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getattr__
-    from .prometheus import LABEL_TEXT_LIMIT as LABEL_TEXT_LIMIT
     from .prometheus import prometheus_text
-    from .resources import DEFAULT_MAX_PUBLISH_BODY as DEFAULT_MAX_PUBLISH_BODY
     from .resources import HEADER_PREFIX
-    from .resources import JSON_TYPE as JSON_TYPE
-    from .resources import PROMETHEUS_TYPE as PROMETHEUS_TYPE
-    from .resources import Healthz as Healthz
-    from .resources import Metrics as Metrics
-    from .resources import Publish as Publish
-    from .resources import Root as Root
-    from .resources import Stats as Stats
     from .site import HTTPService, http_service, make_site
-    from .site import PulsyfluxSite as PulsyfluxSite
-    from .site import access_log_line as access_log_line
-    from .site import log as log
-    from .stats import DEFAULT_MAX_CONNECTIONS_LISTED as DEFAULT_MAX_CONNECTIONS_LISTED
-    from .stats import DEFAULT_MAX_TOPICS as DEFAULT_MAX_TOPICS
-    from .stats import OTHER_TOPICS as OTHER_TOPICS
-    from .stats import TOPIC_TEXT_LIMIT as TOPIC_TEXT_LIMIT
-    from .stats import broker_stats as broker_stats
-    from .stats import latency_stats as latency_stats
-    from .stats import process_stats as process_stats
-    from .stats import server_limits as server_limits
     from .stats import server_stats as server_stats
     from .stats import stats_document
 
-# Public name -> the submodule that defines it.
-_LAZY = {
-    "DEFAULT_MAX_TOPICS": "stats",
-    "DEFAULT_MAX_CONNECTIONS_LISTED": "stats",
-    "TOPIC_TEXT_LIMIT": "stats",
-    "OTHER_TOPICS": "stats",
-    "process_stats": "stats",
-    "server_limits": "stats",
-    "latency_stats": "stats",
-    "server_stats": "stats",
-    "broker_stats": "stats",
-    "stats_document": "stats",
-    "LABEL_TEXT_LIMIT": "prometheus",
-    "prometheus_text": "prometheus",
-    "log": "site",
-    "HEADER_PREFIX": "resources",
-    "JSON_TYPE": "resources",
-    "PROMETHEUS_TYPE": "resources",
-    "DEFAULT_MAX_PUBLISH_BODY": "resources",
-    "Healthz": "resources",
-    "Stats": "resources",
-    "Metrics": "resources",
-    "Publish": "resources",
-    "Root": "resources",
-    "make_site": "site",
-    "access_log_line": "site",
-    "PulsyfluxSite": "site",
-    "HTTPService": "site",
-    "http_service": "site",
-}
+__all__ = ["HEADER_PREFIX", "HTTPService", "http_service", "make_site", "prometheus_text", "stats_document"]
 
-__all__ = [
-    "HEADER_PREFIX",
-    "HTTPService",
-    "http_service",
-    "make_site",
-    "prometheus_text",
-    "stats_document",
-]
-
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+# Submodule -> the public names it defines.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "stats": "stats_document server_stats",
+        "prometheus": "prometheus_text",
+        "resources": "HEADER_PREFIX",
+        "site": "make_site HTTPService http_service",
+    },
+)
