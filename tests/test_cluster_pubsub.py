@@ -327,3 +327,46 @@ async def test_redis_killed_and_restarted_under_load_loses_nothing_locally_and_n
         await on_b.close()
         await a.stopService()
         await b.stopService()
+
+
+def _delivers_group(node: BrokerService, pattern: str, group: str) -> bool:
+    interest = node.broker._fanout.index.get(pattern)
+    return interest is not None and group in interest.groups and not interest.groups[group].elsewhere
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queue_group_across_servers_gets_each_message_once(cluster):
+    a, b = cluster
+    on_a = await BrokerClient.connect(_address(a))
+    on_b = await BrokerClient.connect(_address(b))
+    try:
+        members = {
+            "a1": await on_a.subscribe("jobs.*", group="workers"),
+            "a2": await on_a.subscribe("jobs.*", group="workers"),
+            "b1": await on_b.subscribe("jobs.*", group="workers"),
+            "b2": await on_b.subscribe("jobs.*", group="workers"),
+        }
+        plain = await on_b.subscribe("jobs.*")  # not in the group: gets every message
+        await _settled(a, b)
+        # one server delivers the group: the first by name of those with members ("a")
+        await eventually(
+            lambda: _delivers_group(a, "jobs.*", "workers") and not _delivers_group(b, "jobs.*", "workers")
+        )
+        for i in range(20):
+            await on_a.publish("jobs.eu", f"a{i}".encode())
+            await on_b.publish("jobs.us", f"b{i}".encode())
+        everything = sorted([m.payload for m in await _drain(plain, 40)])
+        assert everything == sorted([f"a{i}".encode() for i in range(20)] + [f"b{i}".encode() for i in range(20)])
+        got = {name: [] for name in members}
+        for name in ("a1", "a2"):
+            got[name] = [m.payload for m in await _drain(members[name], 20)]  # round-robin within a
+        assert sorted(got["a1"] + got["a2"]) == everything  # each message once, in the group
+        # a's members leave: b's take over
+        await on_a.unsubscribe("jobs.*")
+        await eventually(lambda: _delivers_group(b, "jobs.*", "workers"))
+        await on_a.publish("jobs.eu", b"after")
+        first = await defer.DeferredList([members["b1"].get(), members["b2"].get()], fireOnOneCallback=True)
+        assert first[0].payload == b"after"
+    finally:
+        await on_a.close()
+        await on_b.close()

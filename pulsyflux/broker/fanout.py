@@ -223,6 +223,17 @@ class Fanout:
         self._fan(items)
         return len(items)
 
+    def groups(self) -> list[tuple[str, str]]:
+        """Every (topic or pattern, queue group) with members here."""
+        return [(pattern, name) for pattern, interest in self.index.items() for name in interest.groups]
+
+    def deliver_group_here(self, pattern: str, group: str, here: bool) -> None:
+        """Whether this server delivers ``group``'s messages (in a cluster, one server does)."""
+        interest = self.index.get(pattern)
+        found = interest.groups.get(group) if interest is not None else None
+        if found is not None:
+            found.elsewhere = not here
+
     def patterns(self) -> list[str]:
         """Every topic and pattern someone here subscribes to."""
         return list(self.index)
@@ -271,7 +282,10 @@ class Fanout:
             self.index.add(outlet.topic, interest)
             if self.cluster is not None:
                 self.cluster.want(outlet.topic)
+        new_group = outlet.group is not None and outlet.group not in interest.groups
         interest.add(outlet, outlet.group)
+        if new_group and self.cluster is not None:
+            self.cluster.group_added(outlet.topic, outlet.group)
 
     def delist(self, outlet: Outlet) -> None:
         """Take a subscription out of the index; a pattern nobody wants any more goes."""
@@ -280,6 +294,8 @@ class Fanout:
             return
         interest.remove(outlet, outlet.group)
         interest.delivered_before += outlet.delivered
+        if outlet.group is not None and outlet.group not in interest.groups and self.cluster is not None:
+            self.cluster.group_removed(outlet.topic, outlet.group)
         if not interest.plain and not interest.groups:
             self.index.remove(outlet.topic)
             if self.cluster is not None:

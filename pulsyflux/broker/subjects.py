@@ -277,11 +277,13 @@ class Group(Generic[T]):
         ['a', 'b', 'a']
     """
 
-    __slots__ = ("name", "members", "_next")
+    __slots__ = ("name", "members", "elsewhere", "_next")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: list[T] = []
+        # In a cluster, another server delivers this group's messages (pulsyflux.cluster): none here.
+        self.elsewhere = False
         self._next = 0
 
     def __len__(self) -> int:
@@ -348,7 +350,9 @@ class Interest(Generic[T]):
             del self.groups[group]
 
     def recipients(self, has_room: Callable[[T], bool], out: list[T]) -> None:
-        """Append to ``out`` who gets one message: every plain member, one member per group."""
+        """Append to ``out`` who gets one message: every plain member, one member per group
+        (of the groups this server delivers, in a cluster)."""
         out.extend(self.plain)
         for group in self.groups.values():
-            out.append(group.pick(has_room))
+            if not group.elsewhere:
+                out.append(group.pick(has_room))

@@ -46,6 +46,8 @@ class Cluster:
         self.requests: Any = None
         self.registry: Any = None
         self._inbox = b""
+        self._local_groups: dict[bytes, tuple[str, str]] = {}  # "pattern\0group" -> (pattern, group)
+        self.pubsub.on_group = self._group
 
     def start(self) -> None:
         """Start once the node has its name (the default one has the listening port in it)."""
@@ -53,8 +55,11 @@ class Cluster:
         self.requests = ClusterRequests(self.link, self.node, self.factory, self.reactor, prefix=self.prefix)
         self.registry = Registry(
             self.link, self.node, self.reactor, self.requests.gain, self.requests.lose, prefix=self.prefix,
-            lease=self.lease,
+            lease=self.lease, on_groups=self._place_groups,
         )  # fmt: skip
+        self.pubsub.on_group = self._group
+        for key in self._local_groups:
+            self.registry.hold_group(key)
         self._inbox = self.requests.inbox(self.node)
         self.link.subscribe(self._inbox)
         router = self.factory.router
@@ -70,6 +75,31 @@ class Cluster:
         else:
             self.registry.release(channel)
             self.requests.release(channel)
+
+    # -- queue groups: one server of those with members delivers each group --
+
+    def _group(self, pattern: str, group: str, added: bool) -> None:
+        key = pattern.encode("utf-8") + b"\0" + group.encode("utf-8")
+        if added:
+            self._local_groups[key] = (pattern, group)
+            if self.registry is not None:
+                self.registry.hold_group(key)
+            self._place_groups()
+        else:
+            self._local_groups.pop(key, None)
+            if self.registry is not None:
+                self.registry.release_group(key)
+
+    def _place_groups(self) -> None:
+        """Each group of ours is delivered here only if this server comes first by name among
+        the live servers with members of it (so one member in the cluster gets each message)."""
+        fanout = self.pubsub.fanout
+        if fanout is None:
+            return
+        remote = self.registry.remote_groups if self.registry is not None else {}
+        for key, (pattern, group) in self._local_groups.items():
+            first = min([self.node, *(node for node, keys in remote.items() if key in keys)])
+            fanout.deliver_group_here(pattern, group, first == self.node)
 
     def _message(self, channel: bytes, data: bytes) -> None:
         if channel == self._inbox:

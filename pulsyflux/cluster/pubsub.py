@@ -16,7 +16,7 @@ local subscription's ``gaps`` count goes up by one, as after any gap.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -52,6 +52,10 @@ class FanoutLike(Protocol):
 
     def count_gaps(self) -> None: ...
 
+    def groups(self) -> list[tuple[str, str]]: ...
+
+    def deliver_group_here(self, pattern: str, group: str, here: bool) -> None: ...
+
 
 class ClusterPubSub:
     """One server's pub/sub presence in the cluster."""
@@ -64,6 +68,8 @@ class ClusterPubSub:
         self.interest = Interest(prefix)
         self.link = link
         self.fanout: Optional[FanoutLike] = None
+        # Told when a queue group appears or goes here (the cluster decides who delivers it).
+        self.on_group: Optional[Callable[[str, str, bool], None]] = None
         self.firehose_channel = firehose(prefix)
         self._topic_prefix = (prefix + "m:").encode("utf-8")
         self.firehose_on = False  # some server wants the firehose: publishes are copied there
@@ -97,6 +103,8 @@ class ClusterPubSub:
         self.fanout = fanout
         for pattern in fanout.patterns():
             self.want(pattern)
+        for pattern, group in fanout.groups():
+            self.group_added(pattern, group)
         for channel in old.channels():
             if channel not in self.interest.counts:
                 self.link.unsubscribe(channel)
@@ -114,6 +122,16 @@ class ClusterPubSub:
             self.link.subscribe(channel)
             if channel == self.firehose_channel:
                 self._renew_firehose()
+
+    def group_added(self, pattern: str, group: str) -> None:
+        """A queue group has its first member here."""
+        if self.on_group is not None:
+            self.on_group(pattern, group, True)
+
+    def group_removed(self, pattern: str, group: str) -> None:
+        """A queue group has lost its last member here."""
+        if self.on_group is not None:
+            self.on_group(pattern, group, False)
 
     def unwant(self, pattern: str) -> None:
         """A topic or pattern has lost its last local subscriber."""

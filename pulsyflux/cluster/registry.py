@@ -14,7 +14,7 @@ be protected like the servers (a password, TLS, a private network).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import LoopingCall
@@ -28,6 +28,7 @@ log = Logger()
 
 DEFAULT_LEASE = 3.0
 MAX_REMOTE_CHANNELS = 100_000  # channels of other servers one server keeps track of
+MAX_REMOTE_GROUPS = 10_000  # queue groups of one other server kept track of
 
 
 class Registry:
@@ -41,6 +42,7 @@ class Registry:
         on_gain: Callable[[str, bytes], None],
         on_lose: Callable[[str, bytes], None],
         *,
+        on_groups: Optional[Callable[[], None]] = None,
         prefix: str,
         lease: float = DEFAULT_LEASE,
     ) -> None:
@@ -51,8 +53,12 @@ class Registry:
         self.on_lose = on_lose
         self.prefix = prefix
         self.lease = lease
+        self.on_groups = on_groups
         self.held: set[bytes] = set()
         self.remote: dict[str, set[bytes]] = {}  # live server -> the channels it holds
+        # Queue groups with members: ours, and every live server's ("pattern\0group").
+        self.groups: set[bytes] = set()
+        self.remote_groups: dict[str, set[bytes]] = {}
         self.announcements = (prefix + "registry").encode("utf-8")
         self._loop = LoopingCall(self.tick)
         self._loop.clock = reactor
@@ -75,6 +81,18 @@ class Registry:
             self.link.execute(b"SREM", self._key("chans", self.node), channel).addErrback(lambda _: None)
             self._announce(b"-", channel)
 
+    def hold_group(self, key: bytes) -> None:
+        self.groups.add(key)
+        if self.link.up:
+            self.link.execute(b"SADD", self._key("groups", self.node), key).addErrback(lambda _: None)
+            self._announce(b"+", b"")
+
+    def release_group(self, key: bytes) -> None:
+        self.groups.discard(key)
+        if self.link.up:
+            self.link.execute(b"SREM", self._key("groups", self.node), key).addErrback(lambda _: None)
+            self._announce(b"-", b"")
+
     def _announce(self, sign: bytes, channel: bytes) -> None:
         data = sign + self.node.encode("utf-8") + b"\n" + channel
         self.link.execute(b"SPUBLISH", self.announcements, data).addErrback(lambda _: None)
@@ -82,9 +100,12 @@ class Registry:
     def _publish_all(self) -> None:
         """Our whole state again (after a (re)connect: Redis may have lost it, or restarted empty)."""
         chans = self._key("chans", self.node)
-        commands: list[tuple[Any, ...]] = [(b"DEL", chans)]
+        groups = self._key("groups", self.node)
+        commands: list[tuple[Any, ...]] = [(b"DEL", chans, groups)]
         if self.held:
             commands.append((b"SADD", chans, *self.held))
+        if self.groups:
+            commands.append((b"SADD", groups, *self.groups))
         for command in commands:
             self.link.execute(*command).addErrback(lambda _: None)
         self._heartbeat()
@@ -108,7 +129,9 @@ class Registry:
             return None
         # Leave at once rather than after the lease: the others stop routing here now.
         done = [
-            self.link.execute(b"DEL", self._key("node", self.node), self._key("chans", self.node)),
+            self.link.execute(
+                b"DEL", self._key("node", self.node), self._key("chans", self.node), self._key("groups", self.node)
+            ),
             self.link.execute(b"SREM", (self.prefix + "nodes").encode("utf-8"), self.node),
         ]
         self._announce(b"!", b"")
@@ -153,28 +176,40 @@ class Registry:
         others = [n for n in nodes if n != self.node]
         if not others:
             self._update({})
+            self._update_groups({})
             return None
         alive = [self.link.execute(b"EXISTS", self._key("node", n)) for n in others]
         chans = [self.link.execute(b"SMEMBERS", self._key("chans", n)) for n in others]
+        groups = [self.link.execute(b"SMEMBERS", self._key("groups", n)) for n in others]
 
         def read(results: Any) -> None:
             count = len(others)
             state: dict[str, set[bytes]] = {}
+            group_state: dict[str, set[bytes]] = {}
             gone: list[str] = []
             for i, node in enumerate(others):
                 ok_alive, is_alive = results[i]
                 ok_chans, members = results[count + i]
-                if not (ok_alive and ok_chans):
+                ok_groups, group_members = results[2 * count + i]
+                if not (ok_alive and ok_chans and ok_groups):
                     return  # a failed read changes nothing; the next one will tell
                 if is_alive:
                     state[node] = set(members or ())
+                    group_state[node] = set(list(group_members or ())[:MAX_REMOTE_GROUPS])
                 else:
                     gone.append(node)
             self._update(state)
+            self._update_groups(group_state)
             for node in gone:  # expired: tidy up for everyone
                 self.link.execute(b"SREM", (self.prefix + "nodes").encode("utf-8"), node).addErrback(lambda _: None)
 
-        return DeferredList(alive + chans, consumeErrors=True).addCallback(read)
+        return DeferredList(alive + chans + groups, consumeErrors=True).addCallback(read)
+
+    def _update_groups(self, state: dict[str, set[bytes]]) -> None:
+        if state != self.remote_groups:
+            self.remote_groups = state
+            if self.on_groups is not None:
+                self.on_groups()
 
     def _update(self, state: dict[str, set[bytes]]) -> None:
         for node in list(self.remote):
@@ -197,6 +232,8 @@ class Registry:
     def _forget(self, node: str) -> None:
         for channel in self.remote.pop(node, set()):
             self.on_lose(node, channel)
+        if self.remote_groups.pop(node, None) is not None and self.on_groups is not None:
+            self.on_groups()
 
     def stats(self) -> dict[str, Any]:
         return {
