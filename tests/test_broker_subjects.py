@@ -326,3 +326,21 @@ async def test_groups_in_the_stats_document_and_metrics_are_bounded(memory):
     assert 'pulsyflux_broker_group_members{topic="t4.*",group="g\\"4\\\\"} 5' in text
     assert text.count("pulsyflux_broker_group_members{") == 3
     await broker.close()
+
+
+@clocked
+async def test_a_reannounce_keeps_its_group_and_another_group_is_refused(memory):
+    channel = uuid.uuid4()
+    broker = await memory.connect(Broker, channel)
+    client = await memory.connect(BrokerClient, channel)
+    sub = await client.subscribe("jobs.*", group="workers")
+    raw = await memory.connect(Consumer, channel)
+    same = {"topic": "jobs.*", "channel": str(sub.channel), "group": "workers"}
+    assert await raw.send(messages.encode(messages.SUBSCRIBE, None, same)) == b"resumed"  # what a heartbeat sends
+    for other in ({**same, "group": "others"}, {"topic": "jobs.*", "channel": str(sub.channel)}):
+        with pytest.raises(RemoteError, match="already subscribed to another topic or group"):
+            await raw.send(messages.encode(messages.SUBSCRIBE, None, other))
+    assert broker.stats()["groups"] == [{"topic": "jobs.*", "group": "workers", "members": 1}]
+    await raw.close()
+    await client.close()
+    await broker.close()
