@@ -7,8 +7,9 @@ One idea per module: ``subscription`` (the subscriber's queue), ``outlet``
 (one subscription as the broker forwards to it), ``fanout`` (the broker
 Provider's handler: who subscribes to what), ``publisher`` (batched
 publishing), ``broker`` (:class:`Broker`, in this process), ``client``
-(:class:`BrokerClient`, through a broker elsewhere) and ``link`` (what they
-share about talking through a server).
+(:class:`BrokerClient`, through a broker elsewhere), ``link`` (what they
+share about talking through a server), ``subjects`` (patterns and queue
+groups, Twisted-free) and ``rights`` (who may publish and subscribe).
 
 The public names below are imported on first use (PEP 562), so a
 Twisted-free module of this package imports without Twisted.

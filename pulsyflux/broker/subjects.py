@@ -5,7 +5,7 @@ and :class:`Group` which one member of a queue group takes a message. No
 Twisted here; values are whatever the caller stores (the broker's outlets).
 
 Topics and patterns follow the NATS subject syntax, checked by the one topic
-rule (:func:`pulsyflux.messages.topic_problem`): ``.``-separated tokens; in
+rule (:func:`pulsyflux.wire.messages.topic_problem`): ``.``-separated tokens; in
 a pattern ``*`` matches exactly one token and a last ``>`` one or more.
 
     >>> index = Sublist()

@@ -471,7 +471,7 @@ class Client:
         """Present a new token on the live connection (and on every reconnect from now on).
 
         Fires once the server accepted it; fails with
-        :class:`~pulsyflux.errors.PermissionDenied` if it refused it (the
+        :class:`~pulsyflux.wire.errors.PermissionDenied` if it refused it (the
         connection keeps the rights of the token it had, until that one
         expires). Rights the new token no longer grants end now.
         """
