@@ -31,7 +31,8 @@ from .helpers import eventually
 
 ensure = pytest_twisted.ensureDeferred
 
-SECONDS = 2.5  # how long the hostile connections run
+REQUESTS = 12  # each honest consumer's requests, sent while the hostile connections run
+BURSTS = 40  # each hostile connection's bursts, at least (it goes on while honest traffic does)
 HOSTILE = 6  # hostile connections at once
 HEADER = struct.Struct(">BBH16sI")
 
@@ -137,28 +138,36 @@ class Attacker:
         ), False
 
 
-async def hostile_loop(server, attacker: Attacker, deadline: float) -> int:
-    """Keep one hostile connection open until the deadline; returns bursts sent."""
+async def hostile_loop(server, attacker: Attacker, honest_done) -> int:
+    """Keep one hostile connection open (a new one when it is closed) until it has sent
+    ``BURSTS`` bursts and the honest traffic is over; returns bursts sent.
+
+    Counted in work, not time: as strict on a loaded machine as on an idle one.
+    """
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port)
     sent = 0
-    while reactor.seconds() < deadline:
+
+    def going() -> bool:
+        return sent < BURSTS or not honest_done.called
+
+    while going():
         proto = await connectProtocol(endpoint, Hostile())
-        while reactor.seconds() < deadline and not proto.closed:
+        while going() and not proto.closed:
             data, ends = attacker.burst()
             proto.transport.write(data)
             sent += 1
             if ends:
                 proto.transport.loseConnection()
                 break
-            await task.deferLater(reactor, 0.002, lambda: None)
+            await task.deferLater(reactor, 0, lambda: None)  # one reactor turn: the server reads it
         if not proto.closed:
             proto.transport.loseConnection()
     return sent
 
 
-async def honest_loop(consumer: Consumer, rng: random.Random, deadline: float) -> int:
+async def honest_loop(consumer: Consumer, rng: random.Random) -> int:
     done = 0
-    while reactor.seconds() < deadline:
+    while done < REQUESTS:
         body = os.urandom(rng.choice([0, 1, 100, 5000, 70000, 300000]))
         tag = os.urandom(8)
         reply = await consumer.send(tag + body, timeout=10)
@@ -190,14 +199,15 @@ async def test_hostile_connections_never_disturb_well_behaved_traffic(server, se
     consumers = [await Consumer.connect(server.address, channel) for _ in range(3)]
     attacker = Attacker(random.Random(rng.random()), server, channel, [c.client_id.bytes for c in consumers])
 
-    deadline = reactor.seconds() + SECONDS
-    honest = [Deferred.fromCoroutine(honest_loop(c, random.Random(rng.random()), deadline)) for c in consumers]
-    hostile = [Deferred.fromCoroutine(hostile_loop(server, attacker, deadline)) for _ in range(HOSTILE)]
-    completed = await gatherResults(honest, consumeErrors=True)
+    honest_done = gatherResults(
+        [Deferred.fromCoroutine(honest_loop(c, random.Random(rng.random()))) for c in consumers], consumeErrors=True
+    )
+    hostile = [Deferred.fromCoroutine(hostile_loop(server, attacker, honest_done)) for _ in range(HOSTILE)]
     bursts = await gatherResults(hostile, consumeErrors=True)
+    completed = await honest_done
 
-    assert sum(completed) >= 30, completed
-    assert sum(bursts) >= 200, bursts
+    assert completed == [REQUESTS] * len(consumers)
+    assert sum(bursts) >= HOSTILE * BURSTS, bursts
     assert server.factory.stats.protocol_errors > 0  # the hostile input did reach the server
     assert all(c.pending == 0 for c in consumers)
     for client in consumers + providers:

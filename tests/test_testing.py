@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import error, reactor, threads
+from twisted.internet import error, reactor
 
 from pulsyflux import Consumer, Provider
 from pulsyflux.testing import start_server
@@ -66,51 +62,21 @@ async def test_drop_resets_one_client_over_tcp(pulsyflux_server, pulsyflux_chann
     await consumer.close()
 
 
-@ensure
-async def test_the_plugin_is_registered_for_users():
-    """A user's own test file gets the fixture without importing anything."""
-    return_code, output = await threads.deferToThread(_run_user_suite)
-    assert return_code == 0, output
-    assert "3 passed" in output
+def test_the_plugin_is_registered_for_users(request, pulsyflux_memory_server, pulsyflux_channel):
+    """A user's own test file gets the fixtures without importing anything.
 
+    pytest loads ``pulsyflux.pytest_plugin`` through its ``pytest11`` entry
+    point, as it did for this very session (nothing here names it: no
+    ``-p``, no ``pytest_plugins``), and its fixtures come with it.
+    """
+    from importlib.metadata import entry_points
 
-def _run_user_suite() -> tuple[int, str]:
-    import tempfile
-    from pathlib import Path
+    import pulsyflux.pytest_plugin as plugin
 
-    user_test = textwrap.dedent(
-        """
-        import pytest_twisted
-        from pulsyflux import Consumer, Provider
-
-        @pytest_twisted.ensureDeferred
-        async def test_mine(pulsyflux_server, pulsyflux_channel):
-            provider = await Provider.connect(pulsyflux_server.address, pulsyflux_channel, handler=bytes.upper)
-            consumer = await Consumer.connect(pulsyflux_server.address, pulsyflux_channel)
-            assert await consumer.send(b"hi") == b"HI"
-            await consumer.close()
-            await provider.close()
-
-        def test_fresh_server_each_time(pulsyflux_server):
-            assert pulsyflux_server.broker.published == 0
-
-        def test_in_memory(pulsyflux_memory_server, pulsyflux_channel):
-            server = pulsyflux_memory_server
-            server.run(server.connect(Provider, pulsyflux_channel, handler=bytes.upper))
-            consumer = server.run(server.connect(Consumer, pulsyflux_channel))
-            assert server.run(consumer.send(b"hi")) == b"HI"
-        """
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "test_user.py"
-        path.write_text(user_test)
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", str(path)],
-            cwd=tmp,
-            capture_output=True,
-            timeout=60,
-        )
-    return result.returncode, result.stdout.decode() + result.stderr.decode()
+    [entry] = [ep for ep in entry_points(group="pytest11") if ep.name == "pulsyflux"]
+    assert entry.load() is plugin
+    assert request.config.pluginmanager.get_plugin("pulsyflux") is plugin
+    assert pulsyflux_memory_server.run(pulsyflux_memory_server.connect(Consumer, pulsyflux_channel)).connected
 
 
 @ensure
