@@ -12,7 +12,7 @@ from twisted.internet import defer, task
 
 from pulsyflux import Broker, BrokerClient, Consumer, Provider, RemoteError, SubscriptionClosed
 from pulsyflux.broker import DEFAULT_BROKER_CHANNEL
-from pulsyflux.testing import start_server
+from pulsyflux.testing import MemoryServer, start_server
 from pulsyflux.wire import codec, messages
 
 from .helpers import clocked, eventually
@@ -24,6 +24,9 @@ KiB = 1 << 10
 
 
 async def _broker(server, **options) -> Broker:
+    """A broker on its own channel: over TCP, or on a MemoryServer (and its clock)."""
+    if isinstance(server, MemoryServer):
+        return await server.connect(Broker, uuid.uuid4(), **options)
     return await Broker.connect(server.address, uuid.uuid4(), **options)
 
 
@@ -45,8 +48,8 @@ async def _first_request(raw):
         count += 1
 
 
-async def _still_works(address, broker_channel=DEFAULT_BROKER_CHANNEL) -> None:
-    client = await BrokerClient.connect(address, broker_channel, heartbeat=None)
+async def _still_works(address, broker_channel=DEFAULT_BROKER_CHANNEL, reactor=None) -> None:
+    client = await BrokerClient.connect(address, broker_channel, heartbeat=None, reactor=reactor)
     try:
         sub = await client.subscribe("alive")
         await client.publish("alive", b"yes")
@@ -182,13 +185,16 @@ async def test_attack_many_never_reading_subscribers_hold_at_most_the_total(serv
 # -- item 11: announcements for channels nobody serves -----------------------------------
 
 
-@ensure
-async def test_attack_subscribes_to_dead_channels_are_refused_and_open_few_connections(server):
+@clocked
+async def test_attack_subscribes_to_dead_channels_are_refused_and_open_few_connections(memory):
+    # In memory: each dead channel costs the broker a second of retries, on the clock.
+    server = memory
     broker = await _broker(server, max_setups=4)
-    attacker = await Consumer.connect(server.address, broker.channel)
+    attacker = await memory.connect(Consumer, broker.channel)
     baseline = len(server.factory.router.connections)
     peak = [baseline]
     sampler = task.LoopingCall(lambda: peak.append(len(server.factory.router.connections)))
+    sampler.clock = memory.clock
     sampler.start(0.005)
     try:
         results = await defer.DeferredList(
@@ -203,7 +209,7 @@ async def test_attack_subscribes_to_dead_channels_are_refused_and_open_few_conne
     assert all(e.startswith("subscribe failed: no subscriber answers") for e in errors if e not in refused)
     assert max(peak) <= baseline + 4
     assert broker.stats()["refused"] == len(refused)
-    await _still_works(server.address, broker.channel)
+    await _still_works(server.address, broker.channel, reactor=memory.clock)
     await attacker.close()
     await broker.close()
 
@@ -310,12 +316,11 @@ async def test_attack_stats_reveal_no_subscriber_channel(server):
 # -- item 11, per client: one client's dead-channel flood does not starve the others ------
 
 
-@ensure
-async def test_attack_one_client_flooding_dead_subscribes_does_not_starve_honest_subscribers(server):
-    from twisted.internet import reactor
-
+@clocked
+async def test_attack_one_client_flooding_dead_subscribes_does_not_starve_honest_subscribers(memory):
+    server = memory  # in memory: each dead channel costs the broker a second of retries, on the clock
     broker = await _broker(server)  # the defaults: 64 setups at once, 8 per client
-    attacker = await Consumer.connect(server.address, broker.channel)
+    attacker = await memory.connect(Consumer, broker.channel)
     flooding = [True]
     refused_attacker = [0]
 
@@ -326,12 +331,12 @@ async def test_attack_one_client_flooding_dead_subscribes_does_not_starve_honest
                 await attacker.send(_announce("dead", uuid.uuid4()), timeout=10)
             except RemoteError as error:
                 refused_attacker[0] += str(error).startswith("subscribe refused: too many subscriptions being set up")
-            await task.deferLater(reactor, 0.005, lambda: None)
+            await task.deferLater(memory.clock, 0.005, lambda: None)
 
     slots = [defer.ensureDeferred(slot()) for _ in range(80)]
-    honest = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
+    honest = await memory.connect(BrokerClient, broker.channel, heartbeat=None)
     try:
-        await eventually(lambda: len(broker._fanout.opening) >= 8)  # the flood is on
+        await memory.until(lambda: len(broker._fanout.opening) >= 8)  # the flood is on
         subscribed = 0
         for i in range(20):
             await honest.subscribe(f"honest-{i}")  # on main: "too many subscriptions being set up"
