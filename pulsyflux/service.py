@@ -356,6 +356,13 @@ class Options(usage.Options):
             3.0,
             "Seconds after which the cluster forgets a server that stopped renewing its lease (killed, cut off).",
         ],
+        [
+            "auth",
+            None,
+            None,
+            "An auth file (JSON, or TOML on Python 3.11+): the keys tokens are checked with and what anonymous"
+            " clients may do (docs/security.md). Without it every client may do everything.",
+        ],
         ["grace", None, DEFAULT_GRACE, "Seconds a shutdown lets requests in flight finish before closing (0: none)."],
         [
             "max-connections",
@@ -437,10 +444,21 @@ class Options(usage.Options):
         parent = getattr(self, "parent", None)
         if parent is not None:  # under twistd: its log observer gets the level and format
             logs.configure(parent, self["log-level"], self["log-format"])
+        self.authority = None
+        if self["auth"]:
+            from .auth.config import AuthConfigError, load_auth_file
+
+            try:
+                self.authority = load_auth_file(self["auth"])
+            except AuthConfigError as error:
+                raise usage.UsageError(f"--auth: {error}") from None
 
     def server_factory(self, reactor: Any = None) -> ServerFactory:
-        """A :class:`ServerFactory` with the limits these options give."""
-        return ServerFactory(reactor, **{name.replace("-", "_"): self[name] for name in _LIMITS})
+        """A :class:`ServerFactory` with the limits (and the ``--auth`` checks) these options give."""
+        factory = ServerFactory(reactor, **{name.replace("-", "_"): self[name] for name in _LIMITS})
+        if getattr(self, "authority", None) is not None:
+            factory.router.enable_auth(self.authority)
+        return factory
 
 
 # The ServerFactory limits twistd takes as options, and the type of each.

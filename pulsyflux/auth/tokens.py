@@ -235,13 +235,14 @@ class Authority:
                 key.verify_key,
                 algorithms=[key.alg],
                 leeway=self.leeway,
-                options={"require": ["exp"], "verify_aud": False},
+                # Expiry is checked by check() below, on this Authority's clock (the reactor's, in tests).
+                options={"require": ["exp"], "verify_aud": False, "verify_exp": False},
             )
         except InvalidSignatureError:
             raise TokenError("bad signature", f"token signature does not verify with key {_short(kid)}") from None
         except InvalidAlgorithmError:  # signed some other way than its key id's key: a wrong key too
             raise TokenError("bad signature", f"token not signed with {key.alg} as key {_short(kid)} is") from None
-        except ExpiredSignatureError:
+        except ExpiredSignatureError:  # not raised with verify_exp off; kept should PyJWT's defaults change
             exp = _unverified_exp(token)
             raise TokenError("expired", f"token expired at {_when(exp)}" if exp else "token expired") from None
         except ImmatureSignatureError:
@@ -258,7 +259,10 @@ class Authority:
         if not isinstance(subject, str) or not subject:
             subject = "token:" + hashlib.sha256(token.encode("ascii")).hexdigest()[:16]
         jti = claims.get("jti")
-        return Identity(subject, grants, float(claims["exp"]), jti if isinstance(jti, str) else None, kid)
+        exp = claims["exp"]
+        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+            raise TokenError("malformed", "malformed token: 'exp' is not a number")
+        return Identity(subject, grants, float(exp), jti if isinstance(jti, str) else None, kid)
 
 
 def _short(text: str, limit: int = 40) -> str:

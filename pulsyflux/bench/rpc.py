@@ -72,6 +72,7 @@ class Options:
     large: int = 1 << 20  # bytes per request of the echo measurement
     baseline: bool = True  # also measure the bare relay
     relay_immediate: bool = False  # the relay sends at once too, as pulsyflux does (pulsyflux.writer)
+    auth: bool = False  # the router checks tokens (--auth): every client presents one (docs/security.md)
     python: str = sys.executable  # the interpreter for the child processes
 
 
@@ -97,6 +98,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the relay, its echo and its client send at once as pulsyflux does, instead of with transport.write",
     )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="the router checks tokens and grants (as with twistd --auth); the provider and consumers present one",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -110,6 +116,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         large=args.large,
         baseline=args.baseline,
         relay_immediate=getattr(args, "relay_immediate", False),
+        auth=getattr(args, "auth", False),
     )
 
 
@@ -322,6 +329,10 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
     clients: dict = {"consumers": [], "pids": {}}
     try:
         progress("starting the router and an echo provider")
+        token = None
+        if options.auth:  # the children read the key from their environment (spawn passes it on)
+            os.environ[_SECRET_ENV] = os.urandom(32).hex()
+            token = _bench_token()
         server = spawn(reactor, options.python, "router", "pulsyflux.bench.rpc", "server")
         children.append(server)
         port = int(await server.ready)
@@ -332,7 +343,7 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
         await provider.ready
         clients["pids"]["router"] = {"client": os.getpid(), "router": server.pid, "provider": provider.pid}
         for _ in range(options.consumers):
-            clients["consumers"].append(await Consumer.connect(address, channel, reactor=reactor))
+            clients["consumers"].append(await Consumer.connect(address, channel, reactor=reactor, token=token))
         if options.baseline:
             progress("starting the bare relay and echo server")
             mode = ["immediate"] if options.relay_immediate else []
@@ -360,6 +371,7 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
             progress(_one_line(result))
         return _summarise(options, runs)
     finally:
+        os.environ.pop(_SECRET_ENV, None)  # a later run in this process is what its own options say
         for consumer in clients["consumers"]:
             await consumer.close()
         if "relay" in clients:
@@ -444,7 +456,13 @@ def _serve(argv: list[str]) -> None:
     if argv[:1] == ["server"]:
         from pulsyflux.server import ServerFactory
 
-        port = reactor.listenTCP(0, ServerFactory(reactor), interface="127.0.0.1")
+        factory = ServerFactory(reactor)
+        if os.environ.get(_SECRET_ENV):
+            from pulsyflux.auth.grants import Grants
+            from pulsyflux.auth.tokens import Authority, Key
+
+            factory.router.enable_auth(Authority([Key.hs256("bench", os.environ[_SECRET_ENV])], Grants.none()))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         reactor.callWhenRunning(lambda: print(cast(IPv4Address, port.getHost()).port, flush=True))
     elif len(argv) == 3 and argv[0] == "provider":
         address, channel = f"127.0.0.1:{argv[1]}", argv[2]
@@ -456,8 +474,11 @@ def _serve(argv: list[str]) -> None:
             print(failure.getErrorMessage(), file=sys.stderr, flush=True)
             reactor.stop()
 
+        token = _bench_token() if os.environ.get(_SECRET_ENV) else None
         reactor.callWhenRunning(
-            lambda: Provider.connect(address, channel, handler=_echo, reactor=reactor).addCallbacks(connected, failed)
+            lambda: Provider.connect(address, channel, handler=_echo, reactor=reactor, token=token).addCallbacks(
+                connected, failed
+            )
         )
     else:
         sys.exit("usage: python -m pulsyflux.bench.rpc server | provider PORT CHANNEL")
@@ -466,6 +487,17 @@ def _serve(argv: list[str]) -> None:
 
 def _echo(payload: bytes) -> bytes:
     return payload
+
+
+_SECRET_ENV = "PULSYFLUX_BENCH_AUTH_SECRET"
+
+
+def _bench_token() -> str:
+    """A token for every channel, signed with the secret the parent put in the environment."""
+    from pulsyflux.auth.tokens import Key, mint
+
+    key = Key.hs256("bench", os.environ[_SECRET_ENV])
+    return mint(key, {"provide": ["*"], "consume": ["*"]}, 24 * 3600, subject="bench")
 
 
 if __name__ == "__main__":

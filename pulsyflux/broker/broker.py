@@ -247,6 +247,8 @@ class Broker:
         if self._closing is None:
             self._closed = self._closed or ConnectionLostError("the broker is closed")
             self._fanout.closing = True
+            if self._fanout.rights is not None:
+                self._fanout.rights.stop()  # no longer told of token changes (a restarted broker has its own)
             waits = [self._fanout.remove_all(BROKER_CLOSED)]
             if self._publisher is not None:
                 waits.append(self._publisher.close(self._closed))

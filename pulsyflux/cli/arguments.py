@@ -11,6 +11,22 @@ from typing import Optional
 from ..wire.printable import printable_bytes
 from .runner import EXIT_USAGE, CLIError
 
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_ttl(text: str) -> float:
+    """A lifetime: seconds, or a number with s, m, h or d (``90s``, ``30m``, ``1h``, ``7d``)."""
+    unit = _TTL_UNITS.get(text[-1:].lower()) if text else None
+    number = text[:-1] if unit else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"a lifetime is a positive number of seconds or 30m, 1h, 7d; not {text!r}")
+    return seconds
+
+
 __all__ = [
     "parse_channel",
     "headers_from",

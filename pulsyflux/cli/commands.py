@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from ..wire.printable import UNSAFE_BEYOND_C0, printable, printable_block
 from .arguments import headers_from, payload_text, read_data
 from .progress import ProgressBar
-from .runner import EXIT_ERROR, EXIT_USAGE, CLIError, Output, describe, print_err
+from .runner import EXIT_ERROR, EXIT_USAGE, TOKEN_ENV, CLIError, Output, describe, print_err
 from .stats import format_info, format_stats, plural
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "cmd_ping",
     "cmd_info",
     "cmd_stats",
+    "cmd_token",
     "cmd_bench",
 ]
 
@@ -40,7 +41,7 @@ async def cmd_request(reactor: Any, args: argparse.Namespace) -> int:
     from ..client import Consumer
 
     payload = read_data(args.data, "request data")
-    consumer = await Consumer.connect(args.server, args.channel, reactor=reactor)
+    consumer = await Consumer.connect(args.server, args.channel, reactor=reactor, token=args.token)
     try:
         started = time.perf_counter()
         reply = await consumer.send(payload, timeout=args.timeout)
@@ -183,7 +184,9 @@ async def cmd_reply(reactor: Any, args: argparse.Namespace) -> int:
     provider = await _patiently(
         reactor,
         args,
-        lambda: Provider.connect(args.server, args.channel, handler=handler, reactor=reactor, reconnect=args.reconnect),
+        lambda: Provider.connect(
+            args.server, args.channel, handler=handler, reactor=reactor, reconnect=args.reconnect, token=args.token
+        ),
     )
     if args.reconnect:
         lost_at = [0.0]
@@ -241,7 +244,9 @@ async def _broker_client(reactor: Any, args: argparse.Namespace, reconnect: bool
 
     async def connect() -> Any:
         try:
-            return await BrokerClient.connect(args.server, channel, reactor=reactor, reconnect=reconnect)
+            return await BrokerClient.connect(
+                args.server, channel, reactor=reactor, reconnect=reconnect, token=args.token
+            )
         except NoProviderError:
             raise CLIError(
                 f"no broker answers on channel {channel} at {args.server} "
@@ -448,7 +453,7 @@ async def cmd_ping(reactor: Any, args: argparse.Namespace) -> int:
 
     started = reactor.seconds()
     # A fresh random channel: registering there reveals and touches nothing.
-    consumer = await Consumer.connect(args.server, uuid.uuid4(), reactor=reactor)
+    consumer = await Consumer.connect(args.server, uuid.uuid4(), reactor=reactor, token=args.token)
     out = Output()
     times: list[float] = []
     try:
@@ -470,7 +475,7 @@ async def cmd_ping(reactor: Any, args: argparse.Namespace) -> int:
 
 
 async def cmd_info(reactor: Any, args: argparse.Namespace) -> int:
-    document = await _get_json(reactor, args.http_url + "/stats", args.http)
+    document = await _get_json(reactor, args.http_url + "/stats", args.http, args.token)
     out = Output()
     if args.json:
         server = document.get("server", {})
@@ -484,8 +489,36 @@ async def cmd_info(reactor: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_token(reactor: Any, args: argparse.Namespace) -> int:
+    """Mint a token (no server involved): the operator's side of --auth."""
+    from ..auth.config import AuthConfigError, load_signing_key
+    from ..auth.grants import GrantError, Grants
+    from ..auth.tokens import mint
+
+    rules: dict[str, Any] = {}
+    for right in ("provide", "consume", "publish", "subscribe"):
+        given = getattr(args, right)
+        if given:
+            rules[right] = given
+    if args.stats:
+        rules["stats"] = True
+    try:
+        key = load_signing_key(args.key, args.kid)
+        grants = Grants(rules)
+        token = mint(key, grants, args.ttl, subject=args.subject, jti=args.id)
+    except (AuthConfigError, GrantError, ValueError) as error:
+        raise CLIError(str(error), EXIT_USAGE) from None
+    out = Output()
+    if args.json:
+        expires = int(time.time() + args.ttl)
+        out.line(json.dumps({"token": token, "kid": key.kid, "expires": expires, "grants": grants.as_dict()}))
+    else:
+        out.line(token)
+    return 0
+
+
 async def cmd_stats(reactor: Any, args: argparse.Namespace) -> int:
-    document = await _get_json(reactor, args.http_url + "/stats", args.http)
+    document = await _get_json(reactor, args.http_url + "/stats", args.http, args.token)
     out = Output()
     if args.json:
         out.line(json.dumps(document, indent=2))
@@ -495,12 +528,14 @@ async def cmd_stats(reactor: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _get_json(reactor: Any, url: str, shown: str) -> Any:
+async def _get_json(reactor: Any, url: str, shown: str, token: Optional[str] = None) -> Any:
     from twisted.web.client import Agent, readBody
+    from twisted.web.http_headers import Headers
 
     agent = Agent(reactor, connectTimeout=5)
+    headers = Headers({b"authorization": [b"Bearer " + token.encode("ascii", "replace")]}) if token else None
     try:
-        response = await agent.request(b"GET", url.encode())
+        response = await agent.request(b"GET", url.encode(), headers)
         body = await readBody(response)
     except Exception as error:
         from twisted.internet import error as net_error
@@ -508,6 +543,13 @@ async def _get_json(reactor: Any, url: str, shown: str) -> Any:
         if isinstance(error, net_error.ConnectionRefusedError):
             raise CLIError(f"cannot reach the HTTP API at {shown}: connection refused (started with --http?)") from None
         raise CLIError(f"cannot reach the HTTP API at {shown}: {error}") from None
+    if response.code in (401, 403):
+        try:
+            said = str(json.loads(body).get("error", ""))
+        except (ValueError, AttributeError):
+            said = ""
+        hint = "" if token else f" (give a token: --token or ${TOKEN_ENV})"
+        raise CLIError(f"{url} answered HTTP {response.code}: {printable(said, 300) or 'permission denied'}{hint}")
     if response.code != 200:
         raise CLIError(f"{url} answered HTTP {response.code}")
     try:

@@ -17,11 +17,12 @@ from .arguments import (
     parse_header,
     parse_subscribed_topic,
     parse_topic,
+    parse_ttl,
     positive_float,
     positive_int,
 )
-from .commands import cmd_bench, cmd_info, cmd_ping, cmd_pub, cmd_reply, cmd_request, cmd_stats, cmd_sub
-from .runner import EXIT_USAGE, CLIError, Command
+from .commands import cmd_bench, cmd_info, cmd_ping, cmd_pub, cmd_reply, cmd_request, cmd_stats, cmd_sub, cmd_token
+from .runner import EXIT_USAGE, TOKEN_ENV, CLIError, Command
 
 __all__ = ["SERVER_ENV", "BROKER_CHANNEL_ENV", "HTTP_ENV", "build_parser", "finish_args", "parse_args"]
 
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDRESS",
         default=os.environ.get(SERVER_ENV) or DEFAULT_ADDRESS,
         help=f"the server as host:port or a Twisted client endpoint (default: ${SERVER_ENV} or {DEFAULT_ADDRESS})",
+    )
+    group.add_argument(
+        "--token",
+        metavar="JWT",
+        default=os.environ.get(TOKEN_ENV) or None,
+        help=f"the token to present to a server started with --auth (default: ${TOKEN_ENV}); see 'pulsyflux token'",
     )
     brokered = argparse.ArgumentParser(add_help=False)
     group = brokered.add_argument_group("broker")
@@ -252,6 +259,30 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"the HTTP API address (default: ${HTTP_ENV}, or the --server host on port {DEFAULT_HTTP_PORT})",
         )
         p.add_argument("--json", action="store_true", help=json_help)
+
+    p = add(
+        "token",
+        cmd_token,
+        "mint a token for a server started with --auth",
+        "Sign a token (a JWT) with the key in FILE granting the rights given, and print it. FILE is an "
+        "Ed25519 private key (PEM, with --kid), one key entry as in an auth file, or the auth file itself "
+        "(its HS256 key named by --kid, else the first). Channel rules are UUIDs or '*'; topic rules use the "
+        "broker's patterns ('orders.>', 'orders.*.eu'); a rule starting with '!' denies. Each option can "
+        "be repeated. See docs/security.md.",
+    )
+    p.add_argument("--key", "-k", required=True, metavar="FILE", help="the signing key (see above)")
+    p.add_argument("--kid", metavar="ID", help="the key id the server knows the key by")
+    p.add_argument("--provide", action="append", metavar="CHANNEL", help="may register as provider on CHANNEL")
+    p.add_argument("--consume", action="append", metavar="CHANNEL", help="may send requests on CHANNEL")
+    p.add_argument("--publish", action="append", metavar="PATTERN", help="may publish to topics PATTERN matches")
+    p.add_argument(
+        "--subscribe", action="append", metavar="PATTERN", help="may subscribe to PATTERN or anything inside it"
+    )
+    p.add_argument("--stats", action="store_true", help="may read /stats and /metrics when they need a token")
+    p.add_argument("--ttl", type=parse_ttl, default=3600.0, metavar="DURATION", help="lifetime: 90s, 30m, 1h, 7d (1h)")
+    p.add_argument("--subject", metavar="NAME", help="who the token names (logs, refusals, revocation)")
+    p.add_argument("--id", metavar="JTI", help="the token's id, what a revocation names (default: random)")
+    p.add_argument("--json", action="store_true", help="print {token, kid, expires, grants} as JSON")
 
     p = add(
         "bench",

@@ -25,6 +25,7 @@ from ..wire.printable import printable
 __all__ = [
     "DEBUG_ENV",
     "describe",
+    "TOKEN_ENV",
     "EXIT_ERROR",
     "EXIT_USAGE",
     "EXIT_INTERRUPTED",
@@ -39,6 +40,7 @@ __all__ = [
 
 
 DEBUG_ENV = "PULSYFLUX_DEBUG"
+TOKEN_ENV = "PULSYFLUX_TOKEN"  # --token's default: the token for a server started with --auth
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -153,6 +155,7 @@ def describe(error: BaseException, args: argparse.Namespace) -> str:
     from ..wire.errors import (
         ConnectionLostError,
         NoProviderError,
+        PermissionDenied,
         RemoteError,
         RequestTimeout,
         ServerOverloaded,
@@ -179,7 +182,7 @@ def describe(error: BaseException, args: argparse.Namespace) -> str:
         return f"the provider answered with an error: {error.message}"
     if isinstance(error, ServerOverloaded):
         return f"the server refused the request: {error}"
-    if isinstance(error, ConnectionLostError):
+    if isinstance(error, (ConnectionLostError, PermissionDenied)):
         return str(error)
     if isinstance(error, (OSError, ValueError, TypeError)):
         return str(error)

@@ -176,6 +176,18 @@ def prometheus_text(document: dict[str, Any]) -> str:
     c = document.get("cluster")
     if c is not None:
         _cluster_metrics(m, c)
+    auth = s.get("auth")
+    if auth is not None:
+        m.family(
+            "pulsyflux_auth_refusals_total",
+            "counter",
+            "Tokens and rights refused, by kind (expired, bad signature, unknown key, provide, publish...).",
+            [({"kind": kind}, count) for kind, count in sorted(auth["refusals"].items())],
+        )
+        m.one("pulsyflux_auth_tokens_accepted_total", "counter", "Tokens accepted (first ones and refreshes).",
+              auth["authenticated"])  # fmt: skip
+        m.one("pulsyflux_auth_connections_with_token", "gauge", "Open connections holding a token.",
+              auth["connections_with_token"])  # fmt: skip
     return m.text()
 
 

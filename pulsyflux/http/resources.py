@@ -86,21 +86,77 @@ class Healthz(_Leaf):
     render_HEAD = render_GET
 
 
+def bearer_identity(request: Request, gate: Any) -> Any:
+    """The identity an ``Authorization: Bearer <token>`` header proves (anonymous without one).
+
+    Returns ``(status, body)`` instead when the header is refused: 401, with
+    the token's own ``permission denied: ...`` line (counted, as on the wire).
+    """
+    from ..auth.tokens import TokenError
+
+    raw = request.getHeader(b"authorization")
+    if raw is None:
+        return gate.authority.anonymous
+    header = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    scheme, _, token = header.partition(" ")
+    try:
+        if scheme.lower() != "bearer" or not token.strip():
+            raise TokenError("malformed", "the Authorization header takes 'Bearer <token>'")
+        return gate.authority.verify(token.strip())
+    except TokenError as error:
+        gate.refuse(error.kind, error.message)
+        request.setHeader(b"www-authenticate", b'Bearer error="invalid_token"')
+        return http.UNAUTHORIZED, {"error": error.message}
+
+
+def _refused(request: Request, gate: Any, identity: Any, right: str, what: str) -> bytes:
+    """403 (401 for anonymous clients: a token may help) naming the missing ``right`` (doing ``what``), counted."""
+    from ..auth.gate import describe
+    from ..wire.errors import permission_denied
+
+    message = permission_denied(f"{describe(identity)} may not {what}")
+    gate.refuse(right, message)
+    if identity.anonymous:
+        request.setHeader(b"www-authenticate", b"Bearer")
+        return _json(request, http.UNAUTHORIZED, {"error": message})
+    return _json(request, http.FORBIDDEN, {"error": message})
+
+
+def _stats_refusal(request: Request, gate: Any) -> Optional[bytes]:
+    """None if this request may read /stats and /metrics (auth file ``"stats": "token"``), else the answer."""
+    if gate is None or not gate.authority.stats_need_token:
+        return None
+    identity = bearer_identity(request, gate)
+    if isinstance(identity, tuple):
+        return _json(request, *identity)
+    if not identity.grants.stats:
+        return _refused(request, gate, identity, "stats", "read /stats and /metrics")
+    return None
+
+
 class Stats(_Leaf):
-    def __init__(self, document: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, document: Callable[[], dict[str, Any]], gate: Any = None) -> None:
         super().__init__()
         self.document = document
+        self.gate = gate
 
     def render_GET(self, request: Request) -> bytes:
+        refused = _stats_refusal(request, self.gate)
+        if refused is not None:
+            return refused
         return _json(request, http.OK, self.document())
 
 
 class Metrics(_Leaf):
-    def __init__(self, document: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, document: Callable[[], dict[str, Any]], gate: Any = None) -> None:
         super().__init__()
         self.document = document
+        self.gate = gate
 
     def render_GET(self, request: Request) -> bytes:
+        refused = _stats_refusal(request, self.gate)
+        if refused is not None:
+            return refused
         request.setHeader(b"content-type", PROMETHEUS_TYPE)
         # Every label is printable() already; "replace" is the last safety net.
         return prometheus_text(self.document()).encode("utf-8", "replace")
@@ -113,9 +169,12 @@ class Publish(_Leaf):
     log = Logger()
     takes_path = True
 
-    def __init__(self, broker: Any, max_body: int = DEFAULT_MAX_PUBLISH_BODY, timeout: float = 5.0) -> None:
+    def __init__(
+        self, broker: Any, max_body: int = DEFAULT_MAX_PUBLISH_BODY, timeout: float = 5.0, gate: Any = None
+    ) -> None:
         super().__init__()
         self.broker = broker
+        self.gate = gate  # a server with --auth: Authorization: Bearer <token>, checked as on the wire
         self.max_body = max_body
         self.timeout = timeout
         from twisted.internet import reactor
@@ -136,6 +195,15 @@ class Publish(_Leaf):
         payload = content.read()
         if len(payload) > self.max_body:
             return self._too_large(request)
+        gate = self.gate
+        if gate is not None:
+            identity = bearer_identity(request, gate)
+            if isinstance(identity, tuple):
+                return _json(request, *identity)
+            if not identity.grants.may_publish(topic):
+                from ..wire.printable import excerpt
+
+                return _refused(request, gate, identity, "publish", f"publish to {excerpt(topic)}")
         if self.broker is None:
             return _json(request, http.SERVICE_UNAVAILABLE, {"error": "this server runs no broker"})
         headers = {}

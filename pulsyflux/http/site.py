@@ -79,9 +79,10 @@ def make_site(
 
     root = Root()
     root.putChild(b"healthz", Healthz(ready or (lambda: []), degraded))
-    root.putChild(b"stats", Stats(document))
-    root.putChild(b"metrics", Metrics(document))
-    root.putChild(b"publish", Publish(broker, max_body=max_body))
+    gate = getattr(getattr(server_factory, "router", None), "gate", None)  # --auth: tokens checked here too
+    root.putChild(b"stats", Stats(document, gate))
+    root.putChild(b"metrics", Metrics(document, gate))
+    root.putChild(b"publish", Publish(broker, max_body=max_body, gate=gate))
     site = PulsyfluxSite(root, requestFactory=_BoundedRequest)
     site.max_body = max_body
     site.noisy = False

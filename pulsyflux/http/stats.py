@@ -157,6 +157,7 @@ def server_stats(
         "protocol_errors": stats.protocol_errors,
         "slow_consumers": stats.slow_consumers,
         "errors": dict(sorted(stats.errors.items())),  # by kind: a small, fixed vocabulary
+        "auth": router.gate.stats() if router.gate is not None else None,  # refusals by kind (--auth)
         "recent_errors": list(stats.recent_errors),  # the last few texts, short and printable
         "bytes": {"in": stats.bytes_in, "out": stats.bytes_out},
     }
