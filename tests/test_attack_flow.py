@@ -25,7 +25,7 @@ from pulsyflux.server import ServerFactory
 from pulsyflux.testing import start_server
 from pulsyflux.wire import codec, messages
 
-from .helpers import eventually, later
+from .helpers import collect_unless_refcounted, eventually, later
 from .test_reliability import other_channel_round_trips
 from .wire import connect_raw, register_frames, request_frames
 
@@ -199,6 +199,7 @@ async def _closed_while_gc_is_off(server, conn_ref, decoder_ref, close) -> None:
         close()
         await closed
         await later(0)  # let the reactor finish the call that lost the connection
+        collect_unless_refcounted()
         assert conn_ref() is None, "the closed connection waits for the cycle collector"
         assert decoder_ref() is None, "its partial-frame buffer waits for the cycle collector"
     finally:
@@ -242,6 +243,7 @@ async def test_attack_closed_connection_frees_its_partial_frame_while_a_deadline
         raw.transport.loseConnection()
         await closed
         await later(0)
+        collect_unless_refcounted()
         assert decoder_ref() is None, "a closed connection's partial frame outlives it"
     finally:
         gc.enable()
@@ -283,6 +285,7 @@ async def test_attack_refused_connection_is_freed_without_gc(channel):
         sock.close()
         await closed
         await later(0)
+        collect_unless_refcounted()
         assert conn_ref() is None, "a refused connection waits for the cycle collector"
     finally:
         gc.enable()

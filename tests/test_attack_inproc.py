@@ -36,7 +36,7 @@ from pulsyflux.server.inproc import InProcessAddress, InProcessEndpoint, InProce
 from pulsyflux.wire import codec, messages
 from pulsyflux.wire.errors import MSG_CHANNEL_RESERVED
 
-from .helpers import eventually, within_turns
+from .helpers import collect_unless_refcounted, eventually, within_turns
 from .test_tls import PKI, client
 from .wire import RawClient, register_frames
 
@@ -457,6 +457,7 @@ def test_a_closed_pair_is_freed_without_the_garbage_collector():
     del ta, tb
     gc.disable()
     try:
+        collect_unless_refcounted()
         assert [ref() for ref in refs] == [None, None]
     finally:
         gc.enable()
