@@ -49,6 +49,13 @@ _BENCHES = {
         "measure publish -> receive latency and a 1->1 flood from one server to the other, requests in flight "
         "from one to a provider on the other, and the CPU each process spends per message and per request.",
     ),
+    "capacity": (
+        "what the server sustains, loaded from several processes",
+        "Start a server and its broker in a child process (--server-python picks its interpreter; --server "
+        "is not used), load it from publisher and subscriber processes with 1 to 10,000 subscribers and "
+        "several message sizes, and report messages and deliveries per second, the server's CPU per "
+        "message and per delivery, and its idle memory per connection and per subscription.",
+    ),
 }
 
 
@@ -288,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         cmd_bench,
         "measure throughput and latency",
-        "Run a benchmark: 'rpc' (request/response round trips through a router) or 'pubsub' (broker "
-        "fan-out). Shows a progress bar when stdout is a terminal; prints msgs/s and latency percentiles, "
+        "Run a benchmark: 'rpc' (request/response round trips through a router), 'pubsub' (broker "
+        "fan-out), 'cluster' (two servers sharing a Redis) or 'capacity' (the server loaded from several "
+        "processes). Shows a progress bar when stdout is a terminal; prints msgs/s and latency percentiles, "
         "or one JSON object with --json. Run 'pulsyflux bench KIND --help' for its options.",
     )
     kinds = p.add_subparsers(dest="kind", metavar="KIND")
