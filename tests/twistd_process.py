@@ -52,7 +52,7 @@ def bare_venv(env_dir: Path) -> Path:
     Returns the virtualenv's bin directory.
     """
     venv.create(env_dir, with_pip=False)
-    [site] = (env_dir / "lib").glob("python*/site-packages")
+    [site] = (env_dir / "lib").glob("*/site-packages")
     deps = env_dir / "deps"
     deps.mkdir()
     here = Path(sysconfig.get_paths()["purelib"])
@@ -96,7 +96,7 @@ def build_wheel_venv(root: Path) -> Path:
     _, wheel = build_dists(root)
     bindir = bare_venv(root / "venv")
     pip_install(bindir, str(wheel))
-    [plugins] = (root / "venv" / "lib").glob("python*/site-packages/twisted/plugins")
+    [plugins] = (root / "venv" / "lib").glob("*/site-packages/twisted/plugins")
     (plugins / "dropin.cache").mkdir()  # unwritable, even for root: renaming a file over it fails
     return bindir
 
