@@ -105,6 +105,19 @@ def test_batches_keep_each_message_text_unchanged():
     assert list(split_body(b" [ ] ")) == []
 
 
+def test_a_flood_of_distinct_topics_keeps_the_topic_cache_bounded_and_encodings_exact():
+    """Topic JSON is cached for speed: many topics, long ones and escaped ones never change a byte or grow it."""
+    for i in range(3 * messages._TOPIC_JSON_MAX):
+        topic = f"<t&{i}>\u2028"
+        assert encode(topic, b"hi", {"k": "v"}) == encode(topic, b"hi", {"k": "v"})  # the second from the cache
+        assert len(messages._TOPIC_JSON) <= messages._TOPIC_JSON_MAX
+    long_topic = "x" * (messages._TOPIC_JSON_CHARS + 1)
+    assert encode(long_topic, None, None) == b'{"Topic":"' + long_topic.encode() + b'","Payload":null,"Headers":null}'
+    assert long_topic not in messages._TOPIC_JSON
+    assert encode("<a&b>", b"", None) == b'{"Topic":"\\u003ca\\u0026b\\u003e","Payload":"","Headers":null}'
+    assert encode("t", b"hi", {"k": "v"}) == FULL
+
+
 def test_message_is_immutable():
     msg = Message("t", b"x")
     with pytest.raises(AttributeError):

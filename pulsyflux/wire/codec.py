@@ -64,6 +64,10 @@ _RESPONSE_START_AND_CHUNK = struct.Struct(HEADER.format + f"{ROUTING_SIZE}s" + H
 # larger ones are written as they are (copying a megabyte costs more than a
 # second write). The client, the provider and the writer all use it.
 JOIN_LIMIT = 64 * 1024
+# Up to this size ``head + payload + tail`` costs no more than a join; past it
+# the chain's second copy of the payload does (callgrind: 1 KB 14% more, 16 KB twice).
+_PLUS_LIMIT = 512
+_join = b"".join
 ZERO_ROUTING = bytes(ROUTING_SIZE)
 DEFAULT_TIMEOUT_MS = 5000
 
@@ -145,7 +149,7 @@ def write_request(
             VERSION, START, 0, request_id, METADATA_SIZE, ROLE_CONSUMER, timeout_ms, client_id, channel_id,
             VERSION, CHUNK, 0, request_id, size,
         )  # fmt: skip
-        write(head + payload + tail)
+        write(head + payload + tail if size <= _PLUS_LIMIT else _join((head, payload, tail)))
         return
     head = _pack_start(VERSION, START, 0, request_id, METADATA_SIZE, ROLE_CONSUMER, timeout_ms, client_id, channel_id)
     if not size:
@@ -168,7 +172,7 @@ def write_response(write: Callable[[bytes], object], request_id: bytes, routing:
             VERSION, RESPONSE_START, 0, request_id, ROUTING_SIZE, routing,
             VERSION, RESPONSE_CHUNK, 0, request_id, size,
         )  # fmt: skip
-        write(head + payload + tail)
+        write(head + payload + tail if size <= _PLUS_LIMIT else _join((head, payload, tail)))
         return
     head = _pack_header(VERSION, RESPONSE_START, 0, request_id, ROUTING_SIZE) + routing
     if not size:

@@ -153,6 +153,23 @@ def _go_string(text: str) -> str:
     return out
 
 
+# Topics repeat: their JSON is kept, for short topics and up to this many (then forgotten at once).
+_TOPIC_JSON: dict[str, str] = {}
+_TOPIC_JSON_MAX = 1024
+_TOPIC_JSON_CHARS = 256
+
+
+def _topic_json(topic: str) -> str:
+    text = _TOPIC_JSON.get(topic)
+    if text is None:
+        text = _go_string(topic)
+        if len(topic) <= _TOPIC_JSON_CHARS:
+            if len(_TOPIC_JSON) >= _TOPIC_JSON_MAX:
+                _TOPIC_JSON.clear()
+            _TOPIC_JSON[topic] = text
+    return text
+
+
 def encode_text(topic: str, payload: Optional[Body], headers: Optional[Mapping[str, str]]) -> str:
     """:func:`encode` as a str (what batches are joined from).
 
@@ -166,7 +183,7 @@ def encode_text(topic: str, payload: Optional[Body], headers: Optional[Mapping[s
     else:
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
-        payload_json = '"' + binascii.b2a_base64(payload, newline=False).decode("ascii") + '"'
+        payload_json = f'"{binascii.b2a_base64(payload, newline=False).decode("ascii")}"'
     if headers is None:
         headers_json = "null"
     elif not headers:
@@ -177,9 +194,10 @@ def encode_text(topic: str, payload: Optional[Body], headers: Optional[Mapping[s
             value = headers[key]
             if type(key) is not str or type(value) is not str:
                 raise TypeError(f"headers must map str to str, got {key!r}: {value!r}")
-            parts.append(_go_string(key) + ":" + _go_string(value))
-        headers_json = "{" + ",".join(parts) + "}"
-    return '{"Topic":' + _go_string(topic) + ',"Payload":' + payload_json + ',"Headers":' + headers_json + "}"
+            parts.append(f"{_go_string(key)}:{_go_string(value)}")
+        headers_json = f"{{{','.join(parts)}}}"
+    # One f-string: the message is built in one pass (a chain of + copies it once per piece).
+    return f'{{"Topic":{_topic_json(topic)},"Payload":{payload_json},"Headers":{headers_json}}}'
 
 
 def encode(topic: str, payload: Optional[Body] = b"", headers: Optional[Mapping[str, str]] = None) -> bytes:
@@ -197,7 +215,7 @@ def encode_batch(texts: list[str]) -> bytes:
     """
     if len(texts) == 1:
         return texts[0].encode("utf-8")
-    return ("[" + ",".join(texts) + "]").encode("utf-8")
+    return f"[{','.join(texts)}]".encode()  # one copy fewer than "[" + ... + "]"
 
 
 # -- decoding ---------------------------------------------------------------
