@@ -1,11 +1,14 @@
 """``twistd pulsyflux`` as an operator meets it: bad options, listeners, logs.
 
-Bad options go through a real ``twistd`` process (the one-line, exit 1
-promise is about what the process prints); the rest runs in-process.
+The one-line, exit 1 promise for bad options is about what the process
+prints: two real ``twistd`` processes check it; each message is checked
+in-process, through the option parser twistd itself runs. The rest runs
+in-process too.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +40,34 @@ def one_line(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def refused(cwd: Path, *args: str) -> str:
+    """What ``twistd -n pulsyflux ARGS`` exits with, parsed in this process as twistd parses it.
+
+    twistd's own ``ServerOptions`` hands the subcommand's options to ours;
+    a bad one raises SystemExit with the line the process prints (Python
+    prints a SystemExit's text on stderr and exits 1; the processes below
+    check that end of it).
+    """
+    from twisted.scripts.twistd import ServerOptions
+
+    here = os.getcwd()
+    os.chdir(cwd)  # relative file names are the operator's
+    try:
+        ServerOptions().parseOptions(["-n", "--pidfile=", "pulsyflux", *args])
+    except SystemExit as exited:
+        assert isinstance(exited.code, str), exited.code
+        assert "\n" not in exited.code
+        return exited.code
+    finally:
+        os.chdir(here)
+    raise AssertionError(f"twistd pulsyflux {' '.join(args)} was accepted")
+
+
+def test_a_bad_option_is_one_line_and_exit_status_1_from_a_real_twistd(tmp_path):
+    line = one_line(twistd(tmp_path, "--port", "abc"))
+    assert line.startswith("twistd pulsyflux: --port: 'abc' is not a port or a server endpoint description")
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
@@ -48,18 +79,24 @@ def one_line(done: subprocess.CompletedProcess) -> str:
         (["--no-such-option"], "twistd pulsyflux: option --no-such-option not recognized"),
     ],
 )
-def test_a_bad_option_is_one_line_and_exit_status_1(tmp_path, args, says):
-    assert one_line(twistd(tmp_path, *args)).startswith(says)
+def test_a_bad_option_is_one_line(tmp_path, args, says):
+    assert refused(tmp_path, *args).startswith(says)
+
+
+def test_tls_without_pyopenssl_says_what_to_install_from_a_real_twistd(tmp_path):
+    done = twistd(tmp_path, "--port", "ssl:9443:privateKey=server.pem", prelude="sys.modules['OpenSSL'] = None")
+    assert one_line(done) == "twistd pulsyflux: --port: ssl: needs pyOpenSSL: pip install 'pulsyflux[tls]'"
 
 
 @pytest.mark.parametrize("kind", ["ssl", "mtls"])
-def test_tls_without_pyopenssl_says_what_to_install(tmp_path, kind):
-    done = twistd(tmp_path, "--port", f"{kind}:9443:privateKey=server.pem", prelude="sys.modules['OpenSSL'] = None")
-    assert one_line(done) == f"twistd pulsyflux: --port: {kind}: needs pyOpenSSL: pip install 'pulsyflux[tls]'"
+def test_tls_without_pyopenssl_says_what_to_install(tmp_path, kind, monkeypatch):
+    monkeypatch.setitem(sys.modules, "OpenSSL", None)  # what an install without the [tls] extra has
+    line = refused(tmp_path, "--port", f"{kind}:9443:privateKey=server.pem")
+    assert line == f"twistd pulsyflux: --port: {kind}: needs pyOpenSSL: pip install 'pulsyflux[tls]'"
 
 
 def test_a_tls_file_that_is_missing_is_named(tmp_path):
-    line = one_line(twistd(tmp_path, "--port", "ssl:9443:privateKey=missing.pem"))
+    line = refused(tmp_path, "--port", "ssl:9443:privateKey=missing.pem")
     assert line.endswith(f"No such file or directory: {tmp_path / 'missing.pem'}")
 
 
@@ -272,26 +309,17 @@ def test_json_lines(capsys):
     ],
 )
 def test_a_bad_log_option_is_one_line(tmp_path, args, says):
-    assert one_line(twistd(tmp_path, *args)).startswith(says)
+    assert refused(tmp_path, *args).startswith(says)
 
 
 def test_json_and_a_logger_of_ones_own_are_one_choice_too_many(tmp_path):
-    done = subprocess.run(
-        [
-            str(TWISTD),
-            "-n",
-            "--pidfile=",
-            "--logger=pulsyflux.logs.twistd_observer",
-            "pulsyflux",
-            "--log-format",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=60,
-    )
-    assert one_line(done) == "twistd pulsyflux: --log-format and twistd's --logger both choose how to log: give one"
+    from twisted.scripts.twistd import ServerOptions
+
+    with pytest.raises(SystemExit) as exited:
+        ServerOptions().parseOptions(
+            ["-n", "--pidfile=", "--logger=pulsyflux.logs.twistd_observer", "pulsyflux", "--log-format", "json"]
+        )
+    assert exited.value.code == "twistd pulsyflux: --log-format and twistd's --logger both choose how to log: give one"
 
 
 @pytest_twisted.ensureDeferred
