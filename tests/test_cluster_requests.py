@@ -8,7 +8,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from pulsyflux import Consumer, NoProviderError, Provider
+from pulsyflux import Consumer, NoProviderError, Provider, RequestTimeout
 from pulsyflux.service import BrokerService
 
 from .helpers import eventually
@@ -268,3 +268,119 @@ async def test_a_server_killed_under_load_fails_only_its_own_requests_and_the_re
             b.transport.signalProcess(signal.SIGKILL)
         await b.ended
         await a.stopService()
+
+
+async def _intruder(node: BrokerService):
+    """A raw Redis connection: what a faulty or hostile server could write to the cluster's keys and channels."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from pulsyflux.cluster.redis import RedisCommands
+
+    return await connectProtocol(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", node.cluster.link.address.port), RedisCommands()
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_consumer_that_gives_up_frees_its_relayed_request_on_both_servers(pair):
+    a, b = pair
+    channel = uuid.uuid4()
+    stuck: defer.Deferred = defer.Deferred()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: stuck)
+    consumer = await Consumer.connect(_address(a), channel)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        with pytest.raises(RequestTimeout):
+            await consumer.send(b"too slow", timeout=0.3)
+        # a's relay was told by its router: the entry and its bytes go now (not after 300 s), and b stops waiting
+        await eventually(lambda: not a.cluster.requests.out and not b.cluster.requests.serving)
+        assert a.cluster.requests.out_bytes == 0 and a.cluster.requests.cancelled == 1
+    finally:
+        stuck.callback(b"late")
+        await consumer.close()
+        await provider.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pieces_of_a_request_that_never_completes_are_freed(pair):
+    a, b = pair
+    channel = uuid.uuid4()
+    b.cluster.requests.incomplete_timeout = 0.2
+    intruder = await _intruder(b)
+    try:
+        for i in range(50):  # first pieces whose rest never comes (a server that died mid-send)
+            head = b"q gone %016d " % i + channel.bytes.hex().encode() + b" 1\n"
+            await intruder.execute("SPUBLISH", "pulsyflux:n:b", head + b"x" * 10_000)
+        await eventually(lambda: b.cluster.requests.in_bytes > 0)
+        await eventually(lambda: not b.cluster.requests.incoming)
+        assert b.cluster.requests.in_bytes == 0
+    finally:
+        intruder.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_from_another_server_than_the_one_asked_is_ignored(pair):
+    a, b = pair
+    channel = uuid.uuid4()
+    stuck: defer.Deferred = defer.Deferred()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: stuck)
+    consumer = await Consumer.connect(_address(a), channel)
+    intruder = await _intruder(a)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        waiting = consumer.send(b"who answers?", timeout=30)
+        await eventually(lambda: len(a.cluster.requests.out) == 1 and b.cluster.requests.serving)
+        (rid,) = a.cluster.requests.out
+        await intruder.execute("SPUBLISH", "pulsyflux:n:a", b"r mallory " + rid + b" ok 0\nforged")
+        await eventually(lambda: a.cluster.requests.bad == 1)
+        stuck.callback(b"the real answer")
+        assert await waiting == b"the real answer"
+    finally:
+        intruder.transport.loseConnection()
+        await consumer.close()
+        await provider.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_restarted_under_the_same_name_fails_what_was_in_flight_at_once(pair):
+    a, b = pair
+    channel = uuid.uuid4()
+    stuck: defer.Deferred = defer.Deferred()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: stuck)
+    consumer = await Consumer.connect(_address(a), channel)
+    intruder = await _intruder(a)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        waiting = consumer.send(b"lost with b's previous life", timeout=30)
+        await eventually(lambda: len(a.cluster.requests.out) == 1)
+        # b comes back within its lease under the same name: its lease key holds a new incarnation
+        await intruder.execute("SET", "pulsyflux:node:b", "another-life", "PX", "3000")
+        with pytest.raises(NoProviderError):
+            await waiting
+    finally:
+        stuck.callback(b"")
+        intruder.transport.loseConnection()
+        await consumer.close()
+        await provider.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_names_from_redis_are_checked_and_their_number_bounded(pair):
+    a, _ = pair
+    channel = uuid.uuid4()
+    intruder = await _intruder(a)
+    try:
+        for name in ("evil\x1b[2Jname", "ghost"):
+            await intruder.execute("SADD", "pulsyflux:nodes", name)
+            await intruder.execute("SET", f"pulsyflux:node:{name}", "1", "PX", "30000")
+            await intruder.execute("SADD", f"pulsyflux:chans:{name}", channel.bytes)
+        await intruder.execute("SADD", "pulsyflux:nodes", b"\xff\xfe")
+        await eventually(lambda: ("ghost", channel.bytes) in a.cluster.requests.relays)
+        assert ("evil\x1b[2Jname", channel.bytes) not in a.cluster.requests.relays
+        assert a.cluster.registry.bad_nodes >= 2
+    finally:
+        for name in ("evil\x1b[2Jname", "ghost"):
+            await intruder.execute("SREM", "pulsyflux:nodes", name)
+            await intruder.execute("DEL", f"pulsyflux:node:{name}", f"pulsyflux:chans:{name}")
+        intruder.transport.loseConnection()

@@ -106,6 +106,10 @@ class Provider(Client):
         # request id -> routing until answered; None once the server gave up on it (respond() is a no-op)
         self._routing: dict[bytes, Optional[bytes]] = {}
         self._handling: Optional[bytes] = None  # the request id whose handler call is running
+        # With cancel_abandoned: the handler's pending Deferred per request, cancelled when the
+        # server gives up on it (the cluster's relay uses it to free what it holds at once).
+        self.cancel_abandoned = False
+        self._abandonable: dict[bytes, Deferred[Any]] = {}
         self._queue: DeferredQueue[Request] = DeferredQueue()
 
     @classmethod
@@ -250,6 +254,9 @@ class Provider(Client):
                 self._incomplete_bytes -= held.size
             if request_id in self._routing:
                 self._routing[request_id] = None  # respond() becomes a no-op; it removes the entry
+                pending = self._abandonable.pop(request_id, None)
+                if pending is not None:
+                    pending.cancel()  # its errback finds routing None: nothing is sent
             elif held is None:
                 self._unmatched_error(request_id, payload)
                 return
@@ -305,6 +312,10 @@ class Provider(Client):
         finally:
             self._handling = outer
         if isinstance(result, Deferred):
+            if self.cancel_abandoned and not result.called:
+                abandonable = self._abandonable
+                abandonable[request_id] = result
+                result.addBoth(_forget, abandonable, request_id)
             result.addCallback(self._answer, request_id)
             result.addErrback(self._answer_error, request_id)
         elif isinstance(result, Failure):
@@ -336,6 +347,7 @@ class Provider(Client):
             self._send_answer(request_id, routing, b"", failure.value)
 
     def _fail_pending(self, error: Exception) -> None:
+        self._abandonable.clear()
         self._incoming.clear()
         self._incomplete_bytes = 0
         sweeper, self._sweeper = self._sweeper, None
@@ -347,3 +359,8 @@ class Provider(Client):
             return  # receive() waits for the next connection
         while self._queue.waiting:
             self._queue.waiting.pop(0).errback(error)
+
+
+def _forget(result: Any, pending: dict[bytes, Any], request_id: bytes) -> Any:
+    pending.pop(request_id, None)
+    return result

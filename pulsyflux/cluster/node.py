@@ -55,7 +55,7 @@ class Cluster:
         self.requests = ClusterRequests(self.link, self.node, self.factory, self.reactor, prefix=self.prefix)
         self.registry = Registry(
             self.link, self.node, self.reactor, self.requests.gain, self.requests.lose, prefix=self.prefix,
-            lease=self.lease, on_groups=self._place_groups,
+            lease=self.lease, on_groups=self._place_groups, on_gone=self.requests.gone,
         )  # fmt: skip
         self.pubsub.on_group = self._group
         for key in self._local_groups:

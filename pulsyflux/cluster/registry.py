@@ -14,6 +14,7 @@ be protected like the servers (a password, TLS, a private network).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import DeferredList
@@ -21,6 +22,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .link import RedisLink
+from .shape import check_node_name
 
 __all__ = ["Registry"]
 
@@ -29,6 +31,7 @@ log = Logger()
 DEFAULT_LEASE = 3.0
 MAX_REMOTE_CHANNELS = 100_000  # channels of other servers one server keeps track of
 MAX_REMOTE_GROUPS = 10_000  # queue groups of one other server kept track of
+MAX_NODES = 1000  # other servers one server reads (three Redis reads each, every lease / 3)
 
 
 class Registry:
@@ -43,6 +46,7 @@ class Registry:
         on_lose: Callable[[str, bytes], None],
         *,
         on_groups: Optional[Callable[[], None]] = None,
+        on_gone: Optional[Callable[[str], None]] = None,
         prefix: str,
         lease: float = DEFAULT_LEASE,
     ) -> None:
@@ -54,6 +58,12 @@ class Registry:
         self.prefix = prefix
         self.lease = lease
         self.on_groups = on_groups
+        self.on_gone = on_gone
+        # Written in our lease key: a server restarted under the same name has another, so the
+        # others forget what they were doing with its previous life.
+        self.incarnation = os.urandom(8).hex().encode("ascii")
+        self.incarnations: dict[str, bytes] = {}
+        self.bad_nodes = 0  # names in the node set that are no node name (skipped)
         self.held: set[bytes] = set()
         self.remote: dict[str, set[bytes]] = {}  # live server -> the channels it holds
         # Queue groups with members: ours, and every live server's ("pattern\0group").
@@ -113,7 +123,9 @@ class Registry:
 
     def _heartbeat(self) -> None:
         lease_ms = int(self.lease * 1000)
-        self.link.execute(b"SET", self._key("node", self.node), b"1", b"PX", lease_ms).addErrback(lambda _: None)
+        self.link.execute(b"SET", self._key("node", self.node), self.incarnation, b"PX", lease_ms).addErrback(
+            lambda _: None
+        )
         self.link.execute(b"SADD", (self.prefix + "nodes").encode("utf-8"), self.node).addErrback(lambda _: None)
 
     # -- life -----------------------------------------------------------------
@@ -172,13 +184,23 @@ class Registry:
         self._reading = False
 
     def _read_nodes(self, members: Any) -> Any:
-        nodes = [m.decode("utf-8", "replace") for m in members or []]
-        others = [n for n in nodes if n != self.node]
+        others: list[str] = []
+        for member in members or ():
+            try:
+                node = member.decode("utf-8")
+                check_node_name(node)
+            except ValueError:  # UnicodeDecodeError too: not written by a pulsyflux server
+                self.bad_nodes += 1
+                continue
+            if node != self.node:
+                others.append(node)
+        if len(others) > MAX_NODES:
+            others = sorted(others)[:MAX_NODES]
         if not others:
             self._update({})
             self._update_groups({})
             return None
-        alive = [self.link.execute(b"EXISTS", self._key("node", n)) for n in others]
+        alive = [self.link.execute(b"GET", self._key("node", n)) for n in others]
         chans = [self.link.execute(b"SMEMBERS", self._key("chans", n)) for n in others]
         groups = [self.link.execute(b"SMEMBERS", self._key("groups", n)) for n in others]
 
@@ -194,6 +216,9 @@ class Registry:
                 if not (ok_alive and ok_chans and ok_groups):
                     return  # a failed read changes nothing; the next one will tell
                 if is_alive:
+                    if self.incarnations.get(node, is_alive) != is_alive:
+                        self._forget(node)  # restarted under the same name: its old requests are lost
+                    self.incarnations[node] = is_alive
                     state[node] = set(members or ())
                     group_state[node] = set(list(group_members or ())[:MAX_REMOTE_GROUPS])
                 else:
@@ -230,8 +255,11 @@ class Registry:
                 self.on_gain(node, channel)
 
     def _forget(self, node: str) -> None:
+        self.incarnations.pop(node, None)
         for channel in self.remote.pop(node, set()):
             self.on_lose(node, channel)
+        if self.on_gone is not None:
+            self.on_gone(node)
         if self.remote_groups.pop(node, None) is not None and self.on_groups is not None:
             self.on_groups()
 
@@ -241,4 +269,5 @@ class Registry:
             "nodes_count": len(self.remote) + 1,
             "channels_held": len(self.held),
             "channels_elsewhere": sum(len(c) for c in self.remote.values()),
+            "bad_nodes": self.bad_nodes,
         }

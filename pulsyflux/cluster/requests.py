@@ -42,6 +42,7 @@ MAX_IN_FLIGHT = 10_000  # requests this server forwards at once
 MAX_OUT_BYTES = 256 << 20  # bytes of bodies being forwarded at once
 MAX_IN_BYTES = 256 << 20  # bytes of other servers' requests and answers being reassembled here
 RELAY_TIMEOUT = 300.0  # seconds a relayed request may wait for its answer (the real deadline is the consumer's)
+INCOMPLETE_TIMEOUT = 30.0  # seconds the rest of a request in pieces may take to arrive before its pieces go
 ERROR_CHARS = 4096
 
 
@@ -61,6 +62,17 @@ class _Out:
         self.timer = timer
 
 
+class _In:
+    """A request from another server still arriving in pieces."""
+
+    __slots__ = ("parts", "size", "timer")
+
+    def __init__(self, timer: Any) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.timer = timer
+
+
 class ClusterRequests:
     """Relays for the channels other servers hold; this server's inbox for theirs."""
 
@@ -74,15 +86,19 @@ class ClusterRequests:
         self.max_body = getattr(self.router, "max_body", 64 << 20)
         self.relays: dict[tuple[str, bytes], Deferred[Provider]] = {}
         self.relayed_by_channel: dict[bytes, int] = {}
+        self.relays_by_node: dict[str, int] = {}
         self.consumers: dict[bytes, Deferred[Consumer]] = {}
         self.out: dict[bytes, _Out] = {}
         self.out_bytes = 0
-        self.incoming: dict[tuple[str, bytes], list[bytes]] = {}
+        self.incoming: dict[tuple[str, bytes], _In] = {}  # requests in pieces, (origin, rid)
+        self.serving: dict[tuple[str, bytes], Deferred[Any]] = {}  # requests sent to a local provider
+        self.incomplete_timeout = INCOMPLETE_TIMEOUT
         self.in_bytes = 0
         self.forwarded = 0  # requests sent to other servers
         self.served = 0  # requests other servers sent here, answered
         self.failed = 0  # forwarded requests that failed here (link down, overloaded, server gone)
         self.bad = 0  # inbox messages that were not ours to read
+        self.cancelled = 0  # forwarded requests whose consumer gave up (deadline, left): the other server told
         self._limiter = LogLimiter(reactor, summary_to(log))
         self._endpoint = InProcessEndpoint(factory, reactor, label="cluster")
 
@@ -98,13 +114,14 @@ class ClusterRequests:
             return
         count = self.relayed_by_channel.get(channel, 0)
         self.relayed_by_channel[channel] = count + 1
+        self.relays_by_node[node] = self.relays_by_node.get(node, 0) + 1
         self.router.relayed.add(channel)
 
         def handler(body: bytes) -> Deferred[bytes]:
             return self.forward(node, channel, body)
 
         d = Provider.connect(self._endpoint, channel, handler=handler, reactor=self.reactor)
-        d.addErrback(self._relay_failed, key)
+        d.addCallbacks(_cancelling, self._relay_failed, errbackArgs=(key,))
         self.relays[key] = d
 
     def _relay_failed(self, failure: Any, key: tuple[str, bytes]) -> None:
@@ -117,16 +134,27 @@ class ClusterRequests:
         """``node`` holds ``channel`` no more (or is gone): its relay goes, its requests fail."""
         if (node, channel) in self.relays:
             self._drop_relay((node, channel))
-        for rid, entry in list(self.out.items()):
-            if entry.node == node and node not in self._nodes_with_relays():
+        if node not in self.relays_by_node:  # its last relay: what was sent there will not come back
+            for rid in [rid for rid, entry in self.out.items() if entry.node == node]:
                 self._finish(rid, Relayed(errors.MSG_PEER_DISAPPEARED))
 
-    def _nodes_with_relays(self) -> set[str]:
-        return {node for node, _ in self.relays}
+    def gone(self, node: str) -> None:
+        """``node`` left the cluster (or restarted): what it sent here and was not answered goes."""
+        for key in [key for key in self.incoming if key[0] == node]:
+            self._drop_incoming(key)
+        for key in [key for key in self.serving if key[0] == node]:
+            self.serving.pop(key).cancel()  # nobody there waits for the answer
+        for rid in [rid for rid, entry in self.out.items() if entry.node == node]:
+            self._finish(rid, Relayed(errors.MSG_PEER_DISAPPEARED))
 
     def _drop_relay(self, key: tuple[str, bytes]) -> None:
         d = self.relays.pop(key)
-        channel = key[1]
+        node, channel = key
+        left = self.relays_by_node.get(node, 1) - 1
+        if left:
+            self.relays_by_node[node] = left
+        else:
+            self.relays_by_node.pop(node, None)
         count = self.relayed_by_channel.get(channel, 1) - 1
         if count:
             self.relayed_by_channel[channel] = count
@@ -146,7 +174,7 @@ class ClusterRequests:
             self.failed += 1
             return fail(Relayed(errors.overloaded("too many requests in flight to other servers")))
         rid = os.urandom(8).hex().encode("ascii")
-        d: Deferred[bytes] = Deferred()
+        d: Deferred[bytes] = Deferred(lambda _: self._cancel(rid))
         timer = self.reactor.callLater(RELAY_TIMEOUT, self._finish, rid, Relayed(errors.MSG_TIMED_OUT))
         self.out[rid] = _Out(d, node, len(body), timer)
         self.out_bytes += len(body)
@@ -168,14 +196,31 @@ class ClusterRequests:
                 return
             start = stop
 
-    def _finish(self, rid: bytes, result: Any) -> None:
+    def _release(self, rid: bytes) -> Any:
         entry = self.out.pop(rid, None)
         if entry is None:
-            return
+            return None
         self.out_bytes -= entry.size
         self.in_bytes -= entry.received
         if entry.timer.active():
             entry.timer.cancel()
+        return entry
+
+    def _cancel(self, rid: bytes) -> None:
+        """The consumer gave up (its deadline, it left: the router told the relay): free the
+        request here and tell the other server, which stops waiting for its provider."""
+        entry = self._release(rid)
+        if entry is None:
+            return
+        self.cancelled += 1
+        if self.link.up:
+            head = b"c " + self.node.encode("utf-8") + b" " + rid + b" -"
+            self._send_chunks(entry.node, head, b"")
+
+    def _finish(self, rid: bytes, result: Any) -> None:
+        entry = self._release(rid)
+        if entry is None:
+            return
         if isinstance(result, BaseException):
             self.failed += 1
             entry.deferred.errback(result)
@@ -187,20 +232,34 @@ class ClusterRequests:
     def message(self, data: bytes) -> None:
         newline = data.find(b"\n", 0, 512)
         fields = data[:newline].split(b" ") if newline > 0 else []
-        if len(fields) != 5 or fields[0] not in (b"q", b"r") or fields[4] not in (b"0", b"1"):
+        if len(fields) != 5 or fields[0] not in (b"q", b"r", b"c") or fields[4] not in (b"0", b"1"):
             self.bad += 1
             return
-        kind, origin, rid, arg, more = fields
+        kind, origin_bytes, rid, arg, more = fields
+        origin = origin_bytes.decode("utf-8", "replace")
         chunk = data[newline + 1 :]
         if kind == b"r":
-            self._answer_chunk(rid, arg, more == b"1", chunk)
+            self._answer_chunk(origin, rid, arg, more == b"1", chunk)
+        elif kind == b"q":
+            self._request_chunk(origin, rid, arg, more == b"1", chunk)
         else:
-            self._request_chunk(origin.decode("utf-8", "replace"), rid, arg, more == b"1", chunk)
+            self._cancelled(origin, rid)
 
-    def _answer_chunk(self, rid: bytes, status: bytes, more: bool, chunk: bytes) -> None:
+    def _cancelled(self, origin: str, rid: bytes) -> None:
+        """The asking server's consumer gave up: its pieces or its wait for a provider here go."""
+        key = (origin, rid)
+        self._drop_incoming(key)
+        d = self.serving.pop(key, None)
+        if d is not None:
+            d.cancel()
+
+    def _answer_chunk(self, origin: str, rid: bytes, status: bytes, more: bool, chunk: bytes) -> None:
         entry = self.out.get(rid)
         if entry is None:
             return  # timed out, or the server went: dropped
+        if entry.node != origin:
+            self.bad += 1  # only the server asked answers
+            return
         entry.parts.append(chunk)
         entry.received += len(chunk)
         self.in_bytes += len(chunk)
@@ -217,23 +276,42 @@ class ClusterRequests:
 
     def _request_chunk(self, origin: str, rid: bytes, channel_hex: bytes, more: bool, chunk: bytes) -> None:
         key = (origin, rid)
-        parts = self.incoming.get(key)
-        if parts is None:
-            if len(self.incoming) >= MAX_IN_FLIGHT:
+        held = self.incoming.get(key)
+        if held is None:
+            if key in self.serving:
+                self.bad += 1  # a second request under the same id
+                return
+            if len(self.incoming) + len(self.serving) >= MAX_IN_FLIGHT:
                 self._reply(origin, rid, False, errors.overloaded("too many requests from other servers"))
                 return
-            parts = self.incoming[key] = []
-        parts.append(chunk)
+            if not more:  # the common case: the whole request in one piece
+                if len(chunk) > self.max_body or self.in_bytes + len(chunk) > MAX_IN_BYTES:
+                    self._reply(origin, rid, False, errors.too_large("request", "larger than this server accepts"))
+                    return
+                self._serve(origin, rid, channel_hex, chunk)
+                return
+            # The rest must come within incomplete_timeout, or the pieces go.
+            held = self.incoming[key] = _In(self.reactor.callLater(self.incomplete_timeout, self._stale, key))
+        held.parts.append(chunk)
+        held.size += len(chunk)
         self.in_bytes += len(chunk)
-        size = sum(len(p) for p in parts) if more or len(parts) > 1 else len(chunk)
-        if size > self.max_body or self.in_bytes > MAX_IN_BYTES:
+        if held.size > self.max_body or self.in_bytes > MAX_IN_BYTES:
             self._drop_incoming(key)
             self._reply(origin, rid, False, errors.too_large("request", "larger than this server accepts"))
             return
         if more:
             return
-        body = b"".join(parts)
+        body = b"".join(held.parts)
         self._drop_incoming(key)
+        self._serve(origin, rid, channel_hex, body)
+
+    def _stale(self, key: tuple[str, bytes]) -> None:
+        if self.incoming.get(key) is not None:
+            self.incoming[key].timer = None
+            self._drop_incoming(key)
+            self._reply(key[0], key[1], False, errors.MSG_TIMED_OUT)
+
+    def _serve(self, origin: str, rid: bytes, channel_hex: bytes, body: bytes) -> None:
         try:
             channel = bytes.fromhex(channel_hex.decode("ascii"))
         except ValueError:
@@ -242,16 +320,25 @@ class ClusterRequests:
         if len(channel) != 16:
             self.bad += 1
             return
+        key = (origin, rid)
         d = self._consumer(channel).addCallback(lambda consumer: consumer.send(body, timeout=RELAY_TIMEOUT))
-        d.addCallbacks(
-            lambda answer: self._reply(origin, rid, True, answer),
-            lambda failure: self._reply(origin, rid, False, str(failure.value) or type(failure.value).__name__),
-        )
+        self.serving[key] = d
+        d.addCallbacks(self._served, self._not_served, callbackArgs=(key,), errbackArgs=(key,))
+
+    def _served(self, answer: bytes, key: tuple[str, bytes]) -> None:
+        if self.serving.pop(key, None) is not None:
+            self._reply(key[0], key[1], True, answer)
+
+    def _not_served(self, failure: Failure, key: tuple[str, bytes]) -> None:
+        if self.serving.pop(key, None) is not None:  # else cancelled: nobody waits for it
+            self._reply(key[0], key[1], False, str(failure.value) or type(failure.value).__name__)
 
     def _drop_incoming(self, key: tuple[str, bytes]) -> None:
-        parts = self.incoming.pop(key, None)
-        if parts:
-            self.in_bytes -= sum(len(p) for p in parts)
+        held = self.incoming.pop(key, None)
+        if held is not None:
+            self.in_bytes -= held.size
+            if held.timer is not None and held.timer.active():
+                held.timer.cancel()
 
     def _consumer(self, channel: bytes) -> Deferred[Consumer]:
         """The relay Consumer for ``channel`` (one per channel, opened on first use)."""
@@ -301,6 +388,11 @@ class ClusterRequests:
             self.release(channel)
         for rid in list(self.out):
             self._finish(rid, Relayed(errors.MSG_PEER_DISAPPEARED))
+        for key in list(self.incoming):
+            self._drop_incoming(key)
+        for d in list(self.serving.values()):
+            d.cancel()
+        self.serving.clear()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -309,5 +401,14 @@ class ClusterRequests:
             "requests_served": self.served,
             "requests_failed": self.failed,
             "requests_in_flight": len(self.out),
+            "requests_cancelled": self.cancelled,
+            "requests_serving": len(self.serving),
+            "requests_arriving": len(self.incoming),
             "bad_inbox": self.bad,
         }
+
+
+def _cancelling(provider: Provider) -> Provider:
+    """A relay cancels its wait (and tells the other server) when the router gives up on a request."""
+    provider.cancel_abandoned = True
+    return provider

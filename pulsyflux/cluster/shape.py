@@ -108,6 +108,8 @@ def decode_envelope(data: bytes) -> Envelope:
         node = fields[1].decode("utf-8")
     except UnicodeDecodeError:
         raise EnvelopeError("node name is not UTF-8") from None
+    if not node.isprintable():  # it is logged
+        raise EnvelopeError("node name is not printable")
     return Envelope(node, fields[2] == b"f", data[newline + 1 :])
 
 
