@@ -758,9 +758,9 @@ class Router:
             self.stats.provider_error(frame[_HEADER + ROUTING_SIZE :])
         if ftype != RESPONSE_START and ftype != RESPONSE_CHUNK:
             self._finish(entry)
-            stats = self.stats
-            stats.responses_routed += 1
-            if not entry.consumer.trusted:
+            if not entry.consumer.trusted:  # the broker's forwards are counted apart, as at their START
+                stats = self.stats
+                stats.responses_routed += 1
                 stats.latency.observe(self.clock.seconds() - entry.started)
         self.send(entry.consumer, frame)
 
