@@ -20,7 +20,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 
-from pulsyflux import Consumer, NoProviderError, Provider
+from pulsyflux import Consumer, NoProviderError, Provider, RemoteError
 from pulsyflux.cli import build_parser, main
 
 ensure = pytest_twisted.ensureDeferred
@@ -259,9 +259,9 @@ async def test_reply_command_failure_becomes_the_request_error(server, channel, 
     reply = cli.start("reply", "-s", server.address, str(channel), "-c", "echo 'bad input' >&2; exit 3", "-n", "1")
     await reply.stderr.line("replying")
     consumer = await Consumer.connect(server.address, channel)
-    # The requester is a process: one in-process command at a time.
-    result = await process("request", "--server", server.address, str(channel), "x")
-    assert "command exited with status 3: bad input" in one_line_error(result, "request")
+    # (How `request` prints a provider's error: test_request_reports_the_providers_error.)
+    with pytest.raises(RemoteError, match="^command exited with status 3: bad input$"):
+        await consumer.send(b"x")
     code, _, err = await reply.finished()
     assert code == 0, err
     await consumer.close()
@@ -418,16 +418,20 @@ def brokered():
 
 @ensure
 async def test_pub_then_sub_json_lines(brokered, cli):
-    # The subscriber is the process here: one in-process command at a time, and pub runs three.
-    sub = spawn("sub", "--server", brokered.address, "orders", "--count", "3", "--json")
-    assert "subscribed to 'orders'" in await _ready(sub)
+    seen = await brokered.broker.subscribe("orders")
     result = await cli("pub", "--server", brokered.address, "orders", "new order", "-H", "priority=high", "-H", "a=b=c")
     assert result.returncode == 0, result.stderr
     assert result.stderr == b"published 9 bytes to 'orders'\n"
     result = await cli("pub", "-s", brokered.address, "-q", "orders", stdin=b"two\nlines")
     assert (result.returncode, result.stderr) == (0, b"")
     await cli("pub", "-s", brokered.address, "-q", "orders", stdin=b"\xff\x00")
-    code, out, err = await _finished(sub)
+    published = [await seen.get() for _ in range(3)]
+    # One command at a time in this process: what pub published goes through sub now.
+    sub = cli.start("sub", "--server", brokered.address, "orders", "--count", "3", "--json")
+    assert "subscribed to 'orders'" in await sub.stderr.line("subscribed to")
+    for message in published:
+        await brokered.broker.publish(message.topic, message.payload, message.headers)
+    code, out, err = await sub.finished()
     assert code == 0, err
     assert [json.loads(line) for line in out.splitlines()] == [
         {"topic": "orders", "payload": "new order", "headers": {"priority": "high", "a": "b=c"}},
