@@ -40,15 +40,19 @@ from pulsyflux.client import Consumer, Provider
 
 from .common import (
     Progress,
+    add_run_arguments,
+    cpu_per,
     cpu_seconds,
     fmt,
     machine,
     median,
     percentile,
     public_options,
-    run_as_child,
+    repeat,
     run_blocking,
+    run_options,
     script_main,
+    serve_broker,
     sleep,
     spawn,
     start,
@@ -76,11 +80,7 @@ class Options:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = Options()
-    parser.add_argument("--runs", type=int, default=d.runs, help=f"repetitions, medians reported (default {d.runs})")
-    parser.add_argument(
-        "--duration", type=float, default=d.duration, help=f"seconds per measurement (default {d.duration})"
-    )
-    parser.add_argument("--warmup", type=float, default=d.warmup, help=f"seconds before counting (default {d.warmup})")
+    add_run_arguments(parser, d)
     parser.add_argument(
         "--latency-count", type=int, default=d.latency_count, help=f"messages one at a time (default {d.latency_count})"
     )
@@ -100,9 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> Options:
     return Options(
-        runs=max(1, args.runs),
-        duration=args.duration,
-        warmup=args.warmup,
+        **run_options(args),
         latency_count=max(10, args.latency_count),
         payload=max(8, args.payload),
         window=max(1, args.window),
@@ -179,13 +177,12 @@ async def _requests(reactor: Any, consumer: Consumer, options: Options, pids: di
     done0, t0 = state["done"], time.perf_counter()
     await sleep(reactor, options.duration)
     done1, t1 = state["done"], time.perf_counter()
-    cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    cpu = cpu_per(pids, cpu0, done1 - done0)
     state["stop"] = True
     await finished
-    count = max(1, done1 - done0)
     return {
         "requests_per_s": (done1 - done0) / (t1 - t0),
-        "cpu_us_per_request": {name: (cpu1[name] - cpu0[name]) / count * 1e6 for name in cpu0},
+        "cpu_us_per_request": cpu,
         "failed": state["failed"],
         "first_error": state["error"],
     }
@@ -207,18 +204,17 @@ async def _run_once(reactor: Any, clients: dict, options: Options) -> dict:
     await sleep(reactor, options.duration)
     flood.sampling = False
     delivered1, t1 = flood.delivered, time.perf_counter()
-    cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    cpu = cpu_per(pids, cpu0, delivered1 - delivered0)
     flood.stopping = True
     await clients["subscriber"].unsubscribe(topic)
     for reader in flood.readers:
         await reader
-    count = max(1, delivered1 - delivered0)
     samples = sorted(flood.samples)
     result["flood"] = {
         "msgs_per_s": (delivered1 - delivered0) / (t1 - t0),
         "p50_us": percentile(samples, 0.5) * 1e6,
         "p99_us": percentile(samples, 0.99) * 1e6,
-        "cpu_us_per_msg": {name: (cpu1[name] - cpu0[name]) / count * 1e6 for name in cpu0},
+        "cpu_us_per_msg": cpu,
         "dropped": sub.dropped,
         "failed": flood.failed,
         "first_error": flood.first_error,
@@ -313,12 +309,7 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
         progress("warming up")
         warm = Options(**{**asdict(options), "duration": 0.5, "warmup": 0.2, "latency_count": 100})
         await _run_once(reactor, clients, warm)
-        runs = []
-        for number in range(1, options.runs + 1):
-            progress(f"run {number}/{options.runs}")
-            result = await _run_once(reactor, clients, options)
-            runs.append(result)
-            progress(_one_line(result))
+        runs = await repeat(options, progress, lambda o: _run_once(reactor, clients, o), _one_line)
         return _summarise(options, runs)
     finally:
         for name in ("consumer", "provider", "publisher", "subscriber"):
@@ -346,7 +337,10 @@ def format_report(results: dict) -> str:
         good = value >= target if at_least else value <= target
         return ("meets" if good else "MISSES") + f" target {'>=' if at_least else '<='} {target:,}"
 
-    cpu = "  CPU per {what}: a {a} us, b {b} us, Redis {r} us, this process {c} us"
+    def cpu(what: str, key: str) -> str:
+        a, b, r, c = (fmt(m[f"{key}_{name}"], ".1f") for name in ("a", "b", "redis", "bench"))
+        return f"  CPU per {what}: a {a} us, b {b} us, Redis {r} us, this process {c} us"
+
     return "\n".join(
         [
             f"pulsyflux bench cluster: medians of {len(results['runs'])} runs, {o['payload']}-byte payloads, "
@@ -355,22 +349,10 @@ def format_report(results: dict) -> str:
             f"   {verdict(m['latency_p50_us'], t['latency_p50_us'], at_least=False)}",
             f"  pub/sub a->b, 1->1      {fmt(m['flood_msgs_per_s']):>9} msgs/s  p50 {fmt(m['flood_p50_us'])} us"
             f"   {verdict(m['flood_msgs_per_s'], t['flood_msgs_per_s'])}",
-            cpu.format(
-                what="message",
-                a=fmt(m["flood_cpu_us_per_msg_a"], ".1f"),
-                b=fmt(m["flood_cpu_us_per_msg_b"], ".1f"),
-                r=fmt(m["flood_cpu_us_per_msg_redis"], ".1f"),
-                c=fmt(m["flood_cpu_us_per_msg_bench"], ".1f"),
-            ),
+            cpu("message", "flood_cpu_us_per_msg"),
             f"  requests a->b in flight {fmt(m['requests_per_s']):>9} /s"
             f"   {verdict(m['requests_per_s'], t['requests_per_s'])}",
-            cpu.format(
-                what="request",
-                a=fmt(m["requests_cpu_us_per_request_a"], ".1f"),
-                b=fmt(m["requests_cpu_us_per_request_b"], ".1f"),
-                r=fmt(m["requests_cpu_us_per_request_redis"], ".1f"),
-                c=fmt(m["requests_cpu_us_per_request_bench"], ".1f"),
-            ),
+            cpu("request", "requests_cpu_us_per_request"),
             f"  dropped {results['dropped']}, failed {results['failed']}",
         ]
     )
@@ -393,22 +375,7 @@ def _serve(url: str, name: str) -> None:
     from pulsyflux.service import BrokerService
 
     service = BrokerService("tcp:0:interface=127.0.0.1", reactor=reactor, cluster=url, node_name=name)
-
-    def ready(_: Any) -> None:
-        print(service.server.port.getHost().port, flush=True)
-
-    def failed(failure: Any) -> None:
-        print(failure.getErrorMessage(), file=sys.stderr, flush=True)
-        reactor.stop()
-
-    def begin() -> None:
-        service.startService()
-        d = service.whenReady().addCallback(lambda _: service.cluster.link.when_up())
-        d.addCallbacks(ready, failed)
-
-    reactor.callWhenRunning(begin)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    run_as_child(reactor)
+    serve_broker(reactor, service, then=lambda _: service.cluster.link.when_up())
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import statistics
 import sys
 from dataclasses import asdict
 from types import ModuleType
-from typing import Any, Callable, Coroutine, Optional
+from typing import Any, Awaitable, Callable, Coroutine, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProcessTransport
@@ -35,6 +35,11 @@ __all__ = [
     "spawn",
     "run_as_child",
     "cpu_seconds",
+    "cpu_per",
+    "repeat",
+    "serve_broker",
+    "add_run_arguments",
+    "run_options",
     "waiting_seconds",
     "percentile",
     "median",
@@ -133,6 +138,11 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def cpu_per(pids: dict[str, int], before: dict[str, float], count: int) -> dict[str, float]:
+    """Microseconds of CPU each process spent per unit of work since ``before`` (``{name: cpu_seconds}``)."""
+    return {name: (cpu_seconds(pids[name]) - spent) / max(1, count) * 1e6 for name, spent in before.items()}
 
 
 def waiting_seconds(pid: int) -> float:
@@ -248,3 +258,57 @@ def script_main(
         with open(args.json, "w") as out:
             json.dump(results, out, indent=2)
     return 1 if failures(results) else 0
+
+
+# -- options every benchmark takes ---------------------------------------------------
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, defaults: Any, measurement: str = "measurement") -> None:
+    """``--runs``, ``--duration`` and ``--warmup``, with the benchmark's defaults (its ``Options()``)."""
+    d = defaults
+    parser.add_argument("--runs", type=int, default=d.runs, help=f"repetitions, medians reported (default {d.runs})")
+    parser.add_argument(
+        "--duration", type=float, default=d.duration, help=f"seconds per {measurement} (default {d.duration})"
+    )
+    parser.add_argument("--warmup", type=float, default=d.warmup, help=f"seconds before counting (default {d.warmup})")
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What :func:`add_run_arguments` parsed, as ``Options`` keywords."""
+    return {"runs": max(1, args.runs), "duration": args.duration, "warmup": args.warmup}
+
+
+# -- what the benchmarks share about running -----------------------------------------
+
+
+async def repeat(
+    options: Any, progress: Progress, once: Callable[[Any], Awaitable[dict]], one_line: Callable[[dict], str]
+) -> list[dict]:
+    """``options.runs`` measurements by ``once(options)``, each reported on one line as it ends."""
+    runs = []
+    for number in range(1, options.runs + 1):
+        progress(f"run {number}/{options.runs}")
+        result = await once(options)
+        runs.append(result)
+        progress(one_line(result))
+    return runs
+
+
+def serve_broker(reactor: Any, service: Any, then: Callable[[Any], Any] = lambda result: result) -> None:
+    """A child process: run ``service`` (a BrokerService on port 0), print its port once ready and ``then``
+    fired (the parent reads it), or print why not and stop."""
+
+    def ready(_: Any) -> None:
+        print(service.server.port.getHost().port, flush=True)
+
+    def failed(failure: Any) -> None:
+        print(failure.getErrorMessage(), file=sys.stderr, flush=True)
+        reactor.stop()
+
+    def begin() -> None:
+        service.startService()
+        service.whenReady().addCallback(then).addCallbacks(ready, failed)
+
+    reactor.callWhenRunning(begin)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    run_as_child(reactor)

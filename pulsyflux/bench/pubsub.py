@@ -41,15 +41,18 @@ from pulsyflux.broker import BrokerClient, Subscription
 
 from .common import (
     Progress,
+    add_run_arguments,
     cpu_seconds,
     fmt,
     machine,
     median,
     percentile,
     public_options,
-    run_as_child,
+    repeat,
     run_blocking,
+    run_options,
     script_main,
+    serve_broker,
     sleep,
     spawn,
     start,
@@ -83,11 +86,7 @@ class Options:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of :class:`Options` as command-line flags (shared by every front end)."""
     d = Options()
-    parser.add_argument("--runs", type=int, default=d.runs, help=f"repetitions, medians reported (default {d.runs})")
-    parser.add_argument(
-        "--duration", type=float, default=d.duration, help=f"seconds per flood measurement (default {d.duration})"
-    )
-    parser.add_argument("--warmup", type=float, default=d.warmup, help=f"seconds before counting (default {d.warmup})")
+    add_run_arguments(parser, d, "flood measurement")
     parser.add_argument(
         "--latency-count",
         type=int,
@@ -136,9 +135,7 @@ def _key(mode: str, n: int) -> str:
 
 def options_from_args(args: argparse.Namespace) -> Options:
     return Options(
-        runs=max(1, args.runs),
-        duration=args.duration,
-        warmup=args.warmup,
+        **run_options(args),
         latency_count=max(10, args.latency_count),
         payload=max(_STAMP.size, args.payload),
         fanouts=[max(1, int(n)) for n in str(args.fanouts).split(",") if n.strip()],
@@ -342,12 +339,7 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
         progress("warming up")
         warm = Options(**{**asdict(options), "duration": 0.5, "warmup": 0.2, "latency_count": 200})
         await _run_once(reactor, clients, warm)
-        runs = []
-        for number in range(1, options.runs + 1):
-            progress(f"run {number}/{options.runs}")
-            result = await _run_once(reactor, clients, options)
-            runs.append(result)
-            progress(_one_line(result))
+        runs = await repeat(options, progress, lambda o: _run_once(reactor, clients, o), _one_line)
         return _summarise(options, runs)
     finally:
         for name in ("publisher", "subscriber"):
@@ -421,22 +413,7 @@ def _serve() -> None:
 
     from pulsyflux.service import BrokerService
 
-    service = BrokerService("tcp:0:interface=127.0.0.1", reactor=reactor)
-
-    def ready(broker: Any) -> None:
-        print(service.server.port.getHost().port, flush=True)
-
-    def failed(failure: Any) -> None:
-        print(failure.getErrorMessage(), file=sys.stderr, flush=True)
-        reactor.stop()
-
-    def start() -> None:
-        service.startService()
-        service.whenReady().addCallbacks(ready, failed)
-
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    run_as_child(reactor)
+    serve_broker(reactor, BrokerService("tcp:0:interface=127.0.0.1", reactor=reactor))
 
 
 if __name__ == "__main__":

@@ -36,14 +36,17 @@ from pulsyflux.client import Consumer, Provider
 from .common import (
     Child,
     Progress,
+    add_run_arguments,
     cpu_seconds,
     fmt,
     machine,
     median,
     percentile,
     public_options,
+    repeat,
     run_as_child,
     run_blocking,
+    run_options,
     sleep,
     spawn,
     start,
@@ -79,11 +82,7 @@ class Options:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of :class:`Options` as command-line flags (shared by every front end)."""
     d = Options()
-    parser.add_argument("--runs", type=int, default=d.runs, help=f"repetitions, medians reported (default {d.runs})")
-    parser.add_argument(
-        "--duration", type=float, default=d.duration, help=f"seconds per measurement (default {d.duration})"
-    )
-    parser.add_argument("--warmup", type=float, default=d.warmup, help=f"seconds before counting (default {d.warmup})")
+    add_run_arguments(parser, d)
     parser.add_argument("--payload", type=int, default=d.payload, help=f"request size in bytes (default {d.payload})")
     parser.add_argument("--consumers", type=int, default=d.consumers, help=f"consumers (default {d.consumers})")
     parser.add_argument(
@@ -107,9 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> Options:
     return Options(
-        runs=max(1, args.runs),
-        duration=args.duration,
-        warmup=args.warmup,
+        **run_options(args),
         payload=args.payload,
         consumers=max(1, args.consumers),
         inflight=max(1, args.inflight),
@@ -363,12 +360,7 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
         warm = Options(**{**asdict(options), "duration": options.warmup, "runs": 1})
         await _run_once(reactor, warm, clients)
 
-        runs = []
-        for number in range(1, options.runs + 1):
-            progress(f"run {number}/{options.runs}")
-            result = await _run_once(reactor, options, clients)
-            runs.append(result)
-            progress(_one_line(result))
+        runs = await repeat(options, progress, lambda o: _run_once(reactor, o, clients), _one_line)
         return _summarise(options, runs)
     finally:
         os.environ.pop(_SECRET_ENV, None)  # a later run in this process is what its own options say
