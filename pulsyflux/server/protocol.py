@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
@@ -24,19 +24,19 @@ from ..wire.codec import ERROR, FrameDecoder
 from ..wire.errors import ProtocolError
 from ..wire.ratelimit import shorten
 from ..writer import immediate_writer
-from .backpressure import DEFAULT_MAX_UNSENT, DEFAULT_MAX_UNSENT_TOTAL, Backpressure
-from .guard import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_PARTIAL_BYTES, DEFAULT_REGISTER_TIMEOUT
+from .backpressure import Backpressure
 from .router import (
     DEFAULT_GRACE,
-    DEFAULT_MAX_BODY,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_IN_FLIGHT,
+    Limits,
     Peer,
     Refused,
     RegistryKey,
     Router,
     ServerStats,
 )
+
+if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; typing_extensions comes with Twisted
+    from typing_extensions import Unpack
 
 __all__ = ["ServerProtocol", "ServerFactory"]
 
@@ -184,7 +184,8 @@ class ServerFactory(_TwistedServerFactory):
     (:mod:`pulsyflux.server.guard`): ``register_timeout`` seconds to send a first
     START (10), ``frame_timeout`` seconds for a frame to arrive whole (30),
     and ``max_partial_bytes`` held in incomplete frames, all connections
-    together (256 MiB).
+    together (256 MiB). :class:`~pulsyflux.server.router.Router` owns the
+    limits and their defaults; the factory passes them on.
 
         factory = ServerFactory(max_body=8 << 20, max_connections=500)
     """
@@ -192,32 +193,10 @@ class ServerFactory(_TwistedServerFactory):
     protocol = ServerProtocol
     noisy = False  # "pulsyflux server listening on ..." says it; not "Starting factory <... at 0x...>"
 
-    def __init__(
-        self,
-        reactor: Any = None,
-        *,
-        max_body: int = DEFAULT_MAX_BODY,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        max_unsent: int = DEFAULT_MAX_UNSENT,
-        max_unsent_total: int = DEFAULT_MAX_UNSENT_TOTAL,
-        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
-        register_timeout: float = DEFAULT_REGISTER_TIMEOUT,
-        max_partial_bytes: int = DEFAULT_MAX_PARTIAL_BYTES,
-    ) -> None:
+    def __init__(self, reactor: Any = None, **limits: Unpack[Limits]) -> None:
         reactor = default_reactor(reactor)
         self.reactor = reactor
-        self.router = Router(
-            reactor,
-            max_body=max_body,
-            max_in_flight=max_in_flight,
-            max_connections=max_connections,
-            max_unsent=max_unsent,
-            max_unsent_total=max_unsent_total,
-            frame_timeout=frame_timeout,
-            register_timeout=register_timeout,
-            max_partial_bytes=max_partial_bytes,
-        )
+        self.router = Router(reactor, **limits)
 
     @property
     def registry(self) -> dict[RegistryKey, ServerProtocol]:

@@ -17,7 +17,7 @@ import time
 import weakref
 from bisect import bisect_left
 from collections import Counter, deque
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, TypedDict
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -50,6 +50,7 @@ from .guard import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_PARTIAL_BYTES, DEFAULT_REG
 
 __all__ = [
     "Router",
+    "Limits",
     "Peer",
     "ServerStats",
     "DEFAULT_MAX_BODY",
@@ -255,6 +256,22 @@ class _InFlight:
         self.responding = False  # its RESPONSE_START has come: chunks and the end may follow
         self.request_size = 0
         self.response_size = 0
+
+
+class Limits(TypedDict, total=False):
+    """The limits :class:`Router` takes as keywords, for those that pass them on (``ServerFactory``).
+
+    The type of ``**limits`` only: the defaults and their meaning stay with :class:`Router`.
+    """
+
+    max_body: int
+    max_in_flight: int
+    max_connections: int
+    max_unsent: int
+    max_unsent_total: int
+    frame_timeout: float
+    register_timeout: float
+    max_partial_bytes: int
 
 
 class Router:
