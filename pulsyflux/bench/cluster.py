@@ -44,11 +44,10 @@ from .common import (
     cpu_per,
     cpu_seconds,
     fmt,
-    machine,
     median,
     percentile,
-    public_options,
     repeat,
+    results,
     run_blocking,
     run_options,
     script_main,
@@ -249,15 +248,14 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
     for name in ("bench", "a", "b", "redis"):
         medians[f"flood_cpu_us_per_msg_{name}"] = median(runs, "flood", "cpu_us_per_msg", name)
         medians[f"requests_cpu_us_per_request_{name}"] = median(runs, "requests", "cpu_us_per_request", name)
-    return {
-        "options": public_options(options),
-        "machine": machine(),
-        "medians": medians,
-        "runs": runs,
-        "targets": dict(TARGETS),
-        "dropped": sum(r["flood"]["dropped"] for r in runs),
-        "failed": sum(r["flood"]["failed"] + r["requests"]["failed"] for r in runs),
-    }
+    return results(
+        options,
+        runs,
+        medians,
+        targets=dict(TARGETS),
+        dropped=sum(r["flood"]["dropped"] for r in runs),
+        failed=sum(r["flood"]["failed"] + r["requests"]["failed"] for r in runs),
+    )
 
 
 def _one_line(result: dict) -> str:

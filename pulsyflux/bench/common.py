@@ -37,6 +37,7 @@ __all__ = [
     "cpu_seconds",
     "cpu_per",
     "repeat",
+    "results",
     "serve_broker",
     "add_run_arguments",
     "run_options",
@@ -292,6 +293,11 @@ async def repeat(
         runs.append(result)
         progress(one_line(result))
     return runs
+
+
+def results(options: Any, runs: list[dict], medians: dict[str, Any], **rest: Any) -> dict:
+    """The results document every benchmark returns: options, machine, medians, runs, then ``rest`` in order."""
+    return {"options": public_options(options), "machine": machine(), "medians": medians, "runs": runs, **rest}
 
 
 def serve_broker(reactor: Any, service: Any, then: Callable[[Any], Any] = lambda result: result) -> None:

@@ -44,11 +44,10 @@ from .common import (
     add_run_arguments,
     cpu_seconds,
     fmt,
-    machine,
     median,
     percentile,
-    public_options,
     repeat,
+    results,
     run_blocking,
     run_options,
     script_main,
@@ -301,15 +300,14 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
                     if base in r and r[base]["msgs_per_s"]
                 ]
                 medians[f"{key}_ratio"] = median(ratios, "ratio") if ratios else None
-    return {
-        "options": public_options(options),
-        "machine": machine(),
-        "medians": medians,
-        "runs": runs,
-        "targets": dict(TARGETS),
-        "dropped": sum(r[k]["dropped"] for r in runs for k in r if k != "latency"),
-        "failed": sum(r[k]["failed"] for r in runs for k in r if k != "latency"),
-    }
+    return results(
+        options,
+        runs,
+        medians,
+        targets=dict(TARGETS),
+        dropped=sum(r[k]["dropped"] for r in runs for k in r if k != "latency"),
+        failed=sum(r[k]["failed"] for r in runs for k in r if k != "latency"),
+    )
 
 
 def _one_line(result: dict) -> str:

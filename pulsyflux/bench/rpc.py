@@ -39,11 +39,10 @@ from .common import (
     add_run_arguments,
     cpu_seconds,
     fmt,
-    machine,
     median,
     percentile,
-    public_options,
     repeat,
+    results,
     run_as_child,
     run_blocking,
     run_options,
@@ -310,15 +309,14 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
     for phase in ("sequential", "relay", "inflight", "echo"):
         names: dict[str, Any] = next((r[phase]["cpu_us"] for r in runs if phase in r), {})
         medians[f"{phase}_cpu_us"] = {name: median(runs, phase, "cpu_us", name) for name in names}
-    return {
-        "options": public_options(options),
-        "machine": machine(),
-        "medians": medians,
-        "runs": runs,
-        "go": dict(GO_REFERENCE),
-        "targets": dict(TARGETS),
-        "failed_requests": sum(r.get("inflight", {}).get("failed", 0) for r in runs),
-    }
+    return results(
+        options,
+        runs,
+        medians,
+        go=dict(GO_REFERENCE),
+        targets=dict(TARGETS),
+        failed_requests=sum(r.get("inflight", {}).get("failed", 0) for r in runs),
+    )
 
 
 async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
