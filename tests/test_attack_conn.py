@@ -21,7 +21,7 @@ from pulsyflux import Consumer, Provider
 from pulsyflux.server import ServerFactory
 from pulsyflux.service import ServerService
 from pulsyflux.testing import hang
-from pulsyflux.wire import codec
+from pulsyflux.wire import codec, errors
 
 from .helpers import eventually
 from .wire import connect_raw, register_frames
@@ -45,7 +45,7 @@ async def alive(raw) -> None:
     count = len(raw.frames) + 1
     raw.send(codec.encode_frame(codec.PROBE, os.urandom(16)))
     [*_, answer] = await raw.wait_frames(count).addTimeout(5, reactor)
-    assert codec.error_message(answer.payload) == codec.MSG_BAD_TYPE
+    assert codec.error_message(answer.payload) == errors.MSG_BAD_TYPE
 
 
 async def echo_works(server, channel) -> None:

@@ -71,13 +71,6 @@ _join = b"".join
 ZERO_ROUTING = bytes(ROUTING_SIZE)
 DEFAULT_TIMEOUT_MS = 5000
 
-# Messages a server originates (PROTOCOL.md section 5): their one table is
-# errors.py's; these names stay importable from here.
-MSG_PEER_DISAPPEARED = _errors.MSG_PEER_DISAPPEARED
-MSG_BAD_START_LENGTH = _errors.MSG_BAD_START_LENGTH
-MSG_BAD_ROLE = _errors.MSG_BAD_ROLE
-MSG_BAD_TYPE = _errors.MSG_BAD_TYPE
-MSG_TIMED_OUT = _errors.MSG_TIMED_OUT
 # The longest error message (UTF-8 bytes) an ERROR frame carries: an error of
 # any size fits one frame, so answering with it never costs a connection.
 MAX_ERROR_TEXT = 4096
@@ -206,10 +199,10 @@ class MetadataError(ProtocolError):
 def unpack_metadata(payload: bytes) -> Metadata:
     """Parse and check a START payload; raises :class:`MetadataError`."""
     if len(payload) != METADATA_SIZE:
-        raise MetadataError(MSG_BAD_START_LENGTH)
+        raise MetadataError(_errors.MSG_BAD_START_LENGTH)
     meta = Metadata._make(METADATA.unpack(payload))
     if meta.role != ROLE_CONSUMER and meta.role != ROLE_PROVIDER:
-        raise MetadataError(MSG_BAD_ROLE)
+        raise MetadataError(_errors.MSG_BAD_ROLE)
     return meta
 
 
