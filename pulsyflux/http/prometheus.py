@@ -207,37 +207,20 @@ def _cluster_metrics(m: _Metrics, c: dict[str, Any]) -> None:
         m.one(f"pulsyflux_cluster_{key}_total", "counter", help_text, c[key])
 
 
+# The broker's counters, in the order they are exposed: (stats key, help text);
+# lost and rejected are absent from documents of older brokers (0).
+_BROKER_COUNTERS = (
+    ("published", "Messages the broker accepted from publishers (any client, Go ones too)."),
+    ("delivered", "Messages subscribers accepted (one per subscriber)."),
+    ("dropped", "Messages dropped because a subscriber's backlog was full (it read too slowly)."),
+    ("lost", "Messages queued for subscribers whose connection vanished."),
+    ("rejected", "Publish requests the broker refused as malformed."),
+)
+
+
 def _broker_metrics(m: _Metrics, b: dict[str, Any]) -> None:
-    m.one(
-        "pulsyflux_broker_published_total",
-        "counter",
-        "Messages the broker accepted from publishers (any client, Go ones too).",
-        b["published"],
-    )
-    m.one(
-        "pulsyflux_broker_delivered_total",
-        "counter",
-        "Messages subscribers accepted (one per subscriber).",
-        b["delivered"],
-    )
-    m.one(
-        "pulsyflux_broker_dropped_total",
-        "counter",
-        "Messages dropped because a subscriber's backlog was full (it read too slowly).",
-        b["dropped"],
-    )
-    m.one(
-        "pulsyflux_broker_lost_total",
-        "counter",
-        "Messages queued for subscribers whose connection vanished.",
-        b.get("lost", 0),
-    )
-    m.one(
-        "pulsyflux_broker_rejected_total",
-        "counter",
-        "Publish requests the broker refused as malformed.",
-        b.get("rejected", 0),
-    )
+    for key, help_text in _BROKER_COUNTERS:
+        m.one(f"pulsyflux_broker_{key}_total", "counter", help_text, b.get(key, 0))
     topics = b.get("topics", {})
     other = b.get("other_topics", {})
     m.one(
