@@ -147,7 +147,7 @@ async def test_attack_reconnecting_thief_is_refused_once_and_does_not_retry(brok
     svc = await broker_service()
     thief = Provider(DEFAULT_BROKER_CHANNEL)
     with pytest.raises(PermissionDenied):
-        await Provider._connect(tcp_address(svc), thief, reconnect=True)
+        await thief.open(tcp_address(svc), reconnect=True)
     await thief.when_lost()
     assert not thief.reconnecting and thief._given_up  # refused for good: no retry loop
     with pytest.raises(PermissionDenied):

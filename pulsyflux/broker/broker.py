@@ -20,11 +20,9 @@ from typing import Any, Optional
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 
-from .._reactor import default_reactor
 from ..client import ChannelId, Consumer, Provider, Reconnect
 from ..endpoints import Address
 from ..wire.errors import ConnectionLostError
-from ..wire.messages import check_topic
 from .fanout import (
     DEFAULT_BATCH,
     DEFAULT_MAX_SETUPS,
@@ -34,7 +32,7 @@ from .fanout import (
     DEFAULT_WINDOW,
     Fanout,
 )
-from .link import BROKER_CLOSED, DEFAULT_BROKER_CHANNEL, channel_uuid, ignore, send_until_registered
+from .link import BROKER_CLOSED, DEFAULT_BROKER_CHANNEL, PublishingSide, ignore, send_until_registered
 from .outlet import DEFAULT_BACKLOG, DEFAULT_BACKLOG_BYTES
 from .publisher import Publisher
 from .subscription import DEFAULT_BUFFER, Subscription, check_subscription, open_subscription
@@ -49,7 +47,7 @@ log = Logger()
 DEFAULT_REJOIN_PATIENCE = 10.0
 
 
-class Broker:
+class Broker(PublishingSide):
     """The pub/sub broker, running in this process on a server's broker channel.
 
         broker = await Broker.connect("127.0.0.1:9090")
@@ -70,6 +68,8 @@ class Broker:
     (docs/broker.md).
     """
 
+    not_connected = "the broker is not connected"
+
     def __init__(
         self,
         address: Address,
@@ -88,22 +88,16 @@ class Broker:
         max_setups_per_client: int = DEFAULT_MAX_SETUPS_PER_CLIENT,
         token: Optional[str] = None,
     ) -> None:
-        reactor = default_reactor(reactor)
         if backlog < 0 or batch < 1 or window < 1:
             raise ValueError("backlog must be >= 0, batch and window >= 1")
         if backlog_bytes < 0 or total_backlog_bytes < 0 or max_subscriptions < 0:
             raise ValueError("backlog_bytes, total_backlog_bytes and max_subscriptions must be >= 0")
         if max_setups < 1 or max_setups_per_client < 1:
             raise ValueError("max_setups and max_setups_per_client must be >= 1")
-        self.address = address
-        self.channel = channel_uuid(broker_channel_id)
-        self.reactor = reactor
-        self.buffer = buffer
-        self.reconnect = reconnect
-        self.token = token  # presented by each of its connections (a server that checks tokens)
+        super().__init__(address, broker_channel_id, reactor, buffer, reconnect, token)
         self._fanout = Fanout(
             address,
-            reactor,
+            self.reactor,
             backlog=backlog,
             batch=batch,
             window=window,
@@ -117,8 +111,6 @@ class Broker:
             token=token,
         )
         self._provider: Optional[Provider] = None
-        self._publisher: Optional[Publisher] = None
-        self._closed: Optional[Exception] = None
         self._closing: Optional[Deferred[None]] = None
         self._closed_waiters: list[Deferred[None]] = []
         self.lost_link = False  # closed because a connection to the server dropped, not by close()
@@ -128,30 +120,11 @@ class Broker:
         """True once the broker was closed or lost its connection for good."""
         return self._closed is not None
 
-    @classmethod
-    def connect(
-        cls,
-        address: Address,
-        broker_channel_id: ChannelId = DEFAULT_BROKER_CHANNEL,
-        reactor: Any = None,
-        **options: Any,
-    ) -> "Deferred[Broker]":
-        """Open the broker's Provider and publishing Consumer; fires when both work.
-
-        ``options``: ``buffer``, ``backlog``, ``backlog_bytes``,
-        ``total_backlog_bytes``, ``max_subscriptions``, ``max_setups``, ``max_setups_per_client``,
-        ``batch``, ``window``, ``reconnect`` (default False),
-        ``rejoin_patience`` and ``token`` (a JWT its connections present to
-        a server that checks tokens; docs/security.md) as for the class.
-        """
-        broker = cls(address, broker_channel_id, reactor, **options)
-        return Deferred.fromCoroutine(broker._start())
-
     async def _start(self) -> "Broker":
         # Made before it connects, so the fanout can ask whose announcement it handles from the first one.
         provider = Provider(self.channel, self.reactor, handler=self._fanout.handle)
         self._fanout.provider = provider
-        self._provider = await Provider._connect(self.address, provider, self.reconnect, self.token)
+        self._provider = await provider.open(self.address, self.reconnect, self.token)
         try:
             consumer = await Consumer.connect(
                 self.address, self.channel, reactor=self.reactor, reconnect=self.reconnect, token=self.token
@@ -197,20 +170,6 @@ class Broker:
         cluster.attach(self._fanout)
         self.when_closed().addCallback(lambda _: cluster.detach(self._fanout))
 
-    def publish(
-        self, topic: str, payload: bytes = b"", headers: Optional[dict[str, str]] = None, timeout: float = 5.0
-    ) -> "Deferred[None]":
-        """Publish; fires once the broker accepted the message.
-
-        Fails with NoProviderError (no broker), RequestTimeout,
-        ConnectionLostError or RemoteError; raises TypeError/ValueError at
-        once for a bad topic, payload or headers.
-        """
-        check_topic(topic)
-        if self._publisher is None:
-            return fail(self._closed or ConnectionLostError("the broker is not connected"))
-        return self._publisher.publish(topic, payload, headers, timeout)
-
     def subscribe(
         self, topic: str, buffer: Optional[int] = None, group: Optional[str] = None
     ) -> "Deferred[Subscription]":
@@ -232,7 +191,7 @@ class Broker:
         try:
             outlet = await self._fanout.setup(topic, sub.channel, sub, group=group)
         except BaseException:
-            sub._close("subscribe failed")
+            sub.mark_closed("subscribe failed")
             await provider.close()
             raise
         provider.when_lost().addCallback(lambda _: self._fanout.remove(outlet, "connection to the server lost"))

@@ -10,13 +10,11 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .._reactor import default_reactor
 from ..client import ChannelId, Consumer, Reconnect
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
-from ..wire.messages import check_topic
-from .link import DEFAULT_BROKER_CHANNEL, OK, RESUMED, channel_uuid, ignore, send_until_registered
+from .link import DEFAULT_BROKER_CHANNEL, OK, RESUMED, PublishingSide, ignore, send_until_registered
 from .publisher import Publisher
 from .subscription import DEFAULT_BUFFER, Subscription, check_subscription, open_subscription
 
@@ -44,7 +42,7 @@ def _announcement(sub: Subscription) -> bytes:
     )
 
 
-class BrokerClient:
+class BrokerClient(PublishingSide):
     """Publish and subscribe through a broker running in another process.
 
         client = await BrokerClient.connect("127.0.0.1:9090")
@@ -79,41 +77,17 @@ class BrokerClient:
         heartbeat: Optional[float] = DEFAULT_HEARTBEAT,
         token: Optional[str] = None,
     ) -> None:
-        reactor = default_reactor(reactor)
         if heartbeat is not None and heartbeat < 0:
             raise ValueError("heartbeat must be >= 0 (0 or None: no heartbeat)")
-        self.address = address
-        self.channel = channel_uuid(broker_channel_id)
-        self.reactor = reactor
-        self.buffer = buffer
-        self.reconnect = reconnect
+        super().__init__(address, broker_channel_id, reactor, buffer, reconnect, token)
         self.heartbeat = heartbeat or None
-        self.token = token  # presented by its publishing connection and each subscription's
         self._beat: Any = None  # the next heartbeat's DelayedCall, while one is due
         self._beating = False
         self._misses = 0  # heartbeats in a row the broker did not answer
         self._consumer: Optional[Consumer] = None
-        self._publisher: Optional[Publisher] = None
         self._subscriptions: dict[uuid.UUID, Subscription] = {}
         self._resubscribing: set[uuid.UUID] = set()
         self._pauses: set[Deferred[None]] = set()  # resubscribe retries waiting; cancelled by close()
-        self._closed: Optional[Exception] = None
-
-    @classmethod
-    def connect(
-        cls,
-        address: Address,
-        broker_channel_id: ChannelId = DEFAULT_BROKER_CHANNEL,
-        reactor: Any = None,
-        **options: Any,
-    ) -> "Deferred[BrokerClient]":
-        """Connect and check a broker answers on the channel (NoProviderError if none).
-
-        ``options``: ``buffer``, ``reconnect`` (default False), ``heartbeat``
-        (default 5 s) and ``token`` (a JWT; docs/security.md) as for the class.
-        """
-        client = cls(address, broker_channel_id, reactor, **options)
-        return Deferred.fromCoroutine(client._start())
 
     async def _start(self) -> "BrokerClient":
         self._consumer = await Consumer.connect(
@@ -141,15 +115,6 @@ class BrokerClient:
             return fail(self._closed or ConnectionLostError("not connected"))
         return self._consumer.when_connected().addCallback(lambda _: self)
 
-    def publish(
-        self, topic: str, payload: bytes = b"", headers: Optional[dict[str, str]] = None, timeout: float = 5.0
-    ) -> "Deferred[None]":
-        """Same as :meth:`Broker.publish`."""
-        check_topic(topic)
-        if self._publisher is None:
-            return fail(self._closed or ConnectionLostError("not connected"))
-        return self._publisher.publish(topic, payload, headers, timeout)
-
     def subscribe(
         self, topic: str, buffer: Optional[int] = None, group: Optional[str] = None
     ) -> "Deferred[Subscription]":
@@ -168,16 +133,16 @@ class BrokerClient:
             provider.on_reconnect(lambda _: self._resubscribe(sub))
 
         def ended_by_broker(reason: str) -> None:
-            sub._close(reason)
+            sub.mark_closed(reason)
             self._forget(sub)
             self.reactor.callLater(0, provider.close)
 
-        sub._on_closed_by_broker(ended_by_broker)
+        sub.on_closed_by_broker(ended_by_broker)
         provider.when_lost().addCallback(lambda _: self._forget(sub))
         try:
             await self._consumer.send(_announcement(sub), timeout=10.0)
         except BaseException:
-            sub._close("subscribe failed")
+            sub.mark_closed("subscribe failed")
             await provider.close()
             raise
         self._subscriptions[sub.channel] = sub
@@ -238,7 +203,7 @@ class BrokerClient:
         consumer = self._consumer
         if consumer is None or self._closed is not None or not consumer.connected:
             return  # our own line is down: the reconnect path has this in hand
-        subs = [s for s in self._subscriptions.values() if self._steady(s) and s._connected()]
+        subs = [s for s in self._subscriptions.values() if self._steady(s) and s.provider_connected()]
         if not subs:
             return
         timeout = max(self.heartbeat or 0.0, 1.0)  # a busy broker is not a dead one
@@ -256,8 +221,8 @@ class BrokerClient:
                     # A broker that had forgotten it (restarted) took it as new: messages may be missing.
                     log.warn("the broker on channel {c} had lost the subscription to {t!r}; subscribed again",
                              c=self.channel, t=sub.topic)  # fmt: skip
-                    sub._count_gap()
-                    sub._resumed(kept=False)
+                    sub.count_gap()
+                    sub.resumed(kept=False)
                 continue
             failure = cast(Failure, result)  # not ok: DeferredList gives the Failure (its stub says bytes)
             if failure.check(NoProviderError, RequestTimeout):
@@ -287,12 +252,12 @@ class BrokerClient:
                 continue
             if self.reconnect:
                 log.warn("{r} ({e}); waiting for a broker to take {t!r} back", r=reason, e=error, t=sub.topic)
-                sub._count_gap()
+                sub.count_gap()
                 self._resubscribe(sub)
             else:
                 log.warn("subscription to {t!r} ended: {r} ({e})", t=sub.topic, r=reason, e=error)
                 self._forget(sub)
-                sub._end(reason).addErrback(ignore)
+                sub.end(reason).addErrback(ignore)
 
     def _resubscribe(self, sub: Subscription) -> None:
         """The subscription's Provider is back: ask the broker to forward to it again.
@@ -314,10 +279,10 @@ class BrokerClient:
         delay = 0.05
         error: Exception = ConnectionLostError("not connected")
         while not sub.closed and self._closed is None and sub.channel in self._subscriptions:
-            if not (sub._connected() and self._consumer.connected):
+            if not (sub.provider_connected() and self._consumer.connected):
                 deadline = None  # patience counts while both lines are up
                 try:
-                    await sub._when_connected()
+                    await sub.when_provider_connected()
                     await self._consumer.when_connected()
                 except ConnectionLostError:
                     return  # closed for good
@@ -333,13 +298,13 @@ class BrokerClient:
                 log.debug("resubscribe to {t!r} not accepted yet: {e}", t=sub.topic, e=failure)
             else:
                 if not sub.closed:
-                    sub._resumed(kept=answer == RESUMED)
+                    sub.resumed(kept=answer == RESUMED)
                 return
             if self.reactor.seconds() >= deadline:
                 reason = f"resubscribe failed: {error}"
                 log.warn("subscription to {t!r} ended: {r}", t=sub.topic, r=reason)
                 self._forget(sub)
-                await sub._end(reason)
+                await sub.end(reason)
                 return
             pause = deferLater(self.reactor, delay, lambda: None)
             self._pauses.add(pause)
@@ -358,14 +323,14 @@ class BrokerClient:
 
     async def _unsubscribe(self, sub: Subscription, reason: str) -> None:
         self._forget(sub)
-        sub._close(reason)
+        sub.mark_closed(reason)
         if self._consumer is not None and self._consumer.connected:
             body = messages.control(messages.UNSUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
             try:
                 await self._consumer.send(body, timeout=2.0)
             except (PulsyfluxError, CancelledError) as error:
                 log.debug("unsubscribe not confirmed by the broker: {e}", e=error)
-        await sub._end(reason)  # closed above: this closes its Provider
+        await sub.end(reason)  # closed above: this closes its Provider
 
     def close(self) -> "Deferred[Any]":
         """Unsubscribe everything and close every connection."""

@@ -508,7 +508,7 @@ class Fanout:
         waits = [outlet.close(reason, notify=notify and outlet.local is None)]
         sub = outlet.local
         if sub is not None:
-            waits.append(sub._end(reason))
+            waits.append(sub.end(reason))
         return DeferredList(waits, consumeErrors=True)
 
     def _request_id(self) -> Optional[bytes]:

@@ -1,21 +1,27 @@
 """What the broker's pieces share about talking through a server.
 
 The broker channel everyone assumes, the answers (``ok``, ``resumed``) and
-the probe that the fan-out and the subscribers agree on, and how to send to
-a Provider that may not be registered yet.
+the probe that the fan-out and the subscribers agree on, how to send to
+a Provider that may not be registered yet, and what a :class:`Broker` and
+a :class:`BrokerClient` share as publishers (:class:`PublishingSide`).
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Optional, TypeVar
 
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from ..client import ChannelId, Consumer, channel_bytes
+from .._reactor import default_reactor
+from ..client import ChannelId, Consumer, Reconnect, channel_bytes
+from ..endpoints import Address
 from ..wire import messages
-from ..wire.errors import NoProviderError
+from ..wire.errors import ConnectionLostError, NoProviderError
+from ..wire.messages import check_topic
+from .publisher import Publisher
 
 __all__ = [
     "BROKER_CLOSED",
@@ -23,6 +29,7 @@ __all__ = [
     "OK",
     "RESUMED",
     "PROBE",
+    "PublishingSide",
     "channel_uuid",
     "ignore",
     "send_until_registered",
@@ -66,3 +73,66 @@ async def send_until_registered(
         await deferLater(reactor, delay, lambda: None)
         waited += delay
         delay = min(delay * 2, 0.1)
+
+
+_Side = TypeVar("_Side", bound="PublishingSide")
+
+
+class PublishingSide:
+    """What :class:`~pulsyflux.broker.Broker` and :class:`~pulsyflux.broker.BrokerClient` share.
+
+    The server address and broker channel, the options every connection of
+    theirs takes, :meth:`connect` and :meth:`publish` (through a
+    :class:`~pulsyflux.broker.publisher.Publisher` that ``_start`` sets up):
+    one owner, so the two cannot drift apart.
+    """
+
+    # What publish() fails with before the publishing connection is up.
+    not_connected = "not connected"
+
+    def __init__(
+        self,
+        address: Address,
+        broker_channel_id: ChannelId,
+        reactor: Any,
+        buffer: int,
+        reconnect: Reconnect,
+        token: Optional[str],
+    ) -> None:
+        self.address = address
+        self.channel = channel_uuid(broker_channel_id)
+        self.reactor = default_reactor(reactor)
+        self.buffer = buffer
+        self.reconnect = reconnect
+        self.token = token  # presented by each of its connections (a server that checks tokens)
+        self._publisher: Optional[Publisher] = None
+        self._closed: Optional[Exception] = None
+
+    @classmethod
+    def connect(
+        cls: type[_Side],
+        address: Address,
+        broker_channel_id: ChannelId = DEFAULT_BROKER_CHANNEL,
+        reactor: Any = None,
+        **options: Any,
+    ) -> "Deferred[_Side]":
+        """A new one, connected: fires once it works (``options`` as for the class)."""
+        side = cls(address, broker_channel_id, reactor, **options)
+        return Deferred.fromCoroutine(side._start())
+
+    async def _start(self: _Side) -> _Side:
+        raise NotImplementedError
+
+    def publish(
+        self, topic: str, payload: bytes = b"", headers: Optional[dict[str, str]] = None, timeout: float = 5.0
+    ) -> "Deferred[None]":
+        """Publish; fires once the broker accepted the message.
+
+        Fails with NoProviderError (no broker), RequestTimeout,
+        ConnectionLostError or RemoteError; raises TypeError/ValueError at
+        once for a bad topic, payload or headers.
+        """
+        check_topic(topic)
+        if self._publisher is None:
+            return fail(self._closed or ConnectionLostError(self.not_connected))
+        return self._publisher.publish(topic, payload, headers, timeout)

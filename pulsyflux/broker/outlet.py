@@ -124,7 +124,7 @@ class Outlet:
             self.dropped += dropped
             self.fanout.dropped += dropped
             if self.local is not None:
-                self.local._set_dropped(self.dropped)
+                self.local.set_dropped(self.dropped)
         return freed
 
     def flush(self) -> None:
@@ -243,7 +243,7 @@ class Outlet:
         self.ready = True
         self.flush()
         if self.local is not None:
-            self.local._resumed()
+            self.local.resumed()
 
     def _rejoined(self, result: Any) -> None:
         self._rejoining = False

@@ -212,19 +212,20 @@ class Subscription:
         except SubscriptionClosed:
             raise StopAsyncIteration from None
 
-    # -- the owner's side: Broker, BrokerClient and the fan-out call these, applications do not.
+    # -- the owner's side: Broker, BrokerClient and the fan-out call these, applications do not
+    # (public names because other modules of the package call them, not for application code).
     # Each change another class makes to a subscription goes through one of them.
 
     def _attach(self, provider: Provider, reconnect: Reconnect) -> None:
         """``provider`` receives for this subscription: count its reconnects as gaps, end with it."""
         self._provider = provider
         if reconnect:
-            provider.on_reconnect(lambda _: self._count_gap())  # first: later hooks see the count
+            provider.on_reconnect(lambda _: self.count_gap())  # first: later hooks see the count
             provider.on_disconnect(self._lost)
-        provider.when_lost().addCallback(lambda _: self._close("connection to the server lost"))
+        provider.when_lost().addCallback(lambda _: self.mark_closed("connection to the server lost"))
 
-    def _count_gap(self) -> None:
-        """Messages published from now until :meth:`_resumed` may be missing."""
+    def count_gap(self) -> None:
+        """Messages published from now until :meth:`resumed` may be missing."""
         self._gaps += 1
 
     def _lost(self, why: str) -> None:
@@ -235,15 +236,15 @@ class Subscription:
             except Exception:
                 log.failure("on_lost callback failed")
 
-    def _set_dropped(self, count: int) -> None:
+    def set_dropped(self, count: int) -> None:
         """The broker's count of messages dropped for us, told in process (no notice needed)."""
         self._dropped = count
 
-    def _on_closed_by_broker(self, callback: Callable[[str], None]) -> None:
+    def on_closed_by_broker(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(reason)`` when the broker's closing notice arrives (a remote broker)."""
         self._on_remote_close = callback
 
-    def _resumed(self, kept: bool = True) -> None:
+    def resumed(self, kept: bool = True) -> None:
         """The broker forwards to us again after a gap: tell the on_resume callbacks.
 
         ``kept``: the broker had kept the subscription (and its backlog) through
@@ -257,7 +258,7 @@ class Subscription:
             except Exception:
                 log.failure("on_resume callback failed")
 
-    def _close(self, reason: str) -> None:
+    def mark_closed(self, reason: str) -> None:
         """End the stream; already received messages stay readable."""
         if self._closed is not None:
             return
@@ -271,16 +272,16 @@ class Subscription:
         for d in waiting:
             d.errback(self._closed)
 
-    def _end(self, reason: str) -> "Deferred[None]":
+    def end(self, reason: str) -> "Deferred[None]":
         """End the stream and close its Provider; fires once the connection is gone."""
-        self._close(reason)
+        self.mark_closed(reason)
         return self._provider.close() if self._provider is not None else succeed(None)
 
-    def _connected(self) -> bool:
+    def provider_connected(self) -> bool:
         """Our Provider's line is up (a reconnecting one may be down for a while)."""
         return self._provider is not None and self._provider.connected
 
-    def _when_connected(self) -> "Deferred[Any]":
+    def when_provider_connected(self) -> "Deferred[Any]":
         """Fires once our Provider's line is up; fails if it closed for good."""
         assert self._provider is not None
         return self._provider.when_connected()

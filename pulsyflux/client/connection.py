@@ -1,6 +1,6 @@
 """What Consumers and Providers share: one server connection, its registration, and reconnecting.
 
-:class:`Client` connects (``connect`` / ``_connect``), registers with a
+:class:`Client` connects (``connect`` / ``open``), registers with a
 first START and waits for the server to accept it, reconnects with backoff
 when ``reconnect`` asks for it, and fails what is pending when the line
 drops; :class:`~pulsyflux.client.consumer.Consumer` and
@@ -198,10 +198,13 @@ class Client:
         self._auth_pending: Optional[bytes] = None  # the first AUTH's id until the server answers it
         self._auth_waiters: dict[bytes, Deferred[None]] = {}  # refresh() calls waiting for their answer
 
-    @classmethod
-    def _connect(
-        cls, address: Address, client: "Client", reconnect: Reconnect = False, token: Optional[str] = None
-    ) -> "Deferred[Any]":
+    def open(self, address: Address, reconnect: Reconnect = False, token: Optional[str] = None) -> "Deferred[Any]":
+        """Connect this client, made but not connected yet; fires with it once registered.
+
+        What ``connect`` does after building the client; for an owner that must
+        hold the client before its first request arrives (the broker's Provider).
+        """
+        client = self
         if token is not None:
             client.token = _check_token(token)
         if reconnect:

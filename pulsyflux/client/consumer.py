@@ -82,7 +82,7 @@ class Consumer(Client):
         first and ``connect`` waits for the server's answer: a refused token
         or a missing right fails it with PermissionDenied.
         """
-        return cls._connect(address, cls(channel_id, reactor), reconnect, token)
+        return cls(channel_id, reactor).open(address, reconnect, token)
 
     @property
     def pending(self) -> int:

@@ -136,7 +136,7 @@ class Provider(Client):
         provider = cls(
             channel_id, reactor, handler, max_incomplete=max_incomplete, incomplete_timeout=incomplete_timeout
         )
-        return cls._connect(address, provider, reconnect, token)
+        return provider.open(address, reconnect, token)
 
     def receive(self) -> "Deferred[Request]":
         """The next complete request (fails with ConnectionLostError once closed)."""
