@@ -371,7 +371,12 @@ class Options(usage.Options):
             "Client connections at once; past it, new ones are refused.",
         ],
         ["max-in-flight", None, DEFAULT_MAX_IN_FLIGHT, "Requests one connection may have in flight."],
-        ["max-body", None, DEFAULT_MAX_BODY, "Bytes in one request body, and in one response body."],
+        [
+            "max-body",
+            None,
+            DEFAULT_MAX_BODY,
+            "Bytes of payload in one request or response (a published message's payload, not its base64).",
+        ],
         [
             "frame-timeout",
             None,

@@ -275,7 +275,10 @@ async def test_publish_rejects_bad_input_before_anything_else(served):
     assert json.loads(await response.content()) == {"error": "topic must not be empty: POST /publish/{topic}"}
     response = await treq.post(served.http_url + "/publish/orders", b"x" * (1024 * 1024 + 1), persistent=False)
     assert response.code == 413
-    assert json.loads(await response.content()) == {"error": "body larger than 1048576 bytes", "limit": 1048576}
+    assert json.loads(await response.content()) == {
+        "error": "payload larger than 1048576 bytes (1 MiB)",
+        "limit": 1048576,
+    }
 
 
 @ensure

@@ -336,3 +336,54 @@ async def test_twistd_logs_json_lines(tmp_path):
     records = [json.loads(line) for line in proc.output.splitlines()]
     assert {"time", "level", "logger", "message"} <= set(records[0])
     assert any(record["message"] == "Server Shut Down." for record in records)
+
+
+# -- size limits: in payload bytes ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_body_is_in_payload_bytes_for_published_messages():
+    """A published payload of max_body bytes passes (its base64 is a third larger);
+    one far past it is refused, saying the numbers, and counted once."""
+    from pulsyflux import BrokerClient, ServerOverloaded
+    from pulsyflux.testing import start_server
+
+    server = await start_server(max_body=100_000)
+    publisher = await BrokerClient.connect(server.address)
+    subscriber = await BrokerClient.connect(server.address)
+    try:
+        subscription = await subscriber.subscribe("big")
+        await publisher.publish("big", b"x" * 100_000)  # 133,336 bytes of base64 on the wire
+        assert (await subscription.get()).payload == b"x" * 100_000
+        with pytest.raises(ServerOverloaded) as refused:
+            await publisher.publish("big", b"x" * 2_000_000)
+        assert "1181912-byte limit for broker messages (payloads of up to 100000 bytes, in base64)" in str(
+            refused.value
+        )
+        router = server.factory.router
+        assert router.stats.errors["request too large"] == 1
+    finally:
+        await publisher.close()
+        await subscriber.close()
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_body_still_bounds_other_requests_in_bytes():
+    import uuid
+
+    from pulsyflux import Consumer, Provider, ServerOverloaded
+    from pulsyflux.testing import start_server
+
+    server = await start_server(broker=False, max_body=100_000)
+    channel = uuid.uuid4()
+    provider = await Provider.connect(server.address, channel, handler=lambda data: b"ok")
+    consumer = await Consumer.connect(server.address, channel)
+    try:
+        assert await consumer.send(b"x" * 100_000) == b"ok"
+        with pytest.raises(ServerOverloaded, match="exceeds the server's 100000-byte limit$"):
+            await consumer.send(b"x" * 100_001)
+    finally:
+        await consumer.close()
+        await provider.close()
+        await server.stop()

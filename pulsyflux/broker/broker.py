@@ -35,7 +35,13 @@ from .fanout import (
 from .link import BROKER_CLOSED, DEFAULT_BROKER_CHANNEL, PublishingSide, ignore, send_until_registered
 from .outlet import DEFAULT_BACKLOG, DEFAULT_BACKLOG_BYTES
 from .publisher import Publisher
-from .subscription import DEFAULT_BUFFER, Subscription, check_subscription, open_subscription
+from .subscription import (
+    DEFAULT_BUFFER,
+    MESSAGES_INCOMPLETE,
+    Subscription,
+    check_subscription,
+    open_subscription,
+)
 
 __all__ = ["Broker", "DEFAULT_REJOIN_PATIENCE"]
 
@@ -122,7 +128,8 @@ class Broker(PublishingSide):
 
     async def _start(self) -> "Broker":
         # Made before it connects, so the fanout can ask whose announcement it handles from the first one.
-        provider = Provider(self.channel, self.reactor, handler=self._fanout.handle)
+        # It receives publishes: payloads of up to 64 MiB, in base64 (messages.wire_limit).
+        provider = Provider(self.channel, self.reactor, handler=self._fanout.handle, max_incomplete=MESSAGES_INCOMPLETE)
         self._fanout.provider = provider
         self._provider = await provider.open(self.address, self.reconnect, self.token)
         try:

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, DeferredQueue, fail, succeed
 from twisted.logger import Logger
 
 from ..client import ChannelId, Provider, Reconnect
+from ..client.provider import DEFAULT_MAX_INCOMPLETE
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import PulsyfluxError
@@ -22,6 +23,10 @@ from ..wire.messages import Message, check_topic, group_problem, is_control, is_
 from ..wire.printable import printable
 from .link import OK, channel_uuid
 from .subjects import matcher
+
+# What the broker's and each subscriber's Provider may hold of requests still
+# arriving: messages whose payloads are up to 64 MiB, in base64 (4 bytes per 3).
+MESSAGES_INCOMPLETE = messages.wire_limit(DEFAULT_MAX_INCOMPLETE)
 
 __all__ = ["Subscription", "SubscriptionClosed", "DEFAULT_BUFFER", "check_subscription", "open_subscription"]
 
@@ -378,7 +383,13 @@ async def open_subscription(
     channel = uuid.uuid4()
     sub = Subscription(topic, channel, buffer, group)
     provider = await Provider.connect(
-        address, channel, handler=sub._deliver, reactor=reactor, reconnect=reconnect, token=token
+        address,
+        channel,
+        handler=sub._deliver,
+        reactor=reactor,
+        reconnect=reconnect,
+        token=token,
+        max_incomplete=MESSAGES_INCOMPLETE,  # forwards: payloads of up to 64 MiB, in base64
     )
     sub._attach(provider, reconnect)
     return sub, provider

@@ -239,8 +239,16 @@ class Publish(_Leaf):
         return _json(
             request,
             http.REQUEST_ENTITY_TOO_LARGE,
-            {"error": f"body larger than {self.max_body} bytes", "limit": self.max_body},
+            {"error": f"payload larger than {self.max_body} bytes ({_size(self.max_body)})", "limit": self.max_body},
         )
+
+
+def _size(count: int) -> str:
+    """1048576 -> "1 MiB": the number people read in the docs."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if count >= 1 << shift and count % (1 << shift) == 0:
+            return f"{count >> shift} {unit}"
+    return f"{count} bytes"
 
 
 def _topic_problem(topic: str) -> Optional[str]:

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..endpoints import describe_address
-from ..wire import codec, errors
+from ..wire import codec, errors, messages
 from ..wire.codec import (
     CHUNK,
     END,
@@ -243,6 +243,7 @@ class _InFlight:
         "routing",
         "responding",
         "request_size",
+        "request_limit",
         "response_size",
         "started",
     )
@@ -255,6 +256,7 @@ class _InFlight:
         self.routing = routing
         self.responding = False  # its RESPONSE_START has come: chunks and the end may follow
         self.request_size = 0
+        self.request_limit = 0  # bytes its body may take (set by the router at its START)
         self.response_size = 0
 
 
@@ -317,6 +319,7 @@ class Router:
         self.flow_control = FlowControl(self, max_unsent, max_unsent_total)
         self._dirty: list[Peer] = []  # peers with frames queued during this read
         self.max_body = max_body
+        self.max_message_body = messages.wire_limit(max_body)  # for requests of broker messages
         self.max_connections = max_connections
         self._max_in_flight = max_in_flight
         self._draining = False
@@ -713,6 +716,9 @@ class Router:
             self._server_error(conn, request_id, errors.MSG_PEER_DISAPPEARED, routing)
             return
         entry = _InFlight(request_id, conn, provider, routing, self.clock.seconds())
+        # Publishes to the broker and its forwards carry payloads in base64: their
+        # limit is max_body bytes of payload, so the wire form may take more.
+        entry.request_limit = self.max_message_body if conn.trusted or channel in self.reserved else self.max_body
         self.requests[request_id] = entry
         conn.started.add(request_id)
         provider.assigned.add(request_id)
@@ -733,7 +739,7 @@ class Router:
             # failed (no provider, timed out): its one ERROR was sent.
             return
         size = entry.request_size + len(frame) - _HEADER
-        if size > self.max_body:
+        if size > entry.request_limit:
             self._too_large(entry, "request")
             return
         entry.request_size = size
@@ -803,7 +809,14 @@ class Router:
 
     def _too_large(self, entry: _InFlight, which: str) -> None:
         """Fail a request whose body passed ``max_body``: both sides drop it, its later frames are ignored."""
-        self._fail(entry, errors.too_large(which, f"its body exceeds the server's {self.max_body}-byte limit"))
+        if which == "request" and entry.request_limit != self.max_body:
+            why = (
+                f"its body exceeds the server's {entry.request_limit}-byte limit for broker messages"
+                f" (payloads of up to {self.max_body} bytes, in base64)"
+            )
+        else:
+            why = f"its body exceeds the server's {self.max_body}-byte limit"
+        self._fail(entry, errors.too_large(which, why))
 
     def _bad_response(self, entry: _InFlight, message: str) -> None:
         """Fail a request whose provider broke the protocol: none of the rest of its response is forwarded."""

@@ -170,6 +170,23 @@ def _topic_json(topic: str) -> str:
     return text
 
 
+# Room a request of broker messages needs beyond the base64 of its payload:
+# the topic, the headers, the JSON around them, and the rest of a batch (the
+# broker's forwards stop growing at 256 KiB of JSON).
+MESSAGE_OVERHEAD = 1 << 20
+
+
+def wire_limit(max_payload: int) -> int:
+    """Bytes a request of broker messages may take on the wire when each payload
+    may be ``max_payload`` bytes: a payload travels in base64 (4 bytes per 3), so
+    a server's limits are stated in payload bytes and applied with this.
+
+    >>> wire_limit(64 << 20)
+    90527064
+    """
+    return 4 * -(-max_payload // 3) + MESSAGE_OVERHEAD
+
+
 def encode_text(topic: str, payload: Optional[Body], headers: Optional[Mapping[str, str]]) -> str:
     """:func:`encode` as a str (what batches are joined from).
 
