@@ -185,40 +185,6 @@ async def test_garbage_in_a_servers_inbox_is_counted_and_harms_nobody(pair):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_twistd_server_killed_with_sigkill_is_gone_within_the_lease(redis_server, tmp_path):
-    import signal
-    import sys
-    from pathlib import Path
-
-    from .twistd_process import spawn_twistd
-
-    a = await _node(redis_server, "a", lease=1.0)
-    b = spawn_twistd(
-        Path(sys.executable).parent, tmp_path, "--port", "tcp:0:interface=127.0.0.1",
-        "--cluster", redis_server.url, "--node-name", "b", "--cluster-lease", "1",
-    )  # fmt: skip
-    channel = uuid.uuid4()
-    try:
-        address_b = await b.listening
-        provider = await Provider.connect(address_b, channel, handler=lambda body: b"from b")
-        consumer = await Consumer.connect(_address(a), channel)
-        await eventually(lambda: _relays_to(a, "b", channel))
-        assert await consumer.send(b"hi") == b"from b"
-        b.transport.signalProcess(signal.SIGKILL)
-        await b.ended
-        # b's lease (1 s) runs out, and a's next read of the registry (every 1/3 s) sees it
-        await eventually(lambda: ("b", channel.bytes) not in a.cluster.requests.relays, timeout=10)
-        with pytest.raises(NoProviderError):
-            await consumer.send(b"anyone?")
-        await consumer.close()
-        await provider.close()
-    finally:
-        if not b.ended.called:
-            b.transport.signalProcess(signal.SIGKILL)
-        await a.stopService()
-
-
-@pytest_twisted.ensureDeferred
 async def test_a_server_killed_under_load_fails_only_its_own_requests_and_the_rest_go_on(redis_server, tmp_path):
     import signal
     import sys
