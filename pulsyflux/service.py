@@ -461,8 +461,9 @@ class Options(usage.Options):
     def server_factory(self, reactor: Any = None) -> ServerFactory:
         """A :class:`ServerFactory` with the limits (and the ``--auth`` checks) these options give."""
         factory = ServerFactory(reactor, **{name.replace("-", "_"): self[name] for name in _LIMITS})
-        if getattr(self, "authority", None) is not None:
-            factory.router.enable_auth(self.authority)
+        authority = getattr(self, "authority", None)  # None until postOptions ran
+        if authority is not None:
+            factory.router.enable_auth(authority)
         return factory
 
 

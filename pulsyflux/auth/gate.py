@@ -34,6 +34,8 @@ from .grants import Grants
 from .tokens import Authority, Identity, TokenError
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
     from ..server.router import Peer, Router
 
 __all__ = ["Gate", "BrokerLink", "HOLD_PATIENCE", "MAX_HELD"]
@@ -58,7 +60,7 @@ class _Held:
 
     __slots__ = ("peer", "channel", "client_id", "request_id", "timer")
 
-    def __init__(self, peer: "Peer", channel: bytes, client_id: bytes, request_id: bytes, timer: Any) -> None:
+    def __init__(self, peer: "Peer", channel: bytes, client_id: bytes, request_id: bytes, timer: IDelayedCall) -> None:
         self.peer = peer
         self.channel = channel
         self.client_id = client_id
@@ -69,16 +71,16 @@ class _Held:
 class Gate:
     """Per-connection identities for one router: AUTH frames, registration checks, expiry, revocation."""
 
-    def __init__(self, authority: Authority, router: "Router", clock: Any = None) -> None:
+    def __init__(self, authority: Authority, router: "Router", clock: Optional[IReactorTime] = None) -> None:
         self.authority = authority
         self.router = router
         self.clock = clock if clock is not None else router.clock
         self.refusals: Counter[str] = Counter()  # by kind: a fixed vocabulary
         self.authenticated = 0  # AUTH frames accepted (first tokens and refreshes)
         self.inboxes: dict[bytes, list[Any]] = {}  # channel -> [subject, claims held]
-        self.held: dict[Any, _Held] = {}  # peer -> its waiting provider registration
-        self.subscribers: set[Any] = set()  # providers registered on a subscription's channel (claim_inbox)
-        self._timers: dict[Any, Any] = {}  # peer -> its expiry timer
+        self.held: dict[Peer, _Held] = {}  # peer -> its waiting provider registration
+        self.subscribers: set[Peer] = set()  # providers registered on a subscription's channel (claim_inbox)
+        self._timers: dict[Peer, IDelayedCall] = {}  # peer -> its expiry timer
         self.listeners: list[Listener] = []  # told when an identity's rights change (the broker)
 
     # -- identities ------------------------------------------------------------

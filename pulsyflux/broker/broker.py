@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..client import ChannelId, Consumer, Provider, Reconnect
@@ -80,7 +81,7 @@ class Broker(PublishingSide):
         self,
         address: Address,
         broker_channel_id: ChannelId = DEFAULT_BROKER_CHANNEL,
-        reactor: Any = None,
+        reactor: Optional[IReactorTime] = None,
         buffer: int = DEFAULT_BUFFER,
         backlog: int = DEFAULT_BACKLOG,
         batch: int = DEFAULT_BATCH,

@@ -6,6 +6,7 @@ import uuid
 from typing import Any, Optional, cast
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -71,7 +72,7 @@ class BrokerClient(PublishingSide):
         self,
         address: Address,
         broker_channel_id: ChannelId = DEFAULT_BROKER_CHANNEL,
-        reactor: Any = None,
+        reactor: Optional[IReactorTime] = None,
         buffer: int = DEFAULT_BUFFER,
         reconnect: Reconnect = False,
         heartbeat: Optional[float] = DEFAULT_HEARTBEAT,

@@ -6,6 +6,7 @@ import uuid
 from typing import Any, Callable, NoReturn, Optional, Sequence, Union
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -89,7 +90,7 @@ class Fanout:
     def __init__(
         self,
         address: Address,
-        reactor: Any,
+        reactor: IReactorTime,
         *,
         backlog: int,
         batch: int,

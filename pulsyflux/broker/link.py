@@ -12,6 +12,7 @@ import uuid
 from typing import Any, Optional, TypeVar
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
@@ -55,7 +56,7 @@ def ignore(failure: Failure) -> None:
 
 
 async def send_until_registered(
-    consumer: Consumer, body: bytes, reactor: Any, timeout: float = 5.0, patience: float = 1.0
+    consumer: Consumer, body: bytes, reactor: IReactorTime, timeout: float = 5.0, patience: float = 1.0
 ) -> bytes:
     """Send ``body``, retrying for ``patience`` seconds while the server has no provider for it yet.
 
@@ -94,14 +95,14 @@ class PublishingSide:
         self,
         address: Address,
         broker_channel_id: ChannelId,
-        reactor: Any,
+        reactor: Optional[IReactorTime],
         buffer: int,
         reconnect: Reconnect,
         token: Optional[str],
     ) -> None:
         self.address = address
         self.channel = channel_uuid(broker_channel_id)
-        self.reactor = default_reactor(reactor)
+        self.reactor: IReactorTime = default_reactor(reactor)
         self.buffer = buffer
         self.reconnect = reconnect
         self.token = token  # presented by each of its connections (a server that checks tokens)
@@ -113,7 +114,7 @@ class PublishingSide:
         cls: type[_Side],
         address: Address,
         broker_channel_id: ChannelId = DEFAULT_BROKER_CHANNEL,
-        reactor: Any = None,
+        reactor: Optional[IReactorTime] = None,
         **options: Any,
     ) -> "Deferred[_Side]":
         """A new one, connected: fires once it works (``options`` as for the class)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..wire.errors import PermissionDenied, permission_denied
@@ -46,7 +47,9 @@ def _who(identity: Any) -> str:
 class Rights:
     """The broker's checks and the subscriptions each identity keeps alive."""
 
-    def __init__(self, link: Any, reactor: Any, remove: Callable[["Outlet", str], Any], log_limiter: Any) -> None:
+    def __init__(
+        self, link: Any, reactor: IReactorTime, remove: Callable[["Outlet", str], Any], log_limiter: Any
+    ) -> None:
         self.link = link
         self.reactor = reactor
         self.remove = remove  # Fanout.remove(outlet, reason): ends a subscription with a notice

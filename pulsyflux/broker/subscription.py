@@ -12,6 +12,7 @@ from collections import deque
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from twisted.internet.defer import Deferred, DeferredQueue, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..client import ChannelId, Provider, Reconnect
@@ -375,7 +376,7 @@ async def open_subscription(
     address: Address,
     topic: str,
     buffer: int,
-    reactor: Any,
+    reactor: IReactorTime,
     reconnect: Reconnect = False,
     group: Optional[str] = None,
     token: Optional[str] = None,

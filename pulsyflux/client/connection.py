@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Union
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -161,14 +161,20 @@ class _ClientProtocol(Protocol):
 
 
 class Client:
-    """What Consumer and Provider share: connect, register, close."""
+    """What Consumer and Provider share: connect, register, close.
+
+    ``reactor``: its clock (``IReactorTime``: timeouts, backoff), which must
+    also provide what the address's endpoint connects with (``IReactorTCP``
+    for host:port, ``IReactorUNIX`` for ``unix:``); every Twisted reactor and
+    ``MemoryReactorClock`` do. Only the clock is in the type: Twisted's
+    ``clientFromString`` takes its reactor untyped.
+    """
 
     role: int
     log = Logger()
 
-    def __init__(self, channel_id: ChannelId, reactor: Any = None) -> None:
-        reactor = default_reactor(reactor)
-        self.reactor = reactor
+    def __init__(self, channel_id: ChannelId, reactor: Optional[IReactorTime] = None) -> None:
+        self.reactor: IReactorTime = default_reactor(reactor)
         self.channel_id = uuid.UUID(bytes=channel_bytes(channel_id))
         self._channel = self.channel_id.bytes
         self.client_id = uuid.UUID(bytes=_new_id())

@@ -6,6 +6,7 @@ import os
 from typing import Any, Callable, Iterator, Optional
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from ..endpoints import Address
@@ -57,7 +58,7 @@ class Consumer(Client):
 
     role = ROLE_CONSUMER
 
-    def __init__(self, channel_id: ChannelId, reactor: Any = None) -> None:
+    def __init__(self, channel_id: ChannelId, reactor: Optional[IReactorTime] = None) -> None:
         super().__init__(channel_id, reactor)
         self._pending: dict[bytes, _Pending] = {}
         self._deadlines = Deadlines(self.reactor, self._pending, self._expire)
@@ -68,7 +69,7 @@ class Consumer(Client):
         cls,
         address: Address,
         channel_id: ChannelId,
-        reactor: Any = None,
+        reactor: Optional[IReactorTime] = None,
         *,
         reconnect: Reconnect = False,
         token: Optional[str] = None,

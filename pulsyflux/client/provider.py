@@ -6,7 +6,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Optional, Union
 
 from twisted.internet.defer import Deferred, DeferredQueue, fail
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -85,7 +85,7 @@ class Provider(Client):
     def __init__(
         self,
         channel_id: ChannelId,
-        reactor: Any = None,
+        reactor: Optional[IReactorTime] = None,
         handler: Optional[Handler] = None,
         *,
         max_incomplete: int = DEFAULT_MAX_INCOMPLETE,
@@ -118,7 +118,7 @@ class Provider(Client):
         address: Address,
         channel_id: ChannelId,
         handler: Optional[Handler] = None,
-        reactor: Any = None,
+        reactor: Optional[IReactorTime] = None,
         *,
         reconnect: Reconnect = False,
         max_incomplete: int = DEFAULT_MAX_INCOMPLETE,

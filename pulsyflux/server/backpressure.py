@@ -42,13 +42,16 @@ from __future__ import annotations
 
 import weakref
 from operator import attrgetter
-from typing import Any
+from typing import TYPE_CHECKING, Optional
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..wire import codec, errors
+
+if TYPE_CHECKING:  # the router imports this module; the types only go the other way
+    from .router import Peer, Router
 
 __all__ = [
     "Backpressure",
@@ -76,7 +79,7 @@ class Backpressure:
 
     __slots__ = ("_conn", "control", "paused", "held", "blocked_by", "unsent", "spared", "cut", "_linger", "_gone")
 
-    def __init__(self, conn: Any, control: "FlowControl") -> None:
+    def __init__(self, conn: Peer, control: "FlowControl") -> None:
         self._conn = weakref.ref(conn)  # weak: the connection owns this record, not the reverse
         self.control = control
         self.paused = False
@@ -85,11 +88,11 @@ class Backpressure:
         self.unsent = 0
         self.spared: dict[Backpressure, int] = {}
         self.cut = False  # closed for reading too slowly
-        self._linger: Any = None
+        self._linger: Optional[IDelayedCall] = None
         self._gone = False
 
     @property
-    def conn(self) -> Any:
+    def conn(self) -> Optional[Peer]:
         """The connection, or None once it is gone."""
         return self._conn()
 
@@ -112,8 +115,8 @@ class Backpressure:
         self.spared.clear()
         self._release_all()
         conn = self._conn()
-        transport: Any = getattr(conn, "transport", None)
-        if getattr(transport, "disconnecting", False):
+        transport = None if conn is None else conn.transport
+        if transport is not None and getattr(transport, "disconnecting", False):
             # Twisted closes a connection only once its producer is gone.
             transport.unregisterProducer()
 
@@ -177,7 +180,7 @@ class FlowControl:
 
     def __init__(
         self,
-        router: Any,
+        router: Router,
         max_unsent: int = DEFAULT_MAX_UNSENT,
         max_unsent_total: int = DEFAULT_MAX_UNSENT_TOTAL,
         linger: float = DEFAULT_SLOW_LINGER,
@@ -189,11 +192,11 @@ class FlowControl:
         self.unsent_total = 0
         self.backlogged: set[Backpressure] = set()  # flows with unsent bytes, for the global bound
 
-    def attach(self, conn: Any) -> Backpressure:
+    def attach(self, conn: Peer) -> Backpressure:
         """A new connection's flow state (register it as the transport's producer)."""
         return Backpressure(conn, self)
 
-    def wrote(self, conn: Any, size: int) -> None:
+    def wrote(self, conn: Peer, size: int) -> None:
         """``size`` bytes were just written to ``conn``, whose send buffer is over the high-water mark."""
         flow: Backpressure = conn.flow
         if flow.cut or flow._gone:
@@ -230,7 +233,7 @@ class FlowControl:
             if victim_conn is not None:
                 self._cut(victim, victim_conn, f"the server holds more than {self.max_unsent_total} unread bytes")
 
-    def serving(self, provider: Any, consumer: Any) -> None:
+    def serving(self, provider: Peer, consumer: Peer) -> None:
         """``provider`` was given ``consumer``'s request: pausing it for anyone else now hurts."""
         pflow: Backpressure = provider.flow
         cflow = consumer.flow
@@ -240,7 +243,7 @@ class FlowControl:
 
     # -- internals ------------------------------------------------------------------
 
-    def _consider(self, dest: Backpressure, dest_conn: Any, source_conn: Any) -> None:
+    def _consider(self, dest: Backpressure, dest_conn: Peer, source_conn: Peer) -> None:
         """Hold ``source_conn`` for ``dest`` if that keeps every other client going."""
         source: Backpressure = source_conn.flow
         if source in dest.held:
@@ -254,7 +257,7 @@ class FlowControl:
         else:
             dest.spared[source] = dest.unsent
 
-    def _harmless(self, source_conn: Any, dest_conn: Any) -> bool:
+    def _harmless(self, source_conn: Peer, dest_conn: Peer) -> bool:
         """True if every request ``source_conn`` serves comes from ``dest_conn`` (or itself)."""
         requests = self.router.requests
         for request_id in source_conn.assigned:
@@ -271,7 +274,7 @@ class FlowControl:
         flow.unsent = 0
         self.backlogged.discard(flow)
 
-    def _cut(self, flow: Backpressure, conn: Any, why: str) -> None:
+    def _cut(self, flow: Backpressure, conn: Peer, why: str) -> None:
         """Close a connection that reads too slowly: one ERROR, its requests dropped."""
         router = self.router
         message = errors.overloaded(f"slow consumer: {why}")

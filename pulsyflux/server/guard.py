@@ -29,9 +29,9 @@ path pays nothing while reads end on frame boundaries (the common case):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from .._twisted_compat import tls_handshake_pending
@@ -41,6 +41,7 @@ from ..wire.ratelimit import LogLimiter, shorten
 
 if TYPE_CHECKING:  # the server imports this module
     from .protocol import ServerProtocol
+    from .router import ServerStats
 
 __all__ = [
     "ConnectionGuard",
@@ -64,7 +65,7 @@ class ConnectionGuard:
     def __init__(
         self,
         clock: IReactorTime,
-        stats: Any,
+        stats: ServerStats,
         limiter: LogLimiter,
         frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
         register_timeout: float = DEFAULT_REGISTER_TIMEOUT,
@@ -77,11 +78,11 @@ class ConnectionGuard:
         self.register_timeout = register_timeout
         self.max_partial_bytes = max_partial_bytes
         self.partial_bytes = 0  # held in incomplete frames now, all connections together
-        self.counted: set[Any] = set()  # the untrusted connections, which max_connections counts
-        self._unregistered: dict[Any, float] = {}  # connection -> when it connected, oldest first
-        self._partial: dict[Any, float] = {}  # connection -> when its incomplete frame began, oldest first
-        self._closing: dict[Any, float] = {}  # closed here, not gone yet -> when
-        self._timer: Optional[Any] = None
+        self.counted: set[ServerProtocol] = set()  # the untrusted connections, which max_connections counts
+        self._unregistered: dict[ServerProtocol, float] = {}  # connection -> when it connected, oldest first
+        self._partial: dict[ServerProtocol, float] = {}  # connection -> when its incomplete frame began, oldest first
+        self._closing: dict[ServerProtocol, float] = {}  # closed here, not gone yet -> when
+        self._timer: Optional[IDelayedCall] = None
         self._timer_at = float("inf")
 
     # -- called by ServerProtocol -------------------------------------------------
@@ -169,7 +170,7 @@ class ConnectionGuard:
 
     # -- the one timer ----------------------------------------------------------------
 
-    def _oldest_unregistered(self) -> Optional[Any]:
+    def _oldest_unregistered(self) -> Optional[ServerProtocol]:
         waiting = self._unregistered
         while waiting:
             conn = next(iter(waiting))

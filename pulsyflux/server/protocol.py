@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.protocol import ServerFactory as _TwistedServerFactory
 from twisted.python.failure import Failure
@@ -193,14 +194,17 @@ class ServerFactory(_TwistedServerFactory):
     protocol = ServerProtocol
     noisy = False  # "pulsyflux server listening on ..." says it; not "Starting factory <... at 0x...>"
 
-    def __init__(self, reactor: Any = None, **limits: Unpack[Limits]) -> None:
+    def __init__(self, reactor: Optional[IReactorTime] = None, **limits: Unpack[Limits]) -> None:
         reactor = default_reactor(reactor)
         self.reactor = reactor
         self.router = Router(reactor, **limits)
 
     @property
-    def registry(self) -> dict[RegistryKey, ServerProtocol]:
-        """(role, channel id, client id) -> connection (:class:`ServerProtocol`), for every registered client."""
+    def registry(self) -> dict[RegistryKey, Optional[ServerProtocol]]:
+        """(role, channel id, client id) -> connection (:class:`ServerProtocol`), for every registered client.
+
+        (None only for a peer a test drove through the router with no protocol.)
+        """
         return {key: peer.conn for key, peer in self.router.registry.items()}
 
     @property

@@ -17,12 +17,13 @@ import time
 import weakref
 from bisect import bisect_left
 from collections import Counter, deque
-from typing import Any, Callable, NamedTuple, Optional, TypedDict
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, TypedDict
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from .._types import IStreamTransport
 from ..endpoints import describe_address
 from ..wire import codec, errors, messages
 from ..wire.codec import (
@@ -47,6 +48,11 @@ from ..wire.ratelimit import LogLimiter, summary_to
 from ..writer import coalesce
 from .backpressure import DEFAULT_MAX_UNSENT, DEFAULT_MAX_UNSENT_TOTAL, Backpressure, FlowControl
 from .guard import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_PARTIAL_BYTES, DEFAULT_REGISTER_TIMEOUT, ConnectionGuard
+
+if TYPE_CHECKING:  # the adapter and the token identity, for their types only (both import this module's side)
+    from ..auth.gate import Gate
+    from ..auth.tokens import Authority, Identity
+    from .protocol import ServerProtocol
 
 __all__ = [
     "Router",
@@ -212,11 +218,17 @@ class Peer:
         "__weakref__",
     )
 
-    def __init__(self, write: Callable[[bytes], None], transport: Any, trusted: bool = False, conn: Any = None) -> None:
+    def __init__(
+        self,
+        write: Callable[[bytes], None],
+        transport: IStreamTransport,
+        trusted: bool = False,
+        conn: Optional[ServerProtocol] = None,
+    ) -> None:
         self.write = write
         self.transport = transport
         self.trusted = trusted
-        self.identity: Any = None  # the verified token's Identity (pulsyflux.auth.gate); None: anonymous
+        self.identity: Optional[Identity] = None  # the verified token's Identity (pulsyflux.auth.gate); None: anonymous
         self.key: Optional[RegistryKey] = None
         self.bytes_in = self.bytes_out = self.frames_in = self.frames_out = 0
         self.since = 0.0
@@ -227,7 +239,7 @@ class Peer:
         self._conn = None if conn is None else weakref.ref(conn)
 
     @property
-    def conn(self) -> Any:
+    def conn(self) -> Optional[ServerProtocol]:
         """The adapter this peer belongs to (a :class:`ServerProtocol`), or None."""
         ref = self._conn
         return None if ref is None else ref()
@@ -337,9 +349,9 @@ class Router:
             clock, self.stats, self.log_limiter, frame_timeout, register_timeout, max_partial_bytes
         )
         # Tokens and grants (pulsyflux.auth.gate.Gate), set by enable_auth; None: everyone may do everything.
-        self.gate: Any = None
+        self.gate: Optional[Gate] = None
 
-    def enable_auth(self, authority: Any) -> Any:
+    def enable_auth(self, authority: Authority) -> Gate:
         """Check tokens and grants from now on (``--auth``); returns the :class:`~pulsyflux.auth.gate.Gate`."""
         from ..auth.gate import Gate
 
@@ -480,7 +492,13 @@ class Router:
 
     # -- connections ----------------------------------------------------------
 
-    def connect(self, write: Callable[[bytes], None], transport: Any, trusted: bool = False, conn: Any = None) -> Peer:
+    def connect(
+        self,
+        write: Callable[[bytes], None],
+        transport: IStreamTransport,
+        trusted: bool = False,
+        conn: Optional[ServerProtocol] = None,
+    ) -> Peer:
         """A new peer: its record, with its flow state (register ``peer.flow`` as the transport's producer).
 
         ``write`` sends bytes to it; ``transport`` is paused, resumed and
@@ -515,7 +533,7 @@ class Router:
         self.forget(conn)
 
     @property
-    def connections(self) -> set[Any]:
+    def connections(self) -> set[ServerProtocol]:
         """The adapter (:class:`ServerProtocol`) of every connected peer that has one."""
         return {conn for conn in (peer.conn for peer in self.peers) if conn is not None}
 
