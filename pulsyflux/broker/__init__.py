@@ -1,4 +1,4 @@
-"""Topic pub/sub made of ordinary Consumers and Providers (PROTOCOL.md 6, 7).
+"""Topic pub/sub made of ordinary Consumers and Providers (docs/protocol.md, Broker messages).
 
     broker = await Broker.connect("127.0.0.1:9090")
     sub = await broker.subscribe("orders")

@@ -1,4 +1,4 @@
-"""Topic pub/sub made of ordinary Consumers and Providers (PROTOCOL.md 6, 7).
+"""Topic pub/sub made of ordinary Consumers and Providers (docs/protocol.md, Broker messages).
 
 The broker owns a Provider and a publishing Consumer on the broker channel;
 every subscription is a Provider on a fresh channel plus the broker's

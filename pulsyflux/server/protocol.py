@@ -101,7 +101,7 @@ class ServerProtocol(Protocol):
         for option in ("setTcpNoDelay", "setTcpKeepAlive"):
             setter = getattr(transport, option, None)
             if setter is not None:
-                setter(True)  # low latency; idle connections live (PROTOCOL.md 7)
+                setter(True)  # low latency; idle connections live (docs/protocol.md)
         stats = self.router.stats
         raw_write = immediate_writer(transport)
 

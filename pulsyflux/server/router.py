@@ -4,7 +4,7 @@ Three pieces, each with one job (compare Twisted's AMP):
 
 * the codec (:mod:`pulsyflux.wire.codec`) turns bytes into frames;
 * :class:`Router` (here) holds the registry and the requests in flight and
-  decides where every frame goes (PROTOCOL.md sections 3, 4 and 7); it is
+  decides where every frame goes (docs/protocol.md: a conversation, where we do better); it is
   driven through :class:`Peer` records, with no Protocol needed;
 * :class:`~pulsyflux.server.protocol.ServerProtocol` is the thin adapter
   between a TCP connection and the router.
@@ -768,7 +768,7 @@ class Router:
         if entry is None or entry.provider is not conn:
             if ftype == ERROR:
                 # No request of this provider's: an error with nowhere to go
-                # goes back to its sender (PROTOCOL.md section 5).
+                # goes back to its sender (docs/protocol.md, Errors).
                 self.stats.frames_dropped += 1
                 if self.log_limiter.allow("unroutable ERROR"):  # twistd writes debug lines too
                     self.log.debug("returning unroutable ERROR to its sender")

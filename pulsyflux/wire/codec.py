@@ -1,4 +1,4 @@
-"""Bytes <-> frames for pulsyflux wire protocol version 1 (PROTOCOL.md 1-5).
+"""Bytes <-> frames for pulsyflux wire protocol version 1 (docs/protocol.md).
 
 Sans-I/O: nothing here touches a socket or imports Twisted, so the server,
 the clients, the fuzzers and the benchmarks all share one codec.

@@ -76,7 +76,7 @@ class PermissionDenied(PulsyfluxError):
 # One table: the server (server/router.py, guard.py, backpressure.py) and the clients
 # write these texts, and error_from_message / error_kind read them, so writer
 # and reader never disagree. The texts are wire bytes: Go clients and the Go
-# server use the same ones (PROTOCOL.md section 5); never reword one.
+# server use the same ones (docs/protocol.md, Errors); never reword one.
 
 MSG_PEER_DISAPPEARED = "peer disappeared"
 MSG_TIMED_OUT = "request timed out"

@@ -2,7 +2,7 @@
 
 Sans-I/O: no Twisted here. A message on the wire is exactly what Go's
 ``encoding/json`` writes for ``struct{Topic string; Payload []byte;
-Headers map[string]string}`` (PROTOCOL.md section 6), so Go publishers and
+Headers map[string]string}`` (docs/protocol.md, Broker messages), so Go publishers and
 Python subscribers understand each other byte for byte.
 
     >>> encode("t", b"hi", {"k": "v"})
