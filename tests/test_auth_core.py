@@ -209,6 +209,9 @@ def test_auth_file_with_both_kinds_of_key(tmp_path) -> None:  # type: ignore[no-
         ({"anonymous": "all", "stats": "maybe"}, "stats"),
         ({"anonymous": "all", "extra": 1}, "unknown field"),
         ({"keys": [{"kid": "a", "secret": SECRET}, {"kid": "a", "secret": SECRET}]}, "share the kid"),
+        ({"certificates": {"alice": {"provide": ["*"]}}}, "not a subject"),
+        ({"certificates": {"CN=alice": {"publish": ["a.>.b"]}}}, "CN=alice"),
+        ({"certificates": ["CN=alice"]}, "certificate subject -> grants"),
     ],
 )
 def test_bad_auth_files_say_what_is_wrong(data: dict, problem: str) -> None:  # type: ignore[type-arg]
@@ -222,3 +225,24 @@ def test_unreadable_auth_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(AuthConfigError, match="not valid JSON"):
         load_auth_file(str(tmp_path / "bad.json"))
+
+
+def test_certificate_subjects_whole_dn_first_then_common_name_and_revocable() -> None:
+    authority = parse_auth(
+        {
+            "certificates": {
+                "CN=alice,O=Acme": {"provide": ["*"]},
+                "CN=alice": {"consume": ["*"]},
+                "CN=bob": {"consume": ["*"]},
+            },
+            "revoked": ["cert:CN=bob"],
+        }
+    )
+    whole = authority.for_certificate("CN=alice,O=Acme", "alice")
+    assert whole is not None and whole.subject == "cert:CN=alice,O=Acme" and whole.expires is None
+    assert whole.grants.may_channel("provide", bytes(16))
+    by_name = authority.for_certificate("CN=alice,O=Other", "alice")
+    assert by_name is not None and not by_name.grants.may_channel("provide", bytes(16))
+    assert authority.for_certificate("CN=bob", "bob") is None  # revoked: anonymous
+    assert authority.for_certificate("CN=carol", "carol") is None
+    authority.check(whole)  # never expires

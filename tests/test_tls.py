@@ -81,6 +81,12 @@ class PKI:
         self.client_key, self.client_cert = _write(
             keys, "client", *_issue("a client", ca_key, ca_cert.subject, ca=False)
         )
+        self.billing_key, self.billing_cert = _write(
+            keys, "billing", *_issue("billing", ca_key, ca_cert.subject, ca=False)
+        )
+        self.stranger_key, self.stranger_cert = _write(
+            keys, "stranger", *_issue("stranger", ca_key, ca_cert.subject, ca=False)
+        )
         self.rogue_server_key, self.rogue_server_cert = _write(
             keys, "rogue-server", *_issue("127.0.0.1", rogue_key, rogue_cert.subject, ca=False, ip="127.0.0.1")
         )
@@ -171,3 +177,64 @@ def test_mtls_description_errors_are_clear(pki):
         server_endpoint(
             reactor, f"mtls:0:privateKey={pki.server_key}:certKey={pki.server_cert}:caCerts={pki.server_key}"
         )
+
+
+@ensure
+async def test_mtls_certificate_subjects_map_to_grants_and_a_token_replaces_them(pki, tls_service, channel):
+    """An auth file's ``certificates``: a certificate with a grant may provide, one without may not.
+
+    A token presented on such a connection replaces the certificate's grants
+    (docs/security.md), as it replaces an anonymous client's.
+    """
+    from pulsyflux.auth.config import parse_auth
+    from pulsyflux.auth.tokens import Key, mint
+    from pulsyflux.server import ServerFactory
+    from pulsyflux.wire.errors import PermissionDenied
+
+    key = Key.hs256("k1", "k" * 32)
+    authority = parse_auth(
+        {
+            "keys": [{"kid": "k1", "secret": "k" * 32}],
+            "certificates": {
+                "CN=billing": {"provide": [str(channel)]},
+                "CN=a client": {"consume": [str(channel)]},
+            },
+        }
+    )
+    factory = ServerFactory(reactor)
+    gate = factory.router.enable_auth(authority)
+    service = ServerService(
+        f"mtls:0:privateKey={pki.server_key}:certKey={pki.server_cert}:caCerts={pki.ca_file}:interface=127.0.0.1",
+        reactor,
+        factory,
+        grace=0,
+    )
+    service.startService()
+    try:
+        port = (await service.whenListening()).getHost().port
+        billing = client(port, pki.ca_dir, pki.billing_key, pki.billing_cert)
+        reader = client(port, pki.ca_dir, pki.client_key, pki.client_cert)
+        stranger = client(port, pki.ca_dir, pki.stranger_key, pki.stranger_cert)
+        provider = await Provider.connect(billing, channel, handler=lambda data: b"billed:" + data)
+        consumer = await Consumer.connect(reader, channel)
+        assert await consumer.send(b"x", timeout=5) == b"billed:x"
+
+        async def refused(d):
+            with pytest.raises(PermissionDenied) as caught:
+                await d
+            return str(caught.value)
+
+        # Each refusal names who and the missing right.
+        assert "certificate 'CN=a client' may not provide" in await refused(Provider.connect(reader, uuid.uuid4()))
+        assert "anonymous clients may not provide" in await refused(Provider.connect(stranger, channel))
+        # A token replaces the certificate's grants: this one grants consume only, so billing may not provide.
+        token = mint(key, {"consume": [str(channel)]}, 60, subject="ops")
+        assert "token 'ops' may not provide" in await refused(Provider.connect(billing, uuid.uuid4(), token=token))
+        with_token = await Consumer.connect(stranger, channel, token=token)
+        assert await with_token.send(b"y", timeout=5) == b"billed:y"
+        assert gate.refusals == {"provide": 3}
+        for c in (with_token, consumer, provider):
+            await c.close()
+        assert not gate.certified  # forgotten with their connections
+    finally:
+        await service.stopService()

@@ -10,7 +10,8 @@ JSON (or TOML, by a ``.toml`` name, on Python 3.11+)::
       "anonymous": {"consume": ["*"], "publish": ["public.>"], "subscribe": ["public.>"]},
       "leeway": 5,
       "stats": "token",
-      "revoked": ["<jti or sub>"]
+      "revoked": ["<jti or sub>"],
+      "certificates": {"CN=billing": {"provide": ["6f1c...-uuid"], "publish": ["billing.>"]}}
     }
 
 ``anonymous`` is ``"none"`` (the default: a client must present a token),
@@ -20,6 +21,12 @@ out) or a grant set (:mod:`pulsyflux.auth.grants`). ``stats``: ``"open"``
 whose grants say ``"stats": true``). Relative file names are read beside the
 auth file. A secret may also be given inline (``"secret"``), which puts it in
 the file itself: keep that file private either way.
+
+``certificates`` gives grants to clients that connect on an ``mtls:``
+listener with a certificate whose subject is named: the whole subject as
+RFC 4514 prints it (``CN=billing,O=Acme``) is looked up first, then
+``CN=<its common name>``. A token presented on such a connection replaces
+the certificate's grants while it is valid (docs/security.md).
 """
 
 from __future__ import annotations
@@ -112,9 +119,26 @@ def _key(entry: Any, base: str, where: str, signing: bool = False) -> Key:
     raise AuthConfigError(f"{where}: key {kid!r}: alg is HS256 or EdDSA, not {alg!r}")
 
 
+def _certificates(data: Any, where: str) -> dict[str, Grants]:
+    """``certificates``: client certificate subject (``CN=alice`` or a whole RFC 4514 DN) -> grant set."""
+    if not isinstance(data, dict):
+        raise AuthConfigError(f"{where}: 'certificates' is an object: certificate subject -> grants")
+    certificates: dict[str, Grants] = {}
+    for subject, rules in data.items():
+        if not isinstance(subject, str) or "=" not in subject:
+            raise AuthConfigError(f"{where}: certificates: {subject!r} is not a subject like 'CN=alice'")
+        if not isinstance(rules, dict):
+            raise AuthConfigError(f"{where}: certificates: {subject!r}: grants are an object of rule lists")
+        try:
+            certificates[subject.strip()] = Grants(rules)
+        except GrantError as error:
+            raise AuthConfigError(f"{where}: certificates: {subject!r}: {error}") from None
+    return certificates
+
+
 def parse_auth(data: dict[str, Any], base: str = ".", where: str = "auth file") -> Authority:
     """An :class:`Authority` from an auth file's parsed content."""
-    unknown = set(data) - {"keys", "anonymous", "leeway", "stats", "revoked"}
+    unknown = set(data) - {"keys", "anonymous", "leeway", "stats", "revoked", "certificates"}
     if unknown:
         raise AuthConfigError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
     keys_data = data.get("keys", [])
@@ -133,7 +157,8 @@ def parse_auth(data: dict[str, Any], base: str = ".", where: str = "auth file") 
             raise AuthConfigError(f'{where}: \'anonymous\' is "none", "all" or an object of rule lists')
     except GrantError as error:
         raise AuthConfigError(f"{where}: anonymous: {error}") from None
-    if not keys and anonymous_data == "none":
+    certificates = _certificates(data.get("certificates", {}), where)
+    if not keys and anonymous_data == "none" and not certificates:
         raise AuthConfigError(f"{where}: no keys and no anonymous rights: nobody could do anything")
     leeway = data.get("leeway", DEFAULT_LEEWAY)
     if not isinstance(leeway, (int, float)) or not 0 <= leeway <= 300:
@@ -145,7 +170,14 @@ def parse_auth(data: dict[str, Any], base: str = ".", where: str = "auth file") 
     if not isinstance(revoked, list) or not all(isinstance(name, str) for name in revoked):
         raise AuthConfigError(f"{where}: 'revoked' is a list of token ids (jti) or subjects")
     try:
-        return Authority(keys, anonymous, leeway=float(leeway), revoked=revoked, stats_need_token=stats == "token")
+        return Authority(
+            keys,
+            anonymous,
+            leeway=float(leeway),
+            revoked=revoked,
+            stats_need_token=stats == "token",
+            certificates=certificates,
+        )
     except ValueError as error:
         raise AuthConfigError(f"{where}: {error}") from None
 

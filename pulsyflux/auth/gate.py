@@ -31,7 +31,7 @@ from ..wire import codec
 from ..wire.errors import permission_denied
 from ..wire.printable import printable
 from .grants import Grants
-from .tokens import Authority, Identity, TokenError
+from .tokens import CERTIFICATE_KID, CERTIFICATE_PREFIX, Authority, Identity, TokenError
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -52,6 +52,8 @@ def describe(identity: Identity) -> str:
     """How a refusal names who was refused: never the token, at most a short subject."""
     if identity.anonymous:
         return "anonymous clients"
+    if identity.kid == CERTIFICATE_KID:
+        return f"certificate {printable(identity.subject[len(CERTIFICATE_PREFIX) :], 64)!r}"
     return f"token {printable(identity.subject, 64)!r}"
 
 
@@ -82,12 +84,28 @@ class Gate:
         self.subscribers: set[Peer] = set()  # providers registered on a subscription's channel (claim_inbox)
         self._timers: dict[Peer, IDelayedCall] = {}  # peer -> its expiry timer
         self.listeners: list[Listener] = []  # told when an identity's rights change (the broker)
+        self.certified: dict[Any, Identity] = {}  # peer -> what its client certificate grants (mTLS)
 
     # -- identities ------------------------------------------------------------
 
     def identity(self, peer: "Peer") -> Identity:
+        """A token's identity while it is valid, else its certificate's (mTLS), else anonymous."""
         identity = peer.identity
-        return self.authority.anonymous if identity is None else identity
+        if identity is not None:
+            return identity
+        if self.certified:
+            return self.certified.get(peer, self.authority.anonymous)
+        return self.authority.anonymous
+
+    def certificate(self, peer: "Peer", subject: str, common_name: Optional[str]) -> None:
+        """A TLS handshake proved a client certificate (verified by the listener's CA): adopt its grants.
+
+        Called before the connection's first frame is read. A subject the
+        auth file does not name leaves the connection anonymous.
+        """
+        identity = self.authority.for_certificate(subject, common_name)
+        if identity is not None:
+            self.certified[peer] = identity
 
     def refuse(self, kind: str, peer_text: str = "") -> None:
         """Count a refusal and log it, rate-limited (peers decide how often this happens)."""
@@ -142,9 +160,9 @@ class Gate:
     def _rights_ended(self, peer: "Peer", error: TokenError) -> None:
         """Expired or revoked: the connection is anonymous from now on; what it may no longer do ends."""
         old = self.identity(peer)
-        peer.identity = None
+        peer.identity = None  # back to its certificate's grants (mTLS), or anonymous
         self.refuse(error.kind, error.message)
-        self._changed(old, self.authority.anonymous, error.message)
+        self._changed(old, self.identity(peer), error.message)
         key = peer.key
         if peer in self.subscribers:
             return  # a subscription's channel: the broker ends it, with a notice the subscriber reads first
@@ -252,6 +270,7 @@ class Gate:
 
     def disconnected(self, peer: "Peer") -> None:
         self.subscribers.discard(peer)
+        self.certified.pop(peer, None)
         timer = self._timers.pop(peer, None)
         if timer is not None and timer.active():
             timer.cancel()

@@ -54,6 +54,8 @@ DEFAULT_LEEWAY = 5.0  # seconds of clock skew forgiven on exp and nbf
 CLAIM = "pulsyflux"  # the claim holding the grants
 MIN_SECRET_BYTES = 32  # HS256 with a shorter secret can be brute-forced offline
 ANONYMOUS = "anonymous"
+CERTIFICATE_KID = "x509"  # an Identity's kid when a client certificate proved it (Authority.for_certificate)
+CERTIFICATE_PREFIX = "cert:"  # its subject: "cert:CN=alice", never equal to a token's "sub" by accident
 _CACHE = 1024  # verified tokens remembered (many connections often share one)
 _ALGORITHMS = {"HS256": "HS256", "EDDSA": "EdDSA"}
 
@@ -171,6 +173,7 @@ class Authority:
         revoked: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
         stats_need_token: bool = False,
+        certificates: Optional[Mapping[str, Grants]] = None,
     ) -> None:
         self.keys: dict[str, Key] = {}
         for key in keys:
@@ -182,6 +185,8 @@ class Authority:
         self.revoked: set[str] = set(revoked)
         self.clock = clock
         self.stats_need_token = stats_need_token
+        # mTLS: a client certificate's subject (RFC 4514 DN, or "CN=name") -> its grants (for_certificate).
+        self.certificates: dict[str, Grants] = dict(certificates or {})
         self._cache: OrderedDict[str, Identity] = OrderedDict()
 
     def verify(self, token: "str | bytes") -> Identity:
@@ -204,6 +209,23 @@ class Authority:
             self._cache[token] = identity
         self.check(identity)
         return identity.copy()
+
+    def for_certificate(self, subject: str, common_name: Optional[str] = None) -> Optional[Identity]:
+        """The identity a verified client certificate proves, or None if the auth file does not name it.
+
+        ``subject`` is the certificate's whole subject as RFC 4514 prints it
+        (``CN=alice,O=Acme``), looked up first; then ``CN=<common_name>``.
+        The identity never expires (the TLS handshake checked the
+        certificate's dates); ``revoked`` may name it (``cert:CN=alice``): then it is anonymous.
+        """
+        name = subject
+        grants = self.certificates.get(name)
+        if grants is None and common_name is not None:
+            name = "CN=" + common_name
+            grants = self.certificates.get(name)
+        if grants is None or (self.revoked and CERTIFICATE_PREFIX + name in self.revoked):
+            return None
+        return Identity(CERTIFICATE_PREFIX + name, grants, None, None, CERTIFICATE_KID)
 
     def check(self, identity: Identity) -> None:
         """Raise :class:`TokenError` if ``identity`` has expired or been revoked since it was verified."""

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.protocol import ServerFactory as _TwistedServerFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .._reactor import default_reactor
 from .._types import IStreamTransport
@@ -46,6 +47,7 @@ def _ignore(data: bytes) -> None:
     pass
 
 
+@implementer(IHandshakeListener)
 class ServerProtocol(Protocol):
     """One client connection: bytes in, frames to the router, bytes out.
 
@@ -115,6 +117,26 @@ class ServerProtocol(Protocol):
         # bound-method object or state check on the way, and it holds no reference to this protocol.
         peer = self.peer = router.connect(write, transport, self.trusted, self)
         transport.registerProducer(peer.flow, True)
+
+    def handshakeCompleted(self) -> None:
+        """TLS told us who the client is (``mtls:``): grants the auth file gives its certificate apply.
+
+        TLS calls this before it delivers the first byte the client sent, so
+        the registration that follows is judged with them.
+        """
+        gate = self.router.gate
+        peer = self.peer
+        if gate is None or peer is None or not gate.authority.certificates:
+            return
+        x509 = self.transport.getPeerCertificate()  # type: ignore[attr-defined]  # an ISSLTransport here
+        if x509 is None:
+            return  # an ssl: listener asks for none
+        from cryptography.x509.oid import NameOID
+
+        subject = x509.to_cryptography().subject
+        names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        common_name = names[0].value if names else None
+        gate.certificate(peer, subject.rfc4514_string(), common_name if isinstance(common_name, str) else None)
 
     def dataReceived(self, data: bytes) -> None:
         router = self.router
