@@ -370,3 +370,37 @@ async def test_a_queue_group_across_servers_gets_each_message_once(cluster):
     finally:
         await on_a.close()
         await on_b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_broker_restart_gives_up_its_queue_groups_and_re_attaches(cluster):
+    a, b = cluster
+    on_a = await BrokerClient.connect(_address(a))
+    on_b = await BrokerClient.connect(_address(b))
+    try:
+        await on_a.subscribe("jobs.*", group="workers")
+        member_b = await on_b.subscribe("jobs.*", group="workers")
+        await eventually(
+            lambda: _delivers_group(a, "jobs.*", "workers") and not _delivers_group(b, "jobs.*", "workers")
+        )
+        first = a.broker
+        for conn in [c for c in a.factory.router.connections if c.trusted]:
+            conn.transport.abortConnection()  # a's broker loses its link: BrokerService starts a new one
+        await eventually(lambda: a.broker is not None and a.broker is not first)
+        assert a.cluster.pubsub.fanout is a.broker._fanout  # the new broker is in the cluster
+        # a's group members went with its old broker: b delivers the group now
+        await eventually(lambda: _delivers_group(b, "jobs.*", "workers"))
+        await on_b.publish("jobs.eu", b"for b's member")
+        assert (await member_b.get()).payload == b"for b's member"
+        # and the new broker on a shares pub/sub again
+        fresh = await BrokerClient.connect(_address(a))
+        try:
+            sub = await fresh.subscribe("news.*")
+            await _settled(a, b)
+            await on_b.publish("news.eu", b"across")
+            assert (await sub.get()).payload == b"across"
+        finally:
+            await fresh.close()
+    finally:
+        await on_a.close()
+        await on_b.close()
