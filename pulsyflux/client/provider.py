@@ -313,9 +313,7 @@ class Provider(Client):
             self._handling = outer
         if isinstance(result, Deferred):
             if self.cancel_abandoned and not result.called:
-                abandonable = self._abandonable
-                abandonable[request_id] = result
-                result.addBoth(_forget, abandonable, request_id)
+                self._abandonable[request_id] = result  # _answer / _answer_error take it out
             result.addCallback(self._answer, request_id)
             result.addErrback(self._answer_error, request_id)
         elif isinstance(result, Failure):
@@ -337,11 +335,15 @@ class Provider(Client):
                 self._answer_error(Failure(error), request_id)
                 return
             result = bytes(result)
+        if self._abandonable:
+            self._abandonable.pop(request_id, None)
         routing = self._routing.pop(request_id, _UNKNOWN)  # unknown: answered already, or its line dropped
         if routing is not _UNKNOWN:
             self._send_answer(request_id, routing, result, None)
 
     def _answer_error(self, failure: Failure, request_id: bytes) -> None:
+        if self._abandonable:
+            self._abandonable.pop(request_id, None)
         routing = self._routing.pop(request_id, _UNKNOWN)
         if routing is not _UNKNOWN:
             self._send_answer(request_id, routing, b"", failure.value)
@@ -359,8 +361,3 @@ class Provider(Client):
             return  # receive() waits for the next connection
         while self._queue.waiting:
             self._queue.waiting.pop(0).errback(error)
-
-
-def _forget(result: Any, pending: dict[bytes, Any], request_id: bytes) -> Any:
-    pending.pop(request_id, None)
-    return result

@@ -84,6 +84,13 @@ class RedisLink:
             return fail(ClusterDown(f"the cluster link to {self.address} is down"))
         return commands.execute(*args)
 
+    def send(self, *args: Any) -> bool:
+        """Run one command whose reply nobody waits for; False while the link is down."""
+        commands = self.commands
+        if not self.up or commands is None:
+            return False
+        return commands.send(*args)
+
     def when_up(self) -> Deferred[None]:
         """Fires once the link is up (at once if it is)."""
         d: Deferred[None] = Deferred()

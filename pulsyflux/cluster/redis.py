@@ -17,7 +17,7 @@ reply can never be handed to the next command (redis-py#2624).
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import hiredis
 from twisted.internet.defer import Deferred, fail
@@ -104,8 +104,9 @@ class RedisCommands(_Base):
 
     def __init__(self) -> None:
         super().__init__()
-        self._waiting: collections.deque[Deferred[Any]] = collections.deque()
+        self._waiting: collections.deque[Optional[Deferred[Any]]] = collections.deque()
         self._why = "the connection to Redis was lost"
+        self.unanswered = 0  # commands sent with send() that Redis refused or the connection lost
 
     def execute(self, *args: Any) -> Deferred[Any]:
         """Send one command; the Deferred fires with its reply or fails with :class:`RedisError`."""
@@ -115,6 +116,17 @@ class RedisCommands(_Base):
         self._waiting.append(d)
         self.transport.write(hiredis.pack_command(args))
         return d
+
+    def send(self, *args: Any) -> bool:
+        """Send one command whose reply nobody waits for (no Deferred: the request relays' hot path).
+
+        False if not connected; a refusal or a loss is counted in ``unanswered``.
+        """
+        if not self.connected or self.transport is None:
+            return False
+        self._waiting.append(None)
+        self.transport.write(hiredis.pack_command(args))
+        return True
 
     def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Deferred[Any]]:
         """Send several commands in one write; one Deferred per command."""
@@ -135,6 +147,10 @@ class RedisCommands(_Base):
             self._fatal("Redis sent a reply nobody asked for")
             return
         d = self._waiting.popleft()
+        if d is None:  # sent with send(): nobody waits
+            if isinstance(reply, RedisError):
+                self.unanswered += 1
+            return
         if d.called:  # cancelled: its reply is dropped here, in step with the queue
             return
         if isinstance(reply, RedisError):
@@ -145,7 +161,9 @@ class RedisCommands(_Base):
     def connectionLost(self, reason: Failure = Failure(RedisLost("closed"))) -> None:
         waiting, self._waiting = self._waiting, collections.deque()
         for d in waiting:
-            if not d.called:
+            if d is None:
+                self.unanswered += 1
+            elif not d.called:
                 d.errback(RedisLost(self._why))
         super().connectionLost(reason)
 

@@ -20,6 +20,7 @@ flight fail with ``peer disappeared``.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any
 
@@ -51,15 +52,15 @@ class Relayed(Exception):
 
 
 class _Out:
-    __slots__ = ("deferred", "node", "size", "parts", "received", "timer")
+    __slots__ = ("deferred", "node", "size", "parts", "received", "born")
 
-    def __init__(self, deferred: Deferred[bytes], node: str, size: int, timer: Any) -> None:
+    def __init__(self, deferred: Deferred[bytes], node: str, size: int, born: int) -> None:
         self.deferred = deferred
         self.node = node
         self.size = size
         self.parts: list[bytes] = []
         self.received = 0
-        self.timer = timer
+        self.born = born  # the sweep it was sent in (one timer for all: see _sweep)
 
 
 class _In:
@@ -88,6 +89,7 @@ class ClusterRequests:
         self.relayed_by_channel: dict[bytes, int] = {}
         self.relays_by_node: dict[str, int] = {}
         self.consumers: dict[bytes, Deferred[Consumer]] = {}
+        self.ready: dict[bytes, Consumer] = {}  # the relay Consumers connected, by channel
         self.out: dict[bytes, _Out] = {}
         self.out_bytes = 0
         self.incoming: dict[tuple[str, bytes], _In] = {}  # requests in pieces, (origin, rid)
@@ -100,6 +102,11 @@ class ClusterRequests:
         self.bad = 0  # inbox messages that were not ours to read
         self.cancelled = 0  # forwarded requests whose consumer gave up (deadline, left): the other server told
         self._limiter = LogLimiter(reactor, summary_to(log))
+        # Request ids: unique within this process's life (the registry tells a restart apart).
+        self._rid_prefix = os.urandom(4).hex().encode("ascii")
+        self._rids = itertools.count(1)
+        self._sweeps = 0
+        self._sweeper: Any = None
         self._endpoint = InProcessEndpoint(factory, reactor, label="cluster")
 
     def inbox(self, node: str) -> bytes:
@@ -117,8 +124,12 @@ class ClusterRequests:
         self.relays_by_node[node] = self.relays_by_node.get(node, 0) + 1
         self.router.relayed.add(channel)
 
+        inbox = self.inbox(node)
+        head = b"q " + self.node.encode("utf-8") + b" "
+        tail = b" " + channel.hex().encode("ascii")
+
         def handler(body: bytes) -> Deferred[bytes]:
-            return self.forward(node, channel, body)
+            return self.forward(node, channel, body, inbox, head, tail)
 
         d = Provider.connect(self._endpoint, channel, handler=handler, reactor=self.reactor)
         d.addCallbacks(_cancelling, self._relay_failed, errbackArgs=(key,))
@@ -165,33 +176,56 @@ class ClusterRequests:
 
     # -- forwarding out -------------------------------------------------------
 
-    def forward(self, node: str, channel: bytes, body: bytes) -> Deferred[bytes]:
-        """Send one request to ``node``; fires with its answer, or fails with the error to repeat."""
+    def forward(
+        self, node: str, channel: bytes, body: bytes, inbox: bytes = b"", head: bytes = b"", tail: bytes = b""
+    ) -> Deferred[bytes]:
+        """Send one request to ``node``; fires with its answer, or fails with the error to repeat.
+
+        ``inbox``, ``head``, ``tail``: ``node``'s inbox and the header around the
+        request id, computed once per relay rather than per request.
+        """
         if not self.link.up:
             self.failed += 1
             return fail(ClusterDown(errors.MSG_PEER_DISAPPEARED))  # the link is down: as if the server went
         if len(self.out) >= MAX_IN_FLIGHT or self.out_bytes + len(body) > MAX_OUT_BYTES:
             self.failed += 1
             return fail(Relayed(errors.overloaded("too many requests in flight to other servers")))
-        rid = os.urandom(8).hex().encode("ascii")
+        rid = b"%s%x" % (self._rid_prefix, next(self._rids))
         d: Deferred[bytes] = Deferred(lambda _: self._cancel(rid))
-        timer = self.reactor.callLater(RELAY_TIMEOUT, self._finish, rid, Relayed(errors.MSG_TIMED_OUT))
-        self.out[rid] = _Out(d, node, len(body), timer)
+        self.out[rid] = _Out(d, node, len(body), self._sweeps)
         self.out_bytes += len(body)
-        head = b"q " + self.node.encode("utf-8") + b" " + rid + b" " + channel.hex().encode("ascii")
-        self._send_chunks(node, head, body)
+        if self._sweeper is None:
+            self._sweeper = self.reactor.callLater(RELAY_TIMEOUT / 2, self._sweep)
+        if not head:
+            inbox = self.inbox(node)
+            head = b"q " + self.node.encode("utf-8") + b" "
+            tail = b" " + channel.hex().encode("ascii")
+        self._send_chunks(inbox, head + rid + tail, body)
         self.forwarded += 1
         return d
 
-    def _send_chunks(self, node: str, head: bytes, body: bytes) -> None:
-        inbox = self.inbox(node)
-        view = memoryview(body)
+    def _sweep(self) -> None:
+        """One timer for every request sent: an answer lost on the way fails within 1-1.5 x RELAY_TIMEOUT."""
+        self._sweeper = None
+        self._sweeps += 1
+        oldest = self._sweeps - 3
+        for rid in [rid for rid, entry in self.out.items() if entry.born <= oldest]:
+            self._finish(rid, Relayed(errors.MSG_TIMED_OUT))
+        if self.out:
+            self._sweeper = self.reactor.callLater(RELAY_TIMEOUT / 2, self._sweep)
+
+    def _send_chunks(self, inbox: bytes, head: bytes, body: bytes) -> None:
+        send = self.link.send
         end = len(body)
+        if end <= CHUNK:  # the common case: one piece
+            send(b"SPUBLISH", inbox, head + b" 0\n" + body)
+            return
+        view = memoryview(body)
         start = 0
         while True:
             stop = min(start + CHUNK, end)
             more = b" 1\n" if stop < end else b" 0\n"
-            self.link.execute(b"SPUBLISH", inbox, head + more + view[start:stop]).addErrback(lambda _: None)
+            send(b"SPUBLISH", inbox, head + more + view[start:stop])
             if stop >= end:
                 return
             start = stop
@@ -202,8 +236,6 @@ class ClusterRequests:
             return None
         self.out_bytes -= entry.size
         self.in_bytes -= entry.received
-        if entry.timer.active():
-            entry.timer.cancel()
         return entry
 
     def _cancel(self, rid: bytes) -> None:
@@ -215,7 +247,7 @@ class ClusterRequests:
         self.cancelled += 1
         if self.link.up:
             head = b"c " + self.node.encode("utf-8") + b" " + rid + b" -"
-            self._send_chunks(entry.node, head, b"")
+            self._send_chunks(self.inbox(entry.node), head, b"")
 
     def _finish(self, rid: bytes, result: Any) -> None:
         entry = self._release(rid)
@@ -321,7 +353,11 @@ class ClusterRequests:
             self.bad += 1
             return
         key = (origin, rid)
-        d = self._consumer(channel).addCallback(lambda consumer: consumer.send(body, timeout=RELAY_TIMEOUT))
+        consumer = self.ready.get(channel)
+        if consumer is not None:  # the common case: no Deferred but send()'s
+            d: Deferred[Any] = consumer.send(body, timeout=RELAY_TIMEOUT)
+        else:
+            d = self._consumer(channel).addCallback(lambda consumer: consumer.send(body, timeout=RELAY_TIMEOUT))
         self.serving[key] = d
         d.addCallbacks(self._served, self._not_served, callbackArgs=(key,), errbackArgs=(key,))
 
@@ -346,11 +382,16 @@ class ClusterRequests:
         if d is None:
             d = Consumer.connect(self._endpoint, channel, reactor=self.reactor)
 
+            def connected(consumer: Consumer) -> Consumer:
+                if self.consumers.get(channel) is d:  # not released meanwhile
+                    self.ready[channel] = consumer
+                return consumer
+
             def failed(failure: Any) -> Any:
                 self.consumers.pop(channel, None)
                 return failure
 
-            d.addErrback(failed)
+            d.addCallbacks(connected, failed)
             self.consumers[channel] = d
         out: Deferred[Consumer] = Deferred()  # each caller its own: d's result stays the Consumer
 
@@ -373,15 +414,19 @@ class ClusterRequests:
         if not self.link.up:
             return  # the asking server fails it by its own timer or when we leave its registry
         head = b"r " + self.node.encode("utf-8") + b" " + rid + (b" ok" if ok else b" err")
-        self._send_chunks(origin, head, body)
+        self._send_chunks(self.inbox(origin), head, body)
 
     def release(self, channel: bytes) -> None:
         """No provider here holds ``channel`` any more: its relay Consumer goes."""
+        self.ready.pop(channel, None)
         d = self.consumers.pop(channel, None)
         if d is not None:
             d.addCallback(lambda consumer: consumer.close()).addErrback(lambda _: None)
 
     def stop(self) -> None:
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
         for key in list(self.relays):
             self._drop_relay(key)
         for channel in list(self.consumers):
