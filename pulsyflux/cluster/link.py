@@ -153,7 +153,7 @@ class RedisLink:
         if not self.running:
             return
         subscriber = RedisSubscriber(self.on_message)
-        commands = RedisCommands()
+        commands = RedisCommands(self.reactor)
         ends = [connectProtocol(self._endpoint(), commands), connectProtocol(self._endpoint(), subscriber)]
         d = DeferredList(ends, fireOnOneErrback=True, consumeErrors=True)
 

@@ -100,10 +100,17 @@ class _Base(Protocol):
 
 
 class RedisCommands(_Base):
-    """One command at a time or pipelined; each answer goes to its own Deferred, in order."""
+    """One command at a time or pipelined; each answer goes to its own Deferred, in order.
 
-    def __init__(self) -> None:
+    With a ``reactor``, the commands of one reactor turn go out in one write at
+    its end (a server relays many requests per turn: one write and one
+    ``addWriter`` each cost more than the command).
+    """
+
+    def __init__(self, reactor: Any = None) -> None:
         super().__init__()
+        self._reactor = reactor
+        self._unsent: list[bytes] = []
         self._waiting: collections.deque[Optional[Deferred[Any]]] = collections.deque()
         self._why = "the connection to Redis was lost"
         self.unanswered = 0  # commands sent with send() that Redis refused or the connection lost
@@ -114,8 +121,22 @@ class RedisCommands(_Base):
             return fail(RedisLost("not connected to Redis"))
         d: Deferred[Any] = Deferred()
         self._waiting.append(d)
-        self.transport.write(hiredis.pack_command(args))
+        self._write(hiredis.pack_command(args))
         return d
+
+    def _write(self, data: bytes) -> None:
+        if self._reactor is None:
+            self.transport.write(data)  # type: ignore[union-attr]
+            return
+        unsent = self._unsent
+        if not unsent:
+            self._reactor.callLater(0, self._flush)
+        unsent.append(data)
+
+    def _flush(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        if self.connected and self.transport is not None:
+            self.transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
 
     def send(self, *args: Any) -> bool:
         """Send one command whose reply nobody waits for (no Deferred: the request relays' hot path).
@@ -125,7 +146,7 @@ class RedisCommands(_Base):
         if not self.connected or self.transport is None:
             return False
         self._waiting.append(None)
-        self.transport.write(hiredis.pack_command(args))
+        self._write(hiredis.pack_command(args))
         return True
 
     def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Deferred[Any]]:
@@ -134,7 +155,7 @@ class RedisCommands(_Base):
             return [fail(RedisLost("not connected to Redis")) for _ in commands]
         waiters: list[Deferred[Any]] = [Deferred() for _ in commands]
         self._waiting.extend(waiters)
-        self.transport.write(b"".join(hiredis.pack_command(tuple(c)) for c in commands))
+        self._write(b"".join(hiredis.pack_command(tuple(c)) for c in commands))
         return waiters
 
     @property
