@@ -350,3 +350,43 @@ async def test_node_names_from_redis_are_checked_and_their_number_bounded(pair):
             await intruder.execute("SREM", "pulsyflux:nodes", name)
             await intruder.execute("DEL", f"pulsyflux:node:{name}", f"pulsyflux:chans:{name}")
         intruder.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pulsyflux_info_shows_the_cluster(redis_server, cli):
+    import json
+
+    from pulsyflux.http.site import http_service
+
+    a = BrokerService("tcp:0:interface=127.0.0.1", cluster=redis_server.url, node_name="a")
+    http_service("tcp:0:interface=127.0.0.1", a).setServiceParent(a)
+    a.startService()
+    await a.whenReady()
+    await a.cluster.link.when_up()
+    b = await _node(redis_server, "b")
+    web = [s for s in a if s is not a.server and hasattr(s, "port")][0]
+    url = f"http://127.0.0.1:{web.port.getHost().port}"
+    channel = uuid.uuid4()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: body)
+    consumer = await Consumer.connect(_address(a), channel)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        assert await consumer.send(b"across") == b"across"
+        result = await cli("info", "--http", url)
+        assert result.returncode == 0, result.stderr
+        text = result.stdout.decode()
+        assert f"cluster         node a, {redis_server.url}, link up, Redis round trip " in text
+        assert "  nodes         2 (this one, b)\n" in text
+        assert (
+            "  requests      1 forwarded, 0 served, 0 failed, 0 in flight; 1 relay, 0 channels here, 1 elsewhere"
+            in text
+        )
+        assert "  pub/sub       0 sent, 0 received, 0 unshared, 0 refused, 0 failed\n" in text
+        result = await cli("info", "--json", "--http", url)
+        info = json.loads(result.stdout)
+        assert info["cluster"]["node"] == "a" and info["cluster"]["requests_forwarded"] == 1
+    finally:
+        await consumer.close()
+        await provider.close()
+        await a.stopService()
+        await b.stopService()

@@ -482,6 +482,8 @@ async def cmd_info(reactor: Any, args: argparse.Namespace) -> int:
         keys = ("version", "pid", "started", "uptime_seconds", "rss_bytes", "open_fds", "cpu_seconds", "limits")
         summary = {key: server.get(key) for key in keys}
         summary["connections"] = {k: v for k, v in server.get("connections", {}).items() if k != "list"}
+        if "cluster" in document:
+            summary["cluster"] = document["cluster"]
         out.line(json.dumps(summary, indent=2))
     else:
         for line in format_info(document):

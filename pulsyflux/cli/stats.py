@@ -130,6 +130,48 @@ def format_info(document: dict[str, Any]) -> list[str]:
         more = len(listed) - _INFO_CONNECTIONS + int(_number(conns.get("omitted")))
         if more > 0:
             lines.append(f"  ({plural(more, 'more connection')}; all listed ones in pulsyflux stats --json)")
+    cluster = document.get("cluster")
+    if isinstance(cluster, dict):
+        lines.extend(_cluster_lines(cluster))
+    return lines
+
+
+def _count(document: dict[str, Any], key: str) -> int:
+    return int(_number(document.get(key)))
+
+
+def _cluster_lines(c: dict[str, Any]) -> list[str]:
+    """The server's place in its cluster (docs/cluster.md), from the stats document's ``cluster``."""
+    if c.get("up"):
+        rtt = c.get("rtt_ms")
+        link = "up" + (f", Redis round trip {_number(rtt):.2f} ms" if rtt is not None else "")
+    else:
+        error = c.get("last_error")
+        link = "DOWN" + (f" ({printable(str(error), _STATS_TEXT_LIMIT)})" if error else "")
+    lines = [
+        f"cluster         node {printable(str(c.get('node', '?')), _STATS_TEXT_LIMIT)}, "
+        f"{printable(str(c.get('redis', '?')), _STATS_TEXT_LIMIT)}, link {link}",
+        f"  link          {plural(int(_number(c.get('reconnects'))), 'reconnect')}, "
+        f"{plural(int(_number(c.get('downs'))), 'outage')}",
+    ]
+    if "nodes_count" in c:
+        nodes = c.get("nodes")
+        others = [printable(str(node), 40) for node in nodes] if isinstance(nodes, list) else []
+        count = int(_number(c.get("nodes_count")))
+        shown = ", ".join(others[:10]) + (", ..." if len(others) > 10 or count - 1 > len(others) else "")
+        lines.append(f"  nodes         {count} (this one{', ' + shown if shown else ''})")
+    lines.append(
+        f"  pub/sub       {_count(c, 'sent')} sent, {_count(c, 'received')} received, "
+        f"{_count(c, 'unshared')} unshared, {_count(c, 'bad')} refused, {_count(c, 'failed')} failed"
+        f"{', firehose on' if c.get('firehose') else ''}"
+    )
+    if "requests_forwarded" in c:
+        lines.append(
+            f"  requests      {_count(c, 'requests_forwarded')} forwarded, {_count(c, 'requests_served')} served, "
+            f"{_count(c, 'requests_failed')} failed, {_count(c, 'requests_in_flight')} in flight; "
+            f"{plural(int(_number(c.get('relays'))), 'relay')}, "
+            f"{_count(c, 'channels_held')} channels here, {_count(c, 'channels_elsewhere')} elsewhere"
+        )
     return lines
 
 
