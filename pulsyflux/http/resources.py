@@ -135,6 +135,8 @@ def _stats_refusal(request: Request, gate: Any) -> Optional[bytes]:
 
 
 class Stats(_Leaf):
+    """GET: the stats document as JSON (behind a token when the auth file says so)."""
+
     def __init__(self, document: Callable[[], dict[str, Any]], gate: Any = None) -> None:
         super().__init__()
         self.document = document
@@ -144,22 +146,19 @@ class Stats(_Leaf):
         refused = _stats_refusal(request, self.gate)
         if refused is not None:
             return refused
-        return _json(request, http.OK, self.document())
+        return self.render_document(request, self.document())
+
+    def render_document(self, request: Request, document: dict[str, Any]) -> bytes:
+        return _json(request, http.OK, document)
 
 
-class Metrics(_Leaf):
-    def __init__(self, document: Callable[[], dict[str, Any]], gate: Any = None) -> None:
-        super().__init__()
-        self.document = document
-        self.gate = gate
+class Metrics(Stats):
+    """GET: the same document in the Prometheus text format, behind the same check."""
 
-    def render_GET(self, request: Request) -> bytes:
-        refused = _stats_refusal(request, self.gate)
-        if refused is not None:
-            return refused
+    def render_document(self, request: Request, document: dict[str, Any]) -> bytes:
         request.setHeader(b"content-type", PROMETHEUS_TYPE)
         # Every label is printable() already; "replace" is the last safety net.
-        return prometheus_text(self.document()).encode("utf-8", "replace")
+        return prometheus_text(document).encode("utf-8", "replace")
 
 
 class Publish(_Leaf):
