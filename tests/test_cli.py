@@ -645,6 +645,25 @@ def test_bench_draws_a_progress_bar_on_a_terminal(capsys, monkeypatch):
     assert captured.out == "fake bench: 1,000 req/s\n"
 
 
+class _OneRunBench(_FakeBench):
+    async def _measure(self, reactor, options, progress):
+        progress("run 1/1")
+        await task.deferLater(self.clock, 2.0, lambda: None)
+        progress("run 1 done: 1,000 req/s")
+        return {"medians": {"req_per_s": 1000}, "failed_requests": 0}
+
+
+def test_bench_bar_moves_during_a_single_run(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    clock = task.Clock()
+    assert _run_bench(clock, _bench_args(_OneRunBench(clock))) == 0
+    frames = capsys.readouterr().err.split("\r\x1b[K")
+    during = [frame.split("]")[0] + "]" for frame in frames if frame.endswith("run 1/1")]
+    assert len(set(during)) > 3  # the block moves: not one empty bar for the whole run
+    assert all(bar.count("#") == 4 for bar in during)
+    assert "[" + "#" * 24 + "]   2.0s run 1 done: 1,000 req/s" in frames
+
+
 # -- surviving a server restart ---------------------------------------------------------
 
 

@@ -249,3 +249,40 @@ async def test_pub_lines_publishes_one_message_per_line(brokered, cli):
 async def test_pub_lines_takes_no_message(brokered, cli):
     result = await cli("pub", "-s", brokered.address, "orders", "x", "--lines")
     assert "--lines publishes the lines of stdin: give no MESSAGE with it" in one_usage_line(result, "pub")
+
+
+# -- item 8: the bench report reads like a report -----------------------------------------
+
+
+def test_the_rpc_bench_report_gives_a_verdict_per_target():
+    from pulsyflux.bench import rpc
+
+    medians = {
+        "sequential_req_per_s": 9755.0,
+        "sequential_p50_us": 73.0,
+        "sequential_p99_us": 136.0,
+        "relay_rt_per_s": 6852.0,
+        "relay_p50_us": 90.0,
+        "relay_p99_us": 120.0,
+        "sequential_vs_relay": 1.37,
+        "inflight_req_per_s": 32166.0,
+        "echo_1mib_mb_per_s": 123.0,
+        "echo_p50_ms": 7.9,
+        "sequential_cpu_us": {"client": 29.0, "router": 41.0},
+    }
+    results = {
+        "medians": medians,
+        "options": {"duration": 1.0, "payload": 16, "consumers": 10, "inflight": 16, "large": 1 << 20},
+        "go": dict(rpc.GO_REFERENCE),
+        "targets": dict(rpc.TARGETS),
+        "runs": [{}],
+        "machine": {"cpus": 2, "python": "3.11.7"},
+        "failed_requests": 1,
+    }
+    report = rpc.format_report(results)
+    assert report.startswith("pulsyflux bench rpc: 1 run, 1.0 s per measurement")
+    lines = report.splitlines()
+    assert any("in flight" in line and line.endswith("meets target >= 25,000") for line in lines)
+    assert any(line.startswith("  echo ") and line.endswith("MISSES target >= 200") for line in lines)
+    assert any(line.endswith("meets target >= 0.85") for line in lines)
+    assert "Go broke" not in report and "1 request FAILED" in lines

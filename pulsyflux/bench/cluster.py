@@ -55,6 +55,7 @@ from .common import (
     sleep,
     spawn,
     start,
+    verdict,
 )
 from .pubsub import _Flood, _latency
 
@@ -328,12 +329,6 @@ def run(options: Optional[Options] = None, progress: Optional[Progress] = None) 
 
 def format_report(results: dict) -> str:
     m, o, t = results["medians"], results["options"], results["targets"]
-
-    def verdict(value: Optional[float], target: float, at_least: bool = True) -> str:
-        if value is None:
-            return "n/a"
-        good = value >= target if at_least else value <= target
-        return ("meets" if good else "MISSES") + f" target {'>=' if at_least else '<='} {target:,}"
 
     def cpu(what: str, key: str) -> str:
         a, b, r, c = (fmt(m[f"{key}_{name}"], ".1f") for name in ("a", "b", "redis", "bench"))

@@ -30,6 +30,8 @@ from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 
 __all__ = [
+    "verdict",
+    "runs_text",
     "Progress",
     "Child",
     "spawn",
@@ -52,6 +54,8 @@ __all__ = [
     "failures",
     "fmt",
     "script_main",
+    "verdict",
+    "runs_text",
 ]
 
 Progress = Callable[[str], None]
@@ -233,6 +237,19 @@ def failures(results: dict) -> int:
 
 def fmt(value: Optional[float], spec: str = ",.0f") -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def verdict(value: Optional[float], target: float, at_least: bool = True, unit: str = "") -> str:
+    """A measurement against its target, said plainly: ``meets target >= 25,000`` or ``MISSES ...``."""
+    if value is None:
+        return "not measured"
+    good = value >= target if at_least else value <= target
+    return ("meets" if good else "MISSES") + f" target {'>=' if at_least else '<='} {target:,}{unit}"
+
+
+def runs_text(count: int) -> str:
+    """``1 run`` / ``3 runs, medians``: how many runs a report's numbers come from."""
+    return "1 run" if count == 1 else f"{count} runs, medians"
 
 
 def script_main(

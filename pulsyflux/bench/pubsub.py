@@ -50,11 +50,13 @@ from .common import (
     results,
     run_blocking,
     run_options,
+    runs_text,
     script_main,
     serve_broker,
     sleep,
     spawn,
     start,
+    verdict,
     waiting_seconds,
 )
 
@@ -357,37 +359,45 @@ def run(options: Optional[Options] = None, progress: Optional[Progress] = None) 
 
 
 def format_report(results: dict) -> str:
-    """The results as a short table a person reads."""
+    """The results as a short report a person reads: each measurement, and its target's verdict."""
     m, o, t = results["medians"], results["options"], results["targets"]
     lines = [
-        f"pulsyflux bench pubsub: medians of {len(results['runs'])} runs, {o['payload']}-byte payloads, "
+        f"pulsyflux bench pubsub: {runs_text(len(results['runs']))}, {o['payload']}-byte payloads, "
         f"server+broker in its own process ({results['machine']['cpus']} CPUs, Python {results['machine']['python']})",
-        f"  latency, one at a time 1->1   p50 {fmt(m['latency_p50_us'])} us  p99 {fmt(m['latency_p99_us'])} us"
-        f"   (target p50 <= {t['latency_p50_us']} us)",
+        f"  latency 1->1, one at a time                     p50 {fmt(m['latency_p50_us'])} us  "
+        f"p99 {fmt(m['latency_p99_us'])} us   {verdict(m['latency_p50_us'], t['latency_p50_us'], False, ' us (p50)')}",
     ]
+    targets = {
+        1: (f"flood_{1}_msgs_per_s", "flood_1_msgs_per_s", " msgs/s"),
+        10: (f"flood_{10}_deliveries_per_s", "flood_10_deliveries_per_s", " deliveries/s"),
+    }
     for n in o["fanouts"]:
-        target = {1: f"target >= {t['flood_1_msgs_per_s']:,}", 10: f"target >= {t['flood_10_deliveries_per_s']:,}"}
+        judged = ""
+        if n in targets:
+            key, target, unit = targets[n]
+            judged = "   " + verdict(m.get(key), t[target], unit=unit)
         lines.append(
-            f"  flood 1->{n:<3} {fmt(m[f'flood_{n}_deliveries_per_s']):>9} deliveries/s "
-            f"({fmt(m[f'flood_{n}_msgs_per_s'])} msgs/s)  p50 {fmt(m[f'flood_{n}_p50_us'])} us  "
-            f"p99 {fmt(m[f'flood_{n}_p99_us'])} us  CPU bench {fmt(m[f'flood_{n}_cpu_bench_percent'])}% "
-            f"server {fmt(m[f'flood_{n}_cpu_server_percent'])}% "
-            f"(waiting for a CPU: {fmt(m[f'flood_{n}_wait_bench_percent'])}% / "
-            f"{fmt(m[f'flood_{n}_wait_server_percent'])}%)" + (f"   ({target[n]})" if n in target else "")
+            f"  flood 1->{n:<4} {fmt(m[f'flood_{n}_msgs_per_s']):>9} msgs/s {fmt(m[f'flood_{n}_deliveries_per_s']):>9} "
+            f"deliveries/s  p50 {fmt(m[f'flood_{n}_p50_us'])} us  p99 {fmt(m[f'flood_{n}_p99_us'])} us{judged}"
+        )
+        lines.append(
+            f"      CPU: bench {fmt(m[f'flood_{n}_cpu_bench_percent'])}%, server {fmt(m[f'flood_{n}_cpu_server_percent'])}%"
+            f" (waiting for a CPU: {fmt(m[f'flood_{n}_wait_bench_percent'])}% / "
+            f"{fmt(m[f'flood_{n}_wait_server_percent'])}%)"
         )
     for n in o["fanouts"]:
         for mode in o.get("modes", ["plain"]):
             if mode == "plain":
                 continue
             key = _key(mode, n)
-            what = f"wildcard 1->{n:<3}" if mode == "wildcard" else f"group of {n:<3}"
+            what = f"wildcard 1->{n:<4}" if mode == "wildcard" else f"group of {n:<4}"
             base = f"plain 1->{n}" if mode == "wildcard" else "plain 1->1"
             lines.append(
-                f"  {what} {fmt(m[f'{key}_msgs_per_s']):>9} msgs/s ({fmt(m[f'{key}_deliveries_per_s'])} deliveries/s)  "
+                f"  {what} {fmt(m[f'{key}_msgs_per_s']):>9} msgs/s {fmt(m[f'{key}_deliveries_per_s']):>9} deliveries/s  "
                 f"p50 {fmt(m[f'{key}_p50_us'])} us  p99 {fmt(m[f'{key}_p99_us'])} us  "
-                f"= {_ratio(m.get(f'{key}_ratio'))} of {base} (median of the runs' ratios)"
+                f"= {_ratio(m.get(f'{key}_ratio'))} x {base} (median of the runs' ratios)"
             )
-    lines.append(f"  dropped {results['dropped']}, failed publishes {results['failed']}")
+    lines.append(f"dropped {results['dropped']}, failed publishes {results['failed']}")
     return "\n".join(lines)
 
 

@@ -46,9 +46,11 @@ from .common import (
     run_as_child,
     run_blocking,
     run_options,
+    runs_text,
     sleep,
     spawn,
     start,
+    verdict,
 )
 from .relay import RoundTripClient
 
@@ -399,41 +401,57 @@ def _one_line(result: dict) -> str:
 
 
 def format_report(results: dict) -> str:
-    """The results as a short table a person reads."""
+    """The results as a short report a person reads: what was measured, then each target's verdict."""
     m = results["medians"]
     o = results["options"]
     go = results["go"]
     t = results["targets"]
     lines = [
-        f"pulsyflux bench rpc: medians of {len(results['runs'])} runs of {o['duration']} s "
-        f"({results['machine']['cpus']} CPUs, Python {results['machine']['python']})",
-        f"  sequential {o['payload']} B      {fmt(m['sequential_req_per_s'])} req/s  "
-        f"p50 {fmt(m['sequential_p50_us'])} us  p99 {fmt(m['sequential_p99_us'])} us   "
-        f"(Go {go['sequential_req_per_s']:,} req/s, p50 {go['sequential_p50_us']} us)",
+        f"pulsyflux bench rpc: {runs_text(len(results['runs']))}, {o['duration']} s per measurement, "
+        f"router and echo provider in their own processes ({results['machine']['cpus']} CPUs, "
+        f"Python {results['machine']['python']})",
+        f"  {'one at a time, {} B'.format(o['payload']):<30} {fmt(m['sequential_req_per_s']):>9} req/s   "
+        f"p50 {fmt(m['sequential_p50_us'])} us  p99 {fmt(m['sequential_p99_us'])} us",
     ]
     if m["relay_rt_per_s"] is not None:
+        baseline = "Twisted relay, immediate" if o.get("relay_immediate") else "bare Twisted relay"
         lines.append(
-            f"  {'relay, immediate' if o.get('relay_immediate') else 'bare relay':<20} "
-            f"{fmt(m['relay_rt_per_s'])} rt/s   p50 {fmt(m['relay_p50_us'])} us  "
-            f"p99 {fmt(m['relay_p99_us'])} us   "
-            f"sequential/relay {fmt(m['sequential_vs_relay'], '.2f')} (target >= {t['sequential_vs_relay']})"
+            f"  {baseline + ' (baseline)':<30} {fmt(m['relay_rt_per_s']):>9} rt/s    "
+            f"p50 {fmt(m['relay_p50_us'])} us  p99 {fmt(m['relay_p99_us'])} us"
+        )
+    in_flight = "in flight, {} x {}".format(o["consumers"], o["inflight"])
+    lines.append(f"  {in_flight:<30} {fmt(m['inflight_req_per_s']):>9} req/s")
+    if m["echo_1mib_mb_per_s"] is not None:
+        echo = "echo {:,} B".format(o["large"])
+        lines.append(f"  {echo:<30} {fmt(m['echo_1mib_mb_per_s']):>9} MB/s    p50 {fmt(m['echo_p50_ms'], '.1f')} ms")
+    lines.append("targets")
+    if m["relay_rt_per_s"] is not None:
+        lines.append(
+            f"  {'one at a time / baseline':<30} {fmt(m['sequential_vs_relay'], '.2f'):>9}         "
+            f"{verdict(m['sequential_vs_relay'], t['sequential_vs_relay'])}"
         )
     lines.append(
-        f"  in flight {o['consumers']}x{o['inflight']}     {fmt(m['inflight_req_per_s'])} req/s  "
-        f"(target >= {t['inflight_req_per_s']:,}; Go broke)"
+        f"  {'in flight':<30} {fmt(m['inflight_req_per_s']):>9} req/s   "
+        f"{verdict(m['inflight_req_per_s'], t['inflight_req_per_s'])}"
     )
     if m["echo_1mib_mb_per_s"] is not None:
         lines.append(
-            f"  echo {o['large']:,} B  {fmt(m['echo_1mib_mb_per_s'])} MB/s  p50 {fmt(m['echo_p50_ms'], '.1f')} ms  "
-            f"(target >= {t['echo_1mib_mb_per_s']}; Go {go['echo_1mib_mb_per_s']})"
+            f"  {'echo':<30} {fmt(m['echo_1mib_mb_per_s']):>9} MB/s    "
+            f"{verdict(m['echo_1mib_mb_per_s'], t['echo_1mib_mb_per_s'])}"
         )
-    lines.append("  CPU time per request, microseconds, by process:")
+    lines.append(
+        f"the Go pulsyflux on a machine like this: {go['sequential_req_per_s']:,} req/s one at a time "
+        f"(p50 {go['sequential_p50_us']} us), {go['echo_1mib_mb_per_s']} MB/s echo; with requests in flight "
+        "it fails ('response ID mismatch')"
+    )
+    lines.append("CPU time per request, microseconds, by process:")
     for phase in ("relay", "sequential", "inflight", "echo"):
         used = m.get(f"{phase}_cpu_us")
         if used:
-            lines.append(f"    {phase:<11}" + "  ".join(f"{name} {fmt(value)}" for name, value in used.items()))
+            lines.append(f"  {phase:<11}" + "  ".join(f"{name} {fmt(value)}" for name, value in used.items()))
     if results["failed_requests"]:
-        lines.append(f"  {results['failed_requests']} requests FAILED")
+        failed = results["failed_requests"]
+        lines.append(f"{failed} {'request' if failed == 1 else 'requests'} FAILED")
     return "\n".join(lines)
 
 

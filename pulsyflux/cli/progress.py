@@ -8,6 +8,9 @@ from typing import Any
 __all__ = ["ProgressBar"]
 
 
+_BLOCK = 4  # cells of the moving block while a single run is measured
+
+
 class ProgressBar:
     """One redrawn line on a terminal: a bar, the step, the elapsed time.
 
@@ -44,9 +47,17 @@ class ProgressBar:
 
         width = shutil.get_terminal_size((80, 24)).columns
         cells = 24
-        filled = int(self.fraction * cells)
         elapsed = self.clock.seconds() - self.started
-        head = f"[{'#' * filled}{'.' * (cells - filled)}] {elapsed:5.1f}s "
+        if self.runs == 1 and self.fraction < 1:
+            # One run: nothing to count until it ends, so show it is working (a block going to and fro).
+            span = cells - _BLOCK
+            step = int(elapsed * 8) % (2 * span)
+            at = step if step < span else 2 * span - step
+            bar = "." * at + "#" * _BLOCK + "." * (span - at)
+        else:
+            filled = int(self.fraction * cells)
+            bar = "#" * filled + "." * (cells - filled)
+        head = f"[{bar}] {elapsed:5.1f}s "
         line = (head + self.message)[: max(width - 1, 10)]
         try:
             self.stream.write("\r\x1b[K" + line)
