@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import sysconfig
 import venv
 from pathlib import Path
 
@@ -55,7 +54,9 @@ def bare_venv(env_dir: Path) -> Path:
     [site] = (env_dir / "lib").glob("*/site-packages")
     deps = env_dir / "deps"
     deps.mkdir()
-    here = Path(sysconfig.get_paths()["purelib"])
+    import twisted
+
+    here = Path(twisted.__file__).resolve().parents[1]  # where this environment's packages are
     for entry in here.iterdir():
         name = entry.name
         if name.startswith(("pulsyflux", "__editable__", "_pulsyflux")) or name.endswith(".pth") or name == "twisted":
