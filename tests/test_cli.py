@@ -329,6 +329,8 @@ async def test_stats_summarises_the_http_stats(served, channel, cli):
     lines = result.stdout.decode().splitlines()
     assert lines[1].startswith("connections     2 open (1 consumer, 1 provider, 0 unregistered)")
     assert "requests        1 routed, 1 answered, 0 in flight" in lines
+    [latency] = [line for line in lines if line.startswith("latency ")]
+    assert latency.startswith("latency         mean ") and latency.endswith(" (1 request)")
     assert "errors          none" in lines
 
     result = await cli("stats", "--json", env={"PULSYFLUX_HTTP": served.http_url})

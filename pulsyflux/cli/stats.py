@@ -26,6 +26,7 @@ def format_stats(document: dict[str, Any]) -> list[str]:
         f"channels        {s['channels']['count']}{_channel_detail(s['channels'])}",
         f"requests        {s['requests']['routed']} routed, {s['requests']['responses_routed']} answered, "
         f"{s['requests']['in_flight']} in flight",
+        *_latency(s["requests"].get("latency")),
         f"bytes           {_size(s['bytes']['in'])} in, {_size(s['bytes']['out'])} out",
         f"dropped frames  {s['frames_dropped']}",
     ]
@@ -77,6 +78,27 @@ def format_stats(document: dict[str, Any]) -> list[str]:
         if listed > len(subs):
             lines.append(f"  ({plural(listed - len(subs), 'more subscription')})")
     return lines
+
+
+def _latency(latency: Any) -> list[str]:
+    """Clients' request latency as quantiles read off the histogram's buckets (upper bounds)."""
+    if not isinstance(latency, dict) or not latency.get("count"):
+        return []
+    count = int(_number(latency["count"]))
+    buckets = [(bound, int(_number(n))) for bound, n in (latency.get("buckets") or {}).items()]
+
+    def upto(share: float) -> str:
+        for bound, n in buckets:
+            if n >= share * count:
+                return "over 10 s" if bound == "+Inf" else f"<= {_seconds(float(bound))}"
+        return "?"
+
+    mean = _number(latency.get("sum_seconds")) / count
+    return [f"latency         mean {_seconds(mean)}, p50 {upto(0.5)}, p99 {upto(0.99)} ({plural(count, 'request')})"]
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.2f} ms" if value < 1 else f"{value:.2f} s"
 
 
 def _broker_connections(roles: dict[str, Any]) -> str:
