@@ -274,3 +274,37 @@ async def test_hostile_auth_frames_are_bounded() -> None:
         assert server.factory.router.gate.stats()["refusals"] == {"too large": 1}
     finally:
         await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_broker_refresh_keeps_all_its_connections_past_the_old_tokens_expiry() -> None:
+    """A Broker over TCP: its provider, publishing consumer, forwarding consumer and subscription provider."""
+    from pulsyflux.broker import Broker
+
+    server = await start_server(auth=_authority(), broker=False)
+    brokers: list[Broker] = []
+    try:
+        rights = {"provide": ["*"], "consume": ["*"]}
+        short = mint(KEY, rights, 2, subject="broker")
+        refreshed = await Broker.connect(server.address, uuid.uuid4(), token=short)
+        lapsing = await Broker.connect(server.address, uuid.uuid4(), token=short)
+        brokers += [refreshed, lapsing]
+        sub = await refreshed.subscribe("a")
+        await refreshed.publish("a", b"before")
+        assert (await sub.get()).payload == b"before"
+        await refreshed.refresh(mint(KEY, rights, 3600, subject="broker"))
+        assert refreshed.token != short
+        await lapsing.when_closed()  # the short token expired: the server ended the broker that kept it
+        assert lapsing.lost_link
+        await refreshed.publish("a", b"after")  # every connection of this one presented the new token
+        assert (await sub.get()).payload == b"after"
+        later = await refreshed.subscribe("b")  # and new ones present it
+        await refreshed.publish("b", b"new")
+        assert (await later.get()).payload == b"new"
+        with pytest.raises(PermissionDenied, match="unknown key"):
+            await refreshed.refresh(_token(key=UNKNOWN_KID))
+        assert not refreshed.closed
+    finally:
+        for broker in brokers:
+            await broker.close()
+        await server.stop()

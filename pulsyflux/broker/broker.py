@@ -205,6 +205,32 @@ class Broker(PublishingSide):
         provider.when_lost().addCallback(lambda _: self._fanout.remove(outlet, "connection to the server lost"))
         return sub
 
+    def refresh(self, token: str) -> "Deferred[Any]":
+        """Present a new token on every connection of this broker before the old one expires.
+
+        Its provider, its publishing consumer, each forwarding consumer and
+        each local subscription's provider: a server that checks tokens
+        ends a connection whose token expired. Fires once the server
+        accepted it on all of them (and later connections present it);
+        fails with PermissionDenied if it refused it (connections keep the
+        token they had).
+        """
+        connections: list[Any] = [self._provider]
+        if self._publisher is not None:
+            connections.append(self._publisher.consumer)
+        for outlet in self._fanout.outlets.values():
+            connections.append(outlet.consumer)
+            if outlet.local is not None:
+                connections.append(outlet.local._provider)
+        waits = [c.refresh(token) for c in connections if c is not None]
+
+        def accepted(_: Any) -> None:
+            self.token = self._fanout.token = token  # what new subscriptions and outlets present
+
+        return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+            accepted, lambda failure: failure.value.subFailure
+        )
+
     def unsubscribe(self, topic: str) -> "Deferred[Any]":
         """End every subscription of ``topic`` (here and remote); fires when their connections are closed."""
         return self._fanout.remove_topic(topic, "unsubscribed")
