@@ -54,6 +54,8 @@ async def test_a_consumer_on_one_server_reaches_a_provider_on_another(pair):
         await eventually(lambda: _relays_to(a, "b", channel))
         assert await consumer.send(b"hello") == b"b says hello"
         assert a.cluster.requests.forwarded == 1 and b.cluster.requests.served == 1
+        assert channel.bytes in b.cluster.requests.ready  # the next request goes straight to b's relay consumer
+        assert await consumer.send(b"again") == b"b says again"
     finally:
         await consumer.close()
         await provider.close()

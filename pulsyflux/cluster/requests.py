@@ -380,7 +380,7 @@ class ClusterRequests:
         """The relay Consumer for ``channel`` (one per channel, opened on first use)."""
         d = self.consumers.get(channel)
         if d is None:
-            d = Consumer.connect(self._endpoint, channel, reactor=self.reactor)
+            d = self.consumers[channel] = Consumer.connect(self._endpoint, channel, reactor=self.reactor)
 
             def connected(consumer: Consumer) -> Consumer:
                 if self.consumers.get(channel) is d:  # not released meanwhile
@@ -391,8 +391,7 @@ class ClusterRequests:
                 self.consumers.pop(channel, None)
                 return failure
 
-            d.addCallbacks(connected, failed)
-            self.consumers[channel] = d
+            d.addCallbacks(connected, failed)  # may run now: the in-process connection can be made at once
         out: Deferred[Consumer] = Deferred()  # each caller its own: d's result stays the Consumer
 
         def passed(result: Any) -> Any:
