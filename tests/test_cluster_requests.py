@@ -392,3 +392,30 @@ async def test_pulsyflux_info_shows_the_cluster(redis_server, cli):
         await provider.close()
         await a.stopService()
         await b.stopService()
+
+
+def _calls(info: bytes, command: str) -> int:
+    for line in info.decode().splitlines():
+        if line.startswith(f"cmdstat_{command}:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_registry_announcements_costs_reads_not_writes(pair):
+    a, b = pair
+    intruder = await _intruder(a)
+    try:
+        await intruder.execute("CONFIG", "RESETSTAT")
+        heard = a.cluster.registry.heard
+        for _ in range(20):  # 2,000 announcements in 20 pipelined bursts
+            await defer.gatherResults(
+                [intruder.execute("SPUBLISH", "pulsyflux:registry", b"+mallory\n" + b"x" * 16) for _ in range(100)]
+            )
+        await eventually(lambda: a.cluster.registry.heard - heard == 2000 and not a.cluster.registry._reading)
+        info = await intruder.execute("INFO", "commandstats")
+        # each of a and b renews its lease (SET) three times a second, whatever it hears
+        assert _calls(info, "set") < 100, info
+        assert _calls(info, "smembers") < 2000, info
+    finally:
+        intruder.transport.loseConnection()

@@ -73,6 +73,8 @@ class Registry:
         self._loop = LoopingCall(self.tick)
         self._loop.clock = reactor
         self._reading = False
+        self._read_again = False
+        self.heard = 0  # announcements from other servers
 
     def _key(self, kind: str, node: str) -> bytes:
         return f"{self.prefix}{kind}:{node}".encode()
@@ -164,7 +166,8 @@ class Registry:
             return
         if data[1:newline].decode("utf-8", "replace") == self.node:
             return
-        self.tick()
+        self.heard += 1
+        self.read()  # no heartbeat: a flood of announcements costs one read at a time, nothing more
 
     # -- theirs ---------------------------------------------------------------
 
@@ -172,9 +175,17 @@ class Registry:
         if not self.link.up:
             return
         self._heartbeat()
+        self.read()
+
+    def read(self) -> None:
+        """Read every live server's channels; asked while reading, once more when done (nothing missed)."""
+        if not self.link.up:
+            return
         if self._reading:
+            self._read_again = True
             return
         self._reading = True
+        self._read_again = False
         d = self.link.execute(b"SMEMBERS", (self.prefix + "nodes").encode("utf-8"))
         d.addCallback(self._read_nodes)
         d.addErrback(lambda _: None)
@@ -182,6 +193,8 @@ class Registry:
 
     def _done_reading(self, _: Any) -> None:
         self._reading = False
+        if self._read_again:
+            self.read()
 
     def _read_nodes(self, members: Any) -> Any:
         others: list[str] = []
