@@ -15,7 +15,8 @@ from pulsyflux.auth.tokens import Authority, Key, mint
 from pulsyflux.broker import BrokerClient, SubscriptionClosed
 from pulsyflux.client import Consumer, Provider
 from pulsyflux.testing import start_server
-from pulsyflux.wire import codec
+from pulsyflux.broker.link import DEFAULT_BROKER_CHANNEL
+from pulsyflux.wire import codec, messages
 from pulsyflux.wire.errors import PermissionDenied
 from tests.helpers import eventually
 from tests.wire import connect_raw, register_frames, request_frames
@@ -137,12 +138,23 @@ async def test_publish_and_subscribe_exact_pattern_and_uncovered() -> None:
         assert (await exact.get()).payload == b"n"
         with pytest.raises(PermissionDenied, match="may not publish to 'orders.eu'"):
             await publisher.publish("orders.eu", b"x")
+        # A batch with one refused topic is refused whole, and the error names that topic.
+        raw = await Consumer.connect(server.address, DEFAULT_BROKER_CHANNEL, token=_token(publish=["news"]))
+        batch = messages.encode_batch([messages.encode_text(t, b"b", None) for t in ("news", "sports", "news")])
+        with pytest.raises(PermissionDenied) as caught:
+            await raw.send(batch)
+        assert str(caught.value) == (
+            "permission denied: token 'alice' may not publish to 'sports'; the batch of 3 messages is refused whole"
+        )
+        await publisher.publish("news", b"after")
+        assert (await exact.get()).payload == b"after"  # nothing of the refused batch was delivered
+        await raw.close()
         with pytest.raises(PermissionDenied, match="may not subscribe"):
             await publisher.subscribe("news")  # publish is not subscribe
         with pytest.raises(PermissionDenied, match="may not publish"):
             await subscriber.publish("news", b"x")  # nor the other way round
         refusals = server.factory.router.gate.stats()["refusals"]
-        assert refusals["subscribe"] == 3 and refusals["publish"] == 2
+        assert refusals["subscribe"] == 3 and refusals["publish"] == 3
         await publisher.close()
         await subscriber.close()
         assert pattern.closed
@@ -307,4 +319,21 @@ async def test_broker_refresh_keeps_all_its_connections_past_the_old_tokens_expi
     finally:
         for broker in brokers:
             await broker.close()
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_held_provider_that_no_subscription_claims_learns_why_it_was_closed(monkeypatch: Any) -> None:
+    """Anonymous clients may subscribe, so a provider's registration is held for the broker's claim; none comes."""
+    from pulsyflux.auth import gate
+
+    monkeypatch.setattr(gate, "HOLD_PATIENCE", 0.2)
+    server = await _server(Grants({"subscribe": ["news"]}))
+    try:
+        provider = await Provider.connect(server.address, uuid.uuid4(), handler=_echo)  # succeeds: held
+        await provider.when_lost()
+        assert isinstance(provider.closed_reason, PermissionDenied)
+        assert str(provider.closed_reason) == "permission denied: anonymous clients may not provide on this channel"
+        assert server.factory.router.gate.refusals == {"provide": 1}
+    finally:
         await server.stop()

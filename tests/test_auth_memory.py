@@ -9,6 +9,7 @@ from pulsyflux.auth.grants import Grants
 from pulsyflux.auth.tokens import Authority, Key
 from pulsyflux.client import Provider
 from pulsyflux.testing import MemoryServer
+from pulsyflux.wire.errors import PermissionDenied
 
 KEY = Key.hs256("k1", "k" * 32)
 
@@ -31,5 +32,8 @@ def test_a_held_provider_registration_gives_up_with_one_clear_error() -> None:
     server.flush()
     assert not gate.held and not provider.connected
     assert gate.refusals == {"provide": 1}
+    # connect() had succeeded: the provider learns why it was closed.
+    assert isinstance(provider.closed_reason, PermissionDenied)
+    assert str(provider.closed_reason) == "permission denied: anonymous clients may not provide on this channel"
     server.close()
     assert server.clock.getDelayedCalls() == []

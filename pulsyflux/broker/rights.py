@@ -62,12 +62,13 @@ class Rights:
         return self.link.identity_of(request_id)
 
     def may_publish(self, request_id: Optional[bytes], items: list[tuple[str, str, Any, Any]]) -> None:
-        """Refuse the whole publish if one of its topics is not granted to its sender."""
+        """Refuse the whole publish if one of its topics is not granted to its sender (the first such is named)."""
         identity = self.link.identity_of(request_id)
         may = identity.grants.may_publish
         for item in items:
             if not may(item[0]):
-                message = permission_denied(f"{_who(identity)} may not publish to {excerpt(item[0])}")
+                whole = f"; the batch of {len(items)} messages is refused whole" if len(items) > 1 else ""
+                message = permission_denied(f"{_who(identity)} may not publish to {excerpt(item[0])}{whole}")
                 self.link.refused("publish", message)
                 raise PermissionDenied(message)
 

@@ -400,6 +400,18 @@ class Client:
     def connected(self) -> bool:
         return self._protocol is not None and self._closed is None
 
+    @property
+    def closed_reason(self) -> Optional[Exception]:
+        """Why the connection ended for good, None until then.
+
+        :class:`~pulsyflux.wire.errors.PermissionDenied` when the server
+        refused it (a right missing, a token expired) after ``connect()``
+        had succeeded, e.g. a provider registration the server held for a
+        subscription that never came (docs/security.md); otherwise
+        :class:`ConnectionLostError` saying why.
+        """
+        return self._closed if self._lost else None
+
     def _write_closed(self, data: bytes) -> None:
         raise self._closed or ConnectionLostError("not connected")
 
@@ -456,6 +468,8 @@ class Client:
             why = self._server_said or reason.getErrorMessage()
             if why.startswith(PREFIX_PERMISSION_DENIED):
                 self._closed = PermissionDenied(why)  # refused, not lost (and not reconnected)
+                if self._registration is None:  # connect() had succeeded: nothing else tells the caller
+                    self.log.warn("the server closed this connection: {why}", why=printable(why, 200))
             else:
                 self._closed = ConnectionLostError(f"connection to the server lost: {why}")
         for waiter in list(self._auth_waiters.values()):
