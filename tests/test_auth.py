@@ -13,9 +13,9 @@ from twisted.internet.defer import Deferred
 from pulsyflux.auth.grants import Grants
 from pulsyflux.auth.tokens import Authority, Key, mint
 from pulsyflux.broker import BrokerClient, SubscriptionClosed
+from pulsyflux.broker.link import DEFAULT_BROKER_CHANNEL
 from pulsyflux.client import Consumer, Provider
 from pulsyflux.testing import start_server
-from pulsyflux.broker.link import DEFAULT_BROKER_CHANNEL
 from pulsyflux.wire import codec, messages
 from pulsyflux.wire.errors import PermissionDenied
 from tests.helpers import eventually
