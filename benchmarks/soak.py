@@ -10,6 +10,13 @@ server's peak RSS (VmHWM).
 
     python benchmarks/soak.py                 # 60 s
     python benchmarks/soak.py --seconds 10 --rate 500
+    python benchmarks/soak.py --own-broker    # the broker in the server process, linked in-process
+    python benchmarks/soak.py --auth          # the same, checking tokens and grants (twistd --auth)
+
+With ``--auth`` every client presents a token granting exactly what it does
+(its channel, the soak topic) and the server's own broker checks each
+publish and subscription; compare it with ``--own-broker``, the same setup
+without checks.
 """
 
 from __future__ import annotations
@@ -26,10 +33,25 @@ from typing import Any
 
 CONSUMERS, PROVIDERS, SUBSCRIBERS, SLOW = 50, 5, 20, 5
 TOPIC = "soak"
+SECRET_ENV = "PULSYFLUX_SOAK_AUTH_SECRET"  # --auth: the HS256 secret, given to the server process
 
 
-def serve() -> None:
-    """The server process: router + broker on an ephemeral loopback port; stats on request."""
+def token(grants: dict[str, list[str]]) -> str | None:
+    """A token granting ``grants`` when the server checks them (--auth), else None."""
+    secret = os.environ.get(SECRET_ENV)
+    if not secret:
+        return None
+    from pulsyflux.auth.tokens import Key, mint
+
+    return mint(Key.hs256("soak", secret), grants, 3600, subject="soak")
+
+
+def serve(own_broker: bool = False) -> None:
+    """The server process: router + broker on an ephemeral loopback port; stats on request.
+
+    The broker connects over TCP, or in-process with ``own_broker`` (as
+    ``twistd pulsyflux`` runs it; the one that checks rights under --auth).
+    """
     from twisted.internet import reactor, stdio
     from twisted.internet.defer import ensureDeferred
     from twisted.protocols.basic import LineReceiver
@@ -37,6 +59,11 @@ def serve() -> None:
     from pulsyflux.server import ServerFactory
 
     factory = ServerFactory(reactor)
+    if os.environ.get(SECRET_ENV):
+        from pulsyflux.auth.grants import Grants
+        from pulsyflux.auth.tokens import Authority, Key
+
+        factory.router.enable_auth(Authority([Key.hs256("soak", os.environ[SECRET_ENV])], Grants.none()))
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     address = f"127.0.0.1:{port.getHost().port}"
     state: dict[str, Any] = {"broker": None}
@@ -53,6 +80,7 @@ def serve() -> None:
                     "frames_dropped": stats.frames_dropped,
                     "errors": dict(stats.errors),
                     "broker": broker.stats() if broker is not None else None,
+                    "auth": factory.router.gate.stats() if factory.router.gate is not None else None,
                 }
                 self.sendLine(json.dumps(report).encode())
 
@@ -63,7 +91,12 @@ def serve() -> None:
         try:
             from pulsyflux.broker import Broker
 
-            state["broker"] = await Broker.connect(address, reactor=reactor)
+            if own_broker:
+                from pulsyflux.service import connect_own_broker
+
+                state["broker"] = await connect_own_broker(factory, reactor)
+            else:
+                state["broker"] = await Broker.connect(address, reactor=reactor)
         except ImportError:
             pass
         print(f"READY {address} {'broker' if state['broker'] else 'no-broker'}", flush=True)
@@ -93,8 +126,11 @@ async def soak(
 
     channel = uuid.uuid4()
     payload = os.urandom(1024)
-    providers = [await Provider.connect(address, channel, handler=lambda data: data) for _ in range(PROVIDERS)]
-    consumers = [await Consumer.connect(address, channel) for _ in range(CONSUMERS)]
+    provide, consume = token({"provide": [str(channel)]}), token({"consume": [str(channel)]})
+    providers = [
+        await Provider.connect(address, channel, handler=lambda data: data, token=provide) for _ in range(PROVIDERS)
+    ]
+    consumers = [await Consumer.connect(address, channel, token=consume) for _ in range(CONSUMERS)]
     errors: Counter[str] = Counter()
     counts = Counter()
     running = [True]
@@ -116,11 +152,12 @@ async def soak(
     if pubsub:
         from pulsyflux.broker import BrokerClient, SubscriptionClosed
 
+        subscribe, publish = token({"subscribe": [TOPIC]}), token({"publish": [TOPIC]})
         for i in range(SUBSCRIBERS):
-            client = await BrokerClient.connect(address, reactor=reactor)
+            client = await BrokerClient.connect(address, reactor=reactor, token=subscribe)
             clients.append(client)
             subscribers.append({"slow": i < SLOW, "sub": await client.subscribe(TOPIC), "received": 0, "order": 0})
-        publisher = await BrokerClient.connect(address, reactor=reactor)
+        publisher = await BrokerClient.connect(address, reactor=reactor, token=publish)
 
         async def subscriber_loop(entry: dict[str, Any]) -> None:
             sub = entry["sub"]
@@ -192,15 +229,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the load runs (default 60)")
     parser.add_argument("--rate", type=int, default=500, help="messages published per second (default 500)")
     parser.add_argument("--no-pubsub", action="store_true", help="requests only: no broker, publisher, subscribers")
+    parser.add_argument(
+        "--own-broker", action="store_true", help="the broker runs in the server process, linked in-process"
+    )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="the server checks tokens and grants (implies --own-broker, whose broker checks publish/subscribe)",
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server process
     args = parser.parse_args(argv)
+    own_broker = args.own_broker or args.auth
     if args.serve:
-        serve()
+        serve(own_broker)
         return 0
+    if args.auth:
+        os.environ[SECRET_ENV] = os.urandom(32).hex()  # the server process inherits it
 
     here = os.path.dirname(os.path.abspath(__file__))
     server = subprocess.Popen(
-        [sys.executable, os.path.join(here, "soak.py"), "--serve"],
+        [sys.executable, os.path.join(here, "soak.py"), "--serve"] + (["--own-broker"] if own_broker else []),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -233,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(result, dict):
             result.raiseException()
         stats = server_stats()
+        from pulsyflux.bench.common import cpu_seconds
+
+        # CPU over the whole soak, set-up included (the same in every mode): compare per request and message.
+        cpu = {"server": cpu_seconds(server.pid), "clients": cpu_seconds(os.getpid())}
+        result["cpu_seconds"] = {name: round(value, 2) for name, value in cpu.items()}
+        work = result["requests"] + result.get("delivered", 0)
+        result["cpu_us_per_request_or_delivery"] = {name: round(value / work * 1e6, 1) for name, value in cpu.items()}
         result["server"] = {**peak_rss_kib(server.pid), **stats}
         if pubsub:
             broker = result.pop("server_before_close")["broker"]

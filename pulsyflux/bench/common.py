@@ -335,3 +335,26 @@ def serve_broker(reactor: Any, service: Any, then: Callable[[Any], Any] = lambda
     reactor.callWhenRunning(begin)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     run_as_child(reactor)
+
+
+AUTH_SECRET_ENV = "PULSYFLUX_BENCH_AUTH_SECRET"  # --auth: the HS256 secret the parent gives its children
+
+
+def use_auth_secret() -> None:
+    """--auth: a fresh secret in the environment, which spawn() passes on to the children."""
+    os.environ[AUTH_SECRET_ENV] = os.urandom(32).hex()
+
+
+def bench_authority() -> Any:
+    """The server child's token checks under --auth: the parent's secret, no anonymous rights."""
+    from pulsyflux.auth.grants import Grants
+    from pulsyflux.auth.tokens import Authority, Key
+
+    return Authority([Key.hs256("bench", os.environ[AUTH_SECRET_ENV])], Grants.none())
+
+
+def bench_token(grants: dict[str, list[str]]) -> str:
+    """A day's token with ``grants``, signed with the secret in the environment."""
+    from pulsyflux.auth.tokens import Key, mint
+
+    return mint(Key.hs256("bench", os.environ[AUTH_SECRET_ENV]), grants, 24 * 3600, subject="bench")

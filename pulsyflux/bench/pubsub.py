@@ -40,8 +40,11 @@ from twisted.internet.defer import Deferred, DeferredList
 from pulsyflux.broker import BrokerClient, Subscription
 
 from .common import (
+    AUTH_SECRET_ENV,
     Progress,
     add_run_arguments,
+    bench_authority,
+    bench_token,
     cpu_seconds,
     fmt,
     median,
@@ -56,6 +59,7 @@ from .common import (
     sleep,
     spawn,
     start,
+    use_auth_secret,
     verdict,
     waiting_seconds,
 )
@@ -82,6 +86,7 @@ class Options:
     window: int = 2000  # messages the publisher may be ahead of the slowest subscriber
     modes: list[str] = field(default_factory=lambda: ["plain"])  # plain, wildcard, group (see the module doc)
     python: str = sys.executable  # the interpreter for the server process
+    auth: bool = False  # the server checks tokens (--auth): both clients present one, the broker checks each publish
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,6 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated floods to run: plain, wildcard (subscribers to a pattern), group (one queue group "
         "of N members); each is also reported as a ratio of plain (default plain)",
     )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="the server checks tokens and grants (as with twistd --auth); the clients present one granting "
+        "publish and subscribe on '>'",
+    )
 
 
 MODES = ("plain", "wildcard", "group")
@@ -142,6 +153,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         fanouts=[max(1, int(n)) for n in str(args.fanouts).split(",") if n.strip()],
         window=max(1, args.window),
         modes=list(getattr(args, "modes", ["plain"])),
+        auth=getattr(args, "auth", False),
     )
 
 
@@ -329,13 +341,17 @@ def _one_line(result: dict) -> str:
 async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
     clients: dict[str, Any] = {}
     progress("starting the server and broker process")
+    token = None
+    if options.auth:
+        use_auth_secret()
+        token = bench_token({"publish": [">"], "subscribe": [">"]})
     server = spawn(reactor, options.python, "server", "pulsyflux.bench.pubsub", "server")
     try:
         port = int(await server.ready)
         address = f"127.0.0.1:{port}"
         clients["server_pid"] = server.pid
-        clients["publisher"] = await BrokerClient.connect(address, reactor=reactor)
-        clients["subscriber"] = await BrokerClient.connect(address, reactor=reactor)
+        clients["publisher"] = await BrokerClient.connect(address, reactor=reactor, token=token)
+        clients["subscriber"] = await BrokerClient.connect(address, reactor=reactor, token=token)
         progress("warming up")
         warm = Options(**{**asdict(options), "duration": 0.5, "warmup": 0.2, "latency_count": 200})
         await _run_once(reactor, clients, warm)
@@ -363,7 +379,8 @@ def format_report(results: dict) -> str:
     m, o, t = results["medians"], results["options"], results["targets"]
     lines = [
         f"pulsyflux bench pubsub: {runs_text(len(results['runs']))}, {o['payload']}-byte payloads, "
-        f"server+broker in its own process ({results['machine']['cpus']} CPUs, Python {results['machine']['python']})",
+        f"server+broker in its own process{', tokens checked (--auth)' if o.get('auth') else ''} "
+        f"({results['machine']['cpus']} CPUs, Python {results['machine']['python']})",
         f"  latency 1->1, one at a time                     p50 {fmt(m['latency_p50_us'])} us  "
         f"p99 {fmt(m['latency_p99_us'])} us   {verdict(m['latency_p50_us'], t['latency_p50_us'], False, ' us (p50)')}",
     ]
@@ -419,9 +436,14 @@ def _serve() -> None:
     """The child: a BrokerService on an ephemeral loopback port; prints the port."""
     from twisted.internet import reactor
 
+    from pulsyflux.server import ServerFactory
     from pulsyflux.service import BrokerService
 
-    serve_broker(reactor, BrokerService("tcp:0:interface=127.0.0.1", reactor=reactor))
+    factory = None
+    if os.environ.get(AUTH_SECRET_ENV):  # --auth: the parent's secret
+        factory = ServerFactory(reactor)
+        factory.router.enable_auth(bench_authority())
+    serve_broker(reactor, BrokerService("tcp:0:interface=127.0.0.1", reactor=reactor, factory=factory))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from pulsyflux.client import Consumer, Provider
 
 from .common import (
+    AUTH_SECRET_ENV,
     Child,
     Progress,
     add_run_arguments,
@@ -497,7 +498,7 @@ def _echo(payload: bytes) -> bytes:
     return payload
 
 
-_SECRET_ENV = "PULSYFLUX_BENCH_AUTH_SECRET"
+_SECRET_ENV = AUTH_SECRET_ENV  # bench.common: the children check tokens with it
 
 
 def _bench_token() -> str:
