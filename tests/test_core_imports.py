@@ -61,6 +61,7 @@ def test_sans_io_core_imports_and_works_without_twisted() -> None:
         import pulsyflux
         from pulsyflux.wire import {", ".join(CORE)}
         from pulsyflux.broker import subjects  # the broker's matcher: Twisted-free in a package that is not
+        from pulsyflux import history  # moves to pulsyflux.broker once that package lands
         from pulsyflux import Message, MessageError, PulsyfluxError  # the lazy names from the core
 
         rid = bytes(range(16))
@@ -79,6 +80,7 @@ def test_sans_io_core_imports_and_works_without_twisted() -> None:
         from pulsyflux.auth.tokens import Key
         key = Key.hs256("k", "s" * 32)
         assert Authority([key]).verify(mint(key, {{"publish": ["a.>"]}}, 60)).grants.may_publish("a.b")
+        assert history.History(1).append("news", body.decode())[0].seq == 1
 
         from pulsyflux.cluster import shape, url  # how pub/sub is laid out on Redis, and where Redis is
         assert shape.channel_of("pulsyflux:", "orders.eu") == b"pulsyflux:m:orders"
