@@ -7,7 +7,7 @@ service.setServiceParent(application)
 from __future__ import annotations
 
 import uuid
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from twisted.application import service
 from twisted.internet import defer
@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from . import logs
 from ._reactor import default_reactor
 from .broker.broker import Broker
+from .broker.history import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_TOTAL_BYTES, History
 from .broker.link import DEFAULT_BROKER_CHANNEL
 from .broker.subscription import Subscription
 from .client import DEFAULT_BACKOFF, ChannelId
@@ -39,6 +40,7 @@ from .server.router import (
     DEFAULT_REGISTER_TIMEOUT,
 )
 from .wire.errors import ConnectionLostError, RequestTimeout
+from .wire.messages import Position
 
 __all__ = ["ServerService", "BrokerService", "Options", "makeService", "connect_own_broker"]
 
@@ -150,6 +152,16 @@ class BrokerService(service.MultiService):
         self.server = ServerService(listen, reactor, factory=factory, grace=grace)
         self.server.setServiceParent(self)
         self.broker_channel = None if broker_channel is None else uuid.UUID(str(broker_channel))
+        history = broker_options.pop("history", 0)
+        history_bytes = broker_options.pop("history_bytes", DEFAULT_HISTORY_BYTES)
+        history_total_bytes = broker_options.pop("history_total_bytes", DEFAULT_HISTORY_TOTAL_BYTES)
+        if history and not isinstance(history, History):
+            history = History(history, history_bytes, history_total_bytes)
+        # One History for every broker this service starts: a restarted broker keeps the
+        # retained messages and their epochs, so subscribers resume without a gap.
+        self.history: Optional[History] = history if isinstance(history, History) else None
+        if self.history is not None:
+            broker_options["history"] = self.history
         self.broker_options = broker_options
         self.broker: Optional[Broker] = None
         self.broker_restarts = 0  # times the broker was started again after losing its link
@@ -272,7 +284,7 @@ class BrokerService(service.MultiService):
 
     def publish(
         self, topic: str, payload: bytes = b"", headers: Optional[dict[str, str]] = None, timeout: float = 5.0
-    ) -> "Deferred[None]":
+    ) -> "Deferred[Optional[Position]]":
         """:meth:`Broker.publish` on this service's broker (waits for it to start, within ``timeout``)."""
         ready = self.whenReady()
         if self.broker is None and timeout and timeout > 0:
@@ -286,9 +298,15 @@ class BrokerService(service.MultiService):
             ready.addErrback(late)
         return ready.addCallback(lambda broker: broker.publish(topic, payload, headers, timeout))
 
-    def subscribe(self, topic: str, buffer: Optional[int] = None) -> "Deferred[Subscription]":
+    def subscribe(
+        self,
+        topic: str,
+        buffer: Optional[int] = None,
+        since: Union[None, str, Position] = None,
+        last: Optional[int] = None,
+    ) -> "Deferred[Subscription]":
         """:meth:`Broker.subscribe` on this service's broker (waits for it to start)."""
-        return self.whenReady().addCallback(lambda broker: broker.subscribe(topic, buffer))
+        return self.whenReady().addCallback(lambda broker: broker.subscribe(topic, buffer, since=since, last=last))
 
     def stats(self) -> dict[str, Any]:
         """The broker's :meth:`Broker.stats` (empty without a broker)."""
@@ -396,6 +414,15 @@ class Options(usage.Options):
             "Bytes held in incomplete frames, all connections together.",
         ],
         ["max-unsent", None, DEFAULT_MAX_UNSENT, "Bytes queued for one connection that reads too slowly."],
+        ["history", None, 0, "Messages the broker keeps per topic for subscribers to replay (0: none, the default)."],
+        ["history-bytes", None, DEFAULT_HISTORY_BYTES, "Bytes of history kept per topic, at most (with --history)."],
+        [
+            "history-total-bytes",
+            None,
+            DEFAULT_HISTORY_TOTAL_BYTES,
+            "Bytes of history kept for all topics together (with --history); past it the least recently "
+            "published topics give way.",
+        ],
         [
             "max-unsent-total",
             None,
@@ -457,6 +484,12 @@ class Options(usage.Options):
                 self.authority = load_auth_file(self["auth"])
             except AuthConfigError as error:
                 raise usage.UsageError(f"--auth: {error}") from None
+        history = str(self["history"])
+        if not (history.isdigit() and history.isascii()):
+            raise usage.UsageError(f"--history must be a whole number >= 0 (0: no history), not {history!r}")
+        self["history"] = int(history)
+        for name in ("history-bytes", "history-total-bytes"):
+            self[name] = _positive(name, self[name], int)
 
     def server_factory(self, reactor: Any = None) -> ServerFactory:
         """A :class:`ServerFactory` with the limits (and the ``--auth`` checks) these options give."""
@@ -550,6 +583,9 @@ def makeService(options: Options) -> service.IService:
         cluster=options["cluster"],
         node_name=options["node-name"],
         cluster_lease=options["cluster-lease"],
+        history=options["history"],
+        history_bytes=options["history-bytes"],
+        history_total_bytes=options["history-total-bytes"],
     )
     listeners: list[Any] = [top.server]
     if options["http"]:

@@ -61,7 +61,7 @@ def test_sans_io_core_imports_and_works_without_twisted() -> None:
         import pulsyflux
         from pulsyflux.wire import {", ".join(CORE)}
         from pulsyflux.broker import subjects  # the broker's matcher: Twisted-free in a package that is not
-        from pulsyflux import history  # moves to pulsyflux.broker once that package lands
+        from pulsyflux.broker import history
         from pulsyflux import Message, MessageError, PulsyfluxError  # the lazy names from the core
 
         rid = bytes(range(16))

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from pulsyflux import history as history_module
-from pulsyflux.history import ENTRY_OVERHEAD, TOPIC_OVERHEAD, History, Position
+from pulsyflux.broker import history as history_module
+from pulsyflux.broker.history import ENTRY_OVERHEAD, TOPIC_OVERHEAD, History
 from pulsyflux.wire import messages
+from pulsyflux.wire.messages import Position
 
 
 def _text(topic: str, payload: bytes = b"x") -> str:
@@ -22,6 +23,7 @@ def _seqs(texts: list[str]) -> list[int]:
 
 def test_doctests() -> None:
     assert doctest.testmod(history_module).failed == 0
+    assert doctest.testmod(messages).failed == 0
 
 
 def test_positions_count_per_topic_and_ride_in_the_text() -> None:
@@ -104,8 +106,8 @@ def test_a_million_distinct_topics_stay_within_the_budget() -> None:
             peak = max(peak, h.size)
     assert h.size <= budget and peak <= budget
     per_topic = TOPIC_OVERHEAD + ENTRY_OVERHEAD + len(text)
-    assert len(h) <= budget // per_topic + 1
-    assert h.messages == len(h)  # one message each: nothing forgotten left behind
+    assert h.topics <= budget // per_topic + 1
+    assert h.messages == h.topics  # one message each: nothing forgotten left behind
     assert len(h._lru) == len(h._topics)
 
 
@@ -113,9 +115,9 @@ def test_replay_since_in_the_same_epoch_is_exact() -> None:
     h = History(10, epoch_prefix="p")
     positions = [h.append("a", _text("a"))[0] for _ in range(5)]
     r = h.subscribe("a", since=positions[1])
-    assert _seqs(r.texts) == [3, 4, 5] and r.recovered and r.top == positions[-1]
+    assert _seqs(r.texts) == [3, 4, 5] and r.recovered and r.start == positions[1]
     r = h.subscribe("a", since=positions[-1])
-    assert r.texts == [] and r.recovered
+    assert r.texts == [] and r.recovered and r.start == positions[-1]
     r = h.subscribe("a", since=Position(positions[0].epoch, 0))
     assert _seqs(r.texts) == [1, 2, 3, 4, 5] and r.recovered
 
@@ -124,7 +126,7 @@ def test_replay_not_recovered_when_trimmed_other_epoch_or_ahead() -> None:
     h = History(3, epoch_prefix="p")
     positions = [h.append("a", _text("a"))[0] for _ in range(6)]
     r = h.subscribe("a", since=positions[1])  # seq 2; oldest kept is 4: 3 is gone
-    assert _seqs(r.texts) == [4, 5, 6] and not r.recovered
+    assert _seqs(r.texts) == [4, 5, 6] and not r.recovered and r.start.seq == 3
     r = h.subscribe("a", since=positions[2])  # seq 3: 4.. is all that follows, all kept
     assert _seqs(r.texts) == [4, 5, 6] and r.recovered
     r = h.subscribe("a", since=Position("other", 2))
@@ -145,12 +147,12 @@ def test_replay_last_n() -> None:
 def test_a_subscribed_topic_keeps_its_epoch_while_empty() -> None:
     h = History(1, total_bytes=2_000, epoch_prefix="p")
     r = h.subscribe("quiet")
-    assert r.top.seq == 0 and r.recovered
+    assert r.start.seq == 0 and r.recovered
     for i in range(100):
         h.append(f"flood{i}", _text("f"))
-    assert h.top("quiet") == r.top  # pinned: not forgotten
+    assert h.top("quiet") == r.start  # pinned: not forgotten
     first, _ = h.append("quiet", _text("quiet"))
-    assert first == Position(r.top.epoch, 1)
+    assert first == Position(r.start.epoch, 1)
     h.unsubscribe("quiet")
     for i in range(100):
         h.append(f"flood{i}", _text("f"))
@@ -161,7 +163,7 @@ def test_a_subscribed_topic_keeps_its_epoch_while_empty() -> None:
 def test_a_since_for_an_unknown_topic_is_not_recovered() -> None:
     h = History(5, epoch_prefix="p")
     r = h.subscribe("new", since=Position("p1", 3))
-    assert r.texts == [] and not r.recovered and r.top.seq == 0
+    assert r.texts == [] and not r.recovered and r.start.seq == 0
 
 
 def test_bounds_must_be_positive() -> None:
@@ -191,3 +193,18 @@ def test_the_budget_is_what_memory_really_costs() -> None:
         tracemalloc.stop()
     assert h.evicted > 0
     assert grown <= budget * 1.25, grown
+
+
+def test_a_message_carries_its_position_read_lazily_and_not_in_equality() -> None:
+    h = History(5, epoch_prefix="p")
+    position, text = h.append("a", messages.encode_text("a", b"hi", {"k": "v"}))
+    msg = messages.decode_body(text.encode())[0]
+    assert msg.position == position and msg == messages.Message("a", b"hi", {"k": "v"})
+    assert "position=p1:1" in repr(msg)
+    assert msg.encode() == messages.encode("a", b"hi", {"k": "v"})  # Go's JSON: no Position field
+    assert messages.decode(b'{"Topic":"a","Payload":null,"Headers":null}').position is None
+    assert messages.decode(b'{"Topic":"a","Payload":null,"Headers":null,"Position":"bad"}').position is None
+    assert messages.decode(b'{"Topic":"a","Payload":null,"Headers":null,"Position":7}').position is None
+    import pickle
+
+    assert pickle.loads(pickle.dumps(msg)).position == position

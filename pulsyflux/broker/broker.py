@@ -15,7 +15,7 @@ flow control and the control messages are described in docs/broker.md.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from ..client import ChannelId, Consumer, Provider, Reconnect
 from ..endpoints import Address
 from ..wire.errors import ConnectionLostError
+from ..wire.messages import Position
 from .fanout import (
     DEFAULT_BATCH,
     DEFAULT_MAX_SETUPS,
@@ -33,7 +34,8 @@ from .fanout import (
     DEFAULT_WINDOW,
     Fanout,
 )
-from .link import BROKER_CLOSED, DEFAULT_BROKER_CHANNEL, PublishingSide, ignore, send_until_registered
+from .history import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_TOTAL_BYTES, History
+from .link import BROKER_CLOSED, DEFAULT_BROKER_CHANNEL, PublishingSide, ignore, replay_arguments, send_until_registered
 from .outlet import DEFAULT_BACKLOG, DEFAULT_BACKLOG_BYTES
 from .publisher import Publisher
 from .subscription import (
@@ -94,7 +96,17 @@ class Broker(PublishingSide):
         max_setups: int = DEFAULT_MAX_SETUPS,
         max_setups_per_client: int = DEFAULT_MAX_SETUPS_PER_CLIENT,
         token: Optional[str] = None,
+        history: Union[int, History] = 0,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
+        history_total_bytes: int = DEFAULT_HISTORY_TOTAL_BYTES,
     ) -> None:
+        self.history: Optional[History]
+        if isinstance(history, History):
+            self.history = history  # kept across brokers by a BrokerService: the epochs stay
+        elif type(history) is int and history >= 0:
+            self.history = History(history, history_bytes, history_total_bytes) if history else None
+        else:
+            raise ValueError(f"history must be a whole number >= 0 (0: off) or a History, not {history!r}")
         if backlog < 0 or batch < 1 or window < 1:
             raise ValueError("backlog must be >= 0, batch and window >= 1")
         if backlog_bytes < 0 or total_backlog_bytes < 0 or max_subscriptions < 0:
@@ -116,6 +128,7 @@ class Broker(PublishingSide):
             max_setups=max_setups,
             max_setups_per_client=max_setups_per_client,
             token=token,
+            history=self.history,
         )
         self._provider: Optional[Provider] = None
         self._closing: Optional[Deferred[None]] = None
@@ -179,29 +192,49 @@ class Broker(PublishingSide):
         self.when_closed().addCallback(lambda _: cluster.detach(self._fanout))
 
     def subscribe(
-        self, topic: str, buffer: Optional[int] = None, group: Optional[str] = None
+        self,
+        topic: str,
+        buffer: Optional[int] = None,
+        group: Optional[str] = None,
+        since: Union[None, str, Position] = None,
+        last: Optional[int] = None,
     ) -> "Deferred[Subscription]":
         """A new :class:`Subscription` to ``topic`` (2 more connections).
 
         ``topic`` may be a pattern: ``orders.*`` (one token), ``orders.>``
         (one or more). With ``group``, each message goes to one member of
         that queue group (per pattern), round-robin (docs/broker.md).
+
+        With history (a plain topic, no group): ``since`` (a :class:`Position`
+        or ``"EPOCH:SEQ"``) starts with the retained messages after it,
+        ``last`` with the last ``last`` retained; then the live ones, with no
+        gap and no duplicate between them. ``Subscription.recovered`` says
+        whether the replay was complete.
         """
         check_subscription(topic, group)
+        since, last = replay_arguments(since, last, topic, group)
         if self._closed is not None:
             return fail(self._closed)
-        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer, group))
+        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer, group, since, last))
 
-    async def _subscribe(self, topic: str, buffer: int, group: Optional[str] = None) -> Subscription:
+    async def _subscribe(
+        self,
+        topic: str,
+        buffer: int,
+        group: Optional[str] = None,
+        since: Optional[Position] = None,
+        last: Optional[int] = None,
+    ) -> Subscription:
         sub, provider = await open_subscription(
             self.address, topic, buffer, self.reactor, self.reconnect, group, self.token
         )
         try:
-            outlet = await self._fanout.setup(topic, sub.channel, sub, group=group)
+            outlet = await self._fanout.setup(topic, sub.channel, sub, group=group, since=since, last=last)
         except BaseException:
             sub.mark_closed("subscribe failed")
             await provider.close()
             raise
+        sub.started(outlet.recovered, outlet.start)
         provider.when_lost().addCallback(lambda _: self._fanout.remove(outlet, "connection to the server lost"))
         return sub
 

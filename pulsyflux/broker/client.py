@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Optional, cast
+from typing import Any, Optional, Union, cast
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
 from twisted.internet.interfaces import IReactorTime
@@ -14,8 +14,18 @@ from twisted.python.failure import Failure
 from ..client import ChannelId, Consumer, Reconnect
 from ..endpoints import Address
 from ..wire import messages
-from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RequestTimeout
-from .link import DEFAULT_BROKER_CHANNEL, OK, RESUMED, PublishingSide, ignore, send_until_registered
+from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RemoteError, RequestTimeout
+from ..wire.messages import Position
+from .link import (
+    DEFAULT_BROKER_CHANNEL,
+    GO_ARRAY_ERROR,
+    RECOVERED,
+    RESUMED,
+    PublishingSide,
+    ignore,
+    replay_arguments,
+    send_until_registered,
+)
 from .publisher import Publisher
 from .subscription import DEFAULT_BUFFER, Subscription, check_subscription, open_subscription
 
@@ -31,16 +41,39 @@ DEFAULT_HEARTBEAT = 5.0
 _HEARTBEAT_MISSES = 2
 
 
-def _announcement(sub: Subscription) -> bytes:
+def _announcement(sub: Subscription, first: bool = False) -> bytes:
     """The ``$pulsyflux/subscribe`` for ``sub``: its first, every re-announce, and every heartbeat.
 
-    The ``group`` header only for a queue group: a plain one is byte for byte what Go providers send.
+    The ``group`` header only for a queue group: a plain one is byte for
+    byte what Go providers send. The first asks for what the application
+    asked (``since`` / ``last``); later ones resume from the subscription's
+    position once it has one. A broker without history ignores both.
     """
-    if sub.group is None:
-        return messages.control(messages.SUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
-    return messages.control(messages.SUBSCRIBE, topic=sub.topic, channel=str(sub.channel), group=sub.group).encode(
-        "utf-8"
-    )
+    headers = {"topic": sub.topic, "channel": str(sub.channel)}
+    if sub.group is not None:
+        headers["group"] = sub.group
+    if first and sub._since is not None:
+        headers["since"] = str(sub._since)
+    elif first and sub._last is not None:
+        headers["last"] = str(sub._last)
+    elif sub._position is not None:
+        headers["since"] = str(sub._position)
+    return messages.control(messages.SUBSCRIBE, **headers).encode("utf-8")
+
+
+def _subscribe_answer(answer: bytes) -> Optional[tuple[bool, Optional[Position]]]:
+    """What a subscribe announcement's answer says: None for "resumed" (the broker kept it),
+    else (recovered, start) for a subscription the broker set up afresh."""
+    word, _, rest = answer.partition(b" ")
+    if word == RESUMED:
+        return None
+    start = None
+    if rest:
+        try:
+            start = Position.parse(rest.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            start = None
+    return word == RECOVERED and start is not None, start
 
 
 class BrokerClient(PublishingSide):
@@ -89,6 +122,7 @@ class BrokerClient(PublishingSide):
         self._subscriptions: dict[uuid.UUID, Subscription] = {}
         self._resubscribing: set[uuid.UUID] = set()
         self._pauses: set[Deferred[None]] = set()  # resubscribe retries waiting; cancelled by close()
+        self.go_broker = False  # the broker is the Go original: publishing only (see _start)
 
     async def _start(self) -> "BrokerClient":
         self._consumer = await Consumer.connect(
@@ -97,6 +131,13 @@ class BrokerClient(PublishingSide):
         self._publisher = Publisher(self._consumer)
         try:
             await send_until_registered(self._consumer, b"[]", self.reactor)
+        except RemoteError as error:
+            if GO_ARRAY_ERROR not in str(error):
+                await self._consumer.close()
+                raise
+            # The Go broker (broker.NewBroker): it reads one message per request and nothing else.
+            self.go_broker = True
+            self._publisher.use_go_broker()
         except NoProviderError:
             await self._consumer.close()
             raise NoProviderError(f"no broker on channel {self.channel} at {self.address}") from None
@@ -117,19 +158,43 @@ class BrokerClient(PublishingSide):
         return self._consumer.when_connected().addCallback(lambda _: self)
 
     def subscribe(
-        self, topic: str, buffer: Optional[int] = None, group: Optional[str] = None
+        self,
+        topic: str,
+        buffer: Optional[int] = None,
+        group: Optional[str] = None,
+        since: Union[None, str, Position] = None,
+        last: Optional[int] = None,
     ) -> "Deferred[Subscription]":
-        """Same as :meth:`Broker.subscribe`, through the broker's control messages."""
+        """Same as :meth:`Broker.subscribe`, through the broker's control messages.
+
+        Fails at once against a Go broker, which has no remote subscriptions.
+        """
         check_subscription(topic, group)
+        since, last = replay_arguments(since, last, topic, group)
         if self._closed is not None or self._consumer is None:
             return fail(self._closed or ConnectionLostError("not connected"))
-        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer, group))
+        if self.go_broker:
+            return fail(
+                PulsyfluxError(
+                    f"cannot subscribe: the broker on channel {self.channel} is a Go broker (broker.NewBroker), "
+                    "which takes publishes but has no subscriptions from other processes"
+                )
+            )
+        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer, group, since, last))
 
-    async def _subscribe(self, topic: str, buffer: int, group: Optional[str] = None) -> Subscription:
+    async def _subscribe(
+        self,
+        topic: str,
+        buffer: int,
+        group: Optional[str] = None,
+        since: Optional[Position] = None,
+        last: Optional[int] = None,
+    ) -> Subscription:
         assert self._consumer is not None
         sub, provider = await open_subscription(
             self.address, topic, buffer, self.reactor, self.reconnect, group, self.token
         )
+        sub._since, sub._last = since, last
         if self.reconnect:
             provider.on_reconnect(lambda _: self._resubscribe(sub))
 
@@ -141,11 +206,15 @@ class BrokerClient(PublishingSide):
         sub.on_closed_by_broker(ended_by_broker)
         provider.when_lost().addCallback(lambda _: self._forget(sub))
         try:
-            await self._consumer.send(_announcement(sub), timeout=10.0)
+            answer = await self._consumer.send(_announcement(sub, first=True), timeout=10.0)
         except BaseException:
             sub.mark_closed("subscribe failed")
             await provider.close()
             raise
+        started = _subscribe_answer(answer)
+        if started is not None:
+            asked = since is not None or last is not None
+            sub.started(started[0] or not asked, started[1])
         self._subscriptions[sub.channel] = sub
         self._schedule_heartbeat()
         return sub
@@ -218,11 +287,14 @@ class BrokerClient(PublishingSide):
         for sub, (ok, result) in zip(subs, results):
             if ok:
                 answered = True
-                if result == OK and self._steady(sub):
-                    # A broker that had forgotten it (restarted) took it as new: messages may be missing.
+                started = _subscribe_answer(result)
+                if started is not None and self._steady(sub):
+                    # A broker that had forgotten it (restarted) took it as new: messages may be missing
+                    # (unless it replayed them from the position we sent: then recovered).
                     log.warn("the broker on channel {c} had lost the subscription to {t!r}; subscribed again",
                              c=self.channel, t=sub.topic)  # fmt: skip
                     sub.count_gap()
+                    sub.started(*started)
                     sub.resumed(kept=False)
                 continue
             failure = cast(Failure, result)  # not ok: DeferredList gives the Failure (its stub says bytes)
@@ -275,7 +347,6 @@ class BrokerClient(PublishingSide):
 
     async def _announce_again(self, sub: Subscription) -> None:
         assert self._consumer is not None
-        body = _announcement(sub)
         deadline = None
         delay = 0.05
         error: Exception = ConnectionLostError("not connected")
@@ -291,6 +362,8 @@ class BrokerClient(PublishingSide):
             if deadline is None:
                 deadline = self.reactor.seconds() + self.resubscribe_patience
             try:
+                # From the position now (read each time): what arrived before the line dropped stays.
+                body = _announcement(sub)
                 answer = await self._consumer.send(body, timeout=min(10.0, self.resubscribe_patience))
             except NoProviderError:
                 error = NoProviderError(f"no broker on channel {self.channel}")
@@ -298,6 +371,9 @@ class BrokerClient(PublishingSide):
                 error = failure
                 log.debug("resubscribe to {t!r} not accepted yet: {e}", t=sub.topic, e=failure)
             else:
+                started = _subscribe_answer(answer)
+                if started is not None:
+                    sub.started(*started)  # set up afresh: resumed from our position, or not (recovered)
                 if not sub.closed:
                     sub.resumed(kept=answer == RESUMED)
                 return

@@ -14,10 +14,11 @@ from ..client import Consumer, Provider, Reconnect
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError, PermissionDenied, PulsyfluxError
-from ..wire.messages import CONTROL_PREFIX, MessageError, group_problem, topic_problem
+from ..wire.messages import CONTROL_PREFIX, MessageError, Position, group_problem, is_pattern, topic_problem
 from ..wire.printable import error_excerpt, excerpt
 from ..wire.ratelimit import LogLimiter, summary_to
-from .link import OK, PROBE, RESUMED, ignore, send_until_registered
+from .history import History
+from .link import OK, PROBE, RECOVERED, RESUMED, ignore, send_until_registered
 from .outlet import Outlet, guard_channel
 from .rights import Rights, auth_link
 from .subjects import Interest, Sublist
@@ -68,6 +69,22 @@ class Subscribers(Interest[Outlet]):
         return self.delivered_before + sum(outlet.delivered for outlet in members)
 
 
+def _replay_headers(headers: dict[str, str]) -> tuple[Optional[Position], Optional[int]]:
+    """The ``since`` / ``last`` headers of a ``$pulsyflux/subscribe``, checked."""
+    since = last = None
+    if "since" in headers:
+        try:
+            since = Position.parse(headers["since"])
+        except ValueError as error:
+            raise MessageError(f"subscribe refused: since: {error}") from None
+    if "last" in headers:
+        text = headers["last"]
+        if not (text.isdigit() and text.isascii() and len(text) < 10):
+            raise MessageError(f"subscribe refused: last must be a whole number >= 0, not {excerpt(text)}")
+        last = int(text)
+    return since, last
+
+
 class Setup:
     """A subscription being set up: its topic and group, and later announcements of its channel waiting for it."""
 
@@ -103,6 +120,7 @@ class Fanout:
         max_setups: int,
         max_setups_per_client: int,
         token: Optional[str] = None,
+        history: Optional[History],
     ) -> None:
         """Only :class:`Broker` makes one, by keyword: its arguments (and their defaults) are the Broker's."""
         self.address = address
@@ -117,6 +135,7 @@ class Fanout:
         self.max_subscriptions = max_subscriptions
         self.max_setups = max_setups
         self.max_setups_per_client = max_setups_per_client
+        self.history = history  # retained messages per topic, or None (off)
         # Remote setups in progress per announcing client id; the broker's Provider tells who asks.
         self.setups_by_client: dict[uuid.UUID, int] = {}
         self.provider: Optional[Provider] = None
@@ -172,6 +191,9 @@ class Fanout:
                 raise MessageError(f"publish refused: {problem}")
         if self.rights is not None:
             self.rights.may_publish(self._request_id(), items)
+        answer = OK
+        if self.history is not None:
+            items, answer = self._retain(items, body)
         recipients = self.recipients
         self.published += len(items)
         if len(items) == 1:
@@ -187,11 +209,11 @@ class Fanout:
                     outlet.flush()
             if self.cluster is not None:
                 self.cluster.publish(items)
-            return OK
+            return answer
         self._fan(items)
         if self.cluster is not None:
             self.cluster.publish(items)
-        return OK
+        return answer
 
     def _fan(self, items: list[tuple[str, str, Any, Any]]) -> None:
         """Deliver a batch of checked messages to their outlets, each outlet flushed once."""
@@ -243,6 +265,23 @@ class Fanout:
         """Messages may have been missed by every subscription here (the cluster link was down)."""
         for outlet in self.outlets.values():
             outlet.gaps += 1
+
+    def _retain(self, items: list[tuple[str, str, Any, Any]], body: bytes) -> tuple[list[Any], bytes]:
+        """With history: keep each message, its position in its text (forwarded and replayed as such).
+
+        A batch (our publishers send arrays) is answered with the positions,
+        a JSON array of "EPOCH:SEQ"; a plain object (a Go publisher) with ``ok``.
+        """
+        append = self.history.append  # type: ignore[union-attr]  # only called with history
+        retained = []
+        positions = []
+        for topic, text, payload, headers in items:
+            position, text = append(topic, text)
+            retained.append((topic, text, payload, headers))
+            positions.append(f"{position[0]}:{position[1]}")
+        if body[:1] != b"[":
+            return retained, OK
+        return retained, ('["' + '","'.join(positions) + '"]').encode("ascii")
 
     def recipients(self, topic: str) -> Optional[list[Outlet]]:
         """The outlets one message of ``topic`` goes to: each plain subscriber of every
@@ -331,6 +370,8 @@ class Fanout:
         identity = rights.may_subscribe(self._request_id(), topic) if rights is not None else None
         outlet = self.outlets.get(channel)
         d: Deferred[Any]
+        answer: Optional[bytes]
+        since = last = None
         if outlet is not None:
             if outlet.topic != topic or outlet.group != group:
                 raise MessageError(f"channel {channel} is already subscribed to another topic or group")
@@ -376,8 +417,13 @@ class Fanout:
                 raise PulsyfluxError(
                     f"subscribe refused: too many subscriptions being set up (at most {self.max_setups} at once); try again"
                 )
-            d = Deferred.fromCoroutine(self.setup(topic, channel, None, client, group, identity))
-            answer = OK
+            since, last = _replay_headers(headers)
+            if (since is not None or last is not None) and (group is not None or is_pattern(topic)):
+                raise MessageError("subscribe refused: since and last need a plain topic without a group")
+            d = Deferred.fromCoroutine(
+                self.setup(topic, channel, None, client, group, identity, since=since, last=last)
+            )
+            answer = None  # from the new outlet: its replay
 
         def failed(failure: Failure) -> NoReturn:
             # Said plainly, so the client does not take it for "no broker".
@@ -388,7 +434,17 @@ class Fanout:
             # Never the whole text: it may be the (hostile) provider's on that channel.
             raise PulsyfluxError(f"subscribe failed: {error_excerpt(failure.getErrorMessage())}")
 
-        return d.addCallbacks(lambda _: answer, failed)
+        asked = since is not None or last is not None
+
+        def done(outlet: Optional[Outlet]) -> bytes:
+            if answer is not None:
+                return answer
+            assert outlet is not None
+            if not asked or outlet.start is None:
+                return OK  # as before history (also what a Go provider expects); asked, without history: not recovered
+            return (RECOVERED if outlet.recovered else OK) + b" " + str(outlet.start).encode("ascii")
+
+        return d.addCallbacks(done, failed)
 
     async def setup(
         self,
@@ -398,6 +454,8 @@ class Fanout:
         client: Optional[uuid.UUID] = None,
         group: Optional[str] = None,
         identity: Any = None,
+        since: Optional[Position] = None,
+        last: Optional[int] = None,
     ) -> Outlet:
         """:meth:`open_outlet`, with ``channel`` marked as opening meanwhile (see :meth:`_control`).
 
@@ -411,7 +469,7 @@ class Fanout:
         if client is not None:
             self.setups_by_client[client] = self.setups_by_client.get(client, 0) + 1
         try:
-            outlet = await self.open_outlet(topic, channel, local, group, identity)
+            outlet = await self.open_outlet(topic, channel, local, group, identity, since, last)
         except BaseException:
             failure = Failure()
             self._setup_done(channel, client)
@@ -447,8 +505,13 @@ class Fanout:
         local: Optional[Subscription],
         group: Optional[str] = None,
         identity: Any = None,
+        since: Optional[Position] = None,
+        last: Optional[int] = None,
     ) -> Outlet:
-        """Connect a forwarding Consumer to ``channel``, check the subscriber answers, start forwarding."""
+        """Connect a forwarding Consumer to ``channel``, check the subscriber answers, start forwarding.
+
+        ``since`` / ``last``: start with retained messages (:meth:`_replay`).
+        """
         if self.closing:
             raise ConnectionLostError("the broker is closing")
         # Beside the server (pulsyflux.server.inproc), only the broker may deliver on this channel.
@@ -480,6 +543,7 @@ class Fanout:
             self.rights.keep(outlet, identity)
         self.enlist(outlet)
         self.outlets[channel] = outlet
+        self._replay(outlet, since, last)
         if self.reconnect:
             consumer.on_reconnect(lambda _: outlet.rejoin().addErrback(ignore))
         consumer.when_lost().addCallback(lambda _: self.remove(outlet, "connection to the server lost"))
@@ -506,6 +570,8 @@ class Fanout:
         elif orphans:
             outlet.lost += len(orphans)
             self.lost += len(orphans)
+        if outlet.pinned and self.history is not None:
+            self.history.unsubscribe(outlet.topic)
         waits = [outlet.close(reason, notify=notify and outlet.local is None)]
         sub = outlet.local
         if sub is not None:
@@ -516,6 +582,40 @@ class Fanout:
         """The id of the request being handled (who sent it: the server knows, rights.py asks)."""
         provider = self.provider
         return provider.current_request_id if provider is not None else None
+
+    def _replay(self, outlet: Outlet, since: Optional[Position], last: Optional[int]) -> None:
+        """Start a new outlet with the retained messages asked for, then live ones.
+
+        Called in the same reactor turn that makes the outlet a subscriber
+        of its topic, so no publish falls between the replay and the live
+        stream: no gap, no duplicate. The replay goes through the backlog
+        (paged by ``batch`` and ``window``, bounded as any backlog). A
+        remote subscriber that asked for nothing learns where its stream
+        starts from a ``$pulsyflux/start`` notice (to resume from there).
+        Patterns and queue groups have no positions of their own.
+        """
+        history = self.history
+        asked = since is not None or last is not None
+        if history is None or outlet.group is not None or is_pattern(outlet.topic):
+            outlet.recovered = not asked  # asked, nothing comes
+            return
+        replay = history.subscribe(outlet.topic, since, last)
+        outlet.pinned = True
+        outlet.recovered = replay.recovered
+        outlet.start = replay.start
+        if not asked and outlet.local is None:
+            notice = messages.control(messages.START, position=str(replay.start)).encode("utf-8")
+            outlet.requests += 1  # in order, ahead of every forward
+            outlet.consumer.send(notice, timeout=0).addCallbacks(
+                outlet._answered, outlet._failed, callbackArgs=(0,), errbackArgs=(0,)
+            )
+        if replay.texts:
+            for text in replay.texts:
+                outlet.push(text)
+                self.backlog_size += len(text)
+            if self.backlog_size > self.total_backlog_bytes:
+                self.trim_backlogs()
+            outlet.flush()
 
     def trim_backlogs(self) -> None:
         """All backlogs together are over the bound: drop the oldest messages of the largest.
@@ -591,6 +691,7 @@ class Fanout:
                 for group in interest.groups.values()
             ],
             "subscriptions": [outlet.stats() for outlet in self.outlets.values()],
+            "history": self.history.stats() if self.history is not None else None,
         }
 
 

@@ -9,7 +9,7 @@ a :class:`BrokerClient` share as publishers (:class:`PublishingSide`).
 from __future__ import annotations
 
 import uuid
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, TypeVar, Union
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
@@ -21,7 +21,7 @@ from ..client import ChannelId, Consumer, Reconnect, channel_bytes
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError
-from ..wire.messages import check_topic
+from ..wire.messages import Position, check_topic, is_pattern
 from .publisher import Publisher
 
 __all__ = [
@@ -44,6 +44,13 @@ OK = b"ok"
 # often): a reconnecting BrokerClient waits for a broker to take them back.
 BROKER_CLOSED = "the broker closed"
 RESUMED = b"resumed"  # the answer to a re-announce of a subscription the broker still has
+# With history, a new subscription that asked for a replay (since / last) is
+# answered "recovered START" (the replay is complete) or "ok START" (it is
+# not); START is the position right before the first message it gets.
+RECOVERED = b"recovered"
+# What the Go broker answers to a JSON array (our first request): it takes
+# one plain message per request and has no remote subscriptions.
+GO_ARRAY_ERROR = "cannot unmarshal array into Go value of type broker.Message"
 PROBE = messages.control(messages.PROBE).encode("utf-8")
 
 
@@ -126,8 +133,9 @@ class PublishingSide:
 
     def publish(
         self, topic: str, payload: bytes = b"", headers: Optional[dict[str, str]] = None, timeout: float = 5.0
-    ) -> "Deferred[None]":
-        """Publish; fires once the broker accepted the message.
+    ) -> "Deferred[Optional[Position]]":
+        """Publish; fires once the broker accepted the message, with its :class:`Position`
+        (None when the broker keeps no history, or is a Go broker).
 
         Fails with NoProviderError (no broker), RequestTimeout,
         ConnectionLostError or RemoteError; raises TypeError/ValueError at
@@ -137,3 +145,26 @@ class PublishingSide:
         if self._publisher is None:
             return fail(self._closed or ConnectionLostError(self.not_connected))
         return self._publisher.publish(topic, payload, headers, timeout)
+
+
+_MAX_LAST = 10**9
+
+
+def replay_arguments(
+    since: Union[None, str, Position], last: Optional[int], topic: str = "", group: Optional[str] = None
+) -> tuple[Optional[Position], Optional[int]]:
+    """``subscribe()``'s ``since`` (a Position or "EPOCH:SEQ") and ``last`` (N >= 0), checked; not both,
+    and only for a plain topic without a group (positions count per topic)."""
+    if since is None and last is None:
+        return None, None
+    if since is not None and last is not None:
+        raise ValueError("give since or last, not both")
+    if group is not None or is_pattern(topic):
+        raise ValueError("since and last need a plain topic without a group (positions count per topic)")
+    if isinstance(since, str):
+        since = Position.parse(since)
+    elif since is not None and not isinstance(since, Position):
+        raise TypeError(f"since must be a Position or 'EPOCH:SEQ', not {type(since).__name__}")
+    if last is not None and (type(last) is not int or not 0 <= last < _MAX_LAST):
+        raise ValueError(f"last must be a whole number >= 0, not {last!r}")
+    return since, last

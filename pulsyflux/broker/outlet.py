@@ -14,6 +14,7 @@ from ..client import Consumer
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RemoteError
+from ..wire.messages import Position
 from ..wire.printable import error_excerpt
 from .link import PROBE, ignore, send_until_registered
 from .subscription import Subscription
@@ -92,6 +93,11 @@ class Outlet:
         # The client that announced it (a client id names one connection): only it may end it.
         self.owner: Optional[uuid.UUID] = None
         self.identity: Any = None  # whose rights keep it (rights.py), when the server checks tokens
+        # With history: whether its replay was complete, the position right before it,
+        # and whether the history holds its topic for it (a plain topic without a group).
+        self.recovered = True
+        self.start: Optional[Position] = None
+        self.pinned = False
 
     def has_room(self) -> bool:
         """Whether a queue group should give this member the next message: up, and its backlog not full."""

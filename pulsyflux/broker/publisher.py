@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 from twisted.internet.defer import Deferred, fail
@@ -9,6 +10,7 @@ from twisted.python.failure import Failure
 
 from ..client import Consumer
 from ..wire import messages
+from ..wire.messages import Position
 
 __all__ = ["Publisher"]
 
@@ -16,6 +18,21 @@ __all__ = ["Publisher"]
 _PUBLISH_BATCH = 512
 _PUBLISH_WINDOW = 4
 _NEVER = float("inf")
+
+
+def _positions(answer: bytes, count: int) -> list[Optional[Position]]:
+    """The positions a broker with history answers to a batch (a JSON array of "EPOCH:SEQ")."""
+    try:
+        texts = json.loads(answer)
+        if type(texts) is not list or len(texts) != count:
+            raise ValueError("not one position per message")
+        positions: list[Optional[Position]] = []
+        for text in texts:
+            epoch, _, seq = text.rpartition(":")
+            positions.append(Position(epoch, int(seq)))
+        return positions
+    except (ValueError, TypeError, AttributeError):
+        return [None] * count  # not a broker of ours after all: the publishes were accepted, without positions
 
 
 class Publisher:
@@ -34,17 +51,25 @@ class Publisher:
         self.batch = batch
         self.requests = 0
         self._texts: list[str] = []
-        self._waiters: list[Deferred[None]] = []
+        self._waiters: list[Deferred[Optional[Position]]] = []
         self._deadlines: list[float] = []  # when each waiting publish times out
         self._closed: Optional[Exception] = None
+        self.go = False  # the broker is Go's: see use_go_broker
+
+    def use_go_broker(self) -> None:
+        """Talk to a Go broker: one plain JSON message per request (it refuses arrays), one at a time
+        (it handles each request in its own goroutine, so two in flight could swap)."""
+        self.go = True
+        self.window = 1
+        self.batch = 1
 
     def publish(
         self, topic: str, payload: bytes, headers: Optional[dict[str, str]], timeout: float
-    ) -> "Deferred[None]":
+    ) -> "Deferred[Optional[Position]]":
         if self._closed is not None:
             return fail(self._closed)
         text = messages.encode_text(topic, payload, headers)
-        d: Deferred[None] = Deferred()
+        d: Deferred[Optional[Position]] = Deferred()
         self._deadlines.append(self.consumer.reactor.seconds() + timeout if timeout and timeout > 0 else _NEVER)
         self._texts.append(text)
         self._waiters.append(d)
@@ -61,16 +86,22 @@ class Publisher:
             timeout = 0.0  # the batch's request times out with its earliest publish
             if deadline != _NEVER:
                 timeout = max(deadline - self.consumer.reactor.seconds(), 0.001)
-            d = self.consumer.send(messages.encode_batch(texts), timeout=timeout)
+            # Always an array to our broker (even of one): it answers an array with the positions.
+            body = texts[0].encode("utf-8") if self.go else ("[" + ",".join(texts) + "]").encode("utf-8")
+            d = self.consumer.send(body, timeout=timeout)
             d.addCallbacks(self._answered, self._failed, callbackArgs=(waiters,), errbackArgs=(waiters,))
 
-    def _answered(self, result: bytes, waiters: list[Deferred[None]]) -> None:
+    def _answered(self, result: bytes, waiters: list[Deferred[Optional[Position]]]) -> None:
         self.requests -= 1
-        for d in waiters:
-            d.callback(None)
+        if result[:1] == b"[":
+            for d, position in zip(waiters, _positions(result, len(waiters))):
+                d.callback(position)
+        else:  # "ok": no history (or a Go broker)
+            for d in waiters:
+                d.callback(None)
         self._flush()
 
-    def _failed(self, failure: Failure, waiters: list[Deferred[None]]) -> None:
+    def _failed(self, failure: Failure, waiters: list[Deferred[Optional[Position]]]) -> None:
         self.requests -= 1
         for d in waiters:
             d.errback(failure.value)

@@ -20,7 +20,7 @@ from ..client.provider import DEFAULT_MAX_INCOMPLETE
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import PulsyfluxError
-from ..wire.messages import Message, check_topic, group_problem, is_control, is_pattern
+from ..wire.messages import Message, Position, check_topic, group_problem, is_control, is_pattern
 from ..wire.printable import printable
 from .link import OK, channel_uuid
 from .subjects import matcher
@@ -103,6 +103,14 @@ class Subscription:
         # After a gap: True if the broker kept the subscription (messages meanwhile
         # waited in its backlog), False if a broker took it as new (they are missing).
         self.kept = True
+        self._position: Optional[Position] = None
+        # What the first announcement asks to replay (since / last); see _announcement.
+        self._since: Optional[Position] = None
+        self._last: Optional[int] = None
+        self.recovered = True
+        """False when the broker could not replay everything asked: the last
+        (re)subscription's ``since`` was of another epoch or older than the
+        retained history, or the broker keeps no history. Resync then."""
 
     def __repr__(self) -> str:
         state = f"closed: {self.closed_reason}" if self._closed else f"{self.pending} pending"
@@ -128,6 +136,17 @@ class Subscription:
     def gaps(self) -> int:
         """Times the connection dropped and came back (reconnect=True); messages published meanwhile may be missing."""
         return self._gaps
+
+    @property
+    def position(self) -> Optional[Position]:
+        """Where the stream stands: the last received message's position (or where it started).
+
+        A reconnecting :class:`BrokerClient` resumes from here. None while
+        the broker gives no positions (it keeps no history), and for a
+        pattern or a queue group (positions count per topic, and a group
+        member sees only some of them).
+        """
+        return self._position
 
     def on_resume(self, callback: Callable[["Subscription"], Any]) -> None:
         """Call ``callback(subscription)`` each time the broker forwards to it again after a gap.
@@ -229,6 +248,32 @@ class Subscription:
             provider.on_reconnect(lambda _: self.count_gap())  # first: later hooks see the count
             provider.on_disconnect(self._lost)
         provider.when_lost().addCallback(lambda _: self.mark_closed("connection to the server lost"))
+
+    def started(self, recovered: bool, start: Optional[Position]) -> None:
+        """The broker (re)started the stream after ``start``, complete or not (``recovered``).
+
+        ``start`` never moves the position back: replayed messages may
+        arrive before the broker's answer that tells it.
+        """
+        self.recovered = recovered
+        if start is not None and self._resumable():
+            position = self._position
+            if position is None or position.epoch != start.epoch or position.seq < start.seq:
+                self._position = start
+
+    def _resumable(self) -> bool:
+        """A plain topic without a group: one stream of positions, all of them ours."""
+        return self._accepts is None and self.group is None
+
+    def _note_position(self, batch: list[Message]) -> None:
+        """Remember the position of the last message of our topic in a delivery."""
+        topic = self.topic
+        for msg in reversed(batch):
+            if msg.topic == topic:
+                position = msg.position
+                if position is not None and self.group is None:
+                    self._position = position
+                return
 
     def count_gap(self) -> None:
         """Messages published from now until :meth:`resumed` may be missing."""
@@ -334,6 +379,8 @@ class Subscription:
                 else:
                     self._control(msg)
         self._received += count
+        if count:
+            self._note_position(batch)
         # Queue the whole batch before waking a reader: its loop then reads
         # the rest without suspending once per message.
         waiting = queue.waiting
@@ -358,6 +405,11 @@ class Subscription:
         elif msg.topic == messages.CLOSED and self._on_remote_close is not None:
             # Whoever sent it chose the text: it is kept, raised and logged, so one bounded line.
             self._on_remote_close(printable(msg.headers.get("reason", "closed by the broker"), CLOSED_REASON_CHARS))
+        elif msg.topic == messages.START:
+            try:
+                self.started(self.recovered, Position.parse(msg.headers.get("position", "")))
+            except ValueError:
+                self._rejected += 1
         # PROBE and anything unknown: answered, never queued.
 
     def _release(self) -> None:

@@ -27,7 +27,7 @@ import binascii
 import json
 import re
 import sys
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, NamedTuple, Optional, Union
 
 from .errors import PulsyfluxError
 from .printable import UNSAFE, excerpt
@@ -35,6 +35,7 @@ from .printable import UNSAFE, excerpt
 __all__ = [
     "Message",
     "MessageError",
+    "Position",
     "encode",
     "encode_text",
     "encode_batch",
@@ -47,6 +48,7 @@ __all__ = [
     "PROBE",
     "DROPPED",
     "CLOSED",
+    "START",
     "control",
     "is_control",
     "topic_problem",
@@ -68,6 +70,7 @@ UNSUBSCRIBE = CONTROL_PREFIX + "unsubscribe"
 PROBE = CONTROL_PREFIX + "probe"  # "are you there?", answered, never queued
 DROPPED = CONTROL_PREFIX + "dropped"  # headers: dropped = total dropped so far
 CLOSED = CONTROL_PREFIX + "closed"  # headers: reason; the stream ends
+START = CONTROL_PREFIX + "start"  # headers: position, where the stream starts (a broker with history)
 
 Body = Union[bytes, bytearray, memoryview]
 
@@ -93,26 +96,82 @@ class MessageError(PulsyfluxError, ValueError):
     """Bytes that are not a broker message (bad JSON, wrong field types)."""
 
 
+class Position(NamedTuple):
+    """Where a message stands in its topic, given by a broker that keeps history.
+
+    ``epoch`` names a run of the topic's count (a new one whenever the
+    broker starts without the history, or forgets the topic), ``seq``
+    counts its messages from 1 (seq 0: before the first). ``str(position)``
+    is ``"EPOCH:SEQ"``, the form on the wire (the ``"Position"`` field), in
+    the CLI (``--since``) and in JSON; :meth:`parse` reads it back.
+
+        >>> Position.parse("5f2c0a9e1b1:42")
+        Position(epoch='5f2c0a9e1b1', seq=42)
+    """
+
+    epoch: str
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.epoch}:{self.seq}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Position":
+        """``"EPOCH:SEQ"`` as a Position; ValueError for anything else."""
+        epoch, sep, seq = text.rpartition(":")
+        if not sep or not epoch or not seq.isdigit() or len(seq) > 19 or not epoch_ok(epoch):
+            raise ValueError(f"a position is EPOCH:SEQ (e.g. 5f2c0a9e1b1:42), not {excerpt(text)}")
+        return cls(epoch, int(seq))
+
+
+def epoch_ok(epoch: str) -> bool:
+    """An epoch is at most 64 printable ASCII characters, none of them a quote or backslash."""
+    return len(epoch) <= 64 and epoch.isascii() and epoch.isprintable() and '"' not in epoch and "\\" not in epoch
+
+
 class Message:
     """One published message: ``topic``, ``payload`` (bytes), ``headers``.
 
     Immutable; ``headers`` is a fresh dict per received message.
+    ``position`` is its :class:`Position` when the broker keeps history
+    (None otherwise); it is no part of equality, and :meth:`encode` leaves it
+    out (a Go ``Message`` has no such field).
 
         msg = Message("orders", b"new order", {"priority": "high"})
         msg.topic, msg.payload, msg.headers
     """
 
-    __slots__ = ("topic", "payload", "headers")
+    __slots__ = ("topic", "payload", "headers", "_position")
 
     topic: str
     payload: bytes
     headers: dict[str, str]
+    _position: Union[None, str, Position]  # the wire text until first read
 
-    def __init__(self, topic: str, payload: bytes = b"", headers: Optional[Mapping[str, str]] = None) -> None:
+    def __init__(
+        self,
+        topic: str,
+        payload: bytes = b"",
+        headers: Optional[Mapping[str, str]] = None,
+        position: Optional[Position] = None,
+    ) -> None:
         _set = object.__setattr__
         _set(self, "topic", topic)
         _set(self, "payload", payload)
         _set(self, "headers", {} if headers is None else dict(headers))
+        _set(self, "_position", position)
+
+    @property
+    def position(self) -> Optional[Position]:
+        """Parsed when first read (most readers never ask); None if absent or malformed."""
+        position = self._position
+        if type(position) is str:
+            try:
+                position = Position.parse(position)
+            except ValueError:
+                position = None
+            object.__setattr__(self, "_position", position)
+        return position  # type: ignore[return-value]  # a str was just replaced
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Message is immutable")
@@ -128,10 +187,12 @@ class Message:
 
     def __repr__(self) -> str:
         payload = self.payload if len(self.payload) <= 32 else self.payload[:32] + b"..."
-        return f"Message(topic={self.topic!r}, payload={payload!r}, headers={self.headers!r})"
+        position = self.position
+        at = "" if position is None else f", position={position}"
+        return f"Message(topic={self.topic!r}, payload={payload!r}, headers={self.headers!r}{at})"
 
     def __reduce__(self) -> Any:
-        return (Message, (self.topic, self.payload, self.headers))
+        return (Message, (self.topic, self.payload, self.headers, self.position))
 
     def encode(self) -> bytes:
         """This message as Go JSON (empty headers are written as ``null``)."""
@@ -250,7 +311,15 @@ def _fields(obj: Any) -> tuple[str, Any, Any]:
     """
     if type(obj) is not dict:
         raise MessageError(f"a message is a JSON object, not {type(obj).__name__}")
-    if len(obj) == 3 and "Topic" in obj and "Payload" in obj and "Headers" in obj:
+    if (
+        3 <= len(obj) <= 4
+        and "Topic" in obj
+        and "Payload" in obj
+        and "Headers" in obj
+        and (
+            len(obj) == 3 or "Position" in obj  # what a broker with history forwards
+        )
+    ):
         topic, payload, headers = obj["Topic"], obj["Payload"], obj["Headers"]
     else:
         found: dict[str, Any] = {}
@@ -308,6 +377,9 @@ def _message(obj: Any) -> Message:
     _set(msg, "topic", topic)
     _set(msg, "payload", _payload(payload))
     _set(msg, "headers", _headers(headers))
+    # A broker with history adds "Position" last (pulsyflux.history); read lazily.
+    position = obj.get("Position") if len(obj) > 3 else None
+    _set(msg, "_position", position if type(position) is str else None)
     return msg
 
 

@@ -36,6 +36,8 @@ import os
 from collections import OrderedDict, deque
 from typing import NamedTuple, Optional
 
+from ..wire.messages import Position, epoch_ok
+
 __all__ = [
     "History",
     "Position",
@@ -56,44 +58,20 @@ ENTRY_OVERHEAD = 64
 TOPIC_OVERHEAD = 1024
 
 
-class Position(NamedTuple):
-    """Where a message stands in its topic: ``epoch`` (text) and ``seq`` (1, 2, ...).
-
-    ``str(position)`` is ``"EPOCH:SEQ"``, the form used on the wire, by the
-    CLI (``--since``) and in JSON; :meth:`parse` reads it back.
-    """
-
-    epoch: str
-    seq: int
-
-    def __str__(self) -> str:
-        return f"{self.epoch}:{self.seq}"
-
-    @classmethod
-    def parse(cls, text: str) -> "Position":
-        """``"EPOCH:SEQ"`` as a Position; ValueError for anything else."""
-        epoch, sep, seq = text.rpartition(":")
-        if not sep or not epoch or not seq.isdigit() or len(seq) > 19 or not _epoch_ok(epoch):
-            raise ValueError(f"a position is EPOCH:SEQ (e.g. 5f2c0a9e1b-1:42), not {text[:80]!r}")
-        return cls(epoch, int(seq))
-
-
-def _epoch_ok(epoch: str) -> bool:
-    return len(epoch) <= 64 and epoch.isascii() and epoch.isprintable() and '"' not in epoch and "\\" not in epoch
-
-
 class Replay(NamedTuple):
     """What a subscriber starting at a position gets.
 
     ``texts``: the retained messages to deliver first, oldest first;
     ``recovered``: whether they are everything after the asked position;
-    ``top``: the topic's position now (the last message's, or seq 0), from
-    which the subscriber resumes if nothing arrives before a gap.
+    ``start``: the position right before the first of them (the topic's
+    position now when there are none): every message the subscription
+    gets comes after it, so a subscriber that loses its line before the
+    first one arrives resumes from there.
     """
 
     texts: list[str]
     recovered: bool
-    top: Position
+    start: Position
 
 
 class _Topic:
@@ -129,7 +107,7 @@ class History:
         self.max_bytes = max_bytes
         self.total_bytes = total_bytes
         self.prefix = os.urandom(5).hex() if epoch_prefix is None else epoch_prefix
-        if not _epoch_ok(self.prefix + "0") or ":" in self.prefix:
+        if not epoch_ok(self.prefix + "0") or ":" in self.prefix:
             raise ValueError("epoch_prefix must be short printable ASCII without ':', '\"' or '\\'")
         self._generation = itertools.count(1)
         self._topics: dict[str, _Topic] = {}
@@ -140,7 +118,9 @@ class History:
         self.evicted = 0  # messages that left before their topic's own bounds asked (total budget)
         self.forgotten = 0  # topic states dropped because nothing was retained any more
 
-    def __len__(self) -> int:
+    @property
+    def topics(self) -> int:
+        """Topics with a state now (no ``__len__``: an empty History must still be true)."""
         return len(self._topics)
 
     def _state(self, topic: str) -> _Topic:
@@ -232,15 +212,17 @@ class History:
         state = self._state(topic)
         state.pins += 1
         texts = state.texts
-        top = Position(state.epoch, state.seq)
         if since is not None:
             first = state.seq - len(texts) + 1  # seq of the oldest retained
             if since.epoch != state.epoch or since.seq > state.seq or since.seq < first - 1:
-                return Replay(list(texts), False, top)
-            return Replay(list(itertools.islice(texts, since.seq - first + 1, None)), True, top)
-        if last:
-            return Replay(list(itertools.islice(texts, max(len(texts) - last, 0), None)), True, top)
-        return Replay([], True, top)
+                replayed, recovered = list(texts), False
+            else:
+                replayed, recovered = list(itertools.islice(texts, since.seq - first + 1, None)), True
+        elif last:
+            replayed, recovered = list(itertools.islice(texts, max(len(texts) - last, 0), None)), True
+        else:
+            replayed, recovered = [], True
+        return Replay(replayed, recovered, Position(state.epoch, state.seq - len(replayed)))
 
     def unsubscribe(self, topic: str) -> None:
         """A subscription made by :meth:`subscribe` ended."""
