@@ -259,6 +259,7 @@ def start_server(
     http: bool = False,
     cleanup: Optional[Callable[..., Any]] = None,
     auth: Any = None,
+    history: int = 0,
     **options: Any,
 ) -> "Deferred[RunningServer]":
     """Start a server on 127.0.0.1 with an ephemeral port, and its broker.
@@ -273,11 +274,12 @@ def start_server(
     :class:`~pulsyflux.server.ServerFactory` (``max_body=...`` and the other limits).
     ``auth`` (a :class:`~pulsyflux.auth.tokens.Authority`) makes it check
     tokens and grants, as ``twistd pulsyflux --auth FILE`` does.
+    ``history``: messages the broker retains per topic (``--history``).
 
         server = await start_server(http=True)
     """
     reactor = default_reactor(reactor)
-    return Deferred.fromCoroutine(_start(reactor, broker, http, cleanup, options, auth))
+    return Deferred.fromCoroutine(_start(reactor, broker, http, cleanup, options, auth, history))
 
 
 async def _start(
@@ -287,6 +289,7 @@ async def _start(
     cleanup: Optional[Callable[..., Any]],
     options: dict[str, Any],
     auth: Any = None,
+    history: int = 0,
 ) -> RunningServer:
     factory = ServerFactory(reactor, **options)
     if auth is not None:
@@ -301,7 +304,7 @@ async def _start(
             from .service import connect_own_broker
 
             # As BrokerService does: the broker's channel is the server's own, linked in-process.
-            server.broker = await connect_own_broker(factory, reactor)
+            server.broker = await connect_own_broker(factory, reactor, history=history)
             server.broker_channel = DEFAULT_BROKER_CHANNEL
         if http:
             from .http.site import make_site

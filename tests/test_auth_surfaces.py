@@ -139,3 +139,19 @@ def test_twistd_auth_option(tmp_path: Any) -> None:
     plain = Options()
     plain.parseOptions(["--port", "0"])
     assert makeService(plain).factory.router.gate is None  # without --auth: no checks at all
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_history_needs_the_right_to_subscribe_to_the_topic() -> None:
+    server = await start_server(http=True, auth=_authority(), history=10)
+    try:
+        await server.broker.publish("orders.new", b"kept")
+        url = server.http_url + "/history/orders.new?last=5"
+        code, body = await _get(url)
+        assert code == 401 and b"anonymous clients may not read the history of 'orders.new'" in body
+        code, body = await _get(url, _token(subscribe=["invoices.>"]))
+        assert code == 403
+        code, body = await _get(url, _token(subscribe=["orders.*"]))
+        assert code == 200 and [m["Payload"] for m in json.loads(body)["messages"]] == ["a2VwdA=="]
+    finally:
+        await server.stop()

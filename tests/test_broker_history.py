@@ -314,3 +314,90 @@ async def test_patterns_and_groups_have_no_replay_and_no_positions_of_their_own(
     assert broker.stats()["history"]["topics"] == 1  # no state for the pattern
     await client.close()
     await broker.close()
+
+
+# -- the CLI and the HTTP API ---------------------------------------------------------
+
+
+@pytest.fixture
+def retaining():
+    from pulsyflux.testing import start_server
+
+    running = pytest_twisted.blockon(start_server(http=True, history=100))
+    yield running
+    pytest_twisted.blockon(running.stop())
+
+
+@ensure
+async def test_cli_pub_reports_the_position_and_sub_replays_last_and_since(retaining, cli):
+    import json
+
+    result = await cli("pub", "-s", retaining.address, "orders", "one")
+    assert result.returncode == 0, result.stderr
+    first = Position.parse(result.stderr.decode().rsplit(" at ", 1)[1].strip())
+    assert result.stderr == f"published 3 bytes to 'orders' at {first}\n".encode()
+    await retaining.broker.publish("orders", b"two")
+    await retaining.broker.publish("orders", b"three")
+    result = await cli("sub", "-s", retaining.address, "orders", "--last", "2", "-n", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(x["payload"], x["position"]) for x in lines] == [
+        ("two", f"{first.epoch}:2"),
+        ("three", f"{first.epoch}:3"),
+    ]
+    result = await cli("sub", "-s", retaining.address, "orders", "--since", str(first), "-n", "2", "--raw")
+    assert (result.returncode, result.stdout) == (0, b"two\nthree\n")
+    result = await cli("sub", "-s", retaining.address, "orders", "--since", "elsewhere:7", "-n", "3", "--raw")
+    assert result.stdout == b"one\ntwo\nthree\n"
+    assert b"could not replay everything asked for" in result.stderr
+    result = await cli("sub", "-s", retaining.address, "orders", "--since", "nonsense")
+    assert result.returncode == 2 and b"a position is EPOCH:SEQ" in result.stderr
+    result = await cli("sub", "-s", retaining.address, "orders", "--since", "e:1", "--last", "3")
+    assert result.returncode == 2 and b"not allowed with argument" in result.stderr
+    result = await cli("sub", "-s", retaining.address, "orders", "invoices", "--since", str(first))
+    assert result.returncode != 0 and b"--since takes one TOPIC" in result.stderr
+
+
+@ensure
+async def test_http_history_gives_the_last_n_retained_bounded_and_escaped(retaining):
+    import json
+
+    import treq
+
+    async def get(path: str):
+        response = await treq.get(retaining.http_url + path, persistent=False)
+        return response.code, await response.content()
+
+    for i in range(5):
+        await retaining.broker.publish("caf\u00e9", b"%d" % i, {"k": "<v>"})
+    code, body = await get("/history/caf%C3%A9?last=2")
+    assert code == 200 and body.isascii()  # every other character escaped
+    document = json.loads(body)
+    assert document["topic"] == "caf\u00e9" and document["position"].endswith(":5")
+    assert [m["Payload"] for m in document["messages"]] == ["Mw==", "NA=="]  # Go's JSON, base64 payloads
+    assert [m["Position"] for m in document["messages"]] == [document["position"][:-1] + "4", document["position"]]
+    assert document["messages"][0]["Headers"] == {"k": "<v>"}
+    code, body = await get("/history/caf%C3%A9?last=999999999")  # more than kept: what is kept
+    assert code == 200 and len(json.loads(body)["messages"]) == 5
+    code, body = await get("/history/nobody?last=3")
+    assert (code, json.loads(body)) == (200, {"topic": "nobody", "position": None, "messages": []})
+    for path in ("/history/t?last=-1", "/history/t?last=" + "9" * 40, "/history/?last=1", "/history/a%00b"):
+        code, body = await get(path)
+        assert code == 400 and len(body) < 400, (path, body)
+
+
+@ensure
+async def test_http_history_without_history_is_404(served_plain):
+    import treq
+
+    response = await treq.get(served_plain.http_url + "/history/t", persistent=False)
+    assert response.code == 404 and b"--history" in await response.content()
+
+
+@pytest.fixture
+def served_plain():
+    from pulsyflux.testing import start_server
+
+    running = pytest_twisted.blockon(start_server(http=True))
+    yield running
+    pytest_twisted.blockon(running.stop())

@@ -6,10 +6,14 @@ import argparse
 import os
 import sys
 import uuid
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..wire.printable import printable_bytes
 from .runner import EXIT_USAGE, CLIError
+
+if TYPE_CHECKING:
+    from ..wire.messages import Position
+
 
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -83,6 +87,27 @@ def parse_topic(text: str, subscribing: bool = False) -> str:
 def parse_subscribed_topic(text: str) -> str:
     """A topic to subscribe to (the rule is stricter: bounded, no control characters)."""
     return parse_topic(text, subscribing=True)
+
+
+def parse_position(text: str) -> "Position":
+    """EPOCH:SEQ, as ``--json`` prints it and ``pulsyflux pub`` reports it."""
+    from ..wire.messages import Position
+
+    try:
+        return Position.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def count_int(text: str) -> int:
+    """A whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
 
 
 def parse_group(text: str) -> str:

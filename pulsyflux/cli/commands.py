@@ -265,6 +265,7 @@ async def cmd_pub(reactor: Any, args: argparse.Namespace) -> int:
         print_err("pulsyflux pub: publishing each line typed (Ctrl-D to end)")
     client = await _broker_client(reactor, args)
     sent = size = 0
+    position = None  # of the last message, from a broker with history
     try:
         if args.lines:
             from twisted.internet.threads import deferToThreadPool
@@ -277,21 +278,23 @@ async def cmd_pub(reactor: Any, args: argparse.Namespace) -> int:
                     break
                 line = line[:-1] if line.endswith(b"\n") else line
                 for _ in range(args.count):
-                    await client.publish(args.topic, line, headers, timeout=args.timeout)
+                    position = await client.publish(args.topic, line, headers, timeout=args.timeout)
                     sent += 1
                     size += len(line)
         else:
             for _ in range(args.count):
-                await client.publish(args.topic, payload, headers, timeout=args.timeout)
+                position = await client.publish(args.topic, payload, headers, timeout=args.timeout)
                 sent += 1
                 size += len(payload)
     finally:
         await client.close()
     if not args.quiet:
+        at = f" at {position}" if position is not None else ""  # a broker with history gives positions
         if sent == 1:
-            print_err(f"published {plural(size, 'byte')} to {args.topic!r}")
+            print_err(f"published {plural(size, 'byte')} to {args.topic!r}{at}")
         else:
-            print_err(f"published {plural(sent, 'message')} ({plural(size, 'byte')}) to {args.topic!r}")
+            last = f", the last{at}" if at else ""
+            print_err(f"published {plural(sent, 'message')} ({plural(size, 'byte')}) to {args.topic!r}{last}")
     return 0
 
 
@@ -305,6 +308,9 @@ def message_json(message: Any) -> str:
     except UnicodeDecodeError:
         line["payload_base64"] = base64.b64encode(message.payload).decode("ascii")
     line["headers"] = dict(message.headers or {})
+    position = getattr(message, "position", None)
+    if position is not None:
+        line["position"] = str(position)  # what --since takes back
     text = json.dumps(line, ensure_ascii=False)
     # JSON escapes C0 controls but lets DEL, C1 controls, line separators and
     # bidi overrides through raw: a terminal may act on them. Outside strings
@@ -362,17 +368,25 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
     def back(sub: Any) -> None:
         since = lost_at.pop(sub.topic, None)
         after = f" after {reactor.seconds() - since:.1f} s" if since is not None else ""
-        missed = (
-            "the broker kept what was published meanwhile"
-            if sub.kept
-            else "it had restarted: messages published meanwhile were missed"
-        )
+        if sub.kept:
+            missed = "the broker kept what was published meanwhile"
+        elif sub.position is not None and sub.recovered:
+            missed = "the broker replayed what was published meanwhile from its history"
+        else:
+            missed = "it had restarted: messages published meanwhile were missed"
         print_err(f"pulsyflux sub: subscribed to {sub.topic!r} again{after}; {missed} (gap {gaps.get(sub.topic, 0)})")
 
     client = await _broker_client(reactor, args, reconnect=args.reconnect)
     try:
+        if args.since is not None and len(topics) > 1:
+            raise CLIError("--since takes one TOPIC (a position counts in its own topic)")
         for topic in topics:
-            sub = await client.subscribe(topic, group=args.group)
+            sub = await client.subscribe(topic, group=args.group, since=args.since, last=args.last)
+            if (args.since is not None or args.last is not None) and not sub.recovered:
+                print_err(
+                    f"pulsyflux sub: the broker could not replay everything asked for of {topic!r} "
+                    "(it keeps no history, restarted, or no longer has those messages)"
+                )
             sub.on_lost(lost)
             sub.on_resume(back)
             subs.append(sub)
@@ -400,7 +414,8 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
             delay = 0.1
             while True:
                 try:
-                    sub = await client.subscribe(old.topic, group=args.group)
+                    # From where the old stream stood: a broker with history replays the gap.
+                    sub = await client.subscribe(old.topic, group=args.group, since=old.position)
                 except (PulsyfluxError, ConnectError):  # the server or its broker is not back yet
                     await deferLater(reactor, delay, lambda: None)
                     delay = min(delay * 2, 2.0)

@@ -12,9 +12,11 @@ from .. import __version__
 from ..endpoints import DEFAULT_ADDRESS, DEFAULT_HTTP_PORT, http_address
 from ..wire.printable import printable
 from .arguments import (
+    count_int,
     parse_channel,
     parse_group,
     parse_header,
+    parse_position,
     parse_subscribed_topic,
     parse_topic,
     parse_ttl,
@@ -179,12 +181,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--count", "-n", type=positive_int, metavar="N", help="exit after N messages (all topics)")
     shape = p.add_mutually_exclusive_group()
-    shape.add_argument("--json", action="store_true", help="print JSON lines: {topic, payload, headers}")
+    shape.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON lines: {topic, payload, headers}, and position (EPOCH:SEQ) when the broker keeps history",
+    )
     shape.add_argument("--raw", action="store_true", help="print only each payload (as text)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--last",
+        type=count_int,
+        metavar="N",
+        help="start with the last N messages the broker retained for TOPIC (twistd pulsyflux --history), then go on",
+    )
+    start.add_argument(
+        "--since",
+        type=parse_position,
+        metavar="EPOCH:SEQ",
+        help="start after this position (as --json prints it): the retained messages after it, then go on; "
+        "says so on stderr when the broker no longer has them all",
+    )
     p.add_argument(
         "--reconnect",
         action="store_true",
-        help="wait for the server if it is down, survive its restarts (reconnect and subscribe again), "
+        help="wait for the server if it is down, survive its restarts (reconnect and subscribe again, "
+        "from the last position received when the broker keeps history), "
         "and say on stderr when it is lost and back",
     )
 

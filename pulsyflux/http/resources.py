@@ -1,4 +1,4 @@
-"""The twisted.web resources: /healthz, /stats, /metrics and POST /publish/{topic}."""
+"""The twisted.web resources: /healthz, /stats, /metrics, POST /publish/{topic} and GET /history/{topic}."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ __all__ = [
     "Stats",
     "Metrics",
     "Publish",
+    "History",
+    "DEFAULT_HISTORY_LAST",
+    "MAX_HISTORY_LAST",
     "Root",
 ]
 
@@ -250,6 +253,71 @@ def _size(count: int) -> str:
     return f"{count} bytes"
 
 
+DEFAULT_HISTORY_LAST = 100  # GET /history/{topic} without ?last=
+MAX_HISTORY_LAST = 1000  # and with it, at most (the topic's own bounds apply too)
+
+
+class History(_Leaf):
+    """``GET /history/{topic}?last=N``: the last N retained messages of a topic, oldest first.
+
+    Each is the broker's JSON for it (Go's ``Topic``/``Payload``/``Headers``,
+    payload in base64, plus ``Position``); ``position`` is the topic's
+    position now, which ``pulsyflux sub --since`` takes. Bounded: N is at
+    most :data:`MAX_HISTORY_LAST`, and a topic keeps at most its history
+    bounds; the answer is ASCII JSON (every other character escaped).
+    """
+
+    takes_path = True
+
+    def __init__(self, broker: Any, gate: Any = None) -> None:
+        super().__init__()
+        self.broker = broker
+        self.gate = gate  # a server with --auth: reading a topic's history needs the right to subscribe to it
+
+    def render_GET(self, request: Request) -> bytes:
+        path = request.path.decode("utf-8", "replace")
+        topic = unquote(path[len("/history") :].lstrip("/"))
+        from ..wire.messages import is_pattern, topic_problem
+
+        problem = topic_problem(topic, subscribing=True)
+        if problem is None and is_pattern(topic):
+            problem = "history is kept per topic: name one, not a pattern"
+        if problem is not None:
+            suffix = ": GET /history/{topic}?last=N" if not topic else ""
+            return _json(request, http.BAD_REQUEST, {"error": printable(problem) + suffix})
+        gate = self.gate
+        if gate is not None:
+            identity = bearer_identity(request, gate)
+            if isinstance(identity, tuple):
+                return _json(request, *identity)
+            if not identity.grants.may_subscribe(topic):
+                from ..wire.printable import excerpt
+
+                return _refused(request, gate, identity, "subscribe", f"read the history of {excerpt(topic)}")
+        args: dict[bytes, list[bytes]] = request.args or {}
+        raw = args.get(b"last", [str(DEFAULT_HISTORY_LAST).encode()])[-1]
+        if not (raw.isdigit() and len(raw) <= 9):
+            shown = printable(raw.decode("utf-8", "replace"), 40)
+            return _json(request, http.BAD_REQUEST, {"error": f"last must be a whole number >= 0, not {shown!r}"})
+        last = min(int(raw), MAX_HISTORY_LAST)
+        history = getattr(self.broker, "history", None)
+        if history is None:
+            return _json(
+                request, http.NOT_FOUND, {"error": "this broker keeps no history (twistd pulsyflux --history N)"}
+            )
+        top = history.top(topic)
+        texts = history.latest(topic, last)
+        return _json(
+            request,
+            http.OK,
+            {
+                "topic": topic,
+                "position": str(top) if top is not None else None,
+                "messages": [json.loads(text) for text in texts],
+            },
+        )
+
+
 def _topic_problem(topic: str) -> Optional[str]:
     """The broker's topic rule (:func:`messages.topic_problem`), with how to name a topic in a URL."""
     from ..wire.messages import topic_problem
@@ -274,7 +342,15 @@ class Root(Resource):
         return _json(
             request,
             http.OK,
-            {"endpoints": ["GET /healthz", "GET /stats", "GET /metrics", "POST /publish/{topic}"]},
+            {
+                "endpoints": [
+                    "GET /healthz",
+                    "GET /stats",
+                    "GET /metrics",
+                    "POST /publish/{topic}",
+                    "GET /history/{topic}?last=N",
+                ]
+            },
         )
 
     def getChild(self, path: bytes, request: Request) -> Resource:

@@ -16,7 +16,7 @@ from ..server.listening import ListeningService
 from ..server.protocol import ServerFactory
 from ..wire.printable import printable_bytes
 from ..wire.ratelimit import DEFAULT_TEXT, LogLimiter, summary_to
-from .resources import DEFAULT_MAX_PUBLISH_BODY, Healthz, Metrics, Publish, Root, Stats
+from .resources import DEFAULT_MAX_PUBLISH_BODY, Healthz, History, Metrics, Publish, Root, Stats
 from .stats import DEFAULT_MAX_TOPICS, stats_document
 
 __all__ = ["make_site", "access_log_line", "PulsyfluxSite", "HTTPService", "http_service"]
@@ -83,6 +83,7 @@ def make_site(
     root.putChild(b"stats", Stats(document, gate))
     root.putChild(b"metrics", Metrics(document, gate))
     root.putChild(b"publish", Publish(broker, max_body=max_body, gate=gate))
+    root.putChild(b"history", History(broker, gate=gate))
     site = PulsyfluxSite(root, requestFactory=_BoundedRequest)
     site.max_body = max_body
     site.noisy = False
