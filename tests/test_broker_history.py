@@ -401,3 +401,14 @@ def served_plain():
     running = pytest_twisted.blockon(start_server(http=True))
     yield running
     pytest_twisted.blockon(running.stop())
+
+
+@ensure
+async def test_http_publish_answers_with_the_position(retaining):
+    import json
+
+    import treq
+
+    response = await treq.post(retaining.http_url + "/publish/orders", b"x", persistent=False)
+    body = json.loads(await response.content())
+    assert response.code == 202 and Position.parse(body["position"]).seq == 1

@@ -232,9 +232,13 @@ class Publish(_Leaf):
                 )
             answer(code, {"error": message})
 
-        d.addCallbacks(
-            lambda _: answer(http.ACCEPTED, {"status": "accepted", "topic": topic, "bytes": len(payload)}), failed
-        )
+        def accepted(position: Any) -> None:
+            body: dict[str, Any] = {"status": "accepted", "topic": topic, "bytes": len(payload)}
+            if position is not None:  # a broker with history: where it stands in its topic
+                body["position"] = str(position)
+            answer(http.ACCEPTED, body)
+
+        d.addCallbacks(accepted, failed)
         return NOT_DONE_YET
 
     def _too_large(self, request: Request) -> bytes:
