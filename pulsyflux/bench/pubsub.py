@@ -18,7 +18,10 @@ Each run measures, for 100-byte payloads:
   ``PREFIX.eu``) and through one queue group of N members (``group``: each
   message delivered once), measured in turn within each run so the report
   can give each as a ratio of plain publishing (wildcard 1->N against plain
-  1->N, a group of N against plain 1->1: one delivery per message each).
+  1->N, a group of N against plain 1->1: one delivery per message each);
+  ``history``: the plain flood through a second server child whose broker
+  keeps history (``--history 1000``: every message retained and given a
+  position), as a ratio of plain 1->N in the same run.
 
     results = run(Options(runs=3), progress=print)
     print(format_report(results))
@@ -117,7 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_modes,
         default=["plain"],
         help="comma-separated floods to run: plain, wildcard (subscribers to a pattern), group (one queue group "
-        "of N members); each is also reported as a ratio of plain (default plain)",
+        "of N members), history (through a broker keeping history: every message retained, with a position); "
+        "each is also reported as a ratio of plain (default plain)",
     )
     parser.add_argument(
         "--auth",
@@ -127,7 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-MODES = ("plain", "wildcard", "group")
+MODES = ("plain", "wildcard", "group", "history")
+HISTORY = 1000  # messages per topic the history mode's broker keeps (twistd pulsyflux --history)
 
 
 def _modes(text: str) -> list[str]:
@@ -286,8 +291,10 @@ async def _run_once(reactor: Any, clients: dict, options: Options) -> dict:
     await subscriber.unsubscribe(topic)
     for n in options.fanouts:
         for mode in options.modes:
+            # history: the same flood through the child whose broker keeps history
+            side = clients["history"] if mode == "history" else clients
             result[_key(mode, n)] = await _flood(
-                reactor, publisher, subscriber, n, options, clients["server_pid"], mode
+                reactor, side["publisher"], side["subscriber"], n, options, side["server_pid"], mode
             )
     return result
 
@@ -307,7 +314,7 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
                 medians[f"{key}_wait_{name}_percent"] = median(runs, key, "cpu_wait_percent", name)
             if mode != "plain":
                 # Within each run, against the plain flood with as many deliveries per message.
-                base = _key("plain", n if mode == "wildcard" else 1)
+                base = _key("plain", 1 if mode == "group" else n)
                 ratios = [
                     {"ratio": r[key]["msgs_per_s"] / r[base]["msgs_per_s"]}
                     for r in runs
@@ -346,22 +353,37 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
         use_auth_secret()
         token = bench_token({"publish": [">"], "subscribe": [">"]})
     server = spawn(reactor, options.python, "server", "pulsyflux.bench.pubsub", "server")
+    children = [server]
     try:
         port = int(await server.ready)
         address = f"127.0.0.1:{port}"
         clients["server_pid"] = server.pid
         clients["publisher"] = await BrokerClient.connect(address, reactor=reactor, token=token)
         clients["subscriber"] = await BrokerClient.connect(address, reactor=reactor, token=token)
+        if "history" in options.modes:
+            progress("starting a second server and broker process, with history")
+            retaining = spawn(
+                reactor, options.python, "server-history", "pulsyflux.bench.pubsub", "server", "--history", str(HISTORY)
+            )
+            children.append(retaining)
+            history_address = f"127.0.0.1:{int(await retaining.ready)}"
+            clients["history"] = {
+                "server_pid": retaining.pid,
+                "publisher": await BrokerClient.connect(history_address, reactor=reactor, token=token),
+                "subscriber": await BrokerClient.connect(history_address, reactor=reactor, token=token),
+            }
         progress("warming up")
         warm = Options(**{**asdict(options), "duration": 0.5, "warmup": 0.2, "latency_count": 200})
         await _run_once(reactor, clients, warm)
         runs = await repeat(options, progress, lambda o: _run_once(reactor, clients, o), _one_line)
         return _summarise(options, runs)
     finally:
-        for name in ("publisher", "subscriber"):
-            if name in clients:
-                await clients[name].close()
-        await server.stop()
+        for side in (clients, clients.get("history", {})):
+            for name in ("publisher", "subscriber"):
+                if name in side:
+                    await side[name].close()
+        for child in children:
+            await child.stop()
 
 
 def measure(reactor: Any, options: Options, progress: Optional[Progress] = None) -> "Deferred[dict]":
@@ -407,8 +429,8 @@ def format_report(results: dict) -> str:
             if mode == "plain":
                 continue
             key = _key(mode, n)
-            what = f"wildcard 1->{n:<4}" if mode == "wildcard" else f"group of {n:<4}"
-            base = f"plain 1->{n}" if mode == "wildcard" else "plain 1->1"
+            what = f"group of {n:<4}" if mode == "group" else f"{mode} 1->{n:<4}"
+            base = "plain 1->1" if mode == "group" else f"plain 1->{n}"
             lines.append(
                 f"  {what} {fmt(m[f'{key}_msgs_per_s']):>9} msgs/s {fmt(m[f'{key}_deliveries_per_s']):>9} deliveries/s  "
                 f"p50 {fmt(m[f'{key}_p50_us'])} us  p99 {fmt(m[f'{key}_p99_us'])} us  "
@@ -426,14 +448,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``python -m pulsyflux.bench.pubsub [options]`` (and ``server`` for the child)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["server"]:
-        _serve()
+        _serve(int(argv[2]) if argv[1:2] == ["--history"] else 0)
         return 0
     description = "Broker throughput and latency, server+broker in a child process."
     return script_main(sys.modules[__name__], description, argv, prog="pulsyflux bench pubsub")
 
 
-def _serve() -> None:
-    """The child: a BrokerService on an ephemeral loopback port; prints the port."""
+def _serve(history: int = 0) -> None:
+    """The child: a BrokerService on an ephemeral loopback port (keeping ``history``); prints the port."""
     from twisted.internet import reactor
 
     from pulsyflux.server import ServerFactory
@@ -443,7 +465,7 @@ def _serve() -> None:
     if os.environ.get(AUTH_SECRET_ENV):  # --auth: the parent's secret
         factory = ServerFactory(reactor)
         factory.router.enable_auth(bench_authority())
-    serve_broker(reactor, BrokerService("tcp:0:interface=127.0.0.1", reactor=reactor, factory=factory))
+    serve_broker(reactor, BrokerService("tcp:0:interface=127.0.0.1", reactor=reactor, factory=factory, history=history))
 
 
 if __name__ == "__main__":
