@@ -320,7 +320,11 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
             progress(f"run {number}/{options.runs}")
             steps = {}
             for n, size in plan:
-                result = await _step(reactor, options, address, server.pid, n, size)
+                try:
+                    result = await _step(reactor, options, address, server.pid, n, size)
+                except RuntimeError as e:  # one step failing (a client gave up) does not lose the others
+                    progress(str(e).splitlines()[0])
+                    continue
                 steps[f"{n}x{size}"] = result
                 progress(_one_line(result))
             runs.append(steps)
@@ -456,6 +460,17 @@ def _server(reactor: Any, failed: Callable[[Any], None]) -> None:
     service.whenReady().addCallbacks(lambda _: print(service.server.port.getHost().port, flush=True), failed)
 
 
+async def _patient_connect(kind: Any, address: str, reactor: Any, attempts: int = 10) -> Any:
+    """Connect, trying again while a server busy with thousands of subscriptions answers late."""
+    for attempt in range(attempts):
+        try:
+            return await kind.connect(address, reactor=reactor)
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            await sleep(reactor, 0.5)
+
+
 async def _subscribe_many(client: Any, topic: str, count: int) -> list[Any]:
     gate = DeferredSemaphore(_SUBSCRIBE_AT_ONCE)
     done = await DeferredList(
@@ -470,7 +485,7 @@ async def _subscriber(reactor: Any, address: str, topic: str, count: str) -> Non
 
     from pulsyflux.broker import BrokerClient
 
-    client = await BrokerClient.connect(address, reactor=reactor)
+    client = await _patient_connect(BrokerClient, address, reactor)
     subs = await _subscribe_many(client, topic, int(count))
     counts = [0] * len(subs)
 
@@ -492,7 +507,7 @@ async def _publisher(reactor: Any, address: str, topic: str, size: str) -> None:
 
     from pulsyflux.broker import BrokerClient
 
-    client = await BrokerClient.connect(address, reactor=reactor)
+    client = await _patient_connect(BrokerClient, address, reactor)
     payload = b"x" * int(size)
     state = {"limit": 0, "sent": 0, "accepted": 0}
 
