@@ -404,3 +404,43 @@ async def test_a_broker_restart_gives_up_its_queue_groups_and_re_attaches(cluste
     finally:
         await on_a.close()
         await on_b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_from_other_servers_are_retained_and_positioned_as_local_ones(redis_server):
+    nodes = []
+    for name in ("a", "b"):
+        node = BrokerService("tcp:0:interface=127.0.0.1", cluster=redis_server.url, node_name=name, history=10)
+        node.startService()
+        await node.whenReady()
+        await node.cluster.link.when_up()
+        nodes.append(node)
+    a, b = nodes
+    on_a = await BrokerClient.connect(_address(a))
+    on_b = await BrokerClient.connect(_address(b))
+    try:
+        live = await on_b.subscribe("orders")  # b wants the topic from the cluster
+        await on_a.subscribe("orders")  # and so does a (a server receives only what its subscribers want)
+        await _settled(a, b)
+        for i in range(5):
+            await on_a.publish("orders", f"from a {i}".encode())
+        await on_b.publish("orders", b"from b")
+        got = await _drain(live, 6)
+        assert sorted(m.payload for m in got) == sorted([f"from a {i}".encode() for i in range(5)] + [b"from b"])
+        # on b, messages from a have b's positions: one epoch (b's), seq 1..6 in b's order
+        epochs = {m.position.epoch for m in got}
+        assert len(epochs) == 1 and [m.position.seq for m in got] == [1, 2, 3, 4, 5, 6]
+        replay = await on_b.subscribe("orders", last=3)
+        assert [m.payload for m in await _drain(replay, 3)] == [m.payload for m in got[3:]]
+        since = await on_b.subscribe("orders", since=got[1].position)
+        assert [m.position for m in await _drain(since, 4)] == [m.position for m in got[2:]]
+        # a positions its own publishes in its own epoch; b's message is retained there too
+        on_a_replay = await on_a.subscribe("orders", last=6)
+        mine = await _drain(on_a_replay, 6)
+        assert sorted(m.payload for m in mine) == sorted(m.payload for m in got)
+        assert {m.position.epoch for m in mine} != epochs  # each server's own epoch
+    finally:
+        await on_a.close()
+        await on_b.close()
+        for node in nodes:
+            await node.stopService()

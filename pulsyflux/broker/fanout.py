@@ -192,6 +192,7 @@ class Fanout:
         if self.rights is not None:
             self.rights.may_publish(self._request_id(), items)
         answer = OK
+        shared = items  # other servers get the messages as published: each positions them itself
         if self.history is not None:
             items, answer = self._retain(items, body)
         recipients = self.recipients
@@ -208,11 +209,11 @@ class Fanout:
                 for outlet in list(outlets):
                     outlet.flush()
             if self.cluster is not None:
-                self.cluster.publish(items)
+                self.cluster.publish(shared)
             return answer
         self._fan(items)
         if self.cluster is not None:
-            self.cluster.publish(items)
+            self.cluster.publish(shared)
         return answer
 
     def _fan(self, items: list[tuple[str, str, Any, Any]]) -> None:
@@ -242,6 +243,8 @@ class Fanout:
             problem = topic_problem(item[0]) if item[0] else "empty topic"
             if problem is not None or item[0].startswith(CONTROL_PREFIX):
                 raise MessageError(f"not a publishable topic: {problem or 'reserved'}")
+        if self.history is not None:  # retained and positioned here as a local publish is
+            items, _ = self._retain(items, body)
         self.published += len(items)
         self._fan(items)
         return len(items)
