@@ -22,7 +22,7 @@ from ._twisted_compat import immediate_send
 from ._types import IStreamTransport
 from .wire.codec import JOIN_LIMIT
 
-__all__ = ["immediate_writer", "ImmediateWriter", "coalesce"]
+__all__ = ["immediate_writer", "ImmediateWriter", "coalesce", "hang_up"]
 
 # Pieces larger than JOIN_LIMIT (codec's) are written on their own, never copied to be joined.
 
@@ -85,3 +85,17 @@ class ImmediateWriter:
         if held:
             for data in coalesce(held):
                 self._write_now(data)
+
+
+def hang_up(transport: IStreamTransport) -> None:
+    """Close after what was written, even over TLS with a producer registered.
+
+    Twisted's TLS transport postpones its close until the producer (a
+    server connection's flow control) is unregistered: a refused TLS client
+    would read its ERROR and then wait on an open line (its request timing
+    out instead of failing with the refusal). Plain TCP closes either way.
+    """
+    unregister = getattr(transport, "unregisterProducer", None)
+    if unregister is not None:
+        unregister()
+    transport.loseConnection()

@@ -227,12 +227,15 @@ async def test_mtls_certificate_subjects_map_to_grants_and_a_token_replaces_them
         # Each refusal names who and the missing right.
         assert "certificate 'CN=a client' may not provide" in await refused(Provider.connect(reader, uuid.uuid4()))
         assert "anonymous clients may not provide" in await refused(Provider.connect(stranger, channel))
+        # A consumer registers with its first request: refused, it fails with the refusal, not a timeout.
+        wrong_side = await Consumer.connect(billing, channel)
+        assert "certificate 'CN=billing' may not consume" in await refused(wrong_side.send(b"z", timeout=30))
         # A token replaces the certificate's grants: this one grants consume only, so billing may not provide.
         token = mint(key, {"consume": [str(channel)]}, 60, subject="ops")
         assert "token 'ops' may not provide" in await refused(Provider.connect(billing, uuid.uuid4(), token=token))
         with_token = await Consumer.connect(stranger, channel, token=token)
         assert await with_token.send(b"y", timeout=5) == b"billed:y"
-        assert gate.refusals == {"provide": 3}
+        assert gate.refusals == {"provide": 3, "consume": 1}
         for c in (with_token, consumer, provider):
             await c.close()
         assert not gate.certified  # forgotten with their connections

@@ -198,7 +198,9 @@ class Gate:
         router.forget(peer)
         if router.reading is None:
             router.flush()
-        peer.transport.loseConnection()
+        from ..writer import hang_up  # imports Twisted: this module stays importable without it
+
+        hang_up(peer.transport)
 
     # -- registrations -----------------------------------------------------------
 
@@ -266,7 +268,9 @@ class Gate:
         router.forget(peer)
         if router.reading is None:
             router.flush()
-        peer.transport.loseConnection()
+        from ..writer import hang_up  # imports Twisted: this module stays importable without it
+
+        hang_up(peer.transport)
 
     def disconnected(self, peer: "Peer") -> None:
         self.subscribers.discard(peer)

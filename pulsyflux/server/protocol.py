@@ -25,7 +25,7 @@ from ..wire import codec, errors
 from ..wire.codec import ERROR, FrameDecoder
 from ..wire.errors import ProtocolError
 from ..wire.ratelimit import shorten
-from ..writer import immediate_writer
+from ..writer import hang_up, immediate_writer
 from .backpressure import Backpressure
 from .router import (
     DEFAULT_GRACE,
@@ -160,13 +160,13 @@ class ServerProtocol(Protocol):
                 router.log.info("closing {peer}: {error}", peer=self.transport.getPeer(), error=shorten(error))
             router.send(peer, codec.encode_frame(ERROR, bytes(16), codec.error_payload(str(error))))
             router.flush()
-            self.transport.loseConnection()
+            hang_up(self.transport)
         except Refused:
             # Refused (a foreign provider on a reserved channel, a token or a right refused): its ERROR
             # leaves first, the rest of what it sent is never routed.
             self.stop_reading()
             router.flush()
-            self.transport.loseConnection()
+            hang_up(self.transport)
         finally:
             peer.frames_in += frames  # once per read, not per frame
             router.flush()
