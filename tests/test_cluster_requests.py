@@ -323,6 +323,9 @@ async def test_a_server_restarted_under_the_same_name_fails_what_was_in_flight_a
         waiting = consumer.send(b"lost with b's previous life", timeout=30)
         await eventually(lambda: len(a.cluster.requests.out) == 1)
         # b comes back within its lease under the same name: its lease key holds a new incarnation
+        # (this b stops renewing first, as the old life would have, or it could write its own id back
+        # before a reads the key and the test would wait for nothing)
+        b.cluster.registry._loop.stop()
         await intruder.execute("SET", "pulsyflux:node:b", "another-life", "PX", "3000")
         with pytest.raises(NoProviderError):
             await waiting
