@@ -17,7 +17,7 @@ import time
 import weakref
 from bisect import bisect_left
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, TypedDict
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Optional, TypedDict
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -288,6 +288,11 @@ class Limits(TypedDict, total=False):
     max_partial_bytes: int
 
 
+def _any_outside(providers: "Iterable[Peer]") -> bool:
+    """Whether any of ``providers`` came from outside the server (not its own in-process ones)."""
+    return any(not peer.trusted for peer in providers)
+
+
 class Router:
     """Registry of connections and the routing policy.
 
@@ -319,7 +324,6 @@ class Router:
         # Told when a channel gains its first provider from outside, or loses its last
         # (the cluster advertises the channels this server holds: pulsyflux.cluster.requests).
         self.on_channel: Optional[Callable[[bytes, bool], None]] = None
-        self._held: dict[bytes, int] = {}  # such providers per channel, counted while on_channel is set
         # Channels with providers on other servers of the cluster (relays, in-process): a request a
         # relay brought from elsewhere is served by this server's own providers only, never sent on.
         self.relayed: set[bytes] = set()
@@ -431,12 +435,10 @@ class Router:
         if adapter is not None:
             self.connection_guard.registered(adapter)
         if role == ROLE_PROVIDER:
-            self.providers.setdefault(channel, []).append(conn)
-            if self.on_channel is not None and not conn.trusted:
-                held = self._held.get(channel, 0)
-                self._held[channel] = held + 1
-                if not held:
-                    self.on_channel(channel, True)
+            providers = self.providers.setdefault(channel, [])
+            if self.on_channel is not None and not conn.trusted and not _any_outside(providers):
+                self.on_channel(channel, True)
+            providers.append(conn)
 
     def unregister(self, conn: Peer) -> None:
         key = conn.key
@@ -453,13 +455,8 @@ class Router:
                 if not providers:
                     del self.providers[channel]
                     self._next_provider.pop(channel, None)
-            if self.on_channel is not None and not conn.trusted and channel in self._held:
-                held = self._held[channel] - 1
-                if held:
-                    self._held[channel] = held
-                else:
-                    del self._held[channel]
-                    self.on_channel(channel, False)
+            if self.on_channel is not None and not conn.trusted and not _any_outside(providers or ()):
+                self.on_channel(channel, False)
 
     def _pick_outside(self, channel: bytes) -> Optional[Peer]:
         """The next provider of ``channel`` that is not the server's own (not a cluster relay)."""
@@ -473,12 +470,7 @@ class Router:
         """Call ``callback(channel, held)`` when a channel gains its first provider from
         outside the server, or loses its last; returns the channels held now (None: stop)."""
         self.on_channel = callback
-        self._held = {}
-        if callback is not None:
-            for (role, channel, _), peer in self.registry.items():
-                if role == ROLE_PROVIDER and not peer.trusted:
-                    self._held[channel] = self._held.get(channel, 0) + 1
-        return list(self._held)
+        return [channel for channel, providers in self.providers.items() if _any_outside(providers)]
 
     def pick_provider(self, channel: bytes) -> Optional[Peer]:
         providers = self.providers.get(channel)
