@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..wire.errors import PulsyfluxError
+from ..wire.ratelimit import shorten
 from .redis import RedisAddress, RedisCommands, RedisSubscriber, login_commands
 
 __all__ = ["ClusterDown", "RedisLink"]
@@ -183,7 +184,7 @@ class RedisLink:
             error = failure.value
             if hasattr(error, "subFailure"):
                 error = error.subFailure.value
-            self.last_error = str(error)[:200] or type(error).__name__
+            self.last_error = shorten(error) or type(error).__name__  # shown in /stats
             if self.running:
                 self._attempt += 1
                 delay = _backoff(self._attempt)

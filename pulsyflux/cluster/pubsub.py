@@ -22,7 +22,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..wire.ratelimit import LogLimiter, summary_to
+from ..wire.ratelimit import LogLimiter, shorten, summary_to
 from .link import RedisLink
 from .shape import (
     DEFAULT_PREFIX,
@@ -163,7 +163,7 @@ class ClusterPubSub:
         except EnvelopeError as error:
             self.bad += 1
             if self._limiter.allow("bad envelope"):
-                log.warn("cluster: ignored a message on {channel}: {e}", channel=channel[:100], e=str(error))
+                log.warn("cluster: ignored a message on {channel}: {e}", channel=shorten(channel), e=shorten(error))
             return
         if envelope.node == self.node:
             return  # ours, delivered here already
@@ -178,7 +178,9 @@ class ClusterPubSub:
             self.bad += 1
             if self._limiter.allow("undeliverable"):
                 log.warn(
-                    "cluster: a message from {node} was refused here: {e}", node=envelope.node[:100], e=str(error)[:200]
+                    "cluster: a message from {node} was refused here: {e}",
+                    node=shorten(envelope.node),
+                    e=shorten(error),
                 )
 
     def state(self, up: bool) -> None:
@@ -193,7 +195,7 @@ class ClusterPubSub:
     def _failed(self, failure: Failure) -> None:
         self.failed += 1
         if self._limiter.allow("publish failed"):
-            log.warn("cluster: a publish did not reach Redis: {e}", e=failure.getErrorMessage()[:200])
+            log.warn("cluster: a publish did not reach Redis: {e}", e=shorten(failure.getErrorMessage()))
 
     # -- the firehose flag ----------------------------------------------------
 

@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from ..wire.ratelimit import shorten
 from .url import RedisAddress, RedisError, parse_redis_url
 
 __all__ = [
@@ -265,7 +266,7 @@ class RedisSubscriber(_Base):
             else:
                 d.callback(None)
         elif isinstance(reply, RedisError):
-            self._fatal(f"Redis refused a subscription: {str(reply)[:200]}")
+            self._fatal(f"Redis refused a subscription: {shorten(reply)}")
 
     def connectionLost(self, reason: Failure = Failure(RedisLost("closed"))) -> None:
         self.confirmed.clear()

@@ -31,7 +31,8 @@ from twisted.python.failure import Failure
 from ..client import Consumer, Provider
 from ..server.inproc import InProcessEndpoint
 from ..wire import errors
-from ..wire.ratelimit import LogLimiter, summary_to
+from ..wire.codec import MAX_ERROR_TEXT, bound_error_text
+from ..wire.ratelimit import LogLimiter, shorten, summary_to
 from .link import ClusterDown, RedisLink
 
 __all__ = ["ClusterRequests", "Relayed"]
@@ -44,7 +45,6 @@ MAX_OUT_BYTES = 256 << 20  # bytes of bodies being forwarded at once
 MAX_IN_BYTES = 256 << 20  # bytes of other servers' requests and answers being reassembled here
 RELAY_TIMEOUT = 300.0  # seconds a relayed request may wait for its answer (the real deadline is the consumer's)
 INCOMPLETE_TIMEOUT = 30.0  # seconds the rest of a request in pieces may take to arrive before its pieces go
-ERROR_CHARS = 4096
 
 
 class Relayed(Exception):
@@ -139,7 +139,11 @@ class ClusterRequests:
         if self.relays.get(key) is not None:
             self._drop_relay(key)
         if self._limiter.allow("relay failed"):
-            log.warn("cluster: cannot relay a channel to {node}: {e}", node=key[0][:100], e=failure.getErrorMessage())
+            log.warn(
+                "cluster: cannot relay a channel to {node}: {e}",
+                node=shorten(key[0]),
+                e=shorten(failure.getErrorMessage()),
+            )
 
     def lose(self, node: str, channel: bytes) -> None:
         """``node`` holds ``channel`` no more (or is gone): its relay goes, its requests fail."""
@@ -304,7 +308,7 @@ class ClusterRequests:
         if status == b"ok":
             self._finish(rid, answer)
         else:
-            self._finish(rid, Relayed(answer[:ERROR_CHARS].decode("utf-8", "replace")))
+            self._finish(rid, Relayed(answer[:MAX_ERROR_TEXT].decode("utf-8", "replace")))
 
     def _request_chunk(self, origin: str, rid: bytes, channel_hex: bytes, more: bool, chunk: bytes) -> None:
         key = (origin, rid)
@@ -409,7 +413,7 @@ class ClusterRequests:
             self.served += 1
             body = bytes(answer)
         else:
-            body = str(answer)[:ERROR_CHARS].encode("utf-8", "replace")
+            body = bound_error_text(str(answer))  # what a Provider would put in its ERROR frame
         if not self.link.up:
             return  # the asking server fails it by its own timer or when we leave its registry
         head = b"r " + self.node.encode("utf-8") + b" " + rid + (b" ok" if ok else b" err")
