@@ -422,3 +422,24 @@ async def test_a_flood_of_registry_announcements_costs_reads_not_writes(pair):
         assert _calls(info, "smembers") < 2000, info
     finally:
         intruder.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_channels_held_elsewhere_past_the_bound_are_counted_not_relayed(pair, monkeypatch):
+    from pulsyflux.cluster import registry
+
+    monkeypatch.setattr(registry, "MAX_REMOTE_CHANNELS", 3)
+    a, _ = pair
+    intruder = await _intruder(a)
+    channels = [uuid.uuid4().bytes for _ in range(10)]
+    try:
+        await intruder.execute("SADD", "pulsyflux:nodes", "ghost")
+        await intruder.execute("SET", "pulsyflux:node:ghost", "1", "PX", "30000")
+        await intruder.execute("SADD", "pulsyflux:chans:ghost", *channels)
+        await eventually(lambda: a.cluster.registry.not_relayed == 7)
+        assert len([key for key in a.cluster.requests.relays if key[0] == "ghost"]) == 3
+        assert a.cluster.stats()["channels_not_relayed"] == 7
+    finally:
+        await intruder.execute("SREM", "pulsyflux:nodes", "ghost")
+        await intruder.execute("DEL", "pulsyflux:node:ghost", "pulsyflux:chans:ghost")
+        intruder.transport.loseConnection()

@@ -29,7 +29,8 @@ __all__ = ["Registry"]
 log = Logger()
 
 DEFAULT_LEASE = 3.0
-MAX_REMOTE_CHANNELS = 100_000  # channels of other servers one server keeps track of
+# Channels of other servers one server relays to (each relay is an in-process provider connection).
+MAX_REMOTE_CHANNELS = 10_000
 MAX_REMOTE_GROUPS = 10_000  # queue groups of one other server kept track of
 MAX_NODES = 1000  # other servers one server reads (three Redis reads each, every lease / 3)
 
@@ -64,6 +65,7 @@ class Registry:
         self.incarnation = os.urandom(8).hex().encode("ascii")
         self.incarnations: dict[str, bytes] = {}
         self.bad_nodes = 0  # names in the node set that are no node name (skipped)
+        self.not_relayed = 0  # channels held elsewhere past MAX_REMOTE_CHANNELS, at the last read
         self.held: set[bytes] = set()
         self.remote: dict[str, set[bytes]] = {}  # live server -> the channels it holds
         # Queue groups with members: ours, and every live server's ("pattern\0group").
@@ -254,6 +256,7 @@ class Registry:
             if node not in state:
                 self._forget(node)
         total = sum(len(c) for c in self.remote.values())
+        self.not_relayed = 0
         for node, channels in state.items():
             known = self.remote.setdefault(node, set())
             for channel in known - channels:
@@ -261,7 +264,10 @@ class Registry:
                 total -= 1
                 self.on_lose(node, channel)
             for channel in channels - known:
-                if total >= MAX_REMOTE_CHANNELS or len(channel) != 16:
+                if len(channel) != 16:
+                    continue
+                if total >= MAX_REMOTE_CHANNELS:
+                    self.not_relayed += 1  # counted in /stats, not lost without a trace
                     continue
                 known.add(channel)
                 total += 1
@@ -283,4 +289,5 @@ class Registry:
             "channels_held": len(self.held),
             "channels_elsewhere": sum(len(c) for c in self.remote.values()),
             "bad_nodes": self.bad_nodes,
+            "channels_not_relayed": self.not_relayed,
         }
