@@ -240,9 +240,11 @@ class Fanout:
         """
         items = messages.split_body(body)
         for item in items:
-            problem = topic_problem(item[0]) if item[0] else "empty topic"
-            if problem is not None or item[0].startswith(CONTROL_PREFIX):
-                raise MessageError(f"not a publishable topic: {problem or 'reserved'}")
+            problem = topic_problem(item[0])  # the one rule; it names the empty topic too
+            if problem is None and item[0].startswith(CONTROL_PREFIX):
+                problem = "reserved for the broker"
+            if problem is not None:
+                raise MessageError(f"not a publishable topic: {problem}")
         if self.history is not None:  # retained and positioned here as a local publish is
             items, _ = self._retain(items, body)
         self.published += len(items)
