@@ -27,7 +27,9 @@ async def test_commands_are_answered_in_order_and_errors_fail_only_their_own(red
     redis = await _connect(redis_server, RedisCommands())
     try:
         assert await redis.execute("SET", "k", b"v\x00\xff") == b"OK"
-        waiters = redis.pipeline([("INCR", "n"), ("LPUSH", "k", "x"), ("INCR", "n"), ("GET", "k")])
+        waiters = [
+            redis.execute(*command) for command in (("INCR", "n"), ("LPUSH", "k", "x"), ("INCR", "n"), ("GET", "k"))
+        ]
         results = await defer.DeferredList(waiters, consumeErrors=True)
         assert results[0] == (True, 1)
         assert results[1][0] is False and results[1][1].check(RedisError)

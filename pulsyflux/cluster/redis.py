@@ -17,7 +17,7 @@ reply can never be handed to the next command (redis-py#2624).
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import hiredis
 from twisted.internet.defer import Deferred, fail
@@ -150,15 +150,6 @@ class RedisCommands(_Base):
         self._write(hiredis.pack_command(args))
         return True
 
-    def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Deferred[Any]]:
-        """Send several commands in one write; one Deferred per command."""
-        if not self.connected or self.transport is None:
-            return [fail(RedisLost("not connected to Redis")) for _ in commands]
-        waiters: list[Deferred[Any]] = [Deferred() for _ in commands]
-        self._waiting.extend(waiters)
-        self._write(b"".join(hiredis.pack_command(tuple(c)) for c in commands))
-        return waiters
-
     @property
     def pending(self) -> int:
         """Commands sent and not yet answered (a hung Redis shows here)."""
@@ -193,10 +184,9 @@ class RedisCommands(_Base):
 class RedisSubscriber(_Base):
     """A connection in sharded pub/sub mode: ``on_message(channel, data)`` per message.
 
-    It keeps the set of channels it should be subscribed to; whoever
-    reconnects it replays that set (:meth:`resubscribe`), because a
-    subscription lost silently after a reconnect is the classic failure of
-    pub/sub over Redis.
+    One connection's subscriptions: a new connection is subscribed afresh to
+    every channel the link holds (link.py), because a subscription lost
+    silently after a reconnect is the classic failure of pub/sub over Redis.
     """
 
     def __init__(self, on_message: Callable[[bytes, bytes], None]) -> None:
@@ -227,12 +217,6 @@ class RedisSubscriber(_Base):
         if channel in self.channels:
             self.channels.discard(channel)
             self._send(b"SUNSUBSCRIBE", channel)
-
-    def resubscribe(self) -> None:
-        """Subscribe again to every channel (after a reconnect)."""
-        self.confirmed.clear()
-        for channel in self.channels:
-            self._send(b"SSUBSCRIBE", channel)
 
     def ping(self) -> Deferred[None]:
         """Fires when Redis has answered everything sent before it (a liveness probe)."""
