@@ -158,7 +158,6 @@ class ServerStats:
         self.requests_routed = 0  # requests from clients handed to a provider
         self.broker_requests_routed = 0  # the same, from the server's own broker (its forwards to subscribers)
         self.latency = LatencyHistogram()  # clients' requests, START to the end of the response
-        self.responses_routed = 0
         self.frames_dropped = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -166,6 +165,11 @@ class ServerStats:
         self.slow_consumers = 0  # connections closed for leaving too much unread (backpressure.py)
         self.errors: Counter[str] = Counter()  # by kind
         self.recent_errors: deque[str] = deque(maxlen=RECENT_ERRORS)
+
+    @property
+    def responses_routed(self) -> int:
+        """Clients' requests whose response was routed to the end: the latency histogram counts each once."""
+        return self.latency.count
 
     def error(self, message: str) -> None:
         """Count one of the server's own error messages (by kind) and keep its text as a recent one."""
@@ -758,15 +762,13 @@ class Router:
     def _response_frame(self, conn: Peer, ftype: int, request_id: bytes, frame: bytes) -> None:
         entry = self.requests.get(request_id)
         if entry is None or entry.provider is not conn:
+            self.stats.frames_dropped += 1
             if ftype == ERROR:
                 # No request of this provider's: an error with nowhere to go
                 # goes back to its sender (docs/protocol.md, Errors).
-                self.stats.frames_dropped += 1
                 if self.log_limiter.allow("unroutable ERROR"):  # twistd writes debug lines too
                     self.log.debug("returning unroutable ERROR to its sender")
                 self.send(conn, frame)
-            else:
-                self.stats.frames_dropped += 1
             return
         if ftype == RESPONSE_CHUNK:
             if not entry.responding:
@@ -791,10 +793,8 @@ class Router:
             self.stats.provider_error(frame[_HEADER + ROUTING_SIZE :])
         if ftype != RESPONSE_START and ftype != RESPONSE_CHUNK:
             self._finish(entry)
-            if not entry.consumer.trusted:  # the broker's forwards are counted apart, as at their START
-                stats = self.stats
-                stats.responses_routed += 1
-                stats.latency.observe(self.clock.seconds() - entry.started)
+            if not entry.consumer.trusted:  # the broker's forwards are left out, as at their START
+                self.stats.latency.observe(self.clock.seconds() - entry.started)  # counts responses_routed too
         self.send(entry.consumer, frame)
 
     def _finish(self, entry: _InFlight) -> None:
