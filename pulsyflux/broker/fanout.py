@@ -174,20 +174,21 @@ class Fanout:
             self.rejected += 1
             raise
         for item in items:
-            # is_control(), inline: this runs once per published message.
-            if not item[0] or item[0].startswith(CONTROL_PREFIX):
-                try:
-                    if not item[0]:
-                        raise MessageError(topic_problem(""))  # the topic rule: nobody can subscribe to it
-                    if len(items) == 1:
-                        return self._control(item[0], item[3] or {})
-                    raise MessageError("control messages cannot be sent in a batch")
-                except MessageError:
-                    self.rejected += 1
-                    raise
-            problem = topic_problem(item[0])  # the rest of the rule (a Go publisher's "orders.*", "a..b")
+            # One call of the topic rule per published message; only a refused topic asks why.
+            problem = topic_problem(item[0])  # also a Go publisher's "orders.*", "a..b"
             if problem is not None:
+                topic = item[0]
+                if topic.startswith(CONTROL_PREFIX) and len(items) == 1:
+                    try:
+                        return self._control(topic, item[3] or {})
+                    except MessageError:
+                        self.rejected += 1
+                        raise
                 self.rejected += 1
+                if not topic:
+                    raise MessageError(problem)  # nobody can subscribe to it
+                if topic.startswith(CONTROL_PREFIX):
+                    raise MessageError("control messages cannot be sent in a batch")
                 raise MessageError(f"publish refused: {problem}")
         if self.rights is not None:
             self.rights.may_publish(self._request_id(), items)
@@ -240,9 +241,7 @@ class Fanout:
         """
         items = messages.split_body(body)
         for item in items:
-            problem = topic_problem(item[0])  # the one rule; it names the empty topic too
-            if problem is None and item[0].startswith(CONTROL_PREFIX):
-                problem = "reserved for the broker"
+            problem = topic_problem(item[0])  # the one rule: it names the empty topic and reserves the control prefix
             if problem is not None:
                 raise MessageError(f"not a publishable topic: {problem}")
         if self.history is not None:  # retained and positioned here as a local publish is
