@@ -167,13 +167,13 @@ class Consumer(Client):
         elif ftype == RESPONSE_START:
             pass  # routing only; the body follows
         elif ftype == ERROR:
-            pending = self._drop(request_id)
+            pending = self._pending.pop(request_id, None)  # _drop, inline: once per response
             if pending is not None:
                 pending.deferred.errback(error_from_message(codec.error_message(payload)))
             else:
                 self._unmatched_error(request_id, payload)
         elif ftype == RESPONSE:
-            pending = self._drop(request_id)
+            pending = self._pending.pop(request_id, None)
             if pending is not None:
                 pending.deferred.callback(payload[ROUTING_SIZE:])
         elif ftype == codec.AUTH:
