@@ -1,10 +1,11 @@
 """Every use of a Twisted private attribute, each behind one small function.
 
 Twisted does not promise these names; pulsyflux needs them for speed (the
-immediate send), for a clean exit status, and for closing what Twisted keeps
-behind a proxy. Keeping each one here means one place to look when Twisted
-changes, and tests/test_twisted_compat.py fails loudly when it does (the
-range of Twisted versions tested is pinned in setup.cfg).
+immediate send), for a clean exit status, for closing what Twisted keeps
+behind a proxy, and to refuse an out-of-range port before listening. Keeping
+each one here means one place to look when Twisted changes, and
+tests/test_twisted_compat.py fails loudly when it does (the range of Twisted
+versions tested is pinned in setup.cfg).
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.abstract import FileDescriptor
 
-__all__ = ["immediate_send", "unsent_bytes", "exit_signal", "tls_handshake_pending", "http_channel_transport"]
+__all__ = [
+    "immediate_send",
+    "unsent_bytes",
+    "exit_signal",
+    "tls_handshake_pending",
+    "http_channel_transport",
+    "server_endpoint_port",
+]
 
 
 def immediate_send(transport: object) -> Optional[Callable[[bytes], None]]:
@@ -90,3 +98,14 @@ def http_channel_transport(proto: Any) -> Any:
     channel behind it (the private ``_channel``) does.
     """
     return getattr(proto, "transport", None) or proto._channel.transport
+
+
+def server_endpoint_port(endpoint: object) -> Optional[int]:
+    """The port number a TCP server endpoint will listen on (the private ``_port``), or None for any other kind.
+
+    Twisted's ``serverFromString`` accepts a port out of 0-65535 and fails
+    only when listening; reading it back lets a bad option be refused before
+    anything starts.
+    """
+    port = getattr(endpoint, "_port", None)
+    return port if isinstance(port, int) else None

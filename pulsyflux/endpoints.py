@@ -16,6 +16,8 @@ from typing import Any, Optional, Union
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 
+from ._twisted_compat import server_endpoint_port
+
 Address = Union[str, IStreamClientEndpoint]
 
 DEFAULT_PORT = 9090  # where a server listens (on 127.0.0.1) unless told otherwise
@@ -152,8 +154,8 @@ def check_server_description(listen: str | int) -> str:
         raise ValueError(
             f"{description!r} is not a port or a server endpoint description ({reason}; {example})"
         ) from None
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int) and not 0 <= port <= 65535:
+    port = server_endpoint_port(endpoint)
+    if port is not None and not 0 <= port <= 65535:
         raise ValueError(f"{description!r}: the port must be 0-65535, not {port}")
     return description
 

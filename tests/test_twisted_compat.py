@@ -25,6 +25,7 @@ from pulsyflux._twisted_compat import (
     exit_signal,
     http_channel_transport,
     immediate_send,
+    server_endpoint_port,
     tls_handshake_pending,
     unsent_bytes,
 )
@@ -87,3 +88,13 @@ def test_a_site_protocol_still_reaches_its_transport_through_the_channel():
     assert proto._channel.transport is transport
     assert http_channel_transport(proto) is transport
     proto.connectionLost(None)
+
+
+def test_a_tcp_server_endpoint_still_keeps_its_port_as_port():
+    from twisted.internet.endpoints import serverFromString
+
+    for description, port in (("tcp:9090:interface=127.0.0.1", 9090), ("tcp6:70000", 70000)):
+        endpoint = serverFromString(reactor, description)
+        assert endpoint._port == port  # type: ignore[attr-defined]
+        assert server_endpoint_port(endpoint) == port
+    assert server_endpoint_port(serverFromString(reactor, "unix:/tmp/x.sock")) is None
