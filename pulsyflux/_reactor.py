@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Optional, TypeVar, overload
+
+if TYPE_CHECKING:
+    from ._types import IReactor
 
 __all__ = ["default_reactor"]
 
+_R = TypeVar("_R")
 
-def default_reactor(reactor: Any = None) -> Any:
+
+@overload
+def default_reactor(reactor: None = None) -> IReactor: ...
+
+
+@overload
+def default_reactor(reactor: _R) -> _R: ...
+
+
+def default_reactor(reactor: Optional[_R] = None) -> _R | IReactor:
     """``reactor``, or Twisted's global reactor when it is None.
 
     The global one is imported only then: importing it installs it, which a

@@ -14,7 +14,7 @@ import re
 from typing import Any, Optional, Union
 
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, IStreamServerEndpoint
 
 from ._twisted_compat import server_endpoint_port
 
@@ -225,7 +225,7 @@ def http_address(server: Address, port: int = DEFAULT_HTTP_PORT) -> str:
     return host_port(address_host(server) or "127.0.0.1", port)
 
 
-def describe_address(address: Any, connectable: bool = False) -> str:
+def describe_address(address: object, connectable: bool = False) -> str:
     """A listening or peer address as text: ``127.0.0.1:9090`` or ``unix:/path``, not a repr.
 
     With ``connectable=True`` the text is one a client in this process can
@@ -250,6 +250,18 @@ def describe_address(address: Any, connectable: bool = False) -> str:
     return str(address)
 
 
-def client_address(address: Any) -> str:
+def client_address(address: object) -> str:
     """Where a client in this process reaches a listening port (wildcards become loopback)."""
     return describe_address(address, connectable=True)
+
+
+def port_number(port: IListeningPort) -> int:
+    """The TCP port number ``port`` listens on (what ``listenTCP(0)`` or ``tcp:0`` chose).
+
+    ``IListeningPort.getHost`` promises only an ``IAddress``; a TCP port's is
+    an ``IPv4Address`` or ``IPv6Address``. Any other kind: ValueError.
+    """
+    number = getattr(port.getHost(), "port", None)
+    if not isinstance(number, int):
+        raise ValueError(f"{port!r} does not listen on a TCP port")
+    return number

@@ -7,11 +7,12 @@ service.setServiceParent(application)
 from __future__ import annotations
 
 import uuid
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -23,7 +24,7 @@ from .broker.history import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_TOTAL_BYTES, 
 from .broker.link import DEFAULT_BROKER_CHANNEL
 from .broker.subscription import Subscription
 from .client import DEFAULT_BACKOFF, ChannelId
-from .endpoints import DEFAULT_PORT, check_server_description, describe_address
+from .endpoints import DEFAULT_PORT, check_server_description, describe_address, port_number
 from .endpoints import client_address as client_address  # its old home: still importable from here
 from .server.inproc import InProcessEndpoint
 from .server.listening import ListeningService
@@ -41,6 +42,11 @@ from .server.router import (
 )
 from .wire.errors import ConnectionLostError, RequestTimeout
 from .wire.messages import Position
+
+if TYPE_CHECKING:
+    from ._types import IReactor
+    from .cluster.node import Cluster
+
 
 __all__ = ["ServerService", "BrokerService", "Options", "makeService", "connect_own_broker"]
 
@@ -60,7 +66,7 @@ class ServerService(ListeningService):
     def __init__(
         self,
         listen: str | int = DEFAULT_PORT,
-        reactor: Any = None,
+        reactor: Optional[IReactor] = None,
         factory: ServerFactory | None = None,
         grace: float = DEFAULT_GRACE,
     ) -> None:
@@ -68,19 +74,19 @@ class ServerService(ListeningService):
         self.factory = factory or ServerFactory(self.reactor)
         self.grace = grace
 
-    def startService(self) -> Any:
+    def startService(self) -> "Deferred[Optional[IListeningPort]]":  # type: ignore[override]  # for tests to wait on
         super().startService()
         # A failure is logged, and told to whoever waits in whenListening; not raised.
         return self._listen(self.factory).addErrback(lambda _: None)
 
-    def _listening(self, port: Any) -> None:
+    def _listening(self, port: IListeningPort) -> None:
         # Logged once the reactor runs: twistd starts services before it
         # installs its signal handlers, and this line tells a supervisor
         # (or a test) that the server is up and a SIGTERM stops it cleanly.
         address = describe_address(port.getHost())
         self.reactor.callWhenRunning(self.log.info, "pulsyflux server listening on {address}", address=address)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> "Deferred[None]":
         super().stopService()
         port, self.port = self.port, None
         stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
@@ -92,7 +98,7 @@ INPROC_MAX_SETUPS = 256
 
 
 def connect_own_broker(
-    factory: ServerFactory, reactor: Any, channel: uuid.UUID = DEFAULT_BROKER_CHANNEL, **broker_options: Any
+    factory: ServerFactory, reactor: IReactorTime, channel: uuid.UUID = DEFAULT_BROKER_CHANNEL, **broker_options: Any
 ) -> "Deferred[Broker]":
     """The server's own broker: on its reserved ``channel``, linked in-process.
 
@@ -137,7 +143,7 @@ class BrokerService(service.MultiService):
         self,
         listen: str | int = DEFAULT_PORT,
         broker_channel: Optional[ChannelId] = DEFAULT_BROKER_CHANNEL,
-        reactor: Any = None,
+        reactor: Optional[IReactor] = None,
         grace: float = DEFAULT_GRACE,
         factory: Optional[ServerFactory] = None,
         cluster: Optional[str] = None,
@@ -147,8 +153,8 @@ class BrokerService(service.MultiService):
     ) -> None:
         """``cluster``: a ``redis://`` URL to share pub/sub with other servers through (docs/cluster.md)."""
         super().__init__()
-        reactor = default_reactor(reactor)
-        self.reactor = reactor
+        self.reactor: IReactor = default_reactor(reactor)
+        reactor = self.reactor
         self.server = ServerService(listen, reactor, factory=factory, grace=grace)
         self.server.setServiceParent(self)
         self.broker_channel = None if broker_channel is None else uuid.UUID(str(broker_channel))
@@ -165,14 +171,14 @@ class BrokerService(service.MultiService):
         self.broker_options = broker_options
         self.broker: Optional[Broker] = None
         self.broker_restarts = 0  # times the broker was started again after losing its link
-        self._ready: Optional[Deferred[Any]] = None
+        self._ready: Optional[Deferred[None]] = None
         self._waiting: list[Deferred[Broker]] = []
-        self._restart: Any = None  # the pending restart (IDelayedCall), while one is due
+        self._restart: Optional[IDelayedCall] = None  # the pending restart, while one is due
         self._attempts = 0  # restarts in a row that did not last
         self._started_at = 0.0
         self._outage = False  # the broker is down and being restarted (logged once)
         self._stopping = False
-        self.cluster: Any = None  # pulsyflux.cluster.node.Cluster, with --cluster
+        self.cluster: Optional[Cluster] = None  # with --cluster
         if cluster is not None:
             from .cluster.node import Cluster
             from .cluster.url import parse_redis_url
@@ -195,22 +201,22 @@ class BrokerService(service.MultiService):
         self._ready = self.server.whenListening().addCallback(self._join_cluster).addCallback(self._connect_broker)
         self._ready.addErrback(self._broker_failed)
 
-    def _join_cluster(self, port: Any) -> Any:
+    def _join_cluster(self, port: IListeningPort) -> IListeningPort:
         """Link to the cluster's Redis once listening (the node's default name has the port in it)."""
         if self.cluster is not None:
             if not self.cluster.node:
                 import os
                 import socket
 
-                self.cluster.node = f"{socket.gethostname()}:{port.getHost().port}:{os.getpid()}"
+                self.cluster.node = f"{socket.gethostname()}:{port_number(port)}:{os.getpid()}"
             self.cluster.start()
         return port
 
-    def _connect_broker(self, port: Any = None) -> Any:
+    def _connect_broker(self, port: Optional[IListeningPort] = None) -> "Deferred[None]":
         assert self.broker_channel is not None  # startService connects a broker only when there is a channel
         d = connect_own_broker(self.factory, self.reactor, self.broker_channel, **self.broker_options)
 
-        def connected(broker: Broker) -> Any:
+        def connected(broker: Broker) -> Optional[Deferred[None]]:
             if self._stopping or not self.running:
                 return broker.close()  # stopped meanwhile
             self.broker = broker
@@ -261,7 +267,7 @@ class BrokerService(service.MultiService):
 
         self._ready.addErrback(failed)
 
-    def _broker_failed(self, failure: Any) -> None:
+    def _broker_failed(self, failure: Failure) -> None:
         if self.running:
             self.log.failure("pulsyflux broker did not start", failure)
         else:
@@ -325,13 +331,14 @@ class BrokerService(service.MultiService):
         for waiter in waiting:
             waiter.errback(ConnectionLostError("the broker service stopped"))
 
-        if self.cluster is not None:
-            first.addBoth(lambda _: defer.ensureDeferred(self.cluster.stop()))
+        cluster = self.cluster
+        if cluster is not None:
+            first.addBoth(lambda _: defer.ensureDeferred(cluster.stop()))
 
-        def stop_children(_: Any) -> Any:
+        def stop_children(_: object) -> "Deferred[None]":
             return maybeDeferred(service.MultiService.stopService, self)
 
-        def settle_start(_: Any) -> Any:
+        def settle_start(_: object) -> Optional[Deferred[None]]:
             # A broker still connecting fails once the server is gone; wait
             # for that, and close it should it have made it after all.
             if starting is None or starting.called:
@@ -438,7 +445,7 @@ class Options(usage.Options):
         ["log-format", None, "text", "text (twistd's lines) or json (one JSON object per line)."],
     ]
 
-    def parseOptions(self, options: Any = None) -> None:
+    def parseOptions(self, options: Optional[list[str]] = None) -> None:
         """Under twistd, a bad option is one line on stderr and exit status 1 (not the whole usage)."""
         try:
             super().parseOptions(options)
@@ -491,7 +498,7 @@ class Options(usage.Options):
         for name in ("history-bytes", "history-total-bytes"):
             self[name] = _positive(name, self[name], int)
 
-    def server_factory(self, reactor: Any = None) -> ServerFactory:
+    def server_factory(self, reactor: Optional[IReactorTime] = None) -> ServerFactory:
         """A :class:`ServerFactory` with the limits (and the ``--auth`` checks) these options give."""
         factory = ServerFactory(reactor, **{name.replace("-", "_"): self[name] for name in _LIMITS})
         authority = getattr(self, "authority", None)  # None until postOptions ran
@@ -533,7 +540,7 @@ def _check_cluster(url: str, node_name: Optional[str]) -> None:
             raise usage.UsageError(f"--node-name: {error}") from None
 
 
-def _positive(name: str, value: Any, kind: type) -> Any:
+def _positive(name: str, value: object, kind: Callable[[Any], float]) -> float:
     """``value`` as a number > 0 of ``kind``, or one clear usage line."""
     what = "a whole number" if kind is int else "a number of seconds"
     try:
@@ -549,7 +556,7 @@ class _ExitIfNotListening(service.Service):
     """Makes twistd exit with one clear line when a port cannot be opened,
     instead of running on without it. Started after the services it checks."""
 
-    def __init__(self, *listeners: Any) -> None:
+    def __init__(self, *listeners: ListeningService) -> None:
         self.listeners = listeners
 
     def startService(self) -> None:
@@ -557,7 +564,7 @@ class _ExitIfNotListening(service.Service):
         for listener in self.listeners:
             self._check(listener)
 
-    def _check(self, listener: Any) -> None:
+    def _check(self, listener: ListeningService) -> None:
         failed_now: list[Failure] = []
         checking = True
 

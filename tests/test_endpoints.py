@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
-from pulsyflux.endpoints import address_host, client_address, describe_address, http_address
+from pulsyflux.endpoints import address_host, client_address, describe_address, http_address, port_number
 
 
 def test_addresses_are_described_for_logs_and_for_clients():
@@ -19,6 +19,15 @@ def test_addresses_are_described_for_logs_and_for_clients():
     assert describe_address(object()).startswith("<object")
     with pytest.raises(ValueError, match="cannot connect"):
         client_address(object())
+
+
+def test_the_port_number_of_a_listening_port_and_not_of_a_unix_socket():
+    from twisted.internet.testing import MemoryReactor
+
+    reactor = MemoryReactor()
+    assert port_number(reactor.listenTCP(9090, None)) == 9090
+    with pytest.raises(ValueError, match="does not listen on a TCP port"):
+        port_number(reactor.listenUNIX("/run/p.sock", None))
 
 
 @pytest.mark.parametrize(

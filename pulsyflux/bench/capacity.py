@@ -450,6 +450,7 @@ def _child(argv: list[str]) -> None:
 
 def _server(reactor: Any, failed: Callable[[Any], None]) -> None:
     """A BrokerService with room for the largest step: 10,000 subscriptions are 10,000 more connections."""
+    from pulsyflux.endpoints import port_number
     from pulsyflux.server import ServerFactory
     from pulsyflux.service import BrokerService
 
@@ -457,7 +458,8 @@ def _server(reactor: Any, failed: Callable[[Any], None]) -> None:
     service = BrokerService("tcp:0:interface=127.0.0.1", reactor=reactor, factory=factory, max_subscriptions=30_000)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    service.whenReady().addCallbacks(lambda _: print(service.server.port.getHost().port, flush=True), failed)
+    ready = service.whenReady().addCallback(lambda _: service.server.whenListening())
+    ready.addCallbacks(lambda port: print(port_number(port), flush=True), failed)
 
 
 async def _patient_connect(kind: Any, address: str, reactor: Any, attempts: int = 10) -> Any:

@@ -368,7 +368,9 @@ def _serve(url: str, name: str) -> None:
     from pulsyflux.service import BrokerService
 
     service = BrokerService("tcp:0:interface=127.0.0.1", reactor=reactor, cluster=url, node_name=name)
-    serve_broker(reactor, service, then=lambda _: service.cluster.link.when_up())
+    cluster = service.cluster
+    assert cluster is not None  # cluster=url
+    serve_broker(reactor, service, then=lambda _: cluster.link.when_up())
 
 
 if __name__ == "__main__":

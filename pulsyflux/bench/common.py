@@ -26,8 +26,10 @@ from types import ModuleType
 from typing import Any, Awaitable, Callable, Coroutine, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IProcessTransport
+from twisted.internet.interfaces import IListeningPort, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
+
+from ..endpoints import port_number
 
 __all__ = [
     "verdict",
@@ -321,8 +323,8 @@ def serve_broker(reactor: Any, service: Any, then: Callable[[Any], Any] = lambda
     """A child process: run ``service`` (a BrokerService on port 0), print its port once ready and ``then``
     fired (the parent reads it), or print why not and stop."""
 
-    def ready(_: Any) -> None:
-        print(service.server.port.getHost().port, flush=True)
+    def ready(port: IListeningPort) -> None:
+        print(port_number(port), flush=True)
 
     def failed(failure: Any) -> None:
         print(failure.getErrorMessage(), file=sys.stderr, flush=True)
@@ -330,7 +332,8 @@ def serve_broker(reactor: Any, service: Any, then: Callable[[Any], Any] = lambda
 
     def begin() -> None:
         service.startService()
-        service.whenReady().addCallback(then).addCallbacks(ready, failed)
+        ready_port = service.whenReady().addCallback(then).addCallback(lambda _: service.server.whenListening())
+        ready_port.addCallbacks(ready, failed)
 
     reactor.callWhenRunning(begin)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -28,20 +28,29 @@ nor asynchronous delivery).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
+    IDelayedCall,
+    IProducer,
+    IProtocol,
+    IProtocolFactory,
     IPushProducer,
+    IReactorTime,
     IStreamClientEndpoint,
     ITransport,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from ..auth.gate import BrokerLink
+    from .protocol import ServerFactory
 
 __all__ = ["InProcessAddress", "InProcessTransport", "InProcessEndpoint", "connect_in_process"]
 
@@ -81,23 +90,23 @@ class InProcessTransport:
     bufferSize = 64 * 1024  # the high-water mark, as for TCP transports
     log = Logger()
 
-    def __init__(self, reactor: Any, host: InProcessAddress, peer_address: InProcessAddress) -> None:
+    def __init__(self, reactor: IReactorTime, host: InProcessAddress, peer_address: InProcessAddress) -> None:
         self.reactor = reactor
         self.host = host
         self.peer_address = peer_address
         self.peer: Optional[InProcessTransport] = None
-        self.protocol: Any = None
+        self.protocol: Optional[IProtocol] = None
         self.connected = True
         self.disconnecting = False  # loseConnection() was called: close once drained
         self.disconnected = False
-        self.producer: Any = None
+        self.producer: Optional[IPushProducer] = None
         self.streamingProducer = False
         self.producerPaused = False
         self._buffer: list[bytes] = []  # written here, not yet delivered to the peer
         self._buffered = 0
-        self._delivery: Any = None  # the pending callLater(0) that delivers the buffer
+        self._delivery: Optional[IDelayedCall] = None  # the pending callLater(0) that delivers the buffer
         self._reading_paused = False  # pauseProducing(): the peer's bytes wait in its buffer
-        self._closing: Any = None  # the pending callLater that ends the connection
+        self._closing: Optional[IDelayedCall] = None  # the pending callLater that ends the connection
 
     # -- ITransport -------------------------------------------------------------
 
@@ -142,17 +151,18 @@ class InProcessTransport:
 
     # -- IConsumer ----------------------------------------------------------------
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         if self.producer is not None:
             raise RuntimeError(f"cannot register producer {producer!r}: {self.producer!r} is registered already")
         if self.disconnected:
             producer.stopProducing()
             return
-        self.producer = producer
+        # A pull producer (not streaming) is only ever resumed, which IPushProducer says too.
+        self.producer = pushing = cast(IPushProducer, producer)
         self.streamingProducer = bool(streaming)
         self.producerPaused = False
         if not streaming:
-            producer.resumeProducing()
+            pushing.resumeProducing()
 
     def unregisterProducer(self) -> None:
         self.producer = None
@@ -189,11 +199,14 @@ class InProcessTransport:
         peer = self.peer
         if self.disconnected or peer is None or peer._reading_paused or not self._buffer:
             return
+        protocol = peer.protocol
+        if protocol is None:
+            return  # not connected yet, or gone (disconnected says so first)
         buffer, self._buffer = self._buffer, []
         self._buffered = 0
         data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
         try:
-            peer.protocol.dataReceived(data)
+            protocol.dataReceived(data)
         except Exception:
             # As a TCP transport does: the reader's connection ends with the error.
             failure = Failure()
@@ -252,9 +265,9 @@ class InProcessTransport:
 
 
 def connect_in_process(
-    reactor: Any,
-    client: Any,
-    server: Any,
+    reactor: IReactorTime,
+    client: IProtocol,
+    server: IProtocol,
     client_address: InProcessAddress,
     server_address: InProcessAddress,
 ) -> tuple[InProcessTransport, InProcessTransport]:
@@ -280,7 +293,14 @@ class InProcessEndpoint:
     tells the router which subscriber channels only it may deliver on.
     """
 
-    def __init__(self, factory: Any, reactor: Any = None, *, trusted: bool = True, label: str = "pulsyflux") -> None:
+    def __init__(
+        self,
+        factory: ServerFactory,
+        reactor: Optional[IReactorTime] = None,
+        *,
+        trusted: bool = True,
+        label: str = "pulsyflux",
+    ) -> None:
         if reactor is None:
             reactor = factory.reactor
         self.factory = factory
@@ -295,7 +315,7 @@ class InProcessEndpoint:
     def __str__(self) -> str:
         return f"inproc:{self.label}"
 
-    def connect(self, protocolFactory: Any) -> "Deferred[Any]":
+    def connect(self, protocolFactory: IProtocolFactory) -> "Deferred[IProtocol]":
         router = getattr(self.factory, "router", None)
         if router is not None and router.draining:
             return fail(ConnectionRefusedError("the server is shutting down"))
@@ -320,7 +340,7 @@ class InProcessEndpoint:
         """Only trusted connections may send requests on ``channel`` until the returned call."""
         return self.factory.router.guard(channel)
 
-    def auth_link(self) -> Any:
+    def auth_link(self) -> Optional[BrokerLink]:
         """How the broker beside the server learns who sent a publish or subscribe; None without ``--auth``.
 
         (:class:`pulsyflux.auth.gate.BrokerLink`: the router's identity of each request's sender.)

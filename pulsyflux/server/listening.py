@@ -8,16 +8,20 @@ whoever waits (tests with ephemeral ports, ``twistd``'s startup check).
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._reactor import default_reactor
 from ..endpoints import describe_address, server_description, server_endpoint
+
+if TYPE_CHECKING:
+    from .._types import IReactor
 
 __all__ = ["ListeningService"]
 
@@ -33,16 +37,15 @@ class ListeningService(service.Service):
     _what = "listener"
     _exposes = "other hosts can connect to it"  # what a listener not on loopback lets them do
 
-    def __init__(self, listen: str | int, reactor: Any = None) -> None:
-        reactor = default_reactor(reactor)
-        self.reactor = reactor
+    def __init__(self, listen: str | int, reactor: Optional[IReactor] = None) -> None:
+        self.reactor: IReactor = default_reactor(reactor)
         self.description = server_description(listen)
-        self.port: Any = None
+        self.port: Optional[IListeningPort] = None
         self._started = False
         self._failure: Optional[Failure] = None
-        self._waiting: list[Deferred[Any]] = []
+        self._waiting: list[Deferred[IListeningPort]] = []
 
-    def _listen(self, factory: Any) -> "Deferred[Any]":
+    def _listen(self, factory: IProtocolFactory) -> "Deferred[Optional[IListeningPort]]":
         """Listen with ``factory``: fires with the port, or fails (logged here, once).
 
         The failure is also given to every :meth:`whenListening` waiting; then
@@ -51,7 +54,7 @@ class ListeningService(service.Service):
         self._started = True
         self._failure = None
 
-        def listening(port: Any) -> Any:
+        def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
             self._listening(port)
             self._warn_if_exposed(port.getHost())
@@ -73,10 +76,10 @@ class ListeningService(service.Service):
 
         return server_endpoint(self.reactor, self.description).listen(factory).addCallbacks(listening, failed)
 
-    def _listening(self, port: Any) -> None:
+    def _listening(self, port: IListeningPort) -> None:
         """Called once listening (a log line saying where)."""
 
-    def _warn_if_exposed(self, address: Any) -> None:
+    def _warn_if_exposed(self, address: IAddress) -> None:
         """A warning naming what other hosts can reach, when not listening on loopback only."""
         host = getattr(address, "host", None)
         if host is None or _is_loopback(host):
@@ -92,7 +95,7 @@ class ListeningService(service.Service):
             exposed=self._exposes,
         )
 
-    def whenListening(self) -> "Deferred[Any]":
+    def whenListening(self) -> "Deferred[IListeningPort]":
         """Fires with the listening port (for ephemeral ports in tests), or the failure to listen."""
         if self.port is not None:
             return succeed(self.port)
@@ -100,7 +103,7 @@ class ListeningService(service.Service):
             return fail(self._failure)
         if not self._started:
             return fail(RuntimeError(f"the {self._what} service is not started"))
-        d: Deferred[Any] = Deferred()
+        d: Deferred[IListeningPort] = Deferred()
         self._waiting.append(d)
         return d
 

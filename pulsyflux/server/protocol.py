@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.protocol import ServerFactory as _TwistedServerFactory
 from twisted.python.failure import Failure
@@ -258,7 +258,7 @@ class ServerFactory(_TwistedServerFactory):
         gone = router.close_all(abort=False)
         timer = self.reactor.callLater(linger, router.close_all)  # those that could not flush in time
 
-        def all_gone(_: Any) -> None:
+        def all_gone(_: object) -> None:
             if timer.active():
                 timer.cancel()
             router.connection_guard.stop()
@@ -266,7 +266,7 @@ class ServerFactory(_TwistedServerFactory):
 
         return gone.addCallback(all_gone)
 
-    def buildProtocol(self, addr: Any) -> ServerProtocol:
+    def buildProtocol(self, addr: Optional[IAddress]) -> ServerProtocol:
         proto = ServerProtocol(self.router)
         proto.factory = self
         return proto

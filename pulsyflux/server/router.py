@@ -867,7 +867,7 @@ class Refused(Exception):
     """Raised by the router to stop reading a connection it refused (the ERROR is queued)."""
 
 
-def _peer_address(transport: Any) -> str:
+def _peer_address(transport: object) -> str:
     """Where a connection comes from, as text (``host:port``, ``unix:...``), for a log line."""
     get_peer = getattr(transport, "getPeer", None)
     return describe_address(get_peer()) if get_peer is not None else "?"
