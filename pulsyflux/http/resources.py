@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
-from typing import Any, BinaryIO, Callable, Optional, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional, Union, cast
 from urllib.parse import unquote
 
 from twisted.internet.defer import maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from ..wire.printable import printable
+from ..wire.printable import excerpt, printable
 from ..wire.ratelimit import LogLimiter, summary_to
 from .prometheus import prometheus_text
-from .stats import TOPIC_TEXT_LIMIT
+from .stats import TOPIC_TEXT_LIMIT, HTTPBroker
+
+if TYPE_CHECKING:
+    from ..auth.gate import Gate
+    from ..auth.grants import Grants
+    from ..auth.tokens import Identity
+    from ..wire.messages import Position
 
 __all__ = [
     "HEADER_PREFIX",
@@ -43,7 +50,7 @@ PROMETHEUS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_MAX_PUBLISH_BODY = 1 << 20
 
 
-def _json(request: Request, code: int, body: Any) -> bytes:
+def _json(request: Request, code: int, body: object) -> bytes:
     request.setResponseCode(code)
     request.setHeader(b"content-type", JSON_TYPE)
     request.setHeader(b"cache-control", b"no-store")
@@ -89,7 +96,7 @@ class Healthz(_Leaf):
     render_HEAD = render_GET
 
 
-def bearer_identity(request: Request, gate: Any) -> Any:
+def bearer_identity(request: Request, gate: Gate) -> Union[Identity, tuple[int, dict[str, str]]]:
     """The identity an ``Authorization: Bearer <token>`` header proves (anonymous without one).
 
     Returns ``(status, body)`` instead when the header is refused: 401, with
@@ -112,7 +119,7 @@ def bearer_identity(request: Request, gate: Any) -> Any:
         return http.UNAUTHORIZED, {"error": error.message}
 
 
-def _refused(request: Request, gate: Any, identity: Any, right: str, what: str) -> bytes:
+def _refused(request: Request, gate: Gate, identity: Identity, right: str, what: str) -> bytes:
     """403 (401 for anonymous clients: a token may help) naming the missing ``right`` (doing ``what``), counted."""
     from ..auth.gate import describe
     from ..wire.errors import permission_denied
@@ -125,22 +132,31 @@ def _refused(request: Request, gate: Any, identity: Any, right: str, what: str) 
     return _json(request, http.FORBIDDEN, {"error": message})
 
 
-def _stats_refusal(request: Request, gate: Any) -> Optional[bytes]:
-    """None if this request may read /stats and /metrics (auth file ``"stats": "token"``), else the answer."""
-    if gate is None or not gate.authority.stats_need_token:
-        return None
+def _refusal(request: Request, gate: Gate, right: str, granted: Callable[[Grants], bool], what: str) -> Optional[bytes]:
+    """None if the request's bearer holds ``right`` (``granted`` by its grants), else the answer.
+
+    The answer is 401 for a refused token (:func:`bearer_identity`), else
+    :func:`_refused`'s 401/403 saying it may not do ``what``.
+    """
     identity = bearer_identity(request, gate)
     if isinstance(identity, tuple):
         return _json(request, *identity)
-    if not identity.grants.stats:
-        return _refused(request, gate, identity, "stats", "read /stats and /metrics")
+    if not granted(identity.grants):
+        return _refused(request, gate, identity, right, what)
     return None
+
+
+def _stats_refusal(request: Request, gate: Optional[Gate]) -> Optional[bytes]:
+    """None if this request may read /stats and /metrics (auth file ``"stats": "token"``), else the answer."""
+    if gate is None or not gate.authority.stats_need_token:
+        return None
+    return _refusal(request, gate, "stats", lambda grants: grants.stats, "read /stats and /metrics")
 
 
 class Stats(_Leaf):
     """GET: the stats document as JSON (behind a token when the auth file says so)."""
 
-    def __init__(self, document: Callable[[], dict[str, Any]], gate: Any = None) -> None:
+    def __init__(self, document: Callable[[], dict[str, Any]], gate: Optional[Gate] = None) -> None:
         super().__init__()
         self.document = document
         self.gate = gate
@@ -172,7 +188,11 @@ class Publish(_Leaf):
     takes_path = True
 
     def __init__(
-        self, broker: Any, max_body: int = DEFAULT_MAX_PUBLISH_BODY, timeout: float = 5.0, gate: Any = None
+        self,
+        broker: Optional[HTTPBroker],
+        max_body: int = DEFAULT_MAX_PUBLISH_BODY,
+        timeout: float = 5.0,
+        gate: Optional[Gate] = None,
     ) -> None:
         super().__init__()
         self.broker = broker
@@ -183,7 +203,7 @@ class Publish(_Leaf):
 
         self.log_limiter = LogLimiter(reactor, summary_to(self.log))  # clients decide how often publishes fail
 
-    def render_POST(self, request: Request) -> Any:
+    def render_POST(self, request: Request) -> Union[bytes, int]:  # int: NOT_DONE_YET
         path = request.path.decode("utf-8", "replace")
         raw_topic = path[len("/publish") :].lstrip("/")
         topic = unquote(raw_topic)
@@ -199,13 +219,9 @@ class Publish(_Leaf):
             return self._too_large(request)
         gate = self.gate
         if gate is not None:
-            identity = bearer_identity(request, gate)
-            if isinstance(identity, tuple):
-                return _json(request, *identity)
-            if not identity.grants.may_publish(topic):
-                from ..wire.printable import excerpt
-
-                return _refused(request, gate, identity, "publish", f"publish to {excerpt(topic)}")
+            refused = _refusal(request, gate, "publish", lambda g: g.may_publish(topic), f"publish to {excerpt(topic)}")
+            if refused is not None:
+                return refused
         if self.broker is None:
             return _json(request, http.SERVICE_UNAVAILABLE, {"error": "this server runs no broker"})
         headers = {}
@@ -214,7 +230,7 @@ class Publish(_Leaf):
             if lower.startswith(HEADER_PREFIX) and len(lower) > len(HEADER_PREFIX):
                 headers[lower[len(HEADER_PREFIX) :]] = values[-1].decode("utf-8", "replace")
         d = maybeDeferred(self.broker.publish, topic, payload, headers or None, timeout=self.timeout)
-        gone: list[Any] = []  # the client hung up: the message is still published, nobody to tell
+        gone: list[Failure] = []  # the client hung up: the message is still published, nobody to tell
         request.notifyFinish().addErrback(gone.append)
 
         def answer(code: int, body: dict[str, Any]) -> None:
@@ -222,7 +238,7 @@ class Publish(_Leaf):
                 request.write(_json(request, code, body))
                 request.finish()
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             code, message = _publish_error(failure.value)
             if code >= 500 and self.log_limiter.allow("publish failed"):
                 self.log.warn(
@@ -232,7 +248,7 @@ class Publish(_Leaf):
                 )
             answer(code, {"error": message})
 
-        def accepted(position: Any) -> None:
+        def accepted(position: Optional[Position]) -> None:
             body: dict[str, Any] = {"status": "accepted", "topic": topic, "bytes": len(payload)}
             if position is not None:  # a broker with history: where it stands in its topic
                 body["position"] = str(position)
@@ -273,7 +289,7 @@ class History(_Leaf):
 
     takes_path = True
 
-    def __init__(self, broker: Any, gate: Any = None) -> None:
+    def __init__(self, broker: Optional[HTTPBroker], gate: Optional[Gate] = None) -> None:
         super().__init__()
         self.broker = broker
         self.gate = gate  # a server with --auth: reading a topic's history needs the right to subscribe to it
@@ -291,20 +307,17 @@ class History(_Leaf):
             return _json(request, http.BAD_REQUEST, {"error": printable(problem) + suffix})
         gate = self.gate
         if gate is not None:
-            identity = bearer_identity(request, gate)
-            if isinstance(identity, tuple):
-                return _json(request, *identity)
-            if not identity.grants.may_subscribe(topic):
-                from ..wire.printable import excerpt
-
-                return _refused(request, gate, identity, "subscribe", f"read the history of {excerpt(topic)}")
+            what = f"read the history of {excerpt(topic)}"
+            refused = _refusal(request, gate, "subscribe", lambda g: g.may_subscribe(topic), what)
+            if refused is not None:
+                return refused
         args: dict[bytes, list[bytes]] = request.args or {}
         raw = args.get(b"last", [str(DEFAULT_HISTORY_LAST).encode()])[-1]
         if not (raw.isdigit() and len(raw) <= 9):
             shown = printable(raw.decode("utf-8", "replace"), 40)
             return _json(request, http.BAD_REQUEST, {"error": f"last must be a whole number >= 0, not {shown!r}"})
         last = min(int(raw), MAX_HISTORY_LAST)
-        history = getattr(self.broker, "history", None)
+        history = self.broker.history if self.broker is not None else None
         if history is None:
             return _json(
                 request, http.NOT_FOUND, {"error": "this broker keeps no history (twistd pulsyflux --history N)"}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, BinaryIO, Callable, Optional, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional, cast
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.iweb import IAccessLogFormatter
 from twisted.web.server import Request, Site
 from zope.interface import provider
@@ -17,7 +20,11 @@ from ..server.protocol import ServerFactory
 from ..wire.printable import printable_bytes
 from ..wire.ratelimit import DEFAULT_TEXT, LogLimiter, summary_to
 from .resources import DEFAULT_MAX_PUBLISH_BODY, Healthz, History, Metrics, Publish, Root, Stats
-from .stats import DEFAULT_MAX_TOPICS, stats_document
+from .stats import DEFAULT_MAX_TOPICS, HTTPBroker, stats_document
+
+if TYPE_CHECKING:
+    from .._types import IReactor
+    from ..service import BrokerService
 
 __all__ = ["make_site", "access_log_line", "PulsyfluxSite", "HTTPService", "http_service"]
 
@@ -58,7 +65,7 @@ class _BoundedRequest(Request):
 
 def make_site(
     server_factory: ServerFactory,
-    broker: Any = None,
+    broker: Optional[HTTPBroker] = None,
     ready: Optional[Callable[[], list[str]]] = None,
     max_body: int = DEFAULT_MAX_PUBLISH_BODY,
     max_topics: int = DEFAULT_MAX_TOPICS,
@@ -101,7 +108,7 @@ def _access_field(value: Optional[bytes]) -> str:
 
 
 @provider(IAccessLogFormatter)
-def access_log_line(timestamp: str, request: Any) -> str:
+def access_log_line(timestamp: str, request: http.Request) -> str:
     """The combined log format, every field a peer chose (method, path,
     protocol, referer, user agent) escaped and cut: a 15 KB path or an
     escape sequence in a User-Agent stays one short, safe line."""
@@ -139,11 +146,11 @@ class PulsyfluxSite(Site):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("logFormatter", access_log_line)
         super().__init__(*args, **kwargs)
-        self.open_connections: dict[Any, list[Deferred[None]]] = {}
+        self.open_connections: dict[IProtocol, list[Deferred[None]]] = {}
         # Kinds are status classes chosen here, not peer text: at most a handful.
         self.access_limiter = LogLimiter(self.reactor, summary_to(self.access_log))
 
-    def log(self, request: Any) -> None:
+    def log(self, request: http.Request) -> None:
         """One access-log line, unless this status class had its burst this interval.
 
         A monitor's successful ``/metrics`` scrape or ``/healthz`` probe is
@@ -158,7 +165,7 @@ class PulsyfluxSite(Site):
         super().stopFactory()
         self.access_limiter.stop()  # pending summaries written, no timer left behind
 
-    def buildProtocol(self, addr: Any) -> Any:
+    def buildProtocol(self, addr: Optional[IAddress]) -> Any:  # Twisted's own type for it is private
         proto = super().buildProtocol(addr)
         self.open_connections[proto] = []
         # The Site's protocol is Twisted's (private) proxy, which may swap the
@@ -167,7 +174,7 @@ class PulsyfluxSite(Site):
         # no public Site API offers one.
         lost = proto.connectionLost
 
-        def connection_lost(reason: Any) -> None:
+        def connection_lost(reason: Failure) -> None:
             waiters = self.open_connections.pop(proto, [])
             lost(reason)
             for waiter in waiters:
@@ -176,7 +183,7 @@ class PulsyfluxSite(Site):
         proto.connectionLost = connection_lost
         return proto
 
-    def close_connections(self) -> "Deferred[Any]":
+    def close_connections(self) -> "Deferred[list[tuple[bool, None]]]":
         """Abort every open HTTP connection; fires once all are gone."""
         waits = []
         for proto, waiters in list(self.open_connections.items()):
@@ -195,21 +202,21 @@ class HTTPService(ListeningService):
     _what = "pulsyflux HTTP API"
     _exposes = "any host that reaches it can publish (POST /publish/..., no authentication) and read /stats"
 
-    def __init__(self, listen: str | int, site: Site, reactor: Any = None) -> None:
+    def __init__(self, listen: str | int, site: Site, reactor: Optional[IReactor] = None) -> None:
         super().__init__(listen, reactor)
         self.site = site
 
-    def startService(self) -> Any:
+    def startService(self) -> "Deferred[Optional[IListeningPort]]":  # type: ignore[override]  # for tests to wait on
         super().startService()
         # A failure is logged, and told to whoever waits in whenListening; not raised.
         return self._listen(self.site).addErrback(lambda _: None)
 
-    def _listening(self, port: Any) -> None:
+    def _listening(self, port: IListeningPort) -> None:
         self.log.info("pulsyflux HTTP API on http://{address}/", address=describe_address(port.getHost()))
 
-    def stopService(self) -> Any:
+    def stopService(self) -> "Deferred[list[tuple[bool, object]]]":
         super().stopService()
-        waits = []
+        waits: list[Deferred[object]] = []
         if self.port is not None:
             waits.append(maybeDeferred(self.port.stopListening))
             self.port = None
@@ -219,7 +226,7 @@ class HTTPService(ListeningService):
         return DeferredList(waits)
 
 
-def http_service(listen: str | int, broker_service: Any, reactor: Any = None) -> HTTPService:
+def http_service(listen: str | int, broker_service: BrokerService, reactor: Optional[IReactor] = None) -> HTTPService:
     """The HTTP API for a :class:`~pulsyflux.service.BrokerService` (what
     ``twistd pulsyflux --http`` adds): healthy once its server listens and,
     unless it runs without one, its broker is connected.

@@ -13,10 +13,18 @@ import sys
 import time
 import uuid
 from collections import Counter
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from ..server.protocol import ServerFactory
+from ..server.router import LatencyHistogram
 from ..wire.codec import MAX_PAYLOAD
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from ..broker.history import History
+    from ..wire.messages import Position
+
 
 __all__ = [
     "DEFAULT_MAX_TOPICS",
@@ -27,9 +35,24 @@ __all__ = [
     "server_stats",
     "broker_stats",
     "stats_document",
+    "HTTPBroker",
     "TOPIC_TEXT_LIMIT",
     "OTHER_TOPICS",
 ]
+
+
+class HTTPBroker(Protocol):
+    """What the HTTP API uses of a broker: a :class:`~pulsyflux.broker.Broker`, or a
+    :class:`~pulsyflux.service.BrokerService` (which waits for its broker); named by
+    shape, as http/ must not import the service (which imports http/)."""
+
+    history: Optional[History]
+
+    def publish(
+        self, topic: str, payload: bytes = ..., headers: Optional[dict[str, str]] = ..., timeout: float = ...
+    ) -> Deferred[Optional[Position]]: ...
+
+    def stats(self) -> dict[str, Any]: ...
 
 
 # Topics shown one by one in /stats and /metrics (the most subscribed first;
@@ -107,7 +130,7 @@ def server_limits(factory: ServerFactory) -> dict[str, Any]:
     }
 
 
-def latency_stats(histogram: Any) -> dict[str, Any]:
+def latency_stats(histogram: LatencyHistogram) -> dict[str, Any]:
     """The request latency histogram: cumulative counts per upper bound in seconds, as Prometheus has them."""
     buckets = {("+Inf" if math.isinf(bound) else f"{bound:g}"): count for bound, count in histogram.cumulative()}
     return {"count": histogram.count, "sum_seconds": round(histogram.sum, 6), "buckets": buckets}
@@ -163,7 +186,7 @@ def server_stats(
     }
 
 
-def broker_stats(broker: Any, max_topics: int = DEFAULT_MAX_TOPICS) -> Optional[dict[str, Any]]:
+def broker_stats(broker: Optional[HTTPBroker], max_topics: int = DEFAULT_MAX_TOPICS) -> Optional[dict[str, Any]]:
     """The broker's counters (:meth:`Broker.stats`), or None when it does not run.
 
     ``broker`` is a :class:`~pulsyflux.broker.Broker` or a
@@ -181,7 +204,10 @@ def broker_stats(broker: Any, max_topics: int = DEFAULT_MAX_TOPICS) -> Optional[
 
 
 def stats_document(
-    factory: ServerFactory, broker: Any = None, now: Optional[float] = None, max_topics: int = DEFAULT_MAX_TOPICS
+    factory: ServerFactory,
+    broker: Optional[HTTPBroker] = None,
+    now: Optional[float] = None,
+    max_topics: int = DEFAULT_MAX_TOPICS,
 ) -> dict[str, Any]:
     """What ``GET /stats`` returns: ``{"server": {...}, "broker": {...} or None}``."""
     document = {"server": server_stats(factory, now), "broker": broker_stats(broker, max_topics)}
@@ -191,7 +217,7 @@ def stats_document(
     return document
 
 
-def _topic_text(topic: Any) -> str:
+def _topic_text(topic: object) -> str:
     """A topic as stats show it: at most TOPIC_TEXT_LIMIT characters, and
     UTF-8 encodable (a lone surrogate, which JSON lets a client send, becomes U+FFFD)."""
     text = str(topic)
@@ -284,5 +310,5 @@ def _looks_like_a_channel(text: str) -> bool:
     return True
 
 
-def _int(value: Any) -> int:
+def _int(value: object) -> int:
     return value if isinstance(value, int) else 0
