@@ -9,10 +9,10 @@ import signal
 import sys
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, TypeVar, Union, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IProcessTransport
+from twisted.internet.interfaces import IProcessTransport, IReactorThreads
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -21,6 +21,14 @@ from .arguments import headers_from, payload_text, read_data
 from .progress import ProgressBar
 from .runner import EXIT_ERROR, EXIT_USAGE, TOKEN_ENV, CLIError, Output, describe, print_err
 from .stats import format_info, format_stats, plural
+
+if TYPE_CHECKING:
+    from .._types import IReactor
+    from ..broker.client import BrokerClient
+    from ..broker.subscription import Subscription
+    from ..wire.messages import Message
+
+_T = TypeVar("_T")
 
 __all__ = [
     "cmd_request",
@@ -37,7 +45,7 @@ __all__ = [
 ]
 
 
-async def cmd_request(reactor: Any, args: argparse.Namespace) -> int:
+async def cmd_request(reactor: IReactor, args: argparse.Namespace) -> int:
     from ..client import Consumer
 
     payload = read_data(args.data, "request data")
@@ -65,7 +73,7 @@ class _CommandProtocol(ProcessProtocol):
 
     transport: IProcessTransport  # set before connectionMade, as for any ProcessProtocol
 
-    def __init__(self, stdin: bytes, done: "Deferred[tuple[bytes, bytes, Any]]") -> None:
+    def __init__(self, stdin: bytes, done: "Deferred[tuple[bytes, bytes, BaseException]]") -> None:
         self.stdin = stdin
         self.done = done
         self.out: list[bytes] = []
@@ -85,11 +93,11 @@ class _CommandProtocol(ProcessProtocol):
         self.done.callback((b"".join(self.out), b"".join(self.err), reason.value))
 
 
-def _command_runner(reactor: Any, command: str, timeout: float) -> Callable[[bytes], Awaitable[bytes]]:
+def _command_runner(reactor: IReactor, command: str, timeout: float) -> Callable[[bytes], Awaitable[bytes]]:
     """A Provider handler that answers with ``sh -c command``'s stdout."""
 
     async def handle(data: bytes) -> bytes:
-        done: Deferred[tuple[bytes, bytes, Any]] = Deferred()
+        done: Deferred[tuple[bytes, bytes, BaseException]] = Deferred()
         proto = _CommandProtocol(data, done)
         process = reactor.spawnProcess(proto, "/bin/sh", ["/bin/sh", "-c", command], env=os.environ)
 
@@ -133,7 +141,7 @@ def _signal_name(number: Optional[int]) -> str:
         return f"signal {number}"
 
 
-async def _patiently(reactor: Any, args: argparse.Namespace, connect: Callable[[], Awaitable[Any]]) -> Any:
+async def _patiently(reactor: IReactor, args: argparse.Namespace, connect: Callable[[], Awaitable[_T]]) -> _T:
     """``connect()``; with --reconnect, wait (saying so once) while the server or its broker is not up yet."""
     from twisted.internet import error as net_error
     from twisted.internet.task import deferLater
@@ -162,7 +170,7 @@ async def _patiently(reactor: Any, args: argparse.Namespace, connect: Callable[[
         return result
 
 
-async def cmd_reply(reactor: Any, args: argparse.Namespace) -> int:
+async def cmd_reply(reactor: IReactor, args: argparse.Namespace) -> int:
     from ..client import Provider
 
     out = Output()
@@ -216,7 +224,7 @@ async def cmd_reply(reactor: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _first(*deferreds: "Deferred[Any]") -> int:
+async def _first(*deferreds: "Deferred[_T]") -> int:
     """Wait for the first of ``deferreds``; return its index."""
 
     def cancel(_: object) -> None:
@@ -235,14 +243,14 @@ async def _first(*deferreds: "Deferred[Any]") -> int:
     return await winner
 
 
-async def _broker_client(reactor: Any, args: argparse.Namespace, reconnect: bool = False) -> Any:
+async def _broker_client(reactor: IReactor, args: argparse.Namespace, reconnect: bool = False) -> BrokerClient:
     from ..broker.client import BrokerClient
     from ..broker.link import DEFAULT_BROKER_CHANNEL
     from ..wire.errors import NoProviderError
 
     channel = args.broker_channel or DEFAULT_BROKER_CHANNEL
 
-    async def connect() -> Any:
+    async def connect() -> BrokerClient:
         try:
             return await BrokerClient.connect(
                 args.server, channel, reactor=reactor, reconnect=reconnect, token=args.token
@@ -256,7 +264,7 @@ async def _broker_client(reactor: Any, args: argparse.Namespace, reconnect: bool
     return await _patiently(reactor, args, connect)
 
 
-async def cmd_pub(reactor: Any, args: argparse.Namespace) -> int:
+async def cmd_pub(reactor: IReactor, args: argparse.Namespace) -> int:
     headers = headers_from(args.headers)
     if args.lines and args.message not in (None, "-"):
         raise CLIError("--lines publishes the lines of stdin: give no MESSAGE with it", EXIT_USAGE)
@@ -271,9 +279,10 @@ async def cmd_pub(reactor: Any, args: argparse.Namespace) -> int:
             from twisted.internet.threads import deferToThreadPool
 
             read = sys.stdin.buffer.readline
-            pool = reactor.getThreadPool()
+            threaded = cast(IReactorThreads, reactor)  # every reactor Twisted installs has threads
+            pool = threaded.getThreadPool()
             while True:
-                line = await deferToThreadPool(reactor, pool, read)  # the reactor keeps running meanwhile
+                line = await deferToThreadPool(threaded, pool, read)  # the reactor keeps running meanwhile
                 if not line:
                     break
                 line = line[:-1] if line.endswith(b"\n") else line
@@ -298,7 +307,7 @@ async def cmd_pub(reactor: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def message_json(message: Any) -> str:
+def message_json(message: Message) -> str:
     """One message as a JSON line: payload as text, or base64 when it is not UTF-8."""
     import base64
 
@@ -308,7 +317,7 @@ def message_json(message: Any) -> str:
     except UnicodeDecodeError:
         line["payload_base64"] = base64.b64encode(message.payload).decode("ascii")
     line["headers"] = dict(message.headers or {})
-    position = getattr(message, "position", None)
+    position = message.position
     if position is not None:
         line["position"] = str(position)  # what --since takes back
     text = json.dumps(line, ensure_ascii=False)
@@ -320,7 +329,7 @@ def message_json(message: Any) -> str:
     return text
 
 
-def message_text(message: Any) -> str:
+def message_text(message: Message) -> str:
     """One message as a line of text: ``topic [k=v ...]: payload``, each part escaped and bounded."""
     headers = message.headers or {}
     shown = " ".join(f"{printable(str(k), 100)}={printable(str(v), 200)}" for k, v in sorted(headers.items()))
@@ -328,7 +337,7 @@ def message_text(message: Any) -> str:
     return f"{label}: {payload_text(message.payload)}"
 
 
-async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
+async def cmd_sub(reactor: IReactor, args: argparse.Namespace) -> int:
     from twisted.internet.defer import CancelledError, DeferredQueue
     from twisted.internet.error import ConnectError
     from twisted.internet.task import deferLater
@@ -339,12 +348,12 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
 
     out = Output()
     reported: dict[str, int] = {}
-    subs: list[Any] = []
+    subs: list[Subscription] = []
     lost_at: dict[str, float] = {}
     gaps: dict[str, int] = {}  # times each topic's broker was lost
     topics = list(dict.fromkeys(args.topics))  # each once, in the order given
 
-    def report_drops(sub: Any) -> None:
+    def report_drops(sub: Subscription) -> None:
         # Never lose messages without a trace: say so as soon as we know.
         done = reported.get(sub.topic, 0)
         if sub.dropped > done:
@@ -355,7 +364,7 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
             )
             reported[sub.topic] = sub.dropped
 
-    def lost(sub: Any, why: str) -> None:
+    def lost(sub: Subscription, why: str) -> None:
         if sub.topic in lost_at:
             return  # told already (the broker's closing notice, then the line dropping)
         lost_at[sub.topic] = reactor.seconds()
@@ -365,7 +374,7 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
             "Messages published until it is back may be missed"
         )
 
-    def back(sub: Any) -> None:
+    def back(sub: Subscription) -> None:
         since = lost_at.pop(sub.topic, None)
         after = f" after {reactor.seconds() - since:.1f} s" if since is not None else ""
         if sub.kept:
@@ -393,9 +402,9 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
         shown = ", ".join(repr(topic) for topic in topics)
         in_group = f" in queue group {args.group!r}" if args.group is not None else ""
         print_err(f"subscribed to {shown}{in_group} at {args.server}; Ctrl-C to stop")
-        queue: DeferredQueue[Any] = DeferredQueue()
+        queue: DeferredQueue[Union[BaseException, tuple[Subscription, Message]]] = DeferredQueue()
 
-        async def pump(sub: Any) -> None:
+        async def pump(sub: Subscription) -> None:
             while True:
                 try:
                     message = await sub.get()
@@ -410,7 +419,7 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
                     return
                 queue.put((sub, message))
 
-        async def resubscribe(old: Any) -> Any:
+        async def resubscribe(old: Subscription) -> Subscription:
             delay = 0.1
             while True:
                 try:
@@ -460,7 +469,7 @@ async def cmd_sub(reactor: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_ping(reactor: Any, args: argparse.Namespace) -> int:
+async def cmd_ping(reactor: IReactor, args: argparse.Namespace) -> int:
     """Round trips to the server itself over its pulsyflux port (no provider, no HTTP)."""
     from twisted.internet.task import deferLater
 
@@ -489,7 +498,7 @@ async def cmd_ping(reactor: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_info(reactor: Any, args: argparse.Namespace) -> int:
+async def cmd_info(reactor: IReactor, args: argparse.Namespace) -> int:
     document = await _get_json(reactor, args.http_url + "/stats", args.http, args.token)
     out = Output()
     if args.json:
@@ -506,7 +515,7 @@ async def cmd_info(reactor: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_token(reactor: Any, args: argparse.Namespace) -> int:
+async def cmd_token(reactor: IReactor, args: argparse.Namespace) -> int:
     """Mint a token (no server involved): the operator's side of --auth."""
     from ..auth.config import AuthConfigError, load_signing_key
     from ..auth.grants import GrantError, Grants
@@ -534,7 +543,7 @@ async def cmd_token(reactor: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_stats(reactor: Any, args: argparse.Namespace) -> int:
+async def cmd_stats(reactor: IReactor, args: argparse.Namespace) -> int:
     document = await _get_json(reactor, args.http_url + "/stats", args.http, args.token)
     out = Output()
     if args.json:
@@ -545,7 +554,7 @@ async def cmd_stats(reactor: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _get_json(reactor: Any, url: str, shown: str, token: Optional[str] = None) -> Any:
+async def _get_json(reactor: IReactor, url: str, shown: str, token: Optional[str] = None) -> dict[str, Any]:
     from twisted.web.client import Agent, readBody
     from twisted.web.http_headers import Headers
 
@@ -570,12 +579,15 @@ async def _get_json(reactor: Any, url: str, shown: str, token: Optional[str] = N
     if response.code != 200:
         raise CLIError(f"{url} answered HTTP {response.code}")
     try:
-        return json.loads(body)
+        document = json.loads(body)
     except ValueError:
         raise CLIError(f"{url} did not answer JSON") from None
+    if not isinstance(document, dict):
+        raise CLIError(f"{url} did not answer a JSON object")
+    return document
 
 
-async def cmd_bench(reactor: Any, args: argparse.Namespace) -> int:
+async def cmd_bench(reactor: IReactor, args: argparse.Namespace) -> int:
     from ..bench.common import failures
 
     module = args.bench_module

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import uuid
+from types import ModuleType
 from typing import Any, Optional, Sequence, Union
 
 from .. import __version__
@@ -361,7 +362,7 @@ def _check_server(args: argparse.Namespace) -> None:
         raise CLIError(f"{source} {printable(args.server, 200)!r}: {problem}", EXIT_USAGE)
 
 
-def _bench_module(kind: str) -> Any:
+def _bench_module(kind: str) -> Optional[ModuleType]:
     import importlib
 
     try:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from twisted.python.failure import Failure
 
 from .parser import parse_args
 from .runner import EXIT_ERROR, report, run
+
+if TYPE_CHECKING:
+    from .._types import IReactor
 
 __all__ = ["main", "run_command"]
 
@@ -21,7 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run(args.func, args)
 
 
-async def run_command(reactor: Any, argv: Sequence[str]) -> int:
+async def run_command(reactor: IReactor, argv: Sequence[str]) -> int:
     """Run one command on a reactor that is already running; return its exit status.
 
     ``main`` without the process around it: the same parsing, output on

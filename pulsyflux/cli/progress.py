@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
 
 __all__ = ["ProgressBar"]
 
@@ -19,7 +22,7 @@ class ProgressBar:
 
     _RUN = re.compile(r"\brun (\d+)/(\d+)\b")
 
-    def __init__(self, stream: Any, reactor: Any) -> None:
+    def __init__(self, stream: TextIO, reactor: IReactorTime) -> None:
         from twisted.internet.task import LoopingCall
 
         self.stream = stream

@@ -12,7 +12,7 @@ import errno
 import os
 import signal
 import sys
-from typing import Any, Callable, Coroutine, Optional
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Optional, TextIO, Union
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -21,6 +21,9 @@ from .._reactor import default_reactor
 from .._twisted_compat import exit_signal
 from ..endpoints import DEFAULT_ADDRESS
 from ..wire.printable import printable
+
+if TYPE_CHECKING:
+    from .._types import IReactor
 
 __all__ = [
     "DEBUG_ENV",
@@ -45,7 +48,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
-Command = Callable[[Any, argparse.Namespace], Coroutine[Any, Any, Optional[int]]]
+Command = Callable[["IReactor", argparse.Namespace], Coroutine[Any, Any, Optional[int]]]
 
 
 class CLIError(Exception):
@@ -59,13 +62,13 @@ class CLIError(Exception):
 
 class _Run:
     def __init__(self) -> None:
-        self.deferred: Optional[Deferred[Any]] = None
-        self.result: Any = None
+        self.deferred: Optional[Deferred[Optional[int]]] = None
+        self.result: Union[None, int, Failure] = None  # the command's exit status, or how it failed
         self.done: Deferred[None] = Deferred()
         self.interrupted = False
 
 
-def run(command: Command, args: argparse.Namespace, reactor: Any = None) -> int:
+def run(command: Command, args: argparse.Namespace, reactor: Optional[IReactor] = None) -> int:
     """Run ``command(reactor, args)`` to completion and return the exit status.
 
     Ctrl-C (or SIGTERM) stops the reactor; before it stops, the command is
@@ -75,7 +78,7 @@ def run(command: Command, args: argparse.Namespace, reactor: Any = None) -> int:
     reactor = default_reactor(reactor)
     state = _Run()
 
-    def finished(result: Any) -> None:
+    def finished(result: Union[None, int, Failure]) -> None:
         state.result = result
         if not state.done.called:
             state.done.callback(None)
@@ -103,7 +106,7 @@ def run(command: Command, args: argparse.Namespace, reactor: Any = None) -> int:
 
         timer = reactor.callLater(3.0, give_up)
 
-        def done(_: Any) -> None:
+        def done(_: object) -> None:
             if timer.active():
                 timer.cancel()
             if not wait.called:
@@ -201,7 +204,7 @@ def print_err(text: str) -> None:
 class Output:
     """Writes bytes to stdout, flushing each line so pipes see it at once."""
 
-    def __init__(self, stream: Any = None) -> None:
+    def __init__(self, stream: Optional[TextIO] = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
         self.buffer = getattr(self.stream, "buffer", None)
 

@@ -80,7 +80,7 @@ def format_stats(document: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _latency(latency: Any) -> list[str]:
+def _latency(latency: object) -> list[str]:
     """Clients' request latency as quantiles read off the histogram's buckets (upper bounds)."""
     if not isinstance(latency, dict) or not latency.get("count"):
         return []
@@ -212,7 +212,7 @@ def _channel_detail(channels: dict[str, Any]) -> str:
     return f" ({channels['with_providers']} with a provider, {channels.get('without_provider', 0)} without)"
 
 
-def _number(value: Any) -> float:
+def _number(value: object) -> float:
     return value if isinstance(value, (int, float)) else 0
 
 
