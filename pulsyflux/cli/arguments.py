@@ -64,14 +64,19 @@ def positive_float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
+def _whole_number(text: str, least: int, words: str) -> int:
+    """``text`` as a whole number >= ``least``, or the one-line error argparse shows (``words``: the bound)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {words}, not {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1, "at least 1")
 
 
 def parse_topic(text: str, subscribing: bool = False) -> str:
@@ -101,13 +106,7 @@ def parse_position(text: str) -> "Position":
 
 def count_int(text: str) -> int:
     """A whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return value
+    return _whole_number(text, 0, "0 or more")
 
 
 def parse_group(text: str) -> str:
