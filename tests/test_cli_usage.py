@@ -265,7 +265,7 @@ def test_the_rpc_bench_report_gives_a_verdict_per_target():
         "relay_p50_us": 90.0,
         "relay_p99_us": 120.0,
         "sequential_vs_relay": 1.37,
-        "inflight_req_per_s": 32166.0,
+        "inflight_req_per_s": 62166.0,
         "echo_1mib_mb_per_s": 123.0,
         "echo_p50_ms": 7.9,
         "sequential_cpu_us": {"client": 29.0, "router": 41.0},
@@ -282,7 +282,11 @@ def test_the_rpc_bench_report_gives_a_verdict_per_target():
     report = rpc.format_report(results)
     assert report.startswith("pulsyflux bench rpc: 1 run, 1.0 s per measurement")
     lines = report.splitlines()
-    assert any("in flight" in line and line.endswith("meets target >= 25,000") for line in lines)
-    assert any(line.startswith("  echo ") and line.endswith("MISSES target >= 200") for line in lines)
-    assert any(line.endswith("meets target >= 0.85") for line in lines)
+    assert any("in flight" in line and line.endswith("meets target >= 60,000") for line in lines)
+    assert any(line.startswith("  echo ") and line.endswith("MISSES target >= 1,000") for line in lines)
+    assert any(line.endswith("meets target >= 0.95") for line in lines)
     assert "Go broke" not in report and "1 request FAILED" in lines
+    results["medians"] = {**medians, "sequential_vs_relay": 0.92, "inflight_req_per_s": 56925.0}
+    lines = rpc.format_report(results).splitlines()
+    assert any(line.endswith("MISSES target >= 0.95") for line in lines)
+    assert any("in flight" in line and line.endswith("MISSES target >= 60,000") for line in lines)
