@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import pytest
 import pytest_twisted
@@ -17,8 +18,13 @@ from pulsyflux.service import BrokerService, Options
 from .helpers import eventually
 
 
-async def _node(redis_server, name: str, http: bool = False) -> BrokerService:
+async def _node(redis_server, name: str, http: bool = False, ping_interval: Optional[float] = None) -> BrokerService:
     node = BrokerService("tcp:0:interface=127.0.0.1", cluster=redis_server.url, node_name=name)
+    # The firehose flag is read every second in service; here every 50 ms, so that a test waits
+    # for the next read rather than for a second.
+    node.cluster.pubsub.firehose_check = 0.05
+    if ping_interval is not None:
+        node.cluster.link.ping_interval = ping_interval
     if http:
         http_service("tcp:0:interface=127.0.0.1", node).setServiceParent(node)
     node.startService()
@@ -166,7 +172,7 @@ async def test_redis_down_keeps_local_pubsub_then_everything_comes_back(redis_se
 
 @pytest_twisted.ensureDeferred
 async def test_a_hung_redis_is_down_within_the_ping_timeout(redis_server):
-    a = await _node(redis_server, "a")
+    a = await _node(redis_server, "a", ping_interval=0.1)  # a PING every 100 ms, not every second
     try:
         a.cluster.link.ping_timeout = 0.3
         redis_server.pause()

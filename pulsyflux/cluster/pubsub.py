@@ -41,6 +41,8 @@ log = Logger()
 
 # How long a server's wish for the firehose lasts in Redis unless renewed.
 FIREHOSE_LEASE = 10.0
+# Seconds between two looks at the firehose flag (and renewals of our own wish).
+FIREHOSE_CHECK = 1.0
 
 
 class FanoutLike(Protocol):
@@ -79,6 +81,7 @@ class ClusterPubSub:
         self.bad = 0  # envelopes from Redis that were not ours to read
         self.failed = 0  # SPUBLISH that failed (the link went down under it)
         self._limiter = LogLimiter(reactor, summary_to(log))
+        self.firehose_check = FIREHOSE_CHECK  # read by start(): a test sets it small before then
         self._flag_loop = LoopingCall(self._firehose_tick)
         self._flag_loop.clock = reactor
         self._was_down = False
@@ -86,7 +89,7 @@ class ClusterPubSub:
     # -- life -----------------------------------------------------------------
 
     def start(self) -> None:
-        self._flag_loop.start(1.0, now=False)
+        self._flag_loop.start(self.firehose_check, now=False)
 
     def stop(self) -> None:
         if self._flag_loop.running:
