@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import task
 from twisted.internet.defer import Deferred
 
 from pulsyflux.auth.grants import Grants
@@ -33,6 +34,21 @@ def _authority(anonymous: Any = None) -> Authority:
 async def _server(anonymous: Any = None) -> Any:
     server = await start_server(auth=_authority(anonymous))
     return server
+
+
+async def _clocked_server(**options: Any) -> "tuple[Any, task.Clock]":
+    """A server over TCP whose token expiries run on a clock of the test's own.
+
+    The Authority reads it and the Gate's expiry timers run on it, so a
+    token lapses when the test moves the clock: exactly then, without
+    waiting real seconds (JWT expiry has whole-second granularity).
+    """
+    clock = task.Clock()
+    clock.advance(int(time.time()))  # a whole second: ``mint`` rounds ``now`` down, so a ttl is exact
+    authority = Authority([KEY], Grants.none(), leeway=0, clock=clock.seconds)
+    server = await start_server(auth=authority, **options)
+    server.factory.router.gate.clock = clock  # before any connection: every timer of the Gate on it
+    return server, clock
 
 
 def _token(ttl: float = 60, key: Key = KEY, now: "float | None" = None, **grants: Any) -> str:
@@ -167,14 +183,20 @@ async def test_publish_and_subscribe_exact_pattern_and_uncovered() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_refresh_extends_a_live_connection_and_expiry_drops_subscriptions() -> None:
-    server = await _server()
+    server, clock = await _clocked_server()
+    gate = server.factory.router.gate
     try:
-        short = mint(KEY, {"subscribe": ["a"]}, 2, subject="short")
+        short = mint(KEY, {"subscribe": ["a"]}, 2, subject="short", now=clock.seconds())
         kept = await BrokerClient.connect(server.address, token=short, heartbeat=None)
         lapsing = await BrokerClient.connect(server.address, token=short, heartbeat=None)
         kept_sub = await kept.subscribe("a")
         lapsing_sub = await lapsing.subscribe("a")
-        await kept.refresh(mint(KEY, {"subscribe": ["a"]}, 3600, subject="short"))
+        await kept.refresh(mint(KEY, {"subscribe": ["a"]}, 3600, subject="short", now=clock.seconds()))
+        clock.advance(1.99)
+        assert "expired" not in gate.refusals  # not a moment early
+        clock.advance(0.02)
+        # the lapsing client's two connections (publishing, and its subscription's); the refreshed one's are good
+        assert gate.refusals["expired"] == 2
         with pytest.raises(SubscriptionClosed, match="permission denied: token expired at"):
             while True:
                 await lapsing_sub.get()  # ends when its token does
@@ -293,19 +315,22 @@ async def test_broker_refresh_keeps_all_its_connections_past_the_old_tokens_expi
     """A Broker over TCP: its provider, publishing consumer, forwarding consumer and subscription provider."""
     from pulsyflux.broker import Broker
 
-    server = await start_server(auth=_authority(), broker=False)
+    server, clock = await _clocked_server(broker=False)
     brokers: list[Broker] = []
     try:
         rights = {"provide": ["*"], "consume": ["*"]}
-        short = mint(KEY, rights, 2, subject="broker")
+        short = mint(KEY, rights, 2, subject="broker", now=clock.seconds())
         refreshed = await Broker.connect(server.address, uuid.uuid4(), token=short)
         lapsing = await Broker.connect(server.address, uuid.uuid4(), token=short)
         brokers += [refreshed, lapsing]
         sub = await refreshed.subscribe("a")
         await refreshed.publish("a", b"before")
         assert (await sub.get()).payload == b"before"
-        await refreshed.refresh(mint(KEY, rights, 3600, subject="broker"))
+        await refreshed.refresh(mint(KEY, rights, 3600, subject="broker", now=clock.seconds()))
         assert refreshed.token != short
+        clock.advance(1.99)
+        assert "expired" not in server.factory.router.gate.refusals
+        clock.advance(0.02)  # past the short token's expiry, on the server's clock
         await lapsing.when_closed()  # the short token expired: the server ended the broker that kept it
         assert lapsing.lost_link
         await refreshed.publish("a", b"after")  # every connection of this one presented the new token
