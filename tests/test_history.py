@@ -95,12 +95,14 @@ def test_total_budget_evicts_the_least_recently_published_topic_first() -> None:
     assert h.evicted > 0 and h.forgotten == 1
 
 
-def test_a_million_distinct_topics_stay_within_the_budget() -> None:
+def test_a_hundred_thousand_distinct_topics_stay_within_the_budget() -> None:
+    # The budget holds some 900 topics: from then on each append evicts one. A hundred times
+    # that many distinct names proves it as well as a million did, in a tenth of the time.
     budget = 1 << 20
     h = History(5, total_bytes=budget, epoch_prefix="p")
     peak = 0
     text = _text("t")  # the text is not parsed: the same one under many names is fine here
-    for i in range(1_000_000):
+    for i in range(100_000):
         h.append(f"t{i}", text)
         if not i % 1000:
             peak = max(peak, h.size)
