@@ -28,8 +28,7 @@ def _address(node: BrokerService) -> str:
 
 
 def _relays_to(node: BrokerService, other: str, channel: uuid.UUID) -> bool:
-    requests = node.cluster.requests
-    return (other, channel.bytes) in requests.relays and requests.relays[(other, channel.bytes)].called
+    return (other, channel.bytes) in node.cluster.requests.relays
 
 
 @pytest.fixture
@@ -54,7 +53,7 @@ async def test_a_consumer_on_one_server_reaches_a_provider_on_another(pair):
         await eventually(lambda: _relays_to(a, "b", channel))
         assert await consumer.send(b"hello") == b"b says hello"
         assert a.cluster.requests.forwarded == 1 and b.cluster.requests.served == 1
-        assert channel.bytes in b.cluster.requests.ready  # the next request goes straight to b's relay consumer
+        assert channel.bytes in b.cluster.requests.inlets  # the next request enters b's router the same way
         assert await consumer.send(b"again") == b"b says again"
     finally:
         await consumer.close()
@@ -395,9 +394,13 @@ async def test_pulsyflux_info_shows_the_cluster(redis_server, cli):
             in text
         )
         assert "  pub/sub       0 sent, 0 received, 0 unshared, 0 refused, 0 failed\n" in text
+        # the relay to b is a record of its own in a's router, not a client and not the broker's
+        assert "since start; 2 connections of the server's own broker; 1 cluster relay\n" in text
+        assert "  inproc:cluster:b      cluster relay" in text
         result = await cli("info", "--json", "--http", url)
         info = json.loads(result.stdout)
         assert info["cluster"]["node"] == "a" and info["cluster"]["requests_forwarded"] == 1
+        assert info["connections"]["by_role"]["cluster relay"] == 1 and info["connections"]["open"] == 1
     finally:
         await consumer.close()
         await provider.close()
@@ -452,3 +455,55 @@ async def test_channels_held_elsewhere_past_the_bound_are_counted_not_relayed(pa
         await intruder.execute("SREM", "pulsyflux:nodes", "ghost")
         await intruder.execute("DEL", "pulsyflux:node:ghost", "pulsyflux:chans:ghost")
         intruder.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_server_holds_at_most_its_share_of_another_and_the_rest_are_served(pair, redis_server, monkeypatch):
+    from pulsyflux import ServerOverloaded
+    from pulsyflux.cluster import requests as cluster_requests
+
+    monkeypatch.setattr(cluster_requests, "MAX_FROM_ONE", 3)
+    a, b = pair
+    channel = uuid.uuid4()
+    stuck: list[defer.Deferred] = []
+
+    def handler(body: bytes):
+        if body != b"hold":
+            return body
+        stuck.append(defer.Deferred())
+        return stuck[-1]
+
+    provider = await Provider.connect(_address(b), channel, handler=handler)
+    consumer = await Consumer.connect(_address(a), channel)
+    intruder = await _intruder(b)
+    c = await _node(redis_server, "c")
+    held = []
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel) and _relays_to(c, "b", channel))
+        held = [consumer.send(b"hold", timeout=30) for _ in range(3)]
+        await eventually(lambda: b.cluster.requests.held_from.get("a") == 3)
+        with pytest.raises(ServerOverloaded) as refused:
+            await consumer.send(b"one too many")
+        assert "server b holds as many requests from this server as it takes from one (3 requests" in str(refused.value)
+        # The worst input: a flood under one name (a faulty server, or anyone who can write to Redis) fills that
+        # name's share and no more; every request past it is answered at once and counted.
+        head = b" " + channel.bytes.hex().encode() + b" 0\nhold"
+        for i in range(200):
+            await intruder.execute("SPUBLISH", "pulsyflux:n:b", b"q mallory flood%d" % i + head)
+        await eventually(lambda: b.cluster.requests.refused_from_one == 1 + 197)
+        assert b.cluster.requests.held_from == {"a": 3, "mallory": 3}
+        assert b.cluster.stats()["requests_refused_from_one"] == 198
+        # A third server is not starved: its requests are served while a's and mallory's shares are full.
+        other = await Consumer.connect(_address(c), channel)
+        try:
+            assert await other.send(b"from c") == b"from c"
+        finally:
+            await other.close()
+    finally:
+        for d in stuck:
+            d.callback(b"done")
+        assert await defer.gatherResults(held) == [b"done"] * len(held)
+        intruder.transport.loseConnection()
+        await consumer.close()
+        await provider.close()
+        await c.stopService()

@@ -81,7 +81,13 @@ async def test_stats_counts_what_happened(served, channel):
     code, stats = await get_json(served.http_url + "/stats")
     assert code == 200
     server = stats["server"]
-    assert server["connections"]["by_role"] == {"consumer": 2, "provider": 1, "unregistered": 0, "broker": 0}
+    assert server["connections"]["by_role"] == {
+        "consumer": 2,
+        "provider": 1,
+        "unregistered": 0,
+        "broker": 0,
+        "cluster relay": 0,
+    }
     assert server["connections"]["open"] == 3
     assert server["channels"]["count"] == 2
     assert server["channels"] == {"count": 2, "with_providers": 1, "without_provider": 1}

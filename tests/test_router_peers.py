@@ -81,7 +81,8 @@ def test_a_request_and_its_response_are_routed_between_two_peers():
     [response] = frames(to_consumer)
     assert (response.type, response.payload) == (codec.RESPONSE, routing + b"pong")
     assert router.requests == {} and consumer.started == set() and provider.assigned == set()
-    assert router.census() == (2, {"consumer": 1, "provider": 1, "unregistered": 0, "broker": 0}, 1, 1, 0, 0)
+    by_role = {"consumer": 1, "provider": 1, "unregistered": 0, "broker": 0, "cluster relay": 0}
+    assert router.census() == (2, by_role, 1, 1, 0, 0)
 
 
 def test_a_provider_that_goes_away_fails_its_requests_and_deadlines_run_on_the_clock():
@@ -96,7 +97,7 @@ def test_a_provider_that_goes_away_fails_its_requests_and_deadlines_run_on_the_c
     router.disconnected(provider)
     [error] = frames(to_consumer)
     assert (error.request_id, codec.error_message(error.payload)) == (lost, "peer disappeared")
-    assert router.census().by_role == {"consumer": 1, "provider": 0, "unregistered": 0, "broker": 0}
+    assert router.census().by_role == {"consumer": 1, "provider": 0, "unregistered": 0, "broker": 0, "cluster relay": 0}
     other, _ = connect(router)
     receive(router, other, register_frames(codec.ROLE_PROVIDER, os.urandom(16), channel))
     receive(router, consumer, request_frames(timed, client_id, channel, b"b", timeout_ms=500))
@@ -117,3 +118,33 @@ def test_close_all_closes_every_peer_through_its_transport():
     for peer in peers:
         router.disconnected(peer)
     assert router.census().open == 0
+
+
+def test_a_request_from_a_cluster_relay_goes_to_a_provider_here_never_to_another_relay():
+    """A relayed request stays on the server it was relayed to (no ping-pong between servers),
+    while a client's request takes relays and local providers in turn; relays count apart."""
+    router = Router(Clock())
+    channel = os.urandom(16)
+
+    def peer(relay: bool, role: int) -> tuple[Peer, list[bytes]]:
+        written: list[bytes] = []
+        conn = router.connect(written.append, StubTransport(), trusted=relay)
+        conn.relay = relay
+        receive(router, conn, register_frames(role, os.urandom(16), channel))
+        written.clear()
+        return conn, written
+
+    _, to_relay = peer(True, codec.ROLE_PROVIDER)  # a channel another server holds
+    _, to_local = peer(False, codec.ROLE_PROVIDER)
+    inlet, _ = peer(True, codec.ROLE_CONSUMER)  # other servers' requests enter here
+    client, _ = peer(False, codec.ROLE_CONSUMER)
+    for _ in range(4):
+        receive(router, inlet, request_frames(os.urandom(16), inlet.key[2], channel, b"relayed"))
+    assert len(frames(to_local)) == 4 * 3 and not to_relay  # START, CHUNK, END each
+    for _ in range(2):
+        receive(router, client, request_frames(os.urandom(16), client.key[2], channel, b"mine"))
+    assert len(frames(to_relay)) == 3 and len(frames(to_local)) == 3  # round-robin over both
+    census = router.census()
+    assert census.by_role == {"consumer": 1, "provider": 1, "unregistered": 0, "broker": 0, "cluster relay": 2}
+    assert census.open == 2
+    assert {entry["role"] for entry in router.connection_list(10)[0]} == {"consumer", "provider", "cluster relay"}

@@ -152,7 +152,7 @@ def test_census_counts_connections_by_role_and_channels_without_naming_them():
     consumer.dataReceived(request_frames(os.urandom(16), os.urandom(16), served, b"x"))
     connect(factory)  # says nothing yet
     census = router.census()
-    assert census == (4, {"consumer": 2, "provider": 1, "unregistered": 1, "broker": 0}, 2, 1, 1, 0)
+    assert census == (4, {"consumer": 2, "provider": 1, "unregistered": 1, "broker": 0, "cluster relay": 0}, 2, 1, 1, 0)
     assert census.by_role == server_stats(factory)["connections"]["by_role"]
 
 

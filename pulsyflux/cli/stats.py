@@ -103,7 +103,10 @@ def _seconds(value: float) -> str:
 
 def _broker_connections(roles: dict[str, Any]) -> str:
     count = roles.get("broker")
-    return f"; {plural(count, 'connection')} of the server's own broker" if count else ""
+    relays = roles.get("cluster relay")
+    return (f"; {plural(count, 'connection')} of the server's own broker" if count else "") + (
+        f"; {plural(relays, 'cluster relay')}" if relays else ""
+    )
 
 
 def format_info(document: dict[str, Any]) -> list[str]:

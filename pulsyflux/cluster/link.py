@@ -51,8 +51,10 @@ class RedisLink:
         connect_timeout: float = 2.0,
         ping_interval: float = 1.0,
         ping_timeout: float = 3.0,
+        after_read: Optional[Callable[[], None]] = None,
     ) -> None:
         self.address = address
+        self.after_read = after_read  # called after each read of messages (their effects written once)
         self.reactor = reactor
         self.on_message = on_message
         self.on_state = on_state
@@ -154,6 +156,7 @@ class RedisLink:
         if not self.running:
             return
         subscriber = RedisSubscriber(self.on_message)
+        subscriber.after_read = self.after_read
         commands = RedisCommands(self.reactor)
         ends = [connectProtocol(self._endpoint(), commands), connectProtocol(self._endpoint(), subscriber)]
         d = DeferredList(ends, fireOnOneErrback=True, consumeErrors=True)

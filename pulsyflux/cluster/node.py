@@ -41,7 +41,9 @@ class Cluster:
         self.factory = factory
         self.prefix = prefix
         self.lease = lease
-        self.link = RedisLink(address, reactor, self._message, self._state, ping_timeout=max(lease, 1.0))
+        self.link = RedisLink(
+            address, reactor, self._message, self._state, ping_timeout=max(lease, 1.0), after_read=self._after_read
+        )
         self.pubsub = ClusterPubSub(self.link, node, reactor, prefix=prefix)
         self.requests: Any = None
         self.registry: Any = None
@@ -108,6 +110,10 @@ class Cluster:
             self.pubsub.message(channel, data)
         elif self.registry is not None and channel == self.registry.announcements:
             self.registry.message(data)
+
+    def _after_read(self) -> None:
+        if self.requests is not None:
+            self.requests.settle()  # what the read's requests and answers handed to the router goes out
 
     def _state(self, up: bool) -> None:
         self.pubsub.state(up)

@@ -25,6 +25,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from ..wire.ratelimit import shorten
+from ..writer import coalesce, immediate_writer
 from .url import RedisAddress, RedisError, parse_redis_url
 
 __all__ = [
@@ -64,24 +65,34 @@ class _Base(Protocol):
         self._buffered = 0
         self.lost = Deferred[None]()
         self.connected = False
+        # Called after each read's replies are handled: what they handed on is written out once per read.
+        self.after_read: Optional[Callable[[], None]] = None
 
     def connectionMade(self) -> None:
         self.connected = True
+        setter = getattr(self.transport, "setTcpNoDelay", None)
+        if setter is not None:
+            setter(True)  # a command or a message goes out at once, not after the last one's ACK (Nagle)
 
     def dataReceived(self, data: bytes) -> None:
         reader = self._reader
         reader.feed(data)
         self._buffered += len(data)
-        while True:
-            try:
-                reply = reader.gets()
-            except hiredis.ProtocolError as e:
-                self._fatal(f"Redis sent a malformed reply: {e}")
-                return
-            if reply is False:
-                break
-            self._buffered = 0
-            self._reply(reply)
+        try:
+            while True:
+                try:
+                    reply = reader.gets()
+                except hiredis.ProtocolError as e:
+                    self._fatal(f"Redis sent a malformed reply: {e}")
+                    return
+                if reply is False:
+                    break
+                self._buffered = 0
+                self._reply(reply)
+        finally:
+            after_read = self.after_read
+            if after_read is not None:
+                after_read()
         if self._buffered > MAX_PENDING_BYTES:
             self._fatal("Redis sent a reply larger than the client accepts")
 
@@ -112,6 +123,7 @@ class RedisCommands(_Base):
         super().__init__()
         self._reactor = reactor
         self._unsent: list[bytes] = []
+        self._send_now: Optional[Callable[[bytes], None]] = None
         self._waiting: collections.deque[Optional[Deferred[Any]]] = collections.deque()
         self._why = "the connection to Redis was lost"
         self.unanswered = 0  # commands sent with send() that Redis refused or the connection lost
@@ -137,7 +149,12 @@ class RedisCommands(_Base):
     def _flush(self) -> None:
         unsent, self._unsent = self._unsent, []
         if self.connected and self.transport is not None:
-            self.transport.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
+            if self._send_now is None:
+                transport: Any = self.transport  # TCP, or TLS (whose writes immediate_writer leaves to Twisted)
+                self._send_now = immediate_writer(transport)
+            # Straight to the socket when nothing waits (writer.py): not one reactor turn later.
+            for data in coalesce(unsent):
+                self._send_now(data)
 
     def send(self, *args: Any) -> bool:
         """Send one command whose reply nobody waits for (no Deferred: the request relays' hot path).

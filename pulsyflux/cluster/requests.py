@@ -1,65 +1,231 @@
 """Requests across servers: a consumer here reaches providers on other servers.
 
-For every channel another server holds (registry.py), this server runs a
-*relay*: an in-process Provider registered on that channel, so the router
-takes it in its round-robin beside the local providers (one turn per
-other server holding the channel). A request the relay receives goes to
-that server's inbox channel on Redis (``<prefix>n:<node>``) in chunks of
-at most 512 KiB; there an in-process Consumer sends it to a local provider
-(never to a relay: the router keeps relayed requests on their server), and
-the answer comes back the same way. The deadline stays where the request
-entered: the router there answers the consumer when it expires.
+For every channel another server holds (registry.py), this server's router
+has a *relay*: a provider record (a :class:`~pulsyflux.server.router.Peer`
+marked ``relay``, with no connection and no client library behind it),
+which the router takes in its round-robin beside the local providers (one
+turn per other server holding the channel). The frames the router routes
+to a relay are read here: a whole request goes to that server's inbox
+channel on Redis (``<prefix>n:<node>``) in pieces of at most 512 KiB. There
+an *inlet*, a consumer record in that server's router (one per channel,
+also marked ``relay``), hands it to a local provider (never to a relay:
+the router keeps relayed requests on their server), and the answer comes
+back the same way, each piece handed to the asking router as a response
+frame as it arrives. The deadline stays where the request entered: the
+router there answers the consumer when it expires, and tells the relay,
+which tells the other server.
+
+Frames between the router and these records are plain function calls (no
+in-process connection, no Deferred, no timer per request); what the Redis
+reads of one reactor turn hand to the router is written out in one flush
+at the end of that read (:meth:`ClusterRequests.settle`).
 
 Memory is bounded on both sides: requests in flight per server, bytes
-being forwarded out and bytes being reassembled in (past either, a clear
-``server overloaded`` error), and no body larger than the server's
-``--max-body``. A server that leaves the registry (its lease expired,
-its link to Redis down) takes its relays with it, and its requests in
-flight fail with ``peer disappeared``.
+being forwarded out and bytes being reassembled in, and what one other
+server may have here at once (requests and bytes: a faulty server cannot
+starve the others); past any of these, a clear ``server overloaded`` error.
+No body is larger than the server's ``--max-body``. A server that leaves
+the registry (its lease expired, its link to Redis down) takes its relays
+with it, and its requests in flight fail with ``peer disappeared``.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from typing import Any
+from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from ..client import Consumer, Provider
-from ..server.inproc import InProcessEndpoint
-from ..wire import errors
-from ..wire.codec import MAX_ERROR_TEXT, bound_error_text
-from ..wire.ratelimit import LogLimiter, shorten, summary_to
-from .link import ClusterDown, RedisLink
+from ..server.inproc import InProcessAddress
+from ..wire import codec, errors
+from ..wire.codec import (
+    CHUNK,
+    END,
+    ERROR,
+    MAX_ERROR_TEXT,
+    MAX_PAYLOAD,
+    RESPONSE,
+    RESPONSE_CHUNK,
+    RESPONSE_END,
+    RESPONSE_START,
+    ROLE_CONSUMER,
+    ROLE_PROVIDER,
+    ROUTING_SIZE,
+    START,
+    FrameDecoder,
+    bound_error_text,
+)
+from ..wire.ratelimit import LogLimiter, summary_to
 
-__all__ = ["ClusterRequests", "Relayed"]
+__all__ = ["ClusterRequests"]
 
 log = Logger()
 
-CHUNK = 512 * 1024  # bytes of a body per Redis message
-MAX_IN_FLIGHT = 10_000  # requests this server forwards at once
+CHUNK_BYTES = 512 * 1024  # bytes of a body per Redis message
+MAX_IN_FLIGHT = 10_000  # requests this server forwards at once; and other servers' requests held here
 MAX_OUT_BYTES = 256 << 20  # bytes of bodies being forwarded at once
-MAX_IN_BYTES = 256 << 20  # bytes of other servers' requests and answers being reassembled here
+MAX_IN_BYTES = 256 << 20  # bytes of other servers' requests being reassembled here
+# What one other server may make this one hold: half of each bound, so a faulty (or hijacked)
+# server cannot starve the others' requests.
+MAX_FROM_ONE = MAX_IN_FLIGHT // 2
+MAX_IN_BYTES_FROM_ONE = MAX_IN_BYTES // 2
 RELAY_TIMEOUT = 300.0  # seconds a relayed request may wait for its answer (the real deadline is the consumer's)
 INCOMPLETE_TIMEOUT = 30.0  # seconds the rest of a request in pieces may take to arrive before its pieces go
 
+_VERSION = codec.VERSION
+_pack_header = codec.HEADER.pack
+_pack_start = codec.START_FRAME.pack
+_METADATA_SIZE = codec.METADATA_SIZE
+_RELAY_TIMEOUT_MS = int(RELAY_TIMEOUT * 1000)
 
-class Relayed(Exception):
-    """An answer from another server's router or provider, repeated word for word here."""
+
+class _Transport:
+    """What the router needs of a relay's or an inlet's connection: a name to show, and a close.
+
+    Nothing to pause: Redis is read eagerly (docs/cluster.md), and a slow
+    consumer of relayed answers is cut by flow control like any other.
+    """
+
+    disconnecting = False
+
+    def __init__(self, label: str, close: Callable[[], None]) -> None:
+        self._address = InProcessAddress(label)
+        self._close = close
+
+    def getPeer(self) -> InProcessAddress:
+        return self._address
+
+    getHost = getPeer
+
+    def pauseProducing(self) -> None:
+        pass
+
+    resumeProducing = stopProducing = unregisterProducer = pauseProducing
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def loseConnection(self) -> None:
+        self._close()  # the router closing every connection (a shutdown): the record goes
+
+    abortConnection = loseConnection
+
+
+class _Relay:
+    """A provider record in the router for a channel another server holds."""
+
+    __slots__ = ("owner", "key", "node", "inbox", "head", "tail", "peer", "decoder", "starting", "sent", "live")
+
+    def __init__(self, owner: "ClusterRequests", node: str, channel: bytes) -> None:
+        self.owner = owner
+        self.key = (node, channel)
+        self.node = node
+        self.inbox = owner.inbox(node)
+        # The header of a request to node, around its id (computed once, not per request).
+        self.head = b"q " + owner.node.encode("utf-8") + b" "
+        self.tail = b" " + channel.hex().encode("ascii")
+        self.decoder = FrameDecoder()
+        self.starting: dict[bytes, list[bytes]] = {}  # router request id -> [routing, body pieces...]
+        self.sent: dict[bytes, bytes] = {}  # router request id -> Redis request id
+        self.live = True
+        router = owner.router
+        self.peer = router.connect(self.write, _Transport(f"cluster:{node}", self.close), trusted=True)
+        self.peer.relay = True
+        router.register(self.peer, ROLE_PROVIDER, channel, os.urandom(16))
+
+    def write(self, data: bytes) -> None:
+        """Frames the router routes to this provider: requests (START, CHUNK, END) and give-ups (ERROR)."""
+        self.peer.bytes_out += len(data)  # what a connection's adapter counts, for /stats
+        starting = self.starting
+        for ftype, _flags, request_id, payload in self.decoder.frames(data):
+            if ftype == CHUNK:
+                held = starting.get(request_id)
+                if held is not None:
+                    held.append(payload)
+            elif ftype == END:
+                held = starting.pop(request_id, None)
+                if held is not None:
+                    self.owner.forward(self, request_id, held)
+            elif ftype == START:
+                starting[request_id] = [payload]  # the routing the answer must carry
+            elif ftype == ERROR:
+                # The router gave up on a request (its consumer's deadline, the consumer left, too large).
+                if starting.pop(request_id, None) is None:
+                    self.owner.abandoned(self, request_id)
+
+    def close(self) -> None:
+        self.owner.drop_relay(self.key)
+
+
+class _Serving:
+    """Another server's request, handed to this server's router through an inlet."""
+
+    __slots__ = ("origin", "rid", "parts", "cancelled")
+
+    def __init__(self, origin: str, rid: bytes) -> None:
+        self.origin = origin
+        self.rid = rid
+        self.parts: list[bytes] = []
+        self.cancelled = False  # its server gave up: the answer is dropped when it comes
+
+
+class _Inlet:
+    """A consumer record in the router for one channel: other servers' requests enter through it."""
+
+    __slots__ = ("owner", "channel", "client", "peer", "decoder", "waiting")
+
+    def __init__(self, owner: "ClusterRequests", channel: bytes) -> None:
+        self.owner = owner
+        self.channel = channel
+        self.client = os.urandom(16)
+        self.decoder = FrameDecoder()
+        self.waiting: dict[bytes, _Serving] = {}  # router request id -> the request, until the router answers
+        router = owner.router
+        self.peer = router.connect(self.write, _Transport("cluster", self.close), trusted=True)
+        self.peer.relay = True
+        router.register(self.peer, ROLE_CONSUMER, channel, self.client)
+
+    def write(self, data: bytes) -> None:
+        """Frames the router routes to this consumer: answers from the providers here, or errors."""
+        self.peer.bytes_out += len(data)  # what a connection's adapter counts, for /stats
+        waiting = self.waiting
+        owner = self.owner
+        for ftype, _flags, request_id, payload in self.decoder.frames(data):
+            if ftype == RESPONSE_CHUNK:
+                serving = waiting.get(request_id)
+                if serving is not None:
+                    serving.parts.append(payload)
+            elif ftype == RESPONSE_END:
+                serving = waiting.pop(request_id, None)
+                if serving is not None:
+                    parts = serving.parts
+                    owner.answered(serving, True, parts[0] if len(parts) == 1 else b"".join(parts))
+            elif ftype == ERROR:
+                serving = waiting.pop(request_id, None)
+                if serving is not None:
+                    owner.answered(serving, False, codec.error_message(payload))
+            elif ftype == RESPONSE:  # the legacy single frame, from an old provider
+                serving = waiting.pop(request_id, None)
+                if serving is not None:
+                    owner.answered(serving, True, payload[ROUTING_SIZE:])
+
+    def close(self) -> None:
+        self.owner.release(self.channel)
 
 
 class _Out:
-    __slots__ = ("deferred", "node", "size", "parts", "received", "born")
+    __slots__ = ("relay", "local", "routing", "size", "responding", "born")
 
-    def __init__(self, deferred: Deferred[bytes], node: str, size: int, born: int) -> None:
-        self.deferred = deferred
-        self.node = node
+    def __init__(self, relay: _Relay, local: bytes, routing: bytes, size: int, born: int) -> None:
+        self.relay = relay
+        self.local = local  # the router's request id
+        self.routing = routing
         self.size = size
-        self.parts: list[bytes] = []
-        self.received = 0
+        self.responding = False  # its RESPONSE_START was handed to the router
         self.born = born  # the sweep it was sent in (one timer for all: see _sweep)
 
 
@@ -77,7 +243,7 @@ class _In:
 class ClusterRequests:
     """Relays for the channels other servers hold; this server's inbox for theirs."""
 
-    def __init__(self, link: RedisLink, node: str, factory: Any, reactor: Any, *, prefix: str) -> None:
+    def __init__(self, link: Any, node: str, factory: Any, reactor: Any, *, prefix: str) -> None:
         self.link = link
         self.node = node
         self.factory = factory
@@ -85,15 +251,15 @@ class ClusterRequests:
         self.reactor = reactor
         self.prefix = prefix
         self.max_body = getattr(self.router, "max_body", 64 << 20)
-        self.relays: dict[tuple[str, bytes], Deferred[Provider]] = {}
-        self.relayed_by_channel: dict[bytes, int] = {}
+        self.relays: dict[tuple[str, bytes], _Relay] = {}
         self.relays_by_node: dict[str, int] = {}
-        self.consumers: dict[bytes, Deferred[Consumer]] = {}
-        self.ready: dict[bytes, Consumer] = {}  # the relay Consumers connected, by channel
-        self.out: dict[bytes, _Out] = {}
+        self.inlets: dict[bytes, _Inlet] = {}  # by channel, opened on first use
+        self.out: dict[bytes, _Out] = {}  # forwarded, by Redis request id
         self.out_bytes = 0
         self.incoming: dict[tuple[str, bytes], _In] = {}  # requests in pieces, (origin, rid)
-        self.serving: dict[tuple[str, bytes], Deferred[Any]] = {}  # requests sent to a local provider
+        self.serving: dict[tuple[str, bytes], _Serving] = {}  # handed to the router here, (origin, rid)
+        self.held_from: dict[str, int] = {}  # requests each other server has here (arriving or in the router)
+        self.bytes_from: dict[str, int] = {}  # bytes of each other server's requests being reassembled
         self.incomplete_timeout = INCOMPLETE_TIMEOUT
         self.in_bytes = 0
         self.forwarded = 0  # requests sent to other servers
@@ -101,16 +267,48 @@ class ClusterRequests:
         self.failed = 0  # forwarded requests that failed here (link down, overloaded, server gone)
         self.bad = 0  # inbox messages that were not ours to read
         self.cancelled = 0  # forwarded requests whose consumer gave up (deadline, left): the other server told
+        self.refused_from_one = 0  # requests refused because their server had MAX_FROM_ONE here already
         self._limiter = LogLimiter(reactor, summary_to(log))
         # Request ids: unique within this process's life (the registry tells a restart apart).
         self._rid_prefix = os.urandom(4).hex().encode("ascii")
         self._rids = itertools.count(1)
+        self._local_prefix = os.urandom(8)  # the router's ids for requests entering through inlets
+        self._locals = itertools.count(1)
         self._sweeps = 0
         self._sweeper: Any = None
-        self._endpoint = InProcessEndpoint(factory, reactor, label="cluster")
+        self._holding = False  # frames handed to the router wait for settle()
+        self._refusals: list[tuple[_Relay, bytes, bytes, str]] = []
+        self._refusing: Any = None
 
     def inbox(self, node: str) -> bytes:
         return f"{self.prefix}n:{node}".encode()
+
+    # -- handing frames to the router -------------------------------------------
+
+    def _inject(self, peer: Any, ftype: int, request_id: bytes, frame: bytes) -> None:
+        """Route one frame from a relay or an inlet; what it routes leaves at :meth:`settle`."""
+        peer.bytes_in += len(frame)
+        peer.frames_in += 1
+        router = self.router
+        outer = router.reading
+        if outer is not None and not self._holding:  # inside another connection's read: its flush
+            router.reading = peer
+            router.frame_received(peer, ftype, 0, request_id, frame)
+            router.reading = outer
+            return
+        self._holding = True
+        router.reading = peer
+        router.frame_received(peer, ftype, 0, request_id, frame)
+
+    def settle(self) -> None:
+        """Write what was handed to the router (the end of a Redis read, of a timer)."""
+        if self._holding:
+            self._holding = False
+            router = self.router
+            try:
+                router.flush()
+            finally:
+                router.reading = None
 
     # -- relays (registry callbacks) ------------------------------------------
 
@@ -119,94 +317,80 @@ class ClusterRequests:
         key = (node, channel)
         if key in self.relays:
             return
-        count = self.relayed_by_channel.get(channel, 0)
-        self.relayed_by_channel[channel] = count + 1
+        self.relays[key] = _Relay(self, node, channel)
         self.relays_by_node[node] = self.relays_by_node.get(node, 0) + 1
-        self.router.relayed.add(channel)
-
-        inbox = self.inbox(node)
-        head = b"q " + self.node.encode("utf-8") + b" "
-        tail = b" " + channel.hex().encode("ascii")
-
-        def handler(body: bytes) -> Deferred[bytes]:
-            return self.forward(node, channel, body, inbox, head, tail)
-
-        d = Provider.connect(self._endpoint, channel, handler=handler, reactor=self.reactor)
-        d.addCallbacks(_cancelling, self._relay_failed, errbackArgs=(key,))
-        self.relays[key] = d
-
-    def _relay_failed(self, failure: Any, key: tuple[str, bytes]) -> None:
-        if self.relays.get(key) is not None:
-            self._drop_relay(key)
-        if self._limiter.allow("relay failed"):
-            log.warn(
-                "cluster: cannot relay a channel to {node}: {e}",
-                node=shorten(key[0]),
-                e=shorten(failure.getErrorMessage()),
-            )
 
     def lose(self, node: str, channel: bytes) -> None:
         """``node`` holds ``channel`` no more (or is gone): its relay goes, its requests fail."""
         if (node, channel) in self.relays:
-            self._drop_relay((node, channel))
-        if node not in self.relays_by_node:  # its last relay: what was sent there will not come back
-            for rid in [rid for rid, entry in self.out.items() if entry.node == node]:
-                self._finish(rid, Relayed(errors.MSG_PEER_DISAPPEARED))
+            self.drop_relay((node, channel))
+        self.settle()
 
     def gone(self, node: str) -> None:
         """``node`` left the cluster (or restarted): what it sent here and was not answered goes."""
         for key in [key for key in self.incoming if key[0] == node]:
             self._drop_incoming(key)
         for key in [key for key in self.serving if key[0] == node]:
-            self.serving.pop(key).cancel()  # nobody there waits for the answer
-        for rid in [rid for rid, entry in self.out.items() if entry.node == node]:
-            self._finish(rid, Relayed(errors.MSG_PEER_DISAPPEARED))
+            self.serving.pop(key).cancelled = True  # nobody there waits for the answer
+        for rid in [rid for rid, entry in self.out.items() if entry.relay.node == node]:
+            self._fail(rid, errors.MSG_PEER_DISAPPEARED)
+        self.settle()
 
-    def _drop_relay(self, key: tuple[str, bytes]) -> None:
-        d = self.relays.pop(key)
-        node, channel = key
+    def drop_relay(self, key: tuple[str, bytes]) -> None:
+        """The relay goes: the router fails its requests in flight with ``peer disappeared``."""
+        relay = self.relays.pop(key, None)
+        if relay is None:
+            return
+        node = key[0]
         left = self.relays_by_node.get(node, 1) - 1
         if left:
             self.relays_by_node[node] = left
         else:
             self.relays_by_node.pop(node, None)
-        count = self.relayed_by_channel.get(channel, 1) - 1
-        if count:
-            self.relayed_by_channel[channel] = count
-        else:
-            self.relayed_by_channel.pop(channel, None)
-            self.router.relayed.discard(channel)
-        d.addCallback(lambda provider: provider.close()).addErrback(lambda _: None)
+        relay.live = False
+        relay.starting.clear()
+        for rid in list(relay.sent.values()):
+            if self._release(rid) is not None:
+                self.failed += 1
+        self.router.disconnected(relay.peer)
 
     # -- forwarding out -------------------------------------------------------
 
-    def forward(
-        self, node: str, channel: bytes, body: bytes, inbox: bytes = b"", head: bytes = b"", tail: bytes = b""
-    ) -> Deferred[bytes]:
-        """Send one request to ``node``; fires with its answer, or fails with the error to repeat.
-
-        ``inbox``, ``head``, ``tail``: ``node``'s inbox and the header around the
-        request id, computed once per relay rather than per request.
-        """
-        if not self.link.up:
-            self.failed += 1
-            return fail(ClusterDown(errors.MSG_PEER_DISAPPEARED))  # the link is down: as if the server went
+    def forward(self, relay: _Relay, local: bytes, held: list[bytes]) -> None:
+        """A whole request the router gave ``relay`` (``held``: its routing, then its body's pieces): send it."""
+        routing = held[0]
+        body = held[1] if len(held) == 2 else b"".join(held[1:])
+        if not self.link.up:  # the link is down: as if the server went
+            self._refuse(relay, local, routing, errors.MSG_PEER_DISAPPEARED)
+            return
         if len(self.out) >= MAX_IN_FLIGHT or self.out_bytes + len(body) > MAX_OUT_BYTES:
-            self.failed += 1
-            return fail(Relayed(errors.overloaded("too many requests in flight to other servers")))
+            self._refuse(relay, local, routing, errors.overloaded("too many requests in flight to other servers"))
+            return
         rid = b"%s%x" % (self._rid_prefix, next(self._rids))
-        d: Deferred[bytes] = Deferred(lambda _: self._cancel(rid))
-        self.out[rid] = _Out(d, node, len(body), self._sweeps)
+        self.out[rid] = _Out(relay, local, routing, len(body), self._sweeps)
+        relay.sent[local] = rid
         self.out_bytes += len(body)
         if self._sweeper is None:
             self._sweeper = self.reactor.callLater(RELAY_TIMEOUT / 2, self._sweep)
-        if not head:
-            inbox = self.inbox(node)
-            head = b"q " + self.node.encode("utf-8") + b" "
-            tail = b" " + channel.hex().encode("ascii")
-        self._send_chunks(inbox, head + rid + tail, body)
+        self._send_chunks(relay.inbox, relay.head + rid + relay.tail, body)
         self.forwarded += 1
-        return d
+
+    def _refuse(self, relay: _Relay, local: bytes, routing: bytes, message: str) -> None:
+        """Fail a request the router is handing over now: answered on the next turn, not inside its flush."""
+        self.failed += 1
+        self._refusals.append((relay, local, routing, message))
+        if self._refusing is None:
+            self._refusing = self.reactor.callLater(0, self._answer_refusals)
+
+    def _answer_refusals(self) -> None:
+        self._refusing = None
+        refusals, self._refusals = self._refusals, []
+        for relay, local, routing, message in refusals:
+            if relay.live:
+                self._inject(
+                    relay.peer, ERROR, local, codec.encode_frame(ERROR, local, codec.error_payload(message, routing))
+                )
+        self.settle()
 
     def _sweep(self) -> None:
         """One timer for every request sent: an answer lost on the way fails within 1-1.5 x RELAY_TIMEOUT."""
@@ -214,58 +398,64 @@ class ClusterRequests:
         self._sweeps += 1
         oldest = self._sweeps - 3
         for rid in [rid for rid, entry in self.out.items() if entry.born <= oldest]:
-            self._finish(rid, Relayed(errors.MSG_TIMED_OUT))
+            self._fail(rid, errors.MSG_TIMED_OUT)
+        self.settle()
         if self.out:
             self._sweeper = self.reactor.callLater(RELAY_TIMEOUT / 2, self._sweep)
 
     def _send_chunks(self, inbox: bytes, head: bytes, body: bytes) -> None:
         send = self.link.send
         end = len(body)
-        if end <= CHUNK:  # the common case: one piece
+        if end <= CHUNK_BYTES:  # the common case: one piece
             send(b"SPUBLISH", inbox, head + b" 0\n" + body)
             return
         view = memoryview(body)
         start = 0
         while True:
-            stop = min(start + CHUNK, end)
+            stop = min(start + CHUNK_BYTES, end)
             more = b" 1\n" if stop < end else b" 0\n"
             send(b"SPUBLISH", inbox, head + more + view[start:stop])
             if stop >= end:
                 return
             start = stop
 
-    def _release(self, rid: bytes) -> Any:
+    def _release(self, rid: bytes) -> Optional[_Out]:
         entry = self.out.pop(rid, None)
         if entry is None:
             return None
         self.out_bytes -= entry.size
-        self.in_bytes -= entry.received
+        entry.relay.sent.pop(entry.local, None)
         return entry
 
-    def _cancel(self, rid: bytes) -> None:
-        """The consumer gave up (its deadline, it left: the router told the relay): free the
-        request here and tell the other server, which stops waiting for its provider."""
-        entry = self._release(rid)
-        if entry is None:
+    def abandoned(self, relay: _Relay, local: bytes) -> None:
+        """The router gave up on a request (its consumer's deadline, it left): free it here and tell
+        the other server, which stops waiting for its provider."""
+        rid = relay.sent.get(local)
+        if rid is None or self._release(rid) is None:
             return
         self.cancelled += 1
         if self.link.up:
             head = b"c " + self.node.encode("utf-8") + b" " + rid + b" -"
-            self._send_chunks(self.inbox(entry.node), head, b"")
+            self._send_chunks(relay.inbox, head, b"")
 
-    def _finish(self, rid: bytes, result: Any) -> None:
+    def _fail(self, rid: bytes, message: str) -> None:
         entry = self._release(rid)
         if entry is None:
             return
-        if isinstance(result, BaseException):
-            self.failed += 1
-            entry.deferred.errback(result)
-        else:
-            entry.deferred.callback(result)
+        self.failed += 1
+        if entry.relay.live:
+            local = entry.local
+            self._inject(
+                entry.relay.peer,
+                ERROR,
+                local,
+                codec.encode_frame(ERROR, local, codec.error_payload(message, entry.routing)),
+            )
 
     # -- the inbox ------------------------------------------------------------
 
     def message(self, data: bytes) -> None:
+        """One message on this server's inbox (the link's reader calls :meth:`settle` after each read)."""
         newline = data.find(b"\n", 0, 512)
         fields = data[:newline].split(b" ") if newline > 0 else []
         if len(fields) != 5 or fields[0] not in (b"q", b"r", b"c") or fields[4] not in (b"0", b"1"):
@@ -285,30 +475,46 @@ class ClusterRequests:
         """The asking server's consumer gave up: its pieces or its wait for a provider here go."""
         key = (origin, rid)
         self._drop_incoming(key)
-        d = self.serving.pop(key, None)
-        if d is not None:
-            d.cancel()
+        serving = self.serving.pop(key, None)
+        if serving is not None:
+            serving.cancelled = True  # the router here ends it by its deadline or the provider's answer
 
     def _answer_chunk(self, origin: str, rid: bytes, status: bytes, more: bool, chunk: bytes) -> None:
         entry = self.out.get(rid)
         if entry is None:
-            return  # timed out, or the server went: dropped
-        if entry.node != origin:
+            return  # timed out, given up, or the server went: dropped
+        relay = entry.relay
+        if relay.node != origin:
             self.bad += 1  # only the server asked answers
             return
-        entry.parts.append(chunk)
-        entry.received += len(chunk)
-        self.in_bytes += len(chunk)
-        if entry.received > self.max_body or self.in_bytes > MAX_IN_BYTES:
-            self._finish(rid, Relayed(errors.too_large("response", "larger than this server accepts")))
+        peer = relay.peer
+        local = entry.local
+        if status != b"ok":  # an error: its text, bounded as a provider's ERROR would be
+            self._release(rid)
+            text = chunk[:MAX_ERROR_TEXT].decode("utf-8", "replace")
+            self._inject(peer, ERROR, local, codec.encode_frame(ERROR, local, codec.error_payload(text, entry.routing)))
             return
-        if more:
-            return
-        answer = b"".join(entry.parts)
-        if status == b"ok":
-            self._finish(rid, answer)
-        else:
-            self._finish(rid, Relayed(answer[:MAX_ERROR_TEXT].decode("utf-8", "replace")))
+        if not entry.responding:
+            entry.responding = True
+            self._inject(
+                peer,
+                RESPONSE_START,
+                local,
+                _pack_header(_VERSION, RESPONSE_START, 0, local, ROUTING_SIZE) + entry.routing,
+            )
+        size = len(chunk)
+        if size:  # each piece as it comes (no reassembly here); the router bounds the whole by --max-body
+            if size <= MAX_PAYLOAD:
+                self._inject(
+                    peer, RESPONSE_CHUNK, local, _pack_header(_VERSION, RESPONSE_CHUNK, 0, local, size) + chunk
+                )
+            else:  # larger than a frame: not from a pulsyflux server, but still cut to frames
+                for start in range(0, size, MAX_PAYLOAD):
+                    piece = chunk[start : start + MAX_PAYLOAD]
+                    frame = _pack_header(_VERSION, RESPONSE_CHUNK, 0, local, len(piece)) + piece
+                    self._inject(peer, RESPONSE_CHUNK, local, frame)
+        if not more and self._release(rid) is not None:
+            self._inject(peer, RESPONSE_END, local, _pack_header(_VERSION, RESPONSE_END, 0, local, 0))
 
     def _request_chunk(self, origin: str, rid: bytes, channel_hex: bytes, more: bool, chunk: bytes) -> None:
         key = (origin, rid)
@@ -320,6 +526,10 @@ class ClusterRequests:
             if len(self.incoming) + len(self.serving) >= MAX_IN_FLIGHT:
                 self._reply(origin, rid, False, errors.overloaded("too many requests from other servers"))
                 return
+            if self.held_from.get(origin, 0) >= MAX_FROM_ONE:
+                self.refused_from_one += 1
+                self._reply(origin, rid, False, self._too_many_from_one())
+                return
             if not more:  # the common case: the whole request in one piece
                 if len(chunk) > self.max_body or self.in_bytes + len(chunk) > MAX_IN_BYTES:
                     self._reply(origin, rid, False, errors.too_large("request", "larger than this server accepts"))
@@ -328,18 +538,37 @@ class ClusterRequests:
                 return
             # The rest must come within incomplete_timeout, or the pieces go.
             held = self.incoming[key] = _In(self.reactor.callLater(self.incomplete_timeout, self._stale, key))
+            self._count(origin, 1)
         held.parts.append(chunk)
         held.size += len(chunk)
         self.in_bytes += len(chunk)
-        if held.size > self.max_body or self.in_bytes > MAX_IN_BYTES:
+        from_one = self.bytes_from[origin] = self.bytes_from.get(origin, 0) + len(chunk)
+        if held.size > self.max_body or self.in_bytes > MAX_IN_BYTES or from_one > MAX_IN_BYTES_FROM_ONE:
             self._drop_incoming(key)
-            self._reply(origin, rid, False, errors.too_large("request", "larger than this server accepts"))
+            if from_one > MAX_IN_BYTES_FROM_ONE and held.size <= self.max_body:
+                self.refused_from_one += 1
+                self._reply(origin, rid, False, self._too_many_from_one())
+            else:
+                self._reply(origin, rid, False, errors.too_large("request", "larger than this server accepts"))
             return
         if more:
             return
         body = b"".join(held.parts)
         self._drop_incoming(key)
         self._serve(origin, rid, channel_hex, body)
+
+    def _too_many_from_one(self) -> str:
+        return errors.overloaded(
+            f"server {self.node} holds as many requests from this server as it takes from one"
+            f" ({MAX_FROM_ONE} requests, {MAX_IN_BYTES_FROM_ONE >> 20} MiB arriving)"
+        )
+
+    def _count(self, origin: str, step: int) -> None:
+        left = self.held_from.get(origin, 0) + step
+        if left > 0:
+            self.held_from[origin] = left
+        else:
+            self.held_from.pop(origin, None)
 
     def _stale(self, key: tuple[str, bytes]) -> None:
         if self.incoming.get(key) is not None:
@@ -356,61 +585,56 @@ class ClusterRequests:
         if len(channel) != 16:
             self.bad += 1
             return
-        key = (origin, rid)
-        consumer = self.ready.get(channel)
-        if consumer is not None:  # the common case: no Deferred but send()'s
-            d: Deferred[Any] = consumer.send(body, timeout=RELAY_TIMEOUT)
-        else:
-            d = self._consumer(channel).addCallback(lambda consumer: consumer.send(body, timeout=RELAY_TIMEOUT))
-        self.serving[key] = d
-        d.addCallbacks(self._served, self._not_served, callbackArgs=(key,), errbackArgs=(key,))
+        inlet = self.inlets.get(channel)
+        if inlet is None:
+            inlet = self.inlets[channel] = _Inlet(self, channel)
+        local = self._local_prefix + next(self._locals).to_bytes(8, "big")
+        serving = _Serving(origin, rid)
+        inlet.waiting[local] = serving
+        self.serving[(origin, rid)] = serving
+        self._count(origin, 1)
+        peer = inlet.peer
+        start = _pack_start(
+            _VERSION, START, 0, local, _METADATA_SIZE, ROLE_CONSUMER, _RELAY_TIMEOUT_MS, inlet.client, channel
+        )
+        self._inject(peer, START, local, start)
+        size = len(body)
+        if size:
+            if size <= MAX_PAYLOAD:
+                self._inject(peer, CHUNK, local, _pack_header(_VERSION, CHUNK, 0, local, size) + body)
+            else:
+                view = memoryview(body)
+                for offset in range(0, size, MAX_PAYLOAD):
+                    piece = view[offset : offset + MAX_PAYLOAD]
+                    self._inject(peer, CHUNK, local, _pack_header(_VERSION, CHUNK, 0, local, len(piece)) + piece)
+        self._inject(peer, END, local, _pack_header(_VERSION, END, 0, local, 0))
 
-    def _served(self, answer: bytes, key: tuple[str, bytes]) -> None:
-        if self.serving.pop(key, None) is not None:
-            self._reply(key[0], key[1], True, answer)
-
-    def _not_served(self, failure: Failure, key: tuple[str, bytes]) -> None:
-        if self.serving.pop(key, None) is not None:  # else cancelled: nobody waits for it
-            self._reply(key[0], key[1], False, str(failure.value) or type(failure.value).__name__)
+    def answered(self, serving: _Serving, ok: bool, answer: Any) -> None:
+        """The router here answered an inlet's request (a provider's answer, or an error)."""
+        self._count(serving.origin, -1)
+        if serving.cancelled:
+            return  # nobody waits for it
+        self.serving.pop((serving.origin, serving.rid), None)
+        if ok:
+            self.served += 1
+        self._reply(serving.origin, serving.rid, ok, answer)
 
     def _drop_incoming(self, key: tuple[str, bytes]) -> None:
         held = self.incoming.pop(key, None)
         if held is not None:
+            origin = key[0]
             self.in_bytes -= held.size
+            left = self.bytes_from.get(origin, 0) - held.size
+            if left > 0:
+                self.bytes_from[origin] = left
+            else:
+                self.bytes_from.pop(origin, None)
+            self._count(origin, -1)
             if held.timer is not None and held.timer.active():
                 held.timer.cancel()
 
-    def _consumer(self, channel: bytes) -> Deferred[Consumer]:
-        """The relay Consumer for ``channel`` (one per channel, opened on first use)."""
-        d = self.consumers.get(channel)
-        if d is None:
-            d = self.consumers[channel] = Consumer.connect(self._endpoint, channel, reactor=self.reactor)
-
-            def connected(consumer: Consumer) -> Consumer:
-                if self.consumers.get(channel) is d:  # not released meanwhile
-                    self.ready[channel] = consumer
-                return consumer
-
-            def failed(failure: Any) -> Any:
-                self.consumers.pop(channel, None)
-                return failure
-
-            d.addCallbacks(connected, failed)  # may run now: the in-process connection can be made at once
-        out: Deferred[Consumer] = Deferred()  # each caller its own: d's result stays the Consumer
-
-        def passed(result: Any) -> Any:
-            if isinstance(result, Failure):
-                out.errback(result)
-            else:
-                out.callback(result)
-            return result
-
-        d.addBoth(passed)
-        return out
-
     def _reply(self, origin: str, rid: bytes, ok: bool, answer: Any) -> None:
         if ok:
-            self.served += 1
             body = bytes(answer)
         else:
             body = bound_error_text(str(answer))  # what a Provider would put in its ERROR frame
@@ -420,27 +644,33 @@ class ClusterRequests:
         self._send_chunks(self.inbox(origin), head, body)
 
     def release(self, channel: bytes) -> None:
-        """No provider here holds ``channel`` any more: its relay Consumer goes."""
-        self.ready.pop(channel, None)
-        d = self.consumers.pop(channel, None)
-        if d is not None:
-            d.addCallback(lambda consumer: consumer.close()).addErrback(lambda _: None)
+        """No provider here holds ``channel`` any more: its inlet goes, and what waited there fails."""
+        inlet = self.inlets.pop(channel, None)
+        if inlet is None:
+            return
+        waiting, inlet.waiting = inlet.waiting, {}
+        self.router.disconnected(inlet.peer)
+        for serving in waiting.values():
+            self.answered(serving, False, errors.MSG_PEER_DISAPPEARED)
 
     def stop(self) -> None:
         if self._sweeper is not None and self._sweeper.active():
             self._sweeper.cancel()
         self._sweeper = None
+        if self._refusing is not None and self._refusing.active():
+            self._refusing.cancel()
+        self._refusing = None
+        self._refusals.clear()
         for key in list(self.relays):
-            self._drop_relay(key)
-        for channel in list(self.consumers):
+            self.drop_relay(key)  # the router fails what each had in flight
+        for channel in list(self.inlets):
             self.release(channel)
-        for rid in list(self.out):
-            self._finish(rid, Relayed(errors.MSG_PEER_DISAPPEARED))
         for key in list(self.incoming):
             self._drop_incoming(key)
-        for d in list(self.serving.values()):
-            d.cancel()
+        for serving in self.serving.values():
+            serving.cancelled = True
         self.serving.clear()
+        self.settle()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -452,11 +682,6 @@ class ClusterRequests:
             "requests_cancelled": self.cancelled,
             "requests_serving": len(self.serving),
             "requests_arriving": len(self.incoming),
+            "requests_refused_from_one": self.refused_from_one,
             "bad_inbox": self.bad,
         }
-
-
-def _cancelling(provider: Provider) -> Provider:
-    """A relay cancels its wait (and tells the other server) when the router gives up on a request."""
-    provider.cancel_abandoned = True
-    return provider

@@ -90,13 +90,14 @@ _unpack_metadata_from = codec.METADATA.unpack_from
 RegistryKey = tuple[int, bytes, bytes]  # (role, channel id, client id)
 
 ROLE_NAMES = {ROLE_CONSUMER: "consumer", ROLE_PROVIDER: "provider"}
+RELAY_ROLE = "cluster relay"  # the role stats give a cluster relay's record (see Peer.relay)
 
 
 class Census(NamedTuple):
     """What :meth:`Router.census` counts: connections by role, channels, requests (never a channel id)."""
 
-    open: int  # client connections open now (the server's own broker's are not counted: see by_role)
-    by_role: dict[str, int]  # "consumer", "provider", "unregistered", "broker" -> connections
+    open: int  # client connections open now (the server's own broker's and relays are not: see by_role)
+    by_role: dict[str, int]  # "consumer", "provider", "unregistered", "broker", "cluster relay" -> connections
     channels: int  # channels some connection registered on
     with_providers: int  # of those, channels with a provider
     without_provider: int  # channels with consumers only
@@ -215,6 +216,7 @@ class Peer:
         "assigned",
         "flow",
         "trusted",
+        "relay",
         "identity",
         "write",
         "transport",
@@ -232,6 +234,9 @@ class Peer:
         self.write = write
         self.transport = transport
         self.trusted = trusted
+        # A cluster relay (pulsyflux.cluster.requests): a provider record for a channel another server
+        # holds, or the consumer record other servers' requests enter through. Trusted too.
+        self.relay = False
         self.identity: Optional[Identity] = None  # the verified token's Identity (pulsyflux.auth.gate); None: anonymous
         self.key: Optional[RegistryKey] = None
         self.bytes_in = self.bytes_out = self.frames_in = self.frames_out = 0
@@ -328,9 +333,6 @@ class Router:
         # Told when a channel gains its first provider from outside, or loses its last
         # (the cluster advertises the channels this server holds: pulsyflux.cluster.requests).
         self.on_channel: Optional[Callable[[bytes, bool], None]] = None
-        # Channels with providers on other servers of the cluster (relays, in-process): a request a
-        # relay brought from elsewhere is served by this server's own providers only, never sent on.
-        self.relayed: set[bytes] = set()
         self.requests: dict[bytes, _InFlight] = {}
         self.deadlines = Deadlines(clock, self.requests, self._expire)  # one timer, not one per request
         self.peers: set[Peer] = set()  # every connected peer
@@ -462,11 +464,11 @@ class Router:
             if self.on_channel is not None and not conn.trusted and not _any_outside(providers or ()):
                 self.on_channel(channel, False)
 
-    def _pick_outside(self, channel: bytes) -> Optional[Peer]:
-        """The next provider of ``channel`` that is not the server's own (not a cluster relay)."""
+    def _pick_here(self, channel: bytes) -> Optional[Peer]:
+        """The next provider of ``channel`` on this server (not a cluster relay to another)."""
         for _ in range(len(self.providers.get(channel, ()))):
             provider = self.pick_provider(channel)
-            if provider is not None and not provider.trusted:
+            if provider is not None and not provider.relay:
                 return provider
         return None
 
@@ -550,13 +552,14 @@ class Router:
 
     def census(self) -> Census:
         """Count the connections by role and the channels they use, for stats (no id leaves here)."""
-        roles = {"consumer": 0, "provider": 0, "unregistered": 0, "broker": 0}
+        roles = {"consumer": 0, "provider": 0, "unregistered": 0, "broker": 0, RELAY_ROLE: 0}
         consumers: set[bytes] = set()
         providers: set[bytes] = set()
         for conn in self.peers:
             key = conn.key
             if conn.trusted:
-                roles["broker"] += 1  # the server's own broker: not a client, and its channels are its own
+                # The server's own broker, or a cluster relay: not clients, and their channels are not theirs.
+                roles[RELAY_ROLE if conn.relay else "broker"] += 1
                 continue
             if key is None:
                 roles["unregistered"] += 1
@@ -566,7 +569,7 @@ class Router:
             roles[name] = roles.get(name, 0) + 1
             (providers if role == ROLE_PROVIDER else consumers).add(channel)
         return Census(
-            open=len(self.peers) - roles["broker"],
+            open=len(self.peers) - roles["broker"] - roles[RELAY_ROLE],
             by_role=roles,
             channels=len(consumers | providers),
             with_providers=len(providers),
@@ -588,7 +591,7 @@ class Router:
         for peer in sorted(shown, key=_traffic, reverse=True):
             key = peer.key
             if peer.trusted:
-                role = "broker"
+                role = RELAY_ROLE if peer.relay else "broker"
             elif key is None:
                 role = "unregistered"
             else:
@@ -724,8 +727,8 @@ class Router:
             self._server_error(conn, request_id, message, routing)
             return
         provider = self.pick_provider(channel)
-        if provider is not None and provider.trusted and conn.trusted and channel in self.relayed:
-            provider = self._pick_outside(channel)  # a request relayed from another server stays here
+        if provider is not None and provider.relay and conn.relay:
+            provider = self._pick_here(channel)  # a request relayed from another server stays here
         if provider is None or (channel in self.guarded and not conn.trusted):
             self._server_error(conn, request_id, errors.MSG_PEER_DISAPPEARED, routing)
             return

@@ -73,6 +73,7 @@ class ServerWithHTTPForATest(unittest.TestCase):
         self.assertEqual(response.code, 200)
         # An idle server: its own broker's two connections, shown apart from clients.
         self.assertEqual(
-            body["server"]["connections"]["by_role"], {"consumer": 0, "provider": 0, "unregistered": 0, "broker": 2}
+            body["server"]["connections"]["by_role"],
+            {"consumer": 0, "provider": 0, "unregistered": 0, "broker": 2, "cluster relay": 0},
         )
         self.assertEqual(body["broker"]["published"], 0)
