@@ -27,21 +27,32 @@ def pytest_collection_finish(session):
 
     It takes seconds (build the sdist, the wheel from it, install that offline), mostly
     waiting on child processes: done beside the other tests, not before
-    test_install's first one. The ``wheel_bin`` fixture waits for it.
+    test_install's first one. The ``wheel_bin`` fixture waits for it. The README's
+    install commands (``readme_installs``, seconds of pip) follow it in the same thread.
     """
     if any(item.nodeid.startswith("tests/test_install.py") for item in session.items):
-        from .twistd_process import build_wheel_venv
+        from .twistd_process import ReadmeInstalls, build_wheel_venv
 
         root = Path(tempfile.mkdtemp(prefix="pulsyflux-wheel-"))
         _wheel_build["root"] = root
-        _wheel_build["future"] = concurrent.futures.ThreadPoolExecutor(1).submit(build_wheel_venv, root)
+        executor = concurrent.futures.ThreadPoolExecutor(1)  # one job after the other: the second needs the first
+        _wheel_build["future"] = executor.submit(build_wheel_venv, root)
+        if any("test_readme_install_commands" in item.nodeid for item in session.items):
+            _wheel_build["readme"] = executor.submit(_after_the_wheel, ReadmeInstalls, root)
+        executor.shutdown(wait=False)
+
+
+def _after_the_wheel(job, root):
+    _wheel_build["future"].result()  # its failure is the wheel's, reported by ``wheel_bin``
+    return job(root)
 
 
 def pytest_sessionfinish(session):
     root = _wheel_build.pop("root", None)
-    future = _wheel_build.pop("future", None)
-    if future is not None:
-        future.exception()  # let the build end before its folder goes
+    for name in ("future", "readme"):
+        future = _wheel_build.pop(name, None)
+        if future is not None:
+            future.exception()  # let the build end before its folder goes
     if root is not None:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -67,6 +78,18 @@ def dists(wheel_bin):
     [sdist] = dist.glob("pulsyflux-*.tar.gz")
     [wheel] = dist.glob("pulsyflux-*.whl")
     return sdist, wheel
+
+
+@pytest.fixture(scope="session")
+def readme_installs(dists):
+    """A :class:`~tests.twistd_process.ReadmeInstalls`: made beside the other tests when test_install runs."""
+    future = _wheel_build.get("readme")
+    if future is None:  # not selected at collection
+        from .twistd_process import ReadmeInstalls
+
+        _wheel_build["readme"] = future = concurrent.futures.Future()
+        future.set_result(ReadmeInstalls(_wheel_build["root"]))
+    return future.result()
 
 
 @pytest.fixture

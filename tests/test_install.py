@@ -11,15 +11,14 @@ from __future__ import annotations
 import subprocess
 import tarfile
 import uuid
-from pathlib import Path
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from pulsyflux import Consumer, Provider
+from pulsyflux import Consumer, NoProviderError, Provider
 
-from .twistd_process import REPO, bare_venv, pip_install, spawn_twistd
+from .twistd_process import REPO, spawn_twistd
 
 
 def test_plugin_is_known_after_install(wheel_bin, tmp_path):
@@ -27,26 +26,6 @@ def test_plugin_is_known_after_install(wheel_bin, tmp_path):
         [str(wheel_bin / "twistd"), "pulsyflux", "--help"], capture_output=True, text=True, cwd=tmp_path, check=True
     )
     assert "--port" in result.stdout
-
-
-@pytest_twisted.ensureDeferred
-async def test_twistd_serves_requests_and_stops_on_sigterm(wheel_bin, tmp_path):
-    proc = spawn_twistd(wheel_bin, tmp_path, "--port", "tcp:0:interface=127.0.0.1")
-    try:
-        address = await proc.listening
-        assert address.startswith("127.0.0.1:")
-        channel = uuid.uuid4()
-        provider = await Provider.connect(address, channel, handler=lambda data: b"from twistd: " + data)
-        consumer = await Consumer.connect(address, channel)
-        assert await consumer.send(b"hi") == b"from twistd: hi"
-        await consumer.close()
-        await provider.close()
-    finally:
-        clean = await proc.terminate()
-    assert clean, proc.output
-    # The install's twisted/plugins cache cannot be written (as for a user of a
-    # root-owned install): Twisted says so at every start unless silenced.
-    assert "plugin cache" not in proc.output
 
 
 @pytest_twisted.ensureDeferred
@@ -79,12 +58,20 @@ async def test_unix_socket_endpoint(wheel_bin, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_twistd_runs_the_broker_for_other_processes(wheel_bin, tmp_path):
+async def test_twistd_serves_requests_and_the_broker_and_stops_on_sigterm(wheel_bin, tmp_path):
+    """One twistd for both (a start costs a Python and a Twisted import): requests, then pub/sub."""
     from pulsyflux import BrokerClient, Message
 
     proc = spawn_twistd(wheel_bin, tmp_path, "--port", "tcp:0:interface=127.0.0.1")
     try:
         address = await proc.listening
+        assert address.startswith("127.0.0.1:")
+        channel = uuid.uuid4()
+        provider = await Provider.connect(address, channel, handler=lambda data: b"from twistd: " + data)
+        consumer = await Consumer.connect(address, channel)
+        assert await consumer.send(b"hi") == b"from twistd: hi"
+        await consumer.close()
+        await provider.close()
         subscriber = await BrokerClient.connect(address)  # the default broker channel
         publisher = await BrokerClient.connect(address)
         sub = await subscriber.subscribe("e2e")
@@ -97,42 +84,39 @@ async def test_twistd_runs_the_broker_for_other_processes(wheel_bin, tmp_path):
     # The broker ended the subscription when twistd shut down.
     assert [msg async for msg in sub] == []
     await subscriber.close()
+    assert "pulsyflux broker on channel" in proc.output  # what test_twistd_without_the_broker looks for
+    # The install's twisted/plugins cache cannot be written (as for a user of a
+    # root-owned install): Twisted says so at every start unless silenced.
+    assert "plugin cache" not in proc.output
 
 
 @pytest_twisted.ensureDeferred
 async def test_twistd_without_the_broker(wheel_bin, tmp_path):
-    from pulsyflux import BrokerClient, NoProviderError
+    from pulsyflux.broker.link import DEFAULT_BROKER_CHANNEL
 
     proc = spawn_twistd(wheel_bin, tmp_path, "--port", "tcp:0:interface=127.0.0.1", "--no-broker")
     try:
         address = await proc.listening
-        with pytest.raises(NoProviderError, match="no broker"):
-            await BrokerClient.connect(address)  # nobody answers on the default broker channel
+        # Nobody answers on the default broker channel (one request: BrokerClient.connect would retry
+        # for a second, in case a broker had only just connected)...
+        consumer = await Consumer.connect(address, DEFAULT_BROKER_CHANNEL)
+        with pytest.raises(NoProviderError):
+            await consumer.send(b"[]")
+        await consumer.close()
     finally:
         assert await proc.terminate(), proc.output
+    # ...and none came later: twistd never started one.
+    assert "pulsyflux broker on channel" not in proc.output
 
 
 @pytest_twisted.ensureDeferred
 async def test_installed_console_script_and_http_api(wheel_bin, tmp_path):
-    """The wheel's ``pulsyflux`` command against ``twistd pulsyflux --http``; its pytest plugin is registered."""
+    """The wheel's ``pulsyflux`` command against ``twistd pulsyflux --http``."""
     import json
     import socket
 
     from twisted.internet import threads
 
-    plugins = subprocess.run(
-        [
-            str(wheel_bin / "python"),
-            "-c",
-            # Python 3.9 has no entry_points(group=...): the distribution's own list works everywhere.
-            "from importlib.metadata import distribution as d;"
-            " print([p.value for p in d('pulsyflux').entry_points if p.group == 'pytest11'])",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "pulsyflux.pytest_plugin" in plugins.stdout
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         http_port = probe.getsockname()[1]
@@ -179,48 +163,19 @@ def test_twistd_exits_with_a_clear_error_when_its_port_is_taken(wheel_bin, tmp_p
     assert "Traceback" not in output and "Unhandled" not in output
 
 
-def _plugin_and_package(bindir: Path, cwd: Path) -> tuple[str, str]:
-    """Where that virtualenv's twistd finds the pulsyflux plugin and package, run from ``cwd``.
-
-    Parses ``twistd pulsyflux`` as twistd does ("Unknown command: pulsyflux" if
-    it is not found), in one process rather than one per question.
-    """
-    script = (
-        "from twisted.scripts.twistd import ServerOptions; ServerOptions().parseOptions(['pulsyflux']);"
-        " import pulsyflux, twisted.plugins.pulsyflux_plugin as p; print(p.__file__); print(pulsyflux.__file__)"
-    )
-    where = subprocess.run([str(bindir / "python"), "-c", script], capture_output=True, text=True, cwd=cwd)
-    assert where.returncode == 0, where.stdout + where.stderr
-    plugin, package = where.stdout.split()
-    return plugin, package
-
-
 @pytest_twisted.ensureDeferred
-async def test_readme_install_commands_work_in_either_order(dists, tmp_path):
+async def test_readme_install_commands_work_in_either_order(readme_installs):
     """``pip install -e .`` and ``pip install .`` (the README's two commands): twistd knows
-    pulsyflux after each, whichever came first, run from another directory."""
-    sdist, wheel = dists
-    with tarfile.open(sdist) as archive:
-        # The "data" filter exists from Python 3.9.17 (PyPy 3.9 is 3.9.16); our own sdist is trusted anyway.
-        extract = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        archive.extractall(tmp_path, **extract)
-    [clone] = tmp_path.glob("pulsyflux-*")
-    bindir = bare_venv(tmp_path / "venv")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    site = str(tmp_path / "venv" / "lib")
+    pulsyflux after each, whichever came first, run from another directory.
 
-    pip_install(bindir, "-e", str(clone))  # the second command first
-    plugin, package = _plugin_and_package(bindir, elsewhere)
-    assert plugin.startswith(str(clone)) and package.startswith(str(clone))
-    pip_install(bindir, str(wheel))  # then the first
-    plugin, package = _plugin_and_package(bindir, elsewhere)
-    assert plugin.startswith(site) and package.startswith(site)
-    pip_install(bindir, "-e", str(clone))  # and the second after the first
-    plugin, package = _plugin_and_package(bindir, elsewhere)
-    assert plugin.startswith(str(clone)) and package.startswith(str(clone))
+    (The installs run beside the other tests: see ``readme_installs`` in conftest.)"""
+    clone, site = str(readme_installs.clone), readme_installs.site
+    editable, wheel, editable_again = readme_installs.places
+    assert editable[0].startswith(clone) and editable[1].startswith(clone)  # the second command first
+    assert wheel[0].startswith(site) and wheel[1].startswith(site)  # then the first
+    assert editable_again[0].startswith(clone) and editable_again[1].startswith(clone)  # and the second again
 
-    proc = spawn_twistd(bindir, elsewhere, "--port", "tcp:0:interface=127.0.0.1")
+    proc = spawn_twistd(readme_installs.bindir, readme_installs.elsewhere, "--port", "tcp:0:interface=127.0.0.1")
     try:
         assert (await proc.listening).startswith("127.0.0.1:")
     finally:
@@ -249,18 +204,22 @@ def test_sdist_holds_the_tests_docs_and_license(dists):
     assert "tests/conftest.py" in shipped and "tests/data/wire-vectors.txt" in shipped  # what the issue found missing
 
 
-def test_metadata_names_the_license_and_its_file(wheel_bin):
+def test_metadata_names_the_license_its_file_and_the_pytest_plugin(wheel_bin):
     shown = subprocess.run(
         [
             str(wheel_bin / "python"),
             "-c",
             "from importlib.metadata import metadata as m; d = m('pulsyflux');"
-            " print(d['License-Expression'] or d['License']); print(d.get_all('License-File')); print(d['Author'])",
+            " print(d['License-Expression'] or d['License']); print(d.get_all('License-File')); print(d['Author']);"
+            # Python 3.9 has no entry_points(group=...): the distribution's own list works everywhere.
+            " from importlib.metadata import distribution as dist;"
+            " print([p.value for p in dist('pulsyflux').entry_points if p.group == 'pytest11'])",
         ],
         capture_output=True,
         text=True,
         check=True,
     )
-    license_name, files, author = shown.stdout.splitlines()
+    license_name, files, author, plugins = shown.stdout.splitlines()
     assert license_name == "MIT" and "LICENSE" in files and author
+    assert plugins == "['pulsyflux.pytest_plugin']"  # pytest finds the plugin in the installed wheel
     assert "MIT License" in (REPO / "LICENSE").read_text()

@@ -102,6 +102,53 @@ def build_wheel_venv(root: Path) -> Path:
     return bindir
 
 
+def plugin_and_package(bindir: Path, cwd: Path) -> tuple[str, str]:
+    """Where that virtualenv's twistd finds the pulsyflux plugin and package, run from ``cwd``.
+
+    Parses ``twistd pulsyflux`` as twistd does ("Unknown command: pulsyflux" if
+    it is not found), in one process rather than one per question.
+    """
+    script = (
+        "from twisted.scripts.twistd import ServerOptions; ServerOptions().parseOptions(['pulsyflux']);"
+        " import pulsyflux, twisted.plugins.pulsyflux_plugin as p; print(p.__file__); print(pulsyflux.__file__)"
+    )
+    where = subprocess.run([str(bindir / "python"), "-c", script], capture_output=True, text=True, cwd=cwd)
+    if where.returncode:
+        raise RuntimeError(f"twistd does not find pulsyflux from {cwd}:\n{where.stdout}{where.stderr}")
+    plugin, package = where.stdout.split()
+    return plugin, package
+
+
+class ReadmeInstalls:
+    """The README's two install commands run in either order in one virtualenv (``readme_installs``).
+
+    ``places`` holds where twistd found the plugin and the package after
+    each step: ``pip install -e`` of the unpacked sdist (``clone``), then
+    ``pip install`` of the wheel, then ``-e`` again.
+    """
+
+    def __init__(self, root: Path) -> None:
+        import tarfile
+
+        [sdist] = (root / "dist").glob("pulsyflux-*.tar.gz")
+        [wheel] = (root / "dist").glob("pulsyflux-*.whl")
+        here = root / "readme"
+        here.mkdir()
+        with tarfile.open(sdist) as archive:
+            # The "data" filter exists from Python 3.9.17 (PyPy 3.9 is 3.9.16); our own sdist is trusted anyway.
+            extract = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            archive.extractall(here, **extract)
+        [self.clone] = here.glob("pulsyflux-*")
+        self.bindir = bare_venv(here / "venv")
+        self.site = str(here / "venv" / "lib")
+        self.elsewhere = here / "elsewhere"
+        self.elsewhere.mkdir()
+        self.places: list[tuple[str, str]] = []
+        for args in (["-e", str(self.clone)], [str(wheel)], ["-e", str(self.clone)]):
+            pip_install(self.bindir, *args)
+            self.places.append(plugin_and_package(self.bindir, self.elsewhere))
+
+
 class TwistdProcess(ProcessProtocol):
     """Collects output; ``listening`` fires with "host:port" once the server logs it."""
 
