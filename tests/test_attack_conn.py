@@ -156,7 +156,7 @@ async def test_frame_timeout_spares_a_sender_the_server_stopped_reading(limited,
     body = os.urandom(16 << 20)
     reply = consumer.send(body, timeout=LONG)
     conn = await registered(server, codec.ROLE_CONSUMER, channel, consumer.client_id)
-    await eventually(lambda: conn.flow.reading_paused and conn.held > 0)  # paused mid-frame
+    await eventually(lambda: conn.flow.reading_paused and conn.peer.held > 0)  # paused mid-frame
     clock.advance(10)  # ten frame timeouts
     assert not conn._lost and not guard.stats.errors
     resume()

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from twisted.internet.task import Clock
 
 from pulsyflux.server import Peer, Router
+from pulsyflux.server.router import Refused
 from pulsyflux.wire import codec
 from pulsyflux.wire.codec import FrameDecoder
 
@@ -21,6 +23,10 @@ class StubTransport:
     def __init__(self) -> None:
         self.paused = False
         self.closed = ""
+        self.written: list[bytes] = []  # what the guard writes itself (a refusal, a timeout's ERROR)
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -148,3 +154,21 @@ def test_a_request_from_a_cluster_relay_goes_to_a_provider_here_never_to_another
     assert census.by_role == {"consumer": 1, "provider": 1, "unregistered": 0, "broker": 0, "cluster relay": 2}
     assert census.open == 2
     assert {entry["role"] for entry in router.connection_list(10)[0]} == {"consumer", "provider", "cluster relay"}
+
+
+def test_the_guard_keeps_its_state_on_the_peer_from_admission_with_no_protocol():
+    clock = Clock()
+    router = Router(clock, max_connections=1, register_timeout=4.0)
+    idle, _ = connect(router)  # admitted: the guard times its registration
+    transport = StubTransport()
+    with pytest.raises(Refused):  # the one slot is taken by a peer too young to be evicted
+        router.connect([].append, transport)
+    assert transport.closed == "lost" and router.peers == {idle}
+    [refusal] = FrameDecoder().feed(b"".join(transport.written))
+    assert codec.error_message(refusal.payload) == "server overloaded: more than 1 connections"
+    clock.advance(4.0)
+    [timeout] = FrameDecoder().feed(b"".join(idle.transport.written))  # type: ignore[attr-defined]
+    assert codec.error_message(timeout.payload).startswith("register timeout")
+    assert idle.transport.closed == "lost"  # type: ignore[attr-defined]
+    router.disconnected(idle)
+    assert not router.connection_guard.counted and idle.held == 0

@@ -20,7 +20,9 @@ a 1 MiB frame, hold those for ever (issue #8, items 7 and 8). The
   peers can lock others out for about a second, not for good.
 
 Trusted connections (the server's own broker, ``ServerProtocol.trusted``)
-are exempt from all of it. One reactor timer serves every connection: the
+are exempt from all of it. The guard works on the router's :class:`~pulsyflux.server.router.Peer`
+records, which keep its per-connection state (``held``, ``frame_serial``), so
+a router driven with no Protocol is guarded too. One reactor timer serves every connection: the
 connections waiting to register, and those holding an incomplete frame,
 are kept oldest first, so each firing looks only at those due. The frame
 path pays nothing while reads end on frame boundaries (the common case):
@@ -40,8 +42,7 @@ from ..wire.codec import ERROR, FrameDecoder
 from ..wire.ratelimit import LogLimiter, shorten
 
 if TYPE_CHECKING:  # the server imports this module
-    from .protocol import ServerProtocol
-    from .router import ServerStats
+    from .router import Peer, ServerStats
 
 __all__ = [
     "ConnectionGuard",
@@ -78,16 +79,16 @@ class ConnectionGuard:
         self.register_timeout = register_timeout
         self.max_partial_bytes = max_partial_bytes
         self.partial_bytes = 0  # held in incomplete frames now, all connections together
-        self.counted: set[ServerProtocol] = set()  # the untrusted connections, which max_connections counts
-        self._unregistered: dict[ServerProtocol, float] = {}  # connection -> when it connected, oldest first
-        self._partial: dict[ServerProtocol, float] = {}  # connection -> when its incomplete frame began, oldest first
-        self._closing: dict[ServerProtocol, float] = {}  # closed here, not gone yet -> when
+        self.counted: set[Peer] = set()  # the untrusted connections, which max_connections counts
+        self._unregistered: dict[Peer, float] = {}  # connection -> when it connected, oldest first
+        self._partial: dict[Peer, float] = {}  # connection -> when its incomplete frame began, oldest first
+        self._closing: dict[Peer, float] = {}  # closed here, not gone yet -> when
         self._timer: Optional[IDelayedCall] = None
         self._timer_at = float("inf")
 
-    # -- called by ServerProtocol -------------------------------------------------
+    # -- called by the Router (admit, registered, disconnected) and ServerProtocol (holding) --
 
-    def admit(self, conn: ServerProtocol, max_connections: int) -> bool:
+    def admit(self, conn: Peer, max_connections: int) -> bool:
         """A new untrusted connection: True if it may stay (room made if need be)."""
         if len(self.counted) >= max_connections:
             oldest = self._oldest_unregistered()
@@ -100,10 +101,13 @@ class ConnectionGuard:
         self._arm()
         return True
 
-    def holding(self, conn: ServerProtocol, held: int) -> None:
-        """``conn``'s decoder holds ``held`` bytes of an incomplete frame (or none any more)."""
+    def holding(self, conn: Peer, held: int, serial: int) -> None:
+        """``conn``'s decoder holds ``held`` bytes of an incomplete frame (or none any more).
+
+        ``serial`` is the decoder's ``partials``: a new value means a new frame.
+        """
         if conn.trusted:
-            conn.frame_serial = conn.decoder.partials
+            conn.frame_serial = serial
             return
         self.partial_bytes += held - conn.held
         conn.held = held
@@ -112,7 +116,6 @@ class ConnectionGuard:
             if partial.pop(conn, None) is not None:
                 self._cancel_if_idle()
             return
-        serial = conn.decoder.partials
         if serial != conn.frame_serial:  # a new frame was cut: its clock starts now
             conn.frame_serial = serial
             partial.pop(conn, None)
@@ -125,12 +128,12 @@ class ConnectionGuard:
                     errors.overloaded(f"incomplete frames hold more than {self.max_partial_bytes} bytes"),
                 )
 
-    def registered(self, conn: ServerProtocol) -> None:
+    def registered(self, conn: Peer) -> None:
         """``conn`` sent its first valid START: its register timeout is over."""
         if self._unregistered.pop(conn, None) is not None:
             self._cancel_if_idle()
 
-    def disconnected(self, conn: ServerProtocol) -> None:
+    def disconnected(self, conn: Peer) -> None:
         self.counted.discard(conn)
         self.partial_bytes -= conn.held
         conn.held = 0
@@ -143,15 +146,17 @@ class ConnectionGuard:
         if not (self._unregistered or self._partial or self._closing):
             self._cancel()  # nothing to watch: no timer
 
-    def close(self, conn: ServerProtocol, message: str) -> None:
+    def close(self, conn: Peer, message: str) -> None:
         """Send ``conn`` one ERROR saying why, free what it held, and close it."""
         self.stats.error(message)
         self.partial_bytes -= conn.held
         conn.held = 0
         self._unregistered.pop(conn, None)
         self._partial.pop(conn, None)
-        conn.stop_reading()  # nothing more is read, or held
-        conn.decoder = FrameDecoder(with_header=True)
+        adapter = conn.conn
+        if adapter is not None:
+            adapter.stop_reading()  # nothing more is read, or held
+            adapter.decoder = FrameDecoder(with_header=True)
         transport = conn.transport
         if self.limiter.allow("closing"):
             log.info("closing {peer}: {reason}", peer=transport.getPeer(), reason=shorten(message))
@@ -170,7 +175,7 @@ class ConnectionGuard:
 
     # -- the one timer ----------------------------------------------------------------
 
-    def _oldest_unregistered(self) -> Optional[ServerProtocol]:
+    def _oldest_unregistered(self) -> Optional[Peer]:
         waiting = self._unregistered
         while waiting:
             conn = next(iter(waiting))

@@ -67,8 +67,6 @@ class ServerProtocol(Protocol):
         self.peer: Optional[Peer] = None  # the router's record of this connection
         self._lost = False
         self._lost_waiters: list[Deferred[None]] = []
-        self.held = 0  # bytes of an incomplete frame in the decoder, as ConnectionGuard last saw
-        self.frame_serial = 0  # the decoder's ``partials`` for that frame
 
     def closed(self) -> "Deferred[None]":
         """Fires once this connection is gone."""
@@ -93,13 +91,6 @@ class ServerProtocol(Protocol):
     def connectionMade(self) -> None:
         transport = self.transport
         router = self.router
-        if not self.trusted and not router.connection_guard.admit(self, router.max_connections):
-            message = errors.overloaded(f"more than {router.max_connections} connections")
-            router.stats.error(message)
-            transport.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(message)))
-            transport.loseConnection()
-            self.stop_reading()  # refused: never routed
-            return
         for option in ("setTcpNoDelay", "setTcpKeepAlive"):
             setter = getattr(transport, option, None)
             if setter is not None:
@@ -115,7 +106,11 @@ class ServerProtocol(Protocol):
 
         # A function, not a bound method: the router calls peer.write per flush with no
         # bound-method object or state check on the way, and it holds no reference to this protocol.
-        peer = self.peer = router.connect(write, transport, self.trusted, self)
+        try:
+            peer = self.peer = router.connect(write, transport, self.trusted, self)
+        except Refused:
+            self.stop_reading()  # refused (max_connections): its ERROR is sent, it is never routed
+            return
         transport.registerProducer(peer.flow, True)
 
     def handshakeCompleted(self) -> None:
@@ -151,8 +146,8 @@ class ServerProtocol(Protocol):
             for ftype, flags, request_id, frame in decoder.frames(data):
                 frames += 1
                 frame_received(peer, ftype, flags, request_id, frame)
-            if self.held or decoder.partials != self.frame_serial:  # an incomplete frame: timed and budgeted
-                router.connection_guard.holding(self, decoder.buffered)
+            if peer.held or decoder.partials != peer.frame_serial:  # an incomplete frame: timed and budgeted
+                router.connection_guard.holding(peer, decoder.buffered, decoder.partials)
         except ProtocolError as error:
             # Bad version or oversized length: this stream cannot be resynced.
             router.stats.protocol_errors += 1
@@ -186,7 +181,6 @@ class ServerProtocol(Protocol):
             self.router.disconnected(self.peer)
         # Its partial frame goes now, even while a pending deadline still refers to this connection.
         self.decoder = FrameDecoder(with_header=True)
-        self.router.connection_guard.disconnected(self)
         waiters, self._lost_waiters = self._lost_waiters, []
         for d in waiters:
             d.callback(None)

@@ -202,6 +202,10 @@ class Peer:
     ``conn`` is the adapter (a :class:`ServerProtocol`), held weakly, or None.
     ``bytes_in``/``frames_in`` count what it sent (per read), ``bytes_out``/``frames_out``
     what was written to it (per flush), ``since`` when it connected (the router's clock).
+    ``held`` and ``frame_serial`` are the :class:`ConnectionGuard`'s: the bytes of
+    an incomplete frame its adapter's decoder holds, as the guard last saw them, and
+    which frame that was (the decoder's ``partials``). A peer exists from admission:
+    until it registers (``key`` None) the guard times its registration.
     """
 
     __slots__ = (
@@ -215,6 +219,8 @@ class Peer:
         "started",
         "assigned",
         "flow",
+        "held",
+        "frame_serial",
         "trusted",
         "relay",
         "identity",
@@ -245,6 +251,8 @@ class Peer:
         self.started: set[bytes] = set()
         self.assigned: set[bytes] = set()
         self.flow: Backpressure  # set by Router.connect, before any frame is routed
+        self.held = 0  # bytes of an incomplete frame in the adapter's decoder, as the guard last saw
+        self.frame_serial = 0  # the decoder's ``partials`` for that frame
         self._conn = None if conn is None else weakref.ref(conn)
 
     @property
@@ -437,9 +445,7 @@ class Router:
         key = (role, channel, client_id)
         conn.key = key
         self.registry[key] = conn
-        adapter = conn.conn
-        if adapter is not None:
-            self.connection_guard.registered(adapter)
+        self.connection_guard.registered(conn)
         if role == ROLE_PROVIDER:
             providers = self.providers.setdefault(channel, [])
             if self.on_channel is not None and not conn.trusted and not _any_outside(providers):
@@ -501,8 +507,17 @@ class Router:
 
         ``write`` sends bytes to it; ``transport`` is paused, resumed and
         closed by flow control and :meth:`close_all`; ``conn`` is its adapter, if any.
+        An untrusted peer is admitted by the :class:`ConnectionGuard` first
+        (``max_connections``): refused, it is sent one ERROR and closed, and
+        :class:`Refused` is raised (its adapter reads nothing more).
         """
         peer = Peer(write, transport, trusted, conn)
+        if not trusted and not self.connection_guard.admit(peer, self.max_connections):
+            message = errors.overloaded(f"more than {self.max_connections} connections")
+            self.stats.error(message)
+            transport.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(message)))
+            transport.loseConnection()
+            raise Refused(message)
         peer.since = self.clock.seconds()
         peer.flow = self.flow_control.attach(peer)
         self.peers.add(peer)
@@ -529,6 +544,7 @@ class Router:
                 frames_out=conn.frames_out,
             )
         self.forget(conn)
+        self.connection_guard.disconnected(conn)
 
     @property
     def connections(self) -> set[ServerProtocol]:
