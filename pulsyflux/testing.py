@@ -33,27 +33,37 @@ HTTP):
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Coroutine, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Optional, TypeVar, Union
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._reactor import default_reactor
-from .endpoints import client_address
+from .client.connection import Client
+from .endpoints import client_address, port_number
 from .server.inproc import InProcessEndpoint
 from .server.protocol import ServerFactory, ServerProtocol
 from .server.router import ServerStats
+
+if TYPE_CHECKING:
+    from ._types import IReactor, IStreamTransport
+    from .auth.tokens import Authority
+    from .broker import Broker, BrokerClient, Subscription
+    from .http.site import PulsyfluxSite
 
 __all__ = ["MemoryServer", "RunningServer", "hang", "reset", "start_server"]
 
 T = TypeVar("T")
 
+# What hang, reset and drop take: a client connection, or a broker object with the connections it holds.
+Connected = Union[Client, "Broker", "BrokerClient", "Subscription"]
 
-def _server_side(factory: ServerFactory, connection: Any) -> ServerProtocol:
+
+def _server_side(factory: ServerFactory, connection: Union[ServerProtocol, Client]) -> ServerProtocol:
     """The server's end of ``connection``: a ServerProtocol, or a client's (Consumer, Provider).
 
     The server's end is the one whose peer is the client's own address
@@ -72,7 +82,7 @@ def _server_side(factory: ServerFactory, connection: Any) -> ServerProtocol:
     raise ValueError(f"{connection!r} has no connection to this server")
 
 
-def _clients(thing: Any) -> list[Any]:
+def _clients(thing: Union[ServerProtocol, Connected]) -> list[Union[ServerProtocol, Client]]:
     """The connections (Consumers, Providers) behind ``thing``, for :func:`hang`, :func:`reset` and ``drop``.
 
     The one place that knows how the broker's objects hold theirs, so
@@ -84,28 +94,19 @@ def _clients(thing: Any) -> list[Any]:
     """
     from .broker import Broker, BrokerClient, Subscription
 
-    if isinstance(thing, Subscription):
-        if thing._provider is None:
-            raise ValueError(f"{thing!r} is not connected")
-        return [thing._provider]
-    if isinstance(thing, BrokerClient):
-        found = [thing._consumer] + [sub._provider for sub in thing.subscriptions]
-    elif isinstance(thing, Broker):
-        found = [outlet.consumer for outlet in thing._fanout.outlets.values()]
-        found += [thing._publisher.consumer if thing._publisher is not None else None, thing._provider]
-    else:
-        return [thing]
-    return [client for client in found if client is not None]
+    if isinstance(thing, (Broker, BrokerClient, Subscription)):
+        return list(thing.connections())  # a Broker lists its forwarding Consumers first
+    return [thing]
 
 
-def _transport(client: Any) -> Any:
+def _transport(client: Union[ServerProtocol, Client]) -> IStreamTransport:
     protocol = getattr(client, "_protocol", None)  # the one place tests reach into a client's connection
     if protocol is None or protocol.transport is None or not getattr(client, "connected", True):
         raise ValueError(f"{client!r} is not connected")
     return protocol.transport
 
 
-def _transports(thing: Any) -> list[Any]:
+def _transports(thing: Connected) -> list[IStreamTransport]:
     """The transports of ``thing``'s open connections: at least one, or ValueError."""
     clients = _clients(thing)
     if len(clients) == 1:
@@ -121,7 +122,7 @@ def _transports(thing: Any) -> list[Any]:
     return found
 
 
-def hang(client: Any) -> Callable[[], None]:
+def hang(client: Connected) -> Callable[[], None]:
     """``client`` stops reading its connections until the returned call.
 
     It stays connected and answers nothing, as a hung process does; the
@@ -141,7 +142,7 @@ def hang(client: Any) -> Callable[[], None]:
     return resume
 
 
-def reset(client: Any) -> None:
+def reset(client: Connected) -> None:
     """``client``'s connections are reset from its own end, as when its process dies.
 
     A Consumer or Provider, or one of the broker's objects as for :func:`hang`.
@@ -150,7 +151,7 @@ def reset(client: Any) -> None:
         transport.abortConnection()
 
 
-def _drop(factory: ServerFactory, connections: tuple[Any, ...]) -> "Deferred[Any]":
+def _drop(factory: ServerFactory, connections: tuple[Union[ServerProtocol, Connected], ...]) -> "Deferred[Any]":
     clients = [client for connection in connections for client in _clients(connection)]
     ends = [_server_side(factory, client) for client in clients]  # all found before any is cut
     gone = DeferredList([conn.closed() for conn in ends])
@@ -192,21 +193,21 @@ class RunningServer(_ServerView):
     that inspect the registry or the counters.
     """
 
-    def __init__(self, reactor: Any, factory: ServerFactory, port: Any) -> None:
+    def __init__(self, reactor: IReactor, factory: ServerFactory, port: IListeningPort) -> None:
         self.reactor = reactor
         self.factory = factory
         self._port = port
-        self.port: int = port.getHost().port
+        self.port: int = port_number(port)
         self.address = client_address(port.getHost())
-        self.broker: Any = None  # the Broker, unless started with broker=False
+        self.broker: Optional[Broker] = None  # unless started with broker=False
         self.broker_channel: Optional[uuid.UUID] = None
         self.http_port: Optional[int] = None
         self.http_url: Optional[str] = None
-        self._http_listener: Any = None
-        self.site: Any = None
+        self._http_listener: Optional[IListeningPort] = None
+        self.site: Optional[PulsyfluxSite] = None
         self._stopped: Optional[Deferred[None]] = None
 
-    def drop(self, *connections: Any) -> "Deferred[Any]":
+    def drop(self, *connections: Union[ServerProtocol, Connected]) -> "Deferred[Any]":
         """Cut each connection as a TCP reset would, all at once; fires once the server has let go.
 
         A connection is the server's end (from :attr:`connections`) or a
@@ -233,11 +234,12 @@ class RunningServer(_ServerView):
 
     async def _stop(self) -> None:
         had_connections = bool(self.factory.router.connections)
-        waits = []
-        if self._http_listener is not None:
-            had_connections = had_connections or bool(self.site.open_connections)
+        waits: list[Deferred[Any]] = []
+        site = self.site
+        if self._http_listener is not None and site is not None:
+            had_connections = had_connections or bool(site.open_connections)
             waits.append(maybeDeferred(self._http_listener.stopListening))
-            waits.append(self.site.close_connections())
+            waits.append(site.close_connections())
         if self.broker is not None:
             waits.append(maybeDeferred(self.broker.close))
         waits.append(maybeDeferred(self._port.stopListening))
@@ -253,12 +255,12 @@ class RunningServer(_ServerView):
 
 
 def start_server(
-    reactor: Any = None,
+    reactor: Optional[IReactor] = None,
     *,
     broker: bool = True,
     http: bool = False,
     cleanup: Optional[Callable[..., Any]] = None,
-    auth: Any = None,
+    auth: Optional[Authority] = None,
     history: int = 0,
     **options: Any,
 ) -> "Deferred[RunningServer]":
@@ -283,12 +285,12 @@ def start_server(
 
 
 async def _start(
-    reactor: Any,
+    reactor: IReactor,
     broker: bool,
     http: bool,
     cleanup: Optional[Callable[..., Any]],
     options: dict[str, Any],
-    auth: Any = None,
+    auth: Optional[Authority] = None,
     history: int = 0,
 ) -> RunningServer:
     factory = ServerFactory(reactor, **options)
@@ -309,10 +311,11 @@ async def _start(
         if http:
             from .http.site import make_site
 
-            server.site = make_site(factory, broker=server.broker)
-            server._http_listener = reactor.listenTCP(0, server.site, interface="127.0.0.1")
-            server.http_port = server._http_listener.getHost().port
-            server.http_url = f"http://{client_address(server._http_listener.getHost())}"
+            site = server.site = make_site(factory, broker=server.broker)
+            # A Site is a ServerFactory; Twisted's generic type of listenTCP's factory does not see it.
+            listener = server._http_listener = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
+            server.http_port = port_number(listener)
+            server.http_url = f"http://{client_address(listener.getHost())}"
     except BaseException:
         if cleanup is None:
             await server.stop()
@@ -332,7 +335,7 @@ class _StrangerEndpoint:
     def __init__(self, endpoint: InProcessEndpoint) -> None:
         self._endpoint = endpoint
 
-    def connect(self, protocolFactory: Any) -> "Deferred[Any]":
+    def connect(self, protocolFactory: IProtocolFactory) -> "Deferred[IProtocol]":
         return self._endpoint.connect(protocolFactory)
 
     def __str__(self) -> str:
@@ -371,7 +374,7 @@ class MemoryServer(_ServerView):
         # Clients are strangers (not trusted): every limit of the server applies to them.
         self._endpoint = InProcessEndpoint(self.factory, self.clock, trusted=False, label="memory")
         self.address = _StrangerEndpoint(self._endpoint)
-        self.broker: Any = None
+        self.broker: Optional[Broker] = None
         self.broker_channel: Optional[uuid.UUID] = None
         self._with_broker = broker
         self._quiet: list[Deferred[None]] = []
@@ -507,7 +510,7 @@ class MemoryServer(_ServerView):
             result.raiseException()
         return result
 
-    def drop(self, *connections: Any) -> "Deferred[Any]":
+    def drop(self, *connections: Union[ServerProtocol, Connected]) -> "Deferred[Any]":
         """Cut each connection as a TCP reset would, all at once, and let both ends notice.
 
         A connection is the server's end (from :attr:`connections`) or a

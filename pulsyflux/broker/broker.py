@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ..client import ChannelId, Consumer, Provider, Reconnect
+from ..client.connection import Client
 from ..endpoints import Address
 from ..wire.errors import ConnectionLostError
 from ..wire.messages import Position
@@ -35,7 +36,15 @@ from .fanout import (
     Fanout,
 )
 from .history import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_TOTAL_BYTES, History
-from .link import BROKER_CLOSED, DEFAULT_BROKER_CHANNEL, PublishingSide, ignore, replay_arguments, send_until_registered
+from .link import (
+    BROKER_CLOSED,
+    DEFAULT_BROKER_CHANNEL,
+    PublishingSide,
+    ignore,
+    present_token,
+    replay_arguments,
+    send_until_registered,
+)
 from .outlet import DEFAULT_BACKLOG, DEFAULT_BACKLOG_BYTES
 from .publisher import Publisher
 from .subscription import (
@@ -248,21 +257,28 @@ class Broker(PublishingSide):
         fails with PermissionDenied if it refused it (connections keep the
         token they had).
         """
-        connections: list[Any] = [self._provider]
-        if self._publisher is not None:
-            connections.append(self._publisher.consumer)
+        connections = self.connections()
         for outlet in self._fanout.outlets.values():
-            connections.append(outlet.consumer)
             if outlet.local is not None:
-                connections.append(outlet.local._provider)
-        waits = [c.refresh(token) for c in connections if c is not None]
+                connections += outlet.local.connections()
 
-        def accepted(_: Any) -> None:
+        def accepted() -> None:
             self.token = self._fanout.token = token  # what new subscriptions and outlets present
 
-        return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
-            accepted, lambda failure: failure.value.subFailure
-        )
+        return present_token(connections, token, accepted)
+
+    def connections(self) -> list[Client]:
+        """Every connection it holds itself: each forwarding Consumer (one per
+        subscriber channel), the publishing Consumer, the Provider that takes publishes.
+
+        Not its local subscriptions' (each :class:`Subscription` holds its own).
+        """
+        found: list[Client] = [outlet.consumer for outlet in self._fanout.outlets.values()]
+        if self._publisher is not None:
+            found.append(self._publisher.consumer)
+        if self._provider is not None:
+            found.append(self._provider)
+        return found
 
     def unsubscribe(self, topic: str) -> "Deferred[Any]":
         """End every subscription of ``topic`` (here and remote); fires when their connections are closed."""

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..client import ChannelId, Consumer, Reconnect
+from ..client.connection import Client
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RemoteError, RequestTimeout
@@ -23,6 +24,7 @@ from .link import (
     RESUMED,
     PublishingSide,
     ignore,
+    present_token,
     replay_arguments,
     send_until_registered,
 )
@@ -226,17 +228,23 @@ class BrokerClient(PublishingSide):
         PermissionDenied if it refused it. Subscriptions the new token no
         longer covers are ended by the broker (``permission denied: ...``).
         """
-        connections: list[Any] = [self._consumer] + [
-            sub._provider for sub in self._subscriptions.values() if sub._provider is not None
-        ]
-        waits = [c.refresh(token) for c in connections if c is not None]
 
-        def accepted(_: Any) -> None:
+        def accepted() -> None:
             self.token = token  # what new subscriptions present
 
-        return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
-            accepted, lambda failure: failure.value.subFailure
-        )
+        return present_token(self.connections(), token, accepted)
+
+    @property
+    def consumer(self) -> Optional[Consumer]:
+        """Its publishing (and control) connection, once connected."""
+        return self._consumer
+
+    def connections(self) -> list[Client]:
+        """Every connection it holds: the publishing Consumer, then each subscription's Provider."""
+        found: list[Client] = [self._consumer] if self._consumer is not None else []
+        for sub in self._subscriptions.values():
+            found += sub.connections()
+        return found
 
     def _forget(self, sub: Subscription) -> None:
         if self._subscriptions.get(sub.channel) is sub:

@@ -9,15 +9,16 @@ a :class:`BrokerClient` share as publishers (:class:`PublishingSide`).
 from __future__ import annotations
 
 import uuid
-from typing import Any, Optional, TypeVar, Union
+from typing import Any, Callable, Iterable, Optional, TypeVar, Union
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from .._reactor import default_reactor
 from ..client import ChannelId, Consumer, Reconnect, channel_bytes
+from ..client.connection import Client
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError
@@ -34,6 +35,7 @@ __all__ = [
     "channel_uuid",
     "ignore",
     "send_until_registered",
+    "present_token",
 ]
 
 
@@ -52,6 +54,22 @@ RECOVERED = b"recovered"
 # one plain message per request and has no remote subscriptions.
 GO_ARRAY_ERROR = "cannot unmarshal array into Go value of type broker.Message"
 PROBE = messages.control(messages.PROBE).encode("utf-8")
+
+
+def present_token(connections: Iterable[Client], token: str, accepted: Callable[[], None]) -> "Deferred[None]":
+    """Present ``token`` on each connection; ``accepted()`` once the server took it on all.
+
+    Fails with the first refusal (PermissionDenied): the connections keep the
+    token they had. What a Broker's and a BrokerClient's ``refresh`` share.
+    """
+    waits = [connection.refresh(token) for connection in connections]
+
+    def done(_: object) -> None:
+        accepted()
+
+    return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+        done, lambda failure: failure.value.subFailure
+    )
 
 
 def channel_uuid(channel: ChannelId) -> uuid.UUID:

@@ -328,6 +328,15 @@ class Subscription:
         self.mark_closed(reason)
         return self._provider.close() if self._provider is not None else succeed(None)
 
+    @property
+    def provider(self) -> Optional[Provider]:
+        """The connection its messages arrive on (a :class:`~pulsyflux.client.Provider`), once attached."""
+        return self._provider
+
+    def connections(self) -> list[Provider]:
+        """Its open-or-reconnecting connection, if any (what a token refresh or a test's reset reaches)."""
+        return [self._provider] if self._provider is not None else []
+
     def provider_connected(self) -> bool:
         """Our Provider's line is up (a reconnecting one may be down for a while)."""
         return self._provider is not None and self._provider.connected

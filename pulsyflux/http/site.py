@@ -70,7 +70,7 @@ def make_site(
     max_body: int = DEFAULT_MAX_PUBLISH_BODY,
     max_topics: int = DEFAULT_MAX_TOPICS,
     degraded: Optional[Callable[[], list[str]]] = None,
-) -> Site:
+) -> PulsyfluxSite:
     """A twisted.web Site serving the monitoring and publish endpoints.
 
     ``ready`` returns the names of parts not running yet (empty = healthy);
