@@ -83,7 +83,7 @@ async def test_attack_many_half_headers_are_all_closed_by_one_timer(limited):
     assert server.factory.stats.errors == {"frame timeout": 50}
     await eventually(lambda: not server.factory.router.connections)
     guard = server.factory.router.connection_guard
-    assert guard.partial_bytes == 0 and guard._timer is None  # nothing left to watch: no timer
+    assert guard.partial_bytes == 0 and guard.timer_due is None  # nothing left to watch: no timer
 
 
 @ensure
@@ -158,7 +158,7 @@ async def test_frame_timeout_spares_a_sender_the_server_stopped_reading(limited,
     conn = await registered(server, codec.ROLE_CONSUMER, channel, consumer.client_id)
     await eventually(lambda: conn.flow.reading_paused and conn.peer.held > 0)  # paused mid-frame
     clock.advance(10)  # ten frame timeouts
-    assert not conn._lost and not guard.stats.errors
+    assert not conn.lost and not guard.stats.errors
     resume()
     request = await provider.receive()
     assert request.payload == body

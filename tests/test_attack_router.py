@@ -149,7 +149,7 @@ async def test_attack_consumer_leaving_mid_body_frees_the_providers_partial_body
     consumer.transport.loseConnection()  # the END never comes
     await consumer.lost
     await eventually(lambda: provider.incomplete_bytes == 0)
-    assert provider._incoming == {} and provider.incomplete_dropped == 0  # told, not its backstop
+    assert provider.incomplete == 0 and provider.incomplete_dropped == 0  # told, not its backstop
     await provider.close()
 
 

@@ -324,8 +324,8 @@ async def test_broker_service_starts_and_stops_cleanly():
     assert service.stats()["topics"] == {"svc": 1}
     connections = list(service.factory.router.connections)
     await service.stopService()
-    assert all(conn._lost for conn in connections) and not service.factory.router.connections
-    assert sub.closed and broker._closed is not None
+    assert all(conn.lost for conn in connections) and not service.factory.router.connections
+    assert sub.closed and broker.closed
     with pytest.raises(ConnectionLostError):
         await service.publish("svc", b"after stop")
 

@@ -14,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from pulsyflux import Broker, BrokerClient, BrokerService
+from pulsyflux.testing import reset
 from pulsyflux.wire import messages
 from pulsyflux.wire.messages import Position
 
@@ -116,7 +117,7 @@ async def test_a_hostile_since_or_last_header_is_refused_with_a_short_error(memo
     for headers in ({"since": "x" * 100_000}, {"last": "9" * 1000}, {"last": "-3"}, {"since": 'e"vil:1'}):
         body = messages.control(messages.SUBSCRIBE, topic="t", channel=str(uuid.uuid4()), **headers)
         with pytest.raises(Exception) as refused:
-            await client._consumer.send(body.encode(), timeout=5)
+            await client.consumer.send(body.encode(), timeout=5)
         assert "subscribe refused" in str(refused.value) and len(str(refused.value)) < 300
     assert broker.stats()["subscriptions"] == []
     await client.close()
@@ -128,7 +129,7 @@ async def test_a_go_publishers_plain_object_is_answered_ok_and_still_retained(me
     channel = uuid.uuid4()
     broker = await memory.connect(Broker, channel, history=5)
     client = await memory.connect(BrokerClient, channel)
-    answer = await client._consumer.send(messages.encode("t", b"go", None), timeout=5)
+    answer = await client.consumer.send(messages.encode("t", b"go", None), timeout=5)
     assert answer == b"ok"  # exactly what a Go publisher gets from the Go broker
     sub = await broker.subscribe("t", last=1)
     msg = await sub.get()
@@ -206,12 +207,6 @@ async def test_replay_then_live_with_publishes_racing_the_replay_has_no_gap_and_
     await service.stopService()
 
 
-def _drop_lines(client: BrokerClient, sub) -> None:
-    """Reset the subscriber's TCP connections (its Provider's and its publishing Consumer's)."""
-    for conn in (sub._provider, client._consumer):
-        conn._protocol.transport.abortConnection()
-
-
 @ensure
 async def test_a_dropped_connection_to_a_live_broker_costs_no_message_with_history():
     service, address = await _service(history=100_000)
@@ -222,7 +217,7 @@ async def test_a_dropped_connection_to_a_live_broker_costs_no_message_with_histo
     got = [await within(sub.get()) for _ in range(20)]
     for _ in range(3):
         back = resumed(sub)
-        _drop_lines(subscriber, sub)
+        reset(subscriber)  # its TCP connections: the subscription's Provider's and its publishing Consumer's
         await within(back)
         assert sub.recovered
         got += [await within(sub.get()) for _ in range(20)]
@@ -269,7 +264,9 @@ async def test_a_restarted_broker_link_keeps_the_services_history():
     service, address = await _service(history=10)
     first = await within(service.publish("t", b"a"))
     assert service.broker.history is service.history
-    service.broker._lost()  # as when the broker loses its link: the service starts another
+    old = service.broker
+    reset(old)  # the broker loses its link to the server: the service starts another
+    await within(old.when_closed())
     await within(service.whenReady())
     while service.broker is None or service.broker.closed:
         await within(pump_turn())

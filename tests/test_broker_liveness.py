@@ -52,15 +52,15 @@ async def test_a_subscription_ends_with_a_clear_reason_when_its_broker_dies(memo
     started = memory.now()
 
     await kill(memory, broker)
-    assert sub._provider.connected  # the server still runs: nothing else would tell the subscriber
+    assert sub.provider_connected()  # the server still runs: nothing else would tell the subscriber
     assert (await sub.get()).payload == b"before"  # what arrived stays readable
     with pytest.raises(SubscriptionClosed, match=f"closed: the broker on channel {channel} disappeared"):
         await sub.get()
     assert memory.now() - started <= 2 * BEAT  # within two heartbeats, not forever
     assert sub.closed_reason == f"the broker on channel {channel} disappeared"
     assert client.subscriptions == []
-    await sub._provider.when_lost()  # its connection is closed too
-    assert client._beat is None  # nothing left to keep alive: no timer either
+    await sub.provider.when_lost()  # its connection is closed too
+    assert client.next_heartbeat is None  # nothing left to keep alive: no timer either
     with pytest.raises(NoProviderError):
         await client.publish("news", b"nobody")
     await client.close()
@@ -159,7 +159,7 @@ async def test_heartbeats_to_a_live_broker_change_nothing(memory):
         assert sub.pending == 0 and sub.gaps == 0 and not sub.closed
     assert subs[1].pending == 0 and subs[1].gaps == 0
     await client.close()
-    assert client._beat is None
+    assert client.next_heartbeat is None
     await broker.close()
 
 
@@ -169,7 +169,7 @@ async def test_no_heartbeat_when_disabled(memory):
     broker = await memory.connect(Broker, channel)
     client = await memory.connect(BrokerClient, channel, heartbeat=0)
     await client.subscribe("news")
-    assert client.heartbeat is None and client._beat is None
+    assert client.heartbeat is None and client.next_heartbeat is None
     with pytest.raises(ValueError, match="heartbeat"):
         BrokerClient(memory.address, channel, heartbeat=-1)
     await client.close()

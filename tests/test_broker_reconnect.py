@@ -162,7 +162,7 @@ async def test_a_subscription_ends_when_no_broker_takes_it_back(memory):
     with pytest.raises(SubscriptionClosed, match="resubscribe failed: no broker on channel"):
         await sub.get()
     assert sub.gaps == 1 and subscriber.subscriptions == []
-    await sub._provider.when_lost()  # its connection is closed, not left retrying
+    await sub.provider.when_lost()  # its connection is closed, not left retrying
     with pytest.raises(ConnectionLostError, match="the broker lost its connection"):
         await broker.publish("news", b"nobody")
     await subscriber.close()
@@ -199,5 +199,5 @@ async def test_a_graceful_broker_stop_still_ends_reconnecting_subscriptions():
     with pytest.raises(SubscriptionClosed, match="the broker closed"):
         await within(sub.get())
     assert sub.gaps == 0 and client.subscriptions == []
-    await within(sub._provider.when_lost())  # closed for good, not retrying
+    await within(sub.provider.when_lost())  # closed for good, not retrying
     await client.close()

@@ -295,7 +295,7 @@ async def test_a_killed_worker_loses_no_job_over_tcp():
         doomed = await BrokerClient.connect(server.address)
         alive = await survivor.subscribe("jobs.*", group="workers")
         dying = await doomed.subscribe("jobs.*", group="workers")
-        await dying._provider.close()  # its process dies: no unsubscribe, its channel simply goes quiet
+        await dying.provider.close()  # its process dies: no unsubscribe, its channel simply goes quiet
         for n in range(20):
             await boss.publish(f"jobs.{n}", str(n).encode())
         got = sorted([int((await alive.get()).payload) for _ in range(20)])

@@ -6,7 +6,7 @@ import uuid
 from typing import Any, Optional, Union, cast
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -117,7 +117,7 @@ class BrokerClient(PublishingSide):
             raise ValueError("heartbeat must be >= 0 (0 or None: no heartbeat)")
         super().__init__(address, broker_channel_id, reactor, buffer, reconnect, token)
         self.heartbeat = heartbeat or None
-        self._beat: Any = None  # the next heartbeat's DelayedCall, while one is due
+        self._beat: Optional[IDelayedCall] = None  # the next heartbeat, while one is due
         self._beating = False
         self._misses = 0  # heartbeats in a row the broker did not answer
         self._consumer: Optional[Consumer] = None
@@ -233,6 +233,11 @@ class BrokerClient(PublishingSide):
             self.token = token  # what new subscriptions present
 
         return present_token(self.connections(), token, accepted)
+
+    @property
+    def next_heartbeat(self) -> Optional[float]:
+        """When the next heartbeat goes out (the clock's time); None while none is due (no timer)."""
+        return self._beat.getTime() if self._beat is not None else None
 
     @property
     def consumer(self) -> Optional[Consumer]:

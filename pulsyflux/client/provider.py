@@ -178,6 +178,11 @@ class Provider(Client):
         """Bytes held for requests whose END has not arrived (at most ``max_incomplete``)."""
         return self._incomplete_bytes
 
+    @property
+    def incomplete(self) -> int:
+        """Requests whose START has arrived and whose END has not (their bytes: ``incomplete_bytes``)."""
+        return len(self._incoming)
+
     def respond(
         self,
         request_id: Union[uuid.UUID, bytes, Request],

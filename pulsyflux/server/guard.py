@@ -170,6 +170,11 @@ class ConnectionGuard:
         self._closing[conn] = self.clock.seconds()
         self._arm()
 
+    @property
+    def timer_due(self) -> Optional[float]:
+        """When its one timer fires (the clock's time); None while it watches nothing (no timer at all)."""
+        return self._timer_at if self._timer is not None else None
+
     def stop(self) -> None:
         self._cancel()
 

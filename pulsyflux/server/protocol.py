@@ -68,6 +68,11 @@ class ServerProtocol(Protocol):
         self._lost = False
         self._lost_waiters: list[Deferred[None]] = []
 
+    @property
+    def lost(self) -> bool:
+        """True once this connection is gone (``connectionLost`` ran)."""
+        return self._lost
+
     def closed(self) -> "Deferred[None]":
         """Fires once this connection is gone."""
         if self._lost:
