@@ -15,7 +15,7 @@ flow control and the control messages are described in docs/broker.md.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -54,6 +54,9 @@ from .subscription import (
     check_subscription,
     open_subscription,
 )
+
+if TYPE_CHECKING:
+    from ..cluster.pubsub import ClusterPubSub
 
 __all__ = ["Broker", "DEFAULT_REJOIN_PATIENCE"]
 
@@ -194,7 +197,7 @@ class Broker(PublishingSide):
         stats["reconnects"] = self._provider.reconnects if self._provider is not None else 0
         return stats
 
-    def join_cluster(self, cluster: Any) -> None:
+    def join_cluster(self, cluster: ClusterPubSub) -> None:
         """Share pub/sub with the other servers of a cluster (:class:`~pulsyflux.cluster.pubsub.ClusterPubSub`)."""
         self._fanout.cluster = cluster
         cluster.attach(self._fanout)
@@ -306,7 +309,7 @@ class Broker(PublishingSide):
         self._closing.addBoth(closed)
         return d
 
-    def _all_closed(self, _: Any) -> None:
+    def _all_closed(self, _: object) -> None:
         waiters, self._closed_waiters = self._closed_waiters, []
         for d in waiters:
             d.callback(None)

@@ -273,7 +273,7 @@ class BrokerClient(PublishingSide):
         self._beat = None
         self._beating = True
 
-        def done(_: Any) -> None:
+        def done(_: object) -> None:
             self._beating = False
             self._schedule_heartbeat()
 

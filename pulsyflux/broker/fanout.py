@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, NoReturn, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional, Sequence, Union
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -19,6 +19,9 @@ from ..wire.printable import error_excerpt, excerpt
 from ..wire.ratelimit import LogLimiter, summary_to
 from .history import History
 from .link import OK, PROBE, RECOVERED, RESUMED, ignore, send_until_registered
+
+if TYPE_CHECKING:
+    from ..auth.tokens import Identity
 from .outlet import Outlet, guard_channel
 from .rights import Rights, auth_link
 from .subjects import Interest, Sublist
@@ -379,7 +382,7 @@ class Fanout:
         if outlet is not None:
             if outlet.topic != topic or outlet.group != group:
                 raise MessageError(f"channel {channel} is already subscribed to another topic or group")
-            if rights is not None:
+            if rights is not None and identity is not None:
                 rights.keep(outlet, identity)  # heartbeats carry the announcer's latest (refreshed) token
             # A subscriber back after a gap says so again: the subscription we kept resumes.
             if outlet.ready and outlet.consumer.connected:
@@ -457,7 +460,7 @@ class Fanout:
         local: Optional[Subscription],
         client: Optional[uuid.UUID] = None,
         group: Optional[str] = None,
-        identity: Any = None,
+        identity: Optional[Identity] = None,
         since: Optional[Position] = None,
         last: Optional[int] = None,
     ) -> Outlet:
@@ -508,7 +511,7 @@ class Fanout:
         channel: uuid.UUID,
         local: Optional[Subscription],
         group: Optional[str] = None,
-        identity: Any = None,
+        identity: Optional[Identity] = None,
         since: Optional[Position] = None,
         last: Optional[int] = None,
     ) -> Outlet:

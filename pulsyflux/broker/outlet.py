@@ -20,6 +20,7 @@ from .link import PROBE, ignore, send_until_registered
 from .subscription import Subscription
 
 if TYPE_CHECKING:
+    from ..auth.tokens import Identity
     from .fanout import Fanout
 
 __all__ = ["Outlet", "DEFAULT_BACKLOG", "DEFAULT_BACKLOG_BYTES", "guard_channel", "nothing"]
@@ -92,7 +93,7 @@ class Outlet:
         self.unguard: Callable[[], None] = nothing  # ends the server's guard on the channel (inproc)
         # The client that announced it (a client id names one connection): only it may end it.
         self.owner: Optional[uuid.UUID] = None
-        self.identity: Any = None  # whose rights keep it (rights.py), when the server checks tokens
+        self.identity: Optional[Identity] = None  # whose rights keep it (rights.py), when the server checks tokens
         # With history: whether its replay was complete, the position right before it,
         # and whether the history holds its topic for it (a plain topic without a group).
         self.recovered = True
@@ -251,7 +252,7 @@ class Outlet:
         if self.local is not None:
             self.local.resumed()
 
-    def _rejoined(self, result: Any) -> None:
+    def _rejoined(self, result: object) -> None:
         self._rejoining = False
         waiters, self._rejoin_waiters = self._rejoin_waiters, []
         for d in waiters:

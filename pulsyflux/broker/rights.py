@@ -18,13 +18,16 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from ..wire.errors import PermissionDenied, permission_denied
 from ..wire.printable import excerpt
 
 if TYPE_CHECKING:
+    from ..auth.gate import BrokerLink
+    from ..auth.tokens import Identity
+    from ..wire.ratelimit import LogLimiter
     from .outlet import Outlet
 
 __all__ = ["Rights", "auth_link"]
@@ -32,13 +35,13 @@ __all__ = ["Rights", "auth_link"]
 log = Logger()
 
 
-def auth_link(address: Any) -> Any:
+def auth_link(address: object) -> Optional[BrokerLink]:
     """The server's :class:`~pulsyflux.auth.gate.BrokerLink` when it checks tokens (in-process only), else None."""
     link = getattr(address, "auth_link", None)
-    return link() if link is not None else None
+    return link() if link is not None else None  # type: ignore[no-any-return]  # InProcessEndpoint.auth_link
 
 
-def _who(identity: Any) -> str:
+def _who(identity: Identity) -> str:
     from ..auth.gate import describe
 
     return describe(identity)
@@ -48,17 +51,21 @@ class Rights:
     """The broker's checks and the subscriptions each identity keeps alive."""
 
     def __init__(
-        self, link: Any, reactor: IReactorTime, remove: Callable[["Outlet", str], Any], log_limiter: Any
+        self,
+        link: BrokerLink,
+        reactor: IReactorTime,
+        remove: Callable[["Outlet", str], object],
+        log_limiter: LogLimiter,
     ) -> None:
         self.link = link
         self.reactor = reactor
         self.remove = remove  # Fanout.remove(outlet, reason): ends a subscription with a notice
         self.log_limiter = log_limiter
-        self.by_identity: dict[Any, set[Outlet]] = {}
-        self._expiries: dict[Any, Any] = {}  # identity -> the timer that checks it once its token expires
+        self.by_identity: dict[Identity, set[Outlet]] = {}
+        self._expiries: dict[Identity, IDelayedCall] = {}  # identity -> the timer that checks it once its token expires
         self.unwatch = link.watch(self.changed)
 
-    def identity(self, request_id: Optional[bytes]) -> Any:
+    def identity(self, request_id: Optional[bytes]) -> Identity:
         return self.link.identity_of(request_id)
 
     def may_publish(self, request_id: Optional[bytes], items: list[tuple[str, str, Any, Any]]) -> None:
@@ -72,7 +79,7 @@ class Rights:
                 self.link.refused("publish", message)
                 raise PermissionDenied(message)
 
-    def may_subscribe(self, request_id: Optional[bytes], topic: str) -> Any:
+    def may_subscribe(self, request_id: Optional[bytes], topic: str) -> Identity:
         """The announcer's identity, if its grants cover ``topic`` (a pattern: all of it); else refused."""
         identity = self.link.identity_of(request_id)
         if not identity.grants.may_subscribe(topic):
@@ -81,16 +88,16 @@ class Rights:
             raise PermissionDenied(message)
         return identity
 
-    def claim(self, channel: uuid.UUID, identity: Any) -> Callable[[], None]:
+    def claim(self, channel: uuid.UUID, identity: Identity) -> Callable[[], None]:
         """Let the subscriber's Provider register on ``channel`` (it needs no provide right there)."""
         try:
-            return self.link.claim_inbox(channel, identity)  # type: ignore[no-any-return]
+            return self.link.claim_inbox(channel, identity)
         except ValueError as error:  # TokenError: someone else serves or claimed the channel
             message = getattr(error, "message", str(error))
             self.link.refused("subscribe", message)
             raise PermissionDenied(message) from None
 
-    def keep(self, outlet: "Outlet", identity: Any) -> None:
+    def keep(self, outlet: "Outlet", identity: Identity) -> None:
         """``outlet`` lives on ``identity``'s rights from now on (an expiry or revocation ends it)."""
         if outlet.identity is identity:
             return
@@ -110,6 +117,8 @@ class Rights:
 
     def unkeep(self, outlet: "Outlet") -> None:
         identity = outlet.identity
+        if identity is None:
+            return  # kept by no one's rights
         kept = self.by_identity.get(identity)
         if kept is not None:
             kept.discard(outlet)
@@ -119,14 +128,14 @@ class Rights:
                 if timer is not None and timer.active():
                     timer.cancel()
 
-    def _check_expiry(self, identity: Any) -> None:
+    def _check_expiry(self, identity: Identity) -> None:
         self._expiries.pop(identity, None)
         try:
             self.link.check(identity)
         except ValueError as error:  # TokenError
             self.changed(identity, self.link.authority.anonymous, getattr(error, "message", str(error)))
 
-    def changed(self, old: Any, new: Any, reason: str) -> None:
+    def changed(self, old: Identity, new: Identity, reason: str) -> None:
         """A token expired, was revoked or refreshed: its subscriptions move on, or end if no longer granted."""
         outlets = self.by_identity.get(old)
         if not outlets:
