@@ -11,7 +11,7 @@ services, the HTTP API and the test harness all ask here).
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint, IStreamServerEndpoint
@@ -28,8 +28,13 @@ _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:=\s]+)):(?P
 _ENDPOINT_KINDS = {"tcp", "tcp6", "unix", "tls", "ssl", "ssl6", "systemd", "onion", "tor"}
 
 
-def client_endpoint(reactor: Any, address: Address) -> IStreamClientEndpoint:
-    """``"host:port"``, a client endpoint description, or an endpoint object."""
+def client_endpoint(reactor: object, address: Address) -> IStreamClientEndpoint:
+    """``"host:port"``, a client endpoint description, or an endpoint object.
+
+    ``reactor`` goes to Twisted's parser, which asks of it what the kind of
+    address needs (``IReactorTCP`` for host:port, ``IReactorUNIX`` for ``unix:``):
+    any reactor Twisted installs has both.
+    """
     if IStreamClientEndpoint.providedBy(address):
         return address
     if not isinstance(address, str):
@@ -46,7 +51,7 @@ _ADDRESS_FORMS = "give host:port (e.g. 127.0.0.1:9090) or a Twisted endpoint (tc
 _CLIENT_TLS_KINDS = {"tls", "ssl", "ssl6"}  # client endpoint kinds that need pyOpenSSL
 
 
-def address_problem(address: Address, reactor: Any = None) -> Optional[str]:
+def address_problem(address: Address, reactor: object = None) -> Optional[str]:
     """What is wrong with a client address, in one line that says what to do; None if it is usable.
 
     Checks what can be checked without connecting: the form, the port's
@@ -110,7 +115,8 @@ def server_description(listen: str | int) -> str:
     return text
 
 
-def server_endpoint(reactor: Any, listen: str | int) -> IStreamServerEndpoint:
+def server_endpoint(reactor: object, listen: str | int) -> IStreamServerEndpoint:
+    """The server endpoint ``listen`` describes, on ``reactor`` (given to Twisted's parser, as for a client)."""
     description = server_description(listen)
     if description.startswith("mtls:"):  # TLS that also checks client certificates (pulsyflux.tls)
         from .tls import parse_mtls

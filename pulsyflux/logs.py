@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from types import FrameType
 from typing import Any, Callable, Optional, cast
 
 from twisted.logger import (
@@ -54,7 +55,7 @@ def check_options(level: str, log_format: str) -> None:
         raise usage.UsageError(f"--log-format must be one of {', '.join(FORMATS)}, not {log_format!r}")
 
 
-def configure(twistd_options: Any, level: str = "info", log_format: str = "text") -> None:
+def configure(twistd_options: usage.Options, level: str = "info", log_format: str = "text") -> None:
     """Make twistd (whose parsed options are ``twistd_options``) log through :func:`twistd_observer`.
 
     Raises ``usage.UsageError`` for a bad level or format, or a ``--logger``
@@ -123,7 +124,7 @@ def _log_file(name: str, nodaemon: bool) -> Any:
     usr1 = getattr(signal, "SIGUSR1", None)
     if usr1 is not None and not signal.getsignal(usr1):
 
-        def rotate(signum: int, frame: Any) -> None:
+        def rotate(signum: int, frame: Optional[FrameType]) -> None:
             from twisted.internet import reactor
 
             cast(Any, reactor).callFromThread(log_file.rotate)  # the installed reactor: it has threads

@@ -16,7 +16,7 @@ certificate: ``tls:host=...:port=9443:trustRoots=ca-dir:certificate=me.pem:priva
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -28,7 +28,7 @@ _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE----
 
 
 def mtls_server_endpoint(
-    reactor: Any,
+    reactor: object,
     port: Union[int, str],  # a string too: from an endpoint description
     privateKey: str,
     caCerts: str,
@@ -56,7 +56,7 @@ def mtls_server_endpoint(
     return SSL4ServerEndpoint(reactor, int(port), options, backlog=int(backlog), interface=interface)
 
 
-def parse_mtls(reactor: Any, description: str) -> IStreamServerEndpoint:
+def parse_mtls(reactor: object, description: str) -> IStreamServerEndpoint:
     """``mtls:PORT:privateKey=...:certKey=...:caCerts=...[:interface=...]`` -> endpoint (``\\:`` escapes a colon)."""
     kind, _, rest = description.partition(":")
     if kind != "mtls":

@@ -13,11 +13,11 @@ import json
 import os
 import random
 import uuid
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -96,11 +96,14 @@ def _new_id() -> bytes:
     return bytes(raw)
 
 
-def _when(done: bool, value: Any, waiters: list[Deferred[Any]]) -> "Deferred[Any]":
+_T = TypeVar("_T")
+
+
+def _when(done: bool, value: _T, waiters: list[Deferred[_T]]) -> "Deferred[_T]":
     """Fires with ``value``: at once if ``done``, else when the owner fires ``waiters``."""
     if done:
         return succeed(value)
-    d: Deferred[Any] = Deferred()
+    d: Deferred[_T] = Deferred()
     waiters.append(d)
     return d
 
@@ -111,15 +114,15 @@ class _OneConnection(Factory):
 
     noisy = False
 
-    def __init__(self, proto: Any) -> None:
+    def __init__(self, proto: _ClientProtocol) -> None:
         self._proto = proto
 
-    def buildProtocol(self, addr: Any) -> Any:
+    def buildProtocol(self, addr: Optional[IAddress]) -> _ClientProtocol:
         return self._proto
 
 
-def _connect_protocol(endpoint: Any, proto: Any) -> "Deferred[Any]":
-    return endpoint.connect(_OneConnection(proto))
+def _connect_protocol(endpoint: IStreamClientEndpoint, proto: _ClientProtocol) -> "Deferred[_ClientProtocol]":
+    return endpoint.connect(_OneConnection(proto))  # type: ignore[return-value]  # fires with the one it was given
 
 
 class _ClientProtocol(Protocol):
