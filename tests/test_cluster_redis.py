@@ -113,6 +113,33 @@ def test_a_reply_nobody_asked_for_or_garbage_closes_the_connection():
     assert failure and "malformed" in str(failure[0].value)
 
 
+def test_a_turns_first_command_leaves_at_once_and_the_rest_of_the_turn_in_one_write():
+    """A lone publish or request waits for nothing; a busy turn's commands cost one write, not one each."""
+    from twisted.internet.task import Clock
+
+    writes: list[bytes] = []
+
+    class Recording(StringTransport):
+        def write(self, data: bytes) -> None:
+            writes.append(data)
+
+    clock = Clock()
+    redis = RedisCommands(clock)
+    redis.makeConnection(Recording())
+    redis.execute("PING")
+    assert writes == [b"*1\r\n$4\r\nPING\r\n"]  # before any reactor turn
+    clock.advance(0)
+    writes.clear()
+    for i in range(4):
+        redis.send("SPUBLISH", "c", str(i))
+    assert len(writes) == 1  # the turn's first at once, the rest wait for its end
+    clock.advance(0)
+    assert len(writes) == 2 and writes[1].count(b"SPUBLISH") == 3
+    assert b"".join(writes).index(b"\r\n0\r\n") < b"".join(writes).index(b"\r\n3\r\n")  # in order
+    clock.advance(0)
+    assert len(writes) == 2  # nothing more was waiting
+
+
 def test_redis_urls():
     a = parse_redis_url("redis://127.0.0.1:6380/2")
     assert (a.host, a.port, a.db, a.password, a.tls) == ("127.0.0.1", 6380, 2, None, False)

@@ -114,19 +114,29 @@ class _Base(Protocol):
 class RedisCommands(_Base):
     """One command at a time or pipelined; each answer goes to its own Deferred, in order.
 
-    With a ``reactor``, the commands of one reactor turn go out in one write at
-    its end (a server relays many requests per turn: one write and one
-    ``addWriter`` each cost more than the command).
+    With a ``reactor``, the first command of a reactor turn goes to the socket
+    at once (a lone publish or request waits for nothing), and the rest of
+    that turn's commands in one write at its end (a busy server relays many
+    requests per turn: a write each would cost more than the command).
     """
 
     def __init__(self, reactor: Any = None) -> None:
         super().__init__()
         self._reactor = reactor
-        self._unsent: list[bytes] = []
-        self._send_now: Optional[Callable[[bytes], None]] = None
+        self._unsent: Optional[list[bytes]] = None  # None: no command yet this turn
+        self._send_now: Callable[[bytes], None] = self._no_transport
         self._waiting: collections.deque[Optional[Deferred[Any]]] = collections.deque()
         self._why = "the connection to Redis was lost"
         self.unanswered = 0  # commands sent with send() that Redis refused or the connection lost
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        transport: Any = self.transport  # TCP, or TLS (whose writes immediate_writer leaves to Twisted)
+        # Straight to the socket when nothing waits (writer.py), else Twisted's buffered write.
+        self._send_now = immediate_writer(transport)
+
+    def _no_transport(self, data: bytes) -> None:
+        pass  # never called: commands are refused until connected
 
     def execute(self, *args: Any) -> Deferred[Any]:
         """Send one command; the Deferred fires with its reply or fails with :class:`RedisError`."""
@@ -142,17 +152,16 @@ class RedisCommands(_Base):
             self.transport.write(data)  # type: ignore[union-attr]
             return
         unsent = self._unsent
-        if not unsent:
+        if unsent is None:  # the turn's first: now, and the turn's others at its end
+            self._unsent = []
             self._reactor.callLater(0, self._flush)
-        unsent.append(data)
+            self._send_now(data)
+        else:
+            unsent.append(data)
 
     def _flush(self) -> None:
-        unsent, self._unsent = self._unsent, []
-        if self.connected and self.transport is not None:
-            if self._send_now is None:
-                transport: Any = self.transport  # TCP, or TLS (whose writes immediate_writer leaves to Twisted)
-                self._send_now = immediate_writer(transport)
-            # Straight to the socket when nothing waits (writer.py): not one reactor turn later.
+        unsent, self._unsent = self._unsent, None
+        if unsent and self.connected and self.transport is not None:
             for data in coalesce(unsent):
                 self._send_now(data)
 
