@@ -68,3 +68,22 @@ def test_clear_cancels_the_timer():
     assert clock.getDelayedCalls() == []
     clock.advance(2)
     assert expired == []
+
+
+def test_push_leaves_the_timer_to_arm_which_fires_at_the_earliest():
+    clock, live, expired, deadlines = make()
+    live["late"], live["early"] = object(), object()
+    assert deadlines.push("late", live["late"], 5.0) is True  # earlier than any timer (none yet)
+    assert clock.getDelayedCalls() == []  # nothing scheduled until arm()
+    deadlines.arm()
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [5.0]
+    assert deadlines.push("early", live["early"], 2.0) is True
+    assert deadlines.push("later", object(), 9.0) is False  # the armed timer comes first: no arm needed
+    deadlines.arm()
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [2.0]
+    clock.advance(2)
+    assert expired == ["early"]
+    clock.advance(3)
+    assert expired == ["early", "late"]
+    clock.advance(4)  # "later" was never live: its entry is skipped, and then no timer is left
+    assert expired == ["early", "late"] and clock.getDelayedCalls() == []

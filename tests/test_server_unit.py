@@ -177,3 +177,46 @@ def test_fail_all_and_close_all_end_every_request_and_connection():
     for conn in (provider, consumer):
         conn.connectionLost(None)
     assert gone.called and router.connections == set()
+
+
+class _WritesSeeTimers(StringTransport):
+    """A transport that notes how many timers the server held when each write reached it."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.timers_at_write: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        self.timers_at_write.append(len(self.clock.getDelayedCalls()))
+        super().write(data)
+
+
+def test_a_request_leaves_before_its_deadline_timer_is_made_and_its_response_before_it_is_cancelled():
+    # One request at a time, the router schedules and cancels a DelayedCall per request:
+    # both happen after the frames of that read have been written (off the round trip).
+    clock = FakeReactor()
+    factory = ServerFactory(clock)
+    channel, client_id, request_id = os.urandom(16), os.urandom(16), os.urandom(16)
+    provider = factory.buildProtocol(None)
+    provider_wire = _WritesSeeTimers(clock)
+    provider.makeConnection(provider_wire)
+    provider.dataReceived(register_frames(codec.ROLE_PROVIDER, os.urandom(16), channel))
+    consumer = factory.buildProtocol(None)
+    consumer_wire = _WritesSeeTimers(clock)
+    consumer.makeConnection(consumer_wire)
+    consumer.dataReceived(request_frames(request_id, client_id, channel, b"x", timeout_ms=1000))
+    assert [f.type for f in frames_written(provider_wire)] == [codec.START, codec.CHUNK, codec.END]
+    assert provider_wire.timers_at_write[-1] == 0 and len(clock.getDelayedCalls()) == 1
+    routing = client_id + channel
+    provider.dataReceived(
+        codec.encode_frame(codec.RESPONSE_START, request_id, routing)
+        + codec.encode_frame(codec.RESPONSE_END, request_id)
+    )
+    assert [f.type for f in frames_written(consumer_wire)] == [codec.RESPONSE_START, codec.RESPONSE_END]
+    assert consumer_wire.timers_at_write == [1] and clock.getDelayedCalls() == []
+    # The deadline still holds while a request is in flight, armed by the same flush.
+    consumer.dataReceived(request_frames(os.urandom(16), client_id, channel, b"y", timeout_ms=1000))
+    clock.advance(1.001)
+    [error] = frames_written(consumer_wire)
+    assert codec.error_message(error.payload) == "request timed out" and clock.getDelayedCalls() == []

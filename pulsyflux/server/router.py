@@ -343,6 +343,7 @@ class Router:
         self.on_channel: Optional[Callable[[bytes, bool], None]] = None
         self.requests: dict[bytes, _InFlight] = {}
         self.deadlines = Deadlines(clock, self.requests, self._expire)  # one timer, not one per request
+        self._timers_due = False  # a read started or ended requests: flush arms or clears the timer
         self.peers: set[Peer] = set()  # every connected peer
         self.stats = ServerStats()
         self.reading: Optional[Peer] = None  # whose frames are being routed now (backpressure)
@@ -684,6 +685,16 @@ class Router:
                 self.flow_control.wrote(conn, sum(map(len, outbox)))
             outbox.clear()
         dirty.clear()
+        if self._timers_due:
+            self._settle_timers()
+
+    def _settle_timers(self) -> None:
+        """After a read's frames have left: the deadline timer of the requests it started or ended."""
+        self._timers_due = False
+        if self.requests:
+            self.deadlines.arm()
+        else:
+            self.deadlines.clear()  # an idle router holds no timer
 
     def frame_received(self, conn: Peer, ftype: int, flags: int, request_id: bytes, frame: bytes) -> None:
         """Route one frame; ``frame`` is the whole frame as it came, header included."""
@@ -748,7 +759,8 @@ class Router:
         if provider is None or (channel in self.guarded and not conn.trusted):
             self._server_error(conn, request_id, errors.MSG_PEER_DISAPPEARED, routing)
             return
-        entry = _InFlight(request_id, conn, provider, routing, self.clock.seconds())
+        now = self.clock.seconds()
+        entry = _InFlight(request_id, conn, provider, routing, now)
         # Publishes to the broker and its forwards carry payloads in base64: their
         # limit is max_body bytes of payload, so the wire form may take more.
         entry.request_limit = self.max_message_body if conn.trusted or channel in self.reserved else self.max_body
@@ -757,8 +769,13 @@ class Router:
         provider.assigned.add(request_id)
         if provider.flow.blocked_by:  # a slow consumer keeps it unread
             self.flow_control.serving(provider, conn)
-        if timeout_ms:  # it holds until the response is complete
-            self.deadlines.add(request_id, entry, timeout_ms / 1000.0)
+        if timeout_ms and self.deadlines.push(request_id, entry, now + timeout_ms / 1000.0):
+            # It holds until the response is complete. The timer is armed after
+            # the START has left (flush): one request at a time, its DelayedCall is made off the critical path.
+            if self.reading is None:
+                self.deadlines.arm()
+            else:
+                self._timers_due = True
         if conn.trusted:
             self.stats.broker_requests_routed += 1
         else:
@@ -822,7 +839,10 @@ class Router:
         entry.consumer.started.discard(request_id)
         entry.provider.assigned.discard(request_id)
         if not self.requests:
-            self.deadlines.clear()  # an idle router holds no timer
+            if self.reading is None:
+                self.deadlines.clear()  # an idle router holds no timer
+            else:
+                self._timers_due = True  # cleared after the response has left (flush)
             if self._idle_waiters:
                 waiters, self._idle_waiters = self._idle_waiters, []
                 for d in waiters:

@@ -40,12 +40,28 @@ class Deadlines:
 
     def add(self, key: Any, value: Any, seconds: float) -> None:
         when = self._clock.seconds() + seconds
+        if self.push(key, value, when):
+            self._schedule(when)
+
+    def push(self, key: Any, value: Any, when: float) -> bool:
+        """Add a deadline at clock time ``when`` without touching the timer; True if :meth:`arm` must follow.
+
+        For an owner on a hot path that arms the timer after its more urgent
+        work (the router: after it has sent what it routed).
+        """
         heap = self._heap
         heapq.heappush(heap, (when, next(self._order), key, value))
         if when < self._timer_at:
-            self._schedule(when)
-        elif len(heap) > 2 * len(self._live) + 64:
+            return True
+        if len(heap) > 2 * len(self._live) + 64:
             self._compact()
+        return False
+
+    def arm(self) -> None:
+        """Have the timer fire at the earliest deadline held (after :meth:`push`)."""
+        heap = self._heap
+        if heap and heap[0][0] < self._timer_at:
+            self._schedule(heap[0][0])
 
     def clear(self) -> None:
         """Drop every deadline and the timer (the owner is closing)."""
