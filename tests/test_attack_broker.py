@@ -121,13 +121,14 @@ async def test_attack_never_reading_subscriber_holds_at_most_backlog_bytes(serve
     sub = await client.subscribe("big", buffer=1)  # never read until the end
     payload = b"p" * (2 * KiB)
     peak = 0
-    for i in range(200):  # about 540 KiB of JSON; 10,000 messages would be allowed
+    for i in range(200):  # about 400 KiB of records (540 KiB of JSON); 10,000 messages would be allowed
         await broker.publish("big", payload + b"%d" % i)
         peak = max(peak, broker.stats()["backlog_bytes"])
     stats = broker.stats()
     [mine] = stats["subscriptions"]
     assert peak <= bound and mine["backlog_bytes"] <= bound
-    assert mine["backlog"] < 30 and broker.dropped == mine["dropped"] > 150
+    # Each message takes over 2 KiB in either encoding (binary records here: the subscriber offered them).
+    assert mine["backlog"] <= bound // len(payload) and broker.dropped == mine["dropped"] > 150
     # Every message is read or counted as dropped, and the subscriber's count is the broker's.
     got = []
     while len(got) + sub.dropped < 200:
@@ -144,8 +145,8 @@ async def test_attack_big_messages_to_a_never_reading_subscriber_stop_at_8_mib_b
     client = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
     sub = await client.subscribe("big", buffer=1)
     payload = b"p" * (256 * KiB)
-    size = len(messages.encode("big", payload))
-    for _ in range(48):  # 16 MiB of JSON; the 10,000-message bound alone kept it all
+    size = len(messages.encode_record("big", payload, None))  # what waits: the subscriber reads binary records
+    for _ in range(48):  # 12 MiB of records (16 MiB of JSON); the 10,000-message bound alone kept it all
         await broker.publish("big", payload)
     [mine] = broker.stats()["subscriptions"]
     assert mine["backlog"] * size <= 8 << 20 and mine["dropped"] > 0

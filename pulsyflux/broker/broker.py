@@ -39,9 +39,11 @@ from .history import DEFAULT_HISTORY_BYTES, DEFAULT_HISTORY_TOTAL_BYTES, History
 from .link import (
     BROKER_CLOSED,
     DEFAULT_BROKER_CHANNEL,
+    EMPTY_BATCH,
     PublishingSide,
     ignore,
     present_token,
+    reads_binary,
     replay_arguments,
     send_until_registered,
 )
@@ -167,10 +169,12 @@ class Broker(PublishingSide):
             raise
         self._publisher = Publisher(consumer)
         try:
-            await send_until_registered(consumer, b"[]", self.reactor)  # our Provider is in place
+            answer = await send_until_registered(consumer, EMPTY_BATCH, self.reactor)  # our Provider is in place
         except BaseException:
             await self.close()
             raise
+        if reads_binary(answer):
+            self._publisher.use_binary()
         self._provider.when_lost().addCallback(lambda _: self._lost())
         consumer.when_lost().addCallback(lambda _: self._lost())  # publishing needs it too
         return self

@@ -19,12 +19,14 @@ from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, 
 from ..wire.messages import Position
 from .link import (
     DEFAULT_BROKER_CHANNEL,
+    EMPTY_BATCH,
     GO_ARRAY_ERROR,
     RECOVERED,
     RESUMED,
     PublishingSide,
     ignore,
     present_token,
+    reads_binary,
     replay_arguments,
     send_until_registered,
 )
@@ -132,7 +134,7 @@ class BrokerClient(PublishingSide):
         )
         self._publisher = Publisher(self._consumer)
         try:
-            await send_until_registered(self._consumer, b"[]", self.reactor)
+            answer = await send_until_registered(self._consumer, EMPTY_BATCH, self.reactor)
         except RemoteError as error:
             if GO_ARRAY_ERROR not in str(error):
                 await self._consumer.close()
@@ -146,6 +148,9 @@ class BrokerClient(PublishingSide):
         except BaseException:
             await self._consumer.close()
             raise
+        else:
+            if reads_binary(answer):
+                self._publisher.use_binary()
         self._consumer.when_lost().addCallback(lambda _: self._stop_heartbeat())
         return self
 

@@ -14,11 +14,29 @@ from ..client import Consumer, Provider, Reconnect
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError, PermissionDenied, PulsyfluxError
-from ..wire.messages import CONTROL_PREFIX, MessageError, Position, group_problem, is_pattern, topic_problem
+from ..wire.messages import (
+    BINARY_MAGIC,
+    CONTROL_PREFIX,
+    MessageError,
+    Position,
+    group_problem,
+    is_pattern,
+    topic_problem,
+)
 from ..wire.printable import error_excerpt, excerpt
 from ..wire.ratelimit import LogLimiter, summary_to
 from .history import History
-from .link import OK, PROBE, RECOVERED, RESUMED, ignore, send_until_registered
+from .link import (
+    EMPTY_BATCH,
+    OK,
+    OK_BINARY,
+    PROBE,
+    RECOVERED,
+    RESUMED,
+    ignore,
+    reads_binary,
+    send_until_registered,
+)
 
 if TYPE_CHECKING:
     from ..auth.tokens import Identity
@@ -171,6 +189,10 @@ class Fanout:
         self._serial = 0  # labels subscriptions in stats and logs: "sub-1", "sub-2", ...
 
     def handle(self, body: bytes) -> Union[bytes, "Deferred[bytes]"]:
+        if body[:4] == BINARY_MAGIC:
+            return self._handle_binary(body)
+        if body == EMPTY_BATCH:
+            return OK_BINARY  # our publishers' first request: say which encodings we read (docs/protocol.md)
         try:
             items = messages.split_body(body)
         except MessageError:
@@ -187,29 +209,19 @@ class Fanout:
                     except MessageError:
                         self.rejected += 1
                         raise
-                self.rejected += 1
-                if not topic:
-                    raise MessageError(problem)  # nobody can subscribe to it
-                if topic.startswith(CONTROL_PREFIX):
-                    raise MessageError("control messages cannot be sent in a batch")
-                raise MessageError(f"publish refused: {problem}")
+                self._refuse(topic, problem)
         if self.rights is not None:
             self.rights.may_publish(self._request_id(), items)
         answer = OK
         shared = items  # other servers get the messages as published: each positions them itself
         if self.history is not None:
-            items, answer = self._retain(items, body)
+            items, answer = self._retain(items, body[:1] == b"[")
         recipients = self.recipients
         self.published += len(items)
         if len(items) == 1:
             outlets = recipients(items[0][0])
             if outlets:
-                text = items[0][1]
-                for outlet in outlets:
-                    outlet.push(text)
-                self.backlog_size += len(text) * len(outlets)
-                if self.backlog_size > self.total_backlog_bytes:
-                    self.trim_backlogs()
+                self._push(outlets, items[0])
                 for outlet in list(outlets):
                     outlet.flush()
             if self.cluster is not None:
@@ -220,19 +232,98 @@ class Fanout:
             self.cluster.publish(shared)
         return answer
 
+    def _refuse(self, topic: str, problem: str) -> NoReturn:
+        """A published message's topic broke the rule: the whole request is refused, saying why."""
+        self.rejected += 1
+        if not topic:
+            raise MessageError(problem)  # nobody can subscribe to it
+        if topic.startswith(CONTROL_PREFIX):
+            raise MessageError("control messages cannot be sent in a batch")
+        raise MessageError(f"publish refused: {problem}")
+
+    def _push(self, outlets: list[Outlet], item: tuple[str, str, Any, Any]) -> None:
+        """Queue one message (JSON) on each of its outlets, in each one's encoding: the JSON text as it
+        came, or its binary record, made once for all the outlets that read it (docs/protocol.md)."""
+        text = item[1]
+        size = 0
+        record: Optional[bytes] = None
+        for outlet in outlets:
+            if outlet.binary and self.history is None:  # with history: its text carries the position
+                if record is None:
+                    record = messages.record_of(item[0], item[2], item[3])
+                outlet.push(record)
+                size += len(record)
+            else:
+                outlet.push(text)
+                size += len(text)
+        self.backlog_size += size
+        if self.backlog_size > self.total_backlog_bytes:
+            self.trim_backlogs()
+
+    def _handle_binary(self, body: bytes) -> bytes:
+        """A binary batch from one of our publishers: each record goes as it came to the outlets
+        that read the binary encoding, and as JSON (made once per message) to the others."""
+        try:
+            items = messages.split_binary(body)
+        except MessageError:
+            self.rejected += 1
+            raise
+        for item in items:
+            problem = topic_problem(item[0])
+            if problem is not None:
+                self._refuse(item[0], problem)
+        if self.rights is not None:
+            self.rights.may_publish(self._request_id(), items)  # type: ignore[arg-type]  # reads the topics only
+        if self.history is not None or self.cluster is not None:
+            # Both keep and share JSON: the message takes the JSON path from here (a batch: positions answered).
+            encode_text = messages.encode_text
+            texts = [
+                (topic, encode_text(topic, payload, headers), payload, headers) for topic, _, payload, headers in items
+            ]
+            shared = texts
+            answer = OK
+            if self.history is not None:
+                texts, answer = self._retain(texts, True)
+            self.published += len(texts)
+            self._fan(texts)
+            if self.cluster is not None:
+                self.cluster.publish(shared)
+            return answer
+        self.published += len(items)
+        recipients = self.recipients
+        touched: dict[Outlet, None] = {}
+        for topic, record, payload, headers in items:
+            outlets = recipients(topic)
+            if outlets:
+                size = 0
+                text: Optional[str] = None
+                for outlet in outlets:
+                    if outlet.binary:
+                        outlet.push(record)
+                        size += len(record)
+                    else:
+                        if text is None:
+                            text = messages.encode_text(topic, payload, headers)
+                        outlet.push(text)
+                        size += len(text)
+                    touched[outlet] = None
+                self.backlog_size += size
+                if self.backlog_size > self.total_backlog_bytes:
+                    self.trim_backlogs()
+        for outlet in touched:
+            outlet.flush()
+        return OK
+
     def _fan(self, items: list[tuple[str, str, Any, Any]]) -> None:
         """Deliver a batch of checked messages to their outlets, each outlet flushed once."""
         recipients = self.recipients
         touched: dict[Outlet, None] = {}
-        for topic, text, _, _ in items:
-            outlets = recipients(topic)
+        for item in items:
+            outlets = recipients(item[0])
             if outlets:
+                self._push(outlets, item)
                 for outlet in outlets:
-                    outlet.push(text)
                     touched[outlet] = None
-                self.backlog_size += len(text) * len(outlets)
-                if self.backlog_size > self.total_backlog_bytes:
-                    self.trim_backlogs()
         for outlet in touched:
             outlet.flush()
 
@@ -248,7 +339,7 @@ class Fanout:
             if problem is not None:
                 raise MessageError(f"not a publishable topic: {problem}")
         if self.history is not None:  # retained and positioned here as a local publish is
-            items, _ = self._retain(items, body)
+            items, _ = self._retain(items, body[:1] == b"[")
         self.published += len(items)
         self._fan(items)
         return len(items)
@@ -273,7 +364,7 @@ class Fanout:
         for outlet in self.outlets.values():
             outlet.gaps += 1
 
-    def _retain(self, items: list[tuple[str, str, Any, Any]], body: bytes) -> tuple[list[Any], bytes]:
+    def _retain(self, items: list[tuple[str, str, Any, Any]], batch: bool) -> tuple[list[Any], bytes]:
         """With history: keep each message, its position in its text (forwarded and replayed as such).
 
         A batch (our publishers send arrays) is answered with the positions,
@@ -286,7 +377,7 @@ class Fanout:
             position, text = append(topic, text)
             retained.append((topic, text, payload, headers))
             positions.append(f"{position[0]}:{position[1]}")
-        if body[:1] != b"[":
+        if not batch:
             return retained, OK
         return retained, ('["' + '","'.join(positions) + '"]').encode("ascii")
 
@@ -535,7 +626,8 @@ class Fanout:
             consumer = await Consumer.connect(
                 self.address, channel, reactor=self.reactor, reconnect=self.reconnect, token=self.token
             )
-            await send_until_registered(consumer, PROBE, self.reactor)
+            # The subscriber's answer says which encodings it reads besides JSON (docs/protocol.md).
+            answer = await send_until_registered(consumer, PROBE, self.reactor)
             if self.closing:
                 raise ConnectionLostError("the broker is closing")
         except BaseException:
@@ -545,6 +637,7 @@ class Fanout:
             raise
         self._serial += 1
         outlet = Outlet(self, topic, consumer, local, self.backlog, self.backlog_bytes, f"sub-{self._serial}", group)
+        outlet.binary = reads_binary(answer)
         outlet.unguard = unguard
         if identity is not None and self.rights is not None:
             self.rights.keep(outlet, identity)
@@ -557,7 +650,12 @@ class Fanout:
         return outlet
 
     def remove(
-        self, outlet: Outlet, reason: str, notify: bool = True, orphans: Sequence[str] = (), hand_over: bool = True
+        self,
+        outlet: Outlet,
+        reason: str,
+        notify: bool = True,
+        orphans: Sequence[Union[str, bytes]] = (),
+        hand_over: bool = True,
     ) -> "Deferred[Any]":
         """Forget a subscription and close its connections (and a local stream).
 
@@ -635,7 +733,7 @@ class Fanout:
                 return
             excess -= outlet.trim(outlet.limit, max(outlet.size - excess, 0))
 
-    def hand_over(self, outlet: Outlet, orphans: Sequence[str]) -> None:
+    def hand_over(self, outlet: Outlet, orphans: Sequence[Union[str, bytes]]) -> None:
         """A queue group member left (already out of the index): its ``orphans``
         and backlog go to the group's other members, one each, by the usual turns.
 
@@ -659,6 +757,8 @@ class Fanout:
         touched: dict[Outlet, None] = {}
         for text in texts:
             member = group.pick(Outlet.has_room)
+            if type(text) is bytes and not member.binary:
+                text = messages.convert(text, False)  # a binary member's record, to one that reads only JSON
             member.push(text)
             self.backlog_size += len(text)
             touched[member] = None

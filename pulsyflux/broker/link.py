@@ -29,6 +29,9 @@ __all__ = [
     "BROKER_CLOSED",
     "DEFAULT_BROKER_CHANNEL",
     "OK",
+    "OK_BINARY",
+    "EMPTY_BATCH",
+    "reads_binary",
     "RESUMED",
     "PROBE",
     "PublishingSide",
@@ -42,6 +45,10 @@ __all__ = [
 # uuid5(NAMESPACE_DNS, "broker.pulsyflux"): the channel everyone assumes.
 DEFAULT_BROKER_CHANNEL = uuid.UUID("4cf5ad4a-c843-56c7-921e-35cba21980e2")
 OK = b"ok"
+# Our publishers' first request, an empty batch: the Go broker refuses it (see GO_ARRAY_ERROR), a
+# pulsyflux broker answers "ok" followed by the encodings it reads besides JSON (docs/protocol.md).
+EMPTY_BATCH = b"[]"
+OK_BINARY = OK + b" " + messages.BINARY.encode("ascii")
 # The reason a broker gives its subscribers when it shuts down (a restart, most
 # often): a reconnecting BrokerClient waits for a broker to take them back.
 BROKER_CLOSED = "the broker closed"
@@ -99,6 +106,13 @@ async def send_until_registered(
         await deferLater(reactor, delay, lambda: None)
         waited += delay
         delay = min(delay * 2, 0.1)
+
+
+def reads_binary(answer: bytes) -> bool:
+    """Whether a broker's answer to :data:`EMPTY_BATCH` says it reads the binary encoding
+    (an older pulsyflux broker answers ``ok``, a Go broker an error)."""
+    word, _, rest = answer.partition(b" ")
+    return word == OK and messages.BINARY.encode("ascii") in rest.split(b",")
 
 
 _Side = TypeVar("_Side", bound="PublishingSide")

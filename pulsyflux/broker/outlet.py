@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -76,8 +76,11 @@ class Outlet:
         self.local = local
         self.limit = limit
         self.limit_bytes = limit_bytes
-        self.backlog: deque[str] = deque()
-        self.size = 0  # characters of JSON in the backlog
+        # Each message as the subscriber reads it: its JSON text, or its binary record (``binary``).
+        self.backlog: deque[Union[str, bytes]] = deque()
+        self.size = 0  # characters of JSON (bytes of binary records) in the backlog
+        # The subscriber reads the binary encoding (offered at subscribe: docs/protocol.md).
+        self.binary = False
         self.requests = 0
         self.in_flight = 0
         self.delivered = 0
@@ -104,7 +107,7 @@ class Outlet:
         """Whether a queue group should give this member the next message: up, and its backlog not full."""
         return self.ready and len(self.backlog) < self.limit and self.size < self.limit_bytes
 
-    def push(self, text: str) -> None:
+    def push(self, text: Union[str, bytes]) -> None:
         """Queue one message; the caller adds it to the fanout's ``backlog_size`` (once per publish)."""
         backlog = self.backlog
         backlog.append(text)
@@ -140,16 +143,26 @@ class Outlet:
         if self.consumer.reconnecting:
             self.ready = False  # the line is down: keep the backlog for rejoin()
         while backlog and self.open and self.ready and self.requests < fanout.window:
-            texts: list[str] = []
+            # A forward is in one encoding: that of the first message waiting (a binary reader
+            # gets JSON where the broker keeps history; each body says which it is).
+            kind = type(backlog[0])
+            texts: list[Any] = []
             if self.dropped != self.notified:
                 self.notified = self.dropped
-                texts.append(messages.control(messages.DROPPED, dropped=str(self.dropped)))
+                texts.append(
+                    messages.encode_record(messages.DROPPED, None, {"dropped": str(self.dropped)})
+                    if kind is bytes
+                    else messages.control(messages.DROPPED, dropped=str(self.dropped))
+                )
             popleft = backlog.popleft
             size = 0
             count = 0
             limit = fanout.batch
             while backlog and count < limit and size < _BATCH_CHARS:
                 text = popleft()
+                if type(text) is not kind:
+                    backlog.appendleft(text)  # the next forward's
+                    break
                 texts.append(text)
                 size += len(text)
                 count += 1
@@ -157,7 +170,8 @@ class Outlet:
             fanout.backlog_size -= size
             self.requests += 1
             self.in_flight += count
-            d = self.consumer.send(messages.encode_batch(texts), timeout=0)
+            body = messages.encode_records(texts) if kind is bytes else messages.encode_batch(texts)
+            d = self.consumer.send(body, timeout=0)
             d.addCallbacks(self._answered, self._failed, callbackArgs=(count,), errbackArgs=(count, texts))
 
     def _answered(self, result: bytes, count: int) -> None:
@@ -169,7 +183,7 @@ class Outlet:
             self._drained.callback(None)
         self.flush()
 
-    def _failed(self, failure: Failure, count: int, texts: Sequence[str] = ()) -> None:
+    def _failed(self, failure: Failure, count: int, texts: Sequence[Union[str, bytes]] = ()) -> None:
         self.requests -= 1
         self.in_flight -= count
         if self._drained is not None and not self.requests:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
@@ -50,11 +50,16 @@ class Publisher:
         self.window = window
         self.batch = batch
         self.requests = 0
-        self._texts: list[str] = []
+        self._texts: list[Any] = []  # each waiting publish, encoded: JSON text, or a binary record
         self._waiters: list[Deferred[Optional[Position]]] = []
         self._deadlines: list[float] = []  # when each waiting publish times out
         self._closed: Optional[Exception] = None
         self.go = False  # the broker is Go's: see use_go_broker
+        self.binary = False  # the broker reads the binary encoding: see use_binary
+
+    def use_binary(self) -> None:
+        """The broker said it reads the binary encoding (its answer to the empty batch): publish in it."""
+        self.binary = True
 
     def use_go_broker(self) -> None:
         """Talk to a Go broker: one plain JSON message per request (it refuses arrays), one at a time
@@ -68,7 +73,7 @@ class Publisher:
     ) -> "Deferred[Optional[Position]]":
         if self._closed is not None:
             return fail(self._closed)
-        text = messages.encode_text(topic, payload, headers)
+        text = (messages.encode_record if self.binary else messages.encode_text)(topic, payload, headers)
         d: Deferred[Optional[Position]] = Deferred()
         self._deadlines.append(self.consumer.reactor.seconds() + timeout if timeout and timeout > 0 else _NEVER)
         self._texts.append(text)
@@ -86,8 +91,11 @@ class Publisher:
             timeout = 0.0  # the batch's request times out with its earliest publish
             if deadline != _NEVER:
                 timeout = max(deadline - self.consumer.reactor.seconds(), 0.001)
-            # Always an array to our broker (even of one): it answers an array with the positions.
-            body = texts[0].encode("utf-8") if self.go else ("[" + ",".join(texts) + "]").encode("utf-8")
+            # Always a batch to our broker (even of one): it answers a batch with the positions.
+            if self.binary:
+                body = messages.encode_records(texts)
+            else:
+                body = texts[0].encode("utf-8") if self.go else ("[" + ",".join(texts) + "]").encode("utf-8")
             d = self.consumer.send(body, timeout=timeout)
             d.addCallbacks(self._answered, self._failed, callbackArgs=(waiters,), errbackArgs=(waiters,))
 

@@ -22,7 +22,7 @@ from ..wire import messages
 from ..wire.errors import PulsyfluxError
 from ..wire.messages import Message, Position, check_topic, group_problem, is_control, is_pattern
 from ..wire.printable import printable
-from .link import OK, channel_uuid
+from .link import OK, OK_BINARY, channel_uuid
 from .subjects import matcher
 
 # What the broker's and each subscriber's Provider may hold of requests still
@@ -378,6 +378,7 @@ class Subscription:
             else:
                 foreign += 1  # never sent by the broker: forged, by someone who knows the channel
         closing: Optional[Message] = None
+        reply = OK
         if foreign or notices is not None:
             self._rejected += foreign
             for before, msg in notices or ():
@@ -385,6 +386,8 @@ class Subscription:
                     self._rejected += 1  # not where the broker puts it
                 elif msg.topic == messages.CLOSED:
                     closing = msg  # after the wake-up: the messages before it stay readable
+                elif msg.topic == messages.PROBE:
+                    reply = OK_BINARY  # forward to us in the binary encoding too (docs/protocol.md)
                 else:
                     self._control(msg)
         self._received += count
@@ -400,7 +403,7 @@ class Subscription:
             if self._closed is not None:
                 return OK
         if not count or (not self._held and len(pending) <= self.buffer):
-            return OK  # a notice alone (a probe after a gap) is never held behind a full buffer
+            return reply  # a notice alone (a probe after a gap) is never held behind a full buffer
         answer: Deferred[bytes] = Deferred()
         self._held.append((self._received, answer))
         return answer

@@ -26,6 +26,7 @@ import base64
 import binascii
 import json
 import re
+import struct
 import sys
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
@@ -59,6 +60,14 @@ __all__ = [
     "is_pattern",
     "group_problem",
     "MAX_GROUP_CHARS",
+    "BINARY",
+    "BINARY_MAGIC",
+    "encode_record",
+    "encode_records",
+    "is_binary",
+    "split_binary",
+    "record_of",
+    "convert",
 ]
 
 # Topics starting with this are the broker's own; publish refuses them.
@@ -415,7 +424,9 @@ def decode(body: Body) -> Message:
 
 
 def decode_body(body: Body) -> list[Message]:
-    """Every message in a request body: one object, or a batch (array)."""
+    """Every message in a request body: one object, a batch (array), or a binary batch (:func:`is_binary`)."""
+    if body[:4] == BINARY_MAGIC:
+        return _decode_binary(body)
     obj = _loads(body)
     if type(obj) is list:
         return [_message(item) for item in obj]
@@ -610,3 +621,252 @@ def check_topic(topic: str, subscribing: bool = False) -> None:
 def control(kind: str, **headers: str) -> str:
     """A control message's JSON text, e.g. ``control(SUBSCRIBE, topic="t", channel=str(uuid))``."""
     return encode_text(kind, None, headers)
+
+
+# -- the binary encoding (a pulsyflux extension: docs/protocol.md) ------------------
+#
+# Between our own clients and broker, a request body may be a *binary batch*
+# instead of JSON: BINARY_MAGIC, then one record per message:
+#
+#     flags:u8  topic_len:u32  payload_len:u32  header_count:u32     (big-endian)
+#     topic (UTF-8)  payload  header_count x (key_len:u32 key  value_len:u32 value)
+#     [position_len:u8 position (ASCII "EPOCH:SEQ"), if flags & 4]
+#
+# flags: 1 the payload is null (Go's nil), 2 the headers are null, 4 a position
+# follows. No JSON body can start with BINARY_MAGIC's first byte (0xFF is never
+# UTF-8), so every reader tells the two apart by the body's first bytes, and a Go
+# reader refuses a binary body at once; nobody sends one to a peer that did not
+# say it reads it: "ok pfb1" is the broker's answer to the empty batch our
+# publishers send first, and a subscriber's answer to the broker's probe.
+
+BINARY = "pfb1"  # the encoding's name, in offers and answers
+BINARY_MAGIC = b"\xffPB1"
+_RECORD = struct.Struct(">BIII")
+_LENGTH = struct.Struct(">I")
+_NULL_PAYLOAD = 1
+_NULL_HEADERS = 2
+_HAS_POSITION = 4
+_FLAGS = _NULL_PAYLOAD | _NULL_HEADERS | _HAS_POSITION
+_RECORD_SIZE = _RECORD.size
+_TEXT = "surrogatepass"  # a lone surrogate travels as in JSON (which escapes it), not as an error
+
+
+def is_binary(body: Body) -> bool:
+    """Whether a request body is a binary batch rather than JSON (its first bytes tell)."""
+    return body[:4] == BINARY_MAGIC
+
+
+def encode_record(
+    topic: str,
+    payload: Optional[Body],
+    headers: Optional[Mapping[str, str]],
+    position: Optional[str] = None,
+) -> bytes:
+    """One message as a binary record (what :func:`encode_records` joins); ``None`` is Go's nil, as in JSON.
+
+    Raises TypeError as :func:`encode_text` does.
+    """
+    if type(topic) is not str:
+        _topic_type_error(topic)
+    flags = 0 if position is None else _HAS_POSITION
+    if payload is None:
+        flags |= _NULL_PAYLOAD
+        payload = b""
+    elif not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+    topic_bytes = topic.encode("utf-8", _TEXT)
+    if not headers:
+        if headers is None:
+            flags |= _NULL_HEADERS
+        if position is None:
+            return _RECORD.pack(flags, len(topic_bytes), len(payload), 0) + topic_bytes + payload
+        parts = [_RECORD.pack(flags, len(topic_bytes), len(payload), 0), topic_bytes, payload]
+    else:
+        parts = [_RECORD.pack(flags, len(topic_bytes), len(payload), len(headers)), topic_bytes, payload]
+        pack = _LENGTH.pack
+        for key in sorted(headers):  # as in JSON: the same message, the same bytes
+            value = headers[key]
+            if type(key) is not str or type(value) is not str:
+                raise TypeError(f"headers must map str to str, got {key!r}: {value!r}")
+            key_bytes = key.encode("utf-8", _TEXT)
+            value_bytes = value.encode("utf-8", _TEXT)
+            parts += (pack(len(key_bytes)), key_bytes, pack(len(value_bytes)), value_bytes)
+    if position is not None:
+        text = position.encode("ascii")
+        if len(text) > 255:
+            raise ValueError("a position is at most 255 characters")
+        parts += (bytes((len(text),)), text)
+    return b"".join(parts)
+
+
+def encode_records(records: list[bytes]) -> bytes:
+    """A binary batch of records (from :func:`encode_record`): one request body."""
+    return BINARY_MAGIC + b"".join(records)
+
+
+def record_of(topic: str, payload: Any, headers: Optional[Mapping[str, str]]) -> bytes:
+    """The binary record of a checked message: ``payload`` as :func:`split_body` gives it (its
+    base64 text) or as :func:`split_binary` does (bytes), None for Go's nil."""
+    if type(payload) is str:
+        payload = _payload(payload)
+    return encode_record(topic, payload, headers)
+
+
+def convert(entry: Union[str, bytes], binary: bool) -> Union[str, bytes]:
+    """One message's JSON text or binary record (without BINARY_MAGIC), in the encoding asked for.
+
+    For the rare moves between subscribers of different encodings (a queue
+    group's hand-over); the fan-out encodes each message once per encoding.
+    """
+    if (type(entry) is bytes) is binary:
+        return entry
+    if binary:
+        topic, _, payload, headers = split_body(entry)[0]
+        return record_of(topic, payload, headers)
+    topic, payload, headers, position, _, _ = _parse_binary(BINARY_MAGIC + entry)[0]  # type: ignore[operator]
+    text = encode_text(topic, payload, headers)
+    return text if position is None else f'{text[:-1]},"Position":"{position}"}}'
+
+
+def _binary_error(why: str, at: int) -> MessageError:
+    return MessageError(f"not a binary batch: {why} at byte {at}")
+
+
+def _parse_binary(
+    body: bytes, first: int = 0
+) -> list[tuple[str, Optional[bytes], Optional[dict[str, str]], Optional[str], int, int]]:
+    """``(topic, payload, headers, position, start, stop)`` per record; MessageError for anything else.
+
+    Every length is checked against what is left before it is used, so a
+    truncated body or a length past the end is an error, never a read
+    past it nor an allocation of what the length claims. ``first``: read
+    only the one record there (the body's magic was checked).
+    """
+    end = len(body)
+    if first:
+        pos = first
+    elif body[:4] != BINARY_MAGIC:
+        raise _binary_error("no BINARY_MAGIC", 0)
+    else:
+        pos = 4
+    unpack = _RECORD.unpack_from
+    out: list[tuple[str, Optional[bytes], Optional[dict[str, str]], Optional[str], int, int]] = []
+    append = out.append
+    try:
+        while pos < end:
+            start = pos
+            if end - pos < _RECORD_SIZE:
+                raise _binary_error("truncated record header", pos)
+            flags, topic_len, payload_len, count = unpack(body, pos)
+            pos += _RECORD_SIZE
+            if flags & ~_FLAGS:
+                raise _binary_error(f"unknown flags {flags:#04x}", start)
+            if topic_len + payload_len > end - pos:
+                raise _binary_error("topic or payload longer than the body", start)
+            topic = body[pos : pos + topic_len].decode("utf-8", _TEXT)
+            pos += topic_len
+            if flags & _NULL_PAYLOAD:
+                if payload_len:
+                    raise _binary_error("a null payload with a length", start)
+                payload: Optional[bytes] = None
+            else:
+                payload = body[pos : pos + payload_len]
+                pos += payload_len
+            headers: Optional[dict[str, str]] = None
+            if count:
+                if flags & _NULL_HEADERS:
+                    raise _binary_error("null headers with a count", start)
+                if count > (end - pos) // 8:
+                    raise _binary_error("more headers than the body holds", start)
+                headers = {}
+                for _ in range(count):
+                    key, pos = _text(body, pos, end)
+                    headers[key], pos = _text(body, pos, end)
+            elif not flags & _NULL_HEADERS:
+                headers = {}
+            position = None
+            if flags & _HAS_POSITION:
+                if pos >= end or body[pos] > end - pos - 1:
+                    raise _binary_error("truncated position", pos)
+                size = body[pos]
+                position = body[pos + 1 : pos + 1 + size].decode("ascii")
+                pos += 1 + size
+            append((topic, payload, headers, position, start, pos))
+            if first:
+                break
+    except UnicodeDecodeError as error:
+        raise _binary_error(f"text that is not UTF-8 ({error.reason})", pos) from None
+    return out
+
+
+def _text(body: bytes, pos: int, end: int) -> tuple[str, int]:
+    if end - pos < 4:
+        raise _binary_error("truncated header length", pos)
+    size = _LENGTH.unpack_from(body, pos)[0]
+    pos += 4
+    if size > end - pos:
+        raise _binary_error("header longer than the body", pos - 4)
+    return body[pos : pos + size].decode("utf-8", _TEXT), pos + size
+
+
+def _decode_binary(body: Body) -> list[Message]:
+    """:func:`decode_body` for a binary batch: the subscriber's read path, so records
+    without headers or position (the common ones) are read inline."""
+    if isinstance(body, memoryview):
+        body = bytes(body)
+    if body[:4] != BINARY_MAGIC:
+        raise _binary_error("no BINARY_MAGIC", 0)
+    end = len(body)
+    pos = 4
+    unpack = _RECORD.unpack_from
+    new = Message.__new__
+    _set = object.__setattr__
+    topics: dict[bytes, str] = {}  # a batch mostly repeats one topic
+    out: list[Message] = []
+    append = out.append
+    try:
+        while pos < end:
+            if end - pos < _RECORD_SIZE:
+                raise _binary_error("truncated record header", pos)
+            flags, topic_len, payload_len, count = unpack(body, pos)
+            if count or flags & ~_NULL_PAYLOAD & ~_NULL_HEADERS or (flags & _NULL_PAYLOAD and payload_len):
+                topic, payload, headers, position, _, pos = _parse_binary(body, pos)[0]
+                msg = new(Message)
+                _set(msg, "topic", topic)
+                _set(msg, "payload", b"" if payload is None else payload)
+                _set(msg, "headers", {} if headers is None else headers)
+                _set(msg, "_position", position)
+                append(msg)
+                continue
+            start = pos + _RECORD_SIZE
+            middle = start + topic_len
+            pos = middle + payload_len
+            if pos > end:
+                raise _binary_error("topic or payload longer than the body", start - _RECORD_SIZE)
+            raw = body[start:middle]
+            topic = topics.get(raw)
+            if topic is None:
+                topic = topics[raw] = raw.decode("utf-8", _TEXT)
+            msg = new(Message)
+            _set(msg, "topic", topic)
+            _set(msg, "payload", body[middle:pos])
+            _set(msg, "headers", {})
+            _set(msg, "_position", None)
+            append(msg)
+    except UnicodeDecodeError as error:
+        raise _binary_error(f"text that is not UTF-8 ({error.reason})", pos) from None
+    return out
+
+
+def split_binary(body: Body) -> list[tuple[str, bytes, Optional[bytes], Optional[dict[str, str]]]]:
+    """``(topic, record, payload, headers)`` per message of a binary batch, checked (the broker's view).
+
+    ``record`` is the message's own bytes, forwarded unchanged to subscribers
+    that read the binary encoding; ``payload`` and ``headers`` are None where
+    the publisher sent Go's nil. Raises :class:`MessageError` if any is bad.
+    """
+    data = bytes(body)
+    return [
+        (topic, data[start:stop], payload, headers)  # type: ignore[misc]  # bytes slices
+        for topic, payload, headers, _, start, stop in _parse_binary(data)
+    ]
