@@ -721,8 +721,15 @@ def convert(entry: Union[str, bytes], binary: bool) -> Union[str, bytes]:
     if (type(entry) is bytes) is binary:
         return entry
     if binary:
-        topic, _, payload, headers = split_body(entry)[0]
-        return record_of(topic, payload, headers)
+        obj = _loads_text(entry)  # type: ignore[arg-type]  # a str here
+        topic, payload, headers = _fields(obj)
+        position = obj.get("Position")
+        return encode_record(
+            topic,
+            None if payload is None else _payload(payload),
+            None if headers is None else _headers(headers),
+            position if type(position) is str else None,
+        )
     topic, payload, headers, position, _, _ = _parse_binary(BINARY_MAGIC + entry)[0]  # type: ignore[operator]
     text = encode_text(topic, payload, headers)
     return text if position is None else f'{text[:-1]},"Position":"{position}"}}'
