@@ -819,8 +819,7 @@ def _text(body: bytes, pos: int, end: int) -> tuple[str, int]:
 def _decode_binary(body: Body) -> list[Message]:
     """:func:`decode_body` for a binary batch: the subscriber's read path, so records
     without headers or position (the common ones) are read inline."""
-    if isinstance(body, memoryview):
-        body = bytes(body)
+    body = body if type(body) is bytes else bytes(body)  # slices of it are the payloads: immutable
     if body[:4] != BINARY_MAGIC:
         raise _binary_error("no BINARY_MAGIC", 0)
     end = len(body)
@@ -851,11 +850,11 @@ def _decode_binary(body: Body) -> list[Message]:
             if pos > end:
                 raise _binary_error("topic or payload longer than the body", start - _RECORD_SIZE)
             raw = body[start:middle]
-            topic = topics.get(raw)
-            if topic is None:
-                topic = topics[raw] = raw.decode("utf-8", _TEXT)
+            known = topics.get(raw)
+            if known is None:
+                known = topics[raw] = raw.decode("utf-8", _TEXT)
             msg = new(Message)
-            _set(msg, "topic", topic)
+            _set(msg, "topic", known)
             _set(msg, "payload", body[middle:pos])
             _set(msg, "headers", {})
             _set(msg, "_position", None)
