@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
@@ -41,12 +41,20 @@ def _id_source() -> Callable[[], bytes]:
     return _random_ids().__next__
 
 
-class _Pending:
-    __slots__ = ("deferred", "chunks")
+class _Pending(Deferred):  # type: ignore[type-arg]  # fires with bytes (a response) or a float (ping)
+    """The Deferred a request's caller holds, and all the consumer keeps of the request: one object, not three.
 
-    def __init__(self, deferred: "Deferred[bytes]") -> None:
-        self.deferred = deferred
-        self.chunks: list[bytes] = []
+    ``request_id`` says what to forget when the caller cancels it (the
+    consumer's one canceller); ``body`` is the response so far: None, its one
+    chunk (the usual case: no list), or a list of its chunks.
+    """
+
+    __slots__ = ("request_id", "body")
+
+    def __init__(self, canceller: Callable[["Deferred[Any]"], None], request_id: bytes) -> None:
+        super().__init__(canceller)
+        self.request_id = request_id
+        self.body: Union[bytes, list[bytes], None] = None
 
 
 class Consumer(Client):
@@ -62,6 +70,7 @@ class Consumer(Client):
         super().__init__(channel_id, reactor)
         self._pending: dict[bytes, _Pending] = {}
         self._deadlines = Deadlines(self.reactor, self._pending, self._expire)
+        self._cancel = self._cancelled  # one bound method for every request's Deferred
         self._next_id = _id_source()
 
     @classmethod
@@ -103,19 +112,13 @@ class Consumer(Client):
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
         request_id = self._next_id()
-
-        def cancel(_: object) -> None:
-            self._drop(request_id)  # a late answer is ignored
-
-        d: Deferred[bytes] = Deferred(cancel)
-        pending = _Pending(d)
-        self._pending[request_id] = pending
+        self._pending[request_id] = pending = _Pending(self._cancel, request_id)
         timeout_ms = max(int(timeout * 1000), 1) if timeout else 0
         # One write for a small request; a large one piece by piece (never copied to join it).
         _write_request(self._write, request_id, timeout_ms, self._client, self._channel, payload)
         if timeout:
             self._deadlines.add(request_id, pending, timeout)
-        return d
+        return pending
 
     def ping(self, timeout: float = 5.0) -> "Deferred[float]":
         """One round trip to the server itself, no provider involved; fires with the seconds it took.
@@ -128,13 +131,7 @@ class Consumer(Client):
         if self._closed is not None or self._protocol is None:
             return fail(self._closed or ConnectionLostError("not connected"))
         request_id = self._next_id()
-
-        def cancel(_: object) -> None:
-            self._drop(request_id)
-
-        d: Deferred[bytes] = Deferred(cancel)
-        pending = _Pending(d)
-        self._pending[request_id] = pending
+        self._pending[request_id] = pending = _Pending(self._cancel, request_id)
         started = self.reactor.seconds()
         self._write(codec.encode_frame(codec.PROBE, request_id))
         if timeout:
@@ -145,37 +142,47 @@ class Consumer(Client):
                 result.trap(ProtocolError)  # "invalid message type": the answer a ping waits for
             return self.reactor.seconds() - started
 
-        return d.addBoth(answered)
+        return pending.addBoth(answered)
+
+    def _cancelled(self, pending: "Deferred[Any]") -> None:
+        """A caller cancelled a request's Deferred: a late answer is ignored."""
+        self._drop(pending.request_id)  # type: ignore[attr-defined]  # only ever given a _Pending
 
     def _drop(self, request_id: bytes) -> Optional[_Pending]:
         return self._pending.pop(request_id, None)  # its deadline, if any, is skipped when due
 
     def _expire(self, request_id: bytes, pending: _Pending) -> None:
         del self._pending[request_id]
-        pending.deferred.errback(RequestTimeout(errors.MSG_TIMED_OUT))
+        pending.errback(RequestTimeout(errors.MSG_TIMED_OUT))
 
     def _frame_received(self, ftype: int, flags: int, request_id: bytes, payload: bytes) -> None:
         if ftype == RESPONSE_CHUNK:
             pending = self._pending.get(request_id)
             if pending is not None:
-                pending.chunks.append(payload)
+                body = pending.body
+                if body is None:
+                    pending.body = payload
+                elif type(body) is list:
+                    body.append(payload)
+                else:
+                    pending.body = [body, payload]  # type: ignore[list-item]  # bytes here
         elif ftype == RESPONSE_END:
             pending = self._pending.pop(request_id, None)
             if pending is not None:
-                chunks = pending.chunks
-                pending.deferred.callback(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                body = pending.body
+                pending.callback(b"" if body is None else b"".join(body) if type(body) is list else body)
         elif ftype == RESPONSE_START:
             pass  # routing only; the body follows
         elif ftype == ERROR:
             pending = self._pending.pop(request_id, None)  # _drop, inline: once per response
             if pending is not None:
-                pending.deferred.errback(error_from_message(codec.error_message(payload)))
+                pending.errback(error_from_message(codec.error_message(payload)))
             else:
                 self._unmatched_error(request_id, payload)
         elif ftype == RESPONSE:
             pending = self._pending.pop(request_id, None)
             if pending is not None:
-                pending.deferred.callback(payload[ROUTING_SIZE:])
+                pending.callback(payload[ROUTING_SIZE:])
         elif ftype == codec.AUTH:
             self._auth_frame(request_id, payload)
         # Anything else is not for a consumer: ignore it, as Go clients do.
@@ -185,4 +192,4 @@ class Consumer(Client):
         for request_id in list(self._pending):
             pending = self._drop(request_id)
             if pending is not None:
-                pending.deferred.errback(error)
+                pending.errback(error)
