@@ -31,6 +31,7 @@ from ..wire.codec import (
     END,
     ERROR,
     FLAG_REGISTRATION,
+    JOIN_LIMIT,
     RESPONSE,
     RESPONSE_CHUNK,
     RESPONSE_END,
@@ -678,8 +679,10 @@ class Router:
             conn.frames_out += len(outbox)
             if len(outbox) == 1:  # the usual case (one frame routed there this read): no call, no list
                 conn.write(outbox[0])
+            elif max(map(len, outbox)) <= JOIN_LIMIT:  # small frames (a request, a response): one write
+                conn.write(b"".join(outbox))
             else:
-                for data in coalesce(outbox):
+                for data in coalesce(outbox):  # large ones are written on their own, never copied
                     conn.write(data)
             if conn.flow.paused:  # its send buffer is over the high-water mark
                 self.flow_control.wrote(conn, sum(map(len, outbox)))
@@ -698,8 +701,16 @@ class Router:
 
     def frame_received(self, conn: Peer, ftype: int, flags: int, request_id: bytes, frame: bytes) -> None:
         """Route one frame; ``frame`` is the whole frame as it came, header included."""
-        if ftype == CHUNK or ftype == END:
-            self._request_frame(conn, request_id, frame)
+        if ftype == CHUNK or ftype == END:  # the request's body and end: _request_frame, inline (per frame)
+            entry = self.requests.get(request_id)
+            if entry is None or entry.consumer is not conn:
+                return  # the registration END, or the tail of a request that already failed: its ERROR was sent
+            size = entry.request_size + len(frame) - _HEADER
+            if size > entry.request_limit:
+                self._too_large(entry, "request")
+                return
+            entry.request_size = size
+            self.send(entry.provider, frame)  # unchanged: forwarded as it came
         elif ftype == RESPONSE_CHUNK or ftype == RESPONSE_END or ftype == RESPONSE_START:
             self._response_frame(conn, ftype, request_id, frame)
         elif ftype == START:
@@ -781,19 +792,6 @@ class Router:
         else:
             self.stats.requests_routed += 1
         self.send(provider, _encode_header(_VERSION, START, flags, request_id, ROUTING_SIZE) + routing)
-
-    def _request_frame(self, conn: Peer, request_id: bytes, frame: bytes) -> None:
-        entry = self.requests.get(request_id)
-        if entry is None or entry.consumer is not conn:
-            # The registration END, or the tail of a request that already
-            # failed (no provider, timed out): its one ERROR was sent.
-            return
-        size = entry.request_size + len(frame) - _HEADER
-        if size > entry.request_limit:
-            self._too_large(entry, "request")
-            return
-        entry.request_size = size
-        self.send(entry.provider, frame)  # unchanged: forwarded as it came
 
     def _response_frame(self, conn: Peer, ftype: int, request_id: bytes, frame: bytes) -> None:
         entry = self.requests.get(request_id)
