@@ -507,3 +507,50 @@ async def test_one_server_holds_at_most_its_share_of_another_and_the_rest_are_se
         await consumer.close()
         await provider.close()
         await c.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_from_redis_reach_only_channels_a_client_provides_here(pair):
+    """Worst input: forged requests naming channels nobody provides here (each would be a record in the
+    router), a channel spelt in capitals, and a subscriber's channel (the inlet is trusted, the guard must
+    hold): none opens an inlet or reaches anyone, and the asking "server" is told peer disappeared."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from pulsyflux.broker import BrokerClient
+    from pulsyflux.cluster.redis import RedisSubscriber
+
+    a, b = pair
+    answers: list[bytes] = []
+    listener = await connectProtocol(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", b.cluster.link.address.port),
+        RedisSubscriber(lambda channel, data: answers.append(data)),
+    )
+    listener.subscribe(b"pulsyflux:n:mallory")
+    await listener.ping()
+    intruder = await _intruder(b)
+    subscriber = await BrokerClient.connect(_address(b))
+    try:
+        subscription = await subscriber.subscribe("orders.eu")
+        router = b.cluster.requests.router
+        await eventually(lambda: bool(router.guarded))
+        (private,) = router.guarded  # the subscription's channel, where the broker forwards
+        channel = uuid.uuid4()
+        provider = await Provider.connect(_address(b), channel, handler=lambda body: body)
+        forged = [uuid.uuid4().bytes.hex() for _ in range(100)]
+        forged += [channel.bytes.hex().upper(), private.hex()]
+        for i, hex_id in enumerate(forged):
+            await intruder.execute("SPUBLISH", "pulsyflux:n:b", b"q mallory f%d %s 0\nfake" % (i, hex_id.encode()))
+        await intruder.execute(
+            "SPUBLISH", "pulsyflux:n:b", b"q mallory real " + channel.bytes.hex().encode() + b" 0\nok"
+        )
+        await eventually(lambda: len(answers) == len(forged) + 1)
+        assert sorted(answers)[-1] == b"r b real ok 0\nok"  # the one a client provides here is served
+        assert all(answer.endswith(b" err 0\npeer disappeared") for answer in sorted(answers)[:-1])
+        assert list(b.cluster.requests.inlets) == [channel.bytes]  # one record, for the channel provided
+        assert b.cluster.requests.held_from == {} and subscription.pending == 0
+        await provider.close()
+    finally:
+        intruder.transport.loseConnection()
+        listener.transport.loseConnection()
+        await subscriber.close()

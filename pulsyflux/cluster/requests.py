@@ -77,6 +77,7 @@ _VERSION = codec.VERSION
 _pack_header = codec.HEADER.pack
 _pack_start = codec.START_FRAME.pack
 _METADATA_SIZE = codec.METADATA_SIZE
+_HEADER = codec.HEADER_SIZE
 _RELAY_TIMEOUT_MS = int(RELAY_TIMEOUT * 1000)
 
 
@@ -176,11 +177,12 @@ class _Serving:
 class _Inlet:
     """A consumer record in the router for one channel: other servers' requests enter through it."""
 
-    __slots__ = ("owner", "channel", "client", "peer", "decoder", "waiting")
+    __slots__ = ("owner", "channel", "channel_hex", "client", "peer", "decoder", "waiting")
 
-    def __init__(self, owner: "ClusterRequests", channel: bytes) -> None:
+    def __init__(self, owner: "ClusterRequests", channel: bytes, channel_hex: bytes) -> None:
         self.owner = owner
         self.channel = channel
+        self.channel_hex = channel_hex
         self.client = os.urandom(16)
         self.decoder = FrameDecoder()
         self.waiting: dict[bytes, _Serving] = {}  # router request id -> the request, until the router answers
@@ -254,6 +256,7 @@ class ClusterRequests:
         self.relays: dict[tuple[str, bytes], _Relay] = {}
         self.relays_by_node: dict[str, int] = {}
         self.inlets: dict[bytes, _Inlet] = {}  # by channel, opened on first use
+        self.inlets_by_hex: dict[bytes, _Inlet] = {}  # the same, by the hex id requests name them by
         self.out: dict[bytes, _Out] = {}  # forwarded, by Redis request id
         self.out_bytes = 0
         self.incoming: dict[tuple[str, bytes], _In] = {}  # requests in pieces, (origin, rid)
@@ -285,20 +288,28 @@ class ClusterRequests:
 
     # -- handing frames to the router -------------------------------------------
 
-    def _inject(self, peer: Any, ftype: int, request_id: bytes, frame: bytes) -> None:
-        """Route one frame from a relay or an inlet; what it routes leaves at :meth:`settle`."""
-        peer.bytes_in += len(frame)
-        peer.frames_in += 1
+    def _begin(self, peer: Any) -> Any:
+        """Route frames from ``peer`` (a relay or an inlet) until :meth:`_end`: what they route leaves at
+        :meth:`settle`, or with the read of another connection this is nested in (returned)."""
         router = self.router
         outer = router.reading
-        if outer is not None and not self._holding:  # inside another connection's read: its flush
-            router.reading = peer
-            router.frame_received(peer, ftype, 0, request_id, frame)
-            router.reading = outer
-            return
-        self._holding = True
+        if outer is None or self._holding:
+            self._holding = True
+            outer = None
         router.reading = peer
-        router.frame_received(peer, ftype, 0, request_id, frame)
+        return outer
+
+    def _end(self, outer: Any) -> None:
+        if outer is not None:
+            self.router.reading = outer
+
+    def _inject(self, peer: Any, ftype: int, request_id: bytes, frame: bytes) -> None:
+        """Route one frame from a relay or an inlet (see :meth:`_begin`)."""
+        outer = self._begin(peer)
+        peer.bytes_in += len(frame)
+        peer.frames_in += 1
+        self.router.frame_received(peer, ftype, 0, request_id, frame)
+        self._end(outer)
 
     def settle(self) -> None:
         """Write what was handed to the router (the end of a Redis read, of a timer)."""
@@ -494,27 +505,41 @@ class ClusterRequests:
             text = chunk[:MAX_ERROR_TEXT].decode("utf-8", "replace")
             self._inject(peer, ERROR, local, codec.encode_frame(ERROR, local, codec.error_payload(text, entry.routing)))
             return
+        outer = self._begin(peer)
+        route = self.router.frame_received
+        frames = 0
         if not entry.responding:
             entry.responding = True
-            self._inject(
+            route(
                 peer,
                 RESPONSE_START,
+                0,
                 local,
                 _pack_header(_VERSION, RESPONSE_START, 0, local, ROUTING_SIZE) + entry.routing,
             )
+            frames += 1
         size = len(chunk)
         if size:  # each piece as it comes (no reassembly here); the router bounds the whole by --max-body
             if size <= MAX_PAYLOAD:
-                self._inject(
-                    peer, RESPONSE_CHUNK, local, _pack_header(_VERSION, RESPONSE_CHUNK, 0, local, size) + chunk
-                )
+                route(peer, RESPONSE_CHUNK, 0, local, _pack_header(_VERSION, RESPONSE_CHUNK, 0, local, size) + chunk)
+                frames += 1
             else:  # larger than a frame: not from a pulsyflux server, but still cut to frames
                 for start in range(0, size, MAX_PAYLOAD):
                     piece = chunk[start : start + MAX_PAYLOAD]
-                    frame = _pack_header(_VERSION, RESPONSE_CHUNK, 0, local, len(piece)) + piece
-                    self._inject(peer, RESPONSE_CHUNK, local, frame)
+                    route(
+                        peer,
+                        RESPONSE_CHUNK,
+                        0,
+                        local,
+                        _pack_header(_VERSION, RESPONSE_CHUNK, 0, local, len(piece)) + piece,
+                    )
+                    frames += 1
         if not more and self._release(rid) is not None:
-            self._inject(peer, RESPONSE_END, local, _pack_header(_VERSION, RESPONSE_END, 0, local, 0))
+            route(peer, RESPONSE_END, 0, local, _pack_header(_VERSION, RESPONSE_END, 0, local, 0))
+            frames += 1
+        self._end(outer)
+        peer.frames_in += frames
+        peer.bytes_in += size + frames * _HEADER
 
     def _request_chunk(self, origin: str, rid: bytes, channel_hex: bytes, more: bool, chunk: bytes) -> None:
         key = (origin, rid)
@@ -576,38 +601,63 @@ class ClusterRequests:
             self._drop_incoming(key)
             self._reply(key[0], key[1], False, errors.MSG_TIMED_OUT)
 
-    def _serve(self, origin: str, rid: bytes, channel_hex: bytes, body: bytes) -> None:
+    def _inlet(self, channel_hex: bytes) -> Optional[_Inlet]:
+        """The inlet for a channel a client's provider here holds, opened at its first request; None for any
+        other channel (a channel nobody here provides, the broker's, a subscriber's: not for other servers)."""
         try:
             channel = bytes.fromhex(channel_hex.decode("ascii"))
         except ValueError:
+            channel = b""
+        if len(channel) != 16 or channel.hex().encode("ascii") != channel_hex:  # one spelling per channel
             self.bad += 1
-            return
-        if len(channel) != 16:
-            self.bad += 1
-            return
-        inlet = self.inlets.get(channel)
+            return None
+        router = self.router
+        if channel in router.guarded or not any(not provider.trusted for provider in router.providers.get(channel, ())):
+            return None  # no inlet (and no record) for what no client here provides: their number stays bounded
+        inlet = self.inlets[channel] = self.inlets_by_hex[channel_hex] = _Inlet(self, channel, channel_hex)
+        return inlet
+
+    def _serve(self, origin: str, rid: bytes, channel_hex: bytes, body: bytes) -> None:
+        inlet = self.inlets_by_hex.get(channel_hex)
         if inlet is None:
-            inlet = self.inlets[channel] = _Inlet(self, channel)
+            inlet = self._inlet(channel_hex)
+            if inlet is None:
+                self._reply(origin, rid, False, errors.MSG_PEER_DISAPPEARED)
+                return
+        channel = inlet.channel
+        router = self.router
+        if channel in router.guarded or channel in router.reserved:
+            # A subscriber's channel while the broker forwards there, or the broker's own: only this
+            # server's broker may send there (router.guard), and the inlet is trusted. As for any stranger.
+            self._reply(origin, rid, False, errors.MSG_PEER_DISAPPEARED)
+            return
         local = self._local_prefix + next(self._locals).to_bytes(8, "big")
         serving = _Serving(origin, rid)
         inlet.waiting[local] = serving
         self.serving[(origin, rid)] = serving
         self._count(origin, 1)
         peer = inlet.peer
-        start = _pack_start(
+        outer = self._begin(peer)
+        route = router.frame_received
+        route(peer, START, 0, local, _pack_start(
             _VERSION, START, 0, local, _METADATA_SIZE, ROLE_CONSUMER, _RELAY_TIMEOUT_MS, inlet.client, channel
-        )
-        self._inject(peer, START, local, start)
+        ))  # fmt: skip
         size = len(body)
-        if size:
-            if size <= MAX_PAYLOAD:
-                self._inject(peer, CHUNK, local, _pack_header(_VERSION, CHUNK, 0, local, size) + body)
-            else:
-                view = memoryview(body)
-                for offset in range(0, size, MAX_PAYLOAD):
-                    piece = view[offset : offset + MAX_PAYLOAD]
-                    self._inject(peer, CHUNK, local, _pack_header(_VERSION, CHUNK, 0, local, len(piece)) + piece)
-        self._inject(peer, END, local, _pack_header(_VERSION, END, 0, local, 0))
+        frames = 2
+        if size <= MAX_PAYLOAD:
+            if size:
+                route(peer, CHUNK, 0, local, _pack_header(_VERSION, CHUNK, 0, local, size) + body)
+                frames += 1
+        else:
+            view = memoryview(body)
+            for offset in range(0, size, MAX_PAYLOAD):
+                piece = view[offset : offset + MAX_PAYLOAD]
+                route(peer, CHUNK, 0, local, _pack_header(_VERSION, CHUNK, 0, local, len(piece)) + piece)
+                frames += 1
+        route(peer, END, 0, local, _pack_header(_VERSION, END, 0, local, 0))
+        self._end(outer)
+        peer.frames_in += frames
+        peer.bytes_in += size + frames * _HEADER + _METADATA_SIZE
 
     def answered(self, serving: _Serving, ok: bool, answer: Any) -> None:
         """The router here answered an inlet's request (a provider's answer, or an error)."""
@@ -648,6 +698,7 @@ class ClusterRequests:
         inlet = self.inlets.pop(channel, None)
         if inlet is None:
             return
+        self.inlets_by_hex.pop(inlet.channel_hex, None)
         waiting, inlet.waiting = inlet.waiting, {}
         self.router.disconnected(inlet.peer)
         for serving in waiting.values():
