@@ -276,6 +276,11 @@ async def _flood(
         "p50_us": percentile(samples, 0.5) * 1e6,
         "p99_us": percentile(samples, 0.99) * 1e6,
         "cpu_percent": {name: (cpu1[name] - cpu0[name]) / elapsed * 100 for name in cpu0},
+        # What each process spent per delivery: the bench's is the client library's cost (publish + read),
+        # the figure that decides the rate when the bench process is the one at 100%.
+        "cpu_us_per_delivery": {
+            name: (cpu1[name] - cpu0[name]) / max(delivered1 - delivered0, 1) * 1e6 for name in cpu0
+        },
         "cpu_wait_percent": {name: (wait1[name] - wait0[name]) / elapsed * 100 for name in wait0},
         "dropped": sum(sub.dropped for sub in subs),
         "failed": flood.failed,
@@ -311,6 +316,7 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
                 medians[f"{key}_{name}"] = median(runs, key, name)
             for name in ("bench", "server"):
                 medians[f"{key}_cpu_{name}_percent"] = median(runs, key, "cpu_percent", name)
+                medians[f"{key}_cpu_{name}_us_per_delivery"] = median(runs, key, "cpu_us_per_delivery", name)
                 medians[f"{key}_wait_{name}_percent"] = median(runs, key, "cpu_wait_percent", name)
             if mode != "plain":
                 # Within each run, against the plain flood with as many deliveries per message.
@@ -420,7 +426,10 @@ def format_report(results: dict) -> str:
             f"deliveries/s  p50 {fmt(m[f'flood_{n}_p50_us'])} us  p99 {fmt(m[f'flood_{n}_p99_us'])} us{judged}"
         )
         lines.append(
-            f"      CPU: bench {fmt(m[f'flood_{n}_cpu_bench_percent'])}%, server {fmt(m[f'flood_{n}_cpu_server_percent'])}%"
+            f"      CPU: bench {fmt(m[f'flood_{n}_cpu_bench_percent'])}%"
+            f" ({fmt(m.get(f'flood_{n}_cpu_bench_us_per_delivery'), ',.2f')} us per delivery),"
+            f" server {fmt(m[f'flood_{n}_cpu_server_percent'])}%"
+            f" ({fmt(m.get(f'flood_{n}_cpu_server_us_per_delivery'), ',.2f')} us)"
             f" (waiting for a CPU: {fmt(m[f'flood_{n}_wait_bench_percent'])}% / "
             f"{fmt(m[f'flood_{n}_wait_server_percent'])}%)"
         )
