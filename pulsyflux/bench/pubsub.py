@@ -170,16 +170,32 @@ def _payload(size: int) -> bytes:
 
 
 async def _latency(publisher: BrokerClient, sub: Subscription, topic: str, options: Options) -> dict:
-    """One message in flight at a time: publish -> receive, 1 -> 1."""
+    """One message in flight at a time: publish -> receive, 1 -> 1.
+
+    Then as many pings of the server over the publisher's connection
+    (``Consumer.ping``: the same two process hops, no broker, no
+    subscriber), so the difference of the two p50s is what the broker's
+    path adds to the kernel's and the reactors' wake-ups. (Alternated with
+    the messages, a ping would wait behind the answers the server is still
+    routing: the publish's ``ok`` and the subscriber's.)
+    """
     samples = []
+    pings = []
     perf_counter = time.perf_counter
     unpack = _STAMP.unpack_from
+    consumer = publisher.consumer
     for _ in range(options.latency_count):
         publisher.publish(topic, _payload(options.payload))
         msg = await sub.get()
         samples.append(perf_counter() - unpack(msg.payload)[0])
+    for _ in range(options.latency_count if consumer is not None else 0):
+        pings.append(await consumer.ping())  # type: ignore[union-attr]  # not None here
     samples.sort()
-    return {"p50_us": percentile(samples, 0.5) * 1e6, "p99_us": percentile(samples, 0.99) * 1e6}
+    pings.sort()
+    result = {"p50_us": percentile(samples, 0.5) * 1e6, "p99_us": percentile(samples, 0.99) * 1e6}
+    if pings:
+        result["ping_p50_us"] = percentile(pings, 0.5) * 1e6
+    return result
 
 
 class _Flood:
@@ -308,6 +324,7 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
     medians: dict[str, Optional[float]] = {
         "latency_p50_us": median(runs, "latency", "p50_us"),
         "latency_p99_us": median(runs, "latency", "p99_us"),
+        "latency_ping_p50_us": median(runs, "latency", "ping_p50_us"),
     }
     for n in options.fanouts:
         for mode in options.modes:
@@ -411,6 +428,8 @@ def format_report(results: dict) -> str:
         f"({results['machine']['cpus']} CPUs, Python {results['machine']['python']})",
         f"  latency 1->1, one at a time                     p50 {fmt(m['latency_p50_us'])} us  "
         f"p99 {fmt(m['latency_p99_us'])} us   {verdict(m['latency_p50_us'], t['latency_p50_us'], False, ' us (p50)')}",
+        f"      a ping of the server, one at a time         p50 {fmt(m.get('latency_ping_p50_us'))} us "
+        "(the same two hops: no broker, no subscriber)",
     ]
     targets = {
         1: (f"flood_{1}_msgs_per_s", "flood_1_msgs_per_s", " msgs/s"),
