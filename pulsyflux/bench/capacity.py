@@ -2,27 +2,35 @@
 
 ``bench pubsub`` runs every client in one process, so it measures that
 process as much as the server. Here the server and its broker run in a child
-process of their own (``--server-python`` picks its interpreter: PyPy, say),
-and the load comes from separate client processes, always on this
-interpreter:
+process of their own (``--server-python`` picks its interpreter: PyPy, say;
+give it twice to measure two servers step by step, interleaved) and the load
+comes from separate client processes that cost as little per message as the
+protocol allows, so that the server, not the clients, is what runs out:
 
-* ``--publishers`` publisher processes, each one :class:`~pulsyflux.BrokerClient`
-  publishing as fast as it is allowed;
+* ``--publishers`` publisher processes, each sending the same pre-encoded
+  batch of ``--publish-batch`` messages (a JSON array, as a busy
+  :class:`~pulsyflux.BrokerClient` sends) over one Consumer, four requests
+  in flight;
 * up to ``--subscriber-processes`` subscriber processes sharing the N
-  subscriptions of a step between them.
+  subscriptions of a step. Each subscription is what a ``BrokerClient``
+  subscription is on the wire (a Provider connection of its own, announced to
+  the broker), but its handler only counts the messages of each forward
+  (a substring count) and answers ``ok``.
 
 The publishers never run more than ``window`` messages ahead of the slowest
 subscription (the subscriber processes report what they read every 20 ms,
 and this process passes the limit on), so the broker never drops: what is
-measured is sustained, not buffered. Each step reports messages published
-and deliveries per second (each process counts its own, over its own clock),
-and the server's CPU seconds (``/proc``) per message and per delivery: that
-cost is the server's capacity, whatever the clients on the same cores
-managed. Steps: 1, 10, 100, 1,000 and 10,000 subscribers at 100 bytes, then
-the message sizes at one subscriber. Before them: the server's idle memory
-per registered connection and per subscription (resident set, ``/proc``).
+measured is sustained, not buffered. A step warms up until the server's CPU
+per delivery has settled (three one-second readings within 10%: PyPy's JIT
+needs a few seconds), then counts for ``--duration``: messages published and
+deliveries per second (each process counts its own, over its own clock), the
+server's CPU (``/proc``) per message and per delivery, and from that what the
+server would sustain with a whole core to itself. With ``--pin`` (the default
+with two CPUs or more) the server runs on CPU 0 and every client on the
+others. Before the steps: the server's idle memory per registered connection
+and per subscription (resident set, ``/proc``).
 
-    results = run(Options(runs=3, server_python="pypy3"), progress=print)
+    results = run(Options(runs=3, server_python=["pypy3"]), progress=print)
     print(format_report(results))
 """
 
@@ -30,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import statistics
 import sys
 import time
 import uuid
@@ -53,12 +63,27 @@ from .common import (
     start,
 )
 
-__all__ = ["Options", "add_arguments", "options_from_args", "measure", "run", "format_report", "main"]
+__all__ = [
+    "Options",
+    "add_arguments",
+    "options_from_args",
+    "measure",
+    "run",
+    "format_report",
+    "main",
+    "count_forward",
+    "settled",
+]
 
 _REPORT_EVERY = 0.02  # seconds between a subscriber process's reports
-_BACKLOG_BUDGET = 64 << 20  # bytes of JSON the window may leave queued in the broker, over all subscribers
+_BACKLOG_BUDGET = 256 << 20  # bytes of JSON the window may leave in forwards and backlogs, over all subscribers
 _SUBSCRIBER_BUDGET = 4 << 20  # and for one subscriber (the broker's default limit is 8 MiB)
+_REQUEST_BUDGET = 256 << 10  # bytes of JSON in one publish request at most (as the broker's forwards)
 _SUBSCRIBE_AT_ONCE = 8  # a broker sets up at most 8 subscriptions of one client at once
+_PUBLISH_IN_FLIGHT = 4  # publish requests in flight per publisher (as BrokerClient's Publisher)
+_SETTLE_WINDOW = 1.0  # seconds per warm-up reading
+_SETTLE_READINGS = 3  # readings in a row ...
+_SETTLE_SPREAD = 0.10  # ... within 10% of each other: settled
 
 
 @dataclass
@@ -67,16 +92,19 @@ class Options:
 
     runs: int = 3  # repetitions; medians are reported
     duration: float = 3.0  # seconds counted per step
-    warmup: float = 1.0  # seconds of load before counting
+    warmup: float = 3.0  # seconds of load at least before counting
+    max_warmup: float = 30.0  # seconds of load at most before counting, settled or not
     subscribers: list[int] = field(default_factory=lambda: [1, 10, 100, 1000, 10000])
     payload: int = 100  # bytes per message in the subscriber steps
     sizes: list[int] = field(default_factory=lambda: [10, 1000, 10000, 100000])  # at one subscriber
     publishers: int = 2  # publisher processes
+    publish_batch: int = 100  # messages per publish request, at most
     subscriber_processes: int = 2  # at most this many subscriber processes share a step's subscriptions
-    window: int = 5000  # messages the publishers may be ahead of the slowest subscription
-    idle_connections: int = 1000  # for the idle memory per connection
-    idle_subscriptions: int = 1000  # for the idle memory per subscription
-    server_python: str = sys.executable  # the server's interpreter
+    window: int = 8000  # messages the publishers may be ahead of the slowest subscription
+    idle_connections: int = 2000  # for the idle memory per connection
+    idle_subscriptions: int = 2000  # for the idle memory per subscription
+    pin: bool = (os.cpu_count() or 1) >= 2  # server on CPU 0, clients on the others
+    server_python: list[str] = field(default_factory=lambda: [sys.executable])  # the servers' interpreters
     python: str = sys.executable  # the clients' interpreter
 
 
@@ -85,7 +113,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = Options()
     parser.add_argument("--runs", type=int, default=d.runs, help=f"repetitions, medians reported (default {d.runs})")
     parser.add_argument("--duration", type=float, default=d.duration, help=f"seconds per step (default {d.duration})")
-    parser.add_argument("--warmup", type=float, default=d.warmup, help=f"seconds before counting (default {d.warmup})")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=d.warmup,
+        help=f"seconds of load at least before counting; more until the server's CPU per delivery settles "
+        f"(default {d.warmup})",
+    )
+    parser.add_argument(
+        "--max-warmup",
+        type=float,
+        default=d.max_warmup,
+        help=f"seconds of load at most before counting, settled or not (default {d.max_warmup})",
+    )
     parser.add_argument(
         "--subscribers",
         default=",".join(map(str, d.subscribers)),
@@ -101,6 +141,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--publishers", type=int, default=d.publishers, help=f"publisher processes (default {d.publishers})"
+    )
+    parser.add_argument(
+        "--publish-batch",
+        type=int,
+        default=d.publish_batch,
+        help=f"messages per publish request at most, fewer where the window or 256 KiB needs it "
+        f"(default {d.publish_batch}; 1: every message its own request)",
     )
     parser.add_argument(
         "--subscriber-processes",
@@ -127,10 +174,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"subscriptions opened to measure idle memory (default {d.idle_subscriptions}; 0 skips)",
     )
     parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=d.pin,
+        help="run the server on CPU 0 and the clients on the other CPUs (default: on with two CPUs or more)",
+    )
+    parser.add_argument(
         "--server-python",
-        default=d.server_python,
+        action="append",
         metavar="INTERPRETER",
-        help="the server's Python (e.g. a PyPy venv's bin/python with pulsyflux installed; default: this one)",
+        help="the server's Python (e.g. a PyPy venv's bin/python with pulsyflux installed; default: this one); "
+        "twice: both servers measured, step by step in turn, with their ratios",
     )
 
 
@@ -142,17 +196,66 @@ def options_from_args(args: argparse.Namespace) -> Options:
     return Options(
         runs=max(1, args.runs),
         duration=args.duration,
-        warmup=args.warmup,
+        warmup=max(0.0, args.warmup),
+        max_warmup=max(args.warmup, args.max_warmup),
         subscribers=_ints(args.subscribers),
         payload=max(1, args.payload),
         sizes=_ints(args.sizes),
         publishers=max(1, args.publishers),
+        publish_batch=max(1, args.publish_batch),
         subscriber_processes=max(1, args.subscriber_processes),
         window=max(1, args.window),
         idle_connections=max(0, args.idle_connections),
         idle_subscriptions=max(0, args.idle_subscriptions),
-        server_python=args.server_python,
+        pin=bool(args.pin),
+        server_python=args.server_python or [sys.executable],
     )
+
+
+# -- what the children count, and when a step has warmed up (plain functions: tested) -------
+
+_MESSAGE = b'{"Topic":'  # every message the broker forwards starts so (a payload is base64: never in it)
+_CONTROL = b'{"Topic":"$pulsyflux/'
+_DROPPED_TOTAL = re.compile(rb'"\$pulsyflux/dropped".*?"dropped":"(\d+)"')
+
+
+def count_forward(body: bytes) -> tuple[int, int]:
+    """(messages, drop total or -1) in a forward the broker sent a subscriber: a C-speed count, no decode.
+
+    Control messages (a drop notice, a probe) are not counted as messages;
+    a drop notice's total (dropped so far for that subscription) is returned.
+    """
+    count = body.count(_MESSAGE)
+    if _CONTROL not in body:
+        return count, -1
+    count -= body.count(_CONTROL)
+    found = _DROPPED_TOTAL.search(body)
+    return count, int(found.group(1)) if found else -1
+
+
+def settled(readings: list[Optional[float]], count: int = _SETTLE_READINGS, spread: float = _SETTLE_SPREAD) -> bool:
+    """Whether the last ``count`` readings (server CPU per delivery) are all there and within ``spread``."""
+    last = readings[-count:]
+    if len(last) < count or any(r is None or r <= 0 for r in last):
+        return False
+    values = [r for r in last if r is not None]
+    return max(values) <= min(values) * (1 + spread)
+
+
+def _window(options: Options, subscribers: int, size: int) -> int:
+    """The publishers' lead, small enough that every backlog fits the broker's limits together."""
+    text = _text_size(size)
+    return max(16, min(options.window, _BACKLOG_BUDGET // (subscribers * text), _SUBSCRIBER_BUDGET // text))
+
+
+def _text_size(size: int) -> int:
+    return size * 4 // 3 + 64  # a message as JSON with base64
+
+
+def _publish_batch(options: Options, window: int, size: int) -> int:
+    """Messages per publish request: never more than a publisher's share of the window allows to flow."""
+    share = window // (2 * options.publishers)
+    return max(1, min(options.publish_batch, share, _REQUEST_BUDGET // _text_size(size)))
 
 
 # -- the parent's side -----------------------------------------------------------------
@@ -171,13 +274,14 @@ def rss_bytes(pid: int) -> int:
 
 
 class _Reporter(Child):
-    """A client process: ready on its first line, then lines of ``clock count [least]``."""
+    """A client process: ready on its first line, then lines of ``clock count [least [dropped]]``."""
 
     def __init__(self, name: str, on_line: Optional[Callable[["_Reporter"], None]] = None) -> None:
         super().__init__(name)
         self.on_line = on_line
         self.samples: list[tuple[float, int]] = []  # (its monotonic clock, its count)
         self.least = 0  # subscribers: messages read by its slowest subscription
+        self.dropped = 0  # subscribers: messages the broker told its subscriptions it dropped
 
     def outReceived(self, data: bytes) -> None:
         if not self.ready.called:
@@ -191,38 +295,76 @@ class _Reporter(Child):
                 self.samples.append((float(fields[0]), int(fields[1])))
                 if len(fields) >= 3:
                     self.least = int(fields[2])
+                if len(fields) >= 4:
+                    self.dropped = int(fields[3])
         if lines and self.on_line is not None:
             self.on_line(self)
 
+    def count_at(self, t: float) -> Optional[tuple[float, int]]:
+        """Its last sample at or before ``t`` (our monotonic clock: CLOCK_MONOTONIC is system-wide)."""
+        found = None
+        for sample in reversed(self.samples):
+            if sample[0] <= t:
+                found = sample
+                break
+        return found
+
     def rate(self, t0: float, t1: float) -> float:
-        """Its count's growth per second between two of our monotonic clock readings (CLOCK_MONOTONIC is system-wide)."""
+        """Its count's growth per second between two of our clock readings."""
         inside = [s for s in self.samples if t0 <= s[0] <= t1]
         if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
             return 0.0
         return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
-def _spawn(reactor: Any, python: str, child: Child, *args: str) -> Child:
+def _spawn(reactor: Any, python: str, child: Child, *args: str, cpus: Optional[set[int]] = None) -> Child:
     argv = [python, "-m", "pulsyflux.bench.capacity", *args]
     reactor.spawnProcess(child, python, argv, env=dict(os.environ))
+    if cpus:
+        try:
+            os.sched_setaffinity(child.pid, cpus)
+        except (AttributeError, OSError):
+            pass  # not Linux, or the process is gone: unpinned
     return child
+
+
+def _cpu_sets(pin: bool) -> tuple[Optional[set[int]], Optional[set[int]]]:
+    """(the server's CPUs, the clients' CPUs), or (None, None) unpinned."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return None, None
+    if not pin or len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, set(cpus[1:])
 
 
 async def _stop_all(children: list[Child]) -> None:
     await DeferredList([child.stop() for child in children])
 
 
-def _window(options: Options, subscribers: int, size: int) -> int:
-    """The publishers' lead, small enough that every backlog fits the broker's limits together."""
-    text = size * 4 // 3 + 64  # a message as JSON with base64, in every subscriber's backlog
-    return max(16, min(options.window, _BACKLOG_BUDGET // (subscribers * text), _SUBSCRIBER_BUDGET // text))
+class _Server:
+    """One server process under test."""
+
+    def __init__(self, python: str, child: Child, name: str) -> None:
+        self.python = python
+        self.child = child
+        self.name = name
+        self.address = ""
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
 
 
-async def _step(reactor: Any, options: Options, address: str, server_pid: int, n: int, size: int) -> dict:
+async def _step(
+    reactor: Any, options: Options, server: _Server, n: int, size: int, client_cpus: Optional[set[int]]
+) -> dict:
     topic = f"capacity-{n}-{size}-{uuid.uuid4()}"
     procs = min(n, options.subscriber_processes)
     shares = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
     window = _window(options, n, size)
+    batch = _publish_batch(options, window, size)
     publishers: list[_Reporter] = []
 
     def top_up(_: _Reporter) -> None:
@@ -233,20 +375,26 @@ async def _step(reactor: Any, options: Options, address: str, server_pid: int, n
 
     subscribers = [_Reporter(f"subscriber {i}", top_up) for i in range(procs)]
     children: list[Child] = []
+    address = server.address
     try:
+        began = time.monotonic()
         for sub, share in zip(subscribers, shares):
-            children.append(_spawn(reactor, options.python, sub, "sub", address, topic, str(share)))
+            children.append(_spawn(reactor, options.python, sub, "sub", address, topic, str(share), cpus=client_cpus))
         await DeferredList([s.ready for s in subscribers], fireOnOneErrback=True, consumeErrors=True)
+        setup = time.monotonic() - began
         for i in range(options.publishers):
             pub = _Reporter(f"publisher {i}")
-            children.append(_spawn(reactor, options.python, pub, "pub", address, topic, str(size)))
+            children.append(
+                _spawn(reactor, options.python, pub, "pub", address, topic, str(size), str(batch), cpus=client_cpus)
+            )
             publishers.append(pub)
         await DeferredList([p.ready for p in publishers], fireOnOneErrback=True, consumeErrors=True)
         top_up(subscribers[0])
-        await sleep(reactor, options.warmup)
-        t0, cpu0 = time.monotonic(), cpu_seconds(server_pid)
+        warmed, steady = await _warm_up(reactor, options, server.pid, subscribers)
+        clients = [c.pid for c in children]
+        t0, cpu0, ccpu0 = time.monotonic(), cpu_seconds(server.pid), sum(map(cpu_seconds, clients))
         await sleep(reactor, options.duration)
-        t1, cpu1 = time.monotonic(), cpu_seconds(server_pid)
+        t1, cpu1, ccpu1 = time.monotonic(), cpu_seconds(server.pid), sum(map(cpu_seconds, clients))
     except Exception as e:
         await _stop_all(children)
         raise RuntimeError(f"step {n} subscribers, {size} bytes: {e}") from e
@@ -254,33 +402,63 @@ async def _step(reactor: Any, options: Options, address: str, server_pid: int, n
     published = sum(p.rate(t0, t1) for p in publishers)
     deliveries = sum(s.rate(t0, t1) for s in subscribers)
     cpu = (cpu1 - cpu0) / (t1 - t0)  # server CPU seconds per second
+    per_msg = cpu / published * 1e6 if published else None
+    per_delivery = cpu / deliveries * 1e6 if deliveries else None
     return {
         "subscribers": n,
         "payload": size,
         "window": window,
+        "publish_batch": batch,
+        "setup_s": setup,
+        "warmup_s": warmed,
+        "settled": steady,
         "msgs_per_s": published,
         "deliveries_per_s": deliveries,
+        "dropped": sum(s.dropped for s in subscribers),
         "server_cpu_percent": cpu * 100,
-        "server_us_per_msg": cpu / published * 1e6 if published else None,
-        "server_us_per_delivery": cpu / deliveries * 1e6 if deliveries else None,
+        "clients_cpu_percent": (ccpu1 - ccpu0) / (t1 - t0) * 100,
+        "server_us_per_msg": per_msg,
+        "server_us_per_delivery": per_delivery,
+        "core_msgs_per_s": 1e6 / per_msg if per_msg else None,
+        "core_deliveries_per_s": 1e6 / per_delivery if per_delivery else None,
     }
 
 
-async def _idle_memory(reactor: Any, options: Options, address: str, server_pid: int) -> dict:
+async def _warm_up(reactor: Any, options: Options, server_pid: int, subscribers: list[_Reporter]) -> tuple[float, bool]:
+    """Load until the server's CPU per delivery has settled (at least ``warmup`` s, at most ``max_warmup``).
+
+    Returns (seconds warmed, settled).
+    """
+    began = time.monotonic()
+    readings: list[Optional[float]] = []
+    while True:
+        elapsed = time.monotonic() - began
+        if elapsed >= options.warmup and settled(readings):
+            return elapsed, True
+        if elapsed >= options.max_warmup:
+            return elapsed, False
+        t0, cpu0 = time.monotonic(), cpu_seconds(server_pid)
+        await sleep(reactor, min(_SETTLE_WINDOW, max(options.warmup, 0.05)))
+        t1, cpu1 = time.monotonic(), cpu_seconds(server_pid)
+        deliveries = sum(s.rate(t0, t1) for s in subscribers) * (t1 - t0)
+        readings.append((cpu1 - cpu0) / deliveries if deliveries > 0 else None)
+
+
+async def _idle_memory(reactor: Any, options: Options, server: _Server, cpus: Optional[set[int]]) -> dict:
     if not (options.idle_connections or options.idle_subscriptions):
         return {}
     child = _Reporter("idle")
-    _spawn(reactor, options.python, child, "idle", address, str(options.idle_connections))
+    _spawn(reactor, options.python, child, "idle", server.address, str(options.idle_connections), cpus=cpus)
     try:
         await child.ready
         await sleep(reactor, 0.5)
-        base = rss_bytes(server_pid)
+        base = rss_bytes(server.pid)
         child.transport.write(b"connect\n")
         await _line(reactor, child, "connected")
-        with_connections = rss_bytes(server_pid)
+        with_connections = rss_bytes(server.pid)
         child.transport.write(b"subscribe %d\n" % options.idle_subscriptions)
         await _line(reactor, child, "subscribed")
-        with_subscriptions = rss_bytes(server_pid)
+        with_subscriptions = rss_bytes(server.pid)
     finally:
         await child.stop()
     result: dict[str, Any] = {"server_rss_base": base}
@@ -303,71 +481,133 @@ async def _line(reactor: Any, child: _Reporter, word: str, timeout: float = 300.
     await sleep(reactor, 0.5)  # let the server settle before its memory is read
 
 
+async def _start_server(reactor: Any, python: str, name: str, cpus: Optional[set[int]]) -> _Server:
+    server = _Server(python, Child(name), name)
+    _spawn(reactor, python, server.child, "server", cpus=cpus)
+    port = int(await server.child.ready)
+    server.address = f"127.0.0.1:{port}"
+    return server
+
+
 async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
-    progress(f"starting the server and broker process ({options.server_python})")
-    server = Child("server")
-    _spawn(reactor, options.server_python, server, "server")
+    server_cpus, client_cpus = _cpu_sets(options.pin)
+    ours = os.sched_getaffinity(0) if server_cpus else None
+    if server_cpus and client_cpus:
+        progress(f"pinned: servers on CPU {sorted(server_cpus)}, clients and this process on {sorted(client_cpus)}")
+        os.sched_setaffinity(0, client_cpus)
+    servers: list[_Server] = []
     try:
-        port = int(await server.ready)
-        address = f"127.0.0.1:{port}"
-        progress("idle memory")
-        idle = await _idle_memory(reactor, options, address, server.pid)
+        for i, python in enumerate(options.server_python):
+            name = f"server {chr(ord('A') + i)}"
+            progress(f"starting {name} ({python})")
+            servers.append(await _start_server(reactor, python, name, server_cpus))
+        idle = {}
+        for server in servers:
+            progress(f"idle memory of {server.name}")
+            idle[server.name] = await _idle_memory(reactor, options, server, client_cpus)
         plan = [(n, options.payload) for n in options.subscribers] + [(1, size) for size in options.sizes]
-        progress("warming up")
-        await _step(reactor, options, address, server.pid, 1, options.payload)
-        runs = []
+        runs: dict[str, list[dict]] = {server.name: [] for server in servers}
         for number in range(1, options.runs + 1):
             progress(f"run {number}/{options.runs}")
-            steps = {}
+            steps: dict[str, dict] = {server.name: {} for server in servers}
             for n, size in plan:
-                try:
-                    result = await _step(reactor, options, address, server.pid, n, size)
-                except RuntimeError as e:  # one step failing (a client gave up) does not lose the others
-                    progress(str(e).splitlines()[0])
-                    continue
-                steps[f"{n}x{size}"] = result
-                progress(_one_line(result))
-            runs.append(steps)
-        return _summarise(options, idle, runs, plan)
+                for server in servers:  # in turn, step by step: the machine's other load hits both alike
+                    try:
+                        result = await _step(reactor, options, server, n, size, client_cpus)
+                    except RuntimeError as e:  # one step failing (a client gave up) does not lose the others
+                        progress(f"{server.name}: {str(e).splitlines()[0]}")
+                        continue
+                    steps[server.name][f"{n}x{size}"] = result
+                    progress(f"{server.name}: {_one_line(result)}")
+            for server in servers:
+                runs[server.name].append(steps[server.name])
+        return _summarise(options, servers, idle, runs, plan, pinned=server_cpus is not None)
     finally:
-        await server.stop()
+        await DeferredList([server.child.stop() for server in servers])
+        if ours:
+            os.sched_setaffinity(0, ours)
 
 
 def _one_line(r: dict) -> str:
     return (
         f"{r['subscribers']:>6} subscribers x {r['payload']:>6} B: {r['msgs_per_s']:,.0f} msgs/s, "
-        f"{r['deliveries_per_s']:,.0f} deliveries/s, server CPU {r['server_cpu_percent']:.0f}%, "
-        f"{fmt(r['server_us_per_msg'], ',.1f')} us/msg, {fmt(r['server_us_per_delivery'], ',.2f')} us/delivery"
+        f"{r['deliveries_per_s']:,.0f} deliveries/s, server CPU {r['server_cpu_percent']:.0f}% "
+        f"(clients {r['clients_cpu_percent']:.0f}%), {fmt(r['server_us_per_msg'], ',.1f')} us/msg, "
+        f"{fmt(r['server_us_per_delivery'], ',.2f')} us/delivery, warmed {r['warmup_s']:.0f} s"
+        f"{'' if r['settled'] else ' (not settled)'}, set up in {r['setup_s']:.1f} s"
+        + (f", {r['dropped']:,} DROPPED" if r["dropped"] else "")
     )
 
 
-def _summarise(options: Options, idle: dict, runs: list[dict], plan: list[tuple[int, int]]) -> dict:
-    medians: dict[str, Any] = {}
-    for n, size in plan:
-        key = f"{n}x{size}"
-        medians[key] = {
-            "subscribers": n,
-            "payload": size,
-            **{
-                name: median(runs, key, name)
-                for name in (
-                    "msgs_per_s",
-                    "deliveries_per_s",
-                    "server_cpu_percent",
-                    "server_us_per_msg",
-                    "server_us_per_delivery",
-                )
-            },
-        }
+_MEASURES = (
+    "msgs_per_s",
+    "deliveries_per_s",
+    "server_cpu_percent",
+    "clients_cpu_percent",
+    "server_us_per_msg",
+    "server_us_per_delivery",
+    "core_msgs_per_s",
+    "core_deliveries_per_s",
+    "warmup_s",
+    "setup_s",
+    "dropped",
+)
+
+
+def _summarise(
+    options: Options,
+    servers: list[_Server],
+    idle: dict,
+    runs: dict[str, list[dict]],
+    plan: list[tuple[int, int]],
+    pinned: bool,
+) -> dict:
+    out = []
+    for server in servers:
+        medians: dict[str, Any] = {}
+        for n, size in plan:
+            key = f"{n}x{size}"
+            medians[key] = {
+                "subscribers": n,
+                "payload": size,
+                "publish_batch": median(runs[server.name], key, "publish_batch"),
+                **{name: median(runs[server.name], key, name) for name in _MEASURES},
+            }
+        out.append(
+            {
+                "name": server.name,
+                "server": _interpreter(server.python),
+                "idle": idle.get(server.name, {}),
+                "medians": medians,
+                "runs": runs[server.name],
+            }
+        )
+    ratios: dict[str, Any] = {}
+    if len(servers) >= 2:
+        first, second = servers[0].name, servers[1].name
+        for n, size in plan:
+            key = f"{n}x{size}"
+            ratios[key] = {
+                name: _median_ratio(runs[second], runs[first], key, name)
+                for name in ("msgs_per_s", "server_us_per_delivery", "core_msgs_per_s")
+            }
+    options_out = public_options(options)
     return {
-        "options": public_options(options) | {"server_python": options.server_python},
-        "machine": machine(),
-        "server": _interpreter(options.server_python),
-        "idle": idle,
-        "medians": medians,
-        "runs": runs,
-        "failed": 0,
+        "options": options_out,
+        "machine": machine() | {"pinned": pinned},
+        "servers": out,
+        "ratios": ratios,  # second server / first, medians of each run's ratio
+        "failed": sum(1 for s in out for m in s["medians"].values() if m["msgs_per_s"] is None),
     }
+
+
+def _median_ratio(top: list[dict], bottom: list[dict], key: str, name: str) -> Optional[float]:
+    values = []
+    for a, b in zip(top, bottom):
+        x, y = a.get(key, {}).get(name), b.get(key, {}).get(name)
+        if x and y:
+            values.append(x / y)
+    return statistics.median(values) if values else None
 
 
 def _interpreter(python: str) -> str:
@@ -391,26 +631,50 @@ def run(options: Optional[Options] = None, progress: Optional[Progress] = None) 
 
 
 def format_report(results: dict) -> str:
-    """The results as a table a person reads."""
-    idle = results["idle"]
-    lines = [
-        f"pulsyflux bench capacity: server on {results['server']}, medians of {len(results['runs'])} runs, "
-        f"{results['options']['publishers']} publisher processes ({results['machine']['cpus']} CPUs, "
-        f"clients on Python {results['machine']['python']})",
-        "  subscribers  payload      msgs/s  deliveries/s  server CPU  us/msg  us/delivery",
-    ]
-    for m in results["medians"].values():
-        lines.append(
-            f"  {m['subscribers']:>11,} {m['payload']:>8,} {fmt(m['msgs_per_s']):>11} {fmt(m['deliveries_per_s']):>13}"
-            f" {fmt(m['server_cpu_percent']):>10}% {fmt(m['server_us_per_msg'], ',.1f'):>7}"
-            f" {fmt(m['server_us_per_delivery'], ',.2f'):>12}"
-        )
-    if idle:
-        lines.append(
-            f"  idle server memory: {fmt(idle.get('bytes_per_connection'))} bytes per connection, "
-            f"{fmt(idle.get('bytes_per_subscription'))} bytes per subscription "
-            f"(resident {idle['server_rss_base'] / 2**20:.0f} MiB before)"
-        )
+    """The results as tables a person reads."""
+    options = results["options"]
+    cpus = results["machine"]["cpus"]
+    sharing = (
+        f"server pinned to CPU 0, the {options['publishers']} publisher and up to {options['subscriber_processes']} "
+        f"subscriber processes to the other {cpus - 1}"
+        if results["machine"].get("pinned")
+        else f"server and clients unpinned on {cpus} CPUs"
+    )
+    lines = [f"pulsyflux bench capacity ({sharing}; clients on Python {results['machine']['python']})"]
+    for s in results["servers"]:
+        lines += [
+            f"{s['name']}: {s['server']}, medians of {len(s['runs'])} runs",
+            "  subscribers  payload batch      msgs/s  deliveries/s  server CPU  clients CPU  us/msg  us/delivery"
+            "  msgs/s at 1 core  deliveries/s at 1 core",
+        ]
+        for m in s["medians"].values():
+            lines.append(
+                f"  {m['subscribers']:>11,} {m['payload']:>8,} {fmt(m['publish_batch']):>5}"
+                f" {fmt(m['msgs_per_s']):>11} {fmt(m['deliveries_per_s']):>13}"
+                f" {fmt(m['server_cpu_percent']):>10}% {fmt(m['clients_cpu_percent']):>11}%"
+                f" {fmt(m['server_us_per_msg'], ',.1f'):>7} {fmt(m['server_us_per_delivery'], ',.2f'):>12}"
+                f" {fmt(m['core_msgs_per_s']):>17} {fmt(m['core_deliveries_per_s']):>23}"
+                + (f"  ({fmt(m['dropped'])} dropped)" if m["dropped"] else "")
+            )
+        idle = s["idle"]
+        if idle:
+            lines.append(
+                f"  idle server memory: {fmt(idle.get('bytes_per_connection'))} bytes per connection, "
+                f"{fmt(idle.get('bytes_per_subscription'))} bytes per subscription "
+                f"(resident {idle['server_rss_base'] / 2**20:.0f} MiB before)"
+            )
+    if results["ratios"]:
+        a, b = results["servers"][0], results["servers"][1]
+        lines += [
+            f"{b['name']} / {a['name']} ({b['server']} / {a['server']}), medians of each run's ratio:",
+            "  subscribers  payload  msgs/s measured  server CPU per delivery  msgs/s at 1 core",
+        ]
+        for key, r in results["ratios"].items():
+            m = a["medians"][key]
+            lines.append(
+                f"  {m['subscribers']:>11,} {m['payload']:>8,} {fmt(r['msgs_per_s'], '.2f'):>15}x"
+                f" {fmt(r['server_us_per_delivery'], '.2f'):>23}x {fmt(r['core_msgs_per_s'], '.2f'):>16}x"
+            )
     return "\n".join(lines)
 
 
@@ -449,78 +713,141 @@ def _child(argv: list[str]) -> None:
 
 
 def _server(reactor: Any, failed: Callable[[Any], None]) -> None:
-    """A BrokerService with room for the largest step: 10,000 subscriptions are 10,000 more connections."""
+    """A BrokerService with room for the largest step: 10,000 subscriptions are 10,000 connections.
+
+    The listen backlog is 1,024 (Twisted's default is 50); the backlog bound is
+    raised because every subscriber's backlog holds the same message objects
+    (the broker counts a message once per subscriber; memory holds it once).
+    """
     from pulsyflux.endpoints import port_number
     from pulsyflux.server import ServerFactory
     from pulsyflux.service import BrokerService
 
     factory = ServerFactory(reactor, max_connections=30_000)
-    service = BrokerService("tcp:0:interface=127.0.0.1", reactor=reactor, factory=factory, max_subscriptions=30_000)
+    service = BrokerService(
+        "tcp:0:interface=127.0.0.1:backlog=1024",
+        reactor=reactor,
+        factory=factory,
+        max_subscriptions=30_000,
+        total_backlog_bytes=4 << 30,
+    )
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     ready = service.whenReady().addCallback(lambda _: service.server.whenListening())
     ready.addCallbacks(lambda port: print(port_number(port), flush=True), failed)
 
 
-async def _patient_connect(kind: Any, address: str, reactor: Any, attempts: int = 10) -> Any:
+async def _patient(connect: Callable[..., Any], *args: Any, attempts: int = 20, **kwargs: Any) -> Any:
     """Connect, trying again while a server busy with thousands of subscriptions answers late."""
+    from twisted.internet import reactor
+
     for attempt in range(attempts):
         try:
-            return await kind.connect(address, reactor=reactor)
+            return await connect(*args, **kwargs)
         except Exception:
             if attempt == attempts - 1:
                 raise
             await sleep(reactor, 0.5)
 
 
-async def _subscribe_many(client: Any, topic: str, count: int) -> list[Any]:
-    gate = DeferredSemaphore(_SUBSCRIBE_AT_ONCE)
-    done = await DeferredList(
-        [gate.run(client.subscribe, topic, 1000) for _ in range(count)], fireOnOneErrback=True, consumeErrors=True
-    )
-    return [sub for _, sub in done]
+async def _broker_consumer(reactor: Any, address: str) -> Any:
+    """A Consumer on the broker's channel, once the broker answers there."""
+    from pulsyflux.broker.link import DEFAULT_BROKER_CHANNEL, send_until_registered
+    from pulsyflux.client import Consumer
+
+    consumer = await _patient(Consumer.connect, address, DEFAULT_BROKER_CHANNEL, reactor=reactor)
+    await send_until_registered(consumer, b"[]", reactor, timeout=30.0, patience=30.0)
+    return consumer
 
 
 async def _subscriber(reactor: Any, address: str, topic: str, count: str) -> None:
-    """Read ``count`` subscriptions of ``topic``; report the total read and the slowest's count."""
+    """``count`` subscriptions of ``topic`` that count what they get; report the total, the slowest's
+    count and the drops the broker told of."""
     from twisted.internet.task import LoopingCall
 
-    from pulsyflux.broker import BrokerClient
+    from pulsyflux.broker.link import OK
+    from pulsyflux.broker.subscription import MESSAGES_INCOMPLETE
+    from pulsyflux.client import Provider
+    from pulsyflux.wire import messages
+    from pulsyflux.wire.errors import PulsyfluxError
 
-    client = await _patient_connect(BrokerClient, address, reactor)
-    subs = await _subscribe_many(client, topic, int(count))
-    counts = [0] * len(subs)
+    announcer = await _broker_consumer(reactor, address)
+    counts = [0] * int(count)
+    dropped = [0] * int(count)
+    total = [0]
+    held: list[Any] = []
 
-    async def read(index: int, sub: Any) -> None:
-        async for _ in sub:
-            counts[index] += 1
+    def counter(index: int) -> Callable[[bytes], bytes]:
+        def handle(body: bytes) -> bytes:
+            got, drops = count_forward(body)
+            counts[index] += got
+            total[0] += got
+            if drops >= 0:
+                dropped[index] = drops
+            return OK
 
-    for index, sub in enumerate(subs):
-        Deferred.fromCoroutine(read(index, sub))
+        return handle
+
+    async def subscribe(index: int) -> None:
+        channel = uuid.uuid4()
+        provider = await _patient(
+            Provider.connect,
+            address,
+            channel,
+            handler=counter(index),
+            reactor=reactor,
+            max_incomplete=MESSAGES_INCOMPLETE,
+        )
+        held.append(provider)
+        body = messages.control(messages.SUBSCRIBE, topic=topic, channel=str(channel)).encode("utf-8")
+        for attempt in range(200):
+            try:
+                await announcer.send(body, timeout=60.0)
+                return
+            except PulsyfluxError as error:  # "too many subscriptions being set up ...; try again"
+                if "try again" not in str(error) or attempt == 199:
+                    raise
+                await sleep(reactor, 0.05)
+
+    gate = DeferredSemaphore(_SUBSCRIBE_AT_ONCE)
+    await DeferredList(
+        [gate.run(subscribe, i) for i in range(int(count))],
+        fireOnOneErrback=True,
+        consumeErrors=True,
+    )
     print("ready", flush=True)
-    LoopingCall(lambda: _say(sum(counts), min(counts))).start(_REPORT_EVERY)
+    LoopingCall(lambda: _say(total[0], min(counts), sum(dropped))).start(_REPORT_EVERY)
 
 
-async def _publisher(reactor: Any, address: str, topic: str, size: str) -> None:
-    """Publish to ``topic`` up to the limit this process reads on stdin; report how many the broker accepted."""
+async def _publisher(reactor: Any, address: str, topic: str, size: str, batch: str) -> None:
+    """Publish batches of ``batch`` messages to ``topic`` up to the limit this process reads on stdin;
+    report how many the broker accepted."""
     from twisted.internet import stdio
     from twisted.internet.task import LoopingCall
     from twisted.protocols.basic import LineReceiver
 
-    from pulsyflux.broker import BrokerClient
+    from pulsyflux.wire import messages
 
-    client = await _patient_connect(BrokerClient, address, reactor)
-    payload = b"x" * int(size)
-    state = {"limit": 0, "sent": 0, "accepted": 0}
+    consumer = await _broker_consumer(reactor, address)
+    per_request = int(batch)
+    body = messages.encode_batch([messages.encode_text(topic, b"x" * int(size), None)] * per_request)
+    state = {"limit": 0, "sent": 0, "accepted": 0, "in_flight": 0}
 
     def accepted(_: Any) -> None:
-        state["accepted"] += 1
+        state["accepted"] += per_request
+        state["in_flight"] -= 1
+        publish_to_limit()
+
+    def failed(failure: Any) -> None:
+        print(failure.getErrorMessage(), file=sys.stderr, flush=True)
+        reactor.stop()
 
     def publish_to_limit() -> None:
-        publish = client.publish
-        while state["sent"] < state["limit"]:
-            publish(topic, payload).addCallback(accepted)
-            state["sent"] += 1
+        send = consumer.send
+        while state["in_flight"] < _PUBLISH_IN_FLIGHT and state["sent"] + per_request <= state["limit"]:
+            state["sent"] += per_request
+            state["in_flight"] += 1
+            send(body, timeout=0).addCallbacks(accepted, failed)
 
     class Limits(LineReceiver):
         delimiter = b"\n"
@@ -561,7 +888,12 @@ async def _idle(reactor: Any, address: str, connections: str) -> None:
     async def subscribe(count: int) -> None:
         client = await BrokerClient.connect(address, reactor=reactor)
         held.append(client)
-        held.extend(await _subscribe_many(client, f"idle-{uuid.uuid4()}", count))
+        gate = DeferredSemaphore(_SUBSCRIBE_AT_ONCE)
+        topic = f"idle-{uuid.uuid4()}"
+        done = await DeferredList(
+            [gate.run(client.subscribe, topic, 1000) for _ in range(count)], fireOnOneErrback=True, consumeErrors=True
+        )
+        held.extend(sub for _, sub in done)
         _say(count)
 
     def fail(failure: Any) -> None:
