@@ -547,3 +547,65 @@ async def test_a_topic_with_a_control_character_or_lone_surrogate_is_refused_at_
     finally:
         await defer.gatherResults([consumer.close(), subscriber.close()])
         await broker.close()
+
+
+def _count_batch_encodes(monkeypatch, size: int) -> list[str]:
+    """Every forward body of ``size`` messages the broker makes (JSON or binary), counted by name."""
+    calls: list[str] = []
+
+    def counting(name):
+        encode = getattr(messages, name)
+
+        def count(entries):
+            if len(entries) == size:
+                calls.append(name)
+            return encode(entries)
+
+        monkeypatch.setattr(messages, name, count)
+
+    counting("encode_batch")
+    counting("encode_records")
+    return calls
+
+
+@clocked
+async def test_a_batch_for_one_topic_is_encoded_once_for_every_subscriber_that_keeps_up(memory, monkeypatch):
+    channel = uuid.uuid4()
+    broker = await memory.connect(Broker, channel, window=4)
+    quick = [await broker.subscribe("t") for _ in range(3)]
+    # Takes one message, then holds its answers while full: after four its window (4) is full.
+    lagging = await broker.subscribe("t", buffer=1)
+    publisher = await memory.connect(Consumer, channel)
+    for i in range(5):
+        assert await publisher.send(messages.encode("t", b"%d" % i)) == b"ok"
+    for sub in quick:
+        assert [m.payload for m in await _read(sub, 5)] == [b"0", b"1", b"2", b"3", b"4"]
+    batch = messages.encode_batch([messages.encode_text("t", b"%d" % i, None) for i in (5, 6, 7)])
+    encodes = _count_batch_encodes(monkeypatch, 3)
+    assert await publisher.send(batch) == b"ok"
+    for sub in quick:
+        assert [m.payload for m in await _read(sub, 3)] == [b"5", b"6", b"7"]
+    assert len(encodes) == 1  # one body for every quick subscriber; the lagging one's waits in its backlog
+    assert broker.stats()["subscriptions"][3]["backlog"] == 3
+    assert [m.payload for m in await _read(lagging, 8)] == [b"%d" % i for i in range(8)]
+    assert broker.dropped == 0 and all(sub.dropped == 0 for sub in [*quick, lagging])
+    await publisher.close()
+    await broker.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_published_batch_reaches_remote_subscribers_over_tcp_in_order(server):
+    channel = uuid.uuid4()
+    broker = await Broker.connect(server.address, channel)
+    clients = [await BrokerClient.connect(server.address, channel) for _ in range(2)]
+    subs = [await client.subscribe("t") for client in clients]
+    publisher = await Consumer.connect(server.address, channel)
+    for start in range(0, 1000, 100):
+        batch = messages.encode_batch([messages.encode_text("t", b"%d" % i, None) for i in range(start, start + 100)])
+        assert await publisher.send(batch) == b"ok"
+    for sub in subs:
+        assert [int(m.payload) for m in await _read(sub, 1000)] == list(range(1000))
+    assert broker.dropped == 0
+    await publisher.close()
+    await defer.gatherResults([client.close() for client in clients])
+    await broker.close()

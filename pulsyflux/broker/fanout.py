@@ -40,7 +40,7 @@ from .link import (
 
 if TYPE_CHECKING:
     from ..auth.tokens import Identity
-from .outlet import Outlet, guard_channel
+from .outlet import FORWARD_CHARS, Outlet, guard_channel
 from .rights import Rights, auth_link
 from .subjects import Interest, Sublist
 from .subscription import Subscription
@@ -291,9 +291,13 @@ class Fanout:
             return answer
         self.published += len(items)
         recipients = self.recipients
+        chosen = [recipients(item[0]) for item in items]
+        alike = _alike(chosen)
+        if alike is not None:
+            self._fan_alike(alike, items, binary=True)
+            return OK
         touched: dict[Outlet, None] = {}
-        for topic, record, payload, headers in items:
-            outlets = recipients(topic)
+        for (topic, record, payload, headers), outlets in zip(items, chosen):
             if outlets:
                 size = 0
                 text: Optional[str] = None
@@ -317,15 +321,90 @@ class Fanout:
     def _fan(self, items: list[tuple[str, str, Any, Any]]) -> None:
         """Deliver a batch of checked messages to their outlets, each outlet flushed once."""
         recipients = self.recipients
+        chosen = [recipients(item[0]) for item in items]
+        alike = _alike(chosen)
+        if alike is not None:
+            self._fan_alike(alike, items, binary=False)
+            return
         touched: dict[Outlet, None] = {}
-        for item in items:
-            outlets = recipients(item[0])
+        for item, outlets in zip(items, chosen):
             if outlets:
                 self._push(outlets, item)
                 for outlet in outlets:
                     touched[outlet] = None
         for outlet in touched:
             outlet.flush()
+
+    def _fan_alike(self, outlets: list[Outlet], items: Sequence[tuple[str, Any, Any, Any]], binary: bool) -> None:
+        """A batch every message of which goes to the same outlets (one topic, no queue group).
+
+        ``items`` as :func:`~pulsyflux.wire.messages.split_body` gives them
+        (JSON texts) or, with ``binary``, as ``split_binary`` does (records).
+        An outlet with nothing waiting and room in its window would send the
+        whole batch as one forward (:meth:`Outlet.flush`); it gets that
+        forward at once, its body made once per encoding for all of them,
+        instead of a push and a pop per message. The other outlets take the
+        batch message by message (backlog, drops, flush), as any publish.
+        """
+        count = len(items)
+        entries: dict[bool, list[Any]] = {binary: [item[1] for item in items]}  # per encoding (True: binary)
+        sizes: dict[bool, int] = {}
+        bodies: dict[bool, bytes] = {}
+        keeps_json = self.history is not None  # with history every forward is JSON (its texts carry positions)
+        window = self.window
+        waiting: list[Outlet] = []
+        for outlet in list(outlets):  # a failed send can take an outlet out of the index's list
+            if (
+                outlet.backlog
+                or outlet.requests >= window
+                or not outlet.ready
+                or not outlet.open
+                or outlet.dropped != outlet.notified
+                or outlet.group is not None
+                or count > self.batch
+                or count > outlet.limit
+                or outlet.consumer.reconnecting
+            ):
+                waiting.append(outlet)
+                continue
+            kind = outlet.binary and not keeps_json
+            batch = entries.get(kind)
+            if batch is None:
+                batch = entries[kind] = self._convert(items, kind)
+            size = sizes.get(kind)
+            if size is None:
+                size = sizes[kind] = sum(map(len, batch))
+            if size >= FORWARD_CHARS or size > outlet.limit_bytes:
+                waiting.append(outlet)
+                continue
+            body = bodies.get(kind)
+            if body is None:
+                body = bodies[kind] = messages.encode_records(batch) if kind else messages.encode_batch(batch)
+            outlet.forward(body, batch)
+        if not waiting:
+            return
+        for index in range(count):
+            size = 0
+            for outlet in waiting:
+                kind = outlet.binary and not keeps_json
+                batch = entries.get(kind)
+                if batch is None:
+                    batch = entries[kind] = self._convert(items, kind)
+                entry = batch[index]
+                outlet.push(entry)
+                size += len(entry)
+            self.backlog_size += size
+            if self.backlog_size > self.total_backlog_bytes:
+                self.trim_backlogs()
+        for outlet in waiting:
+            outlet.flush()
+
+    @staticmethod
+    def _convert(items: Sequence[tuple[str, Any, Any, Any]], binary: bool) -> list[Any]:
+        """The batch's messages in the other encoding, each made once (as :meth:`_push` makes them)."""
+        if binary:
+            return [messages.record_of(topic, payload, headers) for topic, _, payload, headers in items]
+        return [messages.encode_text(topic, payload, headers) for topic, _, payload, headers in items]
 
     def deliver_from_cluster(self, body: bytes) -> int:
         """Fan out a batch another server of the cluster accepted; returns how many messages.
@@ -808,3 +887,16 @@ def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[],
         second()
 
     return both
+
+
+def _alike(chosen: list[Optional[list[Outlet]]]) -> Optional[list[Outlet]]:
+    """The one list of outlets every message of a batch goes to, if it is one list (one plain topic's)."""
+    if len(chosen) < 2:
+        return None
+    first = chosen[0]
+    if not first:
+        return None
+    for outlets in chosen:
+        if outlets is not first:
+            return None
+    return first

@@ -23,14 +23,14 @@ if TYPE_CHECKING:
     from ..auth.tokens import Identity
     from .fanout import Fanout
 
-__all__ = ["Outlet", "DEFAULT_BACKLOG", "DEFAULT_BACKLOG_BYTES", "guard_channel", "nothing"]
+__all__ = ["Outlet", "DEFAULT_BACKLOG", "DEFAULT_BACKLOG_BYTES", "FORWARD_CHARS", "guard_channel", "nothing"]
 
 log = Logger()
 
 
 DEFAULT_BACKLOG = 10_000  # messages the broker keeps per slow subscriber
 DEFAULT_BACKLOG_BYTES = 8 << 20  # and bytes (JSON characters) per slow subscriber
-_BATCH_CHARS = 256 * 1024  # a forward stops growing past this much JSON
+FORWARD_CHARS = 256 * 1024  # a forward stops growing past this much JSON
 _DRAIN_PATIENCE = 2.0  # seconds a closing queue group member waits for answers to its forwards in flight
 
 
@@ -158,7 +158,7 @@ class Outlet:
             size = 0
             count = 0
             limit = fanout.batch
-            while backlog and count < limit and size < _BATCH_CHARS:
+            while backlog and count < limit and size < FORWARD_CHARS:
                 text = popleft()
                 if type(text) is not kind:
                     backlog.appendleft(text)  # the next forward's
@@ -173,6 +173,15 @@ class Outlet:
             body = messages.encode_records(texts) if kind is bytes else messages.encode_batch(texts)
             d = self.consumer.send(body, timeout=0)
             d.addCallbacks(self._answered, self._failed, callbackArgs=(count,), errbackArgs=(count, texts))
+
+    def forward(self, body: bytes, texts: Sequence[Union[str, bytes]]) -> None:
+        """Send ``texts`` (JSON texts or binary records, joined as ``body``) as one forward, as :meth:`flush` would with them alone
+        waiting: only when nothing waits before them and the window has room (``Fanout._fan_alike``)."""
+        count = len(texts)
+        self.requests += 1
+        self.in_flight += count
+        d = self.consumer.send(body, timeout=0)
+        d.addCallbacks(self._answered, self._failed, callbackArgs=(count,), errbackArgs=(count, texts))
 
     def _answered(self, result: bytes, count: int) -> None:
         self.requests -= 1
