@@ -83,8 +83,11 @@ class ImmediateWriter:
     def release(self) -> None:
         held, self._held = self._held, None
         if held:
-            for data in coalesce(held):
-                self._write_now(data)
+            if len(held) == 1:  # one answer to one read (a request, a response): no call, no list
+                self._write_now(held[0])
+            else:
+                for data in coalesce(held):
+                    self._write_now(data)
 
 
 def hang_up(transport: IStreamTransport) -> None:
