@@ -2,8 +2,10 @@
 
 Peers that connect and never register, that leave a frame incomplete, that
 hold many incomplete frames, or that make the server log for each of their
-bad connections. Timeouts are made short (0.2 s) and each test awaits the
-connection's close; nothing asserts how long anything took.
+bad connections. The guard's timers run on a clock of the test's own
+(``guard_clock``): once the server holds what the peer sent, the test moves
+time to just before the timeout (nothing happens) and past it (the close),
+so nothing waits real seconds and nothing asserts how long anything took.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ ensure = pytest_twisted.ensureDeferred
 
 KiB = 1 << 10
 LONG = 60.0  # a timeout the test does not want to reach
+
+
+def guard_clock(server) -> task.Clock:
+    """The server's connection guard (frame and register timeouts) runs on the returned clock from now on."""
+    clock = server.factory.router.connection_guard.clock = task.Clock()
+    return clock
 
 
 async def closed_with(raw, timeout: float = 5.0) -> str:
@@ -66,48 +74,61 @@ def registered_raw_frames() -> bytes:
 @ensure
 async def test_attack_half_a_header_is_closed_after_the_frame_timeout(limited, channel):
     server = limited(frame_timeout=0.2, register_timeout=LONG)
+    clock, guard = guard_clock(server), server.factory.router.connection_guard
     raw = await connect_raw(server)
     raw.send(registered_raw_frames() + codec.encode_frame(codec.CHUNK, os.urandom(16))[:12])
-    assert (await closed_with(raw)).startswith("frame timeout: a frame stayed incomplete")
-    assert server.factory.router.connection_guard.partial_bytes == 0
+    await eventually(lambda: guard.partial_bytes == 12)
+    clock.advance(0.19)
+    assert guard.partial_bytes == 12 and not server.factory.stats.errors  # not yet
+    clock.advance(0.02)
+    assert (await closed_with(raw)).startswith("frame timeout: a frame stayed incomplete for 0.2 s")
+    assert guard.partial_bytes == 0
     await echo_works(server, channel)
 
 
 @ensure
 async def test_attack_many_half_headers_are_all_closed_by_one_timer(limited):
     server = limited(frame_timeout=0.2, register_timeout=LONG)
+    clock, guard = guard_clock(server), server.factory.router.connection_guard
     raws = [await connect_raw(server) for _ in range(50)]
     for raw in raws:
         raw.send(registered_raw_frames() + codec.encode_frame(codec.CHUNK, os.urandom(16))[:12])
+    await eventually(lambda: guard.partial_bytes == 50 * 12)
+    clock.advance(0.2)  # one timer comes due, for all of them
     await DeferredList([raw.lost for raw in raws], fireOnOneErrback=True).addTimeout(5, reactor)
     assert server.factory.stats.errors == {"frame timeout": 50}
     await eventually(lambda: not server.factory.router.connections)
-    guard = server.factory.router.connection_guard
     assert guard.partial_bytes == 0 and guard.timer_due is None  # nothing left to watch: no timer
 
 
 @ensure
 async def test_attack_most_of_a_frame_is_closed_after_the_frame_timeout(limited):
     server = limited(frame_timeout=0.2, register_timeout=LONG)
+    clock, guard = guard_clock(server), server.factory.router.connection_guard
     raw = await connect_raw(server)
     frame = codec.encode_frame(codec.CHUNK, os.urandom(16), os.urandom(64 * KiB))
     raw.send(registered_raw_frames() + frame[:-1])  # all but the last byte, for ever
+    await eventually(lambda: guard.partial_bytes == len(frame) - 1)
+    clock.advance(0.2)
     assert (await closed_with(raw)).startswith("frame timeout")
-    assert server.factory.router.connection_guard.partial_bytes == 0
+    assert guard.partial_bytes == 0
 
 
 @ensure
 async def test_attack_a_frame_trickled_byte_by_byte_still_times_out(limited):
     """Progress does not reset the clock: the frame as a whole must arrive in time."""
     server = limited(frame_timeout=0.3, register_timeout=LONG)
+    clock, guard = guard_clock(server), server.factory.router.connection_guard
     raw = await connect_raw(server)
     raw.send(registered_raw_frames())
     frame = codec.encode_frame(codec.CHUNK, os.urandom(16), os.urandom(KiB))
-    for byte in frame:
-        if raw.lost.called:
-            break
+    for sent, byte in enumerate(frame, 1):
         raw.send(bytes([byte]))
-        await task.deferLater(reactor, 0.02, lambda: None)  # pacing, not a timing assertion
+        await eventually(lambda sent=sent: guard.partial_bytes == sent)  # read by the server: progress
+        clock.advance(0.02)  # 20 ms between bytes
+        if server.factory.stats.errors:
+            break
+    assert sent == 15  # 15 x 20 ms after its first byte, though every byte made progress
     assert (await closed_with(raw)).startswith("frame timeout")
 
 
@@ -174,10 +195,16 @@ async def test_frame_timeout_spares_a_sender_the_server_stopped_reading(limited,
 @ensure
 async def test_attack_idle_unregistered_peer_is_closed_after_the_register_timeout(limited, channel):
     server = limited(register_timeout=0.2)
+    clock = guard_clock(server)
     provider = await Provider.connect(server.address, channel, handler=lambda data: data)
     idle = await connect_raw(server)
     probing = await connect_raw(server)
     probing.send(codec.encode_frame(codec.PROBE, os.urandom(16)))  # frames, but never a START
+    await probing.wait_frames(1).addTimeout(5, reactor)  # answered (an ERROR): read, so admitted
+    await eventually(lambda: len(server.factory.router.connections) == 3)
+    clock.advance(0.19)
+    assert not server.factory.stats.errors  # not yet
+    clock.advance(0.02)
     assert (await closed_with(idle)).startswith("register timeout: no START within 0.2 s")
     await probing.lost.addTimeout(5, reactor)
     assert codec.error_message(probing.frames[-1].payload).startswith("register timeout")
@@ -208,6 +235,7 @@ async def test_attack_idle_peers_cannot_lock_clients_out_for_good(limited, chann
 @ensure
 async def test_trusted_connections_are_exempt_from_the_connection_limits(limited, channel):
     server = limited(max_connections=1, register_timeout=0.2)
+    clock = guard_clock(server)
     factory = server.factory
     build = factory.buildProtocol
     marked = []
@@ -223,6 +251,8 @@ async def test_trusted_connections_are_exempt_from_the_connection_limits(limited
     own = await connect_raw(server)  # the server's own (its broker's): never counted, never timed out
     await eventually(lambda: len(factory.router.connections) == 1)
     outsider = await connect_raw(server)
+    await eventually(lambda: len(factory.router.connections) == 2)
+    clock.advance(0.2)
     assert (await closed_with(outsider)).startswith("register timeout")  # admitted, then timed out
     await alive(own)
     assert not own.lost.called
@@ -234,12 +264,15 @@ async def test_attack_peer_that_never_starts_the_tls_handshake_is_closed(tmp_pat
 
     pki = PKI(tmp_path)
     factory = ServerFactory(reactor, register_timeout=0.2)
+    clock = guard_clock(SimpleNamespace(factory=factory))
     listen = f"mtls:0:privateKey={pki.server_key}:certKey={pki.server_cert}:caCerts={pki.ca_file}:interface=127.0.0.1"
     service = ServerService(listen, reactor, factory=factory, grace=0)
     service.startService()
     try:
         port = (await service.whenListening()).getHost().port
         raw = await connect_raw(SimpleNamespace(port=port))  # plain TCP: says nothing, never handshakes
+        await eventually(lambda: len(factory.router.connections) == 1)
+        clock.advance(0.2)
         await raw.lost.addTimeout(4, reactor)  # at once: no waiting for a handshake that never comes
         assert factory.stats.errors == {"register timeout": 1}
     finally:
