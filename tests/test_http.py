@@ -95,7 +95,7 @@ async def test_stats_counts_what_happened(served, channel):
     assert requests == {"routed": 1, "broker_routed": 0, "responses_routed": 1, "in_flight": 0}
     assert server["errors"] == {"peer disappeared": 1}
     assert server["bytes"]["in"] > len(b"hello") and server["bytes"]["out"] > len(b"hello!")
-    assert 0 <= server["uptime_seconds"] < 60
+    assert server["started"] == served.factory.stats.started  # the uptime counts from it: test_uptime_is_from_the_start
     for client in (consumer, lonely, provider):
         await client.close()
 
@@ -436,3 +436,10 @@ def test_http_is_off_unless_asked():
     options = Options()
     options.parseOptions(["--port", "tcp:0:interface=127.0.0.1"])
     assert not [child for child in makeService(options) if isinstance(child, HTTPService)]
+
+
+def test_uptime_is_from_the_start(served):
+    """Exactly, at a given time (no bound on how long the test took)."""
+    started = served.factory.stats.started
+    assert server_stats(served.factory, now=started + 12.5)["uptime_seconds"] == 12.5
+    assert server_stats(served.factory, now=started - 1)["uptime_seconds"] == 0.0  # a clock set back: never negative
