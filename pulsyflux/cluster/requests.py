@@ -262,6 +262,7 @@ class ClusterRequests:
         self.incoming: dict[tuple[str, bytes], _In] = {}  # requests in pieces, (origin, rid)
         self.serving: dict[tuple[str, bytes], _Serving] = {}  # handed to the router here, (origin, rid)
         self.held_from: dict[str, int] = {}  # requests each other server has here (arriving or in the router)
+        self.held = 0  # their sum: other servers' requests arriving, or in the router (given up on or not)
         self.bytes_from: dict[str, int] = {}  # bytes of each other server's requests being reassembled
         self.incomplete_timeout = INCOMPLETE_TIMEOUT
         self.in_bytes = 0
@@ -548,7 +549,7 @@ class ClusterRequests:
             if key in self.serving:
                 self.bad += 1  # a second request under the same id
                 return
-            if len(self.incoming) + len(self.serving) >= MAX_IN_FLIGHT:
+            if self.held >= MAX_IN_FLIGHT:
                 self._reply(origin, rid, False, errors.overloaded("too many requests from other servers"))
                 return
             if self.held_from.get(origin, 0) >= MAX_FROM_ONE:
@@ -589,6 +590,7 @@ class ClusterRequests:
         )
 
     def _count(self, origin: str, step: int) -> None:
+        self.held += step
         left = self.held_from.get(origin, 0) + step
         if left > 0:
             self.held_from[origin] = left
@@ -733,6 +735,7 @@ class ClusterRequests:
             "requests_cancelled": self.cancelled,
             "requests_serving": len(self.serving),
             "requests_arriving": len(self.incoming),
+            "requests_held": self.held,
             "requests_refused_from_one": self.refused_from_one,
             "bad_inbox": self.bad,
         }
