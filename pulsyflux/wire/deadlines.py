@@ -40,8 +40,12 @@ class Deadlines:
 
     def add(self, key: Any, value: Any, seconds: float) -> None:
         when = self._clock.seconds() + seconds
-        if self.push(key, value, when):
+        heap = self._heap  # push(), inline: a consumer adds one per request
+        heapq.heappush(heap, (when, next(self._order), key, value))
+        if when < self._timer_at:
             self._schedule(when)
+        elif len(heap) > 2 * len(self._live) + 64:
+            self._compact()
 
     def push(self, key: Any, value: Any, when: float) -> bool:
         """Add a deadline at clock time ``when`` without touching the timer; True if :meth:`arm` must follow.
