@@ -316,6 +316,13 @@ class Provider(Client):
             return
         finally:
             self._handling = outer
+        if type(result) is bytes:  # the usual answer: what _answer and _send_answer do with it, inline
+            if self._abandonable:
+                self._abandonable.pop(request_id, None)
+            routing = self._routing.pop(request_id, _UNKNOWN)  # unknown: answered already (respond())
+            if routing is not _UNKNOWN and routing is not None and self._closed is None:
+                _write_response(self._write, request_id, routing, result)
+            return
         if isinstance(result, Deferred):
             if self.cancel_abandoned and not result.called:
                 self._abandonable[request_id] = result  # _answer / _answer_error take it out
