@@ -116,6 +116,7 @@ def reads_binary(answer: bytes) -> bool:
 
 
 _Side = TypeVar("_Side", bound="PublishingSide")
+_CHECKED_TOPICS = 1024  # topics a publisher remembers as passing the rule (then it starts over)
 
 
 class PublishingSide:
@@ -147,6 +148,8 @@ class PublishingSide:
         self.token = token  # presented by each of its connections (a server that checks tokens)
         self._publisher: Optional[Publisher] = None
         self._closed: Optional[Exception] = None
+        # Topics published to lately that passed the topic rule: a set lookup per publish instead of the rule.
+        self._checked_topics: set[str] = set()
 
     @classmethod
     def connect(
@@ -173,7 +176,12 @@ class PublishingSide:
         ConnectionLostError or RemoteError; raises TypeError/ValueError at
         once for a bad topic, payload or headers.
         """
-        check_topic(topic)
+        checked = self._checked_topics
+        if type(topic) is not str or topic not in checked:
+            check_topic(topic)
+            if len(checked) >= _CHECKED_TOPICS:
+                checked.clear()  # many topics: start over rather than grow
+            checked.add(topic)
         if self._publisher is None:
             return fail(self._closed or ConnectionLostError(self.not_connected))
         return self._publisher.publish(topic, payload, headers, timeout)

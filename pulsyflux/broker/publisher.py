@@ -47,6 +47,7 @@ class Publisher:
 
     def __init__(self, consumer: Consumer, window: int = _PUBLISH_WINDOW, batch: int = _PUBLISH_BATCH) -> None:
         self.consumer = consumer
+        self._seconds = consumer.reactor.seconds  # read per publish: its timeout counts from the call
         self.window = window
         self.batch = batch
         self.requests = 0
@@ -75,7 +76,7 @@ class Publisher:
             return fail(self._closed)
         text = (messages.encode_record if self.binary else messages.encode_text)(topic, payload, headers)
         d: Deferred[Optional[Position]] = Deferred()
-        self._deadlines.append(self.consumer.reactor.seconds() + timeout if timeout and timeout > 0 else _NEVER)
+        self._deadlines.append(self._seconds() + timeout if timeout and timeout > 0 else _NEVER)
         self._texts.append(text)
         self._waiters.append(d)
         if self.requests < self.window:

@@ -208,6 +208,15 @@ class Message:
         return encode(self.topic, self.payload, self.headers or None)
 
 
+# Setting a received message's slots straight through their descriptors (Message
+# refuses __setattr__): a third cheaper than object.__setattr__ by name, per message.
+_new_message = Message.__new__
+_set_topic = Message.__dict__["topic"].__set__
+_set_payload = Message.__dict__["payload"].__set__
+_set_headers = Message.__dict__["headers"].__set__
+_set_position = Message.__dict__["_position"].__set__
+
+
 # -- encoding ---------------------------------------------------------------
 
 # Go escapes these inside strings (HTML safety, JS line separators).
@@ -381,14 +390,13 @@ def _headers(value: Any) -> dict[str, str]:
 
 def _message(obj: Any) -> Message:
     topic, payload, headers = _fields(obj)
-    msg = Message.__new__(Message)
-    _set = object.__setattr__
-    _set(msg, "topic", topic)
-    _set(msg, "payload", _payload(payload))
-    _set(msg, "headers", _headers(headers))
+    msg = _new_message(Message)
+    _set_topic(msg, topic)
+    _set_payload(msg, _payload(payload))
+    _set_headers(msg, _headers(headers))
     # A broker with history adds "Position" last (pulsyflux.history); read lazily.
     position = obj.get("Position") if len(obj) > 3 else None
-    _set(msg, "_position", position if type(position) is str else None)
+    _set_position(msg, position if type(position) is str else None)
     return msg
 
 
@@ -649,6 +657,7 @@ _HAS_POSITION = 4
 _FLAGS = _NULL_PAYLOAD | _NULL_HEADERS | _HAS_POSITION
 _RECORD_SIZE = _RECORD.size
 _TEXT = "surrogatepass"  # a lone surrogate travels as in JSON (which escapes it), not as an error
+_TOPIC_UTF8: dict[str, bytes] = {}  # as _TOPIC_JSON: topics repeat (short ones, at most 1,024 kept)
 
 
 def is_binary(body: Body) -> bool:
@@ -674,7 +683,13 @@ def encode_record(
         payload = b""
     elif not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
-    topic_bytes = topic.encode("utf-8", _TEXT)
+    topic_bytes = _TOPIC_UTF8.get(topic)
+    if topic_bytes is None:
+        topic_bytes = topic.encode("utf-8", _TEXT)
+        if len(topic) <= _TOPIC_JSON_CHARS:
+            if len(_TOPIC_UTF8) >= _TOPIC_JSON_MAX:
+                _TOPIC_UTF8.clear()
+            _TOPIC_UTF8[topic] = topic_bytes
     if not headers:
         if headers is None:
             flags |= _NULL_HEADERS
@@ -825,8 +840,8 @@ def _decode_binary(body: Body) -> list[Message]:
     end = len(body)
     pos = 4
     unpack = _RECORD.unpack_from
-    new = Message.__new__
-    _set = object.__setattr__
+    new = _new_message
+    set_topic, set_payload, set_headers, set_position = _set_topic, _set_payload, _set_headers, _set_position
     topics: dict[bytes, str] = {}  # a batch mostly repeats one topic
     out: list[Message] = []
     append = out.append
@@ -838,10 +853,10 @@ def _decode_binary(body: Body) -> list[Message]:
             if count or flags & ~_NULL_PAYLOAD & ~_NULL_HEADERS or (flags & _NULL_PAYLOAD and payload_len):
                 topic, payload, headers, position, _, pos = _parse_binary(body, pos)[0]
                 msg = new(Message)
-                _set(msg, "topic", topic)
-                _set(msg, "payload", b"" if payload is None else payload)
-                _set(msg, "headers", {} if headers is None else headers)
-                _set(msg, "_position", position)
+                set_topic(msg, topic)
+                set_payload(msg, b"" if payload is None else payload)
+                set_headers(msg, {} if headers is None else headers)
+                set_position(msg, position)
                 append(msg)
                 continue
             start = pos + _RECORD_SIZE
@@ -854,10 +869,10 @@ def _decode_binary(body: Body) -> list[Message]:
             if known is None:
                 known = topics[raw] = raw.decode("utf-8", _TEXT)
             msg = new(Message)
-            _set(msg, "topic", known)
-            _set(msg, "payload", body[middle:pos])
-            _set(msg, "headers", {})
-            _set(msg, "_position", None)
+            set_topic(msg, known)
+            set_payload(msg, body[middle:pos])
+            set_headers(msg, {})
+            set_position(msg, None)
             append(msg)
     except UnicodeDecodeError as error:
         raise _binary_error(f"text that is not UTF-8 ({error.reason})", pos) from None
