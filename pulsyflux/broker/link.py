@@ -22,7 +22,7 @@ from ..client.connection import Client
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError
-from ..wire.messages import Position, check_topic, is_pattern
+from ..wire.messages import Message, Position, check_topic, is_pattern
 from .publisher import Publisher
 
 __all__ = [
@@ -176,15 +176,39 @@ class PublishingSide:
         ConnectionLostError or RemoteError; raises TypeError/ValueError at
         once for a bad topic, payload or headers.
         """
+        self._check(topic)
+        if self._publisher is None:
+            return fail(self._closed or ConnectionLostError(self.not_connected))
+        return self._publisher.publish(topic, payload, headers, timeout)
+
+    def publish_many(self, msgs: Iterable[Message], timeout: float = 5.0) -> "Deferred[list[Optional[Position]]]":
+        """Publish several :class:`Message` s, in order; one Deferred for them all.
+
+        Fires with their positions (each None when the broker keeps no
+        history) once the broker accepted every one; fails with the first
+        error (as for :meth:`publish`; others of the same call may have been
+        accepted). Raises TypeError/ValueError at once, publishing none, if
+        any message is bad. Cheaper than a :meth:`publish` per message: one
+        Deferred per call instead of one per message.
+        """
+        items = []
+        for msg in msgs:
+            if not isinstance(msg, Message):
+                raise TypeError(f"publish_many takes Message objects, not {type(msg).__name__}")
+            self._check(msg.topic)
+            items.append((msg.topic, msg.payload, msg.headers or None))
+        if self._publisher is None:
+            return fail(self._closed or ConnectionLostError(self.not_connected))
+        return self._publisher.publish_many(items, timeout)
+
+    def _check(self, topic: str) -> None:
+        """The topic rule, asked once per topic published to lately (a bounded set of those that passed)."""
         checked = self._checked_topics
         if type(topic) is not str or topic not in checked:
             check_topic(topic)
             if len(checked) >= _CHECKED_TOPICS:
                 checked.clear()  # many topics: start over rather than grow
             checked.add(topic)
-        if self._publisher is None:
-            return fail(self._closed or ConnectionLostError(self.not_connected))
-        return self._publisher.publish(topic, payload, headers, timeout)
 
 
 _MAX_LAST = 10**9

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from ..client import Consumer
@@ -35,6 +35,45 @@ def _positions(answer: bytes, count: int) -> list[Optional[Position]]:
         return [None] * count  # not a broker of ours after all: the publishes were accepted, without positions
 
 
+class _Batch:
+    """The one Deferred of a :meth:`Publisher.publish_many`: fires with every position once all are accepted."""
+
+    __slots__ = ("deferred", "positions", "left", "failed")
+
+    def __init__(self, count: int) -> None:
+        self.deferred: Deferred[list[Optional[Position]]] = Deferred()
+        self.positions: list[Optional[Position]] = [None] * count
+        self.left = count
+        self.failed = False
+
+    def done(self, index: int, position: Optional[Position]) -> None:
+        if self.failed:
+            return
+        self.positions[index] = position
+        self.left -= 1
+        if not self.left:
+            self.deferred.callback(self.positions)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.failed:
+            self.failed = True
+            self.deferred.errback(error)
+
+
+def _accepted(waiter: Any, position: Optional[Position]) -> None:
+    if type(waiter) is tuple:  # (batch, index): one message of a publish_many
+        waiter[0].done(waiter[1], position)
+    else:
+        waiter.callback(position)
+
+
+def _refused(waiter: Any, error: BaseException) -> None:
+    if type(waiter) is tuple:
+        waiter[0].fail(error)
+    else:
+        waiter.errback(error)
+
+
 class Publisher:
     """Publishes over one Consumer, many requests in flight.
 
@@ -52,7 +91,8 @@ class Publisher:
         self.batch = batch
         self.requests = 0
         self._texts: list[Any] = []  # each waiting publish, encoded: JSON text, or a binary record
-        self._waiters: list[Deferred[Optional[Position]]] = []
+        # Per waiting publish: its Deferred, or (batch, index) for a message of a publish_many.
+        self._waiters: list[Any] = []
         self._deadlines: list[float] = []  # when each waiting publish times out
         self._closed: Optional[Exception] = None
         self.go = False  # the broker is Go's: see use_go_broker
@@ -83,6 +123,29 @@ class Publisher:
             self._flush()
         return d
 
+    def publish_many(self, items: list[tuple[str, bytes, Optional[dict[str, str]]]], timeout: float) -> "Deferred[Any]":
+        """Publish ``(topic, payload, headers)`` in order; one Deferred for all of them.
+
+        Fires with their positions (or Nones) once the broker accepted every
+        one; fails with the first error (messages of the same call sent in
+        another request may have been accepted). One Deferred per call
+        instead of one per message: what a batch publisher saves.
+        """
+        if self._closed is not None:
+            return fail(self._closed)
+        encode = messages.encode_record if self.binary else messages.encode_text
+        texts = [encode(topic, payload, headers) for topic, payload, headers in items]  # raises before queueing
+        if not texts:
+            return succeed([])
+        batch = _Batch(len(texts))
+        deadline = self._seconds() + timeout if timeout and timeout > 0 else _NEVER
+        self._texts += texts
+        self._waiters += [(batch, index) for index in range(len(texts))]
+        self._deadlines += [deadline] * len(texts)
+        if self.requests < self.window:
+            self._flush()
+        return batch.deferred
+
     def _flush(self) -> None:
         while self._texts and self.requests < self.window:
             batch = self.batch
@@ -100,25 +163,28 @@ class Publisher:
             d = self.consumer.send(body, timeout=timeout)
             d.addCallbacks(self._answered, self._failed, callbackArgs=(waiters,), errbackArgs=(waiters,))
 
-    def _answered(self, result: bytes, waiters: list[Deferred[Optional[Position]]]) -> None:
+    def _answered(self, result: bytes, waiters: list[Any]) -> None:
         self.requests -= 1
         if result[:1] == b"[":
-            for d, position in zip(waiters, _positions(result, len(waiters))):
-                d.callback(position)
+            for waiter, position in zip(waiters, _positions(result, len(waiters))):
+                _accepted(waiter, position)
         else:  # "ok": no history (or a Go broker)
-            for d in waiters:
-                d.callback(None)
+            for waiter in waiters:
+                if type(waiter) is tuple:
+                    waiter[0].done(waiter[1], None)
+                else:
+                    waiter.callback(None)
         self._flush()
 
-    def _failed(self, failure: Failure, waiters: list[Deferred[Optional[Position]]]) -> None:
+    def _failed(self, failure: Failure, waiters: list[Any]) -> None:
         self.requests -= 1
-        for d in waiters:
-            d.errback(failure.value)
+        for waiter in waiters:
+            _refused(waiter, failure.value)
         self._flush()
 
     def close(self, error: Exception) -> "Deferred[None]":
         self._closed = error
         waiters, self._waiters, self._texts, self._deadlines = self._waiters, [], [], []
-        for d in waiters:
-            d.errback(error)
+        for waiter in waiters:
+            _refused(waiter, error)
         return self.consumer.close()
