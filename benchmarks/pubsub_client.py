@@ -9,6 +9,7 @@ slowest subscriber (nothing dropped). The server and its broker run as
 
     python benchmarks/pubsub_client.py --messages 100000
     python benchmarks/pubsub_client.py --messages 20000 --subscribers 10
+    python benchmarks/pubsub_client.py --messages 100000 --publish-many     # one Deferred per top-up
     python -m cProfile -s tottime benchmarks/pubsub_client.py --messages 50000 | head -40
 """
 
@@ -22,11 +23,11 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
+from pulsyflux import BrokerClient, Message
 from pulsyflux.bench.common import cpu_seconds, spawn
-from pulsyflux.broker import BrokerClient
 
 
-async def measure(messages: int, subscribers: int, payload: int, window: int) -> dict:
+async def measure(messages: int, subscribers: int, payload: int, window: int, many: bool = False) -> dict:
     child = spawn(reactor, sys.executable, "server", "pulsyflux.bench.pubsub", "server")
     try:
         address = f"127.0.0.1:{int(await child.ready)}"
@@ -37,8 +38,13 @@ async def measure(messages: int, subscribers: int, payload: int, window: int) ->
         published = [0]
         body = b"x" * payload
 
+        one = Message("client-cost", body)
+
         def top_up() -> None:
             limit = min(messages, min(received) + window)
+            if many and published[0] < limit:
+                publisher.publish_many([one] * (limit - published[0]))
+                published[0] = limit
             while published[0] < limit:
                 publisher.publish("client-cost", body)
                 published[0] += 1
@@ -77,11 +83,16 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=1, help="subscriptions of the topic (default 1)")
     parser.add_argument("--payload", type=int, default=100, help="payload bytes (default 100)")
     parser.add_argument("--window", type=int, default=2_000, help="messages ahead of the slowest (default 2000)")
+    parser.add_argument(
+        "--publish-many",
+        action="store_true",
+        help="publish each top-up with one publish_many instead of a publish each",
+    )
     args = parser.parse_args()
     outcome: dict = {}
 
     async def run() -> None:
-        outcome["result"] = await measure(args.messages, args.subscribers, args.payload, args.window)
+        outcome["result"] = await measure(args.messages, args.subscribers, args.payload, args.window, args.publish_many)
 
     def done(result: Any) -> None:
         outcome["failure"] = result if hasattr(result, "getTraceback") else None
