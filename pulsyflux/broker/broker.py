@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -44,7 +44,6 @@ from .link import (
     ignore,
     present_token,
     reads_binary,
-    replay_arguments,
     send_until_registered,
 )
 from .outlet import DEFAULT_BACKLOG, DEFAULT_BACKLOG_BYTES
@@ -53,8 +52,6 @@ from .subscription import (
     DEFAULT_BUFFER,
     MESSAGES_INCOMPLETE,
     Subscription,
-    check_subscription,
-    open_subscription,
 )
 
 if TYPE_CHECKING:
@@ -207,52 +204,12 @@ class Broker(PublishingSide):
         cluster.attach(self._fanout)
         self.when_closed().addCallback(lambda _: cluster.detach(self._fanout))
 
-    def subscribe(
-        self,
-        topic: str,
-        buffer: Optional[int] = None,
-        group: Optional[str] = None,
-        since: Union[None, str, Position] = None,
-        last: Optional[int] = None,
-    ) -> "Deferred[Subscription]":
-        """A new :class:`Subscription` to ``topic`` (2 more connections).
-
-        ``topic`` may be a pattern: ``orders.*`` (one token), ``orders.>``
-        (one or more). With ``group``, each message goes to one member of
-        that queue group (per pattern), round-robin (docs/broker.md).
-
-        With history (a plain topic, no group): ``since`` (a :class:`Position`
-        or ``"EPOCH:SEQ"``) starts with the retained messages after it,
-        ``last`` with the last ``last`` retained; then the live ones, with no
-        gap and no duplicate between them. ``Subscription.recovered`` says
-        whether the replay was complete.
-        """
-        check_subscription(topic, group)
-        since, last = replay_arguments(since, last, topic, group)
-        if self._closed is not None:
-            return fail(self._closed)
-        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer, group, since, last))
-
-    async def _subscribe(
-        self,
-        topic: str,
-        buffer: int,
-        group: Optional[str] = None,
-        since: Optional[Position] = None,
-        last: Optional[int] = None,
-    ) -> Subscription:
-        sub, provider = await open_subscription(
-            self.address, topic, buffer, self.reactor, self.reconnect, group, self.token
-        )
-        try:
-            outlet = await self._fanout.setup(topic, sub.channel, sub, group=group, since=since, last=last)
-        except BaseException:
-            sub.mark_closed("subscribe failed")
-            await provider.close()
-            raise
+    async def _set_up(
+        self, sub: Subscription, provider: Provider, since: Optional[Position], last: Optional[int]
+    ) -> None:
+        outlet = await self._fanout.setup(sub.topic, sub.channel, sub, group=sub.group, since=since, last=last)
         sub.started(outlet.recovered, outlet.start)
         provider.when_lost().addCallback(lambda _: self._fanout.remove(outlet, "connection to the server lost"))
-        return sub
 
     def refresh(self, token: str) -> "Deferred[Any]":
         """Present a new token on every connection of this broker before the old one expires.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Optional, Union, cast
+from typing import Any, Optional, cast
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -11,7 +11,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..client import ChannelId, Consumer, Reconnect
+from ..client import ChannelId, Consumer, Provider, Reconnect
 from ..client.connection import Client
 from ..endpoints import Address
 from ..wire import messages
@@ -27,11 +27,10 @@ from .link import (
     ignore,
     present_token,
     reads_binary,
-    replay_arguments,
     send_until_registered,
 )
 from .publisher import Publisher
-from .subscription import DEFAULT_BUFFER, Subscription, check_subscription, open_subscription
+from .subscription import DEFAULT_BUFFER, Subscription
 
 __all__ = ["BrokerClient", "DEFAULT_HEARTBEAT"]
 
@@ -164,43 +163,23 @@ class BrokerClient(PublishingSide):
             return fail(self._closed or ConnectionLostError("not connected"))
         return self._consumer.when_connected().addCallback(lambda _: self)
 
-    def subscribe(
-        self,
-        topic: str,
-        buffer: Optional[int] = None,
-        group: Optional[str] = None,
-        since: Union[None, str, Position] = None,
-        last: Optional[int] = None,
-    ) -> "Deferred[Subscription]":
-        """Same as :meth:`Broker.subscribe`, through the broker's control messages.
-
-        Fails at once against a Go broker, which has no remote subscriptions.
-        """
-        check_subscription(topic, group)
-        since, last = replay_arguments(since, last, topic, group)
+    def _refusal(self) -> Optional[Exception]:
+        """Not connected, closed, or a Go broker, which has no remote subscriptions."""
         if self._closed is not None or self._consumer is None:
-            return fail(self._closed or ConnectionLostError("not connected"))
+            return self._closed or ConnectionLostError("not connected")
         if self.go_broker:
-            return fail(
-                PulsyfluxError(
-                    f"cannot subscribe: the broker on channel {self.channel} is a Go broker (broker.NewBroker), "
-                    "which takes publishes but has no subscriptions from other processes"
-                )
+            return PulsyfluxError(
+                f"cannot subscribe: the broker on channel {self.channel} is a Go broker (broker.NewBroker), "
+                "which takes publishes but has no subscriptions from other processes"
             )
-        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer, group, since, last))
+        return None
 
-    async def _subscribe(
-        self,
-        topic: str,
-        buffer: int,
-        group: Optional[str] = None,
-        since: Optional[Position] = None,
-        last: Optional[int] = None,
-    ) -> Subscription:
-        assert self._consumer is not None
-        sub, provider = await open_subscription(
-            self.address, topic, buffer, self.reactor, self.reconnect, group, self.token
-        )
+    async def _set_up(
+        self, sub: Subscription, provider: Provider, since: Optional[Position], last: Optional[int]
+    ) -> None:
+        """Announce ``sub`` to the broker through the control messages."""
+        consumer = self._consumer
+        assert consumer is not None  # _refusal() said so
         sub._since, sub._last = since, last
         if self.reconnect:
             provider.on_reconnect(lambda _: self._resubscribe(sub))
@@ -212,19 +191,13 @@ class BrokerClient(PublishingSide):
 
         sub.on_closed_by_broker(ended_by_broker)
         provider.when_lost().addCallback(lambda _: self._forget(sub))
-        try:
-            answer = await self._consumer.send(_announcement(sub, first=True), timeout=10.0)
-        except BaseException:
-            sub.mark_closed("subscribe failed")
-            await provider.close()
-            raise
+        answer = await consumer.send(_announcement(sub, first=True), timeout=10.0)
         started = _subscribe_answer(answer)
         if started is not None:
             asked = since is not None or last is not None
             sub.started(started[0] or not asked, started[1])
         self._subscriptions[sub.channel] = sub
         self._schedule_heartbeat()
-        return sub
 
     def refresh(self, token: str) -> "Deferred[Any]":
         """Present a new token on every connection of this client (publishing and each subscription's).

@@ -9,7 +9,7 @@ a :class:`BrokerClient` share as publishers (:class:`PublishingSide`).
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Iterable, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, TypeVar, Union
 
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IReactorTime
@@ -24,6 +24,10 @@ from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError
 from ..wire.messages import Message, Position, check_topic, is_pattern
 from .publisher import Publisher
+
+if TYPE_CHECKING:  # subscription.py imports this module
+    from ..client import Provider
+    from .subscription import Subscription
 
 __all__ = [
     "BROKER_CLOSED",
@@ -164,6 +168,62 @@ class PublishingSide:
         return Deferred.fromCoroutine(side._start())
 
     async def _start(self: _Side) -> _Side:
+        raise NotImplementedError
+
+    def subscribe(
+        self,
+        topic: str,
+        buffer: Optional[int] = None,
+        group: Optional[str] = None,
+        since: Union[None, str, Position] = None,
+        last: Optional[int] = None,
+    ) -> "Deferred[Subscription]":
+        """A new :class:`Subscription` to ``topic`` (2 more connections).
+
+        ``topic`` may be a pattern: ``orders.*`` (one token), ``orders.>``
+        (one or more). With ``group``, each message goes to one member of
+        that queue group (per pattern), round-robin (docs/broker.md).
+
+        With history (a plain topic, no group): ``since`` (a :class:`Position`
+        or ``"EPOCH:SEQ"``) starts with the retained messages after it,
+        ``last`` with the last ``last`` retained; then the live ones, with no
+        gap and no duplicate between them. ``Subscription.recovered`` says
+        whether the replay was complete.
+        """
+        from .subscription import check_subscription
+
+        check_subscription(topic, group)
+        since, last = replay_arguments(since, last, topic, group)
+        refused = self._refusal()
+        if refused is not None:
+            return fail(refused)
+        return Deferred.fromCoroutine(self._subscribe(topic, buffer or self.buffer, group, since, last))
+
+    def _refusal(self) -> Optional[Exception]:
+        """Why no subscription can start now (closed...), or None."""
+        return self._closed
+
+    async def _subscribe(
+        self, topic: str, buffer: int, group: Optional[str], since: Optional[Position], last: Optional[int]
+    ) -> Subscription:
+        """A Provider on a fresh channel for the messages, then :meth:`_set_up` (closed again if that fails)."""
+        from .subscription import open_subscription
+
+        sub, provider = await open_subscription(
+            self.address, topic, buffer, self.reactor, self.reconnect, group, self.token
+        )
+        try:
+            await self._set_up(sub, provider, since, last)
+        except BaseException:
+            sub.mark_closed("subscribe failed")
+            await provider.close()
+            raise
+        return sub
+
+    async def _set_up(
+        self, sub: Subscription, provider: Provider, since: Optional[Position], last: Optional[int]
+    ) -> None:
+        """Have the broker deliver ``topic``'s messages to ``sub`` (the fan-out here, or announced to one)."""
         raise NotImplementedError
 
     def publish(
