@@ -44,7 +44,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 
@@ -52,16 +52,19 @@ from .common import (
     Child,
     Progress,
     cpu_seconds,
+    entry_points,
     fmt,
     machine,
     median,
     public_options,
     run_as_child,
-    run_blocking,
     script_main,
     sleep,
-    start,
 )
+
+if TYPE_CHECKING:
+    from .._types import IReactor
+
 
 __all__ = [
     "Options",
@@ -317,7 +320,7 @@ class _Reporter(Child):
         return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
-def _spawn(reactor: Any, python: str, child: Child, *args: str, cpus: Optional[set[int]] = None) -> Child:
+def _spawn(reactor: IReactor, python: str, child: Child, *args: str, cpus: Optional[set[int]] = None) -> Child:
     argv = [python, "-m", "pulsyflux.bench.capacity", *args]
     reactor.spawnProcess(child, python, argv, env=dict(os.environ))
     if cpus:
@@ -358,7 +361,7 @@ class _Server:
 
 
 async def _step(
-    reactor: Any, options: Options, server: _Server, n: int, size: int, client_cpus: Optional[set[int]]
+    reactor: IReactor, options: Options, server: _Server, n: int, size: int, client_cpus: Optional[set[int]]
 ) -> dict:
     topic = f"capacity-{n}-{size}-{uuid.uuid4()}"
     procs = min(n, options.subscriber_processes)
@@ -424,7 +427,9 @@ async def _step(
     }
 
 
-async def _warm_up(reactor: Any, options: Options, server_pid: int, subscribers: list[_Reporter]) -> tuple[float, bool]:
+async def _warm_up(
+    reactor: IReactor, options: Options, server_pid: int, subscribers: list[_Reporter]
+) -> tuple[float, bool]:
     """Load until the server's CPU per delivery has settled (at least ``warmup`` s, at most ``max_warmup``).
 
     Returns (seconds warmed, settled).
@@ -444,7 +449,7 @@ async def _warm_up(reactor: Any, options: Options, server_pid: int, subscribers:
         readings.append((cpu1 - cpu0) / deliveries if deliveries > 0 else None)
 
 
-async def _idle_memory(reactor: Any, options: Options, server: _Server, cpus: Optional[set[int]]) -> dict:
+async def _idle_memory(reactor: IReactor, options: Options, server: _Server, cpus: Optional[set[int]]) -> dict:
     if not (options.idle_connections or options.idle_subscriptions):
         return {}
     child = _Reporter("idle")
@@ -469,7 +474,7 @@ async def _idle_memory(reactor: Any, options: Options, server: _Server, cpus: Op
     return result
 
 
-async def _line(reactor: Any, child: _Reporter, word: str, timeout: float = 300.0) -> None:
+async def _line(reactor: IReactor, child: _Reporter, word: str, timeout: float = 300.0) -> None:
     """Wait until the child printed ``clock <count> ...`` after a command (its count says which reply)."""
     seen = len(child.samples)
     waited = 0.0
@@ -481,7 +486,7 @@ async def _line(reactor: Any, child: _Reporter, word: str, timeout: float = 300.
     await sleep(reactor, 0.5)  # let the server settle before its memory is read
 
 
-async def _start_server(reactor: Any, python: str, name: str, cpus: Optional[set[int]]) -> _Server:
+async def _start_server(reactor: IReactor, python: str, name: str, cpus: Optional[set[int]]) -> _Server:
     server = _Server(python, Child(name), name)
     _spawn(reactor, python, server.child, "server", cpus=cpus)
     port = int(await server.child.ready)
@@ -489,7 +494,7 @@ async def _start_server(reactor: Any, python: str, name: str, cpus: Optional[set
     return server
 
 
-async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
+async def _measure(reactor: IReactor, options: Options, progress: Progress) -> dict:
     server_cpus, client_cpus = _cpu_sets(options.pin)
     ours = os.sched_getaffinity(0) if server_cpus else None
     if server_cpus and client_cpus:
@@ -620,14 +625,7 @@ def _interpreter(python: str) -> str:
         return python
 
 
-def measure(reactor: Any, options: Options, progress: Optional[Progress] = None) -> "Deferred[dict]":
-    """Run the benchmark on a running reactor; fires with the results dict."""
-    return start(_measure, reactor, options, progress)
-
-
-def run(options: Optional[Options] = None, progress: Optional[Progress] = None) -> dict:
-    """Run the benchmark to completion on the global reactor (once per process)."""
-    return run_blocking(measure, options or Options(), progress)
+measure, run = entry_points(_measure, Options)
 
 
 def format_report(results: dict) -> str:
@@ -712,7 +710,7 @@ def _child(argv: list[str]) -> None:
     run_as_child(reactor)
 
 
-def _server(reactor: Any, failed: Callable[[Any], None]) -> None:
+def _server(reactor: IReactor, failed: Callable[[Any], None]) -> None:
     """A BrokerService with room for the largest step: 10,000 subscriptions are 10,000 connections.
 
     The listen backlog is 1,024 (Twisted's default is 50); the backlog bound is
@@ -750,7 +748,7 @@ async def _patient(connect: Callable[..., Any], *args: Any, attempts: int = 20, 
             await sleep(reactor, 0.5)
 
 
-async def _broker_consumer(reactor: Any, address: str) -> Any:
+async def _broker_consumer(reactor: IReactor, address: str) -> Any:
     """A Consumer on the broker's channel, once the broker answers there."""
     from pulsyflux.broker.link import DEFAULT_BROKER_CHANNEL, send_until_registered
     from pulsyflux.client import Consumer
@@ -760,7 +758,7 @@ async def _broker_consumer(reactor: Any, address: str) -> Any:
     return consumer
 
 
-async def _subscriber(reactor: Any, address: str, topic: str, count: str) -> None:
+async def _subscriber(reactor: IReactor, address: str, topic: str, count: str) -> None:
     """``count`` subscriptions of ``topic`` that count what they get; report the total, the slowest's
     count and the drops the broker told of."""
     from twisted.internet.task import LoopingCall
@@ -819,7 +817,7 @@ async def _subscriber(reactor: Any, address: str, topic: str, count: str) -> Non
     LoopingCall(lambda: _say(total[0], min(counts), sum(dropped))).start(_REPORT_EVERY)
 
 
-async def _publisher(reactor: Any, address: str, topic: str, size: str, batch: str) -> None:
+async def _publisher(reactor: IReactor, address: str, topic: str, size: str, batch: str) -> None:
     """Publish batches of ``batch`` messages to ``topic`` up to the limit this process reads on stdin;
     report how many the broker accepted."""
     from twisted.internet import stdio
@@ -861,7 +859,7 @@ async def _publisher(reactor: Any, address: str, topic: str, size: str, batch: s
     LoopingCall(lambda: _say(state["accepted"])).start(_REPORT_EVERY)
 
 
-async def _idle(reactor: Any, address: str, connections: str) -> None:
+async def _idle(reactor: IReactor, address: str, connections: str) -> None:
     """On ``connect``: open registered connections that stay idle; on ``subscribe N``: N idle subscriptions."""
     from twisted.internet import stdio
     from twisted.protocols.basic import LineReceiver

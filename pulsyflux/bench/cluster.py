@@ -30,7 +30,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
@@ -43,21 +43,24 @@ from .common import (
     add_run_arguments,
     cpu_per,
     cpu_seconds,
+    entry_points,
     fmt,
     median,
     percentile,
     repeat,
     results,
-    run_blocking,
     run_options,
     script_main,
     serve_broker,
     sleep,
     spawn,
-    start,
     verdict,
 )
 from .pubsub import _Flood, _latency
+
+if TYPE_CHECKING:
+    from .._types import IReactor
+
 
 __all__ = ["Options", "add_arguments", "options_from_args", "measure", "run", "format_report", "main", "TARGETS"]
 
@@ -145,7 +148,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _requests(reactor: Any, consumer: Consumer, options: Options, pids: dict[str, int]) -> dict:
+async def _requests(reactor: IReactor, consumer: Consumer, options: Options, pids: dict[str, int]) -> dict:
     body = b"x" * options.payload
     state: dict[str, Any] = {"done": 0, "failed": 0, "stop": False, "error": None}
     finished: Deferred[None] = Deferred()
@@ -188,7 +191,7 @@ async def _requests(reactor: Any, consumer: Consumer, options: Options, pids: di
     }
 
 
-async def _run_once(reactor: Any, clients: dict, options: Options) -> dict:
+async def _run_once(reactor: IReactor, clients: dict, options: Options) -> dict:
     topic = f"bench.{uuid.uuid4().hex}"
     sub = await clients["subscriber"].subscribe(topic, buffer=1000)
     await _settle(reactor, clients["publisher"], sub, topic)
@@ -223,7 +226,7 @@ async def _run_once(reactor: Any, clients: dict, options: Options) -> dict:
     return result
 
 
-async def _settle(reactor: Any, publisher: BrokerClient, sub: Any, topic: str) -> None:
+async def _settle(reactor: IReactor, publisher: BrokerClient, sub: Any, topic: str) -> None:
     """b's subscription reaches Redis a moment after it is set up: probe until one arrives, then
     read up to a marker (publishes keep their order) so no probe is left for the measurements."""
     first = sub.get()
@@ -267,7 +270,7 @@ def _one_line(result: dict) -> str:
     )
 
 
-async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
+async def _measure(reactor: IReactor, options: Options, progress: Progress) -> dict:
     binary = shutil.which(options.redis_server) or options.redis_server
     if not os.path.exists(binary):
         raise RuntimeError(f"{options.redis_server} not found: install Redis 7 (apt-get install redis-server)")
@@ -319,12 +322,7 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
         await redis.stop()
 
 
-def measure(reactor: Any, options: Options, progress: Optional[Progress] = None) -> "Deferred[dict]":
-    return start(_measure, reactor, options, progress)
-
-
-def run(options: Optional[Options] = None, progress: Optional[Progress] = None) -> dict:
-    return run_blocking(measure, options or Options(), progress)
+measure, run = entry_points(_measure, Options)
 
 
 def format_report(results: dict) -> str:

@@ -23,13 +23,17 @@ import statistics
 import sys
 from dataclasses import asdict
 from types import ModuleType
-from typing import Any, Awaitable, Callable, Coroutine, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Optional, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 
 from ..endpoints import port_number
+
+if TYPE_CHECKING:
+    from .._types import IReactor
+
 
 __all__ = [
     "verdict",
@@ -53,6 +57,7 @@ __all__ = [
     "public_options",
     "start",
     "run_blocking",
+    "entry_points",
     "failures",
     "fmt",
     "script_main",
@@ -61,6 +66,7 @@ __all__ = [
 ]
 
 Progress = Callable[[str], None]
+_O = TypeVar("_O")  # a kind's Options
 
 
 # -- child processes -------------------------------------------------------------
@@ -106,7 +112,7 @@ class Child(ProcessProtocol):
         return self.ended
 
 
-def spawn(reactor: Any, python: str, name: str, module: str, *args: str) -> Child:
+def spawn(reactor: IReactor, python: str, name: str, module: str, *args: str) -> Child:
     """Start ``python -m module args...`` with this process's environment."""
     child = Child(name)
     argv = [python, "-m", module, *args]
@@ -114,7 +120,7 @@ def spawn(reactor: Any, python: str, name: str, module: str, *args: str) -> Chil
     return child
 
 
-def run_as_child(reactor: Any) -> None:
+def run_as_child(reactor: IReactor) -> None:
     """Run the reactor until stopped, or until the benchmark that started this process is gone.
 
     A benchmark stopped with Ctrl-C never gets to stop its children; they
@@ -181,7 +187,7 @@ def median(runs: list[dict], *path: str) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def sleep(reactor: Any, seconds: float) -> "Deferred[None]":
+def sleep(reactor: IReactor, seconds: float) -> "Deferred[None]":
     d: Deferred[None] = Deferred()
     reactor.callLater(seconds, d.callback, None)
     return d
@@ -202,7 +208,7 @@ def public_options(options: Any) -> dict:
 Measure = Callable[[Any, Any, Progress], Coroutine[Any, Any, dict]]
 
 
-def start(measure: Measure, reactor: Any, options: Any, progress: Optional[Progress]) -> "Deferred[dict]":
+def start(measure: Measure, reactor: IReactor, options: Any, progress: Optional[Progress]) -> "Deferred[dict]":
     """Run the coroutine function ``measure`` on a running reactor; fires with its results."""
     return Deferred.fromCoroutine(measure(reactor, options, progress or (lambda message: None)))
 
@@ -227,6 +233,28 @@ def run_blocking(
     if hasattr(result, "raiseException"):
         result.raiseException()
     return result
+
+
+def entry_points(
+    measure: Callable[[IReactor, _O, Progress], Coroutine[Any, Any, dict]], defaults: Callable[[], _O]
+) -> tuple[Callable[..., "Deferred[dict]"], Callable[..., dict]]:
+    """A benchmark kind's ``measure`` and ``run``, from its coroutine function ``measure``.
+
+    ``measure(reactor, options, progress=None)`` runs it on a running reactor
+    and fires with the results dict; ``run(options=None, progress=None)`` runs
+    it to completion on the global reactor (once per process), with
+    ``defaults()`` for options. Every kind has both: written once, here.
+    """
+
+    def measure_on(reactor: IReactor, options: _O, progress: Optional[Progress] = None) -> "Deferred[dict]":
+        """Run the benchmark on a running reactor; fires with the results dict."""
+        return start(measure, reactor, options, progress)
+
+    def run(options: Optional[_O] = None, progress: Optional[Progress] = None) -> dict:
+        """Run the benchmark to completion on the global reactor (once per process)."""
+        return run_blocking(measure_on, options if options is not None else defaults(), progress)
+
+    return measure_on, run
 
 
 def failures(results: dict) -> int:
@@ -319,7 +347,7 @@ def results(options: Any, runs: list[dict], medians: dict[str, Any], **rest: Any
     return {"options": public_options(options), "machine": machine(), "medians": medians, "runs": runs, **rest}
 
 
-def serve_broker(reactor: Any, service: Any, then: Callable[[Any], Any] = lambda result: result) -> None:
+def serve_broker(reactor: IReactor, service: Any, then: Callable[[Any], Any] = lambda result: result) -> None:
     """A child process: run ``service`` (a BrokerService on port 0), print its port once ready and ``then``
     fired (the parent reads it), or print why not and stop."""
 

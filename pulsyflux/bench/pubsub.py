@@ -36,7 +36,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.defer import Deferred, DeferredList
 
@@ -49,23 +49,26 @@ from .common import (
     bench_authority,
     bench_token,
     cpu_seconds,
+    entry_points,
     fmt,
     median,
     percentile,
     repeat,
     results,
-    run_blocking,
     run_options,
     runs_text,
     script_main,
     serve_broker,
     sleep,
     spawn,
-    start,
     use_auth_secret,
     verdict,
     waiting_seconds,
 )
+
+if TYPE_CHECKING:
+    from .._types import IReactor
+
 
 __all__ = ["Options", "add_arguments", "options_from_args", "measure", "run", "format_report", "main", "TARGETS"]
 
@@ -252,7 +255,7 @@ class _Flood:
 
 
 async def _flood(
-    reactor: Any,
+    reactor: IReactor,
     publisher: BrokerClient,
     subscriber: BrokerClient,
     n: int,
@@ -304,7 +307,7 @@ async def _flood(
     }
 
 
-async def _run_once(reactor: Any, clients: dict, options: Options) -> dict:
+async def _run_once(reactor: IReactor, clients: dict, options: Options) -> dict:
     publisher, subscriber = clients["publisher"], clients["subscriber"]
     topic = f"latency-{uuid.uuid4()}"
     sub = await subscriber.subscribe(topic)
@@ -368,7 +371,7 @@ def _one_line(result: dict) -> str:
     return "; ".join(parts)
 
 
-async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
+async def _measure(reactor: IReactor, options: Options, progress: Progress) -> dict:
     clients: dict[str, Any] = {}
     progress("starting the server and broker process")
     token = None
@@ -409,14 +412,7 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
             await child.stop()
 
 
-def measure(reactor: Any, options: Options, progress: Optional[Progress] = None) -> "Deferred[dict]":
-    """Run the benchmark on a running reactor; fires with the results dict."""
-    return start(_measure, reactor, options, progress)
-
-
-def run(options: Optional[Options] = None, progress: Optional[Progress] = None) -> dict:
-    """Run the benchmark to completion on the global reactor (once per process)."""
-    return run_blocking(measure, options or Options(), progress)
+measure, run = entry_points(_measure, Options)
 
 
 def format_report(results: dict) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -29,6 +29,10 @@ from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from pulsyflux.writer import immediate_writer
 
 from .common import run_as_child
+
+if TYPE_CHECKING:
+    from .._types import IReactor
+
 
 __all__ = ["EchoProtocol", "RelayProtocol", "RelayFactory", "RoundTripClient", "serve"]
 
@@ -77,7 +81,7 @@ class RelayProtocol(Protocol):
 
     transport: ITransport  # set before connectionMade
 
-    def __init__(self, reactor: Any, upstream_port: int, immediate: bool = False) -> None:
+    def __init__(self, reactor: IReactor, upstream_port: int, immediate: bool = False) -> None:
         self.reactor = reactor
         self.upstream_port = upstream_port
         self.immediate = immediate
@@ -90,7 +94,7 @@ class RelayProtocol(Protocol):
         _low_latency(self.transport)
         self.write = _writer(self.transport, self.immediate)
         factory = ClientFactory.forProtocol(lambda: _Upstream(self))
-        self.reactor.connectTCP("127.0.0.1", self.upstream_port, factory)
+        self.reactor.connectTCP("127.0.0.1", self.upstream_port, factory)  # type: ignore[arg-type]  # a ClientFactory (Twisted types forProtocol as Factory)
 
     def upstream_ready(self, transport: Any) -> None:
         self.upstream_transport = transport
@@ -111,7 +115,7 @@ class RelayProtocol(Protocol):
 
 
 class RelayFactory(ServerFactory):
-    def __init__(self, reactor: Any, upstream_port: int, immediate: bool = False) -> None:
+    def __init__(self, reactor: IReactor, upstream_port: int, immediate: bool = False) -> None:
         self.reactor = reactor
         self.upstream_port = upstream_port
         self.immediate = immediate

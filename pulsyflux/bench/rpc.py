@@ -25,7 +25,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList
@@ -39,21 +39,24 @@ from .common import (
     Progress,
     add_run_arguments,
     cpu_seconds,
+    entry_points,
     fmt,
     median,
     percentile,
     repeat,
     results,
     run_as_child,
-    run_blocking,
     run_options,
     runs_text,
     sleep,
     spawn,
-    start,
     verdict,
 )
 from .relay import RoundTripClient
+
+if TYPE_CHECKING:
+    from .._types import IReactor
+
 
 __all__ = ["Options", "add_arguments", "options_from_args", "measure", "run", "format_report", "GO_REFERENCE"]
 
@@ -197,7 +200,7 @@ class _Flood:
             self.drained.callback(None)
 
 
-async def _flood(reactor: Any, consumers: list[Consumer], options: Options, cpu: _CpuMeter) -> dict:
+async def _flood(reactor: IReactor, consumers: list[Consumer], options: Options, cpu: _CpuMeter) -> dict:
     flood = _Flood(consumers, b"x" * options.payload, options.inflight)
     flood.start()
     await sleep(reactor, options.warmup)
@@ -280,7 +283,7 @@ async def _sequential_pair(options: Options, clients: dict) -> dict:
     return result
 
 
-async def _run_once(reactor: Any, options: Options, clients: dict) -> dict:
+async def _run_once(reactor: IReactor, options: Options, clients: dict) -> dict:
     result = await _sequential_pair(options, clients)
     cpu = _CpuMeter(clients["pids"]["router"])
     result["inflight"] = await _flood(reactor, clients["consumers"], options, cpu)
@@ -323,7 +326,7 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
     )
 
 
-async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
+async def _measure(reactor: IReactor, options: Options, progress: Progress) -> dict:
     children: list[Child] = []
     clients: dict = {"consumers": [], "pids": {}}
     try:
@@ -373,14 +376,7 @@ async def _measure(reactor: Any, options: Options, progress: Progress) -> dict:
         await DeferredList([child.stop() for child in reversed(children)])
 
 
-def measure(reactor: Any, options: Options, progress: Optional[Progress] = None) -> "Deferred[dict]":
-    """Run the benchmark on a running reactor; fires with the results dict."""
-    return start(_measure, reactor, options, progress)
-
-
-def run(options: Optional[Options] = None, progress: Optional[Progress] = None) -> dict:
-    """Run the benchmark to completion on the global reactor (once per process)."""
-    return run_blocking(measure, options or Options(), progress)
+measure, run = entry_points(_measure, Options)
 
 
 # -- reporting -------------------------------------------------------------------
