@@ -31,3 +31,12 @@ def test_the_window_and_the_batch_shrink_with_the_subscribers_and_the_size():
     assert capacity._publish_batch(options, options.window, 100) == options.publish_batch
     assert capacity._publish_batch(options, many, 100) <= many // (2 * options.publishers)
     assert capacity._publish_batch(options, options.window, 100_000) == 1  # 256 KiB per request at most
+
+
+def test_a_binary_forward_is_counted_by_its_length_and_a_drop_notice_read_with_the_codec():
+    record = messages.encode_record("t", b"x" * 100, None)
+    body = messages.encode_records([record] * 5)
+    assert capacity.count_forward(body, len(record)) == (5, -1)
+    notice = messages.encode_record(messages.DROPPED, None, {"dropped": "7"})
+    assert capacity.count_forward(messages.encode_records([notice, record, record]), len(record)) == (2, 7)
+    assert capacity.count_forward(messages.encode_records([])) == (0, -1)

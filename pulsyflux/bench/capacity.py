@@ -8,14 +8,15 @@ comes from separate client processes that cost as little per message as the
 protocol allows, so that the server, not the clients, is what runs out:
 
 * ``--publishers`` publisher processes, each sending the same pre-encoded
-  batch of ``--publish-batch`` messages (a JSON array, as a busy
-  :class:`~pulsyflux.BrokerClient` sends) over one Consumer, four requests
-  in flight;
+  batch of ``--publish-batch`` messages, as a busy :class:`~pulsyflux.BrokerClient`
+  sends (in the binary encoding it agrees with the broker; with ``--encoding json``
+  a JSON array, as Go publishers send) over one Consumer, four requests in flight;
 * up to ``--subscriber-processes`` subscriber processes sharing the N
   subscriptions of a step. Each subscription is what a ``BrokerClient``
   subscription is on the wire (a Provider connection of its own, announced to
-  the broker), but its handler only counts the messages of each forward
-  (a substring count) and answers ``ok``.
+  the broker, answering its probe with the encoding it reads), but its
+  handler only counts the messages of each forward (by length, or a
+  substring count for JSON) and answers ``ok``.
 
 The publishers never run more than ``window`` messages ahead of the slowest
 subscription (the subscriber processes report what they read every 20 ms,
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 
+from ..wire.messages import BINARY_MAGIC, CONTROL_PREFIX, DROPPED, split_binary
 from .common import (
     Child,
     Progress,
@@ -106,6 +108,7 @@ class Options:
     window: int = 8000  # messages the publishers may be ahead of the slowest subscription
     idle_connections: int = 2000  # for the idle memory per connection
     idle_subscriptions: int = 2000  # for the idle memory per subscription
+    encoding: str = "binary"  # what publishers send and subscribers read: "binary" (our clients') or "json" (Go's)
     pin: bool = (os.cpu_count() or 1) >= 2  # server on CPU 0, clients on the others
     server_python: list[str] = field(default_factory=lambda: [sys.executable])  # the servers' interpreters
     python: str = sys.executable  # the clients' interpreter
@@ -177,6 +180,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"subscriptions opened to measure idle memory (default {d.idle_subscriptions}; 0 skips)",
     )
     parser.add_argument(
+        "--encoding",
+        choices=("binary", "json"),
+        default=d.encoding,
+        help="how messages travel: 'binary' (what pulsyflux's own clients agree with the broker) or 'json' "
+        f"(what Go publishers and subscribers send and read) (default {d.encoding})",
+    )
+    parser.add_argument(
         "--pin",
         action=argparse.BooleanOptionalAction,
         default=d.pin,
@@ -210,6 +220,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         window=max(1, args.window),
         idle_connections=max(0, args.idle_connections),
         idle_subscriptions=max(0, args.idle_subscriptions),
+        encoding=args.encoding,
         pin=bool(args.pin),
         server_python=args.server_python or [sys.executable],
     )
@@ -219,15 +230,30 @@ def options_from_args(args: argparse.Namespace) -> Options:
 
 _MESSAGE = b'{"Topic":'  # every message the broker forwards starts so (a payload is base64: never in it)
 _CONTROL = b'{"Topic":"$pulsyflux/'
+_CONTROL_TOPIC = CONTROL_PREFIX.encode("ascii")
 _DROPPED_TOTAL = re.compile(rb'"\$pulsyflux/dropped".*?"dropped":"(\d+)"')
 
 
-def count_forward(body: bytes) -> tuple[int, int]:
+def count_forward(body: bytes, record_size: int = 0) -> tuple[int, int]:
     """(messages, drop total or -1) in a forward the broker sent a subscriber: a C-speed count, no decode.
 
     Control messages (a drop notice, a probe) are not counted as messages;
     a drop notice's total (dropped so far for that subscription) is returned.
+    A binary forward of records of ``record_size`` bytes each (all the
+    load's messages are alike) is counted by its length; one with a control
+    record in it is read with the codec.
     """
+    if body[:4] == BINARY_MAGIC:
+        if _CONTROL_TOPIC not in body and record_size:
+            return (len(body) - len(BINARY_MAGIC)) // record_size, -1
+        count, dropped = 0, -1
+        for topic, _, _, headers in split_binary(body):
+            if topic.startswith(CONTROL_PREFIX):
+                if topic == DROPPED and headers:
+                    dropped = int(headers.get("dropped", -1))
+            else:
+                count += 1
+        return count, dropped
     count = body.count(_MESSAGE)
     if _CONTROL not in body:
         return count, -1
@@ -382,13 +408,37 @@ async def _step(
     try:
         began = time.monotonic()
         for sub, share in zip(subscribers, shares):
-            children.append(_spawn(reactor, options.python, sub, "sub", address, topic, str(share), cpus=client_cpus))
+            children.append(
+                _spawn(
+                    reactor,
+                    options.python,
+                    sub,
+                    "sub",
+                    address,
+                    topic,
+                    str(share),
+                    str(size),
+                    options.encoding,
+                    cpus=client_cpus,
+                )  # fmt: skip
+            )
         await DeferredList([s.ready for s in subscribers], fireOnOneErrback=True, consumeErrors=True)
         setup = time.monotonic() - began
         for i in range(options.publishers):
             pub = _Reporter(f"publisher {i}")
             children.append(
-                _spawn(reactor, options.python, pub, "pub", address, topic, str(size), str(batch), cpus=client_cpus)
+                _spawn(
+                    reactor,
+                    options.python,
+                    pub,
+                    "pub",
+                    address,
+                    topic,
+                    str(size),
+                    str(batch),
+                    options.encoding,
+                    cpus=client_cpus,
+                )  # fmt: skip
             )
             publishers.append(pub)
         await DeferredList([p.ready for p in publishers], fireOnOneErrback=True, consumeErrors=True)
@@ -638,7 +688,10 @@ def format_report(results: dict) -> str:
         if results["machine"].get("pinned")
         else f"server and clients unpinned on {cpus} CPUs"
     )
-    lines = [f"pulsyflux bench capacity ({sharing}; clients on Python {results['machine']['python']})"]
+    lines = [
+        f"pulsyflux bench capacity ({sharing}; clients on Python {results['machine']['python']}; "
+        f"{options['encoding']} encoding)"
+    ]
     for s in results["servers"]:
         lines += [
             f"{s['name']}: {s['server']}, medians of {len(s['runs'])} runs",
@@ -748,36 +801,42 @@ async def _patient(connect: Callable[..., Any], *args: Any, attempts: int = 20, 
             await sleep(reactor, 0.5)
 
 
-async def _broker_consumer(reactor: IReactor, address: str) -> Any:
-    """A Consumer on the broker's channel, once the broker answers there."""
-    from pulsyflux.broker.link import DEFAULT_BROKER_CHANNEL, send_until_registered
+async def _broker_consumer(reactor: IReactor, address: str) -> tuple[Any, bool]:
+    """A Consumer on the broker's channel, once the broker answers there; and whether it reads binary."""
+    from pulsyflux.broker.link import DEFAULT_BROKER_CHANNEL, EMPTY_BATCH, reads_binary, send_until_registered
     from pulsyflux.client import Consumer
 
     consumer = await _patient(Consumer.connect, address, DEFAULT_BROKER_CHANNEL, reactor=reactor)
-    await send_until_registered(consumer, b"[]", reactor, timeout=30.0, patience=30.0)
-    return consumer
+    answer = await send_until_registered(consumer, EMPTY_BATCH, reactor, timeout=30.0, patience=30.0)
+    return consumer, reads_binary(answer)
 
 
-async def _subscriber(reactor: IReactor, address: str, topic: str, count: str) -> None:
+async def _subscriber(reactor: IReactor, address: str, topic: str, count: str, size: str, encoding: str) -> None:
     """``count`` subscriptions of ``topic`` that count what they get; report the total, the slowest's
     count and the drops the broker told of."""
     from twisted.internet.task import LoopingCall
 
-    from pulsyflux.broker.link import OK
+    from pulsyflux.broker.link import OK, OK_BINARY, PROBE
     from pulsyflux.broker.subscription import MESSAGES_INCOMPLETE
     from pulsyflux.client import Provider
     from pulsyflux.wire import messages
     from pulsyflux.wire.errors import PulsyfluxError
 
-    announcer = await _broker_consumer(reactor, address)
+    announcer, _ = await _broker_consumer(reactor, address)
     counts = [0] * int(count)
     dropped = [0] * int(count)
     total = [0]
     held: list[Any] = []
 
+    # The probe's answer says which encoding the broker forwards in (docs/protocol.md).
+    welcome = OK_BINARY if encoding == "binary" else OK
+    record_size = len(messages.encode_record(topic, b"x" * int(size), None))
+
     def counter(index: int) -> Callable[[bytes], bytes]:
         def handle(body: bytes) -> bytes:
-            got, drops = count_forward(body)
+            if body == PROBE:
+                return welcome
+            got, drops = count_forward(body, record_size)
             counts[index] += got
             total[0] += got
             if drops >= 0:
@@ -817,7 +876,7 @@ async def _subscriber(reactor: IReactor, address: str, topic: str, count: str) -
     LoopingCall(lambda: _say(total[0], min(counts), sum(dropped))).start(_REPORT_EVERY)
 
 
-async def _publisher(reactor: IReactor, address: str, topic: str, size: str, batch: str) -> None:
+async def _publisher(reactor: IReactor, address: str, topic: str, size: str, batch: str, encoding: str) -> None:
     """Publish batches of ``batch`` messages to ``topic`` up to the limit this process reads on stdin;
     report how many the broker accepted."""
     from twisted.internet import stdio
@@ -826,9 +885,15 @@ async def _publisher(reactor: IReactor, address: str, topic: str, size: str, bat
 
     from pulsyflux.wire import messages
 
-    consumer = await _broker_consumer(reactor, address)
+    consumer, binary = await _broker_consumer(reactor, address)
+    if encoding == "binary" and not binary:
+        raise RuntimeError("the server's broker does not read the binary encoding (try --encoding json)")
     per_request = int(batch)
-    body = messages.encode_batch([messages.encode_text(topic, b"x" * int(size), None)] * per_request)
+    payload = b"x" * int(size)
+    if encoding == "binary":  # the broker said it reads it (its answer to the empty batch)
+        body = messages.encode_records([messages.encode_record(topic, payload, None)] * per_request)
+    else:
+        body = messages.encode_batch([messages.encode_text(topic, payload, None)] * per_request)
     state = {"limit": 0, "sent": 0, "accepted": 0, "in_flight": 0}
 
     def accepted(_: Any) -> None:
