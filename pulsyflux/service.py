@@ -26,6 +26,7 @@ from .broker.subscription import Subscription
 from .client import DEFAULT_BACKOFF, ChannelId
 from .endpoints import DEFAULT_PORT, check_server_description, describe_address, port_number
 from .endpoints import client_address as client_address  # its old home: still importable from here
+from .server.collector import tune_collector
 from .server.inproc import InProcessEndpoint
 from .server.listening import ListeningService
 from .server.protocol import ServerFactory
@@ -581,6 +582,7 @@ class _ExitIfNotListening(service.Service):
 
 
 def makeService(options: Options) -> service.IService:
+    tune_collector()  # twistd's process is the server's (pulsyflux/server/collector.py)
     channel = None if options["no-broker"] else options["broker-channel"]
     top = BrokerService(
         options["port"],
