@@ -448,6 +448,7 @@ async def _step(
         t0, cpu0, ccpu0 = time.monotonic(), cpu_seconds(server.pid), sum(map(cpu_seconds, clients))
         await sleep(reactor, options.duration)
         t1, cpu1, ccpu1 = time.monotonic(), cpu_seconds(server.pid), sum(map(cpu_seconds, clients))
+        resident = rss_bytes(server.pid)  # with the step's subscriptions and its load
     except Exception as e:
         await _stop_all(children)
         raise RuntimeError(f"step {n} subscribers, {size} bytes: {e}") from e
@@ -468,6 +469,7 @@ async def _step(
         "msgs_per_s": published,
         "deliveries_per_s": deliveries,
         "dropped": sum(s.dropped for s in subscribers),
+        "server_rss_mib": resident / 2**20,
         "server_cpu_percent": cpu * 100,
         "clients_cpu_percent": (ccpu1 - ccpu0) / (t1 - t0) * 100,
         "server_us_per_msg": per_msg,
@@ -606,6 +608,7 @@ _MEASURES = (
     "warmup_s",
     "setup_s",
     "dropped",
+    "server_rss_mib",
 )
 
 
@@ -696,7 +699,7 @@ def format_report(results: dict) -> str:
         lines += [
             f"{s['name']}: {s['server']}, medians of {len(s['runs'])} runs",
             "  subscribers  payload batch      msgs/s  deliveries/s  server CPU  clients CPU  us/msg  us/delivery"
-            "  msgs/s at 1 core  deliveries/s at 1 core",
+            "  msgs/s at 1 core  deliveries/s at 1 core  server MiB",
         ]
         for m in s["medians"].values():
             lines.append(
@@ -705,7 +708,7 @@ def format_report(results: dict) -> str:
                 f" {fmt(m['server_cpu_percent']):>10}% {fmt(m['clients_cpu_percent']):>11}%"
                 f" {fmt(m['server_us_per_msg'], ',.1f'):>7} {fmt(m['server_us_per_delivery'], ',.2f'):>12}"
                 f" {fmt(m['core_msgs_per_s']):>17} {fmt(m['core_deliveries_per_s']):>23}"
-                + (f"  ({fmt(m['dropped'])} dropped)" if m["dropped"] else "")
+                f" {fmt(m['server_rss_mib']):>11}" + (f"  ({fmt(m['dropped'])} dropped)" if m["dropped"] else "")
             )
         idle = s["idle"]
         if idle:
@@ -766,11 +769,15 @@ def _child(argv: list[str]) -> None:
 def _server(reactor: IReactor, failed: Callable[[Any], None]) -> None:
     """A BrokerService with room for the largest step: 10,000 subscriptions are 10,000 connections.
 
-    The listen backlog is 1,024 (Twisted's default is 50); the backlog bound is
-    raised because every subscriber's backlog holds the same message objects
-    (the broker counts a message once per subscriber; memory holds it once).
+    The collector is set as ``twistd pulsyflux`` sets it, the listen backlog
+    is 1,024 (Twisted's default is 50), and the backlog bound is raised
+    because every subscriber's backlog holds the same message objects (the
+    broker counts a message once per subscriber; memory holds it once).
     """
     from pulsyflux.endpoints import port_number
+    from pulsyflux.server.collector import tune_collector
+
+    tune_collector()  # as twistd pulsyflux does
     from pulsyflux.server import ServerFactory
     from pulsyflux.service import BrokerService
 
