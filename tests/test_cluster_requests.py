@@ -107,6 +107,32 @@ async def test_a_16_mib_body_crosses_servers_both_ways(pair):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_consumer_that_reads_slowly_holds_the_relay_as_it_would_hold_a_provider(pair):
+    """A large answer from another server to a consumer that stops reading: the relay is paused as a
+    provider's connection would be, keeps the answer's further pieces, and goes on when the consumer
+    reads again; the consumer gets it whole and is not cut as a slow reader."""
+    a, b = pair
+    channel = uuid.uuid4()
+    answer = bytes(range(256)) * (64 * 1024)  # 16 MiB: four times the unread bytes a consumer may leave
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: answer)
+    consumer = await Consumer.connect(_address(a), channel)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        (relay,) = a.cluster.requests.relays.values()
+        consumer._protocol.transport.pauseProducing()  # the consumer stops reading
+        waiting = consumer.send(b"the big one", timeout=60)
+        await eventually(lambda: relay.paused and relay.kept)
+        assert a.cluster.requests.in_bytes > 0  # the kept pieces are counted in the bound
+        consumer._protocol.transport.resumeProducing()
+        assert await waiting == answer
+        assert a.server.factory.router.stats.slow_consumers == 0
+        assert a.cluster.requests.in_bytes == 0 and not relay.kept
+    finally:
+        await consumer.close()
+        await provider.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_no_provider_anywhere_answers_at_once(pair):
     a, _ = pair
     consumer = await Consumer.connect(_address(a), uuid.uuid4())

@@ -31,6 +31,7 @@ with it, and its requests in flight fail with ``peer disappeared``.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 from typing import Any, Callable, Optional
@@ -65,7 +66,9 @@ log = Logger()
 CHUNK_BYTES = 512 * 1024  # bytes of a body per Redis message
 MAX_IN_FLIGHT = 10_000  # requests this server forwards at once; and other servers' requests held here
 MAX_OUT_BYTES = 256 << 20  # bytes of bodies being forwarded at once
-MAX_IN_BYTES = 256 << 20  # bytes of other servers' requests being reassembled here
+MAX_IN_BYTES = (
+    256 << 20
+)  # bytes of other servers' requests being reassembled here, and of answers kept for slow readers
 # What one other server may make this one hold: half of each bound, so a faulty (or hijacked)
 # server cannot starve the others' requests.
 MAX_FROM_ONE = MAX_IN_FLIGHT // 2
@@ -82,17 +85,20 @@ _RELAY_TIMEOUT_MS = int(RELAY_TIMEOUT * 1000)
 
 
 class _Transport:
-    """What the router needs of a relay's or an inlet's connection: a name to show, and a close.
+    """What the router needs of a relay's or an inlet's connection: a name to show, a pause, a close.
 
-    Nothing to pause: Redis is read eagerly (docs/cluster.md), and a slow
-    consumer of relayed answers is cut by flow control like any other.
+    Flow control pauses a relay as it pauses a provider's connection, while a
+    consumer it answers reads too slowly: the relay then keeps the answer's
+    further pieces (Redis is read eagerly whatever happens: docs/cluster.md)
+    until it is resumed. An inlet is never paused.
     """
 
     disconnecting = False
 
-    def __init__(self, label: str, close: Callable[[], None]) -> None:
+    def __init__(self, label: str, close: Callable[[], None], relay: Optional["_Relay"] = None) -> None:
         self._address = InProcessAddress(label)
         self._close = close
+        self._relay = relay
 
     def getPeer(self) -> InProcessAddress:
         return self._address
@@ -100,9 +106,19 @@ class _Transport:
     getHost = getPeer
 
     def pauseProducing(self) -> None:
+        if self._relay is not None:
+            self._relay.paused = True
+
+    def resumeProducing(self) -> None:
+        relay = self._relay
+        if relay is not None and relay.paused:
+            relay.paused = False
+            relay.owner.resumed(relay)
+
+    def stopProducing(self) -> None:
         pass
 
-    resumeProducing = stopProducing = unregisterProducer = pauseProducing
+    unregisterProducer = stopProducing
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         pass
@@ -119,7 +135,9 @@ class _Transport:
 class _Relay:
     """A provider record in the router for a channel another server holds."""
 
-    __slots__ = ("owner", "key", "node", "inbox", "head", "tail", "peer", "decoder", "starting", "sent", "live")
+    __slots__ = (
+        "owner", "key", "node", "inbox", "head", "tail", "peer", "decoder", "starting", "sent", "live", "paused", "kept",
+    )  # fmt: skip
 
     def __init__(self, owner: "ClusterRequests", node: str, channel: bytes) -> None:
         self.owner = owner
@@ -133,8 +151,10 @@ class _Relay:
         self.starting: dict[bytes, list[bytes]] = {}  # router request id -> [routing, body pieces...]
         self.sent: dict[bytes, bytes] = {}  # router request id -> Redis request id
         self.live = True
+        self.paused = False  # flow control holds it: answers' pieces wait in kept
+        self.kept: collections.deque[tuple[_Out, bytes, bool, bytes]] = collections.deque()
         router = owner.router
-        self.peer = router.connect(self.write, _Transport(f"cluster:{node}", self.close), trusted=True)
+        self.peer = router.connect(self.write, _Transport(f"cluster:{node}", self.close, self), trusted=True)
         self.peer.relay = True
         router.register(self.peer, ROLE_PROVIDER, channel, os.urandom(16))
 
@@ -220,9 +240,10 @@ class _Inlet:
 
 
 class _Out:
-    __slots__ = ("relay", "local", "routing", "size", "responding", "born")
+    __slots__ = ("rid", "relay", "local", "routing", "size", "responding", "born")
 
-    def __init__(self, relay: _Relay, local: bytes, routing: bytes, size: int, born: int) -> None:
+    def __init__(self, rid: bytes, relay: _Relay, local: bytes, routing: bytes, size: int, born: int) -> None:
+        self.rid = rid  # its id between the servers
         self.relay = relay
         self.local = local  # the router's request id
         self.routing = routing
@@ -361,6 +382,7 @@ class ClusterRequests:
             self.relays_by_node.pop(node, None)
         relay.live = False
         relay.starting.clear()
+        self._drop_kept(relay)
         for rid in list(relay.sent.values()):
             if self._release(rid) is not None:
                 self.failed += 1
@@ -379,7 +401,7 @@ class ClusterRequests:
             self._refuse(relay, local, routing, errors.overloaded("too many requests in flight to other servers"))
             return
         rid = b"%s%x" % (self._rid_prefix, next(self._rids))
-        self.out[rid] = _Out(relay, local, routing, len(body), self._sweeps)
+        self.out[rid] = _Out(rid, relay, local, routing, len(body), self._sweeps)
         relay.sent[local] = rid
         self.out_bytes += len(body)
         if self._sweeper is None:
@@ -499,7 +521,41 @@ class ClusterRequests:
         if relay.node != origin:
             self.bad += 1  # only the server asked answers
             return
-        peer = relay.peer
+        if relay.paused or relay.kept:  # a consumer it answers reads slowly: in order, later
+            size = len(chunk)
+            if self.in_bytes + size > MAX_IN_BYTES:
+                self._fail(rid, errors.overloaded("too many bytes of answers waiting for slow consumers"))
+                return
+            self.in_bytes += size
+            relay.kept.append((entry, status, more, chunk))
+            return
+        self._answer(entry, status, more, chunk)
+
+    def resumed(self, relay: _Relay) -> None:
+        """Flow control resumed ``relay``: what it kept goes on, on the next turn (not inside flow control)."""
+        if relay.kept:
+            self.reactor.callLater(0, self._hand_kept, relay)
+
+    def _hand_kept(self, relay: _Relay) -> None:
+        kept = relay.kept
+        while kept and not relay.paused and relay.live:
+            entry, status, more, chunk = kept.popleft()
+            self.in_bytes -= len(chunk)
+            if self.out.get(entry.rid) is entry:  # not given up on meanwhile
+                self._answer(entry, status, more, chunk)
+                self.settle()  # written now: a slow consumer pauses the relay again before the next
+        if not relay.live:
+            self._drop_kept(relay)
+
+    def _drop_kept(self, relay: _Relay) -> None:
+        for _, _, _, chunk in relay.kept:
+            self.in_bytes -= len(chunk)
+        relay.kept.clear()
+
+    def _answer(self, entry: _Out, status: bytes, more: bool, chunk: bytes) -> None:
+        """Hand a piece of an answer to the router: a response frame for each, or the error."""
+        rid = entry.rid
+        peer = entry.relay.peer
         local = entry.local
         if status != b"ok":  # an error: its text, bounded as a provider's ERROR would be
             self._release(rid)
