@@ -400,6 +400,8 @@ async def test_node_names_from_redis_are_checked_and_their_number_bounded(pair):
 async def test_pulsyflux_info_shows_the_cluster(redis_server, cli):
     import json
 
+    import treq
+
     from pulsyflux.http.site import http_service
 
     a = BrokerService("tcp:0:interface=127.0.0.1", cluster=redis_server.url, node_name="a")
@@ -429,6 +431,10 @@ async def test_pulsyflux_info_shows_the_cluster(redis_server, cli):
         # the relay to b is a record of its own in a's router, not a client and not the broker's
         assert "since start; 2 connections of the server's own broker; 1 cluster relay\n" in text
         assert "  inproc:cluster:b      cluster relay" in text
+        metrics = await (await treq.get(url + "/metrics")).text()
+        for line in ("pulsyflux_cluster_nodes 2", "pulsyflux_cluster_requests_forwarded_total 1",
+                     "pulsyflux_cluster_relays 1", "pulsyflux_cluster_requests_in_flight 0"):  # fmt: skip
+            assert line + "\n" in metrics
         result = await cli("info", "--json", "--http", url)
         info = json.loads(result.stdout)
         assert info["cluster"]["node"] == "a" and info["cluster"]["requests_forwarded"] == 1

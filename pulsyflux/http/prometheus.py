@@ -205,6 +205,24 @@ def _cluster_metrics(m: _Metrics, c: dict[str, Any]) -> None:
         ("reconnects", "Times the cluster link came back."),
     ):
         m.one(f"pulsyflux_cluster_{key}_total", "counter", help_text, c[key])
+    if "requests_forwarded" not in c:
+        return  # requests across servers start with the server (its node name may need its port)
+    m.one("pulsyflux_cluster_nodes", "gauge", "Servers in the cluster, this one included.", c["nodes_count"])
+    for key, help_text in (
+        ("requests_forwarded", "Requests sent to a provider on another server."),
+        ("requests_served", "Requests from other servers answered by a provider here."),
+        ("requests_failed", "Requests sent to another server that failed here (link down, overloaded, server gone)."),
+        ("requests_cancelled", "Requests sent to another server whose consumer gave up (that server was told)."),
+        ("requests_refused_from_one", "Requests from another server refused: it held its share here already."),
+        ("bad_inbox", "Messages in this server's inbox that were not ours to read."),
+    ):
+        m.one(f"pulsyflux_cluster_{key}_total", "counter", help_text, c.get(key, 0))
+    for key, help_text in (
+        ("requests_in_flight", "Requests sent to other servers, not answered yet."),
+        ("requests_held", "Other servers' requests this server holds (arriving, or in its router)."),
+        ("relays", "Channels held on other servers that this server relays to (one per server and channel)."),
+    ):
+        m.one(f"pulsyflux_cluster_{key}", "gauge", help_text, c.get(key, 0))
 
 
 # The broker's counters, in the order they are exposed: (stats key, help text);
