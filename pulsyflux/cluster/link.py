@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -44,7 +45,7 @@ class RedisLink:
     def __init__(
         self,
         address: RedisAddress,
-        reactor: Any,
+        reactor: IReactorTime,
         on_message: Callable[[bytes, bytes], None],
         on_state: Optional[Callable[[bool], None]] = None,
         *,
@@ -72,9 +73,9 @@ class RedisLink:
         self.last_error: Optional[str] = None
         self._was_up = False
         self._attempt = 0
-        self._retry: Any = None
+        self._retry: Optional[IDelayedCall] = None
         self._pinger: Optional[LoopingCall] = None
-        self._ping_due: Any = None
+        self._ping_due: Optional[IDelayedCall] = None
         self._connecting: Optional[Deferred[Any]] = None
         self._up_waiters: list[Deferred[None]] = []
 
@@ -142,8 +143,8 @@ class RedisLink:
         self._set_up(False)
         return DeferredList(waits).addCallback(lambda _: None)
 
-    def _endpoint(self) -> Any:
-        endpoint: Any = HostnameEndpoint(
+    def _endpoint(self) -> IStreamClientEndpoint:
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
             self.reactor, self.address.host, self.address.port, timeout=self.connect_timeout
         )
         if self.address.tls:

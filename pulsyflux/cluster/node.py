@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .link import RedisLink
@@ -12,6 +13,9 @@ from .registry import DEFAULT_LEASE, Registry
 from .requests import ClusterRequests
 from .shape import DEFAULT_PREFIX
 from .url import RedisAddress
+
+if TYPE_CHECKING:
+    from ..server.protocol import ServerFactory
 
 __all__ = ["Cluster"]
 
@@ -30,8 +34,8 @@ class Cluster:
         self,
         address: RedisAddress,
         node: str,
-        reactor: Any,
-        factory: Any,
+        reactor: IReactorTime,
+        factory: ServerFactory,
         *,
         prefix: str = DEFAULT_PREFIX,
         lease: float = DEFAULT_LEASE,
@@ -45,8 +49,8 @@ class Cluster:
             address, reactor, self._message, self._state, ping_timeout=max(lease, 1.0), after_read=self._after_read
         )
         self.pubsub = ClusterPubSub(self.link, node, reactor, prefix=prefix)
-        self.requests: Any = None
-        self.registry: Any = None
+        self.requests: Optional[ClusterRequests] = None  # from start()
+        self.registry: Optional[Registry] = None
         self._inbox = b""
         self._local_groups: dict[bytes, tuple[str, str]] = {}  # "pattern\0group" -> (pattern, group)
         self.pubsub.on_group = self._group
@@ -54,29 +58,31 @@ class Cluster:
     def start(self) -> None:
         """Start once the node has its name (the default one has the listening port in it)."""
         self.pubsub.node = self.node
-        self.requests = ClusterRequests(self.link, self.node, self.factory, self.reactor, prefix=self.prefix)
-        self.registry = Registry(
-            self.link, self.node, self.reactor, self.requests.gain, self.requests.lose, prefix=self.prefix,
-            lease=self.lease, on_groups=self._place_groups, on_gone=self.requests.gone,
+        requests = self.requests = ClusterRequests(self.link, self.node, self.factory, self.reactor, prefix=self.prefix)
+        registry = self.registry = Registry(
+            self.link, self.node, self.reactor, requests.gain, requests.lose, prefix=self.prefix,
+            lease=self.lease, on_groups=self._place_groups, on_gone=requests.gone,
         )  # fmt: skip
         self.pubsub.on_group = self._group
         for key in self._local_groups:
-            self.registry.hold_group(key)
-        self._inbox = self.requests.inbox(self.node)
+            registry.hold_group(key)
+        self._inbox = requests.inbox(self.node)
         self.link.subscribe(self._inbox)
         router = self.factory.router
         for channel in router.watch_channels(self._channel):
-            self.registry.hold(channel)
-        self.registry.start()
+            registry.hold(channel)
+        registry.start()
         self.pubsub.start()
         self.link.start()
 
     def _channel(self, channel: bytes, held: bool) -> None:
+        registry, requests = self.registry, self.requests
+        assert registry is not None and requests is not None  # the router tells only once start() watches
         if held:
-            self.registry.hold(channel)
+            registry.hold(channel)
         else:
-            self.registry.release(channel)
-            self.requests.release(channel)
+            registry.release(channel)
+            requests.release(channel)
 
     # -- queue groups: one server of those with members delivers each group --
 
@@ -105,7 +111,7 @@ class Cluster:
 
     def _message(self, channel: bytes, data: bytes) -> None:
         if channel == self._inbox:
-            self.requests.message(data)
+            self.requests.message(data)  # type: ignore[union-attr]  # the inbox is subscribed by start(), after it
         elif self.pubsub.owns(channel):
             self.pubsub.message(channel, data)
         elif self.registry is not None and channel == self.registry.announcements:
@@ -135,5 +141,5 @@ class Cluster:
         stats: dict[str, Any] = {"node": self.node, **self.link.stats(), **self.pubsub.stats()}
         if self.requests is not None:
             stats.update(self.requests.stats())
-            stats.update(self.registry.stats())
+            stats.update(self.registry.stats())  # type: ignore[union-attr]  # made with requests, by start()
         return stats

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Protocol
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -62,7 +63,7 @@ class FanoutLike(Protocol):
 class ClusterPubSub:
     """One server's pub/sub presence in the cluster."""
 
-    def __init__(self, link: RedisLink, node: str, reactor: Any, *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, link: RedisLink, node: str, reactor: IReactorTime, *, prefix: str = DEFAULT_PREFIX) -> None:
         """``link``: the server's link to Redis, which hands this the messages of its channels."""
         self.node = node
         self.reactor = reactor

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import hiredis
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
@@ -120,7 +121,7 @@ class RedisCommands(_Base):
     requests per turn: a write each would cost more than the command).
     """
 
-    def __init__(self, reactor: Any = None) -> None:
+    def __init__(self, reactor: Optional[IReactorTime] = None) -> None:
         super().__init__()
         self._reactor = reactor
         self._unsent: Optional[list[bytes]] = None  # None: no command yet this turn

@@ -18,6 +18,7 @@ import os
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import DeferredList
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -42,7 +43,7 @@ class Registry:
         self,
         link: RedisLink,
         node: str,
-        reactor: Any,
+        reactor: IReactorTime,
         on_gain: Callable[[str, bytes], None],
         on_lose: Callable[[str, bytes], None],
         *,

@@ -34,8 +34,9 @@ from __future__ import annotations
 import collections
 import itertools
 import os
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
+from twisted.internet.interfaces import IDelayedCall, IProducer, IReactorTime
 from twisted.logger import Logger
 
 from ..server.inproc import InProcessAddress
@@ -58,6 +59,12 @@ from ..wire.codec import (
     bound_error_text,
 )
 from ..wire.ratelimit import LogLimiter, summary_to
+
+if TYPE_CHECKING:
+    from .._types import IStreamTransport
+    from ..server.protocol import ServerFactory
+    from ..server.router import Peer
+    from .link import RedisLink
 
 __all__ = ["ClusterRequests"]
 
@@ -120,7 +127,7 @@ class _Transport:
 
     unregisterProducer = stopProducing
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         pass
 
     def write(self, data: bytes) -> None:
@@ -130,6 +137,11 @@ class _Transport:
         self._close()  # the router closing every connection (a shutdown): the record goes
 
     abortConnection = loseConnection
+
+
+def _transport(label: str, close: Callable[[], None], relay: Optional[_Relay] = None) -> IStreamTransport:
+    """A relay's or an inlet's stand-in transport, as the router's type for it: it has what the router calls."""
+    return cast("IStreamTransport", _Transport(label, close, relay))
 
 
 class _Relay:
@@ -154,7 +166,7 @@ class _Relay:
         self.paused = False  # flow control holds it: answers' pieces wait in kept
         self.kept: collections.deque[tuple[_Out, bytes, bool, bytes]] = collections.deque()
         router = owner.router
-        self.peer = router.connect(self.write, _Transport(f"cluster:{node}", self.close, self), trusted=True)
+        self.peer = router.connect(self.write, _transport(f"cluster:{node}", self.close, self), trusted=True)
         self.peer.relay = True
         router.register(self.peer, ROLE_PROVIDER, channel, os.urandom(16))
 
@@ -207,7 +219,7 @@ class _Inlet:
         self.decoder = FrameDecoder()
         self.waiting: dict[bytes, _Serving] = {}  # router request id -> the request, until the router answers
         router = owner.router
-        self.peer = router.connect(self.write, _Transport("cluster", self.close), trusted=True)
+        self.peer = router.connect(self.write, _transport("cluster", self.close), trusted=True)
         self.peer.relay = True
         router.register(self.peer, ROLE_CONSUMER, channel, self.client)
 
@@ -257,7 +269,7 @@ class _In:
 
     __slots__ = ("parts", "size", "timer")
 
-    def __init__(self, timer: Any) -> None:
+    def __init__(self, timer: Optional[IDelayedCall]) -> None:
         self.parts: list[bytes] = []
         self.size = 0
         self.timer = timer
@@ -266,7 +278,9 @@ class _In:
 class ClusterRequests:
     """Relays for the channels other servers hold; this server's inbox for theirs."""
 
-    def __init__(self, link: Any, node: str, factory: Any, reactor: Any, *, prefix: str) -> None:
+    def __init__(
+        self, link: RedisLink, node: str, factory: ServerFactory, reactor: IReactorTime, *, prefix: str
+    ) -> None:
         self.link = link
         self.node = node
         self.factory = factory
@@ -300,17 +314,17 @@ class ClusterRequests:
         self._local_prefix = os.urandom(8)  # the router's ids for requests entering through inlets
         self._locals = itertools.count(1)
         self._sweeps = 0
-        self._sweeper: Any = None
+        self._sweeper: Optional[IDelayedCall] = None
         self._holding = False  # frames handed to the router wait for settle()
         self._refusals: list[tuple[_Relay, bytes, bytes, str]] = []
-        self._refusing: Any = None
+        self._refusing: Optional[IDelayedCall] = None
 
     def inbox(self, node: str) -> bytes:
         return f"{self.prefix}n:{node}".encode()
 
     # -- handing frames to the router -------------------------------------------
 
-    def _begin(self, peer: Any) -> Any:
+    def _begin(self, peer: Peer) -> Optional[Peer]:
         """Route frames from ``peer`` (a relay or an inlet) until :meth:`_end`: what they route leaves at
         :meth:`settle`, or with the read of another connection this is nested in (returned)."""
         router = self.router
@@ -321,11 +335,11 @@ class ClusterRequests:
         router.reading = peer
         return outer
 
-    def _end(self, outer: Any) -> None:
+    def _end(self, outer: Optional[Peer]) -> None:
         if outer is not None:
             self.router.reading = outer
 
-    def _inject(self, peer: Any, ftype: int, request_id: bytes, frame: bytes) -> None:
+    def _inject(self, peer: Peer, ftype: int, request_id: bytes, frame: bytes) -> None:
         """Route one frame from a relay or an inlet (see :meth:`_begin`)."""
         outer = self._begin(peer)
         peer.bytes_in += len(frame)
