@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-import shutil
-import tempfile
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import pytest_twisted
 
 from pulsyflux.testing import MemoryServer, start_server
+
+from . import wheel_build
+from .wheel_build import WheelBuild
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # A copy of shared/wire-vectors.txt (frames captured from the Go implementation),
@@ -19,77 +20,87 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WIRE_VECTORS = Path(__file__).resolve().parent / "data" / "wire-vectors.txt"
 
 
-_wheel_build: dict = {}
+_wheel_build: Optional[WheelBuild] = None  # where this process builds the wheel's virtualenv (wheel_build.py)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's: it registers "dsession" where it distributes
+def pytest_configure(config):
+    """Under pytest-xdist the controller builds (its workers each collect every test)."""
+    global _wheel_build
+    if config.pluginmanager.hasplugin("dsession"):
+        _wheel_build = WheelBuild()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    if _wheel_build is not None:
+        node.workerinput["pulsyflux_wheel_build"] = str(_wheel_build.root)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    if _wheel_build is not None:
+        _wheel_build.start(ids)
 
 
 def pytest_collection_finish(session):
-    """Start building the wheel's virtualenv now, in a thread, if test_install runs.
-
-    It takes seconds (build the sdist, the wheel from it, install that offline), mostly
-    waiting on child processes: done beside the other tests, not before
-    test_install's first one. The ``wheel_bin`` fixture waits for it. The README's
-    install commands (``readme_installs``, seconds of pip) follow it in the same thread.
-    """
-    if any(item.nodeid.startswith("tests/test_install.py") for item in session.items):
-        from .twistd_process import ReadmeInstalls, build_wheel_venv
-
-        root = Path(tempfile.mkdtemp(prefix="pulsyflux-wheel-"))
-        _wheel_build["root"] = root
-        executor = concurrent.futures.ThreadPoolExecutor(1)  # one job after the other: the second needs the first
-        _wheel_build["future"] = executor.submit(build_wheel_venv, root)
-        if any("test_readme_install_commands" in item.nodeid for item in session.items):
-            _wheel_build["readme"] = executor.submit(_after_the_wheel, ReadmeInstalls, root)
-        executor.shutdown(wait=False)
-
-
-def _after_the_wheel(job, root):
-    _wheel_build["future"].result()  # its failure is the wheel's, reported by ``wheel_bin``
-    return job(root)
+    """Start building the wheel's virtualenv now, in a thread, if test_install runs (not in a worker)."""
+    global _wheel_build
+    if _wheel_build is None and not hasattr(session.config, "workerinput"):
+        _wheel_build = WheelBuild()
+        _wheel_build.start(item.nodeid for item in session.items)
 
 
 def pytest_sessionfinish(session):
-    root = _wheel_build.pop("root", None)
-    for name in ("future", "readme"):
-        future = _wheel_build.pop(name, None)
-        if future is not None:
-            future.exception()  # let the build end before its folder goes
-    if root is not None:
-        shutil.rmtree(root, ignore_errors=True)
+    global _wheel_build
+    if _wheel_build is not None:
+        _wheel_build.finish()
+        _wheel_build = None
+
+
+def _built(config, part: str) -> Optional[dict]:
+    """The part of the build made beside the tests; None if it was not (test_install selected later)."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        root = workerinput.get("pulsyflux_wheel_build")
+        return wheel_build.result(Path(root), part) if root else None
+    return wheel_build.result(_wheel_build.root, part) if _wheel_build is not None else None
 
 
 @pytest.fixture(scope="session")
-def wheel_bin(tmp_path_factory):
+def _wheel(request, tmp_path_factory):
+    """``(root, bindir)``: where the wheel was built, and its virtualenv's bin directory."""
+    built = _built(request.config, "wheel")
+    if built is not None:
+        return Path(built["root"]), Path(built["bin"])
+    from .twistd_process import build_wheel_venv
+
+    root = tmp_path_factory.mktemp("wheel")
+    return root, build_wheel_venv(root)
+
+
+@pytest.fixture(scope="session")
+def wheel_bin(_wheel):
     """The bin directory of a fresh virtualenv with the project's wheel installed (see twistd_process)."""
-    future = _wheel_build.get("future")
-    if future is None:  # test_install was not collected at first (e.g. selected by -k later)
-        from .twistd_process import build_wheel_venv
-
-        root = tmp_path_factory.mktemp("wheel")
-        _wheel_build["root"] = root
-        _wheel_build["future"] = future = concurrent.futures.Future()
-        future.set_result(build_wheel_venv(root))
-    return future.result()
+    return _wheel[1]
 
 
 @pytest.fixture(scope="session")
-def dists(wheel_bin):
+def dists(_wheel):
     """``(sdist, wheel)``: the files ``wheel_bin`` was made from (the wheel was built from the sdist)."""
-    dist = _wheel_build["root"] / "dist"
+    dist = _wheel[0] / "dist"
     [sdist] = dist.glob("pulsyflux-*.tar.gz")
     [wheel] = dist.glob("pulsyflux-*.whl")
     return sdist, wheel
 
 
 @pytest.fixture(scope="session")
-def readme_installs(dists):
+def readme_installs(request, _wheel):
     """A :class:`~tests.twistd_process.ReadmeInstalls`: made beside the other tests when test_install runs."""
-    future = _wheel_build.get("readme")
-    if future is None:  # not selected at collection
-        from .twistd_process import ReadmeInstalls
+    from .twistd_process import ReadmeInstalls
 
-        _wheel_build["readme"] = future = concurrent.futures.Future()
-        future.set_result(ReadmeInstalls(_wheel_build["root"]))
-    return future.result()
+    built = _built(request.config, "readme")
+    return ReadmeInstalls(**built) if built is not None else ReadmeInstalls.make(_wheel[0])
 
 
 @pytest.fixture

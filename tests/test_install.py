@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import tarfile
 import uuid
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -169,13 +170,14 @@ async def test_readme_install_commands_work_in_either_order(readme_installs):
     pulsyflux after each, whichever came first, run from another directory.
 
     (The installs run beside the other tests: see ``readme_installs`` in conftest.)"""
-    clone, site = str(readme_installs.clone), readme_installs.site
+    clone, site = readme_installs.clone, readme_installs.site
     editable, wheel, editable_again = readme_installs.places
     assert editable[0].startswith(clone) and editable[1].startswith(clone)  # the second command first
     assert wheel[0].startswith(site) and wheel[1].startswith(site)  # then the first
     assert editable_again[0].startswith(clone) and editable_again[1].startswith(clone)  # and the second again
 
-    proc = spawn_twistd(readme_installs.bindir, readme_installs.elsewhere, "--port", "tcp:0:interface=127.0.0.1")
+    bindir, elsewhere = Path(readme_installs.bindir), Path(readme_installs.elsewhere)
+    proc = spawn_twistd(bindir, elsewhere, "--port", "tcp:0:interface=127.0.0.1")
     try:
         assert (await proc.listening).startswith("127.0.0.1:")
     finally:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import venv
+from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.internet import reactor
@@ -119,15 +120,24 @@ def plugin_and_package(bindir: Path, cwd: Path) -> tuple[str, str]:
     return plugin, package
 
 
+@dataclass
 class ReadmeInstalls:
     """The README's two install commands run in either order in one virtualenv (``readme_installs``).
 
     ``places`` holds where twistd found the plugin and the package after
     each step: ``pip install -e`` of the unpacked sdist (``clone``), then
-    ``pip install`` of the wheel, then ``-e`` again.
+    ``pip install`` of the wheel, then ``-e`` again. Plain data: it may be
+    made in another process (tests/wheel_build.py).
     """
 
-    def __init__(self, root: Path) -> None:
+    clone: str
+    bindir: str
+    site: str
+    elsewhere: str
+    places: list[list[str]]
+
+    @classmethod
+    def make(cls, root: Path) -> "ReadmeInstalls":
         import tarfile
 
         [sdist] = (root / "dist").glob("pulsyflux-*.tar.gz")
@@ -138,15 +148,15 @@ class ReadmeInstalls:
             # The "data" filter exists from Python 3.9.17 (PyPy 3.9 is 3.9.16); our own sdist is trusted anyway.
             extract = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             archive.extractall(here, **extract)
-        [self.clone] = here.glob("pulsyflux-*")
-        self.bindir = bare_venv(here / "venv")
-        self.site = str(here / "venv" / "lib")
-        self.elsewhere = here / "elsewhere"
-        self.elsewhere.mkdir()
-        self.places: list[tuple[str, str]] = []
-        for args in (["-e", str(self.clone)], [str(wheel)], ["-e", str(self.clone)]):
-            pip_install(self.bindir, *args)
-            self.places.append(plugin_and_package(self.bindir, self.elsewhere))
+        [clone] = here.glob("pulsyflux-*")
+        bindir = bare_venv(here / "venv")
+        elsewhere = here / "elsewhere"
+        elsewhere.mkdir()
+        places = []
+        for args in (["-e", str(clone)], [str(wheel)], ["-e", str(clone)]):
+            pip_install(bindir, *args)
+            places.append(list(plugin_and_package(bindir, elsewhere)))
+        return cls(str(clone), str(bindir), str(here / "venv" / "lib"), str(elsewhere), places)
 
 
 class TwistdProcess(ProcessProtocol):
