@@ -192,6 +192,11 @@ class BrokerService(service.MultiService):
     def factory(self) -> ServerFactory:
         return self.server.factory
 
+    @property
+    def restart_attempts(self) -> int:
+        """Broker restarts tried in a row that did not last (0 once a broker stays up ``_STEADY`` seconds)."""
+        return self._attempts
+
     def startService(self) -> None:
         self._stopping = False
         if self.broker_channel is not None:

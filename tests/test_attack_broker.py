@@ -337,7 +337,7 @@ async def test_attack_one_client_flooding_dead_subscribes_does_not_starve_honest
     slots = [defer.ensureDeferred(slot()) for _ in range(80)]
     honest = await memory.connect(BrokerClient, broker.channel, heartbeat=None)
     try:
-        await memory.until(lambda: len(broker._fanout.opening) >= 8)  # the flood is on
+        await memory.until(lambda: len(broker.fanout.opening) >= 8)  # the flood is on
         subscribed = 0
         for i in range(20):
             await honest.subscribe(f"honest-{i}")  # on main: "too many subscriptions being set up"
@@ -347,7 +347,7 @@ async def test_attack_one_client_flooding_dead_subscribes_does_not_starve_honest
     finally:
         flooding[0] = False
         await defer.DeferredList(slots, consumeErrors=True)
-    assert broker._fanout.setups_by_client == {}  # every count went back to nothing
+    assert broker.fanout.setups_by_client == {}  # every count went back to nothing
     await honest.close()
     await attacker.close()
     await broker.close()

@@ -149,7 +149,7 @@ async def test_attack_reconnecting_thief_is_refused_once_and_does_not_retry(brok
     with pytest.raises(PermissionDenied):
         await thief.open(tcp_address(svc), reconnect=True)
     await thief.when_lost()
-    assert not thief.reconnecting and thief._given_up  # refused for good: no retry loop
+    assert not thief.reconnecting and isinstance(thief.closed_reason, PermissionDenied)  # for good: no retry loop
     with pytest.raises(PermissionDenied):
         await thief.receive()  # says why, ever after
 
@@ -290,7 +290,7 @@ async def test_restarts_back_off_while_failing_and_publish_keeps_its_timeout(bro
     router.draining = True  # the in-process endpoint refuses: every restart fails
     for conn in [c for c in router.connections if c.trusted]:
         conn.transport.abortConnection()
-    await eventually(lambda: first.closed and svc._attempts >= 2)
+    await eventually(lambda: first.closed and svc.restart_attempts >= 2)
     with pytest.raises(RequestTimeout, match="did not start"):
         await svc.publish("t", b"x", timeout=0.05)
     router.draining = False

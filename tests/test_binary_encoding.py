@@ -165,7 +165,7 @@ async def test_mixed_subscribers_each_get_their_encoding_each_made_once_per_mess
     binary_subs = [await readers.subscribe("mixed") for _ in range(2)]
     local = await broker.subscribe("mixed")  # in the broker's process: binary too
     json_subs = [await _json_subscriber(memory, channel, "mixed") for _ in range(2)]
-    outlets = broker._fanout.outlets.values()
+    outlets = broker.fanout.outlets.values()
     assert sorted(o.binary for o in outlets) == [False, False, True, True, True]
 
     made = []
@@ -236,7 +236,7 @@ async def test_a_broker_that_does_not_offer_it_gets_json(memory, monkeypatch):
     publisher = await memory.connect(BrokerClient, channel, heartbeat=None)
     assert not publisher._publisher.binary
     seen = []
-    handle = broker._fanout.handle
+    handle = broker.fanout.handle
     monkeypatch.setattr(broker._provider, "handler", lambda body: seen.append(body) or handle(body))
     sub = await broker.subscribe("old")
     await publisher.publish("old", b"x")
@@ -285,7 +285,7 @@ async def test_over_tcp_a_binary_publisher_and_subscriber_through_a_broker_servi
         subscriber = await BrokerClient.connect(running.address, heartbeat=None)
         sub = await subscriber.subscribe("tcp")
         assert publisher._publisher.binary
-        [outlet] = running.broker._fanout.outlets.values()
+        [outlet] = running.broker.fanout.outlets.values()
         assert outlet.binary
         sent = [Message("tcp", bytes([n % 256]) * n, {"n": str(n)} if n % 2 else None) for n in range(300)]
         for msg in sent:

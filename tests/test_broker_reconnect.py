@@ -179,7 +179,7 @@ async def test_the_broker_drops_a_subscriber_that_does_not_come_back(memory):
     memory.restart()
     with pytest.raises(SubscriptionClosed, match="connection to the server lost"):
         await sub.get()
-    [outlet] = broker._fanout.outlets.values()
+    [outlet] = broker.fanout.outlets.values()
     await outlet.consumer.when_lost()  # its forwarding connection back, then closed for good
     stats = broker.stats()
     assert stats["topics"] == {} and stats["subscriptions"] == [] and stats["reconnects"] == 1

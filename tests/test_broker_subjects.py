@@ -108,7 +108,7 @@ async def test_queue_group_skips_a_member_whose_backlog_is_full(memory):
     for n in range(40):
         await broker.publish("jobs", str(n).encode())
     got_fast: list[bytes] = []
-    while len(got_fast) + slow.pending + len(broker._fanout.subscribers("jobs")[0].backlog) < 40:
+    while len(got_fast) + slow.pending + len(broker.fanout.subscribers("jobs")[0].backlog) < 40:
         got_fast.append((await fast.get()).payload)
     assert broker.dropped == 0  # a plain round-robin would have overfilled the slow one's backlog
     slow_count = 40 - len(got_fast)

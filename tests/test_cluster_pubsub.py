@@ -336,7 +336,7 @@ async def test_redis_killed_and_restarted_under_load_loses_nothing_locally_and_n
 
 
 def _delivers_group(node: BrokerService, pattern: str, group: str) -> bool:
-    interest = node.broker._fanout.index.get(pattern)
+    interest = node.broker.fanout.index.get(pattern)
     return interest is not None and group in interest.groups and not interest.groups[group].elsewhere
 
 
@@ -393,7 +393,7 @@ async def test_a_broker_restart_gives_up_its_queue_groups_and_re_attaches(cluste
         for conn in [c for c in a.factory.router.connections if c.trusted]:
             conn.transport.abortConnection()  # a's broker loses its link: BrokerService starts a new one
         await eventually(lambda: a.broker is not None and a.broker is not first)
-        assert a.cluster.pubsub.fanout is a.broker._fanout  # the new broker is in the cluster
+        assert a.cluster.pubsub.fanout is a.broker.fanout  # the new broker is in the cluster
         # a's group members went with its old broker: b delivers the group now
         await eventually(lambda: _delivers_group(b, "jobs.*", "workers"))
         await on_b.publish("jobs.eu", b"for b's member")

@@ -97,7 +97,7 @@ async def test_the_servers_own_broker_is_the_same_everywhere():
         own = await service.whenReady()
         for server, broker in ((memory, memory.broker), (tcp, tcp.broker), (service, own)):
             assert DEFAULT_BROKER_CHANNEL.bytes in server.factory.router.reserved
-            assert broker._fanout.max_setups == INPROC_MAX_SETUPS
+            assert broker.fanout.max_setups == INPROC_MAX_SETUPS
     finally:
         await service.stopService()
         await tcp.stop()

@@ -147,6 +147,11 @@ class Broker(PublishingSide):
         self.lost_link = False  # closed because a connection to the server dropped, not by close()
 
     @property
+    def fanout(self) -> Fanout:
+        """Its fan-out: topics, subscriber outlets and their state (to inspect; the broker drives it)."""
+        return self._fanout
+
+    @property
     def closed(self) -> bool:
         """True once the broker was closed or lost its connection for good."""
         return self._closed is not None
