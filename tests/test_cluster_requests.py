@@ -10,6 +10,7 @@ from twisted.internet import defer
 
 from pulsyflux import Consumer, NoProviderError, Provider, RequestTimeout
 from pulsyflux.service import BrokerService
+from pulsyflux.testing import hang
 
 from .helpers import eventually
 
@@ -119,11 +120,11 @@ async def test_a_consumer_that_reads_slowly_holds_the_relay_as_it_would_hold_a_p
     try:
         await eventually(lambda: _relays_to(a, "b", channel))
         (relay,) = a.cluster.requests.relays.values()
-        consumer._protocol.transport.pauseProducing()  # the consumer stops reading
+        resume = hang(consumer)  # the consumer stops reading
         waiting = consumer.send(b"the big one", timeout=60)
         await eventually(lambda: relay.paused and relay.kept)
         assert a.cluster.requests.in_bytes > 0  # the kept pieces are counted in the bound
-        consumer._protocol.transport.resumeProducing()
+        resume()
         assert await waiting == answer
         assert a.server.factory.router.stats.slow_consumers == 0
         assert a.cluster.requests.in_bytes == 0 and not relay.kept
