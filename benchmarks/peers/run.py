@@ -409,8 +409,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if column not in shown and column not in skipped:
             skipped[column] = "every run failed: " + (errors[column][-1] if errors[column] else "no result")
     finished = datetime.datetime.now(datetime.timezone.utc)
+    commit = output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     print(
-        f"pulsyflux peers: medians of {runs} interleaved runs, {args.duration} s per measurement, "
+        f"pulsyflux peers at {commit}: medians of {runs} interleaved runs, {args.duration} s per measurement, "
         f"{started:%Y-%m-%d %H:%M}–{finished:%H:%M} UTC, {os.cpu_count()} CPUs, "
         f"load average {load_before} before, {load()} after"
     )
@@ -430,6 +431,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "load_before": load_before,
             "load_after": load(),
             "cpus": os.cpu_count(),
+            "commit": commit,
             "settings": {"runs": runs, "duration": args.duration, "warmup": args.warmup},
             "versions": versions,
             "skipped": skipped,

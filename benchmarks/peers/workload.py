@@ -199,9 +199,13 @@ async def flood(reactor: Any, publish: Publish, subscribes: list[Subscribe], set
             published += 1
         state["published"] = published
 
+    flowing: Deferred[None] = Deferred()  # every subscriber has had a message: the warm-up starts
+
     def reader(index: int) -> Callable[[bytes], None]:
         def on_message(payload: bytes) -> None:
             count = received[index] = received[index] + 1
+            if count == 1 and not flowing.called and min(received):
+                flowing.callback(None)
             if not count & 63:
                 top_up()
 
@@ -210,6 +214,8 @@ async def flood(reactor: Any, publish: Publish, subscribes: list[Subscribe], set
     for index, subscribe in enumerate(subscribes):
         await subscribe(reader(index))
     top_up()
+    flowing.addTimeout(30, reactor)  # a server that delivers nothing fails the run instead of hanging it
+    await flowing
     await sleep(reactor, settings.warmup)
     count0, t0 = sum(received), time.perf_counter()
     await sleep(reactor, settings.duration)
