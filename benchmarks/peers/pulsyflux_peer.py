@@ -55,8 +55,12 @@ async def run(reactor: Any, settings: workload.Settings, server_python: str, rel
         "latency_p50_us": p["latency_p50_us"],
         "flood_1_per_s": p["flood_1_deliveries_per_s"],
         "flood_10_per_s": p["flood_10_deliveries_per_s"],
+        "inflight_server_cpu_us": r["inflight_cpu_us"].get("router"),
         "interpreters": used,
     }
+    for n in (1, 10):  # the server child's CPU share during the flood, per delivery
+        share, rate = p.get(f"flood_{n}_cpu_server_percent"), p[f"flood_{n}_deliveries_per_s"]
+        result[f"flood_{n}_server_cpu_us"] = share / 100 / rate * 1e6 if share is not None and rate else None
     if relay:
         result["relay"] = {"sequential_per_s": r["relay_rt_per_s"], "sequential_p50_us": r["relay_p50_us"]}
     return result

@@ -98,6 +98,19 @@ class Server:
                 argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True
             )
 
+    def pids(self) -> list[int]:
+        """Every process of the server's session: the server and, for Crossbar, its workers."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rpartition(")")[2].split()
+                except OSError:
+                    continue
+                if int(fields[3]) == self.process.pid:
+                    found.append(int(entry.name))
+        return found
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)  # the group this Popen started, nothing else
@@ -197,13 +210,21 @@ def median(values: list[Optional[float]]) -> Optional[float]:
     return statistics.median(present) if present else None
 
 
-ROWS: list[tuple[str, str, Callable[[Optional[float]], str]]] = [
+def cpu_text(value: float) -> str:
+    """Microseconds of CPU: two decimals below 1 µs (Redis and NATS are there), one above."""
+    return f"{value:,.2f} µs" if value < 1 else f"{value:,.1f} µs"
+
+
+ROWS: list[tuple[str, str, Callable[[float], str]]] = [
     ("request/response one at a time, 16 B", "sequential_per_s", lambda v: f"{v:,.0f}/s"),
     ("requests in flight, 10 × 16", "inflight_per_s", lambda v: f"{v:,.0f}/s"),
     ("1 MiB echo", "echo_mb_per_s", lambda v: f"{v:,.0f} MB/s"),
     ("pub/sub 1 → 1, 100 B", "flood_1_per_s", lambda v: f"{v:,.0f}/s"),
     ("pub/sub 1 → 10 (deliveries)", "flood_10_per_s", lambda v: f"{v:,.0f}/s"),
     ("publish → receive p50", "latency_p50_us", lambda v: f"{v:,.0f} µs"),
+    ("server CPU per request in flight", "inflight_server_cpu_us", cpu_text),
+    ("server CPU per message 1 → 1", "flood_1_server_cpu_us", cpu_text),
+    ("server CPU per delivery 1 → 10", "flood_10_server_cpu_us", cpu_text),
 ]
 
 
@@ -388,6 +409,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for column, template in commands.items():
                     port = str(servers[column].port) if column in servers else ""
                     argv = [part.replace("{port}", port) for part in template]
+                    if column in servers:
+                        argv += ["--server-pids", ",".join(map(str, servers[column].pids()))]
                     t0 = time.monotonic()
                     env = checkout if column in ("pulsyflux", "pypy") else dict(os.environ)
                     result = run_peer(argv, env, timeout=60 + 30 * args.duration)

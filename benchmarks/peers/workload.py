@@ -44,10 +44,32 @@ class Settings:
     message: int = 100  # bytes per pub/sub message (pulsyflux bench pubsub)
     window: int = 2000  # messages the publisher may run ahead of the slowest subscriber
     latency_count: int = 2000  # messages one at a time for the latency
+    server_pids: tuple[int, ...] = ()  # the server's processes, whose CPU time is read from /proc
+
+
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    """User + system CPU time of the processes (Linux /proc; 0 for one that is gone or elsewhere)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_us(settings: Settings, spent: float, count: int) -> Optional[float]:
+    """The server's CPU microseconds per unit of work, or None if its processes are not known."""
+    return spent / count * 1e6 if settings.server_pids and count else None
 
 
 def settings_from_argv(argv: list[str]) -> tuple[Settings, list[str]]:
-    """``--duration S --warmup S`` off the front of ``argv``; the rest is the script's own."""
+    """``--duration S``, ``--warmup S`` and ``--server-pids P,P`` out of ``argv``; the rest is the script's own."""
     settings, rest = Settings(), []
     items = iter(argv)
     for item in items:
@@ -55,6 +77,8 @@ def settings_from_argv(argv: list[str]) -> tuple[Settings, list[str]]:
             settings.duration = float(next(items))
         elif item == "--warmup":
             settings.warmup = float(next(items))
+        elif item == "--server-pids":
+            settings.server_pids = tuple(int(pid) for pid in next(items).split(",") if pid)
         else:
             rest.append(item)
     return settings, rest
@@ -100,8 +124,8 @@ async def sequential(call: Call, size: int, duration: float) -> dict:
     return {"per_s": len(samples) / (perf_counter() - started), "p50_us": p50 * 1e6 if p50 is not None else None}
 
 
-async def in_flight(reactor: Any, calls: list[Call], settings: Settings) -> float:
-    """Every call keeps ``settings.inflight`` requests outstanding; answers per second."""
+async def in_flight(reactor: Any, calls: list[Call], settings: Settings) -> tuple[float, Optional[float]]:
+    """Every call keeps ``settings.inflight`` requests outstanding: answers per second, server CPU µs per answer."""
     payload = b"x" * settings.payload
     state: dict[str, Any] = {"answered": 0, "outstanding": 0, "stopping": False, "error": None}
     drained: Deferred[None] = Deferred()
@@ -130,14 +154,14 @@ async def in_flight(reactor: Any, calls: list[Call], settings: Settings) -> floa
         for _ in range(settings.inflight):
             fire(call)
     await sleep(reactor, settings.warmup)
-    count0, t0 = state["answered"], time.perf_counter()
+    cpu0, count0, t0 = cpu_seconds(settings.server_pids), state["answered"], time.perf_counter()
     await sleep(reactor, settings.duration)
-    count1, t1 = state["answered"], time.perf_counter()
+    cpu1, count1, t1 = cpu_seconds(settings.server_pids), state["answered"], time.perf_counter()
     state["stopping"] = True
     await drained
     if state["error"]:
         raise RuntimeError(f"a request failed: {state['error']}")
-    return (count1 - count0) / (t1 - t0)
+    return (count1 - count0) / (t1 - t0), cpu_us(settings, cpu1 - cpu0, count1 - count0)
 
 
 async def requests(reactor: Any, calls: list[Call], settings: Settings) -> dict:
@@ -145,13 +169,14 @@ async def requests(reactor: Any, calls: list[Call], settings: Settings) -> dict:
     first = calls[0]
     await sequential(first, settings.payload, settings.warmup)
     one = await sequential(first, settings.payload, settings.duration)
-    rate = await in_flight(reactor, calls[: settings.consumers], settings)
+    rate, cpu = await in_flight(reactor, calls[: settings.consumers], settings)
     await sequential(first, settings.large, settings.warmup)
     echo = await sequential(first, settings.large, settings.duration)
     return {
         "sequential_per_s": one["per_s"],
         "sequential_p50_us": one["p50_us"],
         "inflight_per_s": rate,
+        "inflight_server_cpu_us": cpu,
         "echo_mb_per_s": echo["per_s"] * settings.large / 1e6,
     }
 
@@ -183,8 +208,11 @@ async def latency(publish: Publish, subscribe: Subscribe, settings: Settings) ->
     return (percentile(samples, 0.5) or 0.0) * 1e6
 
 
-async def flood(reactor: Any, publish: Publish, subscribes: list[Subscribe], settings: Settings) -> float:
-    """Deliveries per second summed over the subscribers; the publisher stays ``window`` ahead."""
+async def flood(
+    reactor: Any, publish: Publish, subscribes: list[Subscribe], settings: Settings
+) -> tuple[float, Optional[float]]:
+    """Deliveries per second summed over the subscribers, and the server's CPU µs per delivery;
+    the publisher stays ``window`` messages ahead of the slowest subscriber."""
     received = [0] * len(subscribes)
     state: dict[str, Any] = {"published": 0, "stopping": False}
     message = b"x" * settings.message
@@ -217,11 +245,11 @@ async def flood(reactor: Any, publish: Publish, subscribes: list[Subscribe], set
     flowing.addTimeout(30, reactor)  # a server that delivers nothing fails the run instead of hanging it
     await flowing
     await sleep(reactor, settings.warmup)
-    count0, t0 = sum(received), time.perf_counter()
+    cpu0, count0, t0 = cpu_seconds(settings.server_pids), sum(received), time.perf_counter()
     await sleep(reactor, settings.duration)
-    count1, t1 = sum(received), time.perf_counter()
+    cpu1, count1, t1 = cpu_seconds(settings.server_pids), sum(received), time.perf_counter()
     state["stopping"] = True
-    return (count1 - count0) / (t1 - t0)
+    return (count1 - count0) / (t1 - t0), cpu_us(settings, cpu1 - cpu0, count1 - count0)
 
 
 Pair = Callable[[int], Awaitable[tuple[Publish, list[Subscribe], Callable[[], Any]]]]
@@ -234,11 +262,11 @@ async def pubsub(reactor: Any, pair: Pair, s: Settings) -> dict:
     to a fresh topic and returns ``(publish, subscribes, close)``.
     """
     publish, subs, close = await pair(1)
-    result = {"latency_p50_us": await latency(publish, subs[0], s)}
+    result: dict[str, Optional[float]] = {"latency_p50_us": await latency(publish, subs[0], s)}
     await close()
     for n in (1, 10):
         publish, subs, close = await pair(n)
-        result[f"flood_{n}_per_s"] = await flood(reactor, publish, subs, s)
+        result[f"flood_{n}_per_s"], result[f"flood_{n}_server_cpu_us"] = await flood(reactor, publish, subs, s)
         await close()
     return result
 
