@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.python.failure import Failure
 
 from ..wire.messages import BINARY_MAGIC, CONTROL_PREFIX, DROPPED, split_binary
 from .common import (
@@ -752,7 +753,7 @@ def _say(*fields: Any) -> None:
 def _child(argv: list[str]) -> None:
     from twisted.internet import reactor
 
-    def failed(failure: Any) -> None:
+    def failed(failure: Failure) -> None:
         print(failure.getErrorMessage(), file=sys.stderr, flush=True)
         if reactor.running:
             reactor.stop()
@@ -908,7 +909,7 @@ async def _publisher(reactor: IReactor, address: str, topic: str, size: str, bat
         state["in_flight"] -= 1
         publish_to_limit()
 
-    def failed(failure: Any) -> None:
+    def failed(failure: Failure) -> None:
         print(failure.getErrorMessage(), file=sys.stderr, flush=True)
         reactor.stop()
 
@@ -966,7 +967,7 @@ async def _idle(reactor: IReactor, address: str, connections: str) -> None:
         held.extend(sub for _, sub in done)
         _say(count)
 
-    def fail(failure: Any) -> None:
+    def fail(failure: Failure) -> None:
         print(failure.getErrorMessage(), file=sys.stderr, flush=True)
         reactor.stop()
 

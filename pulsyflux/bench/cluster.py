@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
 
 from pulsyflux.broker import BrokerClient
 from pulsyflux.client import Consumer, Provider
@@ -129,7 +130,7 @@ class _Redis(ProcessProtocol):
 
     errReceived = outReceived
 
-    def processEnded(self, reason: Any) -> None:
+    def processEnded(self, reason: Failure) -> None:
         if not self.ready.called:
             self.ready.errback(RuntimeError(f"redis-server exited:\n{self._out.decode(errors='replace')}"))
         self.ended.callback(None)
@@ -167,7 +168,7 @@ async def _requests(reactor: IReactor, consumer: Consumer, options: Options, pid
         state["done"] += 1
         one()
 
-    def bad(failure: Any) -> None:
+    def bad(failure: Failure) -> None:
         state["failed"] += 1
         state["error"] = state["error"] or failure.getErrorMessage()
         one()

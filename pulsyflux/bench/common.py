@@ -28,11 +28,15 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Optional,
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
 
 from ..endpoints import port_number
 
 if TYPE_CHECKING:
     from .._types import IReactor
+    from ..auth.tokens import Authority
+    from ..broker import Broker
+    from ..service import BrokerService
 
 
 __all__ = [
@@ -93,7 +97,7 @@ class Child(ProcessProtocol):
     def errReceived(self, data: bytes) -> None:
         self._err = (self._err + data)[-4000:]
 
-    def processEnded(self, reason: Any) -> None:
+    def processEnded(self, reason: Failure) -> None:
         if not self.ready.called:
             self.ready.errback(
                 RuntimeError(f"{self.name} exited before it was ready:\n{self._err.decode(errors='replace')}")
@@ -221,7 +225,7 @@ def run_blocking(
 
     outcome: dict = {}
 
-    def finish(result: Any) -> None:
+    def finish(result: object) -> None:
         outcome["result"] = result
         reactor.stop()
 
@@ -347,14 +351,16 @@ def results(options: Any, runs: list[dict], medians: dict[str, Any], **rest: Any
     return {"options": public_options(options), "machine": machine(), "medians": medians, "runs": runs, **rest}
 
 
-def serve_broker(reactor: IReactor, service: Any, then: Callable[[Any], Any] = lambda result: result) -> None:
+def serve_broker(
+    reactor: IReactor, service: BrokerService, then: Callable[[Broker], object] = lambda result: result
+) -> None:
     """A child process: run ``service`` (a BrokerService on port 0), print its port once ready and ``then``
     fired (the parent reads it), or print why not and stop."""
 
     def ready(port: IListeningPort) -> None:
         print(port_number(port), flush=True)
 
-    def failed(failure: Any) -> None:
+    def failed(failure: Failure) -> None:
         print(failure.getErrorMessage(), file=sys.stderr, flush=True)
         reactor.stop()
 
@@ -376,7 +382,7 @@ def use_auth_secret() -> None:
     os.environ[AUTH_SECRET_ENV] = os.urandom(32).hex()
 
 
-def bench_authority() -> Any:
+def bench_authority() -> Authority:
     """The server child's token checks under --auth: the parent's secret, no anonymous rights."""
     from pulsyflux.auth.grants import Grants
     from pulsyflux.auth.tokens import Authority, Key

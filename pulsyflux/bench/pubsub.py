@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.python.failure import Failure
 
 from pulsyflux.broker import BrokerClient, Subscription
 
@@ -235,7 +236,7 @@ class _Flood:
             publish(topic, _payload(size)).addErrback(self._failed)
             self.published += 1
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Failure) -> None:
         self.failed += 1
         if self.first_error is None:
             self.first_error = f"{failure.type.__name__}: {failure.getErrorMessage()}"

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.python.failure import Failure
 
 from pulsyflux.client import Consumer, Provider
 
@@ -186,7 +187,7 @@ class _Flood:
         self.answered += 1
         self._next(consumer)
 
-    def _failed(self, failure: Any, consumer: Consumer) -> None:
+    def _failed(self, failure: Failure, consumer: Consumer) -> None:
         self.outstanding -= 1
         self.failed += 1
         if self.first_error is None:
@@ -476,7 +477,7 @@ def _serve(argv: list[str]) -> None:
         def connected(provider: Provider) -> None:
             print("ready", flush=True)
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Failure) -> None:
             print(failure.getErrorMessage(), file=sys.stderr, flush=True)
             reactor.stop()
 
