@@ -18,7 +18,7 @@ from pulsyflux.testing import reset
 from pulsyflux.wire import messages
 from pulsyflux.wire.messages import Position
 
-from .helpers import clocked
+from .helpers import clocked, eventually
 from .test_broker_reconnect import crash
 
 ensure = pytest_twisted.ensureDeferred
@@ -180,12 +180,6 @@ class _Pump:
         return self.positions
 
 
-def pump_turn() -> Deferred:
-    from .helpers import later
-
-    return later(0.001)
-
-
 @ensure
 async def test_replay_then_live_with_publishes_racing_the_replay_has_no_gap_and_no_duplicate():
     # Publishes keep coming while the subscription is set up and replays: each seq once, in order.
@@ -195,8 +189,7 @@ async def test_replay_then_live_with_publishes_racing_the_replay_has_no_gap_and_
     before = [await publisher.publish("race", b"x") for _ in range(200)]
     pump = _Pump(publisher, "race")
     sub = await within(subscriber.subscribe("race", since=before[49], buffer=100_000))
-    while len(pump.positions) < 100:
-        await within(pump_turn())
+    await eventually(lambda: len(pump.positions) >= 100, timeout=20)
     positions = await pump.stop()
     seqs = []
     while not seqs or seqs[-1] < positions[-1].seq:
@@ -268,8 +261,7 @@ async def test_a_restarted_broker_link_keeps_the_services_history():
     reset(old)  # the broker loses its link to the server: the service starts another
     await within(old.when_closed())
     await within(service.whenReady())
-    while service.broker is None or service.broker.closed:
-        await within(pump_turn())
+    await eventually(lambda: service.broker is not None and not service.broker.closed, timeout=20)
     second = await within(service.publish("t", b"b"))
     assert second == Position(first.epoch, 2)
     sub = await within(service.subscribe("t", since=first))

@@ -7,11 +7,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 from pulsyflux.writer import JOIN_LIMIT, ImmediateWriter, immediate_writer
+
+from .helpers import eventually
 
 
 class Collect(Protocol):
@@ -38,8 +39,7 @@ async def test_mixed_writes_arrive_whole_and_in_order_even_when_the_reader_stall
     try:
         sender = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol())
         writer = ImmediateWriter(sender.transport)
-        while receiver.transport is None:  # the accept side may not have run yet
-            await deferLater(reactor, 0.001, lambda: None)
+        await eventually(lambda: receiver.transport is not None)  # the accept side may not have run yet
         receiver.transport.pauseProducing()  # the kernel buffers fill: later writes must queue behind
         for n, piece in enumerate(pieces):
             if n == 100:
