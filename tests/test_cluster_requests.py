@@ -593,3 +593,27 @@ async def test_requests_from_redis_reach_only_channels_a_client_provides_here(pa
         intruder.transport.loseConnection()
         listener.transport.loseConnection()
         await subscriber.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_subscribers_channel_is_never_advertised_to_other_servers(pair):
+    """A subscription's channel has a client provider (the subscriber) but is the broker's to send on:
+    it is not kept in Redis for other servers to relay to (its id is the subscription's secret)."""
+    from pulsyflux.broker import BrokerClient
+
+    a, b = pair
+    intruder = await _intruder(b)
+    subscriber = await BrokerClient.connect(_address(b))
+    channel = uuid.uuid4()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: body)
+    try:
+        await subscriber.subscribe("orders.eu")
+        await eventually(lambda: _relays_to(a, "b", channel))  # a's reads see b's channels now
+        (private,) = b.cluster.requests.router.guarded
+        assert b.cluster.registry.held == {channel.bytes}
+        assert await intruder.execute("SMEMBERS", "pulsyflux:chans:b") == [channel.bytes]
+        assert [key for key in a.cluster.requests.relays if key[1] == private] == []
+    finally:
+        intruder.transport.loseConnection()
+        await subscriber.close()
+        await provider.close()

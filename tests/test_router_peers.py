@@ -172,3 +172,29 @@ def test_the_guard_keeps_its_state_on_the_peer_from_admission_with_no_protocol()
     assert idle.transport.closed == "lost"  # type: ignore[attr-defined]
     router.disconnected(idle)
     assert not router.connection_guard.counted and idle.held == 0
+
+
+def test_the_cluster_is_told_of_a_channel_a_client_provides_unless_it_is_guarded():
+    """A subscriber's channel (guarded while the broker forwards there) is never advertised to other
+    servers: guarding withdraws it, and a provider registering on a guarded channel advertises nothing."""
+    router = Router(Clock())
+    told: list[tuple[bytes, bool]] = []
+    assert router.watch_channels(lambda channel, held: told.append((channel, held))) == []
+    open_channel, private = os.urandom(16), os.urandom(16)
+    for channel in (open_channel, private):
+        conn, _ = connect(router)
+        receive(router, conn, register_frames(codec.ROLE_PROVIDER, os.urandom(16), channel))
+    assert told == [(open_channel, True), (private, True)]
+    unguard = router.guard(private)  # the broker took it for a subscription
+    assert told[-1] == (private, False)
+    assert router.watch_channels(told.append) == [open_channel]  # type: ignore[arg-type]
+    router.watch_channels(lambda channel, held: told.append((channel, held)))
+    late = os.urandom(16)
+    unguard_late = router.guard(late)
+    conn, _ = connect(router)
+    receive(router, conn, register_frames(codec.ROLE_PROVIDER, os.urandom(16), late))
+    router.disconnected(conn)
+    unguard_late()
+    assert told[-1] == (private, False)  # nothing about the channel guarded before its provider came
+    unguard()
+    assert told[-1] == (private, True)  # no longer guarded, still provided: advertised again

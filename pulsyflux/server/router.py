@@ -339,8 +339,9 @@ class Router:
         self.registry: dict[RegistryKey, Peer] = {}
         self.providers: dict[bytes, list[Peer]] = {}
         self._next_provider: dict[bytes, int] = {}
-        # Told when a channel gains its first provider from outside, or loses its last
-        # (the cluster advertises the channels this server holds: pulsyflux.cluster.requests).
+        # Told when a channel gains its first provider from outside, or loses its last, and when
+        # such a channel is guarded or no longer (a subscriber's: never advertised while guarded).
+        # The cluster advertises the channels this server holds: pulsyflux.cluster.requests.
         self.on_channel: Optional[Callable[[bytes, bool], None]] = None
         self.requests: dict[bytes, _InFlight] = {}
         self.deadlines = Deadlines(clock, self.requests, self._expire)  # one timer, not one per request
@@ -423,7 +424,10 @@ class Router:
         """
         channel = bytes(channel)
         guarded = self.guarded
-        guarded[channel] = guarded.get(channel, 0) + 1
+        count = guarded.get(channel, 0)
+        guarded[channel] = count + 1
+        if not count and self.on_channel is not None and _any_outside(self.providers.get(channel, ())):
+            self.on_channel(channel, False)  # a subscriber's channel is not for other servers either
         released = False
 
         def unguard() -> None:
@@ -436,6 +440,8 @@ class Router:
                 guarded[channel] = left
             else:
                 guarded.pop(channel, None)
+                if self.on_channel is not None and _any_outside(self.providers.get(channel, ())):
+                    self.on_channel(channel, True)
 
         return unguard
 
@@ -450,7 +456,12 @@ class Router:
         self.connection_guard.registered(conn)
         if role == ROLE_PROVIDER:
             providers = self.providers.setdefault(channel, [])
-            if self.on_channel is not None and not conn.trusted and not _any_outside(providers):
+            if (
+                self.on_channel is not None
+                and not conn.trusted
+                and not _any_outside(providers)
+                and channel not in self.guarded
+            ):
                 self.on_channel(channel, True)
             providers.append(conn)
 
@@ -469,7 +480,12 @@ class Router:
                 if not providers:
                     del self.providers[channel]
                     self._next_provider.pop(channel, None)
-            if self.on_channel is not None and not conn.trusted and not _any_outside(providers or ()):
+            if (
+                self.on_channel is not None
+                and not conn.trusted
+                and not _any_outside(providers or ())
+                and channel not in self.guarded
+            ):
                 self.on_channel(channel, False)
 
     def _pick_here(self, channel: bytes) -> Optional[Peer]:
@@ -481,10 +497,16 @@ class Router:
         return None
 
     def watch_channels(self, callback: Optional[Callable[[bytes, bool], None]]) -> list[bytes]:
-        """Call ``callback(channel, held)`` when a channel gains its first provider from
-        outside the server, or loses its last; returns the channels held now (None: stop)."""
+        """Call ``callback(channel, held)`` when a channel gains its first provider from outside the
+        server, or loses its last, and when such a channel is guarded (False) or no longer (True);
+        returns the channels held now, guarded ones left out (None: stop)."""
         self.on_channel = callback
-        return [channel for channel, providers in self.providers.items() if _any_outside(providers)]
+        guarded = self.guarded
+        return [
+            channel
+            for channel, providers in self.providers.items()
+            if channel not in guarded and _any_outside(providers)
+        ]
 
     def pick_provider(self, channel: bytes) -> Optional[Peer]:
         providers = self.providers.get(channel)
