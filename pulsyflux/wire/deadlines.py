@@ -14,31 +14,34 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Generic, Mapping, Optional, TypeVar
 
 if TYPE_CHECKING:  # only for the annotations: this module runs without Twisted
     from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 __all__ = ["Deadlines"]
 
+K = TypeVar("K")  # what the owner keys its table by (a request id)
+V = TypeVar("V")  # what it keeps there (the request's entry)
 
-class Deadlines:
+
+class Deadlines(Generic[K, V]):
     """Calls ``expire(key, value)`` once a deadline passes while ``live[key] is value``.
 
     ``clock`` is the reactor (or a ``task.Clock``); ``live`` is the owner's
     own table of what is still waiting, so forgetting needs no call here.
     """
 
-    def __init__(self, clock: IReactorTime, live: Mapping[Any, Any], expire: Callable[[Any, Any], None]) -> None:
+    def __init__(self, clock: IReactorTime, live: Mapping[K, V], expire: Callable[[K, V], None]) -> None:
         self._clock = clock
         self._live = live
         self._expire = expire
-        self._heap: list[tuple[float, int, Any, Any]] = []
+        self._heap: list[tuple[float, int, K, V]] = []
         self._order = itertools.count()  # breaks ties so values are never compared
         self._timer: Optional[IDelayedCall] = None
         self._timer_at = float("inf")
 
-    def add(self, key: Any, value: Any, seconds: float) -> None:
+    def add(self, key: K, value: V, seconds: float) -> None:
         when = self._clock.seconds() + seconds
         heap = self._heap  # push(), inline: a consumer adds one per request
         heapq.heappush(heap, (when, next(self._order), key, value))
@@ -47,7 +50,7 @@ class Deadlines:
         elif len(heap) > 2 * len(self._live) + 64:
             self._compact()
 
-    def push(self, key: Any, value: Any, when: float) -> bool:
+    def push(self, key: K, value: V, when: float) -> bool:
         """Add a deadline at clock time ``when`` without touching the timer; True if :meth:`arm` must follow.
 
         For an owner on a hot path that arms the timer after its more urgent
