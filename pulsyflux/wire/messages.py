@@ -738,16 +738,28 @@ def convert(entry: Union[str, bytes], binary: bool) -> Union[str, bytes]:
     if binary:
         obj = _loads_text(entry)  # type: ignore[arg-type]  # a str here
         topic, payload, headers = _fields(obj)
-        position = obj.get("Position")
         return encode_record(
             topic,
             None if payload is None else _payload(payload),
             None if headers is None else _headers(headers),
-            position if type(position) is str else None,
+            _position_text(obj.get("Position")),
         )
     topic, payload, headers, position, _, _ = _parse_binary(BINARY_MAGIC + entry)[0]  # type: ignore[operator]
     text = encode_text(topic, payload, headers)
+    position = _position_text(position)
     return text if position is None else f'{text[:-1]},"Position":"{position}"}}'
+
+
+def _position_text(position: Any) -> Optional[str]:
+    """A position as it may be written again, or None: a record's or a Go publisher's may be anything
+    (a broker without history forwards it as it came), and a quote in it would forge JSON fields."""
+    if type(position) is not str:
+        return None
+    try:
+        Position.parse(position)
+    except ValueError:
+        return None
+    return position if position.isascii() else None
 
 
 def _binary_error(why: str, at: int) -> MessageError:

@@ -1,0 +1,63 @@
+"""Worst inputs against what landed on 2026-11-30 (binary encoding, request path, relays)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from pulsyflux import Broker, BrokerClient, Consumer, Provider
+from pulsyflux.wire import messages
+
+from .helpers import clocked
+
+
+def test_a_publishers_position_cannot_inject_json_when_converted():
+    """A record's position comes from a publisher (a broker without history forwards records as they
+    came): turned into JSON for a JSON-only reader it must stay one well-formed message of its topic."""
+    forged = '1:1","Topic":"admin'
+    record = messages.encode_record("jobs", b"x", None, position=forged)
+    text = messages.convert(record, False)
+    obj = json.loads(text)
+    assert obj["Topic"] == "jobs" and list(obj).count("Topic") == 1
+    assert messages.decode_body(text.encode()) == [messages.Message("jobs", b"x")]
+    for bad in ('"', "\\", "a:b", "x" * 200):
+        assert json.loads(messages.convert(messages.encode_record("t", b"", None, position=bad), False))
+    # And back: a JSON text whose Position is no position (a Go publisher's) converts without an exception.
+    for bad in ["\u00e9:1", "9" * 300, 5]:
+        text = json.dumps({"Topic": "t", "Payload": None, "Headers": None, "Position": bad})
+        assert messages.decode_body(messages.BINARY_MAGIC + messages.convert(text, True)) == [
+            messages.Message("t", b"")
+        ]
+
+
+@clocked
+async def test_a_binary_publisher_cannot_forge_the_topic_a_json_queue_member_reads(memory):
+    """A hostile publisher's records carry a position that would close the JSON string; handed over
+    from a binary member to a JSON-only (Go) member they still decode, with their own topic."""
+    channel = uuid.uuid4()
+    broker = await memory.connect(Broker, channel, batch=1, window=1)
+    readers = await memory.connect(BrokerClient, channel, heartbeat=None)
+    binary_member = await readers.subscribe("jobs", group="w", buffer=1)
+    announcer = await memory.connect(Consumer, channel)
+    json_channel = uuid.uuid4()
+    json_member = await memory.connect(Provider, json_channel)
+    answer = announcer.send(
+        messages.control(messages.SUBSCRIBE, topic="jobs", channel=str(json_channel), group="w").encode()
+    )
+    probe = await json_member.receive()
+    json_member.respond(probe, b"ok")
+    assert await answer == b"ok"
+    forged = '1:1","Topic":"admin","Payload":"AA=="'
+    body = messages.encode_records([messages.encode_record("jobs", b"%d" % n, None, position=forged) for n in range(6)])
+    assert await announcer.send(body) == b"ok"
+    await readers.unsubscribe("jobs")  # the binary member leaves with records waiting for it
+    got = [await binary_member.get() for _ in range(binary_member.pending)]
+    handed = []
+    while len(got) + len(handed) < 6:
+        request = await json_member.receive()
+        handed += messages.decode_body(request.payload)  # a MessageError here: the JSON was broken
+        json_member.respond(request, b"ok")
+    assert {m.topic for m in handed} == {"jobs"}
+    assert sorted(m.payload for m in [*got, *handed]) == [b"%d" % n for n in range(6)]
+    for closing in (json_member, announcer, readers, broker):
+        await closing.close()
