@@ -617,3 +617,53 @@ async def test_a_subscribers_channel_is_never_advertised_to_other_servers(pair):
         intruder.transport.loseConnection()
         await subscriber.close()
         await provider.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forged_server_in_redis_gets_no_share_of_the_brokers_or_a_subscribers_channel(pair):
+    """Worst input: whoever writes to Redis says it holds this server's broker channel and a subscriber's
+    channel (which it may read there before the broker takes it). Its relays must not take a share of the
+    publishes, subscribe announcements (which carry private channel ids) or forwards routed there."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from pulsyflux.broker import BrokerClient
+    from pulsyflux.cluster.redis import RedisSubscriber
+
+    a, b = pair
+    leaked: list[bytes] = []
+    listener = await connectProtocol(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", b.cluster.link.address.port),
+        RedisSubscriber(lambda channel, data: leaked.append(data)),
+    )
+    listener.subscribe(b"pulsyflux:n:ghost")
+    await listener.ping()
+    intruder = await _intruder(b)
+    subscriber = await BrokerClient.connect(_address(b), heartbeat=None)
+    publisher = await BrokerClient.connect(_address(b), heartbeat=None)
+    try:
+        subscription = await subscriber.subscribe("orders")
+        router = b.cluster.requests.router
+        (private,) = router.guarded
+        broker_channel = b.broker_channel.bytes
+        await intruder.execute("SADD", "pulsyflux:nodes", "ghost")
+        await intruder.execute("SET", "pulsyflux:node:ghost", "1", "PX", "30000")
+        await intruder.execute("SADD", "pulsyflux:chans:ghost", private, broker_channel)
+        await _announce(intruder, "+", "ghost", private)
+        await eventually(lambda: _relays_to(b, "ghost", uuid.UUID(bytes=private)))
+        await eventually(lambda: _relays_to(b, "ghost", uuid.UUID(bytes=broker_channel)))
+        for n in range(20):
+            await publisher.publish("orders", b"%d" % n)
+        assert [(await subscription.get()).payload for _ in range(20)] == [b"%d" % n for n in range(20)]
+        other = await subscriber.subscribe("billing")  # an announcement: a private channel id in it
+        await publisher.publish("billing", b"x")
+        assert (await other.get()).payload == b"x"
+        await listener.ping()
+        assert leaked == []
+    finally:
+        await intruder.execute("SREM", "pulsyflux:nodes", "ghost")
+        await intruder.execute("DEL", "pulsyflux:node:ghost", "pulsyflux:chans:ghost")
+        intruder.transport.loseConnection()
+        listener.transport.loseConnection()
+        await publisher.close()
+        await subscriber.close()

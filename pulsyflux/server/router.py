@@ -787,8 +787,14 @@ class Router:
             self._server_error(conn, request_id, message, routing)
             return
         provider = self.pick_provider(channel)
-        if provider is not None and provider.relay and conn.relay:
-            provider = self._pick_here(channel)  # a request relayed from another server stays here
+        if (
+            provider is not None
+            and provider.relay
+            and (conn.relay or channel in self.reserved or channel in self.guarded)
+        ):
+            # Stays here: a request relayed from another server, and any on the broker's channel or a
+            # subscriber's (no other server holds those; one that says so in Redis gets none of them).
+            provider = self._pick_here(channel)
         if provider is None or (channel in self.guarded and not conn.trusted):
             self._server_error(conn, request_id, errors.MSG_PEER_DISAPPEARED, routing)
             return
