@@ -61,3 +61,55 @@ async def test_a_binary_publisher_cannot_forge_the_topic_a_json_queue_member_rea
     assert sorted(m.payload for m in [*got, *handed]) == [b"%d" % n for n in range(6)]
     for closing in (json_member, announcer, readers, broker):
         await closing.close()
+
+
+def _json_member(memory, topic):
+    """A subscriber that reads JSON only (a Go provider): it answers the broker's probe with a plain ``ok``."""
+
+    async def make():
+        channel = uuid.uuid4()
+        provider = await memory.connect(Provider, channel)
+        announcer = await memory.connect(Consumer, memory.broker_channel)
+        answer = announcer.send(messages.control(messages.SUBSCRIBE, topic=topic, channel=str(channel)).encode())
+        probe = await provider.receive()
+        provider.respond(probe, b"ok")
+        assert await answer == b"ok"
+        return provider, announcer
+
+    return make()
+
+
+def test_a_binary_publish_too_large_as_json_does_not_cost_go_subscribers_their_subscription():
+    """Raw bytes are 3/4 of their base64 and a NUL header byte is six in JSON: a binary message the server
+    took may be too large once made JSON for a Go subscriber. It must not end that subscriber's subscription."""
+    from pulsyflux.testing import MemoryServer
+
+    memory = MemoryServer(max_body=3000)  # a publish may be wire_limit(3000) bytes: ~1 MiB
+
+    async def attack():
+        provider, announcer = await _json_member(memory, "t")
+        publisher = await memory.connect(Consumer, memory.broker_channel)
+        big = messages.encode_records([messages.encode_record("t", b"x" * (1 << 20), None)])
+        assert len(big) <= messages.wire_limit(3000)  # the server takes it
+        try:
+            await publisher.send(big)
+        except Exception:
+            pass  # refused at once is fine too
+        small = publisher.send(messages.encode("t", b"after", None))
+        seen = []
+        while not seen or seen[-1].payload != b"after":
+            request = await provider.receive()
+            seen += messages.decode_body(request.payload)
+            provider.respond(request, b"ok")
+        assert await small == b"ok"
+        assert messages.DROPPED in [m.topic for m in seen]  # told, in the forward after
+        assert memory.broker.stats()["dropped"] == 1
+        [outlet] = memory.broker.fanout.outlets.values()
+        assert outlet.open
+        for closing in (publisher, announcer, provider):
+            await closing.close()
+
+    try:
+        memory.run(attack())
+    finally:
+        memory.close()

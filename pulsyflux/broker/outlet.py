@@ -13,7 +13,14 @@ from twisted.python.failure import Failure
 from ..client import Consumer
 from ..endpoints import Address
 from ..wire import messages
-from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RemoteError
+from ..wire.errors import (
+    PREFIX_REQUEST_TOO_LARGE,
+    ConnectionLostError,
+    NoProviderError,
+    PulsyfluxError,
+    RemoteError,
+    ServerOverloaded,
+)
 from ..wire.messages import Position
 from ..wire.printable import error_excerpt
 from .link import PROBE, ignore, send_until_registered
@@ -212,6 +219,16 @@ class Outlet:
             self.lost += count
             self.fanout.lost += count
             self.ready = False
+            return
+        if isinstance(error, ServerOverloaded) and str(error).startswith(PREFIX_REQUEST_TOO_LARGE):
+            # Too large for the server or the subscriber (a binary publish made JSON for a Go subscriber
+            # grows by a third, NUL header bytes sixfold): those messages are dropped and counted, and its
+            # next forward says so; the subscription stays (a publisher cannot end other clients' ones).
+            self.dropped += count
+            self.fanout.dropped += count
+            if self.local is not None:
+                self.local.set_dropped(self.dropped)
+            self.flush()
             return
         if isinstance(error, NoProviderError):
             reason = "subscriber disappeared"
