@@ -113,3 +113,34 @@ def test_a_binary_publish_too_large_as_json_does_not_cost_go_subscribers_their_s
         memory.run(attack())
     finally:
         memory.close()
+
+
+def test_a_binary_publish_that_would_grow_sixfold_as_json_is_refused():
+    """Worst input: 15 MiB of NUL header bytes (a message the server takes) would be 90 MiB of JSON, made
+    for every Go subscriber, the history and the cluster: the broker refuses it as it refuses a JSON
+    publish past its bound, and nothing is fanned out."""
+    from pulsyflux.broker.subscription import MESSAGES_INCOMPLETE
+    from pulsyflux.testing import MemoryServer
+    from pulsyflux.wire.errors import RemoteError
+
+    memory = MemoryServer()
+
+    async def attack():
+        provider, announcer = await _json_member(memory, "t")
+        publisher = await memory.connect(Consumer, memory.broker_channel)
+        body = messages.encode_records([messages.encode_record("t", b"", {"k": "\x00" * (15 << 20)})])
+        assert len(body) < MESSAGES_INCOMPLETE < len(messages.encode_text("t", b"", {"k": "\x00" * (15 << 20)}))
+        try:
+            await publisher.send(body)
+        except RemoteError as error:
+            assert "publish refused" in str(error)
+        else:
+            raise AssertionError("a publish six times larger as JSON was taken")
+        assert memory.broker.stats()["published"] == 0
+        for closing in (publisher, announcer, provider):
+            await closing.close()
+
+    try:
+        memory.run(attack())
+    finally:
+        memory.close()

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 from .outlet import FORWARD_CHARS, Outlet, guard_channel
 from .rights import Rights, auth_link
 from .subjects import Interest, Sublist
-from .subscription import Subscription
+from .subscription import MESSAGES_INCOMPLETE, Subscription
 
 __all__ = [
     "Fanout",
@@ -67,6 +67,7 @@ DEFAULT_MAX_SETUPS_PER_CLIENT = 8  # of those, from one client (one connection: 
 _SETUP_WAITERS = 16  # announcements of one channel waiting for its setup; more are refused
 DEFAULT_BATCH = 256  # messages per forward request, at most
 DEFAULT_WINDOW = 4  # forward requests in flight per subscriber
+_GROWS_PAST = MESSAGES_INCOMPLETE // 6  # a binary publish up to this size is no larger than that as JSON
 
 
 class Subscribers(Interest[Outlet]):
@@ -272,6 +273,16 @@ class Fanout:
             problem = topic_problem(item[0])
             if problem is not None:
                 self._refuse(item[0], problem)
+        if len(body) > _GROWS_PAST:  # only so large a body can hold a message too large once made JSON
+            for _, record, payload, _ in items:
+                size = 0 if payload is None else len(payload)
+                # At most: the payload in base64, and six bytes (\u0000) per byte of topic and headers.
+                if 4 * -(-size // 3) + 6 * (len(record) - size) > MESSAGES_INCOMPLETE:
+                    self.rejected += 1
+                    raise MessageError(
+                        f"publish refused: a message of {len(record)} bytes may be larger as JSON (made for"
+                        f" subscribers that read only JSON) than the {MESSAGES_INCOMPLETE} bytes a publish may take"
+                    )
         if self.rights is not None:
             self.rights.may_publish(self._request_id(), items)  # type: ignore[arg-type]  # reads the topics only
         if self.history is not None or self.cluster is not None:
