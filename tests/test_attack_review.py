@@ -144,3 +144,28 @@ def test_a_binary_publish_that_would_grow_sixfold_as_json_is_refused():
         memory.run(attack())
     finally:
         memory.close()
+
+
+def test_deadlines_each_earlier_than_the_last_do_not_pile_up():
+    """Worst input: a peer keeps one request waiting and sends requests answered at once, each with a
+    deadline a little earlier than the one before (timeouts are up to 49 days): every entry is the new
+    earliest. The stale entries (each holding its request) must still be compacted, through add and push."""
+    from twisted.internet.task import Clock
+
+    from pulsyflux.wire.deadlines import Deadlines
+
+    for via_push in (False, True):
+        clock = Clock()
+        live: dict = {"held": object()}
+        deadlines = Deadlines(clock, live, lambda key, value: None)
+        deadlines.add("held", live["held"], 4_000_000.0)
+        for n in range(10_000):
+            live[n] = object()
+            if via_push:
+                if deadlines.push(n, live[n], clock.seconds() + 1_000_000.0 - n):
+                    deadlines.arm()
+            else:
+                deadlines.add(n, live[n], 1_000_000.0 - n)
+            del live[n]  # answered at once
+            clock.advance(0.0001)
+        assert len(deadlines._heap) <= 2 * len(live) + 64 + 1

@@ -45,10 +45,10 @@ class Deadlines(Generic[K, V]):
         when = self._clock.seconds() + seconds
         heap = self._heap  # push(), inline: a consumer adds one per request
         heapq.heappush(heap, (when, next(self._order), key, value))
+        if len(heap) > 2 * len(self._live) + 64:  # also when it is the earliest: each may be, and each stays
+            self._compact()
         if when < self._timer_at:
             self._schedule(when)
-        elif len(heap) > 2 * len(self._live) + 64:
-            self._compact()
 
     def push(self, key: K, value: V, when: float) -> bool:
         """Add a deadline at clock time ``when`` without touching the timer; True if :meth:`arm` must follow.
@@ -58,11 +58,9 @@ class Deadlines(Generic[K, V]):
         """
         heap = self._heap
         heapq.heappush(heap, (when, next(self._order), key, value))
-        if when < self._timer_at:
-            return True
-        if len(heap) > 2 * len(self._live) + 64:
+        if len(heap) > 2 * len(self._live) + 64:  # as in add()
             self._compact()
-        return False
+        return when < self._timer_at
 
     def arm(self) -> None:
         """Have the timer fire at the earliest deadline held (after :meth:`push`)."""
