@@ -264,14 +264,15 @@ async def test_two_twistd_servers_share_pubsub_in_order_exactly_once(redis_serve
             if first.called:
                 break
             await on_a.publish("load.test", b"probe")
-        assert (await first).payload == b"probe"
+        # A generous bound only so that a lost message fails the test instead of hanging the suite.
+        assert (await first.addTimeout(30, reactor)).payload == b"probe"
         count = 300
         for i in range(count):
             on_a.publish("load.test", str(i).encode())
         await on_a.publish("load.test", b"end")
         payloads = []
         while True:
-            message = await sub.get()
+            message = await sub.get().addTimeout(30, reactor)
             if message.payload == b"probe":
                 continue
             if message.payload == b"end":
