@@ -68,6 +68,7 @@ class Nats(Protocol):
         return publish
 
     def publish(self, subject: bytes, payload: bytes, reply: bytes) -> None:
+        """One request: ``payload`` to ``subject``, its answer wanted on ``reply``."""
         self.write(b"PUB %s %s %d\r\n%s\r\n" % (subject, reply, len(payload), payload))
 
     def dataReceived(self, data: bytes) -> None:
@@ -151,7 +152,7 @@ class Requester:
         reply = b"%s%d" % (self.inbox, next(self.ids))
         d: Deferred[bytes] = Deferred()
         self.waiting[reply] = d
-        self.nats.write(b"PUB %s %s %d\r\n%s\r\n" % (self.service, reply, len(payload), payload))
+        self.nats.publish(self.service, payload, reply)
         return d
 
 
