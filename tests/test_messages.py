@@ -163,3 +163,57 @@ def test_the_topic_rule():
         check_topic(b"t")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="reserved"):
         check_topic("$pulsyflux/subscribe", subscribing=True)
+
+
+# -- split_body's plain path agrees with the JSON decoder ------------------------------
+
+_PLAIN_CASES = [
+    messages.encode_text("t", b"xy", None),
+    messages.encode_text("orders.eu", b"", None),
+    messages.encode_text("a/b", None, {}),
+    messages.encode_text("", b"x", None),  # the empty topic: the topic rule refuses it later
+    messages.encode_text("t\x7f~", b"\xff" * 7, None),
+    messages.encode_batch([messages.encode_text("t", b"%d" % i, None) for i in range(50)]),
+    messages.encode_batch([messages.encode_text("t", b"x", None), messages.encode_text("u", None, None)]),
+]
+_NOT_PLAIN = [
+    b"[]",
+    b' {"Topic":"t","Payload":"eHk=","Headers":null}',  # whitespace
+    b'{"Topic":"t","Payload":"eHk=","Headers":null} ',
+    b'[{"Topic":"t","Payload":"eHk=","Headers":null} ]',
+    b'{"Topic":"t\\u0041","Payload":"eHk=","Headers":null}',  # an escape
+    '{"Topic":"été","Payload":"eHk=","Headers":null}'.encode(),  # not ASCII
+    b'{"Topic":"t","Payload":"eHk=","Headers":{"k":"v"}}',
+    b'{"topic":"t","payload":"eHk=","headers":null}',  # Go reads keys in any case
+    b'{"Topic":"t","Headers":null,"Payload":"eHk="}',
+    b'{"Topic":"t","Payload":"eHk","Headers":null}',  # bad padding
+    b'{"Topic":"t","Payload":"eH=k","Headers":null}',
+    b'{"Topic":"t","Payload":"e\\nHk=","Headers":null}',
+    b'{"Topic":"t","Payload":"eHk=","Headers":null}{"Topic":"t","Payload":"eHk=","Headers":null}',
+    b'[{"Topic":"t","Payload":"eHk=","Headers":null},]',
+    b'[{"Topic":"t","Payload":"eHk=","Headers":null}',
+    b'[{"Topic":"t","Payload":"eHk=","Headers":null}]]',
+    b'[{"Topic":"t","Payload":"eHk=","Headers":null};{"Topic":"t","Payload":"eHk=","Headers":null}]',
+    b'{"Topic":"t\x01","Payload":"eHk=","Headers":null}',  # a control character: not JSON
+    b'{"Topic":"t","Payload":1,"Headers":null}',
+]
+
+
+@pytest.mark.parametrize("text", _PLAIN_CASES)
+def test_a_plain_body_is_split_as_the_json_decoder_splits_it(text):
+    body = text.encode() if isinstance(text, str) else text
+    plain = messages._split_plain(body)
+    assert plain is not None and plain == messages._split_json(body) == messages.split_body(body)
+
+
+@pytest.mark.parametrize("body", _NOT_PLAIN)
+def test_any_other_body_takes_the_json_decoder_and_its_answer(body):
+    assert messages._split_plain(body) is None
+    try:
+        expected = messages._split_json(body)
+    except messages.MessageError as error:
+        with pytest.raises(messages.MessageError) as raised:
+            messages.split_body(body)
+        assert str(raised.value) == str(error)
+    else:
+        assert messages.split_body(body) == expected
