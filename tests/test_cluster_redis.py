@@ -83,6 +83,35 @@ async def test_sharded_pubsub_delivers_to_the_subscriber_and_survives_nothing_si
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_channel_subscribed_while_the_link_comes_up_is_in_force_once_it_is_up(redis_server, monkeypatch):
+    """A subscriber that arrives while the link logs in and sends its first PING (twistd listens
+    before its link is up) is subscribed when the link is up, not only after a reconnect."""
+    from pulsyflux.cluster.link import RedisLink
+
+    link = RedisLink(parse_redis_url(redis_server.url), reactor, lambda channel, data: None)
+    ping = RedisSubscriber.ping
+
+    def ping_after_a_change(self):  # the link's first PING goes out connected, before the link is up
+        if not link.up:
+            link.subscribe(b"pf:late")
+            link.unsubscribe(b"pf:early")
+        return ping(self)
+
+    monkeypatch.setattr(RedisSubscriber, "ping", ping_after_a_change)
+    link.subscribe(b"pf:early")
+    link.start()
+    pub = await _connect(redis_server, RedisCommands())
+    try:
+        await link.when_up()
+        await link.settled()
+        assert await pub.execute("SPUBLISH", "pf:late", b"x") == 1
+        assert await pub.execute("SPUBLISH", "pf:early", b"y") == 0
+    finally:
+        pub.transport.loseConnection()
+        await link.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_waiters_fail_with_a_clear_error_when_redis_dies(redis_server):
     redis = await _connect(redis_server, RedisCommands())
     redis_server.pause()

@@ -162,9 +162,12 @@ class RedisLink:
         ends = [connectProtocol(self._endpoint(), commands), connectProtocol(self._endpoint(), subscriber)]
         d = DeferredList(ends, fireOnOneErrback=True, consumeErrors=True)
 
+        sent: set[bytes] = set()  # the channels this connection was subscribed to before it was ours
+
         def opened(_: Any) -> Any:
             subscriber.login(self.address)
-            for channel in self.channels:
+            sent.update(self.channels)
+            for channel in sent:
                 subscriber.subscribe(channel)
             logins = [commands.execute(*c) for c in login_commands(self.address)]
             return DeferredList(
@@ -174,6 +177,11 @@ class RedisLink:
         def ready(_: Any) -> None:
             self._connecting = None
             self.commands, self.subscriber = commands, subscriber
+            # (Un)subscribed while the logins and the first PING were on their way: not lost until a reconnect.
+            for channel in self.channels - sent:
+                subscriber.subscribe(channel)
+            for channel in sent - self.channels:
+                subscriber.unsubscribe(channel)
             self._attempt = 0
             for proto in (commands, subscriber):
                 proto.lost.addCallback(lambda _: self._lost(commands, subscriber))
