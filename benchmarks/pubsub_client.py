@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 
 from pulsyflux import BrokerClient, Message
@@ -89,26 +89,16 @@ def main() -> None:
         help="publish each top-up with one publish_many instead of a publish each",
     )
     args = parser.parse_args()
-    outcome: dict = {}
 
     async def run() -> None:
-        outcome["result"] = await measure(args.messages, args.subscribers, args.payload, args.window, args.publish_many)
+        r = await measure(args.messages, args.subscribers, args.payload, args.window, args.publish_many)
+        print(
+            f"{args.messages * args.subscribers:,} deliveries ({args.subscribers} subscribers, {args.payload} B): "
+            f"{r['deliveries_per_s']:,.0f}/s; CPU per delivery: client {r['client_us_per_delivery']:.2f} us, "
+            f"server {r['server_us_per_delivery']:.2f} us; {r['dropped']} dropped"
+        )
 
-    def done(result: Any) -> None:
-        outcome["failure"] = result if hasattr(result, "getTraceback") else None
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(run()).addBoth(done))
-    reactor.run()
-    if outcome.get("failure") is not None:
-        print(outcome["failure"].getTraceback(), file=sys.stderr)
-        sys.exit(1)
-    r = outcome["result"]
-    print(
-        f"{args.messages * args.subscribers:,} deliveries ({args.subscribers} subscribers, {args.payload} B): "
-        f"{r['deliveries_per_s']:,.0f}/s; CPU per delivery: client {r['client_us_per_delivery']:.2f} us, "
-        f"server {r['server_us_per_delivery']:.2f} us; {r['dropped']} dropped"
-    )
+    task.react(lambda _reactor: Deferred.fromCoroutine(run()))  # exits 1 with the traceback if run fails
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import struct
-import sys
 import time
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, DeferredList
 
 from pulsyflux.broker import BrokerClient
@@ -117,28 +116,16 @@ def main() -> None:
         "--batches", action="store_true", help="read with Subscription.batches() (where it exists) instead of get()"
     )
     args = parser.parse_args()
-    outcome: dict = {}
 
     async def run() -> None:
-        outcome["result"] = await measure(
-            args.messages, args.subscribers, max(8, args.payload), args.window, args.warmup, args.batches
+        r = await measure(args.messages, args.subscribers, max(8, args.payload), args.window, args.warmup, args.batches)
+        print(
+            f"{r['deliveries']:,} deliveries ({args.subscribers} subscribers, {args.payload} B): "
+            f"{r['deliveries_per_s']:,.0f}/s, CPU {r['cpu_us_per_delivery']:.2f} us per delivery, "
+            f"{r['cpu_us_per_message']:.2f} us per message, {r['dropped']} dropped"
         )
 
-    def done(result: Any) -> None:
-        outcome["failure"] = result if hasattr(result, "getTraceback") else None
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(run()).addBoth(done))
-    reactor.run()
-    if outcome.get("failure") is not None:
-        print(outcome["failure"].getTraceback(), file=sys.stderr)
-        sys.exit(1)
-    r = outcome["result"]
-    print(
-        f"{r['deliveries']:,} deliveries ({args.subscribers} subscribers, {args.payload} B): "
-        f"{r['deliveries_per_s']:,.0f}/s, CPU {r['cpu_us_per_delivery']:.2f} us per delivery, "
-        f"{r['cpu_us_per_message']:.2f} us per message, {r['dropped']} dropped"
-    )
+    task.react(lambda _reactor: Deferred.fromCoroutine(run()))  # exits 1 with the traceback if run fails
 
 
 if __name__ == "__main__":

@@ -56,12 +56,7 @@ def callee(port: int, procedure: str) -> None:
         await session.register(lambda payload: payload, procedure)
         print("ready", flush=True)
 
-    def failed(failure: Any) -> None:
-        print(failure.getErrorMessage(), file=sys.stderr, flush=True)
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(start()).addErrback(failed))
-    workload.run_as_child(reactor)
+    workload.serve_child(reactor, start)
 
 
 async def run(reactor: Any, port: int, settings: workload.Settings) -> dict:

@@ -171,12 +171,7 @@ def respond(port: int, service: bytes) -> None:
         await nats.subscribe(service, echo)
         print("ready", flush=True)
 
-    def failed(failure: Any) -> None:
-        print(failure.getErrorMessage(), file=sys.stderr, flush=True)
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(start()).addErrback(failed))
-    workload.run_as_child(reactor)
+    workload.serve_child(reactor, start)
 
 
 async def run(reactor: Any, port: int, settings: workload.Settings, responder_python: str) -> dict:

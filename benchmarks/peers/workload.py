@@ -25,7 +25,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Coroutine, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
@@ -308,6 +308,18 @@ def spawn(reactor: Any, python: str, script: str, *args: str) -> Child:
     child = Child()
     reactor.spawnProcess(child, python, [python, script, *args], env=dict(os.environ))
     return child
+
+
+def serve_child(reactor: Any, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """A helper process: run ``start`` once the reactor runs; if it fails, say why on stderr and stop."""
+    from twisted.internet.defer import Deferred
+
+    def failed(failure: Any) -> None:
+        print(failure.getErrorMessage(), file=sys.stderr, flush=True)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(start()).addErrback(failed))
+    run_as_child(reactor)
 
 
 def run_as_child(reactor: Any) -> None:
