@@ -71,3 +71,24 @@ async def within_turns(d: Deferred, turns: int = 3) -> Any:
         await later(0)
     assert d.called, f"not settled within {turns} reactor turns"
     return await d
+
+
+async def json_subscriber(memory: Any, broker_channel: Any, topic: str, group: Any = None, announcer: Any = None):
+    """A subscriber that reads JSON only, as a Go provider does: it announces itself on the broker's
+    channel (through ``announcer`` if given) and answers the broker's probe with a plain ``ok``.
+    Returns the provider and the announcing consumer."""
+    import uuid
+
+    from pulsyflux import Consumer, Provider
+    from pulsyflux.wire import messages
+
+    channel = uuid.uuid4()
+    provider = await memory.connect(Provider, channel)
+    if announcer is None:
+        announcer = await memory.connect(Consumer, broker_channel)
+    fields = {"group": group} if group is not None else {}
+    answer = announcer.send(messages.control(messages.SUBSCRIBE, topic=topic, channel=str(channel), **fields).encode())
+    probe = await provider.receive()
+    provider.respond(probe, b"ok")
+    assert await answer == b"ok"
+    return provider, announcer

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import uuid
 
-from pulsyflux import Broker, BrokerClient, Consumer, Provider
+from pulsyflux import Broker, BrokerClient, Consumer
 from pulsyflux.wire import messages
 
-from .helpers import clocked
+from .helpers import clocked, json_subscriber
 
 
 def test_a_publishers_position_cannot_inject_json_when_converted():
@@ -38,15 +38,7 @@ async def test_a_binary_publisher_cannot_forge_the_topic_a_json_queue_member_rea
     broker = await memory.connect(Broker, channel, batch=1, window=1)
     readers = await memory.connect(BrokerClient, channel, heartbeat=None)
     binary_member = await readers.subscribe("jobs", group="w", buffer=1)
-    announcer = await memory.connect(Consumer, channel)
-    json_channel = uuid.uuid4()
-    json_member = await memory.connect(Provider, json_channel)
-    answer = announcer.send(
-        messages.control(messages.SUBSCRIBE, topic="jobs", channel=str(json_channel), group="w").encode()
-    )
-    probe = await json_member.receive()
-    json_member.respond(probe, b"ok")
-    assert await answer == b"ok"
+    json_member, announcer = await json_subscriber(memory, channel, "jobs", group="w")
     forged = '1:1","Topic":"admin","Payload":"AA=="'
     body = messages.encode_records([messages.encode_record("jobs", b"%d" % n, None, position=forged) for n in range(6)])
     assert await announcer.send(body) == b"ok"
@@ -63,22 +55,6 @@ async def test_a_binary_publisher_cannot_forge_the_topic_a_json_queue_member_rea
         await closing.close()
 
 
-def _json_member(memory, topic):
-    """A subscriber that reads JSON only (a Go provider): it answers the broker's probe with a plain ``ok``."""
-
-    async def make():
-        channel = uuid.uuid4()
-        provider = await memory.connect(Provider, channel)
-        announcer = await memory.connect(Consumer, memory.broker_channel)
-        answer = announcer.send(messages.control(messages.SUBSCRIBE, topic=topic, channel=str(channel)).encode())
-        probe = await provider.receive()
-        provider.respond(probe, b"ok")
-        assert await answer == b"ok"
-        return provider, announcer
-
-    return make()
-
-
 def test_a_binary_publish_too_large_as_json_does_not_cost_go_subscribers_their_subscription():
     """Raw bytes are 3/4 of their base64 and a NUL header byte is six in JSON: a binary message the server
     took may be too large once made JSON for a Go subscriber. It must not end that subscriber's subscription."""
@@ -87,7 +63,7 @@ def test_a_binary_publish_too_large_as_json_does_not_cost_go_subscribers_their_s
     memory = MemoryServer(max_body=3000)  # a publish may be wire_limit(3000) bytes: ~1 MiB
 
     async def attack():
-        provider, announcer = await _json_member(memory, "t")
+        provider, announcer = await json_subscriber(memory, memory.broker_channel, "t")
         publisher = await memory.connect(Consumer, memory.broker_channel)
         big = messages.encode_records([messages.encode_record("t", b"x" * (1 << 20), None)])
         assert len(big) <= messages.wire_limit(3000)  # the server takes it
@@ -126,7 +102,7 @@ def test_a_binary_publish_that_would_grow_sixfold_as_json_is_refused():
     memory = MemoryServer()
 
     async def attack():
-        provider, announcer = await _json_member(memory, "t")
+        provider, announcer = await json_subscriber(memory, memory.broker_channel, "t")
         publisher = await memory.connect(Consumer, memory.broker_channel)
         body = messages.encode_records([messages.encode_record("t", b"", {"k": "\x00" * (15 << 20)})])
         assert len(body) < MESSAGES_INCOMPLETE < len(messages.encode_text("t", b"", {"k": "\x00" * (15 << 20)}))

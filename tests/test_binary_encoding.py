@@ -14,13 +14,13 @@ import uuid
 import pytest
 import pytest_twisted
 
-from pulsyflux import Broker, BrokerClient, Consumer, Provider
+from pulsyflux import Broker, BrokerClient, Consumer
 from pulsyflux.broker.link import OK_BINARY, reads_binary
 from pulsyflux.testing import start_server
 from pulsyflux.wire import messages
 from pulsyflux.wire.messages import BINARY_MAGIC, Message, MessageError
 
-from .helpers import clocked
+from .helpers import clocked, json_subscriber
 
 SAMPLES = [
     ("orders", b"new order", {"priority": "high"}),
@@ -143,18 +143,6 @@ def test_the_answers_that_offer_the_encoding():
 # -- the negotiation, and mixed subscribers -----------------------------------------------
 
 
-async def _json_subscriber(memory, broker_channel: uuid.UUID, topic: str):
-    """A subscriber that reads JSON only, as a Go provider does: it answers the probe with a plain ``ok``."""
-    channel = uuid.uuid4()
-    provider = await memory.connect(Provider, channel)
-    announcer = await memory.connect(Consumer, broker_channel)
-    answer = announcer.send(messages.control(messages.SUBSCRIBE, topic=topic, channel=str(channel)).encode())
-    probe = await provider.receive()
-    provider.respond(probe, b"ok")
-    assert await answer == b"ok"
-    return provider, announcer
-
-
 @clocked
 async def test_mixed_subscribers_each_get_their_encoding_each_made_once_per_message(memory, monkeypatch):
     channel = uuid.uuid4()
@@ -164,7 +152,7 @@ async def test_mixed_subscribers_each_get_their_encoding_each_made_once_per_mess
     readers = await memory.connect(BrokerClient, channel, heartbeat=None)
     binary_subs = [await readers.subscribe("mixed") for _ in range(2)]
     local = await broker.subscribe("mixed")  # in the broker's process: binary too
-    json_subs = [await _json_subscriber(memory, channel, "mixed") for _ in range(2)]
+    json_subs = [await json_subscriber(memory, channel, "mixed") for _ in range(2)]
     outlets = broker.fanout.outlets.values()
     assert sorted(o.binary for o in outlets) == [False, False, True, True, True]
 
@@ -213,7 +201,7 @@ async def test_a_json_publish_reaches_binary_subscribers_as_records_and_json_one
     broker = await memory.connect(Broker, channel)
     readers = await memory.connect(BrokerClient, channel, heartbeat=None)
     sub = await readers.subscribe("go")
-    provider, announcer = await _json_subscriber(memory, channel, "go")
+    provider, announcer = await json_subscriber(memory, channel, "go")
     go_publisher = await memory.connect(Consumer, channel)  # a Go publisher: one JSON object per request
     body = b'{"Topic":"go","Payload":"aGk=","Headers":{"k":"v"}}'
     assert await go_publisher.send(body) == b"ok"
@@ -252,15 +240,8 @@ async def test_a_queue_group_member_that_reads_only_json_gets_a_binary_members_b
     broker = await memory.connect(Broker, channel, batch=1, window=1)
     readers = await memory.connect(BrokerClient, channel, heartbeat=None)
     binary_member = await readers.subscribe("jobs", group="w", buffer=1)
-    provider, announcer = await _json_subscriber(memory, channel, "jobs")  # not in the group: sees everything
-    json_channel = uuid.uuid4()
-    json_member = await memory.connect(Provider, json_channel)
-    answer = announcer.send(
-        messages.control(messages.SUBSCRIBE, topic="jobs", channel=str(json_channel), group="w").encode()
-    )
-    probe = await json_member.receive()
-    json_member.respond(probe, b"ok")
-    assert await answer == b"ok"
+    provider, announcer = await json_subscriber(memory, channel, "jobs")  # not in the group: sees everything
+    json_member, _ = await json_subscriber(memory, channel, "jobs", group="w", announcer=announcer)
     for n in range(6):
         await broker.publish("jobs", b"%d" % n)
     await readers.unsubscribe("jobs")  # the binary member leaves with messages waiting for it

@@ -282,6 +282,23 @@ async def _intruder(node: BrokerService):
     )
 
 
+async def _inbox_of(node: BrokerService, name: bytes, heard: list):
+    """A raw Redis subscriber to server ``name``'s inbox, subscribed once this returns: what a server of
+    that name would receive from ``node``."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from pulsyflux.cluster.redis import RedisSubscriber
+
+    listener = await connectProtocol(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", node.cluster.link.address.port),
+        RedisSubscriber(lambda channel, data: heard.append(data)),
+    )
+    listener.subscribe(b"pulsyflux:n:" + name)
+    await listener.ping()
+    return listener
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_consumer_that_gives_up_frees_its_relayed_request_on_both_servers(pair):
     a, b = pair
@@ -553,20 +570,12 @@ async def test_requests_from_redis_reach_only_channels_a_client_provides_here(pa
     """Worst input: forged requests naming channels nobody provides here (each would be a record in the
     router), a channel spelt in capitals, and a subscriber's channel (the inlet is trusted, the guard must
     hold): none opens an inlet or reaches anyone, and the asking "server" is told peer disappeared."""
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
     from pulsyflux.broker import BrokerClient
-    from pulsyflux.cluster.redis import RedisSubscriber
 
     a, b = pair
     answers: list[bytes] = []
-    listener = await connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", b.cluster.link.address.port),
-        RedisSubscriber(lambda channel, data: answers.append(data)),
-    )
-    listener.subscribe(b"pulsyflux:n:mallory")
-    await listener.ping()
+    listener = await _inbox_of(b, b"mallory", answers)
     intruder = await _intruder(b)
     subscriber = await BrokerClient.connect(_address(b))
     try:
@@ -624,20 +633,12 @@ async def test_a_forged_server_in_redis_gets_no_share_of_the_brokers_or_a_subscr
     """Worst input: whoever writes to Redis says it holds this server's broker channel and a subscriber's
     channel (which it may read there before the broker takes it). Its relays must not take a share of the
     publishes, subscribe announcements (which carry private channel ids) or forwards routed there."""
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
     from pulsyflux.broker import BrokerClient
-    from pulsyflux.cluster.redis import RedisSubscriber
 
     a, b = pair
     leaked: list[bytes] = []
-    listener = await connectProtocol(
-        TCP4ClientEndpoint(reactor, "127.0.0.1", b.cluster.link.address.port),
-        RedisSubscriber(lambda channel, data: leaked.append(data)),
-    )
-    listener.subscribe(b"pulsyflux:n:ghost")
-    await listener.ping()
+    listener = await _inbox_of(b, b"ghost", leaked)
     intruder = await _intruder(b)
     subscriber = await BrokerClient.connect(_address(b), heartbeat=None)
     publisher = await BrokerClient.connect(_address(b), heartbeat=None)
