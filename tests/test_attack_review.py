@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from pulsyflux import Broker, BrokerClient, Consumer
+from pulsyflux import Broker, BrokerClient, Consumer, Provider
 from pulsyflux.wire import messages
 
 from .helpers import clocked, json_subscriber
@@ -145,3 +145,24 @@ def test_deadlines_each_earlier_than_the_last_do_not_pile_up():
             del live[n]  # answered at once
             clock.advance(0.0001)
         assert len(deadlines._heap) <= 2 * len(live) + 64 + 1
+
+
+@clocked
+async def test_a_timeout_that_does_not_fit_the_frame_is_refused_and_leaves_nothing_behind(memory):
+    """The START frame carries the timeout as 64-bit milliseconds: infinity, NaN or 10^20 s is the
+    caller's mistake, told as such, and no pending request is left waiting for an answer that never comes."""
+    import pytest
+
+    channel = uuid.uuid4()
+    provider = await memory.connect(Provider, channel)
+    consumer = await memory.connect(Consumer, channel)
+    for bad in (float("inf"), float("nan"), 1e20):
+        with pytest.raises(ValueError, match="timeout must be"):
+            consumer.send(b"x", timeout=bad)
+    assert consumer.pending == 0
+    answer = consumer.send(b"still works")
+    request = await provider.receive()
+    provider.respond(request, b"yes")
+    assert await answer == b"yes"
+    for closing in (consumer, provider):
+        await closing.close()

@@ -22,6 +22,9 @@ __all__ = ["Consumer"]
 _write_request = codec.write_request
 
 
+_MAX_TIMEOUT_MS = 2**64 - 1  # the START frame's timeout field (docs/protocol.md)
+
+
 def _random_ids(batch: int = 256) -> Iterator[bytes]:
     """Unpredictable 16-byte request ids, read from the OS a batch at a time.
 
@@ -106,14 +109,22 @@ class Consumer(Client):
         :class:`~pulsyflux.wire.errors.RemoteError`,
         :class:`~pulsyflux.wire.errors.RequestTimeout` (nothing complete within
         ``timeout`` seconds) or :class:`~pulsyflux.wire.errors.ConnectionLostError`.
+        Raises ValueError at once for a timeout the frame cannot carry (not finite, or past 2^64 ms).
         """
         if self._closed is not None or self._protocol is None:
             return fail(self._closed or ConnectionLostError("not connected"))
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        # The START frame's timeout is 64-bit milliseconds: a value that does not fit is the caller's
+        # mistake, refused before the request is registered, so that it leaves nothing behind.
+        try:
+            timeout_ms = max(int(timeout * 1000), 1) if timeout else 0
+        except (OverflowError, ValueError):
+            raise ValueError(f"timeout must be a finite number of seconds, not {timeout!r}") from None
+        if timeout_ms > _MAX_TIMEOUT_MS:
+            raise ValueError(f"timeout must be at most {_MAX_TIMEOUT_MS // 1000:,} seconds")
         request_id = self._next_id()
         self._pending[request_id] = pending = _Pending(self._cancel, request_id)
-        timeout_ms = max(int(timeout * 1000), 1) if timeout else 0
         # One write for a small request; a large one piece by piece (never copied to join it).
         _write_request(self._write, request_id, timeout_ms, self._client, self._channel, payload)
         if timeout:
