@@ -11,7 +11,7 @@ from pulsyflux import Broker, BrokerClient, Consumer, Message, Provider, RemoteE
 from pulsyflux.testing import start_server
 from pulsyflux.wire import messages
 
-from .helpers import clocked, eventually
+from .helpers import clocked, eventually, json_subscriber
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -344,3 +344,24 @@ async def test_a_reannounce_keeps_its_group_and_another_group_is_refused(memory)
     await raw.close()
     await client.close()
     await broker.close()
+
+
+@clocked
+async def test_a_message_a_group_member_refuses_goes_to_another_member(memory):
+    """A member that unsubscribes refuses what was on its way to it, and that answer can reach the broker
+    before its unsubscribe (the two travel on different connections, read in either order): the refused
+    message goes to another member of the group, as after an unsubscribe, and is not lost."""
+    channel = uuid.uuid4()
+    broker = await memory.connect(Broker, channel, window=1, batch=1)
+    leaving, announcer = await json_subscriber(memory, channel, "jobs", group="g")
+    staying = await broker.subscribe("jobs", group="g")
+    for n in range(4):
+        await broker.publish("jobs", str(n).encode())
+    forward = await leaving.receive()
+    leaving.respond(forward, error="subscription closed")  # before its unsubscribe reaches the broker
+    await memory.quiet()
+    got = [int(m.payload) for m in await _drain(staying)]
+    assert sorted(got) == [0, 1, 2, 3]
+    assert broker.stats()["lost"] == 0
+    for closing in (announcer, leaving, broker):
+        await closing.close()

@@ -243,9 +243,11 @@ class Outlet:
                 topic=self.topic,
                 reason=reason,
             )
-        if self.group is not None and isinstance(error, NoProviderError):
-            # Never routed to the subscriber: another member of the group takes them (the last count of texts
-            # are the messages; a drop notice may come first).
+        if self.group is not None and isinstance(error, (NoProviderError, RemoteError)):
+            # Never routed to the subscriber, or refused by it (a member that unsubscribes refuses what
+            # was on its way, and that answer may reach us before its unsubscribe, which travels on
+            # another connection): another member of the group takes them, as after the unsubscribe
+            # (the last count of texts are the messages; a drop notice may come first).
             self.fanout.remove(self, reason, orphans=texts[len(texts) - count :])
             return
         self.lost += count
