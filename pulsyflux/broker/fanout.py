@@ -249,7 +249,7 @@ class Fanout:
         size = 0
         record: Optional[bytes] = None
         for outlet in outlets:
-            if outlet.binary and self.history is None:  # with history: its text carries the position
+            if outlet.binary:
                 if record is None:
                     record = messages.record_of(item[0], item[2], item[3])
                 outlet.push(record)
@@ -361,7 +361,6 @@ class Fanout:
         entries: dict[bool, list[Any]] = {binary: [item[1] for item in items]}  # per encoding (True: binary)
         sizes: dict[bool, int] = {}
         bodies: dict[bool, bytes] = {}
-        keeps_json = self.history is not None  # with history every forward is JSON (its texts carry positions)
         window = self.window
         waiting: list[Outlet] = []
         for outlet in list(outlets):  # a failed send can take an outlet out of the index's list
@@ -378,7 +377,7 @@ class Fanout:
             ):
                 waiting.append(outlet)
                 continue
-            kind = outlet.binary and not keeps_json
+            kind = outlet.binary
             batch = entries.get(kind)
             if batch is None:
                 batch = entries[kind] = self._convert(items, kind)
@@ -397,7 +396,7 @@ class Fanout:
         for index in range(count):
             size = 0
             for outlet in waiting:
-                kind = outlet.binary and not keeps_json
+                kind = outlet.binary
                 batch = entries.get(kind)
                 if batch is None:
                     batch = entries[kind] = self._convert(items, kind)
@@ -727,7 +726,8 @@ class Fanout:
             raise
         self._serial += 1
         outlet = Outlet(self, topic, consumer, local, self.backlog, self.backlog_bytes, f"sub-{self._serial}", group)
-        outlet.binary = reads_binary(answer)
+        # With history every forward is JSON (its texts carry their positions): binary only without it.
+        outlet.binary = reads_binary(answer) and self.history is None
         outlet.unguard = unguard
         if identity is not None and self.rights is not None:
             self.rights.keep(outlet, identity)
@@ -800,10 +800,7 @@ class Fanout:
         outlet.start = replay.start
         if not asked and outlet.local is None:
             notice = messages.control(messages.START, position=str(replay.start)).encode("utf-8")
-            outlet.requests += 1  # in order, ahead of every forward
-            outlet.consumer.send(notice, timeout=0).addCallbacks(
-                outlet._answered, outlet._failed, callbackArgs=(0,), errbackArgs=(0,)
-            )
+            outlet.forward(notice, ())  # in order, ahead of every forward
         if replay.texts:
             for text in replay.texts:
                 outlet.push(text)

@@ -86,7 +86,8 @@ class Outlet:
         # Each message as the subscriber reads it: its JSON text, or its binary record (``binary``).
         self.backlog: deque[Union[str, bytes]] = deque()
         self.size = 0  # characters of JSON (bytes of binary records) in the backlog
-        # The subscriber reads the binary encoding (offered at subscribe: docs/protocol.md).
+        # Forwards to it are binary: it reads the encoding (offered at subscribe: docs/protocol.md) and the
+        # broker keeps no history (whose texts carry positions, so they go as JSON).
         self.binary = False
         self.requests = 0
         self.in_flight = 0
@@ -138,11 +139,16 @@ class Outlet:
         if dropped:
             self.size -= freed
             self.fanout.backlog_size -= freed
-            self.dropped += dropped
-            self.fanout.dropped += dropped
-            if self.local is not None:
-                self.local.set_dropped(self.dropped)
+            self.count_dropped(dropped)
         return freed
+
+    def count_dropped(self, count: int) -> None:
+        """``count`` messages for this subscriber are gone: counted here and in the fan-out, and told to a
+        local subscription at once (a remote one learns it from its next forward's drop notice)."""
+        self.dropped += count
+        self.fanout.dropped += count
+        if self.local is not None:
+            self.local.set_dropped(self.dropped)
 
     def flush(self) -> None:
         backlog = self.backlog
@@ -224,10 +230,7 @@ class Outlet:
             # Too large for the server or the subscriber (a binary publish made JSON for a Go subscriber
             # grows by a third, NUL header bytes sixfold): those messages are dropped and counted, and its
             # next forward says so; the subscription stays (a publisher cannot end other clients' ones).
-            self.dropped += count
-            self.fanout.dropped += count
-            if self.local is not None:
-                self.local.set_dropped(self.dropped)
+            self.count_dropped(count)
             self.flush()
             return
         if isinstance(error, NoProviderError):
