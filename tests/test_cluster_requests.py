@@ -102,6 +102,30 @@ async def test_a_16_mib_body_crosses_servers_both_ways(pair):
         assert len(body) == 16 << 20
         assert await consumer.send(body, timeout=30) == body[::-1]
         assert a.cluster.requests.out_bytes == 0 and a.cluster.requests.in_bytes == 0  # nothing held after
+        assert b.cluster.requests.in_bytes == 0  # the answer was counted while b held it, and released
+    finally:
+        await consumer.close()
+        await provider.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_held_for_other_servers_count_against_the_bound(pair, monkeypatch):
+    """Worst input: providers here answer other servers' requests with bodies as large as they may be. An
+    answer is held whole until it goes to Redis, so it counts with what arrives from other servers: past
+    the bound the asking consumer gets 'server overloaded' and nothing stays held."""
+    from pulsyflux import ServerOverloaded
+    from pulsyflux.cluster import requests as cluster_requests
+
+    a, b = pair
+    monkeypatch.setattr(cluster_requests, "MAX_IN_BYTES", 1 << 20)
+    channel = uuid.uuid4()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: b"x" * (2 << 20))
+    consumer = await Consumer.connect(_address(a), channel)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        with pytest.raises(ServerOverloaded, match="too many bytes of answers to other servers"):
+            await consumer.send(b"answer big", timeout=30)
+        assert b.cluster.requests.in_bytes == 0
     finally:
         await consumer.close()
         await provider.close()

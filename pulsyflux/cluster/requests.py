@@ -197,12 +197,13 @@ class _Relay:
 class _Serving:
     """Another server's request, handed to this server's router through an inlet."""
 
-    __slots__ = ("origin", "rid", "parts", "cancelled")
+    __slots__ = ("origin", "rid", "parts", "size", "cancelled")
 
     def __init__(self, origin: str, rid: bytes) -> None:
         self.origin = origin
         self.rid = rid
         self.parts: list[bytes] = []
+        self.size = 0  # bytes of parts, counted in the owner's in_bytes until answered()
         self.cancelled = False  # its server gave up: the answer is dropped when it comes
 
 
@@ -231,8 +232,17 @@ class _Inlet:
         for ftype, _flags, request_id, payload in self.decoder.frames(data):
             if ftype == RESPONSE_CHUNK:
                 serving = waiting.get(request_id)
-                if serving is not None:
-                    serving.parts.append(payload)
+                if serving is not None and not serving.cancelled:
+                    # An answer is held whole until it goes to Redis: counted with what arrives from
+                    # other servers, so providers here cannot make this server hold more than that bound.
+                    size = len(payload)
+                    if owner.in_bytes + size > MAX_IN_BYTES:
+                        del waiting[request_id]
+                        owner.answered(serving, False, errors.overloaded("too many bytes of answers to other servers"))
+                    else:
+                        owner.in_bytes += size
+                        serving.size += size
+                        serving.parts.append(payload)
             elif ftype == RESPONSE_END:
                 serving = waiting.pop(request_id, None)
                 if serving is not None:
@@ -289,7 +299,6 @@ class ClusterRequests:
         self.prefix = prefix
         self.max_body = getattr(self.router, "max_body", 64 << 20)
         self.relays: dict[tuple[str, bytes], _Relay] = {}
-        self.relays_by_node: dict[str, int] = {}
         self.inlets: dict[bytes, _Inlet] = {}  # by channel, opened on first use
         self.inlets_by_hex: dict[bytes, _Inlet] = {}  # the same, by the hex id requests name them by
         self.out: dict[bytes, _Out] = {}  # forwarded, by Redis request id
@@ -365,7 +374,6 @@ class ClusterRequests:
         if key in self.relays:
             return
         self.relays[key] = _Relay(self, node, channel)
-        self.relays_by_node[node] = self.relays_by_node.get(node, 0) + 1
 
     def lose(self, node: str, channel: bytes) -> None:
         """``node`` holds ``channel`` no more (or is gone): its relay goes, its requests fail."""
@@ -388,12 +396,6 @@ class ClusterRequests:
         relay = self.relays.pop(key, None)
         if relay is None:
             return
-        node = key[0]
-        left = self.relays_by_node.get(node, 1) - 1
-        if left:
-            self.relays_by_node[node] = left
-        else:
-            self.relays_by_node.pop(node, None)
         relay.live = False
         relay.starting.clear()
         self._drop_kept(relay)
@@ -733,6 +735,8 @@ class ClusterRequests:
 
     def answered(self, serving: _Serving, ok: bool, answer: Any) -> None:
         """The router here answered an inlet's request (a provider's answer, or an error)."""
+        self.in_bytes -= serving.size
+        serving.size = 0
         self._count(serving.origin, -1)
         if serving.cancelled:
             return  # nobody waits for it
