@@ -713,6 +713,13 @@ class Router:
         if self._timers_due:
             self._settle_timers()
 
+    def _timers_changed(self) -> None:
+        """Requests started or ended: the deadline timer is settled now, or after the read's frames have left."""
+        if self.reading is None:
+            self._settle_timers()
+        else:
+            self._timers_due = True
+
     def _settle_timers(self) -> None:
         """After a read's frames have left: the deadline timer of the requests it started or ended."""
         self._timers_due = False
@@ -811,10 +818,7 @@ class Router:
         if timeout_ms and self.deadlines.push(request_id, entry, now + timeout_ms / 1000.0):
             # It holds until the response is complete. The timer is armed after
             # the START has left (flush): one request at a time, its DelayedCall is made off the critical path.
-            if self.reading is None:
-                self.deadlines.arm()
-            else:
-                self._timers_due = True
+            self._timers_changed()
         if conn.trusted:
             self.stats.broker_requests_routed += 1
         else:
@@ -865,10 +869,7 @@ class Router:
         entry.consumer.started.discard(request_id)
         entry.provider.assigned.discard(request_id)
         if not self.requests:
-            if self.reading is None:
-                self.deadlines.clear()  # an idle router holds no timer
-            else:
-                self._timers_due = True  # cleared after the response has left (flush)
+            self._timers_changed()  # an idle router holds no timer: cleared after the response has left
             if self._idle_waiters:
                 waiters, self._idle_waiters = self._idle_waiters, []
                 for d in waiters:
