@@ -113,7 +113,7 @@ class _Pump:
             if not waiting:
                 return
             transport = popleft()
-            if transport._delivery is self:  # still due (not ended, not delivered since)
+            if transport._due:  # still due (not ended, not delivered since)
                 transport._deliver()
         if waiting and self.call is None:
             self.call = self.reactor.callLater(0, self.run)
@@ -156,7 +156,7 @@ class InProcessTransport:
         self.producerPaused = False
         self._buffer: list[bytes] = []  # written here, not yet delivered to the peer
         self._buffered = 0
-        self._delivery: Optional[_Pump] = None  # the reactor's pump, while it is due to deliver the buffer
+        self._due = False  # queued on the reactor's pump to deliver the buffer
         self._pump = _pump(reactor)
         self._reading_paused = False  # pauseProducing(): the peer's bytes wait in its buffer
         self._closing: Optional[IDelayedCall] = None  # the pending callLater that ends the connection
@@ -241,15 +241,15 @@ class InProcessTransport:
     # -- delivery ---------------------------------------------------------------------
 
     def _schedule_delivery(self) -> None:
-        if self._delivery is None and not self.disconnected:
+        if not self._due and not self.disconnected:
             peer = self.peer
             if peer is not None and not peer._reading_paused:
-                self._delivery = pump = self._pump
-                pump.add(self)
+                self._due = True
+                self._pump.add(self)
 
     def _deliver(self) -> None:
         """Hand the peer everything buffered, in one ``dataReceived``."""
-        self._delivery = None
+        self._due = False
         peer = self.peer
         if self.disconnected or peer is None or peer._reading_paused or not self._buffer:
             return
@@ -303,7 +303,8 @@ class InProcessTransport:
             closing = end._closing
             if closing is not None and closing.active():
                 closing.cancel()
-            end._delivery = end._closing = None  # the pump skips an end no longer due
+            end._due = False  # the pump skips an end no longer due
+            end._closing = None
         self.reactor.callLater(0, self._connection_lost, ours)
         if peer is not None:
             self.reactor.callLater(0, peer._connection_lost, theirs)
