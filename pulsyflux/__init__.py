@@ -19,6 +19,7 @@ from ._lazy import lazy_exports
 if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getattr__
     from .broker.broker import Broker
     from .broker.client import BrokerClient
+    from .broker.publisher import PublishUnconfirmed
     from .broker.subscription import Subscription, SubscriptionClosed
     from .client import Consumer, Provider, Request
     from .server.protocol import ServerFactory
@@ -43,6 +44,7 @@ __all__ = [
     "BrokerService",
     "Message",
     "MessageError",
+    "PublishUnconfirmed",
     "Subscription",
     "SubscriptionClosed",
     "ConnectionLostError",
@@ -66,6 +68,7 @@ __getattr__, __dir__ = lazy_exports(
     {
         "broker.broker": "Broker",
         "broker.client": "BrokerClient",
+        "broker.publisher": "PublishUnconfirmed",
         "broker.subscription": "Subscription SubscriptionClosed",
         "client": "Consumer Provider Request",
         "wire.errors": "ConnectionLostError NoProviderError PermissionDenied ProtocolError PulsyfluxError RemoteError RequestTimeout ServerOverloaded",

@@ -8,6 +8,7 @@ import pytest
 import pytest_twisted
 
 from pulsyflux import Broker, BrokerClient, Message
+from pulsyflux.broker.publisher import PublishUnconfirmed
 from pulsyflux.testing import start_server
 from pulsyflux.wire.errors import ConnectionLostError
 from pulsyflux.wire.messages import Position
@@ -52,14 +53,33 @@ async def test_publish_many_refuses_a_bad_message_at_once_and_publishes_none(mem
 
 
 @clocked
-async def test_publish_many_fails_once_when_the_client_closes(memory):
+async def test_publish_many_fails_once_when_the_client_closes_at_once(memory):
     channel = uuid.uuid4()
     broker = await memory.connect(Broker, channel)
     client = await memory.connect(BrokerClient, channel, heartbeat=None)
     d = client.publish_many([Message("gone", b"x")] * 3000)  # most of it waits behind the window
-    await client.close()
-    with pytest.raises(ConnectionLostError):
+    await client.close(timeout=0)
+    with pytest.raises(PublishUnconfirmed, match=r"close\(timeout=0\)") as failed:
         await d
+    assert isinstance(failed.value, ConnectionLostError)  # what it was before close() drained
+    assert client.unconfirmed == 3000
+    await broker.close()
+
+
+@clocked
+async def test_publish_many_is_drained_by_close(memory):
+    channel = uuid.uuid4()
+    broker = await memory.connect(Broker, channel)
+    sub = await broker.subscribe("kept")
+    client = await memory.connect(BrokerClient, channel, heartbeat=None)
+    d = client.publish_many([Message("kept", b"x")] * 3000)  # most of it waits behind the window
+    await client.close()
+    assert await d == [None] * 3000
+    assert client.unconfirmed == 0
+    assert broker.published == 3000
+    assert [(await sub.get()).payload for _ in range(3000)] == [
+        b"x"
+    ] * 3000  # the broker holds what the buffer does not
     await broker.close()
 
 

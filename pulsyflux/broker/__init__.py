@@ -25,9 +25,17 @@ if TYPE_CHECKING:  # the names for type checkers and IDEs; at run time, __getatt
     from .broker import Broker
     from .client import BrokerClient
     from .link import DEFAULT_BROKER_CHANNEL
+    from .publisher import PublishUnconfirmed
     from .subscription import Subscription, SubscriptionClosed
 
-__all__ = ["Broker", "BrokerClient", "Subscription", "SubscriptionClosed", "DEFAULT_BROKER_CHANNEL"]
+__all__ = [
+    "Broker",
+    "BrokerClient",
+    "PublishUnconfirmed",
+    "Subscription",
+    "SubscriptionClosed",
+    "DEFAULT_BROKER_CHANNEL",
+]
 
 # Submodule -> the public names it defines.
 __getattr__, __dir__ = lazy_exports(
@@ -37,5 +45,6 @@ __getattr__, __dir__ = lazy_exports(
         "client": "BrokerClient",
         "subscription": "Subscription SubscriptionClosed",
         "link": "DEFAULT_BROKER_CHANNEL",
+        "publisher": "PublishUnconfirmed",
     },
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Optional, cast
+from typing import Any, Callable, Optional, cast
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -32,7 +32,7 @@ from .link import (
 from .publisher import Publisher
 from .subscription import DEFAULT_BUFFER, Subscription
 
-__all__ = ["BrokerClient", "DEFAULT_HEARTBEAT"]
+__all__ = ["BrokerClient", "DEFAULT_CLOSE_TIMEOUT", "DEFAULT_HEARTBEAT"]
 
 log = Logger()
 
@@ -42,6 +42,10 @@ log = Logger()
 # learns them again; the broker is gone after this many missed beats in a row.
 DEFAULT_HEARTBEAT = 5.0
 _HEARTBEAT_MISSES = 2
+# close() waits this long (seconds) for the broker to confirm the publishes made
+# before it: as long as a publish's own default timeout.
+DEFAULT_CLOSE_TIMEOUT = 5.0
+_NEVER = float("inf")
 
 
 def _announcement(sub: Subscription, first: bool = False) -> bytes:
@@ -126,6 +130,10 @@ class BrokerClient(PublishingSide):
         self._resubscribing: set[uuid.UUID] = set()
         self._pauses: set[Deferred[None]] = set()  # resubscribe retries waiting; cancelled by close()
         self.go_broker = False  # the broker is the Go original: publishing only (see _start)
+        self._closing: Optional[Deferred[None]] = None  # close() running or done
+        self._draining: Optional[tuple[IDelayedCall, Callable[[], None]]] = None  # while close() waits: (timer, stop)
+        self._deadline = _NEVER  # when close() stops waiting for the broker
+        self._why = ""  # why close() stopped waiting (in PublishUnconfirmed's text)
 
     async def _start(self) -> "BrokerClient":
         self._consumer = await Consumer.connect(
@@ -192,6 +200,9 @@ class BrokerClient(PublishingSide):
         sub.on_closed_by_broker(ended_by_broker)
         provider.when_lost().addCallback(lambda _: self._forget(sub))
         answer = await consumer.send(_announcement(sub, first=True), timeout=10.0)
+        if self._closed is not None:  # close() began meanwhile and did not see this one: end it here
+            await self._unsubscribe(sub, "the client closed", patience=0)
+            raise self._closed
         started = _subscribe_answer(answer)
         if started is not None:
             asked = since is not None or last is not None
@@ -389,30 +400,123 @@ class BrokerClient(PublishingSide):
         subs = [sub for sub in self._subscriptions.values() if sub.topic == topic]
         return DeferredList([Deferred.fromCoroutine(self._unsubscribe(sub, "unsubscribed")) for sub in subs])
 
-    async def _unsubscribe(self, sub: Subscription, reason: str) -> None:
+    async def _unsubscribe(self, sub: Subscription, reason: str, patience: float = 2.0, drain: bool = False) -> None:
+        """Tell the broker (waiting ``patience`` seconds at most for its answer; 0: not at all), then close.
+
+        With ``drain`` (close()), a plain subscription still takes what the broker
+        forwards until it answers: those were sent before it stopped, and stay
+        readable. A queue group member refuses them at once, so that the group's
+        other members get them.
+        """
         self._forget(sub)
-        sub.mark_closed(reason)
+        if not (drain and patience > 0 and sub.group is None):
+            sub.mark_closed(reason)
         if self._consumer is not None and self._consumer.connected:
             body = messages.control(messages.UNSUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
-            try:
-                await self._consumer.send(body, timeout=2.0)
-            except (PulsyfluxError, CancelledError) as error:
-                log.debug("unsubscribe not confirmed by the broker: {e}", e=error)
+            answer = self._consumer.send(body, timeout=max(patience, 1.0))
+            if patience > 0:
+                try:
+                    await answer
+                except (PulsyfluxError, CancelledError) as error:
+                    log.debug("unsubscribe not confirmed by the broker: {e}", e=error)
+            else:
+                answer.addErrback(ignore)  # sent before the line closes; the answer is not awaited
         await sub.end(reason)  # closed above: this closes its Provider
 
-    def close(self) -> "Deferred[Any]":
-        """Unsubscribe everything and close every connection."""
-        if self._closed is None:
-            self._closed = ConnectionLostError("the broker client is closed")
-        error = self._closed
+    @property
+    def unconfirmed(self) -> int:
+        """Publishes :meth:`close` failed with PublishUnconfirmed: not sent, or not answered, in its time."""
+        return self._publisher.unconfirmed if self._publisher is not None else 0
+
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> "Deferred[None]":
+        """Drain, then close: take no new publish or subscribe, wait up to ``timeout`` seconds for
+        the broker to confirm every publish made so far, then end every subscription and connection.
+
+        Publishes still unconfirmed at the deadline fail with
+        :class:`~pulsyflux.broker.publisher.PublishUnconfirmed` (``sent`` says
+        whether they left) and one warning is logged; :attr:`unconfirmed`
+        counts them. ``timeout=0`` closes at once, draining nothing. A second
+        call waits for the first close (a shorter ``timeout`` cuts its wait
+        short). Messages a subscription had received stay readable; those the
+        broker had not forwarded yet are dropped by it (docs/broker.md, Closing).
+        """
+        if type(timeout) not in (int, float) or not 0 <= timeout < _NEVER:
+            raise ValueError(f"timeout must be a finite number of seconds >= 0 (0: close at once), not {timeout!r}")
+        d: Deferred[None] = Deferred()
+        if self._closing is None:
+            self._closing = Deferred.fromCoroutine(self._close(float(timeout)))
+            self._closing.addErrback(lambda failure: log.failure("closing the broker client failed", failure))
+        else:
+            self._hurry(float(timeout))
+
+        def closed(result: object) -> object:
+            d.callback(None)
+            return result
+
+        self._closing.addBoth(closed)
+        return d
+
+    async def _close(self, timeout: float) -> None:
+        self._closed = ConnectionLostError(
+            "the broker client is closed (close() was called): no new publish or subscribe"
+        )
         self._stop_heartbeat()
         for pause in list(self._pauses):
             pause.cancel()
+        publisher = self._publisher
+        self._deadline = self.reactor.seconds() + timeout
+        self._why = f"close timeout of {timeout:g} s passed" if timeout else "close(timeout=0): no drain"
+        if publisher is not None:
+            publisher.stop(self._closed)
+            if publisher.busy and timeout > 0:
+                await self._wait_for(publisher, timeout)
+            if publisher.busy:
+                publisher.give_up(self._why)
+        # What is left of the timeout, for the broker to confirm the unsubscribes (they are sent anyway).
+        patience = min(2.0, max(self._deadline - self.reactor.seconds(), 0.0))
         subs = list(self._subscriptions.values())
+        await DeferredList(
+            [Deferred.fromCoroutine(self._unsubscribe(s, "the client closed", patience, drain=True)) for s in subs]
+        )
+        if publisher is not None:
+            await publisher.close(self._closed)
+            if publisher.unconfirmed:
+                log.warn("broker client closed ({why}) with {n} publishes the broker had not confirmed: "
+                         "each failed with PublishUnconfirmed", why=self._why, n=publisher.unconfirmed)  # fmt: skip
+        elif self._consumer is not None:
+            await self._consumer.close()
 
-        async def closing() -> None:
-            await DeferredList([Deferred.fromCoroutine(self._unsubscribe(s, "the client closed")) for s in subs])
-            if self._publisher is not None:
-                await self._publisher.close(error)
+    async def _wait_for(self, publisher: Publisher, timeout: float) -> None:
+        """Wait until ``publisher`` is idle, or ``timeout`` seconds (or less: :meth:`_hurry`)."""
+        done: Deferred[None] = Deferred()
 
-        return Deferred.fromCoroutine(closing())
+        def finish(_: object = None) -> None:
+            if not done.called:
+                done.callback(None)
+
+        publisher.when_idle().addCallback(finish)
+        timer = self.reactor.callLater(timeout, finish)
+        self._draining = (timer, finish)
+        try:
+            await done
+        finally:
+            if timer.active():
+                timer.cancel()
+            self._draining = None
+
+    def _hurry(self, timeout: float) -> None:
+        """A later close(): end a running drain sooner if its ``timeout`` says so (0: now)."""
+        if self._draining is None:
+            return
+        timer, finish = self._draining
+        if not timer.active():
+            return
+        deadline = self.reactor.seconds() + timeout
+        if deadline < self._deadline:
+            self._deadline = deadline
+            if timeout == 0:
+                self._why = "close(timeout=0) cut the drain short"
+                finish()
+            else:
+                self._why = f"close timeout of {timeout:g} s passed"
+                timer.reset(timeout)

@@ -10,9 +10,24 @@ from twisted.python.failure import Failure
 
 from ..client import Consumer
 from ..wire import messages
+from ..wire.errors import ConnectionLostError
 from ..wire.messages import Position
 
-__all__ = ["Publisher"]
+__all__ = ["Publisher", "PublishUnconfirmed"]
+
+
+class PublishUnconfirmed(ConnectionLostError):
+    """The publisher closed before the broker confirmed this publish (``BrokerClient.close()``).
+
+    ``sent`` is False for a publish that never left (it was not published),
+    True for one sent whose answer had not come (it may or may not have been
+    delivered). A :class:`~pulsyflux.wire.errors.ConnectionLostError`, as
+    every failure of a closing client is.
+    """
+
+    def __init__(self, message: str, sent: bool) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 _PUBLISH_BATCH = 512
@@ -94,7 +109,11 @@ class Publisher:
         # Per waiting publish: its Deferred, or (batch, index) for a message of a publish_many.
         self._waiters: list[Any] = []
         self._deadlines: list[float] = []  # when each waiting publish times out
-        self._closed: Optional[Exception] = None
+        self._closed: Optional[Exception] = None  # set: new publishes fail with it
+        self._idle_waiters: list[Deferred[None]] = []  # when_idle() calls: nothing waiting, nothing in flight
+        # Once given up (a close that stopped waiting): what an answer that never comes fails with.
+        self._unconfirmed: Optional[PublishUnconfirmed] = None
+        self.unconfirmed = 0  # publishes failed unconfirmed by give_up (not sent, or sent and not answered)
         self.go = False  # the broker is Go's: see use_go_broker
         self.binary = False  # the broker reads the binary encoding: see use_binary
 
@@ -175,15 +194,68 @@ class Publisher:
                 else:
                     waiter.callback(None)
         self._flush()
+        if self._idle_waiters and not self.requests:
+            self._idle()
 
     def _failed(self, failure: Failure, waiters: list[Any]) -> None:
         self.requests -= 1
+        error = failure.value
+        if self._unconfirmed is not None and isinstance(error, ConnectionLostError):
+            error = self._unconfirmed  # our own close cut the line: say so, not "connection closed"
+            self.unconfirmed += len(waiters)
         for waiter in waiters:
-            _refused(waiter, failure.value)
+            _refused(waiter, error)
         self._flush()
+        if self._idle_waiters and not self.requests:
+            self._idle()
+
+    # -- closing: stop, drain, give up, close ----------------------------------
+
+    def stop(self, error: Exception) -> None:
+        """Take no new publish (they fail with ``error``); those waiting still go out as answers come."""
+        if self._closed is None:
+            self._closed = error
+
+    @property
+    def busy(self) -> bool:
+        """Publishes are waiting for their turn or for the broker's answer."""
+        return bool(self.requests or self._texts)
+
+    def when_idle(self) -> "Deferred[None]":
+        """Fires once every publish has its answer (at once when none is waiting or in flight)."""
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        if not self.busy:
+            self._idle()
+        return d
+
+    def _idle(self) -> None:
+        if self._texts:
+            return  # more leave once an answer makes room
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def give_up(self, why: str) -> None:
+        """Stop waiting: fail the publishes not sent yet now, and those in flight when the line closes,
+        each with a :class:`PublishUnconfirmed` that says ``why`` (so none is lost without a word)."""
+        self._unconfirmed = PublishUnconfirmed(
+            f"not confirmed: the broker client closed ({why}) before the broker acknowledged this publish; "
+            "it may or may not have been delivered",
+            sent=True,
+        )
+        waiters, self._waiters, self._texts, self._deadlines = self._waiters, [], [], []
+        if waiters:
+            self.unconfirmed += len(waiters)
+            unsent = PublishUnconfirmed(
+                f"not published: the broker client closed ({why}) before this publish could be sent", sent=False
+            )
+            for waiter in waiters:
+                _refused(waiter, unsent)
 
     def close(self, error: Exception) -> "Deferred[None]":
-        self._closed = error
+        """Fail what still waits with ``error`` (unless :meth:`give_up` said why) and close the line."""
+        self.stop(error)
         waiters, self._waiters, self._texts, self._deadlines = self._waiters, [], [], []
         for waiter in waiters:
             _refused(waiter, error)
