@@ -104,6 +104,10 @@ class BrokerClient(PublishingSide):
     one takes as new ones. A broker that misses two beats in a row is gone:
     its subscriptions end with ``the broker on channel ... disappeared``, or
     with ``reconnect`` wait for a broker to take them back, as above.
+
+    :meth:`close` drains: it waits (``timeout``, default 5 s) for the broker
+    to confirm what was published before it, and fails what it could not
+    confirm with :class:`~pulsyflux.broker.publisher.PublishUnconfirmed`.
     """
 
     resubscribe_patience = 30.0
@@ -436,9 +440,10 @@ class BrokerClient(PublishingSide):
         :class:`~pulsyflux.broker.publisher.PublishUnconfirmed` (``sent`` says
         whether they left) and one warning is logged; :attr:`unconfirmed`
         counts them. ``timeout=0`` closes at once, draining nothing. A second
-        call waits for the first close (a shorter ``timeout`` cuts its wait
-        short). Messages a subscription had received stay readable; those the
-        broker had not forwarded yet are dropped by it (docs/broker.md, Closing).
+        call waits for the first close (a shorter ``timeout`` cuts its wait for
+        publishes short). Messages a subscription had received stay readable;
+        those the broker still held for it are counted lost there (a queue
+        group's go to its other members): docs/broker.md, "Closing a BrokerClient".
         """
         if type(timeout) not in (int, float) or not 0 <= timeout < _NEVER:
             raise ValueError(f"timeout must be a finite number of seconds >= 0 (0: close at once), not {timeout!r}")
