@@ -768,8 +768,13 @@ def encode_record(
 
 
 def encode_records(records: list[bytes]) -> bytes:
-    """A binary batch of records (from :func:`encode_record`): one request body."""
-    return BINARY_MAGIC + b"".join(records)
+    """A binary batch of records (from :func:`encode_record`): one request body.
+
+    One join with the magic in front, not the magic added to the joined
+    records: that second copy of the whole batch costs PyPy half as much
+    again as the join (200 records of 100 bytes: 5.4 against 3.5 us).
+    """
+    return b"".join([BINARY_MAGIC, *records])
 
 
 def record_of(topic: str, payload: Any, headers: Optional[Mapping[str, str]]) -> bytes:
