@@ -76,6 +76,11 @@ class ImmediateWriter:
         else:
             held.append(data)
 
+    @property
+    def waiting(self) -> bool:
+        """Writes are held and some wait: whatever left another way now would overtake them."""
+        return bool(self._held)
+
     def hold(self) -> None:
         if self._held is None:
             self._held = []

@@ -184,6 +184,7 @@ class Client:
         self._client = self.client_id.bytes
         self._protocol: Optional[_ClientProtocol] = None
         self._write: Callable[[bytes], None] = self._write_closed
+        self._route_request: Optional[Callable[[bytes, int, bytes, bytes, bytes], bool]] = None
         self._closed: Optional[Exception] = None
         self._lost = False
         self._lost_waiters: list[Deferred[None]] = []
@@ -338,6 +339,8 @@ class Client:
     def _attach(self, proto: _ClientProtocol) -> Optional["Deferred[None]"]:
         self._protocol = proto
         self._write = proto.writer.write
+        # An in-process link's client end takes a whole request as values (pulsyflux.server.inproc).
+        self._route_request = getattr(proto.transport, "route_request", None)
         # The registration's id ends in CR LF: an HTTP server (someone gave the
         # HTTP API's port) reads the bytes before it as a bad request line and
         # answers 400 at once, so the mistake is told at once, not by a timeout.

@@ -20,6 +20,7 @@ __all__ = ["Consumer"]
 
 
 _write_request = codec.write_request
+_MAX_PAYLOAD = codec.MAX_PAYLOAD
 
 
 _MAX_TIMEOUT_MS = 2**64 - 1  # the START frame's timeout field (docs/protocol.md)
@@ -111,7 +112,8 @@ class Consumer(Client):
         ``timeout`` seconds) or :class:`~pulsyflux.wire.errors.ConnectionLostError`.
         Raises ValueError at once for a timeout the frame cannot carry (not finite, or past 2^64 ms).
         """
-        if self._closed is not None or self._protocol is None:
+        protocol = self._protocol
+        if self._closed is not None or protocol is None:
             return fail(self._closed or ConnectionLostError("not connected"))
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
@@ -125,8 +127,16 @@ class Consumer(Client):
             raise ValueError(f"timeout must be at most {_MAX_TIMEOUT_MS // 1000:,} seconds")
         request_id = self._next_id()
         self._pending[request_id] = pending = _Pending(self._cancel, request_id)
-        # One write for a small request; a large one piece by piece (never copied to join it).
-        _write_request(self._write, request_id, timeout_ms, self._client, self._channel, payload)
+        route = self._route_request  # an in-process link: the server routes it as values, no frames
+        if (
+            route is None
+            or type(payload) is not bytes
+            or len(payload) > _MAX_PAYLOAD
+            or protocol.writer.waiting
+            or not route(request_id, timeout_ms, self._client, self._channel, payload)
+        ):
+            # One write for a small request; a large one piece by piece (never copied to join it).
+            _write_request(self._write, request_id, timeout_ms, self._client, self._channel, payload)
         if timeout:
             self._deadlines.add(request_id, pending, timeout)
         return pending

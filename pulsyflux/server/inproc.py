@@ -18,7 +18,12 @@ streaming producer is paused while more than :attr:`~InProcessTransport.bufferSi
 bytes wait and resumed once they have been read (the server's flow control,
 :mod:`pulsyflux.server.backpressure`); ``pauseProducing`` stops delivering the
 peer's bytes; ``loseConnection`` closes once the buffer has drained,
-``abortConnection`` drops it. Server protocols built here are *trusted*
+``abortConnection`` drops it. One shortcut: a Consumer's whole request
+may go to the server end as values (:meth:`InProcessTransport.route_request`,
+routed there and then as its frames would be) when nothing written before it
+waits and the server reads; the broker's forwards take it, so a forward's
+frames are written once, for the subscriber's socket, not framed here,
+decoded by the server and framed again. Server protocols built here are *trusted*
 (``ServerProtocol.trusted``): the server's own broker, exempt from limits
 meant for strangers and allowed on the channels the router reserves.
 
@@ -177,6 +182,38 @@ class InProcessTransport:
                 self.producerPaused = True
                 producer.pauseProducing()
         self._schedule_delivery()
+
+    def route_request(
+        self, request_id: bytes, timeout_ms: int, client_id: bytes, channel: bytes, payload: bytes
+    ) -> bool:
+        """Hand the peer a consumer's whole request as values, when it can go now: True if it went.
+
+        The server end routes it at once, as it would route the request's
+        frames (``ServerProtocol.request``), so the frames are never made
+        into bytes, buffered and decoded; the broker's forwards go this way
+        (:class:`~pulsyflux.client.Consumer` asks first). Only when nothing
+        written here still waits (order), the peer reads (flow control has
+        not paused it) and its protocol takes requests so; otherwise False,
+        and the caller writes the frames.
+        """
+        if self._buffer or self.disconnected or self.disconnecting:
+            return False
+        peer = self.peer
+        if peer is None or peer._reading_paused:
+            return False
+        take = getattr(peer.protocol, "request", None)
+        if take is None:
+            return False
+        try:
+            return bool(take(request_id, timeout_ms, client_id, channel, payload))
+        except Exception:
+            # As _deliver: the connection ends with the error (the request fails with it).
+            failure = Failure()
+            self.log.failure(
+                "unhandled error routing an in-process request; closing the in-process connection", failure
+            )
+            self._end(Failure(ConnectionLost("the peer failed while reading")), failure)
+            return True
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))

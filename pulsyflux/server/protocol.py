@@ -43,6 +43,10 @@ if TYPE_CHECKING:  # typing.Unpack is Python 3.11+; typing_extensions comes with
 __all__ = ["ServerProtocol", "ServerFactory"]
 
 
+# What a request's START, CHUNK header and END take on the wire, besides its payload.
+_REQUEST_FRAMES_SIZE = codec.START_FRAME_SIZE + 2 * codec.HEADER_SIZE
+
+
 def _ignore(data: bytes) -> None:
     pass
 
@@ -171,6 +175,35 @@ class ServerProtocol(Protocol):
             peer.frames_in += frames  # once per read, not per frame
             router.flush()
             router.reading = None
+
+    def request(self, request_id: bytes, timeout_ms: int, client_id: bytes, channel: bytes, payload: bytes) -> bool:
+        """A whole request from the client end of an in-process link (:mod:`pulsyflux.server.inproc`), routed
+        as :meth:`dataReceived` routes its frames, without framing it into bytes and decoding them again
+        (:meth:`Router.request`); counted as those frames would be.
+
+        False when it must come as bytes instead: while the router routes
+        a read (never re-entered), before this connection has registered
+        (registration has its own rules), with part of a frame held, or
+        once this connection was refused.
+        """
+        router = self.router
+        peer = self.peer
+        if router.reading is not None or peer is None or peer.key is None or self.decoder.buffered:
+            return False
+        if "dataReceived" in self.__dict__:  # stop_reading() shadowed it: nothing more is routed
+            return False
+        size = len(payload)
+        wire = (_REQUEST_FRAMES_SIZE + size) if size else _REQUEST_FRAMES_SIZE - codec.HEADER_SIZE
+        router.stats.bytes_in += wire
+        peer.bytes_in += wire
+        peer.frames_in += 3 if size else 2
+        router.reading = peer
+        try:
+            router.request(peer, request_id, timeout_ms, client_id, channel, payload)
+        finally:
+            router.flush()
+            router.reading = None
+        return True
 
     def stop_reading(self) -> None:
         """Drop, unread, whatever more the peer sends (a refused connection, or one the guard closes).

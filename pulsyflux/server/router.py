@@ -760,9 +760,25 @@ class Router:
             self._server_error(conn, request_id, errors.MSG_BAD_START_LENGTH)
             return
         role, timeout_ms, client_id, channel = _unpack_metadata_from(frame, _HEADER)
+        routing = frame[_START_ROUTING:]  # the metadata's client id and channel id, as one slice
+        self._begin(conn, flags, request_id, role, timeout_ms, client_id, channel, routing)
+
+    def _begin(
+        self,
+        conn: Peer,
+        flags: int,
+        request_id: bytes,
+        role: int,
+        timeout_ms: int,
+        client_id: bytes,
+        channel: bytes,
+        routing: bytes,
+    ) -> Optional[_InFlight]:
+        """A START's rules once its metadata is read (from a frame, or given by :meth:`request`):
+        register, refuse, or route it; returns the request in flight, if routed."""
         if role != ROLE_CONSUMER and role != ROLE_PROVIDER:
             self._server_error(conn, request_id, errors.MSG_BAD_ROLE)
-            return
+            return None
         key = conn.key  # read once: this path is per request
         if key is None:
             if role == ROLE_PROVIDER and channel in self.reserved and not conn.trusted:
@@ -774,25 +790,24 @@ class Router:
                 if verdict is not None:
                     if verdict:
                         raise Refused(errors.PREFIX_PERMISSION_DENIED)
-                    return  # held until the broker claims the channel for a subscription (gate.py)
+                    return None  # held until the broker claims the channel for a subscription (gate.py)
             self.register(conn, role, channel, client_id)
             key = conn.key
         if flags & FLAG_REGISTRATION or role != ROLE_CONSUMER:
-            return  # registration only: the server answers nothing
-        routing = frame[_START_ROUTING:]  # the metadata's client id and channel id, as one slice
+            return None  # registration only: the server answers nothing
         if client_id != key[2]:  # type: ignore[index]  # registered just above if it was not
             self._server_error(conn, request_id, MSG_CLIENT_MISMATCH, routing)
-            return
+            return None
         if request_id in self.requests:
             self._server_error(conn, request_id, errors.MSG_DUPLICATE_ID, routing)
-            return
+            return None
         if len(conn.started) >= self._start_limit:  # max_in_flight, or 0 while draining
             if self._draining:
                 message = errors.MSG_SHUTTING_DOWN
             else:
                 message = errors.overloaded(f"more than {self._max_in_flight} requests in flight on one connection")
             self._server_error(conn, request_id, message, routing)
-            return
+            return None
         provider = self.pick_provider(channel)
         if (
             provider is not None
@@ -804,7 +819,7 @@ class Router:
             provider = self._pick_here(channel)
         if provider is None or (channel in self.guarded and not conn.trusted):
             self._server_error(conn, request_id, errors.MSG_PEER_DISAPPEARED, routing)
-            return
+            return None
         now = self.clock.seconds()
         entry = _InFlight(request_id, conn, provider, routing, now)
         # Publishes to the broker and its forwards carry payloads in base64: their
@@ -824,6 +839,34 @@ class Router:
         else:
             self.stats.requests_routed += 1
         self.send(provider, _encode_header(_VERSION, START, flags, request_id, ROUTING_SIZE) + routing)
+        return entry
+
+    def request(
+        self, conn: Peer, request_id: bytes, timeout_ms: int, client_id: bytes, channel: bytes, payload: bytes
+    ) -> None:
+        """A consumer's whole request (its START, one CHUNK, its END) given as values, not frames.
+
+        Routed as :meth:`frame_received` routes those three frames, but the
+        provider's frames are written from the values: the payload is copied
+        once, where the frames carrying it would be copied three times (framed
+        by the client, sliced by the decoder, joined with their START here).
+        For a registered connection in this process (:mod:`pulsyflux.server.inproc`:
+        the broker's forwards); ``payload`` fits one frame (at most ``codec.JOIN_LIMIT`` bytes).
+        """
+        entry = self._begin(conn, 0, request_id, ROLE_CONSUMER, timeout_ms, client_id, channel, client_id + channel)
+        if entry is None:
+            return
+        provider = entry.provider
+        size = len(payload)
+        if size:
+            if size > entry.request_limit:
+                self._too_large(entry, "request")
+                return
+            entry.request_size = size
+            self.send(provider, _encode_header(_VERSION, CHUNK, 0, request_id, size))
+            self.send(provider, payload)
+            provider.frames_out -= 1  # one frame, written as two pieces (flush counts pieces)
+        self.send(provider, _encode_header(_VERSION, END, 0, request_id, 0))
 
     def _response_frame(self, conn: Peer, ftype: int, request_id: bytes, frame: bytes) -> None:
         entry = self.requests.get(request_id)
