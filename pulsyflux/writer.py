@@ -101,7 +101,9 @@ def hang_up(transport: IStreamTransport) -> None:
     Twisted's TLS transport postpones its close until the producer (a
     server connection's flow control) is unregistered: a refused TLS client
     would read its ERROR and then wait on an open line (its request timing
-    out instead of failing with the refusal). Plain TCP closes either way.
+    out instead of failing with the refusal), a timed-out, cut or shut-down
+    one until an abort timer. Plain TCP closes either way. Every close the
+    server decides goes through here (tests/test_attack_tls_close.py).
     """
     unregister = getattr(transport, "unregisterProducer", None)
     if unregister is not None:

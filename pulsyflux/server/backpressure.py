@@ -49,6 +49,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..wire import codec, errors
+from ..writer import hang_up
 
 if TYPE_CHECKING:  # the router imports this module; the types only go the other way
     from .router import Peer, Router
@@ -289,8 +290,11 @@ class FlowControl:
         if router.log_limiter.allow("closing"):  # peers decide how often: rate-limited
             self.log.info("closing {peer}: {message}", peer=transport.getPeer(), message=message)
         router.forget(conn)  # as if gone: its requests fail or end, nothing more is routed to it
+        adapter = conn.conn
+        if adapter is not None:
+            adapter.stop_reading()  # nor from it: its ERROR is the last thing it gets (TLS reads on until closed)
         conn.write(codec.encode_frame(codec.ERROR, bytes(16), codec.error_payload(message)))
-        transport.loseConnection()
+        hang_up(transport)
         flow._linger = router.clock.callLater(self.linger, transport.abortConnection)
 
 

@@ -40,6 +40,7 @@ from .._twisted_compat import tls_handshake_pending
 from ..wire import codec, errors
 from ..wire.codec import ERROR, FrameDecoder
 from ..wire.ratelimit import LogLimiter, shorten
+from ..writer import hang_up
 
 if TYPE_CHECKING:  # the server imports this module
     from .router import Peer, ServerStats
@@ -166,7 +167,7 @@ class ConnectionGuard:
             transport.abortConnection()
             return
         transport.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(message)))
-        transport.loseConnection()
+        hang_up(transport)
         self._closing[conn] = self.clock.seconds()
         self._arm()
 

@@ -46,7 +46,7 @@ from ..wire.deadlines import Deadlines
 from ..wire.errors import MSG_CHANNEL_RESERVED, MSG_CLIENT_MISMATCH, error_kind
 from ..wire.printable import short_error_text
 from ..wire.ratelimit import LogLimiter, summary_to
-from ..writer import coalesce
+from ..writer import coalesce, hang_up
 from .backpressure import DEFAULT_MAX_UNSENT, DEFAULT_MAX_UNSENT_TOTAL, Backpressure, FlowControl
 from .guard import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_PARTIAL_BYTES, DEFAULT_REGISTER_TIMEOUT, ConnectionGuard
 
@@ -540,7 +540,7 @@ class Router:
             message = errors.overloaded(f"more than {self.max_connections} connections")
             self.stats.error(message)
             transport.write(codec.encode_frame(ERROR, bytes(16), codec.error_payload(message)))
-            transport.loseConnection()
+            hang_up(transport)
             raise Refused(message)
         peer.since = self.clock.seconds()
         peer.flow = self.flow_control.attach(peer)
@@ -675,7 +675,7 @@ class Router:
             if abort:
                 peer.transport.abortConnection()
             else:
-                peer.transport.loseConnection()
+                hang_up(peer.transport)
         return gone
 
     # -- frames ---------------------------------------------------------------
