@@ -213,12 +213,18 @@ class Outlet:
         error = failure.value
         if not self.open:
             # Ended while these were on their way (unsubscribed, closed): a
-            # subscriber holds its answer while its buffer is full, so they
-            # are most likely readable there; they are not counted as lost.
-            # A queue group member's that it never took (not routed, or refused
-            # by its closed subscription) go to another member.
-            if self.group is not None and isinstance(error, (NoProviderError, RemoteError)):
-                self.fanout.hand_over(self, texts[len(texts) - count :])
+            # subscriber holds its answer while its buffer is full, so when the
+            # line is cut (ConnectionLostError) they are most likely readable
+            # there, and not counted as lost. Those it never took (not routed,
+            # refused by its closed subscription, refused by the server) go to
+            # another member of a queue group; with none to take them (a plain
+            # subscription, the whole broker closing) they are counted as lost.
+            if isinstance(error, (NoProviderError, RemoteError, ServerOverloaded)):
+                if self.group is not None and not self.fanout.closing and not isinstance(error, ServerOverloaded):
+                    self.fanout.hand_over(self, texts[len(texts) - count :])  # counts them if no member is left
+                else:
+                    self.lost += count
+                    self.fanout.lost += count
             return
         if isinstance(error, ConnectionLostError) and self.consumer.reconnecting:
             # At most once: these may or may not have arrived; the rest waits for rejoin().
