@@ -367,6 +367,157 @@ async def test_pieces_of_a_request_that_never_completes_are_freed(pair):
 
 
 @pytest_twisted.ensureDeferred
+async def test_empty_pieces_of_a_request_cost_their_server_its_share(pair, monkeypatch):
+    """Worst input: one request in pieces with no bytes (``more`` 1), many of them. Each piece held costs
+    PIECE_COST beside its bytes, so they fill the sender's share like bytes would: the request is refused
+    and its pieces go, instead of a list of empty pieces growing for INCOMPLETE_TIMEOUT."""
+    from pulsyflux.cluster import requests as cluster_requests
+
+    a, b = pair
+    cost = cluster_requests.PIECE_COST
+    monkeypatch.setattr(cluster_requests, "MAX_IN_BYTES_FROM_ONE", 100 * cost)
+    channel = uuid.uuid4()
+    heard: list[bytes] = []
+    intruder = await _intruder(b)
+    listener = await _inbox_of(b, b"mallory", heard)
+    try:
+        head = b"q mallory empty " + channel.bytes.hex().encode() + b" 1\n"
+        for _ in range(50):
+            await intruder.execute("SPUBLISH", "pulsyflux:n:b", head)
+        await eventually(lambda: b.cluster.requests.in_bytes == 50 * cost)  # held, and counted
+        assert b.cluster.requests.bytes_from == {"mallory": 50 * cost}
+        for _ in range(51):  # the 101st piece is one more than its share
+            await intruder.execute("SPUBLISH", "pulsyflux:n:b", head)
+        await eventually(lambda: heard)
+        assert heard[0].startswith(b"r b empty err 0\nserver overloaded: server b holds as many requests")
+        assert not b.cluster.requests.incoming and b.cluster.requests.refused_from_one == 1
+        assert b.cluster.requests.in_bytes == 0 and not b.cluster.requests.bytes_from
+    finally:
+        listener.transport.loseConnection()
+        intruder.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_pieces_of_an_answer_kept_for_a_slow_reader_count_against_the_bound(pair, monkeypatch):
+    """Worst input: while a consumer here reads slowly (its relay paused, the answer's pieces kept), the
+    server asked sends pieces with no bytes, without end. Each kept piece costs PIECE_COST: past the bound
+    the request fails with 'server overloaded' and nothing more is kept for it."""
+    from pulsyflux import ServerOverloaded
+    from pulsyflux.cluster import requests as cluster_requests
+
+    a, b = pair
+    cost = cluster_requests.PIECE_COST
+    channel = uuid.uuid4()
+    stuck: defer.Deferred = defer.Deferred()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: stuck)  # b never answers
+    consumer = await Consumer.connect(_address(a), channel)
+    intruder = await _intruder(a)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        (relay,) = a.cluster.requests.relays.values()
+        resume = hang(consumer)
+        waiting = consumer.send(b"answer slowly", timeout=60)
+        await eventually(lambda: len(a.cluster.requests.out) == 1)
+        (rid,) = a.cluster.requests.out
+        # Pieces of 512 KiB, as a server sends them, until the consumer's connection takes no more unread
+        # and the relay is paused.
+        for _ in range(64):
+            handed = relay.peer.bytes_in
+            await intruder.execute("SPUBLISH", "pulsyflux:n:a", b"r b " + rid + b" ok 1\n" + b"x" * (512 << 10))
+            await eventually(lambda handed=handed: relay.paused or relay.peer.bytes_in > handed)
+            if relay.paused:
+                break
+        assert relay.paused and not relay.kept
+        for _ in range(20):
+            await intruder.execute("SPUBLISH", "pulsyflux:n:a", b"r b " + rid + b" ok 1\n")
+        await eventually(lambda: len(relay.kept) == 20)
+        assert a.cluster.requests.in_bytes == 20 * cost  # kept, and counted
+        monkeypatch.setattr(cluster_requests, "MAX_IN_BYTES", 50 * cost)
+        for _ in range(40):
+            await intruder.execute("SPUBLISH", "pulsyflux:n:a", b"r b " + rid + b" ok 1\n")
+        await eventually(lambda: not a.cluster.requests.out)  # failed at the bound
+        assert len(relay.kept) == 50 and a.cluster.requests.in_bytes == 50 * cost  # the last 10 were not kept
+        resume()
+        with pytest.raises(ServerOverloaded, match="too many bytes of answers waiting for slow consumers"):
+            await waiting
+        await eventually(lambda: not relay.kept)
+        assert a.cluster.requests.in_bytes == 0
+    finally:
+        stuck.callback(b"late")
+        intruder.transport.loseConnection()
+        await consumer.close()
+        await provider.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_pieces_of_a_local_request_are_not_held_by_its_relay(pair):
+    """Worst input: a consumer here sends a request to a channel another server holds as one START and
+    thousands of empty CHUNK frames (the router bounds a body's bytes, not its frames). The relay holds
+    the body until END: the empty pieces add nothing to it and are not kept."""
+    from types import SimpleNamespace
+
+    from pulsyflux.wire import codec
+
+    from .wire import connect_raw, register_frames
+
+    a, b = pair
+    channel = uuid.uuid4()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: body)
+    raw = None
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        (relay,) = a.cluster.requests.relays.values()
+        raw = await connect_raw(SimpleNamespace(port=a.server.port.getHost().port))
+        client, rid = uuid.uuid4().bytes, uuid.uuid4().bytes
+        meta = codec.pack_metadata(codec.ROLE_CONSUMER, 30000, client, channel.bytes)
+        empty = codec.encode_frame(codec.CHUNK, rid)
+        raw.send(
+            register_frames(codec.ROLE_CONSUMER, client, channel.bytes), codec.encode_frame(codec.START, rid, meta)
+        )
+        raw.send(empty * 10_000)
+        await eventually(lambda: relay.peer.bytes_out >= 10_000 * len(empty))  # all routed to the relay
+        assert [len(held) for held in relay.starting.values()] == [1]  # the routing only
+        raw.send(codec.encode_frame(codec.CHUNK, rid, b"body"), codec.encode_frame(codec.END, rid))
+        await eventually(lambda: b.cluster.requests.served == 1)
+    finally:
+        if raw is not None:
+            raw.transport.loseConnection()
+        await provider.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_pieces_of_a_local_providers_answer_to_another_server_are_counted(pair):
+    """Worst input: a provider here answers another server's request with many empty RESPONSE_CHUNKs and no
+    END. The answer is held whole until it goes to Redis: each piece costs PIECE_COST in the bound."""
+    from types import SimpleNamespace
+
+    from pulsyflux.cluster import requests as cluster_requests
+    from pulsyflux.wire import codec
+
+    from .test_attack_router import frame, raw_provider
+
+    a, b = pair
+    cost = cluster_requests.PIECE_COST
+    channel = uuid.uuid4()
+    provider = await raw_provider(SimpleNamespace(port=b.server.port.getHost().port), channel)
+    provider.answer = lambda request_id, routing: (
+        frame(codec.RESPONSE_START, request_id, routing) + frame(codec.RESPONSE_CHUNK, request_id) * 1000
+    )
+    consumer = await Consumer.connect(_address(a), channel)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        waiting = consumer.send(b"answer me", timeout=30)
+        await eventually(lambda: b.cluster.requests.in_bytes == 1000 * cost)
+        ((request_id, _),) = [(f.request_id, f) for f in provider.frames if f.type == codec.END]
+        provider.send(frame(codec.RESPONSE_END, request_id))
+        assert await waiting == b""
+        assert b.cluster.requests.in_bytes == 0
+    finally:
+        provider.transport.loseConnection()
+        await consumer.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_answer_from_another_server_than_the_one_asked_is_ignored(pair):
     a, b = pair
     channel = uuid.uuid4()

@@ -82,6 +82,10 @@ MAX_FROM_ONE = MAX_IN_FLIGHT // 2
 MAX_IN_BYTES_FROM_ONE = MAX_IN_BYTES // 2
 RELAY_TIMEOUT = 300.0  # seconds a relayed request may wait for its answer (the real deadline is the consumer's)
 INCOMPLETE_TIMEOUT = 30.0  # seconds the rest of a request in pieces may take to arrive before its pieces go
+# What holding one piece costs beside its bytes (its tuple or list slot: about 115 bytes of CPython), charged
+# in in_bytes with them: empty pieces (``more`` 1, no body) are not free, so another server cannot make this
+# one hold millions of them under the byte bound.
+PIECE_COST = 128
 
 _VERSION = codec.VERSION
 _pack_header = codec.HEADER.pack
@@ -177,7 +181,7 @@ class _Relay:
         for ftype, _flags, request_id, payload in self.decoder.frames(data):
             if ftype == CHUNK:
                 held = starting.get(request_id)
-                if held is not None:
+                if held is not None and payload:  # an empty piece adds nothing to the body: not held
                     held.append(payload)
             elif ftype == END:
                 held = starting.pop(request_id, None)
@@ -203,7 +207,7 @@ class _Serving:
         self.origin = origin
         self.rid = rid
         self.parts: list[bytes] = []
-        self.size = 0  # bytes of parts, counted in the owner's in_bytes until answered()
+        self.size = 0  # bytes of parts and PIECE_COST a part, counted in the owner's in_bytes until answered()
         self.cancelled = False  # its server gave up: the answer is dropped when it comes
 
 
@@ -235,7 +239,7 @@ class _Inlet:
                 if serving is not None and not serving.cancelled:
                     # An answer is held whole until it goes to Redis: counted with what arrives from
                     # other servers, so providers here cannot make this server hold more than that bound.
-                    size = len(payload)
+                    size = len(payload) + PIECE_COST
                     if owner.in_bytes + size > MAX_IN_BYTES:
                         del waiting[request_id]
                         owner.answered(serving, False, errors.overloaded("too many bytes of answers to other servers"))
@@ -277,11 +281,12 @@ class _Out:
 class _In:
     """A request from another server still arriving in pieces."""
 
-    __slots__ = ("parts", "size", "timer")
+    __slots__ = ("parts", "size", "cost", "timer")
 
     def __init__(self, timer: Optional[IDelayedCall]) -> None:
         self.parts: list[bytes] = []
-        self.size = 0
+        self.size = 0  # bytes of the body so far (bounded by max_body)
+        self.cost = 0  # what is counted in in_bytes and bytes_from: size, and PIECE_COST a piece
         self.timer = timer
 
 
@@ -538,7 +543,7 @@ class ClusterRequests:
             self.bad += 1  # only the server asked answers
             return
         if relay.paused or relay.kept:  # a consumer it answers reads slowly: in order, later
-            size = len(chunk)
+            size = len(chunk) + PIECE_COST
             if self.in_bytes + size > MAX_IN_BYTES:
                 self._fail(rid, errors.overloaded("too many bytes of answers waiting for slow consumers"))
                 return
@@ -556,7 +561,7 @@ class ClusterRequests:
         kept = relay.kept
         while kept and not relay.paused and relay.live:
             entry, status, more, chunk = kept.popleft()
-            self.in_bytes -= len(chunk)
+            self.in_bytes -= len(chunk) + PIECE_COST
             if self.out.get(entry.rid) is entry:  # not given up on meanwhile
                 self._answer(entry, status, more, chunk)
                 self.settle()  # written now: a slow consumer pauses the relay again before the next
@@ -565,7 +570,7 @@ class ClusterRequests:
 
     def _drop_kept(self, relay: _Relay) -> None:
         for _, _, _, chunk in relay.kept:
-            self.in_bytes -= len(chunk)
+            self.in_bytes -= len(chunk) + PIECE_COST
         relay.kept.clear()
 
     def _answer(self, entry: _Out, status: bytes, more: bool, chunk: bytes) -> None:
@@ -639,8 +644,10 @@ class ClusterRequests:
             self._count(origin, 1)
         held.parts.append(chunk)
         held.size += len(chunk)
-        self.in_bytes += len(chunk)
-        from_one = self.bytes_from[origin] = self.bytes_from.get(origin, 0) + len(chunk)
+        cost = len(chunk) + PIECE_COST
+        held.cost += cost
+        self.in_bytes += cost
+        from_one = self.bytes_from[origin] = self.bytes_from.get(origin, 0) + cost
         if held.size > self.max_body or self.in_bytes > MAX_IN_BYTES or from_one > MAX_IN_BYTES_FROM_ONE:
             self._drop_incoming(key)
             if from_one > MAX_IN_BYTES_FROM_ONE and held.size <= self.max_body:
@@ -749,8 +756,8 @@ class ClusterRequests:
         held = self.incoming.pop(key, None)
         if held is not None:
             origin = key[0]
-            self.in_bytes -= held.size
-            left = self.bytes_from.get(origin, 0) - held.size
+            self.in_bytes -= held.cost
+            left = self.bytes_from.get(origin, 0) - held.cost
             if left > 0:
                 self.bytes_from[origin] = left
             else:
