@@ -106,6 +106,26 @@ def test_a_request_as_values_reaches_the_provider_as_its_frames_would(payload, m
     ]
 
 
+@pytest.mark.parametrize(
+    "parts", [[], [b"", b""], [b"\xffPB1", b"rec-one", b"rec-two"], [b"h", b"z" * (codec.JOIN_LIMIT + 5)]]
+)
+def test_a_request_sent_as_parts_is_the_request_of_their_join(parts):
+    outcomes = []
+    for direct, as_parts in ((True, True), (False, True), (True, False)):
+        clock, router, provider, consumer = setup(direct)
+        before = numbers(router)
+        answer = consumer.send_parts(parts, timeout=0) if as_parts else consumer.send(b"".join(parts), timeout=0)
+        clock.advance(0)
+        assert not answer.called
+        routing = consumer._client + consumer._channel
+        after = numbers(router)
+        outcomes.append(
+            (without_ids(provider.raw, routing), [[a - b for a, b in zip(x, y)] for x, y in zip(after, before)])
+        )
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+    assert [p for t, p in outcomes[0][0] if t == codec.CHUNK] == ([b"".join(parts)] if b"".join(parts) else [])
+
+
 def test_every_counter_is_what_the_frames_would_have_counted():
     results = []
     for direct in (True, False):
@@ -139,14 +159,14 @@ def test_a_request_waits_behind_bytes_written_before_it_and_for_a_paused_reader(
     clock, router, provider, consumer = setup(True)
     proto = consumer._protocol
     first = consumer.ping()  # a frame written as bytes: still in the link's buffer
-    assert not proto.transport.route_request(b"i" * 16, 0, consumer._client, consumer._channel, b"p")
+    assert not proto.transport.route_request(b"i" * 16, 0, consumer._client, consumer._channel, (b"p",), 1)
     consumer.send(b"second", timeout=0)
     clock.advance(0)
     assert first.called
     # Its reader paused (flow control): requests are written as frames and wait with the bytes.
     (server_end,) = [peer.transport for peer in router.peers if peer.key and peer.key[0] == codec.ROLE_CONSUMER]
     server_end.pauseProducing()
-    assert not proto.transport.route_request(b"j" * 16, 0, consumer._client, consumer._channel, b"p")
+    assert not proto.transport.route_request(b"j" * 16, 0, consumer._client, consumer._channel, (b"p",), 1)
     consumer.send(b"third", timeout=0)
     clock.advance(0)
     assert [p for t, p in without_ids(provider.raw) if t == codec.CHUNK] == [b"second"]
@@ -176,15 +196,15 @@ def test_an_unregistered_end_or_one_without_requests_takes_the_frames_path():
     router_side = Raw()
     client_side = Raw()
     ta, tb = connect_in_process(clock, client_side, router_side, InProcessAddress("a"), InProcessAddress("b"))
-    assert not ta.route_request(b"i" * 16, 0, b"c" * 16, b"h" * 16, b"p")  # Raw has no request()
+    assert not ta.route_request(b"i" * 16, 0, b"c" * 16, b"h" * 16, (b"p",), 1)  # Raw has no request()
     factory = ServerFactory(clock)
     consumer = Consumer.connect(InProcessEndpoint(factory, clock), uuid.uuid4(), reactor=clock).result
     end = consumer._protocol.transport
-    assert not end.route_request(b"i" * 16, 0, consumer._client, consumer._channel, b"p")  # registration waits
+    assert not end.route_request(b"i" * 16, 0, consumer._client, consumer._channel, (b"p",), 1)  # registration waits
     clock.advance(0)
     (conn,) = [peer.conn for peer in factory.router.peers]
     conn.stop_reading()  # refused: nothing more is routed
-    assert not end.route_request(b"i" * 16, 0, consumer._client, consumer._channel, b"p")
+    assert not end.route_request(b"i" * 16, 0, consumer._client, consumer._channel, (b"p",), 1)
 
 
 def test_an_error_while_routing_ends_that_link_not_the_caller(monkeypatch):

@@ -21,7 +21,7 @@ from ..wire.errors import (
     RemoteError,
     ServerOverloaded,
 )
-from ..wire.messages import Position
+from ..wire.messages import BINARY_MAGIC, Position
 from ..wire.printable import error_excerpt
 from .link import PROBE, ignore, send_until_registered
 from .subscription import Subscription
@@ -159,7 +159,9 @@ class Outlet:
             # A forward is in one encoding: that of the first message waiting (a binary reader
             # gets JSON where the broker keeps history; each body says which it is).
             kind = type(backlog[0])
-            texts: list[Any] = []
+            # A binary forward is sent as its pieces (the magic, then the records), joined once where
+            # it is framed (Consumer.send_parts); the messages are always the last ``count`` of texts.
+            texts: list[Any] = [BINARY_MAGIC] if kind is bytes else []
             if self.dropped != self.notified:
                 self.notified = self.dropped
                 texts.append(
@@ -183,8 +185,10 @@ class Outlet:
             fanout.backlog_size -= size
             self.requests += 1
             self.in_flight += count
-            body = messages.encode_records(texts) if kind is bytes else messages.encode_batch(texts)
-            d = self.consumer.send(body, timeout=0)
+            if kind is bytes:
+                d = self.consumer.send_parts(texts, timeout=0)
+            else:
+                d = self.consumer.send(messages.encode_batch(texts), timeout=0)
             d.addCallbacks(self._answered, self._failed, callbackArgs=(count,), errbackArgs=(count, texts))
 
     def forward(self, body: bytes, texts: Sequence[Union[str, bytes]]) -> None:

@@ -13,7 +13,7 @@ import json
 import os
 import random
 import uuid
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -184,7 +184,7 @@ class Client:
         self._client = self.client_id.bytes
         self._protocol: Optional[_ClientProtocol] = None
         self._write: Callable[[bytes], None] = self._write_closed
-        self._route_request: Optional[Callable[[bytes, int, bytes, bytes, bytes], bool]] = None
+        self._route_request: Optional[Callable[[bytes, int, bytes, bytes, Sequence[bytes], int], bool]] = None
         self._closed: Optional[Exception] = None
         self._lost = False
         self._lost_waiters: list[Deferred[None]] = []

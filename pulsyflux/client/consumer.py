@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
@@ -112,10 +112,23 @@ class Consumer(Client):
         ``timeout`` seconds) or :class:`~pulsyflux.wire.errors.ConnectionLostError`.
         Raises ValueError at once for a timeout the frame cannot carry (not finite, or past 2^64 ms).
         """
+        return self._send(payload, None, timeout)
+
+    def send_parts(self, parts: Sequence[bytes], timeout: float = 5.0) -> "Deferred[bytes]":
+        """:meth:`send` of ``b"".join(parts)`` (bytes objects), joined once, where its frames are made.
+
+        Over an in-process link the router writes the pieces into the
+        provider's frames (:mod:`pulsyflux.server.inproc`): the broker forwards
+        a batch of records so, where joining them into a body first would copy
+        the whole batch once more.
+        """
+        return self._send(None, parts, timeout)
+
+    def _send(self, payload: Optional[bytes], parts: Optional[Sequence[bytes]], timeout: float) -> "Deferred[bytes]":
         protocol = self._protocol
         if self._closed is not None or protocol is None:
             return fail(self._closed or ConnectionLostError("not connected"))
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
+        if parts is None and not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
         # The START frame's timeout is 64-bit milliseconds: a value that does not fit is the caller's
         # mistake, refused before the request is registered, so that it leaves nothing behind.
@@ -128,13 +141,20 @@ class Consumer(Client):
         request_id = self._next_id()
         self._pending[request_id] = pending = _Pending(self._cancel, request_id)
         route = self._route_request  # an in-process link: the server routes it as values, no frames
+        if parts is not None:
+            size = sum(map(len, parts))
+        else:
+            size = len(payload)  # type: ignore[arg-type]  # checked above
+            parts = (payload,) if type(payload) is bytes else None  # the router writes bytes only
         if (
             route is None
-            or type(payload) is not bytes
-            or len(payload) > _MAX_PAYLOAD
+            or parts is None
+            or size > _MAX_PAYLOAD
             or protocol.writer.waiting
-            or not route(request_id, timeout_ms, self._client, self._channel, payload)
+            or not route(request_id, timeout_ms, self._client, self._channel, parts, size)
         ):
+            if payload is None:
+                payload = b"".join(parts)  # type: ignore[arg-type]  # given when payload is not
             # One write for a small request; a large one piece by piece (never copied to join it).
             _write_request(self._write, request_id, timeout_ms, self._client, self._channel, payload)
         if timeout:

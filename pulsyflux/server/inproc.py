@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, cast
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ConnectionRefusedError
@@ -184,9 +184,11 @@ class InProcessTransport:
         self._schedule_delivery()
 
     def route_request(
-        self, request_id: bytes, timeout_ms: int, client_id: bytes, channel: bytes, payload: bytes
+        self, request_id: bytes, timeout_ms: int, client_id: bytes, channel: bytes, parts: Sequence[bytes], size: int
     ) -> bool:
         """Hand the peer a consumer's whole request as values, when it can go now: True if it went.
+
+        ``parts`` joined are its payload (bytes objects, ``size`` bytes in all, at most one frame's).
 
         The server end routes it at once, as it would route the request's
         frames (``ServerProtocol.request``), so the frames are never made
@@ -205,7 +207,7 @@ class InProcessTransport:
         if take is None:
             return False
         try:
-            return bool(take(request_id, timeout_ms, client_id, channel, payload))
+            return bool(take(request_id, timeout_ms, client_id, channel, parts, size))
         except Exception:
             # As _deliver: the connection ends with the error (the request fails with it).
             failure = Failure()

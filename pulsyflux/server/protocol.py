@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
@@ -176,7 +176,9 @@ class ServerProtocol(Protocol):
             router.flush()
             router.reading = None
 
-    def request(self, request_id: bytes, timeout_ms: int, client_id: bytes, channel: bytes, payload: bytes) -> bool:
+    def request(
+        self, request_id: bytes, timeout_ms: int, client_id: bytes, channel: bytes, parts: Sequence[bytes], size: int
+    ) -> bool:
         """A whole request from the client end of an in-process link (:mod:`pulsyflux.server.inproc`), routed
         as :meth:`dataReceived` routes its frames, without framing it into bytes and decoding them again
         (:meth:`Router.request`); counted as those frames would be.
@@ -192,14 +194,13 @@ class ServerProtocol(Protocol):
             return False
         if "dataReceived" in self.__dict__:  # stop_reading() shadowed it: nothing more is routed
             return False
-        size = len(payload)
         wire = (_REQUEST_FRAMES_SIZE + size) if size else _REQUEST_FRAMES_SIZE - codec.HEADER_SIZE
         router.stats.bytes_in += wire
         peer.bytes_in += wire
         peer.frames_in += 3 if size else 2
         router.reading = peer
         try:
-            router.request(peer, request_id, timeout_ms, client_id, channel, payload)
+            router.request(peer, request_id, timeout_ms, client_id, channel, parts, size)
         finally:
             router.flush()
             router.reading = None

@@ -17,7 +17,7 @@ import time
 import weakref
 from bisect import bisect_left
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Optional, TypedDict
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Optional, Sequence, TypedDict
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -842,30 +842,39 @@ class Router:
         return entry
 
     def request(
-        self, conn: Peer, request_id: bytes, timeout_ms: int, client_id: bytes, channel: bytes, payload: bytes
+        self,
+        conn: Peer,
+        request_id: bytes,
+        timeout_ms: int,
+        client_id: bytes,
+        channel: bytes,
+        parts: Sequence[bytes],
+        size: int,
     ) -> None:
         """A consumer's whole request (its START, one CHUNK, its END) given as values, not frames.
 
         Routed as :meth:`frame_received` routes those three frames, but the
-        provider's frames are written from the values: the payload is copied
-        once, where the frames carrying it would be copied three times (framed
-        by the client, sliced by the decoder, joined with their START here).
-        For a registered connection in this process (:mod:`pulsyflux.server.inproc`:
-        the broker's forwards); ``payload`` fits one frame (at most ``codec.JOIN_LIMIT`` bytes).
+        provider's frames are written from the values: the payload (``parts``
+        joined, ``size`` bytes, at most ``codec.MAX_PAYLOAD``) is copied once,
+        into the provider's write, where frames carrying it are copied three
+        times (framed by the client, sliced by the decoder, joined with their
+        START here). For a registered connection in this process, while its
+        read is routed (``ServerProtocol.request``, for :mod:`pulsyflux.server.inproc`:
+        the broker's forwards).
         """
+        assert self.reading is conn  # what is sent is queued, and flushed by the caller
         entry = self._begin(conn, 0, request_id, ROLE_CONSUMER, timeout_ms, client_id, channel, client_id + channel)
         if entry is None:
             return
         provider = entry.provider
-        size = len(payload)
         if size:
             if size > entry.request_limit:
                 self._too_large(entry, "request")
                 return
             entry.request_size = size
             self.send(provider, _encode_header(_VERSION, CHUNK, 0, request_id, size))
-            self.send(provider, payload)
-            provider.frames_out -= 1  # one frame, written as two pieces (flush counts pieces)
+            provider.outbox += parts  # after the CHUNK's header (send queued it: the peer is due a flush)
+            provider.frames_out -= len(parts)  # one frame, written as its header and its pieces (flush counts pieces)
         self.send(provider, _encode_header(_VERSION, END, 0, request_id, 0))
 
     def _response_frame(self, conn: Peer, ftype: int, request_id: bytes, frame: bytes) -> None:
