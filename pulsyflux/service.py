@@ -10,7 +10,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
 from twisted.logger import Logger
@@ -41,7 +41,7 @@ from .server.router import (
     DEFAULT_MAX_UNSENT_TOTAL,
     DEFAULT_REGISTER_TIMEOUT,
 )
-from .wire.errors import ConnectionLostError, RequestTimeout
+from .wire.errors import MSG_SHUTTING_DOWN, ConnectionLostError, RequestTimeout
 from .wire.messages import Position
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ class ServerService(ListeningService):
     ``stopService`` is graceful and means "all gone": it stops accepting,
     refuses new requests, gives those in flight up to ``grace`` seconds to
     finish, then closes every connection (:meth:`ServerFactory.shutdown`).
+    The grace period starts when it stops accepting (:meth:`stop_accepting`),
+    once, whoever calls it first.
     """
 
     log = Logger()
@@ -74,9 +76,11 @@ class ServerService(ListeningService):
         super().__init__(listen, reactor)
         self.factory = factory or ServerFactory(self.reactor)
         self.grace = grace
+        self.deadline: Optional[float] = None  # when the grace period ends, once stopping (reactor seconds)
 
     def startService(self) -> "Deferred[Optional[IListeningPort]]":  # type: ignore[override]  # for tests to wait on
         super().startService()
+        self.deadline = None
         # A failure is logged, and told to whoever waits in whenListening; not raised.
         return self._listen(self.factory).addErrback(lambda _: None)
 
@@ -87,12 +91,29 @@ class ServerService(ListeningService):
         address = describe_address(port.getHost())
         self.reactor.callWhenRunning(self.log.info, "pulsyflux server listening on {address}", address=address)
 
-    def stopService(self) -> "Deferred[None]":
-        super().stopService()
+    def stop_accepting(self) -> "Deferred[None]":
+        """Stop listening and refuse new requests (``server overloaded: shutting down``); the grace
+        period starts now. Fires once the port is closed. What is in flight goes on."""
+        if self.deadline is None:
+            self.deadline = self.reactor.seconds() + self.grace
+        self.factory.router.draining = True
         port, self.port = self.port, None
         stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
-        return stopped.addBoth(lambda _: self.factory.shutdown(self.grace))
+        return stopped.addBoth(lambda _: None)
 
+    def grace_left(self) -> float:
+        """Seconds of the grace period left (all of it before :meth:`stop_accepting`)."""
+        if self.deadline is None:
+            return self.grace
+        return max(self.deadline - self.reactor.seconds(), 0.0)
+
+    def stopService(self) -> "Deferred[None]":
+        super().stopService()
+        return self.stop_accepting().addCallback(lambda _: self.factory.shutdown(self.grace_left()))
+
+
+# Why what a stopping BrokerService's broker could not finish failed (its publishes, a publish that waits for it).
+SHUTTING_DOWN = "the server is shutting down"
 
 # Subscription setups a BrokerService's broker runs at once (a Broker over TCP: 64).
 INPROC_MAX_SETUPS = 256
@@ -124,8 +145,11 @@ class BrokerService(service.MultiService):
 
     Starts the server, then connects the broker to it in-process
     (:mod:`pulsyflux.server.inproc`: no socket, so it works whatever the endpoint,
-    TLS included); ``stopService`` closes the broker, then the server and
-    every connection, and fires once they are all gone.
+    TLS included). ``stopService`` is orderly: the server stops accepting,
+    what is in flight finishes and the broker forwards what it accepted,
+    within ``grace`` seconds; then the broker closes (what is left fails
+    or is counted lost, one warning), then the server and every connection;
+    it fires once they are all gone (docs/broker.md, BrokerService).
     ``broker_channel=None`` runs the server alone. Other services (HTTP,
     ...) can be added as children.
 
@@ -179,6 +203,10 @@ class BrokerService(service.MultiService):
         self._started_at = 0.0
         self._outage = False  # the broker is down and being restarted (logged once)
         self._stopping = False
+        self._draining: Optional[Broker] = None  # the broker while stopService lets it finish its work
+        # How the last stopService went: whether all in flight finished within the grace period, the
+        # requests failed when it was over, the messages the broker could not forward (counted lost).
+        self.shutdown_stats: dict[str, Any] = {}
         self.cluster: Optional[Cluster] = None  # with --cluster
         if cluster is not None:
             from .cluster.node import Cluster
@@ -288,6 +316,8 @@ class BrokerService(service.MultiService):
             return succeed(self.broker)
         if self.broker_channel is None:
             return fail(RuntimeError("this service runs without a broker"))
+        if self._stopping:
+            return fail(ConnectionLostError(SHUTTING_DOWN))
         if not self.running:
             return fail(ConnectionLostError("the broker service is not running"))
         d: Deferred[Broker] = Deferred()
@@ -321,8 +351,9 @@ class BrokerService(service.MultiService):
         return self.whenReady().addCallback(lambda broker: broker.subscribe(topic, buffer, since=since, last=last))
 
     def stats(self) -> dict[str, Any]:
-        """The broker's :meth:`Broker.stats` (empty without a broker)."""
-        return self.broker.stats() if self.broker is not None else {}
+        """The broker's :meth:`Broker.stats` (empty without a broker; a draining one's while stopping)."""
+        broker = self.broker or self._draining
+        return broker.stats() if broker is not None else {}
 
     def stopService(self) -> "Deferred[None]":
         self._stopping = True
@@ -332,7 +363,7 @@ class BrokerService(service.MultiService):
             self._restart = None
         starting = self._ready
         broker, self.broker = self.broker, None
-        first = broker.close() if broker is not None else succeed(None)
+        first = Deferred.fromCoroutine(self._drain(broker))
         waiting, self._waiting = self._waiting, []
         for waiter in waiting:
             waiter.errback(ConnectionLostError("the broker service stopped"))
@@ -359,6 +390,67 @@ class BrokerService(service.MultiService):
             return settled.addCallback(lambda _: self.broker.close() if self.broker is not None else None)
 
         return first.addBoth(stop_children).addBoth(settle_start).addCallback(lambda _: None)
+
+    async def _drain(self, broker: Optional[Broker]) -> None:
+        """The orderly part of stopService: stop accepting, let what is in flight finish, close the broker.
+
+        The server refuses new requests and connections at once (``server
+        overloaded: shutting down``) while its broker goes on forwarding what
+        it accepted; once nothing is in flight and the broker is idle, or
+        when the grace period is over, what is left fails with that error,
+        then the broker closes (its undelivered backlog counted as ``lost``):
+        one warning says how much, and :attr:`shutdown_stats` keeps it.
+        """
+        router = self.factory.router
+        self._draining = broker
+        lost_before = broker.fanout.lost if broker is not None else 0
+        try:
+            await self.server.stop_accepting()
+            if router.requests or (broker is not None and not broker.idle):
+                self.log.info(
+                    "pulsyflux server stopping: {n} request(s) in flight get up to {grace} s to finish",
+                    n=len(router.requests),
+                    grace=self.server.grace,
+                )
+            finished = await self._settled(broker)
+            failed = 0
+            if not finished:
+                failed = len(router.requests)
+                router.fail_all(MSG_SHUTTING_DOWN)  # before the broker's Provider goes: not "peer disappeared"
+            if broker is not None:
+                await broker.close(ConnectionLostError(SHUTTING_DOWN))
+        finally:
+            self._draining = None
+        lost = broker.fanout.lost - lost_before if broker is not None else 0
+        self.shutdown_stats = {"finished": finished, "requests_failed": failed, "messages_lost": lost}
+        if failed or lost:
+            self.log.warn(
+                "pulsyflux server stopped with work unfinished after its {grace} s grace period: "
+                "{failed} request(s) failed with '{message}', the broker lost {lost} message(s) it had not forwarded",
+                grace=self.server.grace,
+                failed=failed,
+                message=MSG_SHUTTING_DOWN,
+                lost=lost,
+            )
+
+    async def _settled(self, broker: Optional[Broker]) -> bool:
+        """Wait until no request is in flight and ``broker`` is idle (True), or the grace period is over."""
+        router = self.factory.router
+        step = 0.0
+        while router.requests or (broker is not None and not broker.idle):
+            left = self.server.grace_left()
+            if left <= 0:
+                return False
+            if router.requests:
+                wait = router.when_idle()
+            else:  # answers on their way back to the broker, a subscriber not back yet: look again soon
+                step = min(step * 2 or 0.001, 0.1)
+                wait = task.deferLater(self.reactor, min(step, left), lambda: None)
+            try:
+                await wait.addTimeout(left, self.reactor)
+            except defer.TimeoutError:
+                return False
+        return True
 
 
 class Options(usage.Options):
@@ -394,7 +486,12 @@ class Options(usage.Options):
             "An auth file (JSON, or TOML on Python 3.11+): the keys tokens are checked with and what anonymous"
             " clients may do (docs/security.md). Without it every client may do everything.",
         ],
-        ["grace", None, DEFAULT_GRACE, "Seconds a shutdown lets requests in flight finish before closing (0: none)."],
+        [
+            "grace",
+            None,
+            DEFAULT_GRACE,
+            "Seconds a shutdown lets requests in flight and the broker's forwarding finish before closing (0: none).",
+        ],
         [
             "max-connections",
             None,

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 
+import pytest
 import pytest_twisted
+from twisted.application.service import MultiService
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from pulsyflux import Broker, Consumer, Provider
+from pulsyflux import Broker, BrokerClient, Consumer, Provider, SubscriptionClosed
+from pulsyflux.service import BrokerService
+from pulsyflux.testing import MemoryServer
 from pulsyflux.wire import messages
+from pulsyflux.wire.errors import PulsyfluxError, ServerOverloaded
 
-from .helpers import clocked
+from .helpers import clocked, eventually
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -61,3 +69,99 @@ async def test_a_refusal_reaching_a_closed_plain_outlet_is_counted_lost(memory):
     await broker.close()
     await subscriber.close()
     await announcer.close()
+
+
+@ensure
+async def test_stopping_a_broker_service_delivers_what_it_accepted_over_tcp():
+    """stopService under a MultiService: the server stops accepting, its broker forwards its backlog to
+    a subscriber that reads only now, then closes. Every publish is delivered or refused as shutting down."""
+    parent = MultiService()
+    service = BrokerService("tcp:0:interface=127.0.0.1", grace=60.0, window=1, batch=1)
+    service.setServiceParent(parent)
+    parent.startService()
+    port = await service.server.whenListening()
+    await service.whenReady()
+    address = f"127.0.0.1:{port.getHost().port}"
+    subscriber = await BrokerClient.connect(address)
+    subscription = await subscriber.subscribe("orders", buffer=2)  # unread: the broker keeps a backlog for it
+    publisher = await BrokerClient.connect(address)
+    outcomes: dict[int, object] = {}
+    for n in range(300):
+        publisher.publish("orders", str(n).encode()).addBoth(lambda result, n=n: outcomes.__setitem__(n, result))
+    await eventually(lambda: service.stats()["backlog_bytes"] > 0 and len(outcomes) >= 10)
+    stopping = parent.stopService()  # publishes are still in flight, the backlog not forwarded
+    received = []
+    while True:
+        try:
+            received.append(int((await subscription.get()).payload))
+        except SubscriptionClosed:
+            break
+    await stopping
+    await eventually(lambda: len(outcomes) == 300)
+    accepted = sorted(n for n, result in outcomes.items() if not isinstance(result, Exception) and result is None)
+    refused = {n: result for n, result in outcomes.items() if n not in accepted}
+    assert accepted and received == accepted  # each accepted one delivered, in order
+    for result in refused.values():  # refused: they arrived after the server stopped accepting
+        error = getattr(result, "value", result)
+        assert isinstance(error, PulsyfluxError) and "shutting down" in str(error), repr(error)
+    assert service.shutdown_stats == {"finished": True, "requests_failed": 0, "messages_lost": 0}
+    await publisher.close(timeout=0)
+    await subscriber.close(timeout=0)
+
+
+def test_a_shutdown_ends_at_the_grace_deadline_when_a_subscriber_never_answers():
+    """On the memory harness's clock: a subscriber holds its forward forever; the shutdown does not wait
+    past its grace period: the forward fails as shutting down, the backlog is counted lost, one warning."""
+    memory = MemoryServer(broker=False)
+    service = BrokerService("tcp:0", reactor=memory.clock, factory=memory.factory, grace=5.0, window=1, batch=1)
+    service.startService()
+    broker = memory.run(service.whenReady())
+    subscriber, announcer = memory.run(_raw_member(memory, broker.channel, "news"))
+    publisher = memory.run(memory.connect(BrokerClient))
+    for n in range(3):
+        memory.run(publisher.publish("news", str(n).encode()))  # accepted: one forwarded, two wait
+    forward = memory.run(subscriber.receive())  # and never answered
+    started = memory.now()
+    with capturedLogs() as events:
+        memory.run(service.stopService())
+    assert memory.now() - started == 5.0  # the grace period, not a second more
+    assert service.shutdown_stats == {"finished": False, "requests_failed": 1, "messages_lost": 2}
+    warnings = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.warn]
+    assert len(warnings) == 1 and "1 request(s) failed with 'server overloaded: shutting down'" in warnings[0]
+    assert "lost 2 message(s)" in warnings[0]
+    subscriber.respond(forward, b"ok")  # too late: its line is gone, nothing is sent
+    later_publish = publisher.publish("news", b"late")
+    memory.flush()
+    with pytest.raises(PulsyfluxError):
+        memory.run(later_publish)
+    memory.run(announcer.close())
+    memory.close()
+
+
+def test_a_broker_service_refuses_new_work_while_it_drains():
+    """During the grace period: a new publish from outside gets 'server overloaded: shutting down', one
+    through the service fails at once with 'the server is shutting down'; the broker's forwards go on."""
+    memory = MemoryServer(broker=False)
+    service = BrokerService("tcp:0", reactor=memory.clock, factory=memory.factory, grace=5.0, window=1, batch=1)
+    service.startService()
+    broker = memory.run(service.whenReady())
+    subscriber, announcer = memory.run(_raw_member(memory, broker.channel, "news"))
+    publisher = memory.run(memory.connect(BrokerClient))
+    memory.run(publisher.publish("news", b"0"))
+    memory.run(publisher.publish("news", b"1"))  # waits in the backlog behind the first forward
+    first = memory.run(subscriber.receive())
+    stopping = service.stopService()
+    memory.flush()
+    with pytest.raises(ServerOverloaded, match="shutting down"):
+        memory.run(publisher.publish("news", b"2"))
+    with pytest.raises(ConnectionError, match="the server is shutting down"):
+        memory.run(service.publish("news", b"3"))
+    subscriber.respond(first, b"ok")
+    second = memory.run(subscriber.receive())  # forwarded during the grace period
+    assert json.loads(second.payload)["Payload"] == base64.b64encode(b"1").decode()
+    subscriber.respond(second, b"ok")
+    memory.run(stopping)
+    assert memory.now() < 5.0
+    assert service.shutdown_stats == {"finished": True, "requests_failed": 0, "messages_lost": 0}
+    memory.run(announcer.close())
+    memory.close()

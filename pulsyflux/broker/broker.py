@@ -253,10 +253,27 @@ class Broker(PublishingSide):
         """End every subscription of ``topic`` (here and remote); fires when their connections are closed."""
         return self._fanout.remove_topic(topic, "unsubscribed")
 
-    def close(self) -> "Deferred[None]":
-        """End every subscription and close every connection of the broker."""
+    @property
+    def idle(self) -> bool:
+        """Nothing it accepted waits: no backlog, no forward and no publish of its own unanswered.
+
+        What a server's shutdown waits for (within its grace period) before it closes the broker.
+        """
+        if self._publisher is not None and self._publisher.busy:
+            return False
+        return not any(outlet.backlog or outlet.requests for outlet in self._fanout.outlets.values())
+
+    def close(self, error: Optional[Exception] = None) -> "Deferred[None]":
+        """End every subscription and close every connection of the broker, at once.
+
+        Its publishes not answered yet fail with ``error`` (by default
+        ``ConnectionLostError("the broker is closed")``), as later ones do;
+        what its subscribers' backlogs held is counted as ``lost``. A
+        :class:`~pulsyflux.service.BrokerService` lets it drain first (its
+        ``grace``), then closes it with ``the server is shutting down``.
+        """
         if self._closing is None:
-            self._closed = self._closed or ConnectionLostError("the broker is closed")
+            self._closed = self._closed or error or ConnectionLostError("the broker is closed")
             self._fanout.closing = True
             if self._fanout.rights is not None:
                 self._fanout.rights.stop()  # no longer told of token changes (a restarted broker has its own)

@@ -112,7 +112,7 @@ class Publisher:
         self._closed: Optional[Exception] = None  # set: new publishes fail with it
         self._idle_waiters: list[Deferred[None]] = []  # when_idle() calls: nothing waiting, nothing in flight
         # Once given up (a close that stopped waiting): what an answer that never comes fails with.
-        self._unconfirmed: Optional[PublishUnconfirmed] = None
+        self._unconfirmed: Optional[Exception] = None
         self.unconfirmed = 0  # publishes failed unconfirmed by give_up (not sent, or sent and not answered)
         self.go = False  # the broker is Go's: see use_go_broker
         self.binary = False  # the broker reads the binary encoding: see use_binary
@@ -254,8 +254,11 @@ class Publisher:
                 _refused(waiter, unsent)
 
     def close(self, error: Exception) -> "Deferred[None]":
-        """Fail what still waits with ``error`` (unless :meth:`give_up` said why) and close the line."""
+        """Fail what still waits with ``error`` (unless :meth:`give_up` said why) and close the line;
+        those in flight fail with ``error`` too, not with a bare ``connection closed by the client``."""
         self.stop(error)
+        if self._unconfirmed is None:
+            self._unconfirmed = error
         waiters, self._waiters, self._texts, self._deadlines = self._waiters, [], [], []
         for waiter in waiters:
             _refused(waiter, error)

@@ -392,7 +392,8 @@ class Router:
 
     @property
     def draining(self) -> bool:
-        """Shutting down: every new request is refused with ``server overloaded: shutting down``.
+        """Shutting down: every new request is refused with ``server overloaded: shutting down``
+        (but the trusted broker's: it forwards what it accepted during the grace period).
 
         The in-process endpoint (:mod:`pulsyflux.server.inproc`) refuses new connections meanwhile.
         """
@@ -801,7 +802,10 @@ class Router:
         if request_id in self.requests:
             self._server_error(conn, request_id, errors.MSG_DUPLICATE_ID, routing)
             return None
-        if len(conn.started) >= self._start_limit:  # max_in_flight, or 0 while draining
+        if len(conn.started) >= self._start_limit and not (  # max_in_flight, or 0 while draining
+            # but the server's own broker, which forwards what it accepted during the grace period
+            self._draining and conn.trusted and len(conn.started) < self._max_in_flight
+        ):
             if self._draining:
                 message = errors.MSG_SHUTTING_DOWN
             else:
