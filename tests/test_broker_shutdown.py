@@ -88,7 +88,7 @@ async def test_stopping_a_broker_service_delivers_what_it_accepted_over_tcp():
     outcomes: dict[int, object] = {}
     for n in range(300):
         publisher.publish("orders", str(n).encode()).addBoth(lambda result, n=n: outcomes.__setitem__(n, result))
-    await eventually(lambda: service.stats()["backlog_bytes"] > 0 and len(outcomes) >= 10)
+    await eventually(lambda: service.stats()["backlog_bytes"] > 0 and len(outcomes) >= 10, timeout=60)
     stopping = parent.stopService()  # publishes are still in flight, the backlog not forwarded
     received = []
     while True:
@@ -97,7 +97,7 @@ async def test_stopping_a_broker_service_delivers_what_it_accepted_over_tcp():
         except SubscriptionClosed:
             break
     await stopping
-    await eventually(lambda: len(outcomes) == 300)
+    await eventually(lambda: len(outcomes) == 300, timeout=60)
     accepted = sorted(n for n, result in outcomes.items() if not isinstance(result, Exception) and result is None)
     refused = {n: result for n, result in outcomes.items() if n not in accepted}
     assert accepted and received == accepted  # each accepted one delivered, in order
