@@ -459,6 +459,8 @@ class Client:
             else:
                 waiter.errback(error_from_message(message))  # refused: the connection keeps the rights it had
             return
+        if self._closed is not None:
+            return  # closed (or given up) by us: its calls failed already, saying why; a late ERROR adds nothing
         if request_id == _ZERO_ID or message.startswith(PREFIX_PERMISSION_DENIED):
             self._server_said = message
         self._unmatched += 1
