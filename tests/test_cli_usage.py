@@ -290,3 +290,38 @@ def test_the_rpc_bench_report_gives_a_verdict_per_target():
     lines = rpc.format_report(results).splitlines()
     assert any(line.endswith("MISSES target >= 0.95") for line in lines)
     assert any("in flight" in line and line.endswith("MISSES target >= 60,000") for line in lines)
+
+
+def test_the_pubsub_bench_report_says_how_often_server_and_bench_shared_a_cpu():
+    # The one-at-a-time p50 is tens of microseconds apart between one CPU and two: the report says which it was.
+    import os
+
+    from pulsyflux.bench import pubsub
+    from pulsyflux.bench.common import last_cpu
+
+    if os.path.exists(f"/proc/{os.getpid()}/stat"):
+        assert last_cpu(os.getpid()) in range(os.cpu_count() or 1)
+    assert last_cpu(2**22 + 12345) is None  # no such process: nothing to say
+    medians = {
+        "latency_p50_us": 140.0,
+        "latency_p99_us": 300.0,
+        "latency_ping_p50_us": 110.0,
+        "latency_same_cpu_percent": 25.0,
+    }
+    for name in ("deliveries_per_s", "msgs_per_s", "p50_us", "p99_us"):
+        medians[f"flood_1_{name}"] = 1.0
+    for name in ("bench", "server"):
+        medians[f"flood_1_cpu_{name}_percent"] = medians[f"flood_1_wait_{name}_percent"] = 1.0
+    results = {
+        "medians": medians,
+        "options": {"payload": 100, "fanouts": [1], "modes": ["plain"]},
+        "targets": dict(pubsub.TARGETS),
+        "runs": [{}],
+        "machine": {"cpus": 2, "python": "3.11.7"},
+        "dropped": 0,
+        "failed": 0,
+    }
+    lines = pubsub.format_report(results).splitlines()
+    assert any(line.strip().startswith("server and bench on one CPU in 25% of the samples") for line in lines)
+    del medians["latency_same_cpu_percent"]  # not measured (not Linux): no line
+    assert not any("one CPU in" in line for line in pubsub.format_report(results).splitlines())

@@ -48,6 +48,7 @@ __all__ = [
     "run_as_child",
     "cpu_seconds",
     "cpu_per",
+    "last_cpu",
     "repeat",
     "results",
     "serve_broker",
@@ -155,6 +156,20 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def last_cpu(pid: int) -> Optional[int]:
+    """The CPU a process runs on, or last ran on while it sleeps (Linux /proc; None elsewhere).
+
+    Whether two processes that take turns share one CPU decides a one-at-a-time
+    latency: on one CPU it is the two processes' work added up, on two it is
+    mostly the wake-ups between them.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rpartition(")")[2].split()[36])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def cpu_per(pids: dict[str, int], before: dict[str, float], count: int) -> dict[str, float]:

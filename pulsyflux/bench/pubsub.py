@@ -52,6 +52,7 @@ from .common import (
     cpu_seconds,
     entry_points,
     fmt,
+    last_cpu,
     median,
     percentile,
     repeat,
@@ -173,7 +174,9 @@ def _payload(size: int) -> bytes:
     return _STAMP.pack(time.perf_counter()) + b"x" * (size - _STAMP.size)
 
 
-async def _latency(publisher: BrokerClient, sub: Subscription, topic: str, options: Options) -> dict:
+async def _latency(
+    publisher: BrokerClient, sub: Subscription, topic: str, options: Options, server_pid: Optional[int] = None
+) -> dict:
     """One message in flight at a time: publish -> receive, 1 -> 1.
 
     Then as many pings of the server over the publisher's connection
@@ -182,16 +185,27 @@ async def _latency(publisher: BrokerClient, sub: Subscription, topic: str, optio
     path adds to the kernel's and the reactors' wake-ups. (Alternated with
     the messages, a ping would wait behind the answers the server is still
     routing: the publish's ``ok`` and the subscriber's.)
+
+    Every 16th message, outside the timed part, notes whether this process
+    and the server (``server_pid``) were on one CPU (``same_cpu_percent``):
+    the kernel places them, and the p50 differs by tens of microseconds
+    between one CPU (the two processes' work added up) and two (wake-ups).
     """
     samples = []
     pings = []
     perf_counter = time.perf_counter
     unpack = _STAMP.unpack_from
     consumer = publisher.consumer
-    for _ in range(options.latency_count):
+    here = os.getpid()
+    placements = []
+    for index in range(options.latency_count):
         publisher.publish(topic, _payload(options.payload))
         msg = await sub.get()
         samples.append(perf_counter() - unpack(msg.payload)[0])
+        if server_pid is not None and not index & 15:
+            ours, theirs = last_cpu(here), last_cpu(server_pid)
+            if ours is not None and theirs is not None:
+                placements.append(ours == theirs)
     for _ in range(options.latency_count if consumer is not None else 0):
         pings.append(await consumer.ping())  # type: ignore[union-attr]  # not None here
     samples.sort()
@@ -199,6 +213,8 @@ async def _latency(publisher: BrokerClient, sub: Subscription, topic: str, optio
     result = {"p50_us": percentile(samples, 0.5) * 1e6, "p99_us": percentile(samples, 0.99) * 1e6}
     if pings:
         result["ping_p50_us"] = percentile(pings, 0.5) * 1e6
+    if placements:
+        result["same_cpu_percent"] = 100.0 * sum(placements) / len(placements)
     return result
 
 
@@ -312,7 +328,7 @@ async def _run_once(reactor: IReactor, clients: dict, options: Options) -> dict:
     publisher, subscriber = clients["publisher"], clients["subscriber"]
     topic = f"latency-{uuid.uuid4()}"
     sub = await subscriber.subscribe(topic)
-    result: dict[str, Any] = {"latency": await _latency(publisher, sub, topic, options)}
+    result: dict[str, Any] = {"latency": await _latency(publisher, sub, topic, options, clients.get("server_pid"))}
     await subscriber.unsubscribe(topic)
     for n in options.fanouts:
         for mode in options.modes:
@@ -329,6 +345,7 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
         "latency_p50_us": median(runs, "latency", "p50_us"),
         "latency_p99_us": median(runs, "latency", "p99_us"),
         "latency_ping_p50_us": median(runs, "latency", "ping_p50_us"),
+        "latency_same_cpu_percent": median(runs, "latency", "same_cpu_percent"),
     }
     for n in options.fanouts:
         for mode in options.modes:
@@ -428,6 +445,12 @@ def format_report(results: dict) -> str:
         f"      a ping of the server, one at a time         p50 {fmt(m.get('latency_ping_p50_us'))} us "
         "(the same two hops: no broker, no subscriber)",
     ]
+    same_cpu = m.get("latency_same_cpu_percent")
+    if same_cpu is not None:
+        lines.append(
+            f"      server and bench on one CPU in {same_cpu:.0f}% of the samples (placed by the kernel: on one CPU "
+            "the latency is both processes' work added up, on two mostly the wake-ups)"
+        )
     targets = {
         1: (f"flood_{1}_msgs_per_s", "flood_1_msgs_per_s", " msgs/s"),
         10: (f"flood_{10}_deliveries_per_s", "flood_10_deliveries_per_s", " deliveries/s"),
