@@ -142,6 +142,37 @@ def test_a_reply_nobody_asked_for_or_garbage_closes_the_connection():
     assert failure and "malformed" in str(failure[0].value)
 
 
+def test_a_command_reply_past_its_bound_closes_the_connection():
+    """Worst input: a reply to a command (the registry's reads of what other servers wrote) that does not
+    end. A command connection holds at most MAX_COMMAND_REPLY_BYTES of it; a subscriber, whose messages
+    carry bodies, MAX_PENDING_BYTES."""
+    from pulsyflux.cluster.redis import MAX_COMMAND_REPLY_BYTES, MAX_PENDING_BYTES
+
+    assert MAX_COMMAND_REPLY_BYTES < MAX_PENDING_BYTES
+    redis = RedisCommands()
+    transport = StringTransport()
+    redis.makeConnection(transport)
+    waiting = redis.execute("SSCAN", "k", 0)
+    member = b"x" * (1 << 20)
+    redis.dataReceived(b"*2\r\n$1\r\n0\r\n*1000\r\n")
+    for _ in range((MAX_COMMAND_REPLY_BYTES >> 20) - 1):
+        redis.dataReceived(b"$%d\r\n%s\r\n" % (len(member), member))
+    assert not transport.disconnecting  # under the bound: still read
+    redis.dataReceived(b"$%d\r\n%s\r\n" % (len(member), member) * 2)
+    assert transport.disconnecting  # past it: closed
+    redis.connectionLost()
+    failure = []
+    waiting.addErrback(failure.append)
+    assert failure and "larger than the client accepts" in str(failure[0].value)
+
+    subscriber = RedisSubscriber(lambda channel, data: None)
+    transport = StringTransport()
+    subscriber.makeConnection(transport)
+    subscriber.dataReceived(b">3\r\n$8\r\nsmessage\r\n$1\r\nc\r\n$%d\r\n" % (2 * MAX_COMMAND_REPLY_BYTES))
+    subscriber.dataReceived(b"x" * (MAX_COMMAND_REPLY_BYTES + 1))
+    assert not transport.disconnecting  # a message as large as a body may be
+
+
 def test_a_turns_first_command_leaves_at_once_and_the_rest_of_the_turn_in_one_write():
     """A lone publish or request waits for nothing; a busy turn's commands cost one write, not one each."""
     from twisted.internet.task import Clock

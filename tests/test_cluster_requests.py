@@ -661,7 +661,7 @@ async def test_a_flood_of_registry_announcements_costs_reads_not_writes(pair):
         info = await intruder.execute("INFO", "commandstats")
         # each of a and b renews its lease (SET) three times a second, whatever it hears
         assert _calls(info, "set") < 100, info
-        assert _calls(info, "smembers") < 2000, info
+        assert _calls(info, "sscan") < 2000, info  # one page of each set per read, a few reads a burst
     finally:
         intruder.transport.loseConnection()
 
@@ -685,6 +685,82 @@ async def test_channels_held_elsewhere_past_the_bound_are_counted_not_relayed(pa
     finally:
         await intruder.execute("SREM", "pulsyflux:nodes", "ghost")
         await intruder.execute("DEL", "pulsyflux:node:ghost", "pulsyflux:chans:ghost")
+        intruder.transport.loseConnection()
+
+
+def _spy_reads(monkeypatch, node: BrokerService, key: bytes) -> list[int]:
+    """The number of members in each reply to a read of set ``key`` by ``node`` (SSCAN or SMEMBERS)."""
+    link = node.cluster.link
+    execute = link.execute
+    sizes: list[int] = []
+
+    def spy(*args):
+        d = execute(*args)
+        if args[0] in (b"SSCAN", b"SMEMBERS") and args[1] == key:
+            d.addCallback(lambda reply: sizes.append(len(reply[1] if args[0] == b"SSCAN" else reply)) or reply)
+        return d
+
+    monkeypatch.setattr(link, "execute", spy)
+    return sizes
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forged_server_with_millions_of_members_is_read_no_further_than_the_bounds(pair, monkeypatch):
+    """Worst input: whoever can write to Redis gives a server name 50,000 channels, a lease key of 1 MiB,
+    and the node set 20,000 names that are none. The sets are read a page at a time, no further than
+    what could be used; the rest is counted (channels_not_relayed, sets_read_in_part), not read."""
+    from pulsyflux.cluster import registry
+
+    monkeypatch.setattr(registry, "MAX_REMOTE_CHANNELS", 100)
+    monkeypatch.setattr(registry, "MAX_NODES", 10)  # 40 names read at most
+    a, _ = pair
+    chans = _spy_reads(monkeypatch, a, b"pulsyflux:chans:ghost")
+    intruder = await _intruder(a)
+    try:
+        for start in range(0, 50_000, 5000):
+            await intruder.execute("SADD", "pulsyflux:chans:ghost", *(b"%016d" % n for n in range(start, start + 5000)))
+        await intruder.execute("SET", "pulsyflux:node:ghost", b"i" * (1 << 20), "PX", "30000")
+        await intruder.execute("SADD", "pulsyflux:nodes", "ghost")
+        await _announce(intruder, "+", "ghost")
+        await eventually(lambda: len([key for key in a.cluster.requests.relays if key[0] == "ghost"]) == 100)
+        assert a.cluster.registry.incarnations["ghost"] == b"i" * registry.LEASE_BYTES  # its first bytes only
+        assert a.cluster.registry.not_relayed == 50_000 - 100  # counted, not read
+        assert 0 < max(chans) < 1000 and a.cluster.registry.sets_read_in_part >= 1
+
+        nodes = _spy_reads(monkeypatch, a, b"pulsyflux:nodes")
+        for start in range(0, 20_000, 5000):
+            await intruder.execute("SADD", "pulsyflux:nodes", *(b"\xff%d" % n for n in range(start, start + 5000)))
+        await _announce(intruder, "!", "mallory")
+        await eventually(lambda: nodes and not a.cluster.registry._reading)
+        assert sum(nodes) < 1000  # a page, cut at 4 x MAX_NODES: not 20,000 names a read
+    finally:
+        await intruder.execute("DEL", "pulsyflux:nodes", "pulsyflux:node:ghost", "pulsyflux:chans:ghost")
+        intruder.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_groups_of_other_servers_are_bounded_all_together(pair, monkeypatch):
+    """Worst input: several names, each with as many queue groups as one server may have. The bound is on
+    all of them together: two forged servers of 80 groups each make this one keep 100, not 160."""
+    from pulsyflux.cluster import registry
+
+    monkeypatch.setattr(registry, "MAX_REMOTE_GROUPS", 100)
+    a, _ = pair
+    intruder = await _intruder(a)
+    names = ("ghost1", "ghost2")
+    try:
+        for name in names:
+            await intruder.execute("SADD", f"pulsyflux:groups:{name}", *(b"news.*\x00g%d" % n for n in range(80)))
+            await intruder.execute("SET", f"pulsyflux:node:{name}", "1", "PX", "30000")
+            await intruder.execute("SADD", "pulsyflux:nodes", name)
+        await _announce(intruder, "!", "ghost1")
+        await eventually(lambda: all(name in a.cluster.registry.remote_groups for name in names))
+        assert sum(len(groups) for groups in a.cluster.registry.remote_groups.values()) == 100
+        assert a.cluster.registry.sets_read_in_part >= 1
+    finally:
+        for name in names:
+            await intruder.execute("SREM", "pulsyflux:nodes", name)
+            await intruder.execute("DEL", f"pulsyflux:node:{name}", f"pulsyflux:groups:{name}")
         intruder.transport.loseConnection()
 
 
@@ -793,6 +869,12 @@ async def test_a_subscribers_channel_is_never_advertised_to_other_servers(pair):
     try:
         await subscriber.subscribe("orders.eu")
         await eventually(lambda: _relays_to(a, "b", channel))  # a's reads see b's channels now
+        # and one read more, begun after the subscription: a read already under way may still have met the
+        # subscriber's channel in the moment between its registration and the broker guarding it
+        registry = a.cluster.registry
+        heard = registry.heard
+        await _announce(intruder, "!", "mallory")
+        await eventually(lambda: registry.heard > heard and not registry._reading)
         (private,) = b.cluster.requests.router.guarded
         assert b.cluster.registry.held == {channel.bytes}
         assert await intruder.execute("SMEMBERS", "pulsyflux:chans:b") == [channel.bytes]

@@ -41,6 +41,10 @@ __all__ = [
 # The most bytes of replies the reader may hold before a complete one: a
 # misbehaving or hostile server must not make us buffer without bound.
 MAX_PENDING_BYTES = 64 << 20
+# The same for a command connection, whose replies are all small (counts, OK,
+# PONG, a lease key's first bytes, a page of an SSCAN): what another server
+# wrote into Redis cannot make one reply cost more than this to read.
+MAX_COMMAND_REPLY_BYTES = 4 << 20
 
 
 class RedisLost(RedisError):
@@ -61,6 +65,8 @@ def login_commands(address: RedisAddress) -> list[tuple[Any, ...]]:
 
 
 class _Base(Protocol):
+    max_pending = MAX_PENDING_BYTES
+
     def __init__(self) -> None:
         self._reader = hiredis.Reader(replyError=RedisError)
         self._buffered = 0
@@ -94,7 +100,7 @@ class _Base(Protocol):
             after_read = self.after_read
             if after_read is not None:
                 after_read()
-        if self._buffered > MAX_PENDING_BYTES:
+        if self._buffered > self.max_pending:
             self._fatal("Redis sent a reply larger than the client accepts")
 
     def _fatal(self, why: str) -> None:
@@ -119,7 +125,10 @@ class RedisCommands(_Base):
     at once (a lone publish or request waits for nothing), and the rest of
     that turn's commands in one write at its end (a busy server relays many
     requests per turn: a write each would cost more than the command).
+    A reply past ``MAX_COMMAND_REPLY_BYTES`` closes the connection.
     """
+
+    max_pending = MAX_COMMAND_REPLY_BYTES
 
     def __init__(self, reactor: Optional[IReactorTime] = None) -> None:
         super().__init__()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import DeferredList, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -32,8 +32,13 @@ log = Logger()
 DEFAULT_LEASE = 3.0
 # Channels of other servers one server relays to (each relay is an in-process provider connection).
 MAX_REMOTE_CHANNELS = 10_000
-MAX_REMOTE_GROUPS = 10_000  # queue groups of one other server kept track of
-MAX_NODES = 1000  # other servers one server reads (three Redis reads each, every lease / 3)
+MAX_REMOTE_GROUPS = 10_000  # queue groups of other servers kept track of, all of them together
+MAX_NODES = 1000  # other servers one server reads (four Redis reads each, every lease / 3)
+# The sets are read a page at a time (SSCAN), and no further than these bounds (the node set: 4 x
+# MAX_NODES names, bad ones included): whoever can write to Redis can make a set of millions of
+# members, and this server reads no more of it than it could use.
+SCAN_COUNT = 1000  # members asked per page (Redis's hint: a small set comes whole)
+LEASE_BYTES = 64  # the first bytes of a lease key read (an incarnation is 16)
 
 
 class Registry:
@@ -66,7 +71,8 @@ class Registry:
         self.incarnation = os.urandom(8).hex().encode("ascii")
         self.incarnations: dict[str, bytes] = {}
         self.bad_nodes = 0  # names in the node set that are no node name (skipped)
-        self.not_relayed = 0  # channels held elsewhere past MAX_REMOTE_CHANNELS, at the last read
+        self.not_relayed = 0  # channels held elsewhere and not relayed (past MAX_REMOTE_CHANNELS), at the last read
+        self.sets_read_in_part = 0  # sets not read to their end at the last read (a bound was reached)
         self.held: set[bytes] = set()
         self.remote: dict[str, set[bytes]] = {}  # live server -> the channels it holds
         # Queue groups with members: ours, and every live server's ("pattern\0group").
@@ -189,9 +195,8 @@ class Registry:
             return
         self._reading = True
         self._read_again = False
-        d = self.link.execute(b"SMEMBERS", (self.prefix + "nodes").encode("utf-8"))
-        d.addCallback(self._read_nodes)
-        d.addErrback(lambda _: None)
+        d = ensureDeferred(self._read_all())
+        d.addErrback(lambda _: None)  # a failed read changes nothing; the next one will tell
         d.addBoth(self._done_reading)
 
     def _done_reading(self, _: Any) -> None:
@@ -199,9 +204,26 @@ class Registry:
         if self._read_again:
             self.read()
 
-    def _read_nodes(self, members: Any) -> Any:
+    async def _scan(self, key: bytes, budget: int) -> tuple[list[bytes], bool]:
+        """At most ``budget`` members of the set at ``key``, a page at a time; and whether that was all of it."""
+        members: list[bytes] = []
+        cursor: Any = b"0"
+        while len(members) < budget:
+            reply = await self.link.execute(b"SSCAN", key, cursor, b"COUNT", min(SCAN_COUNT, budget - len(members)))
+            cursor, page = reply
+            members.extend(page)
+            if cursor == b"0":
+                if len(members) <= budget:
+                    return members, True
+                break
+        return members[:budget], False
+
+    async def _read_all(self) -> None:
+        """Every live server's channels and groups, within the bounds; then what changed is told."""
+        names, whole = await self._scan((self.prefix + "nodes").encode("utf-8"), 4 * MAX_NODES)
+        cut = 0 if whole else 1
         others: list[str] = []
-        for member in members or ():
+        for member in names:
             try:
                 node = member.decode("utf-8")
                 check_node_name(node)
@@ -212,39 +234,51 @@ class Registry:
                 others.append(node)
         if len(others) > MAX_NODES:
             others = sorted(others)[:MAX_NODES]
-        if not others:
-            self._update({})
-            self._update_groups({})
-            return None
-        alive = [self.link.execute(b"GET", self._key("node", n)) for n in others]
-        chans = [self.link.execute(b"SMEMBERS", self._key("chans", n)) for n in others]
-        groups = [self.link.execute(b"SMEMBERS", self._key("groups", n)) for n in others]
-
-        def read(results: Any) -> None:
-            count = len(others)
-            state: dict[str, set[bytes]] = {}
-            group_state: dict[str, set[bytes]] = {}
-            gone: list[str] = []
-            for i, node in enumerate(others):
-                ok_alive, is_alive = results[i]
-                ok_chans, members = results[count + i]
-                ok_groups, group_members = results[2 * count + i]
-                if not (ok_alive and ok_chans and ok_groups):
-                    return  # a failed read changes nothing; the next one will tell
-                if is_alive:
-                    if self.incarnations.get(node, is_alive) != is_alive:
-                        self._forget(node)  # restarted under the same name: its old requests are lost
-                    self.incarnations[node] = is_alive
-                    state[node] = set(members or ())
-                    group_state[node] = set(list(group_members or ())[:MAX_REMOTE_GROUPS])
-                else:
-                    gone.append(node)
-            self._update(state)
-            self._update_groups(group_state)
-            for node in gone:  # expired: tidy up for everyone
-                self.link.execute(b"SREM", (self.prefix + "nodes").encode("utf-8"), node).addErrback(lambda _: None)
-
-        return DeferredList(alive + chans + groups, consumeErrors=True).addCallback(read)
+        leases = await DeferredList(
+            [self.link.execute(b"GETRANGE", self._key("node", n), 0, LEASE_BYTES - 1) for n in others],
+            consumeErrors=True,
+        )
+        channels_left, groups_left = MAX_REMOTE_CHANNELS, MAX_REMOTE_GROUPS
+        state: dict[str, set[bytes]] = {}
+        group_state: dict[str, set[bytes]] = {}
+        partial: set[str] = set()  # servers whose channels were not all read: what was not read is not lost
+        alive: list[tuple[str, bytes]] = []
+        gone: list[str] = []
+        for node, (ok, lease) in zip(others, leases):
+            if not ok:
+                return  # a failed read changes nothing; the next one will tell
+            if lease:
+                alive.append((node, lease))
+            else:
+                gone.append(node)
+        elsewhere = 0  # channels the live servers hold, as their sets count them (read or not)
+        for node, _lease in alive:  # one server at a time: what is held at once stays within the bounds
+            size, (channels, channels_whole), (groups, groups_whole) = await gatherResults(
+                [
+                    self.link.execute(b"SCARD", self._key("chans", node)),
+                    ensureDeferred(self._scan(self._key("chans", node), channels_left)),
+                    ensureDeferred(self._scan(self._key("groups", node), groups_left)),
+                ],
+                consumeErrors=True,
+            )
+            elsewhere += size
+            channels_left -= len(channels)
+            groups_left -= len(groups)
+            cut += (not channels_whole) + (not groups_whole)
+            if not channels_whole:
+                partial.add(node)
+            state[node] = set(channels)
+            group_state[node] = set(groups)
+        for node, lease in alive:
+            if self.incarnations.get(node, lease) != lease:
+                self._forget(node)  # restarted under the same name: its old requests are lost
+            self.incarnations[node] = lease
+        self.sets_read_in_part = cut
+        self._update(state, partial)
+        self.not_relayed = max(0, elsewhere - sum(len(c) for c in self.remote.values()))
+        self._update_groups(group_state)
+        for node in gone:  # expired: tidy up for everyone
+            self.link.execute(b"SREM", (self.prefix + "nodes").encode("utf-8"), node).addErrback(lambda _: None)
 
     def _update_groups(self, state: dict[str, set[bytes]]) -> None:
         if state != self.remote_groups:
@@ -252,15 +286,16 @@ class Registry:
             if self.on_groups is not None:
                 self.on_groups()
 
-    def _update(self, state: dict[str, set[bytes]]) -> None:
+    def _update(self, state: dict[str, set[bytes]], partial: frozenset[str] | set[str] = frozenset()) -> None:
+        """``state``: each live server's channels as read; those of ``partial`` servers were not all read,
+        so a channel missing there is not taken for gone."""
         for node in list(self.remote):
             if node not in state:
                 self._forget(node)
         total = sum(len(c) for c in self.remote.values())
-        self.not_relayed = 0
         for node, channels in state.items():
             known = self.remote.setdefault(node, set())
-            for channel in known - channels:
+            for channel in () if node in partial else known - channels:
                 known.discard(channel)
                 total -= 1
                 self.on_lose(node, channel)
@@ -268,8 +303,7 @@ class Registry:
                 if len(channel) != 16:
                     continue
                 if total >= MAX_REMOTE_CHANNELS:
-                    self.not_relayed += 1  # counted in /stats, not lost without a trace
-                    continue
+                    continue  # counted in /stats (not_relayed), not lost without a trace
                 known.add(channel)
                 total += 1
                 self.on_gain(node, channel)
@@ -291,4 +325,5 @@ class Registry:
             "channels_elsewhere": sum(len(c) for c in self.remote.values()),
             "bad_nodes": self.bad_nodes,
             "channels_not_relayed": self.not_relayed,
+            "sets_read_in_part": self.sets_read_in_part,
         }
