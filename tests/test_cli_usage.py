@@ -286,6 +286,11 @@ def test_the_rpc_bench_report_gives_a_verdict_per_target():
     assert any(line.startswith("  echo ") and line.endswith("MISSES target >= 1,000") for line in lines)
     assert any(line.endswith("meets target >= 0.95") for line in lines)
     assert "Go broke" not in report and "1 request FAILED" in lines
+    assert not any("bare relay" in line for line in lines)  # no relay echo measured: no line for it
+    results["medians"] = {**medians, "relay_echo_mb_per_s": 600.0, "relay_echo_p50_ms": 1.7, "echo_vs_relay": 0.2}
+    lines = rpc.format_report(results).splitlines()
+    assert "  echo, bare relay (baseline)          600 MB/s    p50 1.7 ms" in lines
+    assert "  echo / baseline echo                0.20         (no target)" in lines
     results["medians"] = {**medians, "sequential_vs_relay": 0.92, "inflight_req_per_s": 56925.0}
     lines = rpc.format_report(results).splitlines()
     assert any(line.endswith("MISSES target >= 0.95") for line in lines)

@@ -7,11 +7,12 @@ Three processes, the same for pulsyflux and for the baseline:
 * an echo provider (``python -m pulsyflux.bench.rpc provider PORT CHANNEL``),
   or a bare echo server (:mod:`pulsyflux.bench.relay`).
 
-Each run measures, in this order: the relay's sequential round trips, then
-sequential 16-byte requests (req/s, p50, p99), requests with many in flight
-(consumers x in flight), and 1 MiB echoes (MB/s, 10**6 bytes, one way). The
-result holds every run and the medians; the sequential ratio to the relay is
-taken within each run so that machine noise hits both sides alike.
+Each run measures, in this order: sequential 16-byte requests (req/s, p50,
+p99) taking turns with the relay's round trips, requests with many in flight
+(consumers x in flight), and 1 MiB echoes (MB/s, 10**6 bytes, one way) taking
+turns with the same echo through the relay. The result holds every run and
+the medians; the ratios to the relay are taken within each run so that
+machine noise hits both sides alike.
 
     results = run(Options(runs=5), progress=print)
     print(format_report(results))
@@ -248,14 +249,16 @@ class _CpuMeter:
         return {name: used / max(count, 1) * 1e6 for name, used in self.used.items()}
 
 
-async def _sequential_pair(options: Options, clients: dict) -> dict:
-    """Relay and router sequential round trips, interleaved in short slices.
+async def _interleaved(options: Options, clients: dict, size: int) -> tuple[dict, Optional[dict]]:
+    """Round trips of ``size`` bytes one at a time through the router and the bare relay, taking turns.
 
     The machine's speed drifts from second to second (other processes);
     alternating the two every ``SLICE`` seconds makes their ratio fair.
+    Returns the router's summary and the relay's (None without a baseline),
+    each with CPU microseconds per round trip by process.
     """
     consumer = clients["consumers"][0]
-    payload = b"x" * options.payload
+    payload = b"x" * size
     slices = max(1, round(options.duration / SLICE))
     slice_time = options.duration / slices
     relay_samples: list[float] = []
@@ -267,7 +270,7 @@ async def _sequential_pair(options: Options, clients: dict) -> dict:
         if options.baseline:
             relay_cpu.start()
             started = time.perf_counter()
-            relay_samples += await clients["relay"].run(options.payload, slice_time)
+            relay_samples += await clients["relay"].run(size, slice_time)
             relay_elapsed += time.perf_counter() - started
             relay_cpu.stop()
         cpu.start()
@@ -275,12 +278,39 @@ async def _sequential_pair(options: Options, clients: dict) -> dict:
         samples += await _sequential(consumer, payload, slice_time)
         elapsed += time.perf_counter() - started
         cpu.stop()
-    result = {"sequential": _latency_summary(samples, elapsed)}
-    result["sequential"]["cpu_us"] = cpu.per_request_us(len(samples))
-    if options.baseline:
-        result["relay"] = _latency_summary(relay_samples, relay_elapsed)
-        result["relay"]["cpu_us"] = relay_cpu.per_request_us(len(relay_samples))
-        result["sequential_vs_relay"] = result["sequential"]["req_per_s"] / result["relay"]["req_per_s"]
+    router = _latency_summary(samples, elapsed)
+    router["cpu_us"] = cpu.per_request_us(len(samples))
+    if not options.baseline:
+        return router, None
+    relay = _latency_summary(relay_samples, relay_elapsed)
+    relay["cpu_us"] = relay_cpu.per_request_us(len(relay_samples))
+    return router, relay
+
+
+async def _sequential_pair(options: Options, clients: dict) -> dict:
+    """Small requests one at a time, router and relay interleaved; their ratio is taken within the run."""
+    router, relay = await _interleaved(options, clients, options.payload)
+    result = {"sequential": router}
+    if relay is not None:
+        result["relay"] = relay
+        result["sequential_vs_relay"] = router["req_per_s"] / relay["req_per_s"]
+    return result
+
+
+async def _echo_pair(options: Options, clients: dict) -> dict:
+    """The large echo (MB/s one way) through the router and through the bare relay, interleaved.
+
+    The relay forwards bytes as they arrive (no frames), so its figure is what
+    the same three processes and four sockets give in Twisted: the router's
+    echo is judged against it within the run, not against another hour's machine.
+    """
+    router, relay = await _interleaved(options, clients, options.large)
+    result = {"echo": router}
+    router["mb_per_s"] = router["req_per_s"] * options.large / 1e6
+    if relay is not None:
+        relay["mb_per_s"] = relay["req_per_s"] * options.large / 1e6
+        result["relay_echo"] = relay
+        result["echo_vs_relay"] = router["mb_per_s"] / relay["mb_per_s"]
     return result
 
 
@@ -289,16 +319,12 @@ async def _run_once(reactor: IReactor, options: Options, clients: dict) -> dict:
     cpu = _CpuMeter(clients["pids"]["router"])
     result["inflight"] = await _flood(reactor, clients["consumers"], options, cpu)
     if options.large:
-        cpu = _CpuMeter(clients["pids"]["router"])
-        cpu.start()
-        started = time.perf_counter()
-        samples = await _sequential(clients["consumers"][0], b"x" * options.large, options.duration)
-        summary = _latency_summary(samples, time.perf_counter() - started)
-        cpu.stop()
-        summary["cpu_us"] = cpu.per_request_us(len(samples))
-        summary["mb_per_s"] = summary["req_per_s"] * options.large / 1e6
-        result["echo"] = summary
+        result.update(await _echo_pair(options, clients))
     return result
+
+
+def _ms(us: Optional[float]) -> Optional[float]:
+    return None if us is None else us / 1000
 
 
 def _summarise(options: Options, runs: list[dict]) -> dict:
@@ -312,9 +338,12 @@ def _summarise(options: Options, runs: list[dict]) -> dict:
         "sequential_vs_relay": median(runs, "sequential_vs_relay"),
         "inflight_req_per_s": median(runs, "inflight", "req_per_s"),
         "echo_1mib_mb_per_s": median(runs, "echo", "mb_per_s"),
-        "echo_p50_ms": (lambda v: v / 1000 if v is not None else None)(median(runs, "echo", "p50_us")),
+        "echo_p50_ms": _ms(median(runs, "echo", "p50_us")),
+        "relay_echo_mb_per_s": median(runs, "relay_echo", "mb_per_s"),
+        "relay_echo_p50_ms": _ms(median(runs, "relay_echo", "p50_us")),
+        "echo_vs_relay": median(runs, "echo_vs_relay"),
     }
-    for phase in ("sequential", "relay", "inflight", "echo"):
+    for phase in ("sequential", "relay", "inflight", "echo", "relay_echo"):
         names: dict[str, Any] = next((r[phase]["cpu_us"] for r in runs if phase in r), {})
         medians[f"{phase}_cpu_us"] = {name: median(runs, phase, "cpu_us", name) for name in names}
     return results(
@@ -396,6 +425,8 @@ def _one_line(result: dict) -> str:
         parts.append(f"{result['inflight']['failed']} FAILED ({result['inflight']['first_error']})")
     if "echo" in result:
         parts.append(f"echo {result['echo']['mb_per_s']:,.0f} MB/s")
+    if "relay_echo" in result:
+        parts.append(f"relay echo {result['relay_echo']['mb_per_s']:,.0f} MB/s, ratio {result['echo_vs_relay']:.2f}")
     return "; ".join(parts)
 
 
@@ -423,6 +454,12 @@ def format_report(results: dict) -> str:
     if m["echo_1mib_mb_per_s"] is not None:
         echo = "echo {:,} B".format(o["large"])
         lines.append(f"  {echo:<30} {fmt(m['echo_1mib_mb_per_s']):>9} MB/s    p50 {fmt(m['echo_p50_ms'], '.1f')} ms")
+    if m.get("relay_echo_mb_per_s") is not None:
+        baseline = "echo, relay immediate" if o.get("relay_immediate") else "echo, bare relay"
+        lines.append(
+            f"  {baseline + ' (baseline)':<30} {fmt(m['relay_echo_mb_per_s']):>9} MB/s    "
+            f"p50 {fmt(m['relay_echo_p50_ms'], '.1f')} ms"
+        )
     lines.append("targets")
     if m["relay_rt_per_s"] is not None:
         lines.append(
@@ -438,16 +475,20 @@ def format_report(results: dict) -> str:
             f"  {'echo':<30} {fmt(m['echo_1mib_mb_per_s']):>9} MB/s    "
             f"{verdict(m['echo_1mib_mb_per_s'], t['echo_1mib_mb_per_s'])}"
         )
+    if m.get("echo_vs_relay") is not None:  # not a target: where the router stands against the same hops
+        lines.append(f"  {'echo / baseline echo':<30} {fmt(m['echo_vs_relay'], '.2f'):>9}         (no target)")
     lines.append(
         f"the Go pulsyflux on a machine like this: {go['sequential_req_per_s']:,} req/s one at a time "
         f"(p50 {go['sequential_p50_us']} us), {go['echo_1mib_mb_per_s']} MB/s echo; with requests in flight "
         "it fails ('response ID mismatch')"
     )
     lines.append("CPU time per request, microseconds, by process:")
-    for phase in ("relay", "sequential", "inflight", "echo"):
+    for phase in ("relay", "sequential", "inflight", "relay_echo", "echo"):
         used = m.get(f"{phase}_cpu_us")
         if used:
-            lines.append(f"  {phase:<11}" + "  ".join(f"{name} {fmt(value)}" for name, value in used.items()))
+            lines.append(
+                f"  {phase.replace('_', ' '):<11}" + "  ".join(f"{name} {fmt(value)}" for name, value in used.items())
+            )
     if results["failed_requests"]:
         failed = results["failed_requests"]
         lines.append(f"{failed} {'request' if failed == 1 else 'requests'} FAILED")
