@@ -7,8 +7,11 @@ not what these tests are about.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -299,8 +302,6 @@ def test_the_rpc_bench_report_gives_a_verdict_per_target():
 
 def test_the_pubsub_bench_report_says_how_often_server_and_bench_shared_a_cpu():
     # The one-at-a-time p50 is tens of microseconds apart between one CPU and two: the report says which it was.
-    import os
-
     from pulsyflux.bench import pubsub
     from pulsyflux.bench.common import last_cpu
 
@@ -330,3 +331,32 @@ def test_the_pubsub_bench_report_says_how_often_server_and_bench_shared_a_cpu():
     assert any(line.strip().startswith("server and bench on one CPU in 25% of the samples") for line in lines)
     del medians["latency_same_cpu_percent"]  # not measured (not Linux): no line
     assert not any("one CPU in" in line for line in pubsub.format_report(results).splitlines())
+
+
+def test_the_pubsub_bench_pins_itself_and_its_server_to_one_cpu_or_two():
+    from pulsyflux.bench import pubsub
+    from pulsyflux.bench.common import place
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("pins to CPUs on Linux with two CPUs or more")
+    assert place("any", os.getpid(), []) is None and pubsub.Options().cpus == "any"
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    restore = None
+    try:
+        restore = place("two", os.getpid(), [child.pid])
+        assert os.sched_getaffinity(0) == {first} and os.sched_getaffinity(child.pid) == {second}
+        os.sched_setaffinity(0, restore)
+        place("one", os.getpid(), [child.pid])
+        assert os.sched_getaffinity(0) == os.sched_getaffinity(child.pid) == {first}
+        with pytest.raises(ValueError, match="unknown CPU placement 'three'"):
+            place("three", os.getpid(), [])
+    finally:
+        if restore is not None:
+            os.sched_setaffinity(0, restore)
+        child.communicate(b"")
+    parser = argparse.ArgumentParser()
+    pubsub.add_arguments(parser)
+    assert pubsub.options_from_args(parser.parse_args(["--cpus", "two"])).cpus == "two"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cpus", "three"])

@@ -49,6 +49,8 @@ __all__ = [
     "cpu_seconds",
     "cpu_per",
     "last_cpu",
+    "place",
+    "CPU_PLACEMENTS",
     "repeat",
     "results",
     "serve_broker",
@@ -170,6 +172,33 @@ def last_cpu(pid: int) -> Optional[int]:
             return int(stat.read().rpartition(")")[2].split()[36])
     except (OSError, IndexError, ValueError):
         return None
+
+
+CPU_PLACEMENTS = ("any", "one", "two")
+
+
+def place(placement: str, here: int, children: list[int]) -> Optional[set[int]]:
+    """Pin the bench (``here``) and its server ``children`` as ``placement`` says; returns what to restore.
+
+    ``any``: the kernel decides (nothing pinned, None returned); ``one``: all on
+    the first CPU this process may use; ``two``: the bench there and the
+    children on the next one. Linux only (``os.sched_setaffinity``).
+    """
+    if placement == "any":
+        return None
+    if placement not in CPU_PLACEMENTS:
+        raise ValueError(f"unknown CPU placement {placement!r}: choose from {', '.join(CPU_PLACEMENTS)}")
+    if not hasattr(os, "sched_setaffinity"):
+        raise RuntimeError("--cpus one or two pins processes to CPUs, which needs Linux (os.sched_setaffinity)")
+    allowed = os.sched_getaffinity(here)
+    cpus = sorted(allowed)
+    if placement == "two" and len(cpus) < 2:
+        raise RuntimeError("--cpus two needs two CPUs, and this process may use one")
+    first, other = cpus[0], cpus[1] if placement == "two" else cpus[0]
+    os.sched_setaffinity(here, {first})
+    for pid in children:
+        os.sched_setaffinity(pid, {other})
+    return allowed
 
 
 def cpu_per(pids: dict[str, int], before: dict[str, float], count: int) -> dict[str, float]:

@@ -45,6 +45,7 @@ from pulsyflux.broker import BrokerClient, Subscription
 
 from .common import (
     AUTH_SECRET_ENV,
+    CPU_PLACEMENTS,
     Progress,
     add_run_arguments,
     bench_authority,
@@ -55,6 +56,7 @@ from .common import (
     last_cpu,
     median,
     percentile,
+    place,
     repeat,
     results,
     run_options,
@@ -95,6 +97,7 @@ class Options:
     modes: list[str] = field(default_factory=lambda: ["plain"])  # plain, wildcard, group (see the module doc)
     python: str = sys.executable  # the interpreter for the server process
     auth: bool = False  # the server checks tokens (--auth): both clients present one, the broker checks each publish
+    cpus: str = "any"  # where this process and the server run: any (the kernel decides), one, two (bench.common.place)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +130,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated floods to run: plain, wildcard (subscribers to a pattern), group (one queue group "
         "of N members), history (through a broker keeping history: every message retained, with a position); "
         "each is also reported as a ratio of plain (default plain)",
+    )
+    parser.add_argument(
+        "--cpus",
+        choices=CPU_PLACEMENTS,
+        default=d.cpus,
+        help="where the server and this process run: any (the kernel decides: default), one (both pinned to one "
+        "CPU) or two (each on a CPU of its own); the one-at-a-time latency is the two processes' work added up "
+        "on one CPU, mostly wake-ups on two (Linux only)",
     )
     parser.add_argument(
         "--auth",
@@ -164,6 +175,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         window=max(1, args.window),
         modes=list(getattr(args, "modes", ["plain"])),
         auth=getattr(args, "auth", False),
+        cpus=getattr(args, "cpus", "any"),
     )
 
 
@@ -398,6 +410,7 @@ async def _measure(reactor: IReactor, options: Options, progress: Progress) -> d
         token = bench_token({"publish": [">"], "subscribe": [">"]})
     server = spawn(reactor, options.python, "server", "pulsyflux.bench.pubsub", "server")
     children = [server]
+    restore: Optional[set[int]] = None
     try:
         port = int(await server.ready)
         address = f"127.0.0.1:{port}"
@@ -416,6 +429,7 @@ async def _measure(reactor: IReactor, options: Options, progress: Progress) -> d
                 "publisher": await BrokerClient.connect(history_address, reactor=reactor, token=token),
                 "subscriber": await BrokerClient.connect(history_address, reactor=reactor, token=token),
             }
+        restore = place(options.cpus, os.getpid(), [child.pid for child in children])
         progress("warming up")
         warm = Options(**{**asdict(options), "duration": 0.5, "warmup": 0.2, "latency_count": 200})
         await _run_once(reactor, clients, warm)
@@ -428,6 +442,8 @@ async def _measure(reactor: IReactor, options: Options, progress: Progress) -> d
                     await side[name].close()
         for child in children:
             await child.stop()
+        if restore is not None:
+            os.sched_setaffinity(os.getpid(), restore)  # this process may go on (measure() from a program)
 
 
 measure, run = entry_points(_measure, Options)
@@ -438,7 +454,8 @@ def format_report(results: dict) -> str:
     m, o, t = results["medians"], results["options"], results["targets"]
     lines = [
         f"pulsyflux bench pubsub: {runs_text(len(results['runs']))}, {o['payload']}-byte payloads, "
-        f"server+broker in its own process{', tokens checked (--auth)' if o.get('auth') else ''} "
+        f"server+broker in its own process{_PLACED.get(o.get('cpus', 'any'), '')}"
+        f"{', tokens checked (--auth)' if o.get('auth') else ''} "
         f"({results['machine']['cpus']} CPUs, Python {results['machine']['python']})",
         f"  latency 1->1, one at a time                     p50 {fmt(m['latency_p50_us'])} us  "
         f"p99 {fmt(m['latency_p99_us'])} us   {verdict(m['latency_p50_us'], t['latency_p50_us'], False, ' us (p50)')}",
@@ -448,8 +465,8 @@ def format_report(results: dict) -> str:
     same_cpu = m.get("latency_same_cpu_percent")
     if same_cpu is not None:
         lines.append(
-            f"      server and bench on one CPU in {same_cpu:.0f}% of the samples (placed by the kernel: on one CPU "
-            "the latency is both processes' work added up, on two mostly the wake-ups)"
+            f"      server and bench on one CPU in {same_cpu:.0f}% of the samples (on one CPU the latency is both "
+            "processes' work added up, on two mostly the wake-ups; --cpus pins them)"
         )
     targets = {
         1: (f"flood_{1}_msgs_per_s", "flood_1_msgs_per_s", " msgs/s"),
@@ -486,6 +503,9 @@ def format_report(results: dict) -> str:
             )
     lines.append(f"dropped {results['dropped']}, failed publishes {results['failed']}")
     return "\n".join(lines)
+
+
+_PLACED = {"one": " pinned to the bench's CPU (--cpus one)", "two": " on a CPU of its own (--cpus two)"}
 
 
 def _ratio(value: Optional[float]) -> str:
