@@ -52,10 +52,17 @@ async def test_a_consumer_on_one_server_reaches_a_provider_on_another(pair):
     consumer = await Consumer.connect(_address(a), channel)
     try:
         await eventually(lambda: _relays_to(a, "b", channel))
+        brokers_own = b.server.factory.stats.broker_requests_routed
         assert await consumer.send(b"hello") == b"b says hello"
         assert a.cluster.requests.forwarded == 1 and b.cluster.requests.served == 1
         assert channel.bytes in b.cluster.requests.inlets  # the next request enters b's router the same way
         assert await consumer.send(b"again") == b"b says again"
+        # A client's request is counted where it entered: routed and answered on a; on b, a's server asked
+        # (the cluster's requests_served), not b's broker (broker_routed) nor a client of b's.
+        a_stats, b_stats = a.server.factory.stats, b.server.factory.stats
+        assert (a_stats.requests_routed, a_stats.responses_routed) == (2, 2)
+        assert (b_stats.requests_routed, b_stats.responses_routed) == (0, 0)
+        assert b_stats.broker_requests_routed == brokers_own
     finally:
         await consumer.close()
         await provider.close()

@@ -240,9 +240,13 @@ async def test_topic_publish_and_deliver_counters(brokered):
     await eventually(lambda: brokered.broker.delivered == 3)
     code, stats = await get_json(brokered.http_url + "/stats")
     assert stats["broker"]["topic_traffic"] == {"orders": {"published": 3, "delivered": 3}}
-    assert stats["server"]["requests"]["broker_routed"] >= 1  # the forwards to the subscriber
+    requests = stats["server"]["requests"]
+    assert requests["broker_routed"] >= 1  # the forwards to the subscriber
+    # responses_routed: the answers to the client's requests (subscribe, publishes), not to the forwards
+    assert requests["responses_routed"] == requests["routed"] == requests["latency"]["count"]
     response, body = await get(brokered.http_url + "/metrics")
     lines = set(body.decode().splitlines())
+    assert f"pulsyflux_responses_routed_total {requests['routed']}" in lines
     assert 'pulsyflux_broker_topic_published_total{topic="orders"} 3' in lines
     assert 'pulsyflux_broker_topic_delivered_total{topic="orders"} 3' in lines
     await client.close()

@@ -114,7 +114,7 @@ def prometheus_text(document: dict[str, Any]) -> str:
     m.one(
         "pulsyflux_requests_routed_total",
         "counter",
-        "Requests handed to a provider.",
+        "Clients' requests handed to a provider.",
         s["requests"]["routed"],
     )
     m.one(
@@ -135,7 +135,7 @@ def prometheus_text(document: dict[str, Any]) -> str:
     m.one(
         "pulsyflux_responses_routed_total",
         "counter",
-        "Responses (or provider errors) delivered to the consumer that asked.",
+        "Responses (or provider errors) delivered to the client that asked (answers to pulsyflux_requests_routed_total).",
         s["requests"]["responses_routed"],
     )
     m.one(

@@ -838,10 +838,10 @@ class Router:
             # It holds until the response is complete. The timer is armed after
             # the START has left (flush): one request at a time, its DelayedCall is made off the critical path.
             self._timers_changed()
-        if conn.trusted:
-            self.stats.broker_requests_routed += 1
-        else:
+        if not conn.trusted:
             self.stats.requests_routed += 1
+        elif not conn.relay:  # other servers' requests (a cluster inlet) are the cluster's: requests_served
+            self.stats.broker_requests_routed += 1
         self.send(provider, _encode_header(_VERSION, START, flags, request_id, ROUTING_SIZE) + routing)
         return entry
 
