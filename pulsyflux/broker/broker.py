@@ -167,7 +167,7 @@ class Broker(PublishingSide):
                 self.address, self.channel, reactor=self.reactor, reconnect=self.reconnect, token=self.token
             )
         except BaseException:
-            await self._provider.close()
+            await self._provider.close(timeout=0)
             raise
         self._publisher = Publisher(consumer)
         try:
@@ -281,7 +281,7 @@ class Broker(PublishingSide):
             if self._publisher is not None:
                 waits.append(self._publisher.close(self._closed))
             if self._provider is not None:
-                waits.append(self._provider.close())
+                waits.append(self._provider.close(timeout=0))  # at once: a server's shutdown drained it first
             self._closing = DeferredList(waits, consumeErrors=True).addCallback(self._all_closed)
         d: Deferred[None] = Deferred()
 

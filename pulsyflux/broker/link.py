@@ -216,7 +216,7 @@ class PublishingSide:
             await self._set_up(sub, provider, since, last)
         except BaseException:
             sub.mark_closed("subscribe failed")
-            await provider.close()
+            await provider.close(timeout=0)
             raise
         return sub
 

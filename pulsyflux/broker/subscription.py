@@ -326,7 +326,8 @@ class Subscription:
     def end(self, reason: str) -> "Deferred[None]":
         """End the stream and close its Provider; fires once the connection is gone."""
         self.mark_closed(reason)
-        return self._provider.close() if self._provider is not None else succeed(None)
+        # At once: what it holds stays readable here; what the broker still sends it is its to count.
+        return self._provider.close(timeout=0) if self._provider is not None else succeed(None)
 
     @property
     def provider(self) -> Optional[Provider]:

@@ -15,7 +15,16 @@ from ..wire import codec, errors
 from ..wire.codec import CHUNK, END, ERROR, ROLE_PROVIDER, ROUTING_SIZE, START
 from .connection import ChannelId, Client, Reconnect, worth_logging
 
-__all__ = ["Handler", "DEFAULT_MAX_INCOMPLETE", "DEFAULT_INCOMPLETE_TIMEOUT", "Request", "Provider"]
+__all__ = [
+    "Handler",
+    "DEFAULT_MAX_INCOMPLETE",
+    "DEFAULT_INCOMPLETE_TIMEOUT",
+    "DEFAULT_CLOSE_TIMEOUT",
+    "MSG_CLOSING",
+    "MSG_CLOSED_UNANSWERED",
+    "Request",
+    "Provider",
+]
 
 log = Logger()
 
@@ -26,6 +35,12 @@ _write_response = codec.write_response
 # not say it gave up on them, or a consumer that stalls with no deadline):
 DEFAULT_MAX_INCOMPLETE = 64 << 20  # bytes held across all incomplete requests
 DEFAULT_INCOMPLETE_TIMEOUT = 60.0  # seconds an incomplete request may go without a frame
+
+# close(): seconds the requests being handled get to be answered, and what the consumers of
+# the others are told (a RemoteError's message; the wire has no "stop sending me requests").
+DEFAULT_CLOSE_TIMEOUT = 5.0
+MSG_CLOSING = "provider closing: it takes no new requests"
+MSG_CLOSED_UNANSWERED = "provider closed before it answered this request"
 _UNKNOWN: Any = object()
 
 
@@ -111,6 +126,11 @@ class Provider(Client):
         self.cancel_abandoned = False
         self._abandonable: dict[bytes, Deferred[Any]] = {}
         self._queue: DeferredQueue[Request] = DeferredQueue()
+        self._draining: Optional[Deferred[None]] = None  # close(timeout) waiting for answers: fires when all came
+        self._drain_timer: Optional[IDelayedCall] = None
+        self._close_waiters: list[Deferred[None]] = []
+        self.refused_closing = 0  # requests that arrived during close(timeout) and were refused (MSG_CLOSING)
+        self.closed_unanswered = 0  # requests still unanswered when close(timeout) ran out (MSG_CLOSED_UNANSWERED)
 
     @classmethod
     def connect(
@@ -262,6 +282,8 @@ class Provider(Client):
                 pending = self._abandonable.pop(request_id, None)
                 if pending is not None:
                     pending.cancel()  # its errback finds routing None: nothing is sent
+                if self._draining is not None:
+                    self._check_drained()
             elif held is None:
                 self._unmatched_error(request_id, payload)
                 return
@@ -360,6 +382,94 @@ class Provider(Client):
         if routing is not _UNKNOWN:
             self._send_answer(request_id, routing, b"", failure.value)
 
+    # -- closing: refuse new requests, let the running ones answer, close ------------
+
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> "Deferred[None]":
+        """Stop taking requests, let those being handled answer (for at most ``timeout`` s), then close.
+
+        A registration lasts until its connection closes, and the wire has no
+        frame for "send me no more" (docs/protocol.md, Go's server neither):
+        the server goes on routing requests here until the line closes. So
+        each request that arrives meanwhile is answered at once with an
+        ERROR, ``provider closing: it takes no new requests`` (a
+        :class:`RemoteError` for its consumer, which may retry: another
+        provider of the channel can take it). Requests already received
+        (being handled, or queued for :meth:`receive`) may still be
+        answered; those unanswered after ``timeout`` get an ERROR,
+        ``provider closed before it answered this request``, and the line
+        closes. Both are counted (``refused_closing``,
+        ``closed_unanswered``). ``close(timeout=0)`` closes at once (the
+        consumers of unanswered requests get ``peer disappeared``); called
+        again meanwhile with ``timeout=0``, it stops waiting.
+        """
+        if self._draining is not None:
+            d: Deferred[None] = Deferred()
+            self._close_waiters.append(d)
+            if timeout <= 0:
+                self._drain_over()
+            return d
+        if timeout <= 0 or self._closed is not None or self._protocol is None or not self._pending_answers():
+            return super().close()
+        # Shadow the methods while closing (no test on the path of every request): refuse new
+        # requests, and look whether the last answer has gone after each.
+        self._dispatch = self._refuse_closing  # type: ignore[method-assign]
+        self._send_answer = self._send_answer_closing  # type: ignore[method-assign]
+        drained: Deferred[None] = Deferred()
+        self._draining = drained
+        self._drain_timer = self.reactor.callLater(timeout, self._drain_over)
+        self.when_lost().addCallback(lambda _: self._drain_over())  # the line dropped: nothing left to wait for
+        waiter: Deferred[None] = Deferred()
+        self._close_waiters.append(waiter)
+        return waiter
+
+    def _pending_answers(self) -> bool:
+        """Requests received that still need an answer (not those the server gave up on)."""
+        return any(routing is not None for routing in self._routing.values())
+
+    def _refuse_closing(self, request_id: bytes, body: bytes) -> None:
+        routing = self._routing.pop(request_id, None)
+        self.refused_closing += 1
+        if routing is not None and self._closed is None:
+            self._write(codec.encode_frame(ERROR, request_id, codec.error_payload(MSG_CLOSING, routing)))
+
+    def _send_answer_closing(
+        self, raw: bytes, routing: Optional[bytes], payload: bytes, error: Union[str, BaseException, None]
+    ) -> None:
+        Provider._send_answer(self, raw, routing, payload, error)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if not self._pending_answers():
+            self._drain_over()
+
+    def _drain_over(self) -> None:
+        """All answered, the timeout passed, or the line dropped: answer what is left, close the line."""
+        drained, self._draining = self._draining, None
+        if drained is None:
+            return
+        timer, self._drain_timer = self._drain_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        left = [(raw, routing) for raw, routing in self._routing.items() if routing is not None]
+        if left and self._closed is None:
+            self.closed_unanswered += len(left)
+            for raw, routing in left:
+                self._routing[raw] = None  # a late respond() sends nothing
+                self._write(codec.encode_frame(ERROR, raw, codec.error_payload(MSG_CLOSED_UNANSWERED, routing)))
+            self.log.warn(
+                "provider on channel {c} closed with {n} request(s) unanswered; their consumers were told",
+                c=str(self.channel_id),
+                n=len(left),
+            )
+        del self._dispatch, self._send_answer  # the methods again
+
+        def closed(_: object) -> None:
+            waiters, self._close_waiters = self._close_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+        super().close().addBoth(closed)
+
     def _fail_pending(self, error: Exception) -> None:
         self._abandonable.clear()
         self._incoming.clear()
@@ -367,7 +477,8 @@ class Provider(Client):
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None and sweeper.active():
             sweeper.cancel()
-        self._lost_ids = frozenset(self._routing)  # respond() to these is a no-op, not a KeyError
+        if self._routing:  # (close() and then the lost line both come here: the second finds none)
+            self._lost_ids = frozenset(self._routing)  # respond() to these is a no-op, not a KeyError
         self._routing.clear()
         if self.reconnecting:
             return  # receive() waits for the next connection

@@ -1,0 +1,162 @@
+"""Provider.close(timeout): refuse new requests, let the running handlers answer, then close."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+
+from pulsyflux import Consumer, NoProviderError, Provider, RemoteError, RequestTimeout
+from pulsyflux.client.provider import MSG_CLOSED_UNANSWERED, MSG_CLOSING
+
+from .helpers import clocked, eventually
+
+ensure = pytest_twisted.ensureDeferred
+
+
+async def _slow_pair(memory, channel):
+    """A provider whose handler answers when the test says (one Deferred per request), and a consumer."""
+    running: list[Deferred[bytes]] = []
+
+    def handler(payload: bytes) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        running.append(d)
+        return d
+
+    provider = await memory.connect(Provider, channel, handler=handler)
+    consumer = await memory.connect(Consumer, channel)
+    return provider, consumer, running
+
+
+@clocked
+async def test_close_lets_a_running_handler_answer_and_refuses_new_requests(memory):
+    channel = uuid.uuid4()
+    provider, consumer, running = await _slow_pair(memory, channel)
+    first = consumer.send(b"1")
+    await memory.until(lambda: len(running) == 1)
+    closing = provider.close()
+    late = consumer.send(b"2")  # arrives while the provider closes: refused at once, with why
+    with pytest.raises(RemoteError, match=MSG_CLOSING):
+        await late
+    assert not closing.called and len(running) == 1  # the refused one never reached the handler
+    running[0].callback(b"answer 1")
+    assert await first == b"answer 1"  # answered, not 'peer disappeared'
+    await closing
+    assert (provider.refused_closing, provider.closed_unanswered) == (1, 0)
+    assert memory.now() == 0  # nothing waited for a timer
+    await consumer.close()
+
+
+@clocked
+async def test_close_gives_up_at_its_timeout_and_tells_the_consumer(memory):
+    channel = uuid.uuid4()
+    provider, consumer, running = await _slow_pair(memory, channel)
+    pending = consumer.send(b"1")
+    await memory.until(lambda: len(running) == 1)
+    await provider.close(timeout=2.0)  # the handler never answers
+    assert memory.now() == 2.0
+    with pytest.raises(RemoteError, match=MSG_CLOSED_UNANSWERED):
+        await pending
+    assert provider.closed_unanswered == 1
+    running[0].callback(b"too late")  # answers nothing: the line is gone
+    await consumer.close()
+
+
+@clocked
+async def test_close_with_timeout_zero_is_immediate(memory):
+    channel = uuid.uuid4()
+    provider, consumer, running = await _slow_pair(memory, channel)
+    pending = consumer.send(b"1")
+    await memory.until(lambda: len(running) == 1)
+    await provider.close(timeout=0)
+    with pytest.raises(NoProviderError):  # as before: the server says 'peer disappeared'
+        await pending
+    assert memory.now() == 0
+    await consumer.close()
+
+
+@clocked
+async def test_a_second_close_with_timeout_zero_stops_the_wait(memory):
+    channel = uuid.uuid4()
+    provider, consumer, running = await _slow_pair(memory, channel)
+    pending = consumer.send(b"1")
+    await memory.until(lambda: len(running) == 1)
+    first = provider.close(timeout=30.0)
+    await provider.close(timeout=0)
+    await first
+    assert memory.now() == 0
+    with pytest.raises(RemoteError, match=MSG_CLOSED_UNANSWERED):
+        await pending
+    await consumer.close()
+
+
+@clocked
+async def test_pulled_requests_are_waited_for_and_a_consumer_that_gives_up_ends_the_wait(memory):
+    channel = uuid.uuid4()
+    provider = await memory.connect(Provider, channel)
+    consumer = await memory.connect(Consumer, channel)
+    answered = consumer.send(b"a")
+    abandoned = consumer.send(b"b", timeout=1.0)
+    one, two = await provider.receive(), await provider.receive()
+    closing = provider.close(timeout=60.0)
+    provider.respond(one, b"A")
+    assert await answered == b"A"
+    assert not closing.called  # the second is still being handled
+    with pytest.raises(RequestTimeout):
+        await abandoned  # its consumer's deadline passes: the server gives up on it
+    await closing  # nothing left to answer: closed then, not at 60 s
+    assert memory.now() < 60.0 and provider.closed_unanswered == 0
+    provider.respond(two, b"B")  # does nothing (the server gave up on it), raises nothing
+    await consumer.close()
+
+
+@clocked
+async def test_worst_input_a_flood_of_requests_while_closing_is_refused_and_holds_nothing(memory):
+    channel = uuid.uuid4()
+    provider, consumer, running = await _slow_pair(memory, channel)
+    first = consumer.send(b"0")
+    await memory.until(lambda: len(running) == 1)
+    closing = provider.close(timeout=10.0)
+    flood = [consumer.send(b"x" * 1000) for _ in range(500)]
+    for d in flood:
+        with pytest.raises(RemoteError, match=MSG_CLOSING):
+            await d
+    assert provider.refused_closing == 500 and provider.unanswered == 1 and len(running) == 1
+    running[0].callback(b"done")
+    assert await first == b"done"
+    await closing
+    await consumer.close()
+
+
+@ensure
+async def test_close_drains_over_tcp_while_another_provider_takes_the_retries(server):
+    channel = uuid.uuid4()
+    gate: Deferred[bytes] = Deferred()
+    started: list[bytes] = []
+
+    def slow(payload: bytes) -> Deferred[bytes]:
+        started.append(payload)
+        return gate
+
+    closing_one = await Provider.connect(server.address, channel, handler=slow)
+    consumer = await Consumer.connect(server.address, channel)
+    in_flight = consumer.send(b"work")
+    await eventually(lambda: started, timeout=60)
+    other = await Provider.connect(server.address, channel, handler=lambda p: b"other:" + p)
+    closing = closing_one.close()
+    answers = []
+    for n in range(4):  # the server alternates: the closing provider refuses its share, clearly
+        try:
+            answers.append(await consumer.send(str(n).encode()))
+        except RemoteError as error:
+            assert MSG_CLOSING in str(error)
+            answers.append(await consumer.send(str(n).encode()))  # a retry
+    assert all(answer.startswith(b"other:") for answer in answers)
+    gate.callback(b"done")
+    assert await in_flight == b"done"
+    await closing
+    assert closing_one.closed_unanswered == 0
+    await consumer.close()
+    await other.close()
