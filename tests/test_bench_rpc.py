@@ -81,3 +81,46 @@ async def test_without_the_baseline_only_the_routers_echo_is_measured(server, ch
     assert set(result) == {"echo"} and result["echo"]["count"] > 0
     medians = rpc._summarise(options, [result])["medians"]
     assert medians["relay_echo_mb_per_s"] is None and medians["echo_vs_relay"] is None
+
+
+@ensure
+async def test_with_the_provider_in_process_the_router_alone_answers_over_tcp(channel):
+    port = await rpc.start_router(reactor, str(channel))
+    consumer = await Consumer.connect(f"127.0.0.1:{port.getHost().port}", channel)
+    try:
+        assert await consumer.send(b"x" * 300_000, 5.0) == b"x" * 300_000  # larger than a read: several of them
+    finally:
+        await consumer.close()
+        await port.stopListening()
+
+
+def test_the_report_says_when_the_provider_is_in_the_routers_process():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    rpc.add_arguments(parser)
+    options = rpc.options_from_args(parser.parse_args(["--provider-in-process"]))
+    assert options.provider_in_process and not rpc.options_from_args(parser.parse_args([])).provider_in_process
+    medians = {key: None for key in rpc._summarise(options, [{"echo": {"mb_per_s": 5.0, "cpu_us": {}}}])["medians"]}
+    results = {
+        "medians": {**medians, "echo_1mib_mb_per_s": 5.0},
+        "options": {
+            "duration": 1.0,
+            "payload": 16,
+            "consumers": 1,
+            "inflight": 1,
+            "large": 1,
+            "provider_in_process": True,
+        },
+        "go": dict(rpc.GO_REFERENCE),
+        "targets": dict(rpc.TARGETS),
+        "runs": [{}],
+        "machine": {"cpus": 2, "python": "3.11.7"},
+        "failed_requests": 0,
+    }
+    lines = rpc.format_report(results).splitlines()
+    assert "router in its own process, the echo provider in it (in-process link)" in lines[0]
+    assert "targets (not the issue's topology: the provider is in the router's process)" in lines
+    results["options"]["provider_in_process"] = False
+    lines = rpc.format_report(results).splitlines()
+    assert "router and echo provider in their own processes" in lines[0] and "targets" in lines
