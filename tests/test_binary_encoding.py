@@ -258,6 +258,35 @@ async def test_a_queue_group_member_that_reads_only_json_gets_a_binary_members_b
         await closing.close()
 
 
+@clocked
+async def test_a_binary_queue_group_member_gets_a_json_members_backlog_in_binary(memory, monkeypatch):
+    """The hand-over converts both ways: an outlet's backlog holds only its own encoding (Outlet.flush takes it whole)."""
+    channel = uuid.uuid4()
+    broker = await memory.connect(Broker, channel, batch=1, window=1)
+    json_member, announcer = await json_subscriber(memory, channel, "jobs", group="w")
+    readers = await memory.connect(BrokerClient, channel, heartbeat=None)
+    binary_member = await readers.subscribe("jobs", group="w")
+    [binary_outlet] = [o for o in broker.fanout.outlets.values() if o.binary]
+    json_forwards = []
+    send = binary_outlet.consumer.send
+    monkeypatch.setattr(
+        binary_outlet.consumer, "send", lambda body, **kw: json_forwards.append(body) or send(body, **kw)
+    )
+    for n in range(8):
+        await broker.publish("jobs", b"%d" % n)
+    [json_outlet] = [o for o in broker.fanout.outlets.values() if not o.binary]
+    assert json_outlet.backlog and all(
+        type(text) is str for text in json_outlet.backlog
+    )  # its first forward unanswered
+    await json_member.close()  # leaves: what waited for it (and its forward) goes to the other member
+    got = [await binary_member.get() for _ in range(8)]
+    assert sorted(m.payload for m in got) == [b"%d" % n for n in range(8)]
+    assert json_forwards == []  # every forward to the binary member was binary (Consumer.send_parts)
+    assert broker.fanout.stats()["lost"] == 0
+    for closing in (announcer, readers, broker):
+        await closing.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_over_tcp_a_binary_publisher_and_subscriber_through_a_broker_service():
     running = await start_server()

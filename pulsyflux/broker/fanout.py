@@ -354,13 +354,24 @@ class Fanout:
         An outlet with nothing waiting and room in its window would send the
         whole batch as one forward (:meth:`Outlet.flush`); it gets that
         forward at once, its body made once per encoding for all of them,
-        instead of a push and a pop per message. The other outlets take the
-        batch message by message (backlog, drops, flush), as any publish.
+        instead of a push and a pop per message. The other outlets queue the
+        batch (each at once: :meth:`Outlet.push_all`; backlog, drops) and flush, as any publish.
         """
         count = len(items)
         entries: dict[bool, list[Any]] = {binary: [item[1] for item in items]}  # per encoding (True: binary)
         sizes: dict[bool, int] = {}
         bodies: dict[bool, bytes] = {}
+
+        def batch_in(kind: bool) -> tuple[list[Any], int]:
+            """The batch's messages in one encoding and their bytes, each made once."""
+            batch = entries.get(kind)
+            if batch is None:
+                batch = entries[kind] = self._convert(items, kind)
+            size = sizes.get(kind)
+            if size is None:
+                size = sizes[kind] = sum(map(len, batch))
+            return batch, size
+
         window = self.window
         waiting: list[Outlet] = []
         for outlet in list(outlets):  # a failed send can take an outlet out of the index's list
@@ -378,12 +389,7 @@ class Fanout:
                 waiting.append(outlet)
                 continue
             kind = outlet.binary
-            batch = entries.get(kind)
-            if batch is None:
-                batch = entries[kind] = self._convert(items, kind)
-            size = sizes.get(kind)
-            if size is None:
-                size = sizes[kind] = sum(map(len, batch))
+            batch, size = batch_in(kind)
             if size >= FORWARD_CHARS or size > outlet.limit_bytes:
                 waiting.append(outlet)
                 continue
@@ -393,16 +399,9 @@ class Fanout:
             outlet.forward(body, batch)
         if not waiting:
             return
-        for index in range(count):
-            size = 0
-            for outlet in waiting:
-                kind = outlet.binary
-                batch = entries.get(kind)
-                if batch is None:
-                    batch = entries[kind] = self._convert(items, kind)
-                entry = batch[index]
-                outlet.push(entry)
-                size += len(entry)
+        for outlet in waiting:  # each takes the whole batch at once (Outlet.push_all)
+            batch, size = batch_in(outlet.binary)
+            outlet.push_all(batch, size)
             self.backlog_size += size
             if self.backlog_size > self.total_backlog_bytes:
                 self.trim_backlogs()
@@ -844,8 +843,9 @@ class Fanout:
         touched: dict[Outlet, None] = {}
         for text in texts:
             member = group.pick(Outlet.has_room)
-            if type(text) is bytes and not member.binary:
-                text = messages.convert(text, False)  # a binary member's record, to one that reads only JSON
+            if (type(text) is bytes) is not member.binary:
+                # Into the member's encoding (an outlet's backlog holds only its own: Outlet.flush).
+                text = messages.convert(text, member.binary)
             member.push(text)
             self.backlog_size += len(text)
             touched[member] = None

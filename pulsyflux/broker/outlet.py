@@ -124,6 +124,20 @@ class Outlet:
         if size > self.limit_bytes or len(backlog) > self.limit:
             self.trim(self.limit, self.limit_bytes)
 
+    def push_all(self, texts: Sequence[Union[str, bytes]], size: int) -> None:
+        """Queue a batch of messages (``size`` bytes in all) as a :meth:`push` of each would, in one step.
+
+        The bounds are checked once, after: that drops the same messages as
+        checking after each (what stays is the longest run of the newest
+        that fits, either way), at a C loop's cost per message, not a call's.
+        """
+        backlog = self.backlog
+        backlog.extend(texts)
+        size += self.size
+        self.size = size
+        if size > self.limit_bytes or len(backlog) > self.limit:
+            self.trim(self.limit, self.limit_bytes)
+
     def trim(self, limit: int, limit_bytes: int) -> int:
         """Drop (and count) the oldest waiting messages down to the bounds; the newest stays."""
         backlog = self.backlog
@@ -156,8 +170,8 @@ class Outlet:
         if self.consumer.reconnecting:
             self.ready = False  # the line is down: keep the backlog for rejoin()
         while backlog and self.open and self.ready and self.requests < fanout.window:
-            # A forward is in one encoding: that of the first message waiting (a binary reader
-            # gets JSON where the broker keeps history; each body says which it is).
+            # A forward is in the outlet's encoding: every message waiting is in it (the fan-out
+            # pushes each outlet its own; a queue group's hand-over converts).
             kind = type(backlog[0])
             # A binary forward is sent as its pieces (the magic, then the records), joined once where
             # it is framed (Consumer.send_parts); the messages are always the last ``count`` of texts.
@@ -169,18 +183,25 @@ class Outlet:
                     if kind is bytes
                     else messages.control(messages.DROPPED, dropped=str(self.dropped))
                 )
-            popleft = backlog.popleft
-            size = 0
-            count = 0
             limit = fanout.batch
-            while backlog and count < limit and size < FORWARD_CHARS:
-                text = popleft()
-                if type(text) is not kind:
-                    backlog.appendleft(text)  # the next forward's
-                    break
-                texts.append(text)
-                size += len(text)
-                count += 1
+            if len(backlog) <= limit and self.size < FORWARD_CHARS:
+                # All of it fits one forward: taken at once, as the loop below would take it.
+                count = len(backlog)
+                size = self.size
+                texts += backlog
+                backlog.clear()
+            else:
+                popleft = backlog.popleft
+                size = 0
+                count = 0
+                while backlog and count < limit and size < FORWARD_CHARS:
+                    text = popleft()
+                    if type(text) is not kind:
+                        backlog.appendleft(text)  # the next forward's
+                        break
+                    texts.append(text)
+                    size += len(text)
+                    count += 1
             self.size -= size
             fanout.backlog_size -= size
             self.requests += 1

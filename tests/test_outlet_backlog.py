@@ -1,0 +1,85 @@
+"""An outlet's backlog taken in bulk: a batch queued at once, a forward taken whole.
+
+``Outlet.push_all`` must leave what a ``push`` of each message leaves (the
+same messages kept, the same drops counted), and ``Outlet.flush`` must make
+the same forwards whether it takes the backlog whole or message by message.
+Checked against the one-at-a-time code over random batches and bounds.
+"""
+
+from __future__ import annotations
+
+import uuid
+from types import SimpleNamespace
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+
+from pulsyflux.broker.outlet import FORWARD_CHARS, Outlet
+from pulsyflux.wire.messages import BINARY_MAGIC
+
+
+class Sent:
+    """A stand-in Consumer: records each forward's pieces, never answers."""
+
+    reconnecting = False
+
+    def __init__(self) -> None:
+        self.channel_id = uuid.uuid4()
+        self.forwards: list[list[Any]] = []
+
+    def send_parts(self, parts: list[Any], timeout: float) -> Deferred:
+        self.forwards.append(list(parts))
+        return Deferred()
+
+    def send(self, body: bytes, timeout: float) -> Deferred:
+        self.forwards.append([body])
+        return Deferred()
+
+
+def outlet(limit: int, limit_bytes: int, batch: int = 256, window: int = 4) -> Outlet:
+    fanout: Any = SimpleNamespace(backlog_size=0, dropped=0, batch=batch, window=window)
+    return Outlet(fanout, "t", Sent(), None, limit, limit_bytes)  # type: ignore[arg-type]
+
+
+def state(o: Outlet) -> tuple:
+    return list(o.backlog), o.size, o.dropped, o.fanout.dropped, o.fanout.backlog_size
+
+
+messages_ = st.lists(st.binary(min_size=0, max_size=40), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(messages_, max_size=6), st.integers(0, 40), st.integers(0, 400))
+def test_push_all_keeps_and_drops_what_a_push_of_each_does(batches, limit, limit_bytes):
+    one, bulk = outlet(limit, limit_bytes), outlet(limit, limit_bytes)
+    for batch in batches:
+        size = sum(map(len, batch))
+        for o in (one, bulk):
+            o.fanout.backlog_size += size  # as the fan-out adds it, once per publish
+        for text in batch:
+            one.push(text)
+        bulk.push_all(batch, size)
+        assert state(bulk) == state(one)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 600), st.integers(1, 300), st.sampled_from([10, 1000, 5000]))
+def test_a_backlog_taken_whole_makes_the_forwards_taken_one_by_one(count, batch, size):
+    """Whole when it fits one forward (batch messages, under FORWARD_CHARS), else message by message."""
+    texts = [bytes([n % 256]) * size for n in range(count)]
+    o = outlet(10_000, 1 << 30, batch=batch, window=1_000)
+    o.push_all(texts, count * size)
+    o.fanout.backlog_size = count * size
+    o.flush()
+    expected = []
+    left = list(texts)
+    while left:
+        taken, total = [], 0
+        while left and len(taken) < batch and total < FORWARD_CHARS:
+            total += len(left[0])
+            taken.append(left.pop(0))
+        expected.append([BINARY_MAGIC, *taken])
+    assert o.consumer.forwards == expected
+    assert not o.backlog and o.size == 0 and o.fanout.backlog_size == 0 and o.in_flight == count
