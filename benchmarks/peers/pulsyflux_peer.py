@@ -62,7 +62,11 @@ async def run(reactor: Any, settings: workload.Settings, server_python: str, rel
         share, rate = p.get(f"flood_{n}_cpu_server_percent"), p[f"flood_{n}_deliveries_per_s"]
         result[f"flood_{n}_server_cpu_us"] = share / 100 / rate * 1e6 if share is not None and rate else None
     if relay:
-        result["relay"] = {"sequential_per_s": r["relay_rt_per_s"], "sequential_p50_us": r["relay_p50_us"]}
+        result["relay"] = {
+            "sequential_per_s": r["relay_rt_per_s"],
+            "sequential_p50_us": r["relay_p50_us"],
+            "echo_mb_per_s": r.get("relay_echo_mb_per_s"),  # the same echo, through the relay, same run
+        }
     return result
 
 

@@ -9,7 +9,8 @@ virtualenv (CPython as well). The columns:
 
 * pulsyflux (CPython) and pulsyflux server on PyPy: one run of ``pulsyflux
   bench rpc`` and ``pulsyflux bench pubsub`` each (pulsyflux_peer.py);
-* bare Twisted relay: the baseline ``pulsyflux bench rpc`` measures in the same run;
+* bare Twisted relay: the baseline ``pulsyflux bench rpc`` measures in the same run
+  (one at a time and the 1 MiB echo);
 * Crossbar, Redis and NATS: the same workloads through their own clients
   (crossbar_peer.py, redis_peer.py, nats_peer.py; shapes in workload.py),
   against a server this script starts on a free loopback port and stops.
