@@ -746,6 +746,33 @@ async def test_a_forged_server_with_millions_of_members_is_read_no_further_than_
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_forged_servers_keys_of_another_type_do_not_stop_the_registry(pair):
+    """Worst input: names in the node set whose lease key is a set, or whose channel set is a string.
+    Redis refuses those reads (WRONGTYPE): that server is skipped and counted, the others are still read
+    (a failed read used to leave everything as it was: no server came or went for anyone any more)."""
+    a, b = pair
+    intruder = await _intruder(a)
+    channel = uuid.uuid4()
+    provider = None
+    try:
+        await intruder.execute("SADD", "pulsyflux:node:ghost1", "not a lease")
+        await intruder.execute("SET", "pulsyflux:node:ghost2", "1", "PX", "30000")
+        await intruder.execute("SET", "pulsyflux:chans:ghost2", "not a set")
+        await intruder.execute("SADD", "pulsyflux:nodes", "ghost1", "ghost2")
+        bad = a.cluster.registry.bad_nodes
+        provider = await Provider.connect(_address(b), channel, handler=lambda body: body)
+        await eventually(lambda: _relays_to(a, "b", channel))
+        assert a.cluster.registry.bad_nodes >= bad + 2
+        assert "ghost1" not in a.cluster.registry.remote and "ghost2" not in a.cluster.registry.remote
+    finally:
+        if provider is not None:
+            await provider.close()
+        await intruder.execute("SREM", "pulsyflux:nodes", "ghost1", "ghost2")
+        await intruder.execute("DEL", "pulsyflux:node:ghost1", "pulsyflux:node:ghost2", "pulsyflux:chans:ghost2")
+        intruder.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
 async def test_queue_groups_of_other_servers_are_bounded_all_together(pair, monkeypatch):
     """Worst input: several names, each with as many queue groups as one server may have. The bound is on
     all of them together: two forged servers of 80 groups each make this one keep 100, not 160."""

@@ -17,12 +17,13 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import DeferredList, ensureDeferred, gatherResults
+from twisted.internet.defer import DeferredList, FirstError, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .link import RedisLink
+from .redis import RedisError, RedisLost
 from .shape import check_node_name
 
 __all__ = ["Registry"]
@@ -70,7 +71,7 @@ class Registry:
         # others forget what they were doing with its previous life.
         self.incarnation = os.urandom(8).hex().encode("ascii")
         self.incarnations: dict[str, bytes] = {}
-        self.bad_nodes = 0  # names in the node set that are no node name (skipped)
+        self.bad_nodes = 0  # names in the node set that are no node name, or whose keys are not a server's (skipped)
         self.not_relayed = 0  # channels held elsewhere and not relayed (past MAX_REMOTE_CHANNELS), at the last read
         self.sets_read_in_part = 0  # sets not read to their end at the last read (a bound was reached)
         self.held: set[bytes] = set()
@@ -246,21 +247,31 @@ class Registry:
         gone: list[str] = []
         for node, (ok, lease) in zip(others, leases):
             if not ok:
+                if _refused(lease.value):
+                    self.bad_nodes += 1  # its lease key is no string: not a server's
+                    continue
                 return  # a failed read changes nothing; the next one will tell
             if lease:
                 alive.append((node, lease))
             else:
                 gone.append(node)
         elsewhere = 0  # channels the live servers hold, as their sets count them (read or not)
-        for node, _lease in alive:  # one server at a time: what is held at once stays within the bounds
-            size, (channels, channels_whole), (groups, groups_whole) = await gatherResults(
-                [
-                    self.link.execute(b"SCARD", self._key("chans", node)),
-                    ensureDeferred(self._scan(self._key("chans", node), channels_left)),
-                    ensureDeferred(self._scan(self._key("groups", node), groups_left)),
-                ],
-                consumeErrors=True,
-            )
+        for node, lease in list(alive):  # one server at a time: what is held at once stays within the bounds
+            try:
+                size, (channels, channels_whole), (groups, groups_whole) = await gatherResults(
+                    [
+                        self.link.execute(b"SCARD", self._key("chans", node)),
+                        ensureDeferred(self._scan(self._key("chans", node), channels_left)),
+                        ensureDeferred(self._scan(self._key("groups", node), groups_left)),
+                    ],
+                    consumeErrors=True,
+                )
+            except FirstError as error:
+                if not _refused(error.subFailure.value):
+                    raise
+                self.bad_nodes += 1  # a set of its is no set: not a server's (skipped, not the whole read)
+                alive.remove((node, lease))
+                continue
             elsewhere += size
             channels_left -= len(channels)
             groups_left -= len(groups)
@@ -327,3 +338,9 @@ class Registry:
             "channels_not_relayed": self.not_relayed,
             "sets_read_in_part": self.sets_read_in_part,
         }
+
+
+def _refused(error: BaseException) -> bool:
+    """Redis answered the command with an error (WRONGTYPE: a key another writer gave another type), as
+    opposed to the link failing: the server it concerns is skipped, not the whole read."""
+    return isinstance(error, RedisError) and not isinstance(error, RedisLost)
