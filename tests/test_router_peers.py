@@ -198,3 +198,33 @@ def test_the_cluster_is_told_of_a_channel_a_client_provides_unless_it_is_guarded
     assert told[-1] == (private, False)  # nothing about the channel guarded before its provider came
     unguard()
     assert told[-1] == (private, True)  # no longer guarded, still provided: advertised again
+
+
+def test_while_draining_only_the_servers_own_broker_starts_requests():
+    """A shutdown's grace period: the broker (trusted, in-process) still forwards what it accepted, up to
+    max_in_flight; a client's request and one another server relays (a trusted cluster inlet) are new work."""
+    router = Router(Clock(), max_in_flight=2)
+    channel = os.urandom(16)
+    provider, to_provider = connect(router)
+    receive(router, provider, register_frames(codec.ROLE_PROVIDER, os.urandom(16), channel))
+
+    def consumer(trusted: bool, relay: bool) -> tuple[Peer, list[bytes]]:
+        written: list[bytes] = []
+        conn = router.connect(written.append, StubTransport(), trusted=trusted)
+        conn.relay = relay
+        receive(router, conn, register_frames(codec.ROLE_CONSUMER, os.urandom(16), channel))
+        return conn, written
+
+    broker, to_broker = consumer(True, False)
+    inlet, to_inlet = consumer(True, True)
+    client, to_client = consumer(False, False)
+    router.draining = True
+    for conn, written in ((inlet, to_inlet), (client, to_client)):
+        receive(router, conn, request_frames(os.urandom(16), conn.key[2], channel, b"new"))
+        [refused] = frames(written)
+        assert codec.error_message(refused.payload) == "server overloaded: shutting down"
+    for _ in range(3):
+        receive(router, broker, request_frames(os.urandom(16), broker.key[2], channel, b"forward"))
+    assert len(frames(to_provider)) == 2 * 3  # two forwarded (START, CHUNK, END each), the third past the limit
+    [refused] = frames(to_broker)
+    assert codec.error_message(refused.payload) == "server overloaded: shutting down"

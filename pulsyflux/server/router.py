@@ -804,7 +804,8 @@ class Router:
             return None
         if len(conn.started) >= self._start_limit and not (  # max_in_flight, or 0 while draining
             # but the server's own broker, which forwards what it accepted during the grace period
-            self._draining and conn.trusted and len(conn.started) < self._max_in_flight
+            # (not a cluster inlet, also trusted: other servers' requests are new work)
+            self._draining and conn.trusted and not conn.relay and len(conn.started) < self._max_in_flight
         ):
             if self._draining:
                 message = errors.MSG_SHUTTING_DOWN
