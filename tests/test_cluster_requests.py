@@ -404,11 +404,13 @@ async def test_empty_pieces_of_a_request_cost_their_server_its_share(pair, monke
         intruder.transport.loseConnection()
 
 
+@pytest.mark.parametrize("bound", ["MAX_IN_BYTES", "MAX_IN_BYTES_FROM_ONE"])
 @pytest_twisted.ensureDeferred
-async def test_empty_pieces_of_an_answer_kept_for_a_slow_reader_count_against_the_bound(pair, monkeypatch):
+async def test_empty_pieces_of_an_answer_kept_for_a_slow_reader_count_against_the_bound(pair, monkeypatch, bound):
     """Worst input: while a consumer here reads slowly (its relay paused, the answer's pieces kept), the
     server asked sends pieces with no bytes, without end. Each kept piece costs PIECE_COST: past the bound
-    the request fails with 'server overloaded' and nothing more is kept for it."""
+    (all servers', or that server's share) the request fails with 'server overloaded' and nothing more is
+    kept for it."""
     from pulsyflux import ServerOverloaded
     from pulsyflux.cluster import requests as cluster_requests
 
@@ -439,7 +441,8 @@ async def test_empty_pieces_of_an_answer_kept_for_a_slow_reader_count_against_th
             await intruder.execute("SPUBLISH", "pulsyflux:n:a", b"r b " + rid + b" ok 1\n")
         await eventually(lambda: len(relay.kept) == 20)
         assert a.cluster.requests.in_bytes == 20 * cost  # kept, and counted
-        monkeypatch.setattr(cluster_requests, "MAX_IN_BYTES", 50 * cost)
+        assert a.cluster.requests.bytes_from == {"b": 20 * cost}  # in b's share too
+        monkeypatch.setattr(cluster_requests, bound, 50 * cost)
         for _ in range(40):
             await intruder.execute("SPUBLISH", "pulsyflux:n:a", b"r b " + rid + b" ok 1\n")
         await eventually(lambda: not a.cluster.requests.out)  # failed at the bound
@@ -448,7 +451,7 @@ async def test_empty_pieces_of_an_answer_kept_for_a_slow_reader_count_against_th
         with pytest.raises(ServerOverloaded, match="too many bytes of answers waiting for slow consumers"):
             await waiting
         await eventually(lambda: not relay.kept)
-        assert a.cluster.requests.in_bytes == 0
+        assert a.cluster.requests.in_bytes == 0 and not a.cluster.requests.bytes_from
     finally:
         stuck.callback(b"late")
         intruder.transport.loseConnection()

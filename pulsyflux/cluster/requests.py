@@ -312,7 +312,9 @@ class ClusterRequests:
         self.serving: dict[tuple[str, bytes], _Serving] = {}  # handed to the router here, (origin, rid)
         self.held_from: dict[str, int] = {}  # requests each other server has here (arriving or in the router)
         self.held = 0  # their sum: other servers' requests arriving, or in the router (given up on or not)
-        self.bytes_from: dict[str, int] = {}  # bytes of each other server's requests being reassembled
+        # Bytes each other server makes this one hold: its requests being reassembled, and its answers kept
+        # for slow consumers here (PIECE_COST a piece included); bounded by MAX_IN_BYTES_FROM_ONE.
+        self.bytes_from: dict[str, int] = {}
         self.incomplete_timeout = INCOMPLETE_TIMEOUT
         self.in_bytes = 0
         self.forwarded = 0  # requests sent to other servers
@@ -544,10 +546,10 @@ class ClusterRequests:
             return
         if relay.paused or relay.kept:  # a consumer it answers reads slowly: in order, later
             size = len(chunk) + PIECE_COST
-            if self.in_bytes + size > MAX_IN_BYTES:
+            if self.in_bytes + size > MAX_IN_BYTES or self.bytes_from.get(origin, 0) + size > MAX_IN_BYTES_FROM_ONE:
                 self._fail(rid, errors.overloaded("too many bytes of answers waiting for slow consumers"))
                 return
-            self.in_bytes += size
+            self._hold(origin, size)
             relay.kept.append((entry, status, more, chunk))
             return
         self._answer(entry, status, more, chunk)
@@ -561,7 +563,7 @@ class ClusterRequests:
         kept = relay.kept
         while kept and not relay.paused and relay.live:
             entry, status, more, chunk = kept.popleft()
-            self.in_bytes -= len(chunk) + PIECE_COST
+            self._let_go(relay.node, len(chunk) + PIECE_COST)
             if self.out.get(entry.rid) is entry:  # not given up on meanwhile
                 self._answer(entry, status, more, chunk)
                 self.settle()  # written now: a slow consumer pauses the relay again before the next
@@ -570,8 +572,21 @@ class ClusterRequests:
 
     def _drop_kept(self, relay: _Relay) -> None:
         for _, _, _, chunk in relay.kept:
-            self.in_bytes -= len(chunk) + PIECE_COST
+            self._let_go(relay.node, len(chunk) + PIECE_COST)
         relay.kept.clear()
+
+    def _hold(self, origin: str, cost: int) -> None:
+        """``origin`` makes this server hold ``cost`` more bytes (a piece of a request or of an answer)."""
+        self.in_bytes += cost
+        self.bytes_from[origin] = self.bytes_from.get(origin, 0) + cost
+
+    def _let_go(self, origin: str, cost: int) -> None:
+        self.in_bytes -= cost
+        left = self.bytes_from.get(origin, 0) - cost
+        if left > 0:
+            self.bytes_from[origin] = left
+        else:
+            self.bytes_from.pop(origin, None)
 
     def _answer(self, entry: _Out, status: bytes, more: bool, chunk: bytes) -> None:
         """Hand a piece of an answer to the router: a response frame for each, or the error."""
@@ -646,8 +661,8 @@ class ClusterRequests:
         held.size += len(chunk)
         cost = len(chunk) + PIECE_COST
         held.cost += cost
-        self.in_bytes += cost
-        from_one = self.bytes_from[origin] = self.bytes_from.get(origin, 0) + cost
+        self._hold(origin, cost)
+        from_one = self.bytes_from[origin]
         if held.size > self.max_body or self.in_bytes > MAX_IN_BYTES or from_one > MAX_IN_BYTES_FROM_ONE:
             self._drop_incoming(key)
             if from_one > MAX_IN_BYTES_FROM_ONE and held.size <= self.max_body:
@@ -756,12 +771,7 @@ class ClusterRequests:
         held = self.incoming.pop(key, None)
         if held is not None:
             origin = key[0]
-            self.in_bytes -= held.cost
-            left = self.bytes_from.get(origin, 0) - held.cost
-            if left > 0:
-                self.bytes_from[origin] = left
-            else:
-                self.bytes_from.pop(origin, None)
+            self._let_go(origin, held.cost)
             self._count(origin, -1)
             if held.timer is not None and held.timer.active():
                 held.timer.cancel()
