@@ -16,12 +16,27 @@ from twisted.internet.abstract import FileDescriptor
 
 __all__ = [
     "immediate_send",
+    "immediate_send_pieces",
     "unsent_bytes",
     "exit_signal",
     "tls_handshake_pending",
     "http_channel_transport",
     "server_endpoint_port",
 ]
+
+
+def _sendable(transport: object) -> Any:
+    """``transport`` if it is a plain TCP or UNIX transport whose socket may be written at once, else None.
+
+    A TLS wrapper (tls:/ssl: endpoints) forwards attribute lookups to the TCP
+    transport under it, socket included: only a FileDescriptor itself qualifies.
+    """
+    if not isinstance(transport, FileDescriptor):
+        return None
+    sock = getattr(transport, "socket", None)
+    if sock is None or getattr(transport, "TLS", True) or not hasattr(transport, "_tempDataBuffer"):
+        return None
+    return transport  # tcp.Connection / unix.Server: the attributes read below are theirs, not FileDescriptor's
 
 
 def immediate_send(transport: object) -> Optional[Callable[[bytes], None]]:
@@ -36,16 +51,11 @@ def immediate_send(transport: object) -> Optional[Callable[[bytes], None]]:
     producers and error reporting. The attributes are read on every write
     (a hot path), so they are read inline here, not through more calls.
     """
-    # A TLS wrapper (tls:/ssl: endpoints) forwards attribute lookups to the TCP
-    # transport under it, socket included: only a FileDescriptor itself qualifies.
-    if not isinstance(transport, FileDescriptor):
+    fd = _sendable(transport)
+    if fd is None:
         return None
-    sock = getattr(transport, "socket", None)
-    if sock is None or getattr(transport, "TLS", True) or not hasattr(transport, "_tempDataBuffer"):
-        return None
-    fd: Any = transport  # tcp.Connection / unix.Server: the attributes below are theirs, not FileDescriptor's
     buffered_write = fd.write
-    send = sock.send
+    send = fd.socket.send
 
     def write(data: bytes) -> None:
         if fd.dataBuffer or fd._tempDataBuffer or fd.disconnecting or fd._aborting or not fd.connected:
@@ -59,6 +69,40 @@ def immediate_send(transport: object) -> Optional[Callable[[bytes], None]]:
             buffered_write(data[sent:] if sent else data)
 
     return write
+
+
+def immediate_send_pieces(transport: object) -> Optional[Callable[[list[bytes]], None]]:
+    """As :func:`immediate_send`, for bytes given as a few pieces: one ``sendmsg`` (a gather write) hands
+    them to the kernel without joining them first; what it did not take goes to ``transport.write``.
+
+    Joining a large piece costs PyPy five times what it costs CPython (a
+    16 KB forward: 2 us against 0.4, its allocation more than its copy).
+    None where :func:`immediate_send` gives None, or the socket has no ``sendmsg``.
+    """
+    fd = _sendable(transport)
+    if fd is None or not hasattr(fd.socket, "sendmsg"):
+        return None
+    buffered_write = fd.write
+    sendmsg = fd.socket.sendmsg
+
+    def write_pieces(pieces: list[bytes]) -> None:
+        if fd.dataBuffer or fd._tempDataBuffer or fd.disconnecting or fd._aborting or not fd.connected:
+            buffered_write(b"".join(pieces))
+            return
+        size = sum(map(len, pieces))
+        try:
+            sent = sendmsg(pieces)
+        except OSError:
+            sent = 0  # as write: Twisted finds out
+        if sent < size:
+            for piece in pieces:  # what is left, piece by piece (Twisted keeps them in order, none joined)
+                if sent >= len(piece):
+                    sent -= len(piece)
+                    continue
+                buffered_write(piece[sent:] if sent else piece)
+                sent = 0
+
+    return write_pieces
 
 
 def unsent_bytes(transport: Any) -> int:

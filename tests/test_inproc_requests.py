@@ -207,6 +207,30 @@ def test_an_unregistered_end_or_one_without_requests_takes_the_frames_path():
     assert not end.route_request(b"i" * 16, 0, consumer._client, consumer._channel, (b"p",), 1)
 
 
+def test_a_flush_gathers_a_few_pieces_one_of_them_large_and_joins_the_rest():
+    router = Router(task.Clock())
+    joined: list[bytes] = []
+    gathered: list[list[bytes]] = []
+    peer = router.connect(joined.append, None)  # type: ignore[arg-type]  # no transport needed here
+    cases = [
+        [b"a" * 100, b"b" * 2048, b"c"],  # gathered
+        [b"a" * 100, b"b" * 2047],  # all small: joined
+        [b"p"] * 9 + [b"q" * 4096],  # too many pieces: joined
+        [b"one" * 1000],  # one piece: as it is
+    ]
+    for direct in (False, True):
+        peer.write_pieces = (lambda pieces: gathered.append(list(pieces))) if direct else None
+        for pieces in cases:
+            router.reading = peer
+            for piece in pieces:
+                router.send(peer, piece)
+            router.reading = None
+            router.flush()
+    assert gathered == [cases[0]]
+    assert joined == [b"".join(case) for case in cases] + [b"".join(case) for case in cases[1:]]
+    assert peer.frames_out == 2 * sum(map(len, cases))
+
+
 def test_an_error_while_routing_ends_that_link_not_the_caller(monkeypatch):
     clock, router, provider, consumer = setup(True)
 
@@ -261,6 +285,15 @@ async def test_a_provider_over_tcp_answers_an_in_process_consumer():
         assert consumer._route_request is not None
         assert await consumer.send(b"hello", timeout=5) == b"HELLO"
         assert await consumer.send(b"x" * 70000, timeout=5) == b"X" * 70000
+        # A body of some kilobytes leaves with its frames' headers in one gather write (Peer.write_pieces).
+        gathered: list[int] = []
+        (peer,) = [p for p in factory.router.peers if p.key and p.key[0] == codec.ROLE_PROVIDER]
+        write_pieces = peer.write_pieces
+        assert write_pieces is not None
+        peer.write_pieces = lambda pieces: gathered.append(len(pieces)) or write_pieces(pieces)
+        body = bytes(range(256)) * 80
+        assert await consumer.send_parts([body[:7], body[7:]], timeout=5) == body.upper()
+        assert gathered == [5]  # START, the CHUNK's header, the two parts, END
     finally:
         await consumer.close()
         await provider.close()

@@ -25,6 +25,7 @@ from pulsyflux._twisted_compat import (
     exit_signal,
     http_channel_transport,
     immediate_send,
+    immediate_send_pieces,
     server_endpoint_port,
     tls_handshake_pending,
     unsent_bytes,
@@ -42,6 +43,7 @@ async def test_a_tcp_transport_still_has_the_buffers_and_flags_the_immediate_sen
         assert transport.dataBuffer == b"" and transport._tempDataBuffer == []
         assert transport._aborting is False and transport.connected and not transport.disconnecting
         assert immediate_send(transport) is not None, "the immediate send no longer applies to plain TCP"
+        assert immediate_send_pieces(transport) is not None, "nor the gather write"
         assert unsent_bytes(transport) == 0
         transport.write(b"x" * 10)
         assert transport._tempDataBuffer == [b"x" * 10]  # Twisted's write buffers here first

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._reactor import default_reactor
+from .._twisted_compat import immediate_send_pieces
 from .._types import IStreamTransport
 from ..wire import codec, errors
 from ..wire.codec import ERROR, FrameDecoder
@@ -120,6 +121,16 @@ class ServerProtocol(Protocol):
         except Refused:
             self.stop_reading()  # refused (max_connections): its ERROR is sent, it is never routed
             return
+        raw_write_pieces = immediate_send_pieces(transport)
+        if raw_write_pieces is not None:
+
+            def write_pieces(pieces: list[bytes]) -> None:
+                size = sum(map(len, pieces))
+                stats.bytes_out += size
+                peer.bytes_out += size
+                raw_write_pieces(pieces)
+
+            peer.write_pieces = write_pieces
         transport.registerProducer(peer.flow, True)
 
     def handshakeCompleted(self) -> None:
