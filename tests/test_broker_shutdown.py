@@ -88,8 +88,10 @@ async def test_stopping_a_broker_service_delivers_what_it_accepted_over_tcp():
     outcomes: dict[int, object] = {}
     for n in range(300):
         publisher.publish("orders", str(n).encode()).addBoth(lambda result, n=n: outcomes.__setitem__(n, result))
-    await eventually(lambda: service.stats()["backlog_bytes"] > 0 and len(outcomes) >= 10, timeout=60)
-    stopping = parent.stopService()  # publishes are still in flight, the backlog not forwarded
+    await eventually(lambda: service.stats()["backlog_bytes"] > 0 and len(outcomes) == 300, timeout=60)
+    stopping = parent.stopService()  # the backlog is not forwarded yet
+    for n in range(300, 320):  # sent while the server drains: new work, refused
+        publisher.publish("orders", str(n).encode()).addBoth(lambda result, n=n: outcomes.__setitem__(n, result))
     received = []
     while True:
         try:
@@ -97,13 +99,14 @@ async def test_stopping_a_broker_service_delivers_what_it_accepted_over_tcp():
         except SubscriptionClosed:
             break
     await stopping
-    await eventually(lambda: len(outcomes) == 300, timeout=60)
+    await eventually(lambda: len(outcomes) == 320, timeout=60)
     accepted = sorted(n for n, result in outcomes.items() if not isinstance(result, Exception) and result is None)
     refused = {n: result for n, result in outcomes.items() if n not in accepted}
-    assert accepted and received == accepted  # each accepted one delivered, in order
+    assert accepted == list(range(300)) and received == accepted  # each accepted one delivered, in order
+    assert sorted(refused) == list(range(300, 320))
     for result in refused.values():  # refused: they arrived after the server stopped accepting
         error = getattr(result, "value", result)
-        assert isinstance(error, PulsyfluxError) and "shutting down" in str(error), repr(error)
+        assert isinstance(error, ServerOverloaded) and "shutting down" in str(error), repr(error)
     assert service.shutdown_stats == {"finished": True, "requests_failed": 0, "messages_lost": 0}
     await publisher.close(timeout=0)
     await subscriber.close(timeout=0)
