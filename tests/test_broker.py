@@ -466,12 +466,10 @@ def test_each_waiting_publish_keeps_its_own_timeout():
     class FakeConsumer:
         def __init__(self):
             self.reactor = Clock()
-            self.sent = []  # (timeout, deferred)
+            self.sent = []  # (timeout, answer)
 
-        def send(self, body, timeout):
-            d = defer.Deferred()
-            self.sent.append((timeout, d))
-            return d
+        def send_for(self, body, timeout, answer):
+            self.sent.append((timeout, answer))
 
     consumer = FakeConsumer()
     publisher = Publisher(consumer, window=1, batch=1)

@@ -16,7 +16,7 @@ from ..wire.deadlines import Deadlines
 from ..wire.errors import ConnectionLostError, ProtocolError, RequestTimeout, error_from_message
 from .connection import ChannelId, Client, Reconnect
 
-__all__ = ["Consumer"]
+__all__ = ["Consumer", "Answer"]
 
 
 _write_request = codec.write_request
@@ -61,6 +61,29 @@ class _Pending(Deferred):  # type: ignore[type-arg]  # fires with bytes (a respo
         self.body: Union[bytes, list[bytes], None] = None
 
 
+class Answer:
+    """What the package's own callers hand :meth:`Consumer.send_for` instead of holding a Deferred.
+
+    The consumer calls :meth:`callback` with the response body or
+    :meth:`errback` with the exception, once, as it would fire a request's
+    Deferred. A publisher one message at a time otherwise pays a Deferred,
+    its callbacks and their firing per message for a result it hands straight
+    on. Neither method may raise (the consumer is reading the line when it calls).
+    """
+
+    __slots__ = ("request_id", "body")
+
+    def __init__(self) -> None:
+        self.request_id = b""
+        self.body: Union[bytes, list[bytes], None] = None  # the response so far, as _Pending.body
+
+    def callback(self, result: bytes) -> None:
+        raise NotImplementedError
+
+    def errback(self, error: BaseException) -> None:
+        raise NotImplementedError
+
+
 class Consumer(Client):
     """Sends requests on one channel; any number may be in flight.
 
@@ -72,7 +95,7 @@ class Consumer(Client):
 
     def __init__(self, channel_id: ChannelId, reactor: Optional[IReactorTime] = None) -> None:
         super().__init__(channel_id, reactor)
-        self._pending: dict[bytes, _Pending] = {}
+        self._pending: dict[bytes, Union[_Pending, Answer]] = {}
         self._deadlines = Deadlines(self.reactor, self._pending, self._expire)
         self._cancel = self._cancelled  # one bound method for every request's Deferred
         self._next_id = _id_source()
@@ -124,9 +147,25 @@ class Consumer(Client):
         """
         return self._send(None, parts, timeout)
 
-    def _send(self, payload: Optional[bytes], parts: Optional[Sequence[bytes]], timeout: float) -> "Deferred[bytes]":
+    def send_for(self, payload: bytes, timeout: float, answer: Answer) -> None:
+        """:meth:`send`, whose outcome goes to ``answer`` instead of a Deferred (for the package's publishers).
+
+        A consumer that is closed or not connected calls ``answer.errback`` at once.
+        """
+        self._send(payload, None, timeout, answer)
+
+    def _send(
+        self,
+        payload: Optional[bytes],
+        parts: Optional[Sequence[bytes]],
+        timeout: float,
+        answer: Optional[Answer] = None,
+    ) -> "Deferred[bytes]":
         protocol = self._protocol
         if self._closed is not None or protocol is None:
+            if answer is not None:
+                answer.errback(self._closed or ConnectionLostError("not connected"))
+                return None  # type: ignore[return-value]  # send_for returns nothing
             return fail(self._closed or ConnectionLostError("not connected"))
         if parts is None and not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
@@ -139,7 +178,13 @@ class Consumer(Client):
         if timeout_ms > _MAX_TIMEOUT_MS:
             raise ValueError(f"timeout must be at most {_MAX_TIMEOUT_MS // 1000:,} seconds")
         request_id = self._next_id()
-        self._pending[request_id] = pending = _Pending(self._cancel, request_id)
+        pending: Union[_Pending, Answer]
+        if answer is None:
+            pending = _Pending(self._cancel, request_id)
+        else:
+            pending = answer
+            answer.request_id = request_id
+        self._pending[request_id] = pending
         route = self._route_request  # an in-process link: the server routes it as values, no frames
         if parts is not None:
             size = sum(map(len, parts))
@@ -159,7 +204,7 @@ class Consumer(Client):
             _write_request(self._write, request_id, timeout_ms, self._client, self._channel, payload)
         if timeout:
             self._deadlines.add(request_id, pending, timeout)
-        return pending
+        return pending  # type: ignore[return-value]  # a _Pending unless send_for gave an Answer (and ignores this)
 
     def ping(self, timeout: float = 5.0) -> "Deferred[float]":
         """One round trip to the server itself, no provider involved; fires with the seconds it took.
@@ -189,10 +234,10 @@ class Consumer(Client):
         """A caller cancelled a request's Deferred: a late answer is ignored."""
         self._drop(pending.request_id)  # type: ignore[attr-defined]  # only ever given a _Pending
 
-    def _drop(self, request_id: bytes) -> Optional[_Pending]:
+    def _drop(self, request_id: bytes) -> Union[_Pending, Answer, None]:
         return self._pending.pop(request_id, None)  # its deadline, if any, is skipped when due
 
-    def _expire(self, request_id: bytes, pending: _Pending) -> None:
+    def _expire(self, request_id: bytes, pending: Union[_Pending, Answer]) -> None:
         del self._pending[request_id]
         pending.errback(RequestTimeout(errors.MSG_TIMED_OUT))
 
@@ -211,7 +256,7 @@ class Consumer(Client):
             pending = self._pending.pop(request_id, None)
             if pending is not None:
                 body = pending.body
-                pending.callback(b"" if body is None else b"".join(body) if type(body) is list else body)
+                pending.callback(b"" if body is None else b"".join(body) if type(body) is list else body)  # type: ignore[arg-type]  # bytes: type() is not narrowed
         elif ftype == RESPONSE_START:
             pass  # routing only; the body follows
         elif ftype == ERROR:
