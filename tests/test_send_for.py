@@ -1,0 +1,96 @@
+"""Consumer.send_for: a request whose outcome goes to an Answer instead of a Deferred (the publisher's)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest_twisted
+from twisted.logger import globalLogPublisher
+
+from pulsyflux import Broker, BrokerClient, ConnectionLostError, Consumer, Provider, RequestTimeout
+from pulsyflux.client.consumer import Answer
+
+from .helpers import clocked, later
+
+
+class Kept(Answer):
+    __slots__ = ("outcomes",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outcomes: list[Any] = []
+
+    def callback(self, result: bytes) -> None:
+        self.outcomes.append(result)
+
+    def errback(self, error: BaseException) -> None:
+        self.outcomes.append(error)
+
+
+@clocked
+async def test_an_answer_gets_the_response_or_the_timeout_once(memory, channel):
+    provider = await memory.connect(Provider, channel, handler=lambda data: later(30.0, data.upper(), memory.clock))
+    consumer = await memory.connect(Consumer, channel)
+    quick, slow = Kept(), Kept()
+    consumer.send_for(b"hi", 60.0, quick)
+    consumer.send_for(b"late", 2.5, slow)
+    assert consumer.pending == 2
+    await later(31.0, None, memory.clock)
+    assert quick.outcomes == [b"HI"]
+    [error] = slow.outcomes
+    assert isinstance(error, RequestTimeout)
+    assert consumer.pending == 0
+    await consumer.close()
+    closed = Kept()
+    consumer.send_for(b"x", 1.0, closed)  # at once, no exception raised here
+    [error] = closed.outcomes
+    assert isinstance(error, ConnectionLostError)
+    await provider.close()
+
+
+@clocked
+async def test_an_answer_cut_by_the_close_fails_once(memory, channel):
+    provider = await memory.connect(Provider, channel, handler=lambda data: later(30.0, data, memory.clock))
+    consumer = await memory.connect(Consumer, channel)
+    kept = Kept()
+    consumer.send_for(b"hi", 60.0, kept)
+    await consumer.close()
+    [error] = kept.outcomes
+    assert isinstance(error, ConnectionLostError)
+    await provider.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_publish_answer_that_fails_is_logged_and_the_line_keeps_working(server):
+    """Over TCP: an error while the publisher handles the broker's answer is logged; it never reaches
+    the consumer reading the line (a Deferred kept such errors; the answer is called from the read)."""
+    broker = await Broker.connect(server.address, uuid.uuid4())
+    client = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
+    sub = await client.subscribe("t")
+    publisher = client._publisher
+    answered = publisher._answered
+    calls = []
+
+    def broken(result: bytes, waiters: list) -> None:
+        calls.append(result)
+        if len(calls) == 1:
+            publisher.requests -= 1  # what the real one does first
+            raise RuntimeError("boom")
+        answered(result, waiters)
+
+    publisher._answered = broken
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client.publish("t", b"one")
+        assert (await sub.get()).payload == b"one"
+        assert await client.publish("t", b"two") is None  # the line still works: the next answer arrives
+        assert (await sub.get()).payload == b"two"
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert len(calls) == 2
+    [failure] = [e["log_failure"] for e in events if "log_failure" in e]
+    assert failure.check(RuntimeError)
+    await client.close()
+    await broker.close()
