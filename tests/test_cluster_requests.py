@@ -743,8 +743,51 @@ async def test_a_forged_server_with_millions_of_members_is_read_no_further_than_
         await _announce(intruder, "!", "mallory")
         await eventually(lambda: nodes and not a.cluster.registry._reading)
         assert sum(nodes) < 1000  # a page, cut at 4 x MAX_NODES: not 20,000 names a read
+        # The real servers whose names that read did not reach are still known (their leases were read).
+        assert {"b", "ghost"} <= set(a.cluster.registry.remote)
     finally:
         await intruder.execute("DEL", "pulsyflux:nodes", "pulsyflux:node:ghost", "pulsyflux:chans:ghost")
+        intruder.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_real_server_stays_known_when_junk_names_cut_the_node_set_read(pair, monkeypatch):
+    """Worst input: 20,000 junk names in the node set. Read no further than 4 x MAX_NODES names, in the
+    hash's order, the set rarely shows a real server's name; a known server not read is not forgotten
+    (its relays torn down and set up again at every read) but its lease key is read: it goes only when
+    that expires."""
+    from pulsyflux.cluster import registry
+
+    monkeypatch.setattr(registry, "MAX_NODES", 10)  # 40 names read at most
+    a, b = pair
+    channel = uuid.uuid4()
+    provider = await Provider.connect(_address(b), channel, handler=lambda body: b"b: " + body)
+    consumer = await Consumer.connect(_address(a), channel)
+    forgotten: list[str] = []
+    forget = a.cluster.registry._forget
+    monkeypatch.setattr(a.cluster.registry, "_forget", lambda node: forgotten.append(node) or forget(node))
+    intruder = await _intruder(a)
+    try:
+        await eventually(lambda: _relays_to(a, "b", channel))
+        nodes = _spy_reads(monkeypatch, a, b"pulsyflux:nodes")
+        for start in range(0, 20_000, 5000):
+            await intruder.execute("SADD", "pulsyflux:nodes", *(b"\xff%d" % n for n in range(start, start + 5000)))
+        for _ in range(3):  # three whole reads, each cut at 40 names
+            read = len(nodes)
+            a.cluster.registry.read()
+            await eventually(lambda read=read: len(nodes) > read and not a.cluster.registry._reading)
+        assert a.cluster.registry.sets_read_in_part >= 1
+        assert forgotten == [] and _relays_to(a, "b", channel)
+        assert await consumer.send(b"hi") == b"b: hi"
+
+        # Its lease gone (as when killed), b is forgotten although its name is still not read.
+        await b.cluster.registry.stop()  # also SREMs b's name, as a gone server's is by the next reader
+        await eventually(lambda: "b" not in a.cluster.registry.remote)
+        assert forgotten.count("b") == 1
+    finally:
+        await consumer.close()
+        await provider.close()
+        await intruder.execute("DEL", "pulsyflux:nodes")
         intruder.transport.loseConnection()
 
 

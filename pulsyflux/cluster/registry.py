@@ -37,7 +37,8 @@ MAX_REMOTE_GROUPS = 10_000  # queue groups of other servers kept track of, all o
 MAX_NODES = 1000  # other servers one server reads (four Redis reads each, every lease / 3)
 # The sets are read a page at a time (SSCAN), and no further than these bounds (the node set: 4 x
 # MAX_NODES names, bad ones included): whoever can write to Redis can make a set of millions of
-# members, and this server reads no more of it than it could use.
+# members, and this server reads no more of it than it could use. A known server whose name a read
+# did not reach is not taken for gone: its lease key is read directly.
 SCAN_COUNT = 1000  # members asked per page (Redis's hint: a small set comes whole)
 LEASE_BYTES = 64  # the first bytes of a lease key read (an incarnation is 16)
 
@@ -233,8 +234,14 @@ class Registry:
                 continue
             if node != self.node:
                 others.append(node)
+        if not whole:
+            # Servers we know whose names this read did not reach (SSCAN's order is the hash's, and a
+            # writer may bury them under junk names): their lease key tells whether they are still there.
+            read = set(others)
+            others.extend(node for node in self.remote if node not in read)
         if len(others) > MAX_NODES:
-            others = sorted(others)[:MAX_NODES]
+            # Known servers first (len(self.remote) <= MAX_NODES): a new name does not push one out.
+            others = sorted(set(others), key=lambda node: (node not in self.remote, node))[:MAX_NODES]
         leases = await DeferredList(
             [self.link.execute(b"GETRANGE", self._key("node", n), 0, LEASE_BYTES - 1) for n in others],
             consumeErrors=True,
