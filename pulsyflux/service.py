@@ -405,6 +405,10 @@ class BrokerService(service.MultiService):
         self._draining = broker
         lost_before = broker.fanout.lost if broker is not None else 0
         try:
+            if broker is not None:
+                # The broker's own publishes come in on a trusted connection, which the server lets
+                # finish: refuse new ones here (an application may have kept the broker).
+                broker.stop_publishing(ConnectionLostError(SHUTTING_DOWN))
             await self.server.stop_accepting()
             if router.requests or (broker is not None and not broker.idle):
                 self.log.info(

@@ -143,6 +143,34 @@ def test_a_shutdown_ends_at_the_grace_deadline_when_a_subscriber_never_answers()
     memory.close()
 
 
+def test_a_broker_kept_from_when_ready_publishes_nothing_new_while_the_service_drains():
+    """The broker's own publishing connection is trusted (its forwards must finish), so the server would
+    take its publishes during the drain: a publish on a Broker the application kept from whenReady()
+    fails at once with 'the server is shutting down'; one sent before stopService is still accepted."""
+    memory = MemoryServer(broker=False)
+    service = BrokerService("tcp:0", reactor=memory.clock, factory=memory.factory, grace=5.0, window=1, batch=1)
+    service.startService()
+    broker = memory.run(service.whenReady())
+    subscriber, announcer = memory.run(_raw_member(memory, broker.channel, "news"))
+    memory.run(broker.publish("news", b"0"))
+    first = memory.run(subscriber.receive())  # held: "1" waits in the backlog behind it
+    queued = broker.publish("news", b"1")  # sent before the stop, not answered yet
+    stopping = service.stopService()
+    late = broker.publish("news", b"late")
+    with pytest.raises(ConnectionError, match="the server is shutting down"):
+        memory.run(late)
+    assert memory.run(queued) is None  # accepted (no history)
+    subscriber.respond(first, b"ok")
+    second = memory.run(subscriber.receive())
+    assert json.loads(second.payload)["Payload"] == base64.b64encode(b"1").decode()
+    subscriber.respond(second, b"ok")
+    memory.run(stopping)
+    assert broker.published == 2
+    assert service.shutdown_stats == {"finished": True, "requests_failed": 0, "messages_lost": 0}
+    memory.run(announcer.close())
+    memory.close()
+
+
 def test_a_broker_service_refuses_new_work_while_it_drains():
     """During the grace period: a new publish from outside gets 'server overloaded: shutting down', one
     through the service fails at once with 'the server is shutting down'; the broker's forwards go on."""

@@ -253,6 +253,17 @@ class Broker(PublishingSide):
         """End every subscription of ``topic`` (here and remote); fires when their connections are closed."""
         return self._fanout.remove_topic(topic, "unsubscribed")
 
+    def stop_publishing(self, error: Exception) -> None:
+        """Take no new publish of its own: later ones fail at once with ``error``; those already
+        waiting or in flight still go out and get their answers.
+
+        What a stopping :class:`~pulsyflux.service.BrokerService` does first:
+        an application that kept this broker from ``whenReady()`` starts no
+        new work during the drain (the server refuses everyone else's).
+        """
+        if self._publisher is not None:
+            self._publisher.stop(error)
+
     @property
     def idle(self) -> bool:
         """Nothing it accepted waits: no backlog, no forward and no publish of its own unanswered.
