@@ -160,3 +160,34 @@ async def test_close_drains_over_tcp_while_another_provider_takes_the_retries(se
     assert closing_one.closed_unanswered == 0
     await consumer.close()
     await other.close()
+
+
+@clocked
+async def test_a_line_lost_while_closing_ends_the_close_and_is_not_reconnected(memory):
+    """With reconnect=True: the line drops during the drain. The provider does not reconnect (it would
+    register again and take requests while closing); the close ends then, not at its timeout."""
+    channel = uuid.uuid4()
+    running: list[Deferred[bytes]] = []
+
+    def handler(payload: bytes) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        running.append(d)
+        return d
+
+    provider = await memory.connect(Provider, channel, handler=handler, reconnect=True)
+    consumer = await memory.connect(Consumer, channel)
+    pending = consumer.send(b"1", timeout=60)
+    await memory.until(lambda: len(running) == 1)
+    closing = provider.close(timeout=30.0)
+    await memory.drop(provider)
+    await closing
+    assert memory.now() == 0  # not the 30 s timeout
+    with pytest.raises(NoProviderError):  # the server tells the consumer its provider is gone
+        await pending
+    memory.advance(60)  # past any reconnect backoff
+    assert not provider.connected and not provider.reconnecting
+    assert memory.factory.router.pick_provider(channel.bytes) is None  # not registered again
+    with pytest.raises(NoProviderError):
+        await consumer.send(b"2")
+    running[0].callback(b"too late")  # answers nothing, raises nothing
+    await consumer.close()

@@ -400,7 +400,8 @@ class Provider(Client):
         closes. Both are counted (``refused_closing``,
         ``closed_unanswered``). ``close(timeout=0)`` closes at once (the
         consumers of unanswered requests get ``peer disappeared``); called
-        again meanwhile with ``timeout=0``, it stops waiting.
+        again meanwhile with ``timeout=0``, it stops waiting. A line lost
+        during the drain ends it, and is not reconnected (``reconnect``).
         """
         if self._draining is not None:
             d: Deferred[None] = Deferred()
@@ -417,6 +418,8 @@ class Provider(Client):
         drained: Deferred[None] = Deferred()
         self._draining = drained
         self._drain_timer = self.reactor.callLater(timeout, self._drain_over)
+        # Closing: a line that drops now is not reconnected (nor registered again), it ends the drain.
+        self._stop_reconnecting()
         self.when_lost().addCallback(lambda _: self._drain_over())  # the line dropped: nothing left to wait for
         waiter: Deferred[None] = Deferred()
         self._close_waiters.append(waiter)
