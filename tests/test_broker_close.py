@@ -75,6 +75,19 @@ async def test_close_gives_up_at_its_timeout_when_the_broker_never_answers(memor
 
 
 @clocked
+async def test_the_unsubscribes_at_close_wait_only_for_what_is_left_of_the_timeout(memory):
+    broker, client = await _pair(memory)
+    sub = await client.subscribe("orders")
+    resume = hang(broker)  # the unsubscribe is never answered
+    started = memory.now()
+    await client.close(timeout=0.5)
+    assert memory.now() - started == pytest.approx(0.5)  # not the 1 s each unsubscribe used to wait at least
+    assert sub.closed_reason == "the client closed"
+    resume()
+    await broker.close()
+
+
+@clocked
 async def test_a_huge_queue_at_close_is_still_bounded_by_the_timeout(memory):
     broker, client = await _pair(memory)
     resume = hang(broker)

@@ -417,7 +417,8 @@ class BrokerClient(PublishingSide):
             sub.mark_closed(reason)
         if self._consumer is not None and self._consumer.connected:
             body = messages.control(messages.UNSUBSCRIBE, topic=sub.topic, channel=str(sub.channel)).encode("utf-8")
-            answer = self._consumer.send(body, timeout=max(patience, 1.0))
+            # Waited for: what is left of the patience; not waited for (0): it still times out, in 1 s.
+            answer = self._consumer.send(body, timeout=patience if patience > 0 else 1.0)
             if patience > 0:
                 try:
                     await answer
