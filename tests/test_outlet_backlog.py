@@ -14,7 +14,6 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred
 
 from pulsyflux.broker.outlet import FORWARD_CHARS, Outlet
 from pulsyflux.wire.messages import BINARY_MAGIC
@@ -29,13 +28,11 @@ class Sent:
         self.channel_id = uuid.uuid4()
         self.forwards: list[list[Any]] = []
 
-    def send_parts(self, parts: list[Any], timeout: float) -> Deferred:
+    def send_parts_for(self, parts: list[Any], timeout: float, answer: Any) -> None:
         self.forwards.append(list(parts))
-        return Deferred()
 
-    def send(self, body: bytes, timeout: float) -> Deferred:
+    def send_for(self, body: bytes, timeout: float, answer: Any) -> None:
         self.forwards.append([body])
-        return Deferred()
 
 
 def outlet(limit: int, limit_bytes: int, batch: int = 256, window: int = 4) -> Outlet:

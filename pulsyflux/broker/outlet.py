@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..client import Consumer
+from ..client.consumer import Answer
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import (
@@ -49,6 +50,32 @@ def guard_channel(address: Address, channel: uuid.UUID) -> Callable[[], None]:
     """Ask the server to let only the broker send on ``channel``, when the address can (in-process)."""
     guard = getattr(address, "guard_channel", None)
     return guard(channel.bytes) if guard is not None else nothing
+
+
+class _Forward(Answer):
+    """One forward in flight: the consumer hands its answer straight to the outlet (no Deferred and
+    callbacks per forward, ~4 us of the server's CPU per forward, per subscriber)."""
+
+    __slots__ = ("outlet", "count", "texts")
+
+    def __init__(self, outlet: "Outlet", count: int, texts: Sequence[Union[str, bytes]]) -> None:
+        self.request_id = b""
+        self.body = None
+        self.outlet = outlet
+        self.count = count
+        self.texts = texts
+
+    def callback(self, result: bytes) -> None:
+        try:
+            self.outlet._answered(result, self.count)
+        except Exception:  # as a Deferred would keep it: never into the consumer reading the line
+            log.failure("forward answer failed")
+
+    def errback(self, error: BaseException) -> None:
+        try:
+            self.outlet._failed(error, self.count, self.texts)
+        except Exception:
+            log.failure("forward failure failed")
 
 
 class Outlet:
@@ -207,10 +234,9 @@ class Outlet:
             self.requests += 1
             self.in_flight += count
             if kind is bytes:
-                d = self.consumer.send_parts(texts, timeout=0)
+                self.consumer.send_parts_for(texts, 0, _Forward(self, count, texts))
             else:
-                d = self.consumer.send(messages.encode_batch(texts), timeout=0)
-            d.addCallbacks(self._answered, self._failed, callbackArgs=(count,), errbackArgs=(count, texts))
+                self.consumer.send_for(messages.encode_batch(texts), 0, _Forward(self, count, texts))
 
     def forward(self, body: bytes, texts: Sequence[Union[str, bytes]]) -> None:
         """Send ``texts`` (JSON texts or binary records, joined as ``body``) as one forward, as :meth:`flush` would with them alone
@@ -218,8 +244,7 @@ class Outlet:
         count = len(texts)
         self.requests += 1
         self.in_flight += count
-        d = self.consumer.send(body, timeout=0)
-        d.addCallbacks(self._answered, self._failed, callbackArgs=(count,), errbackArgs=(count, texts))
+        self.consumer.send_for(body, 0, _Forward(self, count, texts))
 
     def _answered(self, result: bytes, count: int) -> None:
         self.requests -= 1
@@ -230,12 +255,11 @@ class Outlet:
             self._drained.callback(None)
         self.flush()
 
-    def _failed(self, failure: Failure, count: int, texts: Sequence[Union[str, bytes]] = ()) -> None:
+    def _failed(self, error: BaseException, count: int, texts: Sequence[Union[str, bytes]] = ()) -> None:
         self.requests -= 1
         self.in_flight -= count
         if self._drained is not None and not self.requests:
             self._drained.callback(None)
-        error = failure.value
         if not self.open:
             # Ended while these were on their way (unsubscribed, closed): a
             # subscriber holds its answer while its buffer is full, so when the

@@ -62,7 +62,7 @@ class _Pending(Deferred):  # type: ignore[type-arg]  # fires with bytes (a respo
 
 
 class Answer:
-    """What the package's own callers hand :meth:`Consumer.send_for` instead of holding a Deferred.
+    """What the package's own callers hand :meth:`Consumer.send_for` (or ``send_parts_for``) instead of holding a Deferred.
 
     The consumer calls :meth:`callback` with the response body or
     :meth:`errback` with the exception, once, as it would fire a request's
@@ -153,6 +153,10 @@ class Consumer(Client):
         A consumer that is closed or not connected calls ``answer.errback`` at once.
         """
         self._send(payload, None, timeout, answer)
+
+    def send_parts_for(self, parts: Sequence[bytes], timeout: float, answer: Answer) -> None:
+        """:meth:`send_parts`, whose outcome goes to ``answer`` (the broker's forwards)."""
+        self._send(None, parts, timeout, answer)
 
     def _send(
         self,
