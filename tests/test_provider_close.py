@@ -191,3 +191,70 @@ async def test_a_line_lost_while_closing_ends_the_close_and_is_not_reconnected(m
         await consumer.send(b"2")
     running[0].callback(b"too late")  # answers nothing, raises nothing
     await consumer.close()
+
+
+class _CountedScans(dict):
+    """A provider's request table that counts the scans of all of it."""
+
+    scans = 0
+
+    def values(self):  # type: ignore[override]
+        self.scans += 1
+        return super().values()
+
+    def items(self):  # type: ignore[override]
+        self.scans += 1
+        return super().items()
+
+
+@clocked
+async def test_worst_input_a_drain_of_many_requests_scans_them_a_bounded_number_of_times(memory):
+    """Hundreds of requests held (answered during the drain, or given up on by their consumers): each
+    answer counts one down instead of scanning every request held (quadratic in the requests)."""
+    channel = uuid.uuid4()
+    provider = await memory.connect(Provider, channel)
+    consumer = await memory.connect(Consumer, channel)
+    provider._routing = table = _CountedScans()
+    answered = [consumer.send(b"%d" % n, timeout=60) for n in range(300)]
+    abandoned = [consumer.send(b"late", timeout=1.0) for _ in range(300)]
+    requests = [await provider.receive() for _ in range(600)]
+    closing = provider.close(timeout=30.0)
+    for d in abandoned:
+        with pytest.raises(RequestTimeout):
+            await d  # the server gives up on each: its entry stays, as None, until respond()
+    for request in requests[:299]:
+        provider.respond(request, request.payload)
+    assert not closing.called
+    provider.respond(requests[299], b"last")
+    await closing
+    assert memory.now() < 30.0 and provider.closed_unanswered == 0
+    assert table.scans <= 3  # at close(), at the end; not one per answer
+    assert [await d for d in answered[:2]] == [b"0", b"1"]
+    await consumer.close()
+
+
+@clocked
+async def test_close_called_by_a_handler_that_answers_by_its_return_value_still_ends_with_the_answers(memory):
+    channel = uuid.uuid4()
+    running: list[Deferred[bytes]] = []
+    closing: list[Deferred[None]] = []
+
+    def handler(payload: bytes):
+        if payload == b"close":
+            closing.append(provider.close(timeout=30.0))
+            return b"closing"  # answered by the return value, inline
+        d: Deferred[bytes] = Deferred()
+        running.append(d)
+        return d
+
+    provider = await memory.connect(Provider, channel, handler=handler)
+    consumer = await memory.connect(Consumer, channel)
+    slow = consumer.send(b"slow")
+    await memory.until(lambda: len(running) == 1)
+    assert await consumer.send(b"close") == b"closing"
+    assert not closing[0].called
+    running[0].callback(b"done")
+    assert await slow == b"done"
+    await closing[0]
+    assert memory.now() == 0
+    await consumer.close()

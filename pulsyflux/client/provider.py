@@ -128,6 +128,10 @@ class Provider(Client):
         self._queue: DeferredQueue[Request] = DeferredQueue()
         self._draining: Optional[Deferred[None]] = None  # close(timeout) waiting for answers: fires when all came
         self._drain_timer: Optional[IDelayedCall] = None
+        # While draining: the requests still to be answered (counted once at close(), then one less per
+        # answer or give-up), so that an answer costs no scan of every request held.
+        self._drain_left = 0
+        self._drain_recount = False  # one request was not counted: count them again when none seems left
         self._close_waiters: list[Deferred[None]] = []
         self.refused_closing = 0  # requests that arrived during close(timeout) and were refused (MSG_CLOSING)
         self.closed_unanswered = 0  # requests still unanswered when close(timeout) ran out (MSG_CLOSED_UNANSWERED)
@@ -278,12 +282,13 @@ class Provider(Client):
             if held is not None:
                 self._incomplete_bytes -= held.size
             if request_id in self._routing:
+                routing = self._routing[request_id]
                 self._routing[request_id] = None  # respond() becomes a no-op; it removes the entry
                 pending = self._abandonable.pop(request_id, None)
                 if pending is not None:
                     pending.cancel()  # its errback finds routing None: nothing is sent
-                if self._draining is not None:
-                    self._check_drained()
+                if self._draining is not None and routing is not None:
+                    self._one_less()
             elif held is None:
                 self._unmatched_error(request_id, payload)
                 return
@@ -409,8 +414,17 @@ class Provider(Client):
             if timeout <= 0:
                 self._drain_over()
             return d
-        if timeout <= 0 or self._closed is not None or self._protocol is None or not self._pending_answers():
+        if timeout <= 0 or self._closed is not None or self._protocol is None:
             return super().close()
+        pending = self._pending_answers()
+        if not pending:
+            return super().close()
+        self._drain_left = pending
+        self._drain_recount = self._handling is not None and self._routing.get(self._handling) is not None
+        if self._drain_recount:
+            # close() from inside a handler: its request may be answered by the return value, past
+            # _send_answer (the inline path): not counted; the requests are counted again at the end.
+            self._drain_left -= 1
         # Shadow the methods while closing (no test on the path of every request): refuse new
         # requests, and look whether the last answer has gone after each.
         self._dispatch = self._refuse_closing  # type: ignore[method-assign]
@@ -425,24 +439,29 @@ class Provider(Client):
         self._close_waiters.append(waiter)
         return waiter
 
-    def _pending_answers(self) -> bool:
-        """Requests received that still need an answer (not those the server gave up on)."""
-        return any(routing is not None for routing in self._routing.values())
+    def _pending_answers(self) -> int:
+        """Requests received that still need an answer (not those the server gave up on): a scan."""
+        return sum(routing is not None for routing in self._routing.values())
 
     def _refuse_closing(self, request_id: bytes, body: bytes) -> None:
         routing = self._routing.pop(request_id, None)
         self.refused_closing += 1
-        if routing is not None and self._closed is None:
-            self._write(codec.encode_frame(ERROR, request_id, codec.error_payload(MSG_CLOSING, routing)))
+        Provider._send_answer(self, request_id, routing, b"", MSG_CLOSING)
 
     def _send_answer_closing(
         self, raw: bytes, routing: Optional[bytes], payload: bytes, error: Union[str, BaseException, None]
     ) -> None:
         Provider._send_answer(self, raw, routing, payload, error)
-        self._check_drained()
+        if routing is not None:
+            self._one_less()
 
-    def _check_drained(self) -> None:
-        if not self._pending_answers():
+    def _one_less(self) -> None:
+        """A request counted by the drain was answered, or given up on by the server."""
+        self._drain_left -= 1
+        if self._drain_left <= 0 and self._drain_recount:
+            self._drain_recount = False
+            self._drain_left = self._pending_answers()
+        if self._drain_left <= 0:
             self._drain_over()
 
     def _drain_over(self) -> None:
@@ -453,18 +472,18 @@ class Provider(Client):
         timer, self._drain_timer = self._drain_timer, None
         if timer is not None and timer.active():
             timer.cancel()
+        del self._dispatch, self._send_answer  # the methods again
         left = [(raw, routing) for raw, routing in self._routing.items() if routing is not None]
         if left and self._closed is None:
             self.closed_unanswered += len(left)
             for raw, routing in left:
                 self._routing[raw] = None  # a late respond() sends nothing
-                self._write(codec.encode_frame(ERROR, raw, codec.error_payload(MSG_CLOSED_UNANSWERED, routing)))
+                self._send_answer(raw, routing, b"", MSG_CLOSED_UNANSWERED)
             self.log.warn(
                 "provider on channel {c} closed with {n} request(s) unanswered; their consumers were told",
                 c=str(self.channel_id),
                 n=len(left),
             )
-        del self._dispatch, self._send_answer  # the methods again
 
         def closed(_: object) -> None:
             waiters, self._close_waiters = self._close_waiters, []
