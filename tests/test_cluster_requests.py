@@ -301,6 +301,20 @@ async def _announce(intruder, sign: str, name: str, channel: bytes = b"") -> Non
     await intruder.execute("SPUBLISH", "pulsyflux:registry", sign.encode() + name.encode() + b"\n" + channel)
 
 
+async def _forge_server(intruder, name: str | bytes, *channels: bytes) -> None:
+    """A server ``name`` holding ``channels``, written in Redis in the order a server writes itself (its
+    lease key, its set, then the node set): a read between two of these writes never finds the name
+    without its lease key, which it would take for a server gone and remove from the node set for all."""
+    await intruder.execute("SET", b"pulsyflux:node:" + _bytes(name), "1", "PX", "30000")
+    if channels:
+        await intruder.execute("SADD", b"pulsyflux:chans:" + _bytes(name), *channels)
+    await intruder.execute("SADD", "pulsyflux:nodes", name)
+
+
+def _bytes(name: str | bytes) -> bytes:
+    return name.encode("utf-8") if isinstance(name, str) else name
+
+
 async def _intruder(node: BrokerService):
     """A raw Redis connection: what a faulty or hostile server could write to the cluster's keys and channels."""
     from twisted.internet import reactor
@@ -584,9 +598,7 @@ async def test_node_names_from_redis_are_checked_and_their_number_bounded(pair):
     intruder = await _intruder(a)
     try:
         for name in ("evil\x1b[2Jname", "ghost"):
-            await intruder.execute("SADD", "pulsyflux:nodes", name)
-            await intruder.execute("SET", f"pulsyflux:node:{name}", "1", "PX", "30000")
-            await intruder.execute("SADD", f"pulsyflux:chans:{name}", channel.bytes)
+            await _forge_server(intruder, name, channel.bytes)
         await intruder.execute("SADD", "pulsyflux:nodes", b"\xff\xfe")
         await _announce(intruder, "+", "ghost", channel.bytes)
         await eventually(lambda: ("ghost", channel.bytes) in a.cluster.requests.relays)
@@ -685,9 +697,7 @@ async def test_channels_held_elsewhere_past_the_bound_are_counted_not_relayed(pa
     intruder = await _intruder(a)
     channels = [uuid.uuid4().bytes for _ in range(10)]
     try:
-        await intruder.execute("SADD", "pulsyflux:nodes", "ghost")
-        await intruder.execute("SET", "pulsyflux:node:ghost", "1", "PX", "30000")
-        await intruder.execute("SADD", "pulsyflux:chans:ghost", *channels)
+        await _forge_server(intruder, "ghost", *channels)
         await _announce(intruder, "+", "ghost", channels[0])
         await eventually(lambda: a.cluster.registry.not_relayed == 7)
         assert len([key for key in a.cluster.requests.relays if key[0] == "ghost"]) == 3
@@ -984,9 +994,7 @@ async def test_a_forged_server_in_redis_gets_no_share_of_the_brokers_or_a_subscr
         router = b.cluster.requests.router
         (private,) = router.guarded
         broker_channel = b.broker_channel.bytes
-        await intruder.execute("SADD", "pulsyflux:nodes", "ghost")
-        await intruder.execute("SET", "pulsyflux:node:ghost", "1", "PX", "30000")
-        await intruder.execute("SADD", "pulsyflux:chans:ghost", private, broker_channel)
+        await _forge_server(intruder, "ghost", private, broker_channel)
         await _announce(intruder, "+", "ghost", private)
         await eventually(lambda: _relays_to(b, "ghost", uuid.UUID(bytes=private)))
         await eventually(lambda: _relays_to(b, "ghost", uuid.UUID(bytes=broker_channel)))
