@@ -94,3 +94,29 @@ async def test_a_publish_answer_that_fails_is_logged_and_the_line_keeps_working(
     assert failure.check(RuntimeError)
     await client.close()
     await broker.close()
+
+
+def test_an_answered_publish_request_lets_go_of_its_waiters():
+    """A timed request stays in the consumer's deadline heap until a compaction: once answered, its
+    Answer must not keep the publishes' fired Deferreds alive (a flood paid ~10% more CPU for them)."""
+    from twisted.internet.task import Clock
+
+    from pulsyflux.broker.publisher import Publisher
+
+    class FakeConsumer:
+        def __init__(self) -> None:
+            self.reactor = Clock()
+            self.answers: list[Any] = []
+
+        def send_for(self, body: bytes, timeout: float, answer: Any) -> None:
+            self.answers.append(answer)
+
+    consumer = FakeConsumer()
+    publisher = Publisher(consumer, window=1)
+    first = publisher.publish("t", b"a", None, timeout=5.0)
+    second = publisher.publish("t", b"b", None, timeout=5.0)
+    consumer.answers[0].callback(b"ok")
+    consumer.answers[1].errback(ConnectionLostError("gone"))
+    assert first.called and second.called
+    second.addErrback(lambda failure: None)
+    assert [answer.waiters for answer in consumer.answers] == [[], []]

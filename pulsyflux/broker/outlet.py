@@ -66,14 +66,16 @@ class _Forward(Answer):
         self.texts = texts
 
     def callback(self, result: bytes) -> None:
+        self.texts = ()  # let go of the messages (as a fired Deferred lets go of its callbacks' arguments)
         try:
             self.outlet._answered(result, self.count)
         except Exception:  # as a Deferred would keep it: never into the consumer reading the line
             log.failure("forward answer failed")
 
     def errback(self, error: BaseException) -> None:
+        texts, self.texts = self.texts, ()
         try:
-            self.outlet._failed(error, self.count, self.texts)
+            self.outlet._failed(error, self.count, texts)
         except Exception:
             log.failure("forward failure failed")
 

@@ -104,15 +104,21 @@ class _Request(Answer):
         self.publisher = publisher
         self.waiters = waiters
 
+    # Each lets go of its waiters first: a timed request stays in the consumer's deadline heap until
+    # the next compaction, and must not keep hundreds of fired Deferreds alive there (more for the
+    # collector to walk: a flood 1 -> 1 took ~10% more CPU per delivery).
+
     def callback(self, result: bytes) -> None:
+        waiters, self.waiters = self.waiters, []
         try:
-            self.publisher._answered(result, self.waiters)
+            self.publisher._answered(result, waiters)
         except Exception:  # as a Deferred would keep it: never into the consumer reading the line
             log.failure("publish answer failed")
 
     def errback(self, error: BaseException) -> None:
+        waiters, self.waiters = self.waiters, []
         try:
-            self.publisher._failed(error, self.waiters)
+            self.publisher._failed(error, waiters)
         except Exception:
             log.failure("publish failure failed")
 
