@@ -53,10 +53,19 @@ def process(*args: str, stdin: bytes = b"", env: dict | None = None, timeout: fl
 _spawned: list[subprocess.Popen] = []
 
 
+# Execs the command with SIGINT at its default, as a terminal's foreground job has it: a process
+# started with SIGINT ignored (pytest run as a background job, `cmd &`) passes that on, and Python then
+# installs no KeyboardInterrupt handler, so the Ctrl-C tests would wait out their timeout.
+_FOREGROUND = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def spawn(*args: str) -> subprocess.Popen:
-    """Start a long-running command; the ``_no_leftovers`` fixture kills it if a test fails."""
+    """Start a long-running command (as a foreground job: Ctrl-C reaches it); the ``_no_leftovers``
+    fixture kills it if a test fails."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "pulsyflux", *args],
+        [sys.executable, "-c", _FOREGROUND, sys.executable, "-m", "pulsyflux", *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
