@@ -81,6 +81,11 @@ class ImmediateWriter:
         """Writes are held and some wait: whatever left another way now would overtake them."""
         return bool(self._held)
 
+    @property
+    def holding(self) -> bool:
+        """Between :meth:`hold` and :meth:`release`: its client is handling a read."""
+        return self._held is not None
+
     def hold(self) -> None:
         if self._held is None:
             self._held = []

@@ -27,6 +27,7 @@ from .._types import IStreamTransport
 from ..endpoints import Address, client_endpoint
 from ..wire import codec, errors
 from ..wire.codec import ERROR, FrameDecoder
+from ..wire.codec import HEADER_SIZE as _HEADER_SIZE
 from ..wire.errors import (
     PREFIX_PERMISSION_DENIED,
     ConnectionLostError,
@@ -36,6 +37,8 @@ from ..wire.errors import (
 )
 from ..wire.printable import printable
 from ..writer import ImmediateWriter
+
+_unpack_header_from = codec.HEADER.unpack_from
 
 __all__ = ["ChannelId", "Reconnect", "DEFAULT_BACKOFF", "NOT_PULSYFLUX", "worth_logging", "channel_bytes", "Client"]
 
@@ -158,6 +161,39 @@ class _ClientProtocol(Protocol):
             self.transport.loseConnection()
         finally:
             writer.release()
+
+    def frames(self, frames: list[bytes]) -> bool:
+        """Whole frames from the server end of an in-process link, each as it is (:mod:`pulsyflux.server.inproc`).
+
+        Handled as :meth:`dataReceived` would handle them joined, without
+        joining and decoding them again. False when they must come as bytes
+        instead: while this protocol handles a read (never re-entered) or
+        holds part of a frame. An item that is not one whole frame goes, with
+        the rest, through the decoder.
+        """
+        writer = self.writer
+        if writer.holding or self.decoder.buffered:
+            return False
+        owner = self.owner
+        rest = None
+        writer.hold()  # as dataReceived: what these frames cause to be sent leaves in one send
+        try:
+            for index, frame in enumerate(frames):
+                if len(frame) < _HEADER_SIZE:
+                    rest = frames[index:]
+                    break
+                version, ftype, flags, request_id, length = _unpack_header_from(frame)
+                if version != codec.VERSION or length != len(frame) - _HEADER_SIZE:
+                    rest = frames[index:]
+                    break
+                (owner._frame_received if owner._registration is None else owner._await_registration)(
+                    ftype, flags, request_id, frame[_HEADER_SIZE:]
+                )
+        finally:
+            writer.release()
+        if rest:
+            self.dataReceived(b"".join(rest))
+        return True
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.owner._connection_lost(reason)

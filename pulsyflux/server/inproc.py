@@ -23,7 +23,10 @@ may go to the server end as values (:meth:`InProcessTransport.route_request`,
 routed there and then as its frames would be) when nothing written before it
 waits and the server reads; the broker's forwards take it, so a forward's
 frames are written once, for the subscriber's socket, not framed here,
-decoded by the server and framed again. Server protocols built here are *trusted*
+decoded by the server and framed again; and the mirror for the answers
+(:meth:`InProcessTransport.deliver_frames`): the frames the router flushes to
+the client end go to its protocol as they are, not joined and decoded again,
+when no bytes written before them wait. Server protocols built here are *trusted*
 (``ServerProtocol.trusted``): the server's own broker, exempt from limits
 meant for strangers and allowed on the channels the router reserves.
 
@@ -159,7 +162,8 @@ class InProcessTransport:
         self.producer: Optional[IPushProducer] = None
         self.streamingProducer = False
         self.producerPaused = False
-        self._buffer: list[bytes] = []  # written here, not yet delivered to the peer
+        self._buffer: list[bytes] = []  # written here (frames queued as values first), not yet delivered
+        self._values = 0  # how many of the buffer's first items are frames queued as values
         self._buffered = 0
         self._due = False  # queued on the reactor's pump to deliver the buffer
         self._pump = _pump(reactor)
@@ -216,6 +220,35 @@ class InProcessTransport:
             )
             self._end(Failure(ConnectionLost("the peer failed while reading")), failure)
             return True
+
+    def deliver_frames(self, frames: list[bytes], size: int) -> bool:
+        """Queue whole frames (``size`` bytes in all) for the peer as they are, when order allows: True if taken.
+
+        The mirror of :meth:`route_request` for the server end: the router's
+        flush hands a client end's frames (the broker's forwards' answers)
+        this way, so the pump gives them to the client protocol one by one
+        (``_ClientProtocol.frames``) instead of joining them into bytes it
+        decodes again. Counted against the high-water mark as bytes are, and
+        delivered in order: only while nothing but such frames waits here;
+        otherwise False, and the caller writes bytes.
+        """
+        buffer = self._buffer
+        if len(buffer) != self._values or self.disconnected or self.disconnecting:
+            return False  # bytes wait here: these follow them as bytes
+        if not buffer:
+            peer = self.peer
+            if peer is None or getattr(peer.protocol, "frames", None) is None:
+                return False
+        buffer += frames
+        self._values += len(frames)
+        self._buffered += size
+        if self._buffered > self.bufferSize:
+            producer = self.producer
+            if producer is not None and self.streamingProducer:
+                self.producerPaused = True
+                producer.pauseProducing()
+        self._schedule_delivery()
+        return True
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
@@ -287,7 +320,7 @@ class InProcessTransport:
                 self._pump.add(self)
 
     def _deliver(self) -> None:
-        """Hand the peer everything buffered, in one ``dataReceived``."""
+        """Hand the peer everything buffered: the frames queued as values one by one, the bytes in one ``dataReceived``."""
         self._due = False
         peer = self.peer
         if self.disconnected or peer is None or peer._reading_paused or not self._buffer:
@@ -297,9 +330,15 @@ class InProcessTransport:
             return  # not connected yet, or gone (disconnected says so first)
         buffer, self._buffer = self._buffer, []
         self._buffered = 0
-        data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        values, self._values = self._values, 0
         try:
-            protocol.dataReceived(data)
+            if values:
+                frames = buffer[:values] if values < len(buffer) else buffer
+                if not protocol.frames(frames):  # type: ignore[attr-defined]  # deliver_frames checked it has it
+                    protocol.dataReceived(b"".join(frames))
+                buffer = buffer[values:] if values < len(buffer) else []
+            if buffer and not self.disconnected:
+                protocol.dataReceived(buffer[0] if len(buffer) == 1 else b"".join(buffer))
         except Exception:
             # As a TCP transport does: the reader's connection ends with the error.
             failure = Failure()
@@ -339,6 +378,7 @@ class InProcessTransport:
             end.connected = False
             end._buffer = []
             end._buffered = 0
+            end._values = 0
             closing = end._closing
             if closing is not None and closing.active():
                 closing.cancel()

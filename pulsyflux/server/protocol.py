@@ -131,6 +131,8 @@ class ServerProtocol(Protocol):
                 raw_write_pieces(pieces)
 
             peer.write_pieces = write_pieces
+        # An in-process link's server end takes whole frames as they are (pulsyflux.server.inproc).
+        peer.deliver = getattr(transport, "deliver_frames", None)
         transport.registerProducer(peer.flow, True)
 
     def handshakeCompleted(self) -> None:

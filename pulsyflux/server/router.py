@@ -232,6 +232,7 @@ class Peer:
         "identity",
         "write",
         "write_pieces",
+        "deliver",
         "transport",
         "_conn",
         "__weakref__",
@@ -247,6 +248,9 @@ class Peer:
         self.write = write
         # ``write`` for a few pieces at once, without joining them (a socket's gather write), if the adapter has one.
         self.write_pieces: Optional[Callable[[list[bytes]], None]] = None
+        # Hands a flush's whole frames (and their size) to the client end of an in-process link as they
+        # are, not joined into bytes to decode again, when order allows (pulsyflux.server.inproc): True if taken.
+        self.deliver: Optional[Callable[[list[bytes], int], bool]] = None
         self.transport = transport
         self.trusted = trusted
         # A cluster relay (pulsyflux.cluster.requests): a provider record for a channel another server
@@ -708,7 +712,12 @@ class Router:
         for conn in dirty:  # a slow reader's cut may add a connection: it is flushed too
             outbox = conn.outbox
             conn.frames_out += len(outbox)
-            if len(outbox) == 1:  # the usual case (one frame routed there this read): no call, no list
+            deliver = conn.deliver
+            if deliver is not None and deliver(outbox, size := sum(map(len, outbox))):
+                # An in-process client (the broker's consumers: its forwards' answers) took them as frames.
+                self.stats.bytes_out += size
+                conn.bytes_out += size
+            elif len(outbox) == 1:  # the usual case (one frame routed there this read): no call, no list
                 conn.write(outbox[0])
             elif (largest := max(map(len, outbox))) <= JOIN_LIMIT:  # small frames (a request, a response): one write
                 if largest >= _GATHER_FROM and len(outbox) <= _GATHER_PIECES and conn.write_pieces is not None:
