@@ -292,3 +292,69 @@ async def test_over_tcp_close_at_once_fails_what_a_hung_broker_did_not_answer():
         resume()
     finally:
         await running.stop()
+
+
+class _DownConsumer:
+    """A Consumer whose line drops: from then on send_for fails at once, inside the call (as Consumer's)."""
+
+    def __init__(self) -> None:
+        from twisted.internet.task import Clock
+
+        self.reactor = Clock()
+        self.answers: list = []
+        self.down = False
+
+    def send_for(self, body: bytes, timeout: float, answer) -> None:
+        if self.down:
+            answer.errback(ConnectionLostError("not connected"))
+        else:
+            self.answers.append(answer)
+
+    def drop(self) -> None:
+        self.down = True
+        for answer in self.answers:
+            answer.errback(ConnectionLostError("connection lost"))
+
+
+@pytest.mark.parametrize("go", [True, False], ids=["go-broker-batch-1", "our-broker-batch-512"])
+def test_a_dropped_line_settles_every_queued_publish_without_recursion(go):
+    """Each failed request flushed the next batch from inside the last one's failure: one stack level
+    per queued batch, a RecursionError at ~170, and every publish below it never settled (nor close())."""
+    from twisted.logger import globalLogPublisher
+
+    from pulsyflux.broker.publisher import Publisher
+
+    consumer = _DownConsumer()
+    publisher = Publisher(consumer)
+    if go:
+        publisher.use_go_broker()
+    count = 3_000 if go else 200_000  # ~3,000 and ~390 batches queued behind the window
+    ds = [publisher.publish("t", b"x", None, timeout=0) for _ in range(count)]
+    idle = publisher.when_idle()
+    logged: list = []
+    observer = lambda event: logged.append(event) if "log_failure" in event else None  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        consumer.drop()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert not logged, [event["log_failure"].value for event in logged]
+    errors = outcomes(ds)
+    assert all(isinstance(error, ConnectionLostError) for error in errors)
+    assert {str(error) for error in errors} == {"connection lost", "not connected"}
+    assert publisher.requests == 0 and not publisher.busy and idle.called
+
+
+@clocked
+async def test_close_drains_after_a_dropped_line_with_thousands_queued(memory):
+    broker, client = await _pair(memory)
+    client._publisher.window = client._publisher.batch = 1  # one at a time, as to a Go broker: 1 batch per publish
+    ds = [client.publish("t", b"%d" % n) for n in range(2_000)]
+    await memory.drop(client.consumer)
+    errors = outcomes(ds)
+    assert all(isinstance(error, ConnectionLostError) for error in errors)
+    assert client._publisher.requests == 0
+    started = memory.now()
+    await client.close()  # nothing left to wait for: at once
+    assert memory.now() == started and client.unconfirmed == 0
+    await broker.close()

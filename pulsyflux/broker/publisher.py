@@ -144,6 +144,7 @@ class Publisher:
         self._waiters: list[Any] = []
         self._deadlines: list[float] = []  # when each waiting publish times out
         self._closed: Optional[Exception] = None  # set: new publishes fail with it
+        self._flushing = False  # _flush is running (see there)
         self._idle_waiters: list[Deferred[None]] = []  # when_idle() calls: nothing waiting, nothing in flight
         # Once given up (a close that stopped waiting): what an answer that never comes fails with.
         self._unconfirmed: Optional[Exception] = None
@@ -203,14 +204,23 @@ class Publisher:
         return batch.deferred
 
     def _flush(self) -> None:
-        while self._texts and self.requests < self.window:
-            batch = self.batch
-            texts, waiters, deadline = self._texts[:batch], self._waiters[:batch], min(self._deadlines[:batch])
-            del self._texts[:batch], self._waiters[:batch], self._deadlines[:batch]
-            timeout = 0.0  # the batch's request times out with its earliest publish
-            if deadline != _NEVER:
-                timeout = max(deadline - self.consumer.reactor.seconds(), 0.001)
-            self._send(texts, waiters, timeout)
+        # Not re-entered: a consumer that is down fails a request inside send_for, whose _failed
+        # flushes again; nested, one level per queued batch, a few hundred queued publishes ended
+        # in a RecursionError and the rest never settled. The inner call returns, this loop goes on.
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            while self._texts and self.requests < self.window:
+                batch = self.batch
+                texts, waiters, deadline = self._texts[:batch], self._waiters[:batch], min(self._deadlines[:batch])
+                del self._texts[:batch], self._waiters[:batch], self._deadlines[:batch]
+                timeout = 0.0  # the batch's request times out with its earliest publish
+                if deadline != _NEVER:
+                    timeout = max(deadline - self.consumer.reactor.seconds(), 0.001)
+                self._send(texts, waiters, timeout)
+        finally:
+            self._flushing = False
 
     def _send(self, texts: list[Any], waiters: list[Any], timeout: float) -> None:
         """One request for ``texts``; its answer settles ``waiters``."""
