@@ -14,7 +14,9 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import task
 
+from pulsyflux.broker.fanout import Fanout
 from pulsyflux.broker.outlet import FORWARD_CHARS, Outlet
 from pulsyflux.wire.messages import BINARY_MAGIC
 
@@ -80,3 +82,59 @@ def test_a_backlog_taken_whole_makes_the_forwards_taken_one_by_one(count, batch,
         expected.append([BINARY_MAGIC, *taken])
     assert o.consumer.forwards == expected
     assert not o.backlog and o.size == 0 and o.fanout.backlog_size == 0 and o.in_flight == count
+
+
+def fanout_of(count: int, total_bytes: int, limit: int, limit_bytes: int) -> tuple[Fanout, list[Outlet]]:
+    """A fan-out with ``count`` outlets whose windows are full: each published batch waits in their backlogs."""
+    f = Fanout(
+        "127.0.0.1:1", task.Clock(), backlog=limit, batch=512, window=4, reconnect=False, rejoin_patience=1.0,
+        backlog_bytes=limit_bytes, total_backlog_bytes=total_bytes, max_subscriptions=100, max_setups=10,
+        max_setups_per_client=10, history=None,
+    )  # fmt: skip
+    outs = []
+    for n in range(count):
+        o = Outlet(f, "t", Sent(), None, limit, limit_bytes, label=f"o{n}")  # type: ignore[arg-type]
+        o.requests = f.window  # its window is full: it waits
+        f.outlets[o.label] = o
+        outs.append(o)
+    return f, outs
+
+
+def push_each(f: Fanout, outs: list[Outlet], texts: list[str]) -> None:
+    """What a publish did before batches were taken whole: every outlet takes each message, then the bound of all."""
+    for text in texts:
+        for o in outs:
+            o.push(text)
+        f.backlog_size += len(text) * len(outs)
+        if f.backlog_size > f.total_backlog_bytes:
+            f.trim_backlogs()
+
+
+def fan_state(f: Fanout, outs: list[Outlet]) -> tuple:
+    return [(list(o.backlog), o.size, o.dropped) for o in outs], f.backlog_size, f.dropped
+
+
+def test_a_batch_past_the_bound_of_all_backlogs_drops_from_every_outlet_alike():
+    """Whole batches, outlet after outlet, trimmed the later outlets of almost all of it: [51, 199] here."""
+    f, outs = fanout_of(2, 16_000, 10_000, 1 << 30)
+    f._fan_alike(outs, [("t", "x" * 100, None, None)] * 200, False)
+    assert [o.dropped for o in outs] == [120, 120] and [len(o.backlog) for o in outs] == [80, 80]
+
+
+texts_ = st.lists(st.integers(1, 120).map(lambda n: "m" * n), min_size=1, max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 4), st.lists(texts_, max_size=6), st.integers(1, 6_000), st.integers(1, 40), st.integers(1, 3_000)
+)
+def test_a_batch_waiting_outlets_take_drops_what_a_push_of_each_message_does(
+    outlets, batches, total, limit, limit_bytes
+):
+    """Under the bound of all backlogs or past it, a published batch leaves what one message at a time leaves."""
+    fan, fan_outs = fanout_of(outlets, total, limit, limit_bytes)
+    one, one_outs = fanout_of(outlets, total, limit, limit_bytes)
+    for batch in batches:
+        fan._fan_alike(fan_outs, [("t", text, None, None) for text in batch], False)
+        push_each(one, one_outs, batch)
+        assert fan_state(fan, fan_outs) == fan_state(one, one_outs)

@@ -355,7 +355,8 @@ class Fanout:
         whole batch as one forward (:meth:`Outlet.flush`); it gets that
         forward at once, its body made once per encoding for all of them,
         instead of a push and a pop per message. The other outlets queue the
-        batch (each at once: :meth:`Outlet.push_all`; backlog, drops) and flush, as any publish.
+        batch (each at once: :meth:`Outlet.push_all`; backlog, drops) and flush, as any publish;
+        message by message where it would pass the bound of all backlogs together.
         """
         count = len(items)
         entries: dict[bool, list[Any]] = {binary: [item[1] for item in items]}  # per encoding (True: binary)
@@ -399,12 +400,27 @@ class Fanout:
             outlet.forward(body, batch)
         if not waiting:
             return
-        for outlet in waiting:  # each takes the whole batch at once (Outlet.push_all)
-            batch, size = batch_in(outlet.binary)
-            outlet.push_all(batch, size)
-            self.backlog_size += size
-            if self.backlog_size > self.total_backlog_bytes:
-                self.trim_backlogs()
+        batches = [batch_in(outlet.binary) for outlet in waiting]
+        total = self.backlog_size
+        for _, size in batches:
+            total += size
+        if total <= self.total_backlog_bytes:  # under the all-backlogs bound: each takes the batch at once
+            for outlet, (batch, size) in zip(waiting, batches):
+                outlet.push_all(batch, size)
+                self.backlog_size += size
+        else:
+            # Rare: the batch passes the bound of all backlogs together. Whole batches, one outlet after
+            # the other, would trim the later outlets of almost all of it and the earlier of none;
+            # message by message, as any publish, spreads the drops over the largest backlogs.
+            for index in range(count):
+                size = 0
+                for outlet, (batch, _) in zip(waiting, batches):
+                    entry = batch[index]
+                    outlet.push(entry)
+                    size += len(entry)
+                self.backlog_size += size
+                if self.backlog_size > self.total_backlog_bytes:
+                    self.trim_backlogs()
         for outlet in waiting:
             outlet.flush()
 
