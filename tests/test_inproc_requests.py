@@ -299,3 +299,42 @@ async def test_a_provider_over_tcp_answers_an_in_process_consumer():
         await provider.close()
         await port.stopListening()
         await factory.shutdown(grace=0)
+
+
+@pytest.mark.parametrize("bad", ["text", bytearray(b"x"), memoryview(b"y"), 7])
+@pytest.mark.parametrize("direct", [True, False], ids=["in-process", "frames"])
+def test_a_part_that_is_not_bytes_is_refused_before_anything_is_sent(direct, bad):
+    """It failed only where the parts were joined: a request left pending forever (frames), or the
+    provider's connection ended by the pump's error (in-process). Refused first, nothing is left behind."""
+    clock, router, provider, consumer = setup(direct)
+    with pytest.raises(TypeError, match="every part must be bytes, not " + type(bad).__name__):
+        consumer.send_parts([b"ok", bad], timeout=0)
+    clock.advance(0)
+    assert consumer.pending == 0 and provider.raw == b"" and provider.transport.connected
+    answer = consumer.send_parts((part for part in [b"still", b" works"]), timeout=0)  # any iterable of bytes
+    clock.advance(0)
+    assert not answer.called and consumer.pending == 1
+    assert [p for t, p in without_ids(provider.raw, consumer._client + consumer._channel) if t == codec.CHUNK] == [
+        b"still works"
+    ]
+
+
+@ensure
+async def test_a_part_that_is_not_bytes_leaves_nothing_pending_over_tcp():
+    factory = ServerFactory(reactor)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    channel = uuid.uuid4()
+    address = f"127.0.0.1:{port.getHost().port}"
+    provider = await Provider.connect(address, channel, handler=lambda body: body.upper())
+    consumer = await Consumer.connect(address, channel)
+    try:
+        with pytest.raises(TypeError, match="every part must be bytes, not str"):
+            consumer.send_parts([b"a", "b"], timeout=5)
+        assert consumer.pending == 0
+        assert await consumer.send_parts([b"a", b"b"], timeout=5) == b"AB"
+        assert provider.connected and consumer.pending == 0
+    finally:
+        await consumer.close()
+        await provider.close()
+        await port.stopListening()
+        await factory.shutdown(grace=0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
@@ -137,15 +137,21 @@ class Consumer(Client):
         """
         return self._send(payload, None, timeout)
 
-    def send_parts(self, parts: Sequence[bytes], timeout: float = 5.0) -> "Deferred[bytes]":
+    def send_parts(self, parts: Iterable[bytes], timeout: float = 5.0) -> "Deferred[bytes]":
         """:meth:`send` of ``b"".join(parts)`` (bytes objects), joined once, where its frames are made.
 
         Over an in-process link the router writes the pieces into the
         provider's frames (:mod:`pulsyflux.server.inproc`): the broker forwards
         a batch of records so, where joining them into a body first would copy
-        the whole batch once more.
+        the whole batch once more. Raises TypeError unless every part is ``bytes``.
         """
-        return self._send(None, parts, timeout)
+        pieces = list(parts)  # read once: checked here, then measured and sent
+        for part in pieces:
+            # Before the request is registered: a str part failed only in the join, leaving a pending
+            # request forever over TCP, and over an in-process link it ended the provider's connection.
+            if type(part) is not bytes:
+                raise TypeError(f"every part must be bytes, not {type(part).__name__}")
+        return self._send(None, pieces, timeout)
 
     def send_for(self, payload: bytes, timeout: float, answer: Answer) -> None:
         """:meth:`send`, whose outcome goes to ``answer`` instead of a Deferred (for the package's publishers).
