@@ -180,12 +180,15 @@ class InProcessTransport:
         self._buffer.append(data)
         self._buffered += len(data)
         if self._buffered > self.bufferSize:
-            # Like a TCP transport: every write past the mark pauses the producer (again).
-            producer = self.producer
-            if producer is not None and self.streamingProducer:
-                self.producerPaused = True
-                producer.pauseProducing()
+            self._past_the_mark()
         self._schedule_delivery()
+
+    def _past_the_mark(self) -> None:
+        """Like a TCP transport: every write past the mark pauses the producer (again)."""
+        producer = self.producer
+        if producer is not None and self.streamingProducer:
+            self.producerPaused = True
+            producer.pauseProducing()
 
     def route_request(
         self, request_id: bytes, timeout_ms: int, client_id: bytes, channel: bytes, parts: Sequence[bytes], size: int
@@ -243,10 +246,7 @@ class InProcessTransport:
         self._values += len(frames)
         self._buffered += size
         if self._buffered > self.bufferSize:
-            producer = self.producer
-            if producer is not None and self.streamingProducer:
-                self.producerPaused = True
-                producer.pauseProducing()
+            self._past_the_mark()
         self._schedule_delivery()
         return True
 
