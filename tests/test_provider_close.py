@@ -93,6 +93,34 @@ async def test_a_second_close_with_timeout_zero_stops_the_wait(memory):
 
 
 @clocked
+async def test_a_second_close_with_a_shorter_timeout_ends_the_drain_sooner_and_a_longer_one_not_later(memory):
+    channel = uuid.uuid4()
+    provider, consumer, running = await _slow_pair(memory, channel)
+    pending = consumer.send(b"1")
+    await memory.until(lambda: len(running) == 1)
+    first = provider.close(timeout=30.0)
+    later = provider.close(timeout=60.0)  # longer: the first close's deadline stands
+    await provider.close(timeout=2.0)  # shorter: as BrokerClient.close, it moves the deadline
+    await first
+    await later
+    assert memory.now() == 2.0
+    with pytest.raises(RemoteError, match=MSG_CLOSED_UNANSWERED):
+        await pending
+    await consumer.close()
+
+
+@clocked
+async def test_close_refuses_a_timeout_it_cannot_keep(memory):
+    provider = await memory.connect(Provider, uuid.uuid4())
+    for bad in (-1, -0.5, float("inf"), float("nan"), "5", None, True):
+        with pytest.raises(ValueError, match="finite number of seconds"):
+            provider.close(bad)
+    assert provider.connected  # refused, nothing closed
+    await provider.close(timeout=0)
+    assert not provider.connected
+
+
+@clocked
 async def test_pulled_requests_are_waited_for_and_a_consumer_that_gives_up_ends_the_wait(memory):
     channel = uuid.uuid4()
     provider = await memory.connect(Provider, channel)

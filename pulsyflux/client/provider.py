@@ -405,16 +405,24 @@ class Provider(Client):
         closes. Both are counted (``refused_closing``,
         ``closed_unanswered``). ``close(timeout=0)`` closes at once (the
         consumers of unanswered requests get ``peer disappeared``); called
-        again meanwhile with ``timeout=0``, it stops waiting. A line lost
-        during the drain ends it, and is not reconnected (``reconnect``).
+        again meanwhile, it waits for the first close, and a shorter
+        ``timeout`` (0: none) cuts the wait short, as BrokerClient.close does.
+        A line lost during the drain ends it, and is not reconnected
+        (``reconnect``). A ``timeout`` that is not a finite number >= 0 is
+        refused with ValueError.
         """
+        if type(timeout) not in (int, float) or not 0 <= timeout < float("inf"):
+            raise ValueError(f"timeout must be a finite number of seconds >= 0 (0: close at once), not {timeout!r}")
         if self._draining is not None:
             d: Deferred[None] = Deferred()
             self._close_waiters.append(d)
-            if timeout <= 0:
+            timer = self._drain_timer
+            if timeout == 0:
                 self._drain_over()
+            elif timer is not None and timer.active() and self.reactor.seconds() + timeout < timer.getTime():
+                timer.reset(timeout)
             return d
-        if timeout <= 0 or self._closed is not None or self._protocol is None:
+        if timeout == 0 or self._closed is not None or self._protocol is None:
             return super().close()
         pending = self._pending_answers()
         if not pending:
