@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from pulsyflux import Broker, BrokerClient, ConnectionLostError, Message, PublishUnconfirmed, SubscriptionClosed
 from pulsyflux.testing import hang, start_server
 
-from .helpers import clocked, later
+from .helpers import clocked, eventually, later, within_turns
 
 
 def outcomes(ds: list[Deferred]) -> list[object]:
@@ -358,3 +358,24 @@ async def test_close_drains_after_a_dropped_line_with_thousands_queued(memory):
     await client.close()  # nothing left to wait for: at once
     assert memory.now() == started and client.unconfirmed == 0
     await broker.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_tcp_a_line_cut_by_the_server_settles_thousands_of_queued_publishes():
+    """Over TCP (6148b56): the server cuts the publisher's line with 5,000 publishes queued one per request;
+    each failed request used to flush the next from inside its own failure, a RecursionError at ~170
+    levels, and the publishes below it never settled (nor did close()'s drain)."""
+    running = await start_server()
+    try:
+        client = await BrokerClient.connect(running.address, heartbeat=None)
+        client._publisher.window = client._publisher.batch = 1  # one request per publish, as to a Go broker
+        ds = [client.publish("tcp", b"%d" % n) for n in range(5_000)]  # none awaited: 1 sent, 4,999 queued
+        await running.drop(client.consumer)  # the server's end aborted before it read a request
+        await eventually(lambda: not client.consumer.connected)
+        errors = outcomes(ds)  # every one settled once the client saw the line go
+        assert all(isinstance(error, ConnectionLostError) for error in errors), {type(e) for e in errors}
+        assert client._publisher.requests == 0
+        await within_turns(client.close())  # nothing left to wait for: no drain, no timeout
+        assert client.unconfirmed == 0
+    finally:
+        await running.stop()
