@@ -10,8 +10,9 @@ from twisted.logger import globalLogPublisher
 
 from pulsyflux import Broker, BrokerClient, ConnectionLostError, Consumer, Provider, RequestTimeout
 from pulsyflux.client.consumer import Answer
+from pulsyflux.testing import start_server
 
-from .helpers import clocked, later
+from .helpers import clocked, eventually, later
 
 
 class Kept(Answer):
@@ -120,3 +121,48 @@ def test_an_answered_publish_request_lets_go_of_its_waiters():
     assert first.called and second.called
     second.addErrback(lambda failure: None)
     assert [answer.waiters for answer in consumer.answers] == [[], []]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forward_answer_whose_handling_fails_is_logged_and_the_broker_line_keeps_working(monkeypatch):
+    """Over TCP (997f1be): a forward's answer goes straight to its outlet, called from the read of the
+    broker's forwarding connection; an error there is logged once and never reaches that read, so every
+    connection of the broker stays up and keeps forwarding (to the subscriber whose answer failed too)."""
+    from pulsyflux.broker.outlet import Outlet
+
+    server = await start_server(broker=False)
+    broker = await Broker.connect(server.address, uuid.uuid4())
+    first = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
+    second = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
+    publisher = await BrokerClient.connect(server.address, broker.channel, heartbeat=None)
+    subs = [await first.subscribe("t"), await second.subscribe("t")]
+    answered = Outlet._answered
+    calls = []
+
+    def broken(self: Outlet, result: bytes, count: int) -> None:
+        calls.append(count)
+        answered(self, result, count)  # its work done, then the error
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(Outlet, "_answered", broken)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        await publisher.publish("t", b"one")
+        assert [(await sub.get()).payload for sub in subs] == [b"one", b"one"]
+        await eventually(lambda: len(calls) == 2)  # both forwards answered: the first raised
+        for n in range(3):  # the line still works for both subscribers
+            await publisher.publish("t", b"%d" % n)
+        for sub in subs:
+            assert [(await sub.get()).payload for _ in range(3)] == [b"0", b"1", b"2"]
+        await eventually(lambda: len(calls) == 2 + 2 * 3)
+        [failure] = [e["log_failure"] for e in events if "log_failure" in e]
+        assert failure.check(RuntimeError)
+        assert all(connection.connected for connection in broker.connections())
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        for client in (publisher, first, second):
+            await client.close()
+        await broker.close()
+        await server.stop()
