@@ -12,12 +12,14 @@ import uuid
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import task
+from twisted.logger import globalLogPublisher
 
 from pulsyflux.broker.fanout import Fanout
-from pulsyflux.broker.outlet import FORWARD_CHARS, Outlet
+from pulsyflux.broker.outlet import FORWARD_CHARS, Outlet, _Forward
 from pulsyflux.wire.messages import BINARY_MAGIC
 
 
@@ -138,3 +140,30 @@ def test_a_batch_waiting_outlets_take_drops_what_a_push_of_each_message_does(
         fan._fan_alike(fan_outs, [("t", text, None, None) for text in batch], False)
         push_each(one, one_outs, batch)
         assert fan_state(fan, fan_outs) == fan_state(one, one_outs)
+
+
+@pytest.mark.parametrize(
+    "method, outcome, message",
+    [("_answered", b"ok", "forward answer failed"), ("_failed", RuntimeError("refused"), "forward failure failed")],
+    ids=["callback", "errback"],
+)
+def test_an_error_handling_a_forward_outcome_is_logged_never_raised_into_the_read(
+    monkeypatch, method, outcome, message
+):
+    """A forward's outcome is handed to the outlet from the consumer's read (997f1be): an error there is
+    logged once, and never raised into that read (which would end the forwarding connection)."""
+    o = outlet(10, 1000)
+
+    def broken(*args: Any) -> None:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(o, method, broken)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        forward = _Forward(o, 1, ["x"])
+        (forward.callback if method == "_answered" else forward.errback)(outcome)  # does not raise
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [event] = [e for e in events if "log_failure" in e]
+    assert event["log_failure"].check(ValueError) and event["log_format"] == message
