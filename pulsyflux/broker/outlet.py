@@ -225,9 +225,6 @@ class Outlet:
                 count = 0
                 while backlog and count < limit and size < FORWARD_CHARS:
                     text = popleft()
-                    if type(text) is not kind:
-                        backlog.appendleft(text)  # the next forward's
-                        break
                     texts.append(text)
                     size += len(text)
                     count += 1

@@ -217,7 +217,7 @@ class Publisher:
                 del self._texts[:batch], self._waiters[:batch], self._deadlines[:batch]
                 timeout = 0.0  # the batch's request times out with its earliest publish
                 if deadline != _NEVER:
-                    timeout = max(deadline - self.consumer.reactor.seconds(), 0.001)
+                    timeout = max(deadline - self._seconds(), 0.001)
                 self._send(texts, waiters, timeout)
         finally:
             self._flushing = False
@@ -239,10 +239,7 @@ class Publisher:
                 _accepted(waiter, position)
         else:  # "ok": no history (or a Go broker)
             for waiter in waiters:
-                if type(waiter) is tuple:
-                    waiter[0].done(waiter[1], None)
-                else:
-                    waiter.callback(None)
+                _accepted(waiter, None)
         self._flush()
         if self._idle_waiters and not self.requests:
             self._idle()
