@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 
 from ..client import ChannelId, Consumer, Provider, Reconnect
 from ..client.connection import Client
+from ..client.provider import DEFAULT_CLOSE_TIMEOUT, check_close_timeout
 from ..endpoints import Address
 from ..wire import messages
 from ..wire.errors import ConnectionLostError, NoProviderError, PulsyfluxError, RemoteError, RequestTimeout
@@ -42,9 +43,6 @@ log = Logger()
 # learns them again; the broker is gone after this many missed beats in a row.
 DEFAULT_HEARTBEAT = 5.0
 _HEARTBEAT_MISSES = 2
-# close() waits this long (seconds) for the broker to confirm the publishes made
-# before it: as long as a publish's own default timeout.
-DEFAULT_CLOSE_TIMEOUT = 5.0
 _NEVER = float("inf")
 
 
@@ -446,8 +444,7 @@ class BrokerClient(PublishingSide):
         those the broker still held for it are counted lost there (a queue
         group's go to its other members): docs/broker.md, "Closing a BrokerClient".
         """
-        if type(timeout) not in (int, float) or not 0 <= timeout < _NEVER:
-            raise ValueError(f"timeout must be a finite number of seconds >= 0 (0: close at once), not {timeout!r}")
+        check_close_timeout(timeout)
         d: Deferred[None] = Deferred()
         if self._closing is None:
             self._closing = Deferred.fromCoroutine(self._close(float(timeout)))

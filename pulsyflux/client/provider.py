@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_MAX_INCOMPLETE",
     "DEFAULT_INCOMPLETE_TIMEOUT",
     "DEFAULT_CLOSE_TIMEOUT",
+    "check_close_timeout",
     "MSG_CLOSING",
     "MSG_CLOSED_UNANSWERED",
     "Request",
@@ -71,6 +72,12 @@ class Request:
 
     def __repr__(self) -> str:
         return f"Request(id={self.id}, payload={self.payload[:32]!r}{'...' if len(self.payload) > 32 else ''})"
+
+
+def check_close_timeout(timeout: object) -> None:
+    """The one rule for a close's ``timeout`` (Provider's and BrokerClient's): finite seconds, 0 at once."""
+    if type(timeout) not in (int, float) or not 0 <= timeout < float("inf"):  # type: ignore[operator]
+        raise ValueError(f"timeout must be a finite number of seconds >= 0 (0: close at once), not {timeout!r}")
 
 
 class Provider(Client):
@@ -411,8 +418,7 @@ class Provider(Client):
         (``reconnect``). A ``timeout`` that is not a finite number >= 0 is
         refused with ValueError.
         """
-        if type(timeout) not in (int, float) or not 0 <= timeout < float("inf"):
-            raise ValueError(f"timeout must be a finite number of seconds >= 0 (0: close at once), not {timeout!r}")
+        check_close_timeout(timeout)
         if self._draining is not None:
             d: Deferred[None] = Deferred()
             self._close_waiters.append(d)
