@@ -215,13 +215,8 @@ class InProcessTransport:
             return False
         try:
             return bool(take(request_id, timeout_ms, client_id, channel, parts, size))
-        except Exception:
-            # As _deliver: the connection ends with the error (the request fails with it).
-            failure = Failure()
-            self.log.failure(
-                "unhandled error routing an in-process request; closing the in-process connection", failure
-            )
-            self._end(Failure(ConnectionLost("the peer failed while reading")), failure)
+        except Exception:  # as _deliver: the connection ends with the error (the request fails with it)
+            self._reader_failed("unhandled error routing an in-process request; closing the in-process connection")
             return True
 
     def deliver_frames(self, frames: list[bytes], size: int) -> bool:
@@ -339,13 +334,16 @@ class InProcessTransport:
                 buffer = buffer[values:] if values < len(buffer) else []
             if buffer and not self.disconnected:
                 protocol.dataReceived(buffer[0] if len(buffer) == 1 else b"".join(buffer))
-        except Exception:
-            # As a TCP transport does: the reader's connection ends with the error.
-            failure = Failure()
-            self.log.failure("unhandled error in dataReceived; closing the in-process connection", failure)
-            self._end(Failure(ConnectionLost("the peer failed while reading")), failure)
+        except Exception:  # as a TCP transport does: the reader's connection ends with the error
+            self._reader_failed("unhandled error in dataReceived; closing the in-process connection")
             return
         self._drained()
+
+    def _reader_failed(self, what: str) -> None:
+        """The peer's protocol raised while reading (called in its ``except``): log it once, end both ends."""
+        failure = Failure()
+        self.log.failure(what, failure)
+        self._end(Failure(ConnectionLost("the peer failed while reading")), failure)
 
     def _drained(self) -> None:
         """The peer has read what was buffered: resume our producer, or finish closing."""
